@@ -1,0 +1,125 @@
+"""X as CSR row blocks: plain arrays for the kernels, held on the Dask workers between stages.
+
+A block is a ``CSRBlock`` (int64 ``indptr``, int32 ``indices``, float32 ``data``): the kernels take
+these arrays directly. ``RowBlocks`` is the whole matrix: one block per contiguous range of rows,
+each either a concrete ``CSRBlock`` (in-process) or a Dask future resolving to one (on a cluster).
+Only ``gather`` brings every block into one process, for small data and tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import scipy.sparse as sp
+
+
+@dataclass(frozen=True)
+class CSRBlock:
+    """Rows ``[row_start, row_start + n_rows)`` of X in CSR form, columns in ``[0, n_cols)``."""
+
+    indptr: np.ndarray  # int64, (n_rows + 1,)
+    indices: np.ndarray  # int32, (nnz,), sorted within each row, no duplicates
+    data: np.ndarray  # float32, (nnz,)
+    n_cols: int
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.indptr) - 1
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indptr[-1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_rows, self.n_cols)
+
+    def to_scipy(self) -> sp.csr_matrix:
+        return sp.csr_matrix((self.data, self.indices, self.indptr), shape=self.shape)
+
+    @classmethod
+    def from_scipy(cls, m: sp.spmatrix) -> "CSRBlock":
+        m = sp.csr_matrix(m)
+        m.sum_duplicates()
+        m.sort_indices()
+        return cls(
+            indptr=m.indptr.astype(np.int64),
+            indices=m.indices.astype(np.int32),
+            data=m.data.astype(np.float32),
+            n_cols=int(m.shape[1]),
+        )
+
+    def with_data(self, data: np.ndarray) -> "CSRBlock":
+        """Same sparsity pattern, new values (used by preprocessing)."""
+        return CSRBlock(self.indptr, self.indices, np.ascontiguousarray(data, dtype=np.float32), self.n_cols)
+
+
+@dataclass
+class RowBlocks:
+    """X (n x p) as a list of row blocks, local or on a Dask client.
+
+    ``parts[b]`` holds rows ``row_offsets[b]:row_offsets[b+1]``; it is a ``CSRBlock`` when
+    ``client`` is None, else a ``distributed.Future`` resolving to one.
+    """
+
+    parts: list[Any]
+    row_offsets: np.ndarray  # int64, (n_blocks + 1,)
+    n_cols: int
+    client: Any = None
+    nnz: int = field(default=-1)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.row_offsets[-1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_rows, self.n_cols)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.parts)
+
+    def map(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """``[fn(block, *args) for block in blocks]``: futures on the client, values locally.
+
+        Large ``args`` should be scattered first (``client.scatter(x, broadcast=True)``) so they
+        travel to each worker once.
+        """
+        if self.client is None:
+            return [fn(part, *args, **kwargs) for part in self.parts]
+        return [self.client.submit(fn, part, *args, **kwargs) for part in self.parts]
+
+    def map_blocks(self, fn: Callable[..., CSRBlock], *args: Any) -> "RowBlocks":
+        """A new RowBlocks with ``fn`` applied to each block (same rows, same columns)."""
+        return RowBlocks(self.map(fn, *args), self.row_offsets.copy(), self.n_cols, self.client, self.nnz)
+
+    def local_parts(self) -> list[CSRBlock]:
+        if self.client is None:
+            return list(self.parts)
+        return self.client.gather(self.parts)
+
+    def gather(self) -> sp.csr_matrix:
+        """All blocks as one scipy CSR matrix (for small data and tests)."""
+        blocks = self.local_parts()
+        if not blocks:
+            return sp.csr_matrix((0, self.n_cols), dtype=np.float32)
+        return sp.vstack([b.to_scipy() for b in blocks], format="csr").astype(np.float32)
+
+    def persist_local(self) -> "RowBlocks":
+        """The same matrix with every block in this process (client None)."""
+        return RowBlocks(self.local_parts(), self.row_offsets.copy(), self.n_cols, None, self.nnz)
+
+    @classmethod
+    def from_scipy(cls, m: sp.spmatrix, block_rows: int, client: Any = None) -> "RowBlocks":
+        """Split a scipy matrix into row blocks of ``block_rows`` rows (scattered when a client is given)."""
+        m = sp.csr_matrix(m)
+        n = m.shape[0]
+        starts = list(range(0, n, max(1, block_rows))) or [0]
+        offsets = np.array(starts + [n], dtype=np.int64)
+        parts = [CSRBlock.from_scipy(m[offsets[i] : offsets[i + 1]]) for i in range(len(starts))]
+        if client is not None:
+            parts = client.scatter(parts)
+        return cls(parts, offsets, int(m.shape[1]), client, int(m.nnz))

@@ -1,0 +1,292 @@
+"""One typed, validated configuration object, loaded from YAML with ``--set`` overrides.
+
+Every key is documented in ``conf/default.yaml``. Unknown keys are rejected with the key's
+dotted name and the valid names beside it. Each stage receives only its own section.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import MfsimError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "default.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+class RunSection(Section):
+    output: str = "runs"
+    run_id: str | None = None
+
+
+class InputSection(Section):
+    path: str | None = None
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    weight_col: str | None = "weight"
+    ts_col: str | None = "ts"
+
+
+class ClusterSection(Section):
+    address: str | None = None
+    n_workers: int = Field(2, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+    processes: bool = True
+    memory_limit: str = "auto"
+    dashboard_address: str | None = "127.0.0.1:0"
+
+
+class IngestSection(Section):
+    as_of: dt.datetime | None = None
+    window_days: float | None = Field(None, gt=0)
+    on_invalid: Literal["error", "drop"] = "error"
+    min_user_interactions: int = Field(1, ge=1)
+    min_item_interactions: int = Field(1, ge=1)
+    block_rows: int = Field(65536, ge=1)
+    partition_rows: int = Field(2_000_000, ge=1)
+
+
+class SimulateSection(Section):
+    n_users: int = Field(20_000, ge=1)
+    n_items: int = Field(1_000, ge=2)
+    n_clusters: int = Field(5, ge=1)
+    cluster_probs: list[float] | None = None
+    item_beta_low: float = 0.25
+    item_beta_high: float = 1.5
+    user_beta: float = 0.5
+    min_items_per_user: int = Field(1, ge=1)
+    max_items_per_user: int | None = None
+    user_pref_concentration: float = Field(1.0, gt=0)
+    n_days: int = Field(30, ge=1)
+    start_date: dt.date = dt.date(2024, 1, 1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "SimulateSection":
+        if self.cluster_probs is not None:
+            if len(self.cluster_probs) != self.n_clusters:
+                raise ValueError(
+                    f"simulate.cluster_probs has {len(self.cluster_probs)} entries but "
+                    f"simulate.n_clusters is {self.n_clusters}; give one probability per cluster"
+                )
+            if any(p < 0 for p in self.cluster_probs) or sum(self.cluster_probs) <= 0:
+                raise ValueError("simulate.cluster_probs must be non-negative with a positive sum")
+        if self.item_beta_low > self.item_beta_high:
+            raise ValueError("simulate.item_beta_low must not exceed simulate.item_beta_high")
+        return self
+
+
+class PreprocessSection(Section):
+    binarize: bool = False
+    column_weighting: Literal["none", "idf", "bm25", "popularity_power"] = "none"
+    bm25_k1: float = Field(1.2, ge=0)
+    bm25_b: float = Field(0.75, ge=0, le=1)
+    popularity_beta: float = 0.75
+    center_columns: bool = False
+    standardize_columns: bool = False
+
+
+class SvdSection(Section):
+    rank: int = Field(64, ge=1)
+    solver: Literal["mfsim", "sklearn"] = "mfsim"
+    oversample: int = Field(10, ge=0)
+    power_iterations: int = Field(4, ge=0)
+    seed: int = 0
+
+
+EQ1_SCALINGS = ("symmetric", "item_orthonormal", "user_orthonormal", "eq2_like", "custom")
+
+
+class CustomScaling(Section):
+    alpha: float = 0.5
+    beta: float = 0.0
+
+
+class Eq1Section(Section):
+    lambda_: float = Field(10.0, alias="lambda", ge=0)
+    scalings: list[str] = ["symmetric", "item_orthonormal", "user_orthonormal", "eq2_like"]
+    custom: CustomScaling = CustomScaling()
+
+    @field_validator("scalings")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name not in EQ1_SCALINGS:
+                raise ValueError(f"unknown eq1 scaling {name!r}; valid: {', '.join(EQ1_SCALINGS)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"objectives.eq1.scalings lists a name twice: {v}")
+        return v
+
+
+class Eq2Section(Section):
+    lambda_: float = Field(10.0, alias="lambda", ge=0)
+
+
+class ObjectivesSection(Section):
+    eq1: Eq1Section | None = Eq1Section()
+    eq2: Eq2Section | None = Eq2Section()
+
+
+ITEM_ITEM_METRICS = ("cosine", "dot", "model", "projected_cosine")
+USER_ITEM_METRICS = ("dot", "cosine")
+USER_USER_METRICS = ("cosine", "projected_cosine")
+
+
+def _check_metrics(v: list[str], valid: tuple[str, ...]) -> list[str]:
+    for name in v:
+        if name not in valid:
+            raise ValueError(f"unknown metric {name!r}; valid: {', '.join(valid)}")
+    return list(dict.fromkeys(v))
+
+
+class NeighboursSection(Section):
+    top_n: int = Field(100, ge=1)
+    item_item: list[str] = list(ITEM_ITEM_METRICS)
+    user_item: list[str] = list(USER_ITEM_METRICS)
+    user_user: list[str] = list(USER_USER_METRICS)
+    users: list[Any] | None = None
+    query_chunk: int = Field(2048, ge=1)
+    candidate_block: int = Field(65536, ge=1)
+
+    @field_validator("item_item")
+    @classmethod
+    def _item_item(cls, v: list[str]) -> list[str]:
+        return _check_metrics(v, ITEM_ITEM_METRICS)
+
+    @field_validator("user_item")
+    @classmethod
+    def _user_item(cls, v: list[str]) -> list[str]:
+        return _check_metrics(v, USER_ITEM_METRICS)
+
+    @field_validator("user_user")
+    @classmethod
+    def _user_user(cls, v: list[str]) -> list[str]:
+        return _check_metrics(v, USER_USER_METRICS)
+
+
+class Config(Section):
+    run: RunSection = RunSection()
+    input: InputSection = InputSection()
+    cluster: ClusterSection = ClusterSection()
+    ingest: IngestSection = IngestSection()
+    simulate: SimulateSection = SimulateSection()
+    preprocess: PreprocessSection = PreprocessSection()
+    svd: SvdSection = SvdSection()
+    objectives: ObjectivesSection = ObjectivesSection()
+    neighbours: NeighboursSection = NeighboursSection()
+
+    def resolved(self) -> dict[str, Any]:
+        """The configuration as plain JSON-able data, with the YAML key names."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the key at ``loc`` (for listing valid names)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = None
+        for name, info in current.model_fields.items():
+            if part in (name, info.alias):
+                field = info
+                break
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", None)
+        if args:  # Optional[Model]
+            ann = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), ann)
+        current = ann
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return current
+    return None
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return [info.alias or name for name, info in model.model_fields.items()]
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(Config, loc)
+            valid = ", ".join(_field_names(owner)) if owner else "see conf/default.yaml"
+            lines.append(f"unknown config key '{key}' in {source}; valid keys here: {valid}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"invalid config key '{key}' in {source}: {msg} (got {e.get('input')!r})")
+    return "; ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], yaml-parsed value)."""
+    if "=" not in text:
+        raise MfsimError(f"--set expects dotted.key=value, got {text!r} (example: --set svd.rank=32)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise MfsimError(f"--set has an empty key in {text!r} (example: --set svd.rank=32)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise MfsimError(f"--set {key}: value {raw!r} is not valid YAML ({exc.__class__.__name__})") from exc
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise MfsimError(f"--set {'.'.join(path)}: '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise MfsimError(f"config file {p} does not exist; pass a YAML file such as conf/default.yaml")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise MfsimError(f"config file {p} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise MfsimError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load ``path`` (default: conf/default.yaml), apply ``--set`` overrides, validate."""
+    source = str(path) if path is not None else str(DEFAULT_CONFIG)
+    data = read_yaml(source)
+    data = apply_overrides(data, list(overrides or []))
+    return validate_config(data, source)
+
+
+def validate_config(data: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise MfsimError(format_validation_error(err, source)) from None

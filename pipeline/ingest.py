@@ -1,0 +1,540 @@
+"""Ingest: a Parquet interaction log -> contiguous id maps + X as CSR row blocks on the workers.
+
+The log is split into pieces (groups of Parquet row groups, about ``ingest.partition_rows`` rows
+each). Every step is a Dask task on the run's client, and no raw row ever travels to the client:
+
+1. ``scan_piece``: read the needed columns of one piece with pyarrow, apply the time window,
+   count invalid rows by reason (null ids, null/NaN/inf/negative weight, null timestamp), drop
+   them, and keep the clean columns on the worker; its unique user and item ids are reduced
+   pairwise into the sorted id maps (index = position in the sorted ids).
+2. ``encode_piece``: map ids to indices and bucket the entries by row block
+   (``row // ingest.block_rows``).
+3. ``build_block``: concatenate one block's buckets from every piece, in piece order, and build
+   its CSR with duplicates summed (``coo -> csr``), so the result does not depend on how many
+   workers ran it.
+4. minimum support (``min_user_interactions``, ``min_item_interactions``), iterated on the blocks
+   until stable, then rows and columns are re-indexed to stay contiguous.
+
+Futures over pyarrow pieces are used rather than a ``dask.dataframe`` groupby: building the CSR
+blocks needs only a partition by row block and a sum of duplicates, which the block build does
+in one pass without a pandas shuffle. Only ``ingest`` reads the input log.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob as globlib
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from pipeline.blocks import CSRBlock, RowBlocks
+from pipeline.config import IngestSection, InputSection
+from pipeline.errors import MfsimError
+
+log = logging.getLogger("mfsim.ingest")
+
+PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
+INVALID_REASONS = ("null_user", "null_item", "null_weight", "nan_weight", "inf_weight", "negative_weight", "null_ts")
+
+
+# ---------------------------------------------------------------------------------------------
+# input resolution and schema checks (client side, metadata only)
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    size: int
+    row_groups: tuple[int, ...]  # rows per row group
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Row groups ``row_groups`` of one file: the unit of work of a scan task."""
+
+    path: str
+    row_groups: tuple[int, ...]
+    n_rows: int
+
+
+@dataclass
+class IngestResult:
+    X: RowBlocks
+    user_ids: pa.Array  # sorted original ids; position = row index of X
+    item_ids: pa.Array  # sorted original ids; position = column index of X
+    user_counts: np.ndarray  # int64 (n_users,), non-zeros per row
+    item_counts: np.ndarray  # int64 (n_items,), non-zeros per column
+    files: list[dict[str, Any]]
+    counts: dict[str, Any] = field(default_factory=dict)
+
+
+def _filesystem(path: str):
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    return fs, root
+
+
+def _is_hidden(part: str) -> bool:
+    return part.startswith((".", "_"))
+
+
+def resolve_input(path: str) -> tuple[Any, list[str]]:
+    """The Parquet files of ``path``: a file, a directory (hive partitions allowed), a glob, or an fsspec URL.
+
+    In a directory, hidden names (``.``/``_`` prefixes, e.g. ``_SUCCESS``) are skipped. When the
+    directory is hive-partitioned (``key=value`` sub-directories), only the files inside the
+    partitions belong to the log: loose files beside them (such as the simulator's
+    ``items_truth.parquet``) are not read.
+    """
+    if not path:
+        raise MfsimError("no input given: pass --input PATH (a Parquet file, directory, glob or URL) or set input.path")
+    fs, root = _filesystem(path)
+    if globlib.has_magic(root):
+        files = sorted(f for f in fs.glob(root) if fs.isfile(f))
+        if not files:
+            raise MfsimError(f"input glob {path} matches no file; check the pattern")
+        return fs, files
+    if not fs.exists(root):
+        raise MfsimError(f"input path {path} does not exist; pass an existing Parquet file, directory or glob")
+    if fs.isfile(root):
+        return fs, [root]
+    found = sorted(fs.find(root))
+    files = []
+    for f in found:
+        rel = f[len(root.rstrip("/")) + 1 :].split("/")
+        if any(_is_hidden(p) for p in rel):
+            continue
+        if f.endswith(PARQUET_SUFFIXES):
+            files.append((f, rel))
+    partitioned = [f for f, rel in files if any("=" in p for p in rel[:-1])]
+    if partitioned:
+        loose = [f for f, rel in files if not any("=" in p for p in rel[:-1])]
+        if loose:
+            log.info("input %s is hive-partitioned; not part of the log: %s", path, ", ".join(loose))
+        result = partitioned
+    else:
+        result = [f for f, _ in files]
+    if not result:
+        raise MfsimError(f"input directory {path} holds no Parquet file (*.parquet); point --input at the log")
+    return fs, result
+
+
+def _id_type_ok(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _check_column(file: str, schema: pa.Schema, col: str, role: str) -> pa.DataType:
+    if col not in schema.names:
+        raise MfsimError(
+            f"column '{col}' ({role}) is missing from {file}; its columns are {schema.names}; "
+            f"set input.{role}_col to the right name"
+        )
+    t = schema.field(col).type
+    ok = {
+        "user": _id_type_ok,
+        "item": _id_type_ok,
+        "weight": lambda t: pa.types.is_integer(t) or pa.types.is_floating(t),
+        "ts": lambda t: pa.types.is_timestamp(t) or pa.types.is_date(t),
+    }[role]
+    if not ok(t):
+        want = {
+            "user": "integers or strings",
+            "item": "integers or strings",
+            "weight": "a numeric type",
+            "ts": "a timestamp or date",
+        }[role]
+        raise MfsimError(
+            f"column '{col}' in {file} has type {t}; {role} values must be {want}; "
+            f"cast the column or set input.{role}_col to another column"
+        )
+    return t
+
+
+def inspect_files(fs, files: list[str], columns: dict[str, str]) -> list[InputFile]:
+    """Read each file's footer; check columns and types, and that they agree across files."""
+    out = []
+    first_types: dict[str, tuple[pa.DataType, str]] = {}
+    for f in files:
+        try:
+            with fs.open(f, "rb") as fh:
+                meta = pq.ParquetFile(fh).metadata
+                schema = meta.schema.to_arrow_schema()
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise MfsimError(f"{f} is not a readable Parquet file ({exc}); replace or remove it") from exc
+        for role, col in columns.items():
+            t = _check_column(f, schema, col, role)
+            if role in first_types and first_types[role][0] != t:
+                t0, f0 = first_types[role]
+                raise MfsimError(
+                    f"column '{col}' has type {t} in {f} but {t0} in {f0}; the files' schemas differ: "
+                    "rewrite them with one schema"
+                )
+            first_types.setdefault(role, (t, f))
+        rgs = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+        out.append(InputFile(f, int(fs.size(f)), rgs))
+    return out
+
+
+def plan_pieces(files: list[InputFile], partition_rows: int) -> list[Piece]:
+    """Group consecutive row groups of each file into pieces of about ``partition_rows`` rows."""
+    pieces = []
+    for f in files:
+        group: list[int] = []
+        rows = 0
+        for i, n in enumerate(f.row_groups):
+            if group and rows + n > partition_rows:
+                pieces.append(Piece(f.path, tuple(group), rows))
+                group, rows = [], 0
+            group.append(i)
+            rows += n
+        if group:
+            pieces.append(Piece(f.path, tuple(group), rows))
+    return pieces
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks (run on the workers)
+
+
+@dataclass(frozen=True)
+class ScanSpec:
+    user_col: str
+    item_col: str
+    weight_col: str | None
+    ts_col: str | None
+    window_start: dt.datetime | None
+    window_end: dt.datetime | None
+    on_invalid: str
+    url: str  # the input as given, to rebuild the filesystem on the worker
+
+
+def _as_plain(arr: pa.ChunkedArray) -> pa.Array:
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    if pa.types.is_large_string(arr.type):
+        arr = arr.cast(pa.string())
+    return arr
+
+
+def _read_piece(piece: Piece, spec: ScanSpec) -> pa.Table:
+    fs, _ = _filesystem(spec.url)
+    cols = [c for c in (spec.user_col, spec.item_col, spec.weight_col, spec.ts_col) if c]
+    try:
+        with fs.open(piece.path, "rb") as fh:
+            return pq.ParquetFile(fh).read_row_groups(list(piece.row_groups), columns=cols)
+    except (pa.ArrowException, OSError) as exc:
+        raise MfsimError(f"{piece.path} is corrupt or unreadable ({exc}); replace or remove it") from exc
+
+
+def scan_piece(piece: Piece, spec: ScanSpec) -> dict[str, Any]:
+    """Read, window and validate one piece; return its clean columns, counts and unique ids."""
+    t = _read_piece(piece, spec)
+    n_read = t.num_rows
+    counts = dict.fromkeys(INVALID_REASONS, 0)
+    users = _as_plain(t.column(spec.user_col))
+    items = _as_plain(t.column(spec.item_col))
+    keep = np.ones(n_read, dtype=bool)
+    outside = 0
+    if spec.ts_col and (spec.window_start or spec.window_end):
+        ts = t.column(spec.ts_col).combine_chunks()
+        if pa.types.is_date(ts.type):
+            ts = ts.cast(pa.timestamp("s"))
+        null_ts = ts.is_null().to_numpy(zero_copy_only=False)
+        counts["null_ts"] = int(null_ts.sum())
+        keep &= ~null_ts
+        ts_s = pc.cast(ts.cast(pa.timestamp("us")), pa.int64()).fill_null(0).to_numpy()
+        in_win = np.ones(n_read, dtype=bool)
+        if spec.window_start is not None:
+            in_win &= ts_s >= _to_us(spec.window_start)
+        if spec.window_end is not None:
+            in_win &= ts_s < _to_us(spec.window_end)
+        outside = int((keep & ~in_win).sum())
+        keep &= in_win
+    null_u = users.is_null().to_numpy(zero_copy_only=False)
+    null_i = items.is_null().to_numpy(zero_copy_only=False)
+    counts["null_user"] = int((keep & null_u).sum())
+    keep &= ~null_u
+    counts["null_item"] = int((keep & null_i).sum())
+    keep &= ~null_i
+    if spec.weight_col:
+        w_arr = t.column(spec.weight_col).combine_chunks()
+        null_w = w_arr.is_null().to_numpy(zero_copy_only=False)
+        w = w_arr.cast(pa.float64()).fill_null(0.0).to_numpy()
+        counts["null_weight"] = int((keep & null_w).sum())
+        keep &= ~null_w
+        nan_w = np.isnan(w)
+        counts["nan_weight"] = int((keep & nan_w).sum())
+        keep &= ~nan_w
+        inf_w = np.isinf(w)
+        counts["inf_weight"] = int((keep & inf_w).sum())
+        keep &= ~inf_w
+        neg_w = w < 0
+        counts["negative_weight"] = int((keep & neg_w).sum())
+        keep &= ~neg_w
+        weights = w.astype(np.float32)
+    else:
+        weights = np.ones(n_read, dtype=np.float32)
+    n_invalid = sum(counts.values())
+    if n_invalid and spec.on_invalid == "error":
+        reasons = ", ".join(f"{k}={v}" for k, v in counts.items() if v)
+        raise MfsimError(
+            f"{piece.path} has {n_invalid} invalid rows ({reasons}); fix the data or set "
+            "ingest.on_invalid=drop to drop and count them"
+        )
+    if not keep.all():
+        mask = pa.array(keep)
+        users, items = users.filter(mask), items.filter(mask)
+        weights = weights[keep]
+    return {
+        "users": users,
+        "items": items,
+        "weights": weights,
+        "n_read": n_read,
+        "outside_window": outside,
+        "invalid": counts,
+        "user_ids": pc.unique(users),
+        "item_ids": pc.unique(items),
+    }
+
+
+def _to_us(t: dt.datetime) -> int:
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    return int(round(t.timestamp() * 1_000_000))
+
+
+def piece_summary(scanned: dict[str, Any]) -> dict[str, Any]:
+    return {k: scanned[k] for k in ("n_read", "outside_window", "invalid")} | {"n_kept": len(scanned["weights"])}
+
+
+def union_ids(*arrays: pa.Array) -> pa.Array:
+    """Sorted unique union of id arrays."""
+    merged = pc.unique(pa.concat_arrays([a for a in arrays]))
+    return merged.take(pc.sort_indices(merged))
+
+
+def max_ts(piece: Piece, spec: ScanSpec) -> int | None:
+    """Largest timestamp of a piece in microseconds (for a default ``as_of``)."""
+    fs, _ = _filesystem(spec.url)
+    with fs.open(piece.path, "rb") as fh:
+        ts = pq.ParquetFile(fh).read_row_groups(list(piece.row_groups), columns=[spec.ts_col]).column(0)
+    ts = ts.combine_chunks()
+    if pa.types.is_date(ts.type):
+        ts = ts.cast(pa.timestamp("s"))
+    return pc.max(pc.cast(ts.cast(pa.timestamp("us")), pa.int64())).as_py()
+
+
+class IdIndex:
+    """Maps original ids to positions in a sorted id array (a lookup table for compact integer ids)."""
+
+    def __init__(self, sorted_ids: pa.Array):
+        self.ids = sorted_ids
+        self.lut = None
+        if pa.types.is_integer(sorted_ids.type) and len(sorted_ids):
+            vals = sorted_ids.to_numpy()
+            lo, hi = int(vals[0]), int(vals[-1])
+            if hi - lo <= 4 * len(vals) + 1_000_000:
+                self.lo = lo
+                self.lut = np.full(hi - lo + 1, -1, dtype=np.int64)
+                self.lut[vals - lo] = np.arange(len(vals), dtype=np.int64)
+
+    def positions(self, values: pa.Array) -> np.ndarray:
+        if self.lut is not None:
+            return self.lut[values.to_numpy() - self.lo]
+        return pc.index_in(values, value_set=self.ids).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def encode_piece(scanned: dict[str, Any], user_index: IdIndex, item_index: IdIndex, block_rows: int,
+                 n_blocks: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Entries of one piece as (row, col, weight) buckets, one per row block."""
+    rows = user_index.positions(scanned["users"])
+    cols = item_index.positions(scanned["items"]).astype(np.int32)
+    w = scanned["weights"]
+    if n_blocks == 1:
+        return [(rows, cols, w)]
+    block = rows // block_rows
+    order = np.argsort(block, kind="stable")
+    bounds = np.searchsorted(block[order], np.arange(n_blocks + 1))
+    return [
+        (rows[order[bounds[b] : bounds[b + 1]]], cols[order[bounds[b] : bounds[b + 1]]], w[order[bounds[b] : bounds[b + 1]]])
+        for b in range(n_blocks)
+    ]
+
+
+def build_block(row_start: int, n_rows: int, n_cols: int, *buckets) -> CSRBlock:
+    """CSR of one row block from its buckets (in piece order); duplicate (user, item) entries are summed."""
+    rows = np.concatenate([b[0] for b in buckets]) - row_start if buckets else np.zeros(0, np.int64)
+    cols = np.concatenate([b[1] for b in buckets]) if buckets else np.zeros(0, np.int32)
+    vals = np.concatenate([b[2] for b in buckets]) if buckets else np.zeros(0, np.float32)
+    m = sp.coo_matrix((vals, (rows, cols)), shape=(n_rows, n_cols)).tocsr()  # sums duplicates in input order
+    m.eliminate_zeros()
+    return CSRBlock.from_scipy(m)
+
+
+def block_counts(block: CSRBlock) -> tuple[np.ndarray, np.ndarray]:
+    """(non-zeros per row, non-zeros per column) of a block."""
+    return np.diff(block.indptr), np.bincount(block.indices, minlength=block.n_cols).astype(np.int64)
+
+
+def filter_block(block: CSRBlock, keep_rows: np.ndarray, col_map: np.ndarray, n_cols: int) -> CSRBlock:
+    """Keep rows ``keep_rows`` (bool) and columns with ``col_map >= 0``, renumbered by ``col_map``."""
+    m = block.to_scipy()[keep_rows]
+    m = sp.csr_matrix(m)
+    new_cols = col_map[m.indices]
+    ok = new_cols >= 0
+    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))[ok]
+    out = sp.csr_matrix((m.data[ok], (rows, new_cols[ok])), shape=(m.shape[0], n_cols))
+    return CSRBlock.from_scipy(out)
+
+
+def _sum_arrays(*arrays):
+    return np.sum(arrays, axis=0)
+
+
+def _tree_reduce(client, futures: list, fn, fan_in: int = 8):
+    """``fn`` applied over ``futures`` in a tree of fan-in ``fan_in`` (at least once)."""
+    while True:
+        futures = [client.submit(fn, *futures[i : i + fan_in]) for i in range(0, len(futures), fan_in)]
+        if len(futures) == 1:
+            return futures[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None = None) -> IngestResult:
+    """Read the log at ``path`` (default ``input_cfg.path``) into id maps and X's CSR row blocks."""
+    url = path or input_cfg.path
+    fs, file_paths = resolve_input(url)
+    columns = {"user": input_cfg.user_col, "item": input_cfg.item_col}
+    if input_cfg.weight_col:
+        columns["weight"] = input_cfg.weight_col
+    use_window = cfg.window_days is not None or cfg.as_of is not None
+    if use_window:
+        if not input_cfg.ts_col:
+            raise MfsimError("ingest.window_days / ingest.as_of need a timestamp column: set input.ts_col")
+        columns["ts"] = input_cfg.ts_col
+    files = inspect_files(fs, file_paths, columns)
+    pieces = plan_pieces(files, cfg.partition_rows)
+    total_rows = sum(p.n_rows for p in pieces)
+    log.info("ingest: %d files, %d pieces, %d rows", len(files), len(pieces), total_rows)
+
+    spec = ScanSpec(input_cfg.user_col, input_cfg.item_col, input_cfg.weight_col,
+                    input_cfg.ts_col if use_window else None, None, None, cfg.on_invalid, url)
+    if use_window:
+        end = cfg.as_of
+        if end is None:
+            maxes = [m for m in client.gather([client.submit(max_ts, p, spec) for p in pieces]) if m is not None]
+            end = (dt.datetime.fromtimestamp(max(maxes) / 1e6, dt.timezone.utc) + dt.timedelta(microseconds=1)
+                   if maxes else dt.datetime.now(dt.timezone.utc))
+        start = end - dt.timedelta(days=cfg.window_days) if cfg.window_days is not None else None
+        spec = ScanSpec(spec.user_col, spec.item_col, spec.weight_col, spec.ts_col, start, end, spec.on_invalid, url)
+
+    scanned = [client.submit(scan_piece, p, spec, pure=False) for p in pieces]
+    summaries = client.gather([client.submit(piece_summary, s) for s in scanned])
+    invalid = {k: sum(s["invalid"][k] for s in summaries) for k in INVALID_REASONS}
+    n_kept = sum(s["n_kept"] for s in summaries)
+    counts: dict[str, Any] = {
+        "rows_read": int(sum(s["n_read"] for s in summaries)),
+        "rows_outside_window": int(sum(s["outside_window"] for s in summaries)),
+        "rows_dropped": {k: int(v) for k, v in invalid.items() if v},
+        "rows_valid": int(n_kept),
+    }
+    if n_kept == 0:
+        raise MfsimError(f"input {url} has no valid rows after the time window and invalid-row filters; "
+                         "check ingest.as_of / ingest.window_days and the data")
+
+    user_ids = client.gather(_tree_reduce(client, [client.submit(operator.itemgetter("user_ids"), s) for s in scanned], union_ids))
+    item_ids = client.gather(_tree_reduce(client, [client.submit(operator.itemgetter("item_ids"), s) for s in scanned], union_ids))
+    n_users, n_items = len(user_ids), len(item_ids)
+    n_blocks = max(1, -(-n_users // cfg.block_rows))
+    [uidx, iidx] = client.scatter([IdIndex(user_ids), IdIndex(item_ids)], broadcast=True)
+    encoded = [client.submit(encode_piece, s, uidx, iidx, cfg.block_rows, n_blocks) for s in scanned]
+    offsets = np.minimum(np.arange(n_blocks + 1, dtype=np.int64) * cfg.block_rows, n_users)
+    blocks = []
+    for b in range(n_blocks):
+        buckets = [client.submit(operator.itemgetter(b), e) for e in encoded]
+        blocks.append(client.submit(build_block, int(offsets[b]), int(offsets[b + 1] - offsets[b]), n_items, *buckets))
+    del scanned, encoded
+    X = RowBlocks(blocks, offsets, n_items, client)
+    X, user_ids, item_ids, user_counts, item_counts, support = _minimum_support(
+        client, X, user_ids, item_ids, cfg.min_user_interactions, cfg.min_item_interactions)
+    counts.update(support)
+    nnz = int(user_counts.sum())
+    X.nnz = nnz
+    counts.update(n_users=len(user_ids), n_items=len(item_ids), nnz=nnz,
+                  duplicates_merged=int(n_kept - support["nnz_before_support"]))
+    if nnz == 0:
+        raise MfsimError(f"input {url} is empty after the minimum-support filter "
+                         f"(ingest.min_user_interactions={cfg.min_user_interactions}, "
+                         f"ingest.min_item_interactions={cfg.min_item_interactions}); lower them")
+    file_info = [{"path": f.path, "size": f.size, "rows": int(sum(f.row_groups))} for f in files]
+    return IngestResult(X, user_ids, item_ids, user_counts, item_counts, file_info, counts)
+
+
+def _minimum_support(client, X: RowBlocks, user_ids, item_ids, min_user: int, min_item: int):
+    """Drop users and items below the minimum support, repeatedly, until stable; re-index contiguously.
+
+    Users and items left with no interactions (all weights zero) are dropped in any case.
+    """
+    keep_u = np.ones(X.n_rows, dtype=bool)
+    keep_i = np.ones(X.n_cols, dtype=bool)
+    rounds = 0
+    current = X
+    nnz_before = None
+    while True:
+        per_block = client.gather(current.map(block_counts))
+        row_nnz = np.concatenate([r for r, _ in per_block]) if per_block else np.zeros(0, np.int64)
+        col_nnz = np.sum([c for _, c in per_block], axis=0) if per_block else np.zeros(X.n_cols, np.int64)
+        if nnz_before is None:
+            nnz_before = int(row_nnz.sum())
+        ok_u = row_nnz >= min_user
+        ok_i = col_nnz >= min_item
+        if ok_u.all() and ok_i.all():
+            break
+        rounds += 1
+        # map the current (already filtered) rows/cols back to the original index space
+        cur_u = np.flatnonzero(keep_u)
+        cur_i = np.flatnonzero(keep_i)
+        keep_u[cur_u[~ok_u]] = False
+        keep_i[cur_i[~ok_i]] = False
+        col_map = np.full(len(ok_i), -1, dtype=np.int64)
+        col_map[ok_i] = np.arange(int(ok_i.sum()))
+        new_parts, new_offsets = [], [0]
+        [cmap] = client.scatter([col_map], broadcast=True)
+        for b, part in enumerate(current.parts):
+            rows_ok = ok_u[current.row_offsets[b] : current.row_offsets[b + 1]]
+            new_parts.append(client.submit(filter_block, part, rows_ok, cmap, int(ok_i.sum())))
+            new_offsets.append(new_offsets[-1] + int(rows_ok.sum()))
+        current = RowBlocks(new_parts, np.array(new_offsets, dtype=np.int64), int(ok_i.sum()), client)
+    user_ids = user_ids.filter(pa.array(keep_u)) if not keep_u.all() else user_ids
+    item_ids = item_ids.filter(pa.array(keep_i)) if not keep_i.all() else item_ids
+    support = {
+        "nnz_before_support": nnz_before,
+        "support_rounds": rounds,
+        "users_removed_by_support": int((~keep_u).sum()),
+        "items_removed_by_support": int((~keep_i).sum()),
+    }
+    return current, user_ids, item_ids, row_nnz.astype(np.int64), col_nnz.astype(np.int64), support
+
+
+def id_table(ids: pa.Array, id_col: str, n_interactions: np.ndarray) -> pa.Table:
+    """``ids/users.parquet`` / ``ids/items.parquet``: index, the original id column, n_interactions."""
+    return pa.table({
+        "index": pa.array(np.arange(len(ids), dtype=np.int64)),
+        id_col: ids,
+        "n_interactions": pa.array(n_interactions.astype(np.int64)),
+    })
