@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from pathlib import Path
@@ -29,6 +30,20 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def user_errors(fn):
+    """Turn an ``MfsimError`` into one ``error: ...`` line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MfsimError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
 def _load(config: Optional[Path], overrides: list[str], **top: object) -> Config:
     cfg = load_config(config, overrides)
     for dotted, value in top.items():
@@ -40,6 +55,7 @@ def _load(config: Optional[Path], overrides: list[str], **top: object) -> Config
 
 @app.command(epilog="Example: mfsim run conf/default.yaml --input ../shared/data/ml-100k/interactions.parquet "
                     "--output /tmp/o --run-id t1 --set svd.rank=32")
+@user_errors
 def run(
     config: Path = typer.Argument(..., help="YAML config, e.g. conf/default.yaml or conf/paper.yaml."),
     input: Optional[str] = typer.Option(None, "--input", help="Parquet log: file, directory, glob or URL."),
@@ -60,6 +76,7 @@ def run(
 
 
 @app.command(epilog="Example: mfsim simulate conf/paper.yaml --out data/simulated --set simulate.n_users=5000")
+@user_errors
 def simulate(
     config: Optional[Path] = typer.Argument(None, help="YAML config (default conf/default.yaml); uses its simulate section."),
     out: Path = typer.Option(..., "--out", help="Directory to create with the simulated log and items_truth.parquet."),
@@ -76,6 +93,7 @@ def simulate(
 
 
 @bench_app.command("ingest", epilog="Example: mfsim bench ingest --rows 5000000")
+@user_errors
 def bench_ingest(
     rows: int = typer.Option(50_000_000, help="Rows of the synthetic log."),
     users: Optional[int] = typer.Option(None, help="Distinct users (default rows/50)."),
@@ -91,22 +109,10 @@ def bench_ingest(
 def main() -> None:
     _setup_logging()
     try:
-        app(standalone_mode=False)
-    except MfsimError as exc:
+        app()
+    except MfsimError as exc:  # raised outside a command (none today); commands handle their own
         typer.echo(f"error: {exc}", err=True)
-        raise SystemExit(exc.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        typer.echo("aborted", err=True)
-        raise SystemExit(130)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            raise SystemExit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
-            raise SystemExit(exc.exit_code)
-        raise
+        raise SystemExit(exc.exit_code) from None
 
 
 if __name__ == "__main__":

@@ -239,8 +239,15 @@ def _read_piece(piece: Piece, spec: ScanSpec) -> pa.Table:
 
 
 def scan_piece(piece: Piece, spec: ScanSpec) -> dict[str, Any]:
-    """Read, window and validate one piece; return its clean columns, counts and unique ids."""
-    t = _read_piece(piece, spec)
+    """Read, window and validate one piece; return its clean columns, counts and unique ids.
+
+    A piece that cannot be read returns ``{"error": message}`` instead of raising, so the client
+    reports it as one line (a raising task would also print a worker traceback).
+    """
+    try:
+        t = _read_piece(piece, spec)
+    except MfsimError as exc:
+        return {"error": str(exc), "n_read": 0, "outside_window": 0, "invalid": {}, "weights": ()}
     n_read = t.num_rows
     counts = dict.fromkeys(INVALID_REASONS, 0)
     users = _as_plain(t.column(spec.user_col))
@@ -286,13 +293,6 @@ def scan_piece(piece: Piece, spec: ScanSpec) -> dict[str, Any]:
         weights = w.astype(np.float32)
     else:
         weights = np.ones(n_read, dtype=np.float32)
-    n_invalid = sum(counts.values())
-    if n_invalid and spec.on_invalid == "error":
-        reasons = ", ".join(f"{k}={v}" for k, v in counts.items() if v)
-        raise MfsimError(
-            f"{piece.path} has {n_invalid} invalid rows ({reasons}); fix the data or set "
-            "ingest.on_invalid=drop to drop and count them"
-        )
     if not keep.all():
         mask = pa.array(keep)
         users, items = users.filter(mask), items.filter(mask)
@@ -316,7 +316,8 @@ def _to_us(t: dt.datetime) -> int:
 
 
 def piece_summary(scanned: dict[str, Any]) -> dict[str, Any]:
-    return {k: scanned[k] for k in ("n_read", "outside_window", "invalid")} | {"n_kept": len(scanned["weights"])}
+    out = {k: scanned[k] for k in ("n_read", "outside_window", "invalid")} | {"n_kept": len(scanned["weights"])}
+    return out | ({"error": scanned["error"]} if "error" in scanned else {})
 
 
 def union_ids(*arrays: pa.Array) -> pa.Array:
@@ -445,7 +446,18 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
 
     scanned = [client.submit(scan_piece, p, spec, pure=False) for p in pieces]
     summaries = client.gather([client.submit(piece_summary, s) for s in scanned])
+    for s in summaries:
+        if "error" in s:
+            raise MfsimError(s["error"])
     invalid = {k: sum(s["invalid"][k] for s in summaries) for k in INVALID_REASONS}
+    if spec.on_invalid == "error" and any(invalid.values()):
+        bad_files = list(dict.fromkeys(p.path for p, s in zip(pieces, summaries) if any(s["invalid"].values())))
+        where = bad_files[0] + (f" (and {len(bad_files) - 1} more files)" if len(bad_files) > 1 else "")
+        reasons = ", ".join(f"{k}={v}" for k, v in invalid.items() if v)
+        raise MfsimError(
+            f"{where} has {sum(invalid.values())} invalid rows ({reasons}); fix the data or set "
+            "ingest.on_invalid=drop to drop them and count them by reason"
+        )
     n_kept = sum(s["n_kept"] for s in summaries)
     counts: dict[str, Any] = {
         "rows_read": int(sum(s["n_read"] for s in summaries)),

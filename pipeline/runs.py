@@ -65,7 +65,7 @@ class RunWriter:
 
     def __init__(self, output_root: str | Path, run_id: str | None = None):
         self.root = Path(output_root)
-        self.run_id = validate_run_id(run_id or new_run_id())
+        self.run_id = validate_run_id(new_run_id() if run_id is None else run_id)
         self.final = self.root / self.run_id
         if self.final.exists():
             raise MfsimError(

@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def shared_dataset(name: str) -> Path:
-    """Path of ``../shared/data/<name>/interactions.parquet``; skips the test when absent."""
-    path = SHARED_DATA / name / "interactions.parquet"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent: the real data set {name} lives in ../shared beside the checkout")
-    return path
-
+from tests_support import SHARED_DATA, shared_dataset  # noqa: F401  (re-exported for tests)
 
 def _local_client(n_workers: int):
     from distributed import Client, LocalCluster
@@ -25,7 +14,7 @@ def _local_client(n_workers: int):
         threads_per_worker=1,
         processes=True,
         host="127.0.0.1",
-        dashboard_address=None,
+        dashboard_address="127.0.0.1:0",
         memory_limit="4GiB",
     )
     return cluster, Client(cluster)
