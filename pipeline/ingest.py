@@ -26,6 +26,7 @@ import datetime as dt
 import glob as globlib
 import logging
 import operator
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
+from kernels.coo import bucket_order, coo_to_csr_sum
 from pipeline.blocks import CSRBlock, RowBlocks
 from pipeline.config import IngestSection, InputSection
 from pipeline.errors import MfsimError
@@ -269,28 +271,20 @@ def scan_piece(piece: Piece, spec: ScanSpec) -> dict[str, Any]:
             in_win &= ts_s < _to_us(spec.window_end)
         outside = int((keep & ~in_win).sum())
         keep &= in_win
-    null_u = users.is_null().to_numpy(zero_copy_only=False)
-    null_i = items.is_null().to_numpy(zero_copy_only=False)
-    counts["null_user"] = int((keep & null_u).sum())
-    keep &= ~null_u
-    counts["null_item"] = int((keep & null_i).sum())
-    keep &= ~null_i
+    for reason, ids in (("null_user", users), ("null_item", items)):
+        if ids.null_count:
+            bad = ids.is_null().to_numpy(zero_copy_only=False)
+            counts[reason] = int((keep & bad).sum())
+            keep &= ~bad
     if spec.weight_col:
         w_arr = t.column(spec.weight_col).combine_chunks()
-        null_w = w_arr.is_null().to_numpy(zero_copy_only=False)
-        w = w_arr.cast(pa.float64()).fill_null(0.0).to_numpy()
-        counts["null_weight"] = int((keep & null_w).sum())
-        keep &= ~null_w
-        nan_w = np.isnan(w)
-        counts["nan_weight"] = int((keep & nan_w).sum())
-        keep &= ~nan_w
-        inf_w = np.isinf(w)
-        counts["inf_weight"] = int((keep & inf_w).sum())
-        keep &= ~inf_w
-        neg_w = w < 0
-        counts["negative_weight"] = int((keep & neg_w).sum())
-        keep &= ~neg_w
-        weights = w.astype(np.float32)
+        weights = w_arr.cast(pa.float32()).fill_null(0.0).to_numpy()
+        if w_arr.null_count or not (np.isfinite(weights).all() and (weights >= 0).all()):
+            w = w_arr.cast(pa.float64()).fill_null(0.0).to_numpy()  # reasons judged before rounding to float32
+            for reason, bad in (("null_weight", w_arr.is_null().to_numpy(zero_copy_only=False)),
+                                ("nan_weight", np.isnan(w)), ("inf_weight", np.isinf(w)), ("negative_weight", w < 0)):
+                counts[reason] = int((keep & bad).sum())
+                keep &= ~bad
     else:
         weights = np.ones(n_read, dtype=np.float32)
     if not keep.all():
@@ -365,13 +359,10 @@ def encode_piece(scanned: dict[str, Any], user_index: IdIndex, item_index: IdInd
     w = scanned["weights"]
     if n_blocks == 1:
         return [(rows, cols, w)]
-    block = rows // block_rows
-    order = np.argsort(block, kind="stable")
-    bounds = np.searchsorted(block[order], np.arange(n_blocks + 1))
-    return [
-        (rows[order[bounds[b] : bounds[b + 1]]], cols[order[bounds[b] : bounds[b + 1]]], w[order[bounds[b] : bounds[b + 1]]])
-        for b in range(n_blocks)
-    ]
+    order, bounds = bucket_order(rows, block_rows, n_blocks)
+    rows, cols, w = rows[order], cols[order], w[order]
+    return [(rows[bounds[b] : bounds[b + 1]], cols[bounds[b] : bounds[b + 1]], w[bounds[b] : bounds[b + 1]])
+            for b in range(n_blocks)]
 
 
 def build_block(row_start: int, n_rows: int, n_cols: int, *buckets) -> CSRBlock:
@@ -379,9 +370,8 @@ def build_block(row_start: int, n_rows: int, n_cols: int, *buckets) -> CSRBlock:
     rows = np.concatenate([b[0] for b in buckets]) - row_start if buckets else np.zeros(0, np.int64)
     cols = np.concatenate([b[1] for b in buckets]) if buckets else np.zeros(0, np.int32)
     vals = np.concatenate([b[2] for b in buckets]) if buckets else np.zeros(0, np.float32)
-    m = sp.coo_matrix((vals, (rows, cols)), shape=(n_rows, n_cols)).tocsr()  # sums duplicates in input order
-    m.eliminate_zeros()
-    return CSRBlock.from_scipy(m)
+    indptr, indices, data = coo_to_csr_sum(rows, cols, vals, n_rows)
+    return CSRBlock(indptr, indices, data, n_cols)
 
 
 def block_counts(block: CSRBlock) -> tuple[np.ndarray, np.ndarray]:
@@ -402,6 +392,18 @@ def filter_block(block: CSRBlock, keep_rows: np.ndarray, col_map: np.ndarray, n_
 
 def _sum_arrays(*arrays):
     return np.sum(arrays, axis=0)
+
+
+class _PhaseClock:
+    """Logs the wall time of each phase of the stage."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        log.info("ingest: %s %.2fs", name, now - self.t)
+        self.t = now
 
 
 def _tree_reduce(client, futures: list, fn, fan_in: int = 8):
@@ -444,6 +446,7 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
         start = end - dt.timedelta(days=cfg.window_days) if cfg.window_days is not None else None
         spec = ScanSpec(spec.user_col, spec.item_col, spec.weight_col, spec.ts_col, start, end, spec.on_invalid, url)
 
+    clock = _PhaseClock()
     scanned = [client.submit(scan_piece, p, spec, pure=False) for p in pieces]
     summaries = client.gather([client.submit(piece_summary, s) for s in scanned])
     for s in summaries:
@@ -469,6 +472,7 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
         raise MfsimError(f"input {url} has no valid rows after the time window and invalid-row filters; "
                          "check ingest.as_of / ingest.window_days and the data")
 
+    clock.lap("scan")
     user_ids = client.gather(_tree_reduce(client, [client.submit(operator.itemgetter("user_ids"), s) for s in scanned], union_ids))
     item_ids = client.gather(_tree_reduce(client, [client.submit(operator.itemgetter("item_ids"), s) for s in scanned], union_ids))
     n_users, n_items = len(user_ids), len(item_ids)
@@ -482,8 +486,10 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
         blocks.append(client.submit(build_block, int(offsets[b]), int(offsets[b + 1] - offsets[b]), n_items, *buckets))
     del scanned, encoded
     X = RowBlocks(blocks, offsets, n_items, client)
+    clock.lap("id maps")
     X, user_ids, item_ids, user_counts, item_counts, support = _minimum_support(
         client, X, user_ids, item_ids, cfg.min_user_interactions, cfg.min_item_interactions)
+    clock.lap("blocks and minimum support")
     counts.update(support)
     nnz = int(user_counts.sum())
     X.nnz = nnz

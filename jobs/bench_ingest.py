@@ -1,0 +1,149 @@
+"""``mfsim bench ingest``: mfsim's Dask ingest against a single-process pyarrow + scipy build.
+
+The anchor, timed in the same run on the same files: ``pyarrow.parquet.read_table`` of the three
+columns and ``scipy.sparse.coo_matrix((w, (u, i))).tocsr()``, with the synthetic ids used directly
+as indices (the anchor does no id mapping, no validation and no minimum support, so it is a
+lower bound for any ingest). mfsim's time runs from the call to the CSR blocks being ready on the
+workers; the embedded cluster's start-up is reported apart.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def write_synthetic_log(path: Path, rows: int, users: int, items: int, *, files: int = 8, seed: int = 0) -> None:
+    """A Parquet log of ``rows`` rows: power-law user activity and item popularity, int64 ids, float32 weights."""
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    per_file = -(-rows // files)
+    # popularity ~ rank^-0.8 (items) and rank^-0.5 (users), sampled by inverse CDF on a cumulative table
+    item_cdf = np.cumsum(np.arange(1, items + 1, dtype=np.float64) ** -0.8)
+    item_cdf /= item_cdf[-1]
+    user_cdf = np.cumsum(np.arange(1, users + 1, dtype=np.float64) ** -0.5)
+    user_cdf /= user_cdf[-1]
+    t0 = np.datetime64("2024-01-01T00:00:00", "ms").astype(np.int64)
+    for f in range(files):
+        n = min(per_file, rows - f * per_file)
+        if n <= 0:
+            break
+        u = np.searchsorted(user_cdf, rng.random(n)).astype(np.int64)
+        i = np.searchsorted(item_cdf, rng.random(n)).astype(np.int64)
+        w = rng.integers(1, 6, n).astype(np.float32)
+        ts = pa.array(t0 + rng.integers(0, 30 * 86_400_000, n), pa.timestamp("ms"))
+        pq.write_table(pa.table({"user_id": u, "item_id": i, "weight": w, "ts": ts}),
+                       path / f"part-{f:03d}.parquet", row_group_size=1_000_000, compression="zstd")
+
+
+class PeakRSS:
+    """Samples this process's resident memory (VmRSS) every 20 ms; ``peak`` in bytes."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def current() -> int:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def __enter__(self):
+        self.base = self.current()
+        self.peak = self.base
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            time.sleep(0.02)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+
+def _worker_peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def anchor_build(path: Path):
+    """Single-process reference: pyarrow read + scipy coo -> csr (duplicates summed)."""
+    import scipy.sparse as sp
+
+    t = pq.read_table(path, columns=["user_id", "item_id", "weight"])
+    u = t["user_id"].to_numpy()
+    i = t["item_id"].to_numpy()
+    w = t["weight"].to_numpy()
+    return sp.coo_matrix((w, (u, i)), shape=(int(u.max()) + 1, int(i.max()) + 1)).tocsr()
+
+
+def run_bench_ingest(rows: int = 50_000_000, users: int | None = None, items: int | None = None,
+                     workdir: Path | None = None, n_workers: int = 2, block_rows: int = 65536) -> dict:
+    from distributed import Client, LocalCluster, wait
+
+    from pipeline.cluster import worker_thread_env
+    from pipeline.config import IngestSection, InputSection
+    from pipeline.ingest import ingest
+
+    users = users or max(10, rows // 50)
+    items = items or max(10, rows // 250)
+    own_dir = workdir is None
+    base = Path(tempfile.mkdtemp(prefix="mfsim-bench-ingest-")) if own_dir else Path(workdir)
+    log_dir = base / "log"
+    try:
+        t = time.perf_counter()
+        if not log_dir.exists():
+            write_synthetic_log(log_dir, rows, users, items)
+        print(f"synthetic log: {rows:,} rows, {users:,} users, {items:,} items "
+              f"({sum(f.stat().st_size for f in log_dir.iterdir()) / 2**20:.0f} MiB, written in {time.perf_counter() - t:.1f}s)")
+
+        with PeakRSS() as mem:
+            t = time.perf_counter()
+            ref = anchor_build(log_dir)
+            t_anchor = time.perf_counter() - t
+        anchor_nnz = ref.nnz
+        del ref
+        print(f"anchor  pyarrow read + scipy coo->csr (1 process): {t_anchor:7.2f}s  "
+              f"peak RSS {mem.peak / 2**30:.2f} GiB")
+
+        t = time.perf_counter()
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                               dashboard_address=None, env=worker_thread_env(1))
+        client = Client(cluster)
+        t_start = time.perf_counter() - t
+        try:
+            t = time.perf_counter()
+            res = ingest(client, InputSection(path=str(log_dir), ts_col=None),
+                         IngestSection(block_rows=block_rows))
+            wait(res.X.parts)
+            t_mfsim = time.perf_counter() - t
+            peaks = client.run(_worker_peak_rss)
+        finally:
+            client.close()
+            cluster.close()
+        ok = res.counts["nnz"] == anchor_nnz
+        ratio = t_mfsim / t_anchor
+        print(f"mfsim   Dask ingest ({n_workers} workers x 1 thread):      {t_mfsim:7.2f}s  "
+              f"peak RSS per worker {max(peaks.values()) / 2**30:.2f} GiB  (cluster start {t_start:.1f}s, not counted)")
+        print(f"ratio mfsim/anchor = {ratio:.2f}x (target <= 1.5x)  nnz {res.counts['nnz']:,} "
+              f"{'equal to' if ok else 'DIFFERENT from'} the anchor's {anchor_nnz:,}")
+        return {"rows": rows, "anchor_s": t_anchor, "mfsim_s": t_mfsim, "ratio": ratio, "anchor_peak": mem.peak,
+                "worker_peaks": peaks, "nnz_equal": ok}
+    finally:
+        if own_dir:
+            shutil.rmtree(base, ignore_errors=True)
