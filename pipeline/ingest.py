@@ -547,12 +547,3 @@ def _minimum_support(client, X: RowBlocks, user_ids, item_ids, min_user: int, mi
         "items_removed_by_support": int((~keep_i).sum()),
     }
     return current, user_ids, item_ids, row_nnz.astype(np.int64), col_nnz.astype(np.int64), support
-
-
-def id_table(ids: pa.Array, id_col: str, n_interactions: np.ndarray) -> pa.Table:
-    """``ids/users.parquet`` / ``ids/items.parquet``: index, the original id column, n_interactions."""
-    return pa.table({
-        "index": pa.array(np.arange(len(ids), dtype=np.int64)),
-        id_col: ids,
-        "n_interactions": pa.array(n_interactions.astype(np.int64)),
-    })

@@ -106,6 +106,20 @@ class RunWriter:
         pq.write_table(table, p, compression="zstd")
         return p
 
+    def write_table_parts(self, relative: str, tables) -> Path:
+        """One Parquet file from an iterable of tables with the same schema (streamed, bounded memory)."""
+        p = self.path(relative)
+        writer = None
+        try:
+            for t in tables:
+                if writer is None:
+                    writer = pq.ParquetWriter(p, t.schema, compression="zstd")
+                writer.write_table(t)
+        finally:
+            if writer is not None:
+                writer.close()
+        return p
+
     def write_json(self, relative: str, obj: Any) -> Path:
         p = self.path(relative)
         p.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str))
