@@ -68,9 +68,22 @@ def run(
     from jobs.main_job import run_job
 
     cfg = _load(config, set_, **{"input.path": input, "run.output": output, "run.run_id": run_id})
+    from jobs.evaluation_job import format_table
+
     run_dir, manifest = run_job(cfg, scheduler=scheduler)
+    tables = manifest.pop("_tables", {})
     c = manifest["counts"]
-    typer.echo(f"run directory: {run_dir}")
+    if tables.get("evaluation") is not None:
+        typer.echo("\nHeld-out evaluation (fit on the train split):")
+        typer.echo(format_table(tables["evaluation"], ["recall", "ndcg"]))
+    if tables.get("cluster_precision") is not None:
+        typer.echo("\nCluster precision@N of item-item lists (the paper's Fig. 1 in numbers):")
+        typer.echo(format_table(tables["cluster_precision"], ["cluster_precision", "chance"]))
+    if "audit" in manifest:
+        typer.echo(f"\nCosine audit: {manifest['audit'].get('verdict', '')}")
+    typer.echo(f"\nrun directory: {run_dir}")
+    if (run_dir / "report" / "index.html").is_file():
+        typer.echo(f"report: {run_dir / 'report' / 'index.html'}")
     typer.echo(f"users {c['n_users']}  items {c['n_items']}  non-zeros {c['nnz']}  "
                f"stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in manifest["timings"].items()))
 

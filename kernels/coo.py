@@ -39,8 +39,11 @@ def bucket_order_reference(rows: np.ndarray, block_rows: int, n_blocks: int):
 
 
 @njit(cache=True, nogil=True)
-def coo_to_csr_sum(rows, cols, vals, n_rows):
-    """CSR (indptr int64, indices int32, data float32) of COO entries, duplicates summed, zeros dropped.
+def coo_to_csr_sum(rows, cols, vals, n_rows, ts):
+    """CSR (indptr int64, indices int32, data float32, ts int64) of COO entries, duplicates summed, zeros dropped.
+
+    ``ts`` (int64 timestamps, one per entry, or an empty array) is reduced by max over duplicates;
+    the returned ``ts`` is empty when the input's is.
 
     Entries are grouped by row with a stable counting sort, then sorted by column within each row
     (stable), so duplicates are summed in input order: the result does not depend on how the
@@ -56,14 +59,19 @@ def coo_to_csr_sum(rows, cols, vals, n_rows):
     start = counts.copy()
     tmp_cols = np.empty(nnz, dtype=np.int32)
     tmp_vals = np.empty(nnz, dtype=np.float32)
+    has_ts = ts.shape[0] == nnz and nnz > 0
+    tmp_ts = np.empty(nnz if has_ts else 0, dtype=np.int64)
     for k in range(nnz):
         r = rows[k]
         tmp_cols[start[r]] = cols[k]
         tmp_vals[start[r]] = vals[k]
+        if has_ts:
+            tmp_ts[start[r]] = ts[k]
         start[r] += 1
     indptr = np.zeros(n_rows + 1, dtype=np.int64)
     indices = np.empty(nnz, dtype=np.int32)
     data = np.empty(nnz, dtype=np.float32)
+    ts_out = np.empty(nnz if has_ts else 0, dtype=np.int64)
     out = 0
     for r in range(n_rows):
         lo, hi = counts[r], counts[r + 1]
@@ -74,20 +82,33 @@ def coo_to_csr_sum(rows, cols, vals, n_rows):
             while k < hi - lo:
                 c = seg[order[k]]
                 acc = np.float32(0.0)
+                latest = np.iinfo(np.int64).min
                 while k < hi - lo and seg[order[k]] == c:
                     acc += tmp_vals[lo + order[k]]
+                    if has_ts:
+                        latest = max(latest, tmp_ts[lo + order[k]])
                     k += 1
                 if acc != 0:
                     indices[out] = c
                     data[out] = acc
+                    if has_ts:
+                        ts_out[out] = latest
                     out += 1
         indptr[r + 1] = out
-    return indptr, indices[:out].copy(), data[:out].copy()
+    return indptr, indices[:out].copy(), data[:out].copy(), ts_out[: out if has_ts else 0].copy()
 
 
-def coo_to_csr_sum_reference(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: int, n_cols: int):
+def coo_to_csr_sum_reference(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: int, n_cols: int,
+                             ts: np.ndarray | None = None):
     m = sp.coo_matrix((vals.astype(np.float32), (rows, cols)), shape=(n_rows, n_cols)).tocsr()
     m.sum_duplicates()
     m.eliminate_zeros()
     m.sort_indices()
-    return m.indptr.astype(np.int64), m.indices.astype(np.int32), m.data.astype(np.float32)
+    out_ts = np.zeros(0, np.int64)
+    if ts is not None and len(ts):
+        latest: dict = {}
+        for r, c, t in zip(rows.tolist(), cols.tolist(), ts.tolist()):
+            latest[(r, c)] = max(latest.get((r, c), t), t)
+        row_of = np.repeat(np.arange(n_rows), np.diff(m.indptr))
+        out_ts = np.array([latest[(r, c)] for r, c in zip(row_of.tolist(), m.indices.tolist())], np.int64)
+    return m.indptr.astype(np.int64), m.indices.astype(np.int32), m.data.astype(np.float32), out_ts

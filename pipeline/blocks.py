@@ -23,6 +23,7 @@ class CSRBlock:
     indices: np.ndarray  # int32, (nnz,), sorted within each row, no duplicates
     data: np.ndarray  # float32, (nnz,)
     n_cols: int
+    ts: np.ndarray | None = None  # int64 (nnz,): latest timestamp (us) of each entry, when kept
 
     @property
     def n_rows(self) -> int:
@@ -53,7 +54,7 @@ class CSRBlock:
 
     def with_data(self, data: np.ndarray) -> "CSRBlock":
         """Same sparsity pattern, new values (used by preprocessing)."""
-        return CSRBlock(self.indptr, self.indices, np.ascontiguousarray(data, dtype=np.float32), self.n_cols)
+        return CSRBlock(self.indptr, self.indices, np.ascontiguousarray(data, dtype=np.float32), self.n_cols, self.ts)
 
 
 @dataclass
@@ -121,5 +122,5 @@ class RowBlocks:
         offsets = np.array(starts + [n], dtype=np.int64)
         parts = [CSRBlock.from_scipy(m[offsets[i] : offsets[i + 1]]) for i in range(len(starts))]
         if client is not None:
-            parts = client.scatter(parts)
+            parts = client.scatter(parts, hash=False)
         return cls(parts, offsets, int(m.shape[1]), client, int(m.nnz))

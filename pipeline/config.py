@@ -172,6 +172,37 @@ class NeighboursSection(Section):
         return _check_metrics(v, USER_USER_METRICS)
 
 
+class EvaluationSection(Section):
+    holdout: Literal["none", "random", "temporal"] = "random"
+    fraction: float = Field(0.2, gt=0, lt=1)
+    seed: int = 0
+    cutoffs: list[int] = [10, 20, 100]
+    item_truth: str | None = None
+    truth_cluster_col: str = "cluster"
+    truth_popularity_col: str | None = "popularity"
+
+    @field_validator("cutoffs")
+    @classmethod
+    def _cutoffs(cls, v: list[int]) -> list[int]:
+        if not v or any(c < 1 for c in v):
+            raise ValueError(f"evaluation.cutoffs must be a non-empty list of integers >= 1, got {v}")
+        return sorted(set(v))
+
+
+class AuditSection(Section):
+    enabled: bool = True
+    draws: int = Field(5, ge=0)
+    spread: float = Field(1.0, gt=0)
+    top_n: int | None = Field(None, ge=1)
+    seed: int = 0
+    least_stable: int = Field(20, ge=0)
+
+
+class ReportSection(Section):
+    enabled: bool = True
+    heatmap_items: int = Field(1000, ge=2)
+
+
 class Config(Section):
     run: RunSection = RunSection()
     input: InputSection = InputSection()
@@ -182,6 +213,9 @@ class Config(Section):
     svd: SvdSection = SvdSection()
     objectives: ObjectivesSection = ObjectivesSection()
     neighbours: NeighboursSection = NeighboursSection()
+    evaluation: EvaluationSection = EvaluationSection()
+    audit: AuditSection = AuditSection()
+    report: ReportSection = ReportSection()
 
     def resolved(self) -> dict[str, Any]:
         """The configuration as plain JSON-able data, with the YAML key names."""

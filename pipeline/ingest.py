@@ -22,6 +22,7 @@ in one pass without a pandas shuffle. Only ``ingest`` reads the input log.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import glob as globlib
 import logging
@@ -34,7 +35,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import scipy.sparse as sp
 
 from kernels.coo import bucket_order, coo_to_csr_sum
 from pipeline.blocks import CSRBlock, RowBlocks
@@ -219,6 +219,7 @@ class ScanSpec:
     window_end: dt.datetime | None
     on_invalid: str
     url: str  # the input as given, to rebuild the filesystem on the worker
+    keep_ts: bool = False  # keep each row's timestamp (for a temporal holdout)
 
 
 def _as_plain(arr: pa.ChunkedArray) -> pa.Array:
@@ -256,14 +257,17 @@ def scan_piece(piece: Piece, spec: ScanSpec) -> dict[str, Any]:
     items = _as_plain(t.column(spec.item_col))
     keep = np.ones(n_read, dtype=bool)
     outside = 0
-    if spec.ts_col and (spec.window_start or spec.window_end):
+    ts_s = None
+    if spec.ts_col:
         ts = t.column(spec.ts_col).combine_chunks()
         if pa.types.is_date(ts.type):
             ts = ts.cast(pa.timestamp("s"))
-        null_ts = ts.is_null().to_numpy(zero_copy_only=False)
-        counts["null_ts"] = int(null_ts.sum())
-        keep &= ~null_ts
+        if ts.null_count:
+            null_ts = ts.is_null().to_numpy(zero_copy_only=False)
+            counts["null_ts"] = int(null_ts.sum())
+            keep &= ~null_ts
         ts_s = pc.cast(ts.cast(pa.timestamp("us")), pa.int64()).fill_null(0).to_numpy()
+    if ts_s is not None and (spec.window_start or spec.window_end):
         in_win = np.ones(n_read, dtype=bool)
         if spec.window_start is not None:
             in_win &= ts_s >= _to_us(spec.window_start)
@@ -291,10 +295,12 @@ def scan_piece(piece: Piece, spec: ScanSpec) -> dict[str, Any]:
         mask = pa.array(keep)
         users, items = users.filter(mask), items.filter(mask)
         weights = weights[keep]
+        ts_s = ts_s[keep] if ts_s is not None else None
     return {
         "users": users,
         "items": items,
         "weights": weights,
+        "ts": ts_s if spec.keep_ts else None,
         "n_read": n_read,
         "outside_window": outside,
         "invalid": counts,
@@ -352,17 +358,19 @@ class IdIndex:
 
 
 def encode_piece(scanned: dict[str, Any], user_index: IdIndex, item_index: IdIndex, block_rows: int,
-                 n_blocks: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Entries of one piece as (row, col, weight) buckets, one per row block."""
+                 n_blocks: int) -> list[tuple[np.ndarray, ...]]:
+    """Entries of one piece as (row, col, weight, ts) buckets, one per row block (ts empty when not kept)."""
     rows = user_index.positions(scanned["users"])
     cols = item_index.positions(scanned["items"]).astype(np.int32)
     w = scanned["weights"]
+    ts = scanned["ts"] if scanned.get("ts") is not None else np.zeros(0, np.int64)
     if n_blocks == 1:
-        return [(rows, cols, w)]
+        return [(rows, cols, w, ts)]
     order, bounds = bucket_order(rows, block_rows, n_blocks)
     rows, cols, w = rows[order], cols[order], w[order]
-    return [(rows[bounds[b] : bounds[b + 1]], cols[bounds[b] : bounds[b + 1]], w[bounds[b] : bounds[b + 1]])
-            for b in range(n_blocks)]
+    ts = ts[order] if len(ts) else ts
+    return [(rows[lo:hi], cols[lo:hi], w[lo:hi], ts[lo:hi] if len(ts) else ts)
+            for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def build_block(row_start: int, n_rows: int, n_cols: int, *buckets) -> CSRBlock:
@@ -370,8 +378,9 @@ def build_block(row_start: int, n_rows: int, n_cols: int, *buckets) -> CSRBlock:
     rows = np.concatenate([b[0] for b in buckets]) - row_start if buckets else np.zeros(0, np.int64)
     cols = np.concatenate([b[1] for b in buckets]) if buckets else np.zeros(0, np.int32)
     vals = np.concatenate([b[2] for b in buckets]) if buckets else np.zeros(0, np.float32)
-    indptr, indices, data = coo_to_csr_sum(rows, cols, vals, n_rows)
-    return CSRBlock(indptr, indices, data, n_cols)
+    ts = np.concatenate([b[3] for b in buckets]) if buckets else np.zeros(0, np.int64)
+    indptr, indices, data, ts = coo_to_csr_sum(rows, cols, vals, n_rows, ts)
+    return CSRBlock(indptr, indices, data, n_cols, ts if len(ts) == len(data) and len(ts) else None)
 
 
 def block_counts(block: CSRBlock) -> tuple[np.ndarray, np.ndarray]:
@@ -380,18 +389,18 @@ def block_counts(block: CSRBlock) -> tuple[np.ndarray, np.ndarray]:
 
 
 def filter_block(block: CSRBlock, keep_rows: np.ndarray, col_map: np.ndarray, n_cols: int) -> CSRBlock:
-    """Keep rows ``keep_rows`` (bool) and columns with ``col_map >= 0``, renumbered by ``col_map``."""
-    m = block.to_scipy()[keep_rows]
-    m = sp.csr_matrix(m)
-    new_cols = col_map[m.indices]
-    ok = new_cols >= 0
-    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))[ok]
-    out = sp.csr_matrix((m.data[ok], (rows, new_cols[ok])), shape=(m.shape[0], n_cols))
-    return CSRBlock.from_scipy(out)
+    """Keep rows ``keep_rows`` (bool) and columns with ``col_map >= 0``, renumbered by ``col_map``.
 
-
-def _sum_arrays(*arrays):
-    return np.sum(arrays, axis=0)
+    Column order within a row is preserved (``col_map`` is increasing on kept columns).
+    """
+    row_of = np.repeat(np.arange(block.n_rows), np.diff(block.indptr))
+    new_cols = col_map[block.indices]
+    ok = keep_rows[row_of] & (new_cols >= 0)
+    per_row = np.bincount(row_of[ok], minlength=block.n_rows)[keep_rows]
+    indptr = np.zeros(len(per_row) + 1, dtype=np.int64)
+    np.cumsum(per_row, out=indptr[1:])
+    ts = block.ts[ok] if block.ts is not None else None
+    return CSRBlock(indptr, new_cols[ok].astype(np.int32), block.data[ok], n_cols, ts)
 
 
 class _PhaseClock:
@@ -418,17 +427,22 @@ def _tree_reduce(client, futures: list, fn, fan_in: int = 8):
 # the stage
 
 
-def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None = None) -> IngestResult:
-    """Read the log at ``path`` (default ``input_cfg.path``) into id maps and X's CSR row blocks."""
+def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None = None, *,
+           keep_ts: bool = False) -> IngestResult:
+    """Read the log at ``path`` (default ``input_cfg.path``) into id maps and X's CSR row blocks.
+
+    With ``keep_ts`` each block also carries the latest timestamp of each (user, item) entry.
+    """
     url = path or input_cfg.path
     fs, file_paths = resolve_input(url)
     columns = {"user": input_cfg.user_col, "item": input_cfg.item_col}
     if input_cfg.weight_col:
         columns["weight"] = input_cfg.weight_col
     use_window = cfg.window_days is not None or cfg.as_of is not None
-    if use_window:
+    if use_window or keep_ts:
         if not input_cfg.ts_col:
-            raise MfsimError("ingest.window_days / ingest.as_of need a timestamp column: set input.ts_col")
+            need = "ingest.window_days / ingest.as_of" if use_window else "evaluation.holdout=temporal"
+            raise MfsimError(f"{need} needs a timestamp column: set input.ts_col")
         columns["ts"] = input_cfg.ts_col
     files = inspect_files(fs, file_paths, columns)
     pieces = plan_pieces(files, cfg.partition_rows)
@@ -436,7 +450,7 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
     log.info("ingest: %d files, %d pieces, %d rows", len(files), len(pieces), total_rows)
 
     spec = ScanSpec(input_cfg.user_col, input_cfg.item_col, input_cfg.weight_col,
-                    input_cfg.ts_col if use_window else None, None, None, cfg.on_invalid, url)
+                    input_cfg.ts_col if (use_window or keep_ts) else None, None, None, cfg.on_invalid, url, keep_ts)
     if use_window:
         end = cfg.as_of
         if end is None:
@@ -444,7 +458,7 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
             end = (dt.datetime.fromtimestamp(max(maxes) / 1e6, dt.timezone.utc) + dt.timedelta(microseconds=1)
                    if maxes else dt.datetime.now(dt.timezone.utc))
         start = end - dt.timedelta(days=cfg.window_days) if cfg.window_days is not None else None
-        spec = ScanSpec(spec.user_col, spec.item_col, spec.weight_col, spec.ts_col, start, end, spec.on_invalid, url)
+        spec = dataclasses.replace(spec, window_start=start, window_end=end)
 
     clock = _PhaseClock()
     scanned = [client.submit(scan_piece, p, spec, pure=False) for p in pieces]
@@ -477,7 +491,7 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
     item_ids = client.gather(_tree_reduce(client, [client.submit(operator.itemgetter("item_ids"), s) for s in scanned], union_ids))
     n_users, n_items = len(user_ids), len(item_ids)
     n_blocks = max(1, -(-n_users // cfg.block_rows))
-    [uidx, iidx] = client.scatter([IdIndex(user_ids), IdIndex(item_ids)], broadcast=True)
+    [uidx, iidx] = client.scatter([IdIndex(user_ids), IdIndex(item_ids)], broadcast=True, hash=False)
     encoded = [client.submit(encode_piece, s, uidx, iidx, cfg.block_rows, n_blocks) for s in scanned]
     offsets = np.minimum(np.arange(n_blocks + 1, dtype=np.int64) * cfg.block_rows, n_users)
     blocks = []
@@ -532,7 +546,7 @@ def _minimum_support(client, X: RowBlocks, user_ids, item_ids, min_user: int, mi
         col_map = np.full(len(ok_i), -1, dtype=np.int64)
         col_map[ok_i] = np.arange(int(ok_i.sum()))
         new_parts, new_offsets = [], [0]
-        [cmap] = client.scatter([col_map], broadcast=True)
+        [cmap] = client.scatter([col_map], broadcast=True, hash=False)
         for b, part in enumerate(current.parts):
             rows_ok = ok_u[current.row_offsets[b] : current.row_offsets[b + 1]]
             new_parts.append(client.submit(filter_block, part, rows_ok, cmap, int(ok_i.sum())))

@@ -40,3 +40,29 @@ def embedding_table(ids: pa.Array, id_col: str, emb: np.ndarray) -> pa.Table:
         raise ValueError(f"{len(ids)} ids for {n} embedding rows")
     values = pa.array(emb.reshape(-1))
     return pa.table({id_col: ids, "embedding": pa.FixedSizeListArray.from_arrays(values, k)})
+
+
+NEIGHBOUR_COLUMNS = {  # kind -> (query id column, neighbour id column)
+    "item_item": ("item_id", "neighbour_id"),
+    "user_item": ("user_id", "item_id"),
+    "user_user": ("user_id", "neighbour_id"),
+}
+
+
+def neighbour_table(kind: str, query_ids: pa.Array, candidate_ids: pa.Array, indices: np.ndarray,
+                    scores: np.ndarray, counts: np.ndarray) -> pa.Table:
+    """Rows (query id, neighbour id, ``rank`` int32 from 1, ``score`` float32), by query then rank.
+
+    ``indices``/``scores`` are (q, N) with ``counts[r]`` valid entries in row r (sorted lists).
+    """
+    q_col, n_col = NEIGHBOUR_COLUMNS[kind]
+    n = indices.shape[1] if indices.ndim == 2 else 0
+    valid = np.arange(n)[None, :] < np.asarray(counts)[:, None]
+    rows = np.nonzero(valid)[0]
+    ranks = (np.nonzero(valid)[1] + 1).astype(np.int32)
+    return pa.table({
+        q_col: query_ids.take(pa.array(rows)),
+        n_col: candidate_ids.take(pa.array(indices[valid].astype(np.int64))),
+        "rank": pa.array(ranks),
+        "score": pa.array(scores[valid].astype(np.float32)),
+    })

@@ -40,12 +40,16 @@ def test_done_when_command_on_ml100k(tmp_path):
 
 def test_bad_input_exits_2_with_one_error_line_and_publishes_nothing(tmp_path):
     good = tmp_path / "good.parquet"
-    pq.write_table(pa.table({"user_id": [1, 2], "item_id": [3, 3], "weight": np.ones(2, np.float32)}), good)
+    rng = np.random.default_rng(0)
+    pq.write_table(pa.table({"user_id": rng.integers(0, 40, 300), "item_id": rng.integers(0, 30, 300),
+                             "weight": np.ones(300, np.float32)}), good)
     out = tmp_path / "out"
-    assert mfsim("run", "conf/default.yaml", "--input", str(good), "--output", str(out), "--run-id", "a").returncode == 0
+    quick = ["--set", "svd.rank=4", "--set", "neighbours.top_n=5", "--set", "evaluation.cutoffs=[5]"]
+    ok = mfsim("run", "conf/default.yaml", "--input", str(good), "--output", str(out), "--run-id", "a", *quick)
+    assert ok.returncode == 0, ok.stderr
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"user": [1], "item_id": [3], "weight": [1.0]}), bad)
-    r = mfsim("run", "conf/default.yaml", "--input", str(bad), "--output", str(out), "--run-id", "b")
+    r = mfsim("run", "conf/default.yaml", "--input", str(bad), "--output", str(out), "--run-id", "b", *quick)
     assert r.returncode == 2
     errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
     assert len(errors) == 1 and "column 'user_id'" in errors[0] and "bad.parquet" in errors[0], r.stderr

@@ -19,9 +19,14 @@ def _entries(rng, nnz, n_rows, n_cols, *, empty_rows=True):
 
 @pytest.mark.parametrize("nnz, n_rows, n_cols", [(0, 5, 3), (1, 1, 1), (200, 7, 4), (5000, 300, 50)])
 def test_coo_to_csr_sum_matches_scipy(nnz, n_rows, n_cols):
-    rows, cols, vals = _entries(np.random.default_rng(nnz), nnz, n_rows, n_cols)
-    got = coo_to_csr_sum(rows, cols, vals, n_rows)
-    ref = coo_to_csr_sum_reference(rows, cols, vals, n_rows, n_cols)
+    rng = np.random.default_rng(nnz)
+    rows, cols, vals = _entries(rng, nnz, n_rows, n_cols)
+    ts = rng.integers(0, 1000, nnz).astype(np.int64)
+    got = coo_to_csr_sum(rows, cols, vals, n_rows, ts)
+    ref = coo_to_csr_sum_reference(rows, cols, vals, n_rows, n_cols, ts)
+    assert len(got[3]) == len(got[1])  # the latest timestamp of each stored entry
+    no_ts = coo_to_csr_sum(rows, cols, vals, n_rows, np.zeros(0, np.int64))
+    assert len(no_ts[3]) == 0 and all((a == b).all() for a, b in zip(no_ts[:3], got[:3]))
     for g, r in zip(got, ref):
         np.testing.assert_array_equal(g, r)
         assert g.dtype == r.dtype
@@ -32,9 +37,9 @@ def test_duplicates_summed_in_input_order():
     # float32 addition is not associative: the sum follows the input order, whatever the columns' order
     rows = np.zeros(3, np.int64)
     cols = np.zeros(3, np.int32)
-    _, _, data = coo_to_csr_sum(rows, cols, np.array([1e8, -1e8, 1.0], np.float32), 1)
+    _, _, data, _ = coo_to_csr_sum(rows, cols, np.array([1e8, -1e8, 1.0], np.float32), 1, np.zeros(0, np.int64))
     assert data.tolist() == [1.0]  # (1e8 - 1e8) + 1
-    _, _, data = coo_to_csr_sum(rows, cols, np.array([1.0, 1e8, -1e8], np.float32), 1)
+    _, _, data, _ = coo_to_csr_sum(rows, cols, np.array([1.0, 1e8, -1e8], np.float32), 1, np.zeros(0, np.int64))
     assert data.tolist() == []  # (1 + 1e8) rounds to 1e8 in float32, minus 1e8 is 0: dropped
 
 

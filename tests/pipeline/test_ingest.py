@@ -86,6 +86,26 @@ def test_hive_strings_duplicates_one_and_two_workers(tmp_path, client, client1):
     _assert_matches(res_glob, dense_reference(*zip(*[(u, i, w) for u, i, w, _ in day2])))
 
 
+def test_keep_ts_holds_the_latest_timestamp_of_each_entry(tmp_path, client):
+    rows = _write_hive_log(tmp_path / "log", np.random.default_rng(4))
+    res = ingest(client, InputSection(path=str(tmp_path / "log")), IngestSection(partition_rows=50, block_rows=7),
+                 keep_ts=True)
+    latest: dict = {}
+    for u, i, _, t in rows:
+        latest[(u, i)] = max(latest.get((u, i), t), t)
+    users, items = res.user_ids.to_pylist(), res.item_ids.to_pylist()
+    seen = 0
+    for part, row0 in zip(res.X.local_parts(), res.X.row_offsets[:-1]):
+        assert part.ts is not None and len(part.ts) == part.nnz
+        for r in range(part.n_rows):
+            for k in range(part.indptr[r], part.indptr[r + 1]):
+                key = (users[row0 + r], items[part.indices[k]])
+                expect = int(latest[key].replace(tzinfo=dt.timezone.utc).timestamp() * 1_000_000)
+                assert part.ts[k] == expect
+                seen += 1
+    assert seen == len(latest)
+
+
 def test_time_window(tmp_path, client):
     rows = _write_hive_log(tmp_path / "log", np.random.default_rng(2))
     as_of = dt.datetime(2024, 1, 3, 12)

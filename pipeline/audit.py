@@ -1,0 +1,755 @@
+"""The cosine audit: how far item-item cosine lists move under the arbitrary scaling of Eq. 1.
+
+Steck, Ekanadham & Kallus (2024), "Is Cosine-Similarity of Embeddings Really About Similarity?",
+Section 2: every minimizer of Eq. 1 has the same product ``A B^T``, and for any invertible diagonal
+D, ``(A D, B D^-1)`` is another minimizer. The cosine similarity of the item embeddings B changes
+with D, so item-item cosine lists of an Eq. 1 model are one arbitrary choice among many. The
+audit measures how much they change, as the Jaccard overlap of each item's top-N set under two
+solutions of the same family:
+
+- between every pair of the produced named scalings (``pipeline.factors.EQ1_SCALINGS``), and
+- between each scaling and ``draws`` random rescalings ``(A D, B D^-1)`` with log-normal diagonal
+  entries ``d = exp(spread z)``, ``z ~ N(0, 1)`` (label ``random_sd=<spread>``).
+
+Three item-item lists are compared (``AUDIT_METRICS``): ``cosine`` of the rows of B, which moves;
+``model``, the score ``a_i . b_j = (A B^T)_ij``, and ``projected_cosine``, the cosine of the rows
+of ``A B^T`` (computed in k dimensions by ``pipeline.neighbours.projected``), which are the same
+for every solution. The two invariant lists must come out at Jaccard 1: that is the check that the
+audit measures the scaling and nothing else.
+
+``audit_embedding_pair`` runs the same audit on any (user, item) embedding pair whose dot product
+is the model (any matrix factorization or two-tower model): ``U D`` and ``I D^-1`` give the same
+scores, yet other cosine lists.
+
+Everything here works on row indices; callers map them to ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+
+from kernels.topn import TopN, topn_blocked
+from pipeline.errors import MfsimError
+from pipeline.neighbours import projected
+
+ItemListsFn = Callable[..., TopN]  # (queries, candidates, n, metric, exclude_self=...) -> TopN
+
+# audit metric -> (queries, candidates, kernel metric), from the solution (A, B); "P" = projected(A, B)
+AUDIT_METRICS: dict[str, tuple[str, str, str]] = {
+    "cosine": ("B", "B", "cosine"),  # cos(b_i, b_j): changes with D
+    "model": ("A", "B", "dot"),  # a_i . b_j = (A B^T)_ij: the same for every D
+    "projected_cosine": ("P", "P", "cosine"),  # cosine of rows of A B^T: the same for every D
+}
+# How close to 1.0 the invariant lists come. In exact arithmetic their scores are identical for
+# every solution of the family, so each item's top-N set is too. In float32 the solutions hold
+# differently rounded factors (each entry of A D, B D^-1 is one rounding, 2^-24 relative, of a
+# float64 product) and the sgemm adds its own rounding, so a model score differs from the exact
+# one by up to about (k + 4) 2^-24 sum_l |a_il b_jl| (the usual dot-product error bound; the sum is
+# the same for every solution), a projected cosine by up to about (k + 8) 2^-24. Two solutions'
+# lists of item i can differ only when its exact N-th and (N+1)-th best scores lie within 4 such
+# margins of each other; each swap lowers its Jaccard from 1 to (N - 1)/(N + 1) (0.98 at N = 100).
+# With continuous scores such near-ties are rare (a fraction of about margin / score spacing), so
+# the median stays exactly 1.0 and the mean above 0.999 (1.0 on the test data). Near-duplicate
+# items tie by construction: with 1 in 2 items a copy of another up to 1e-7, the tests measure a
+# mean of ~0.97 (median 1.0), every swap inside the margin. Exact ties (identical rows) are broken
+# by the smaller index in both solutions. Below ``INVARIANT_MIN_MEAN`` (or a median below 1) the
+# summary flags the check as failed and the verdict names near-ties as the likely reason.
+INVARIANT_METRICS = ("model", "projected_cosine")
+INVARIANT_MIN_MEAN = 0.99
+
+# Named streams of the audit's seed, so that the diagonals and the samples do not share draws.
+_STREAM_USERS = 1
+_STREAM_CHECK = 2
+
+# Rows compared at once by ``jaccard_rows``: keys of 65536 rows x N = 100 ids take 52 MB per side.
+_JACCARD_CHUNK = 65536
+# Sample sizes of the score-invariance check (rows x columns of U I^T in float64: 8 MB).
+_CHECK_ROWS = 1000
+
+STABILITY_SCHEMA = pa.schema([
+    ("objective", pa.string()),
+    ("kind", pa.string()),
+    ("metric", pa.string()),
+    ("scaling_a", pa.string()),
+    ("scaling_b", pa.string()),
+    ("top_n", pa.int64()),
+    ("n_items", pa.int64()),  # query rows compared: items (item_item) or sampled users (user_item)
+    ("draws", pa.int64()),  # 1 for a pair of named scalings, the number of random D otherwise
+    ("jaccard_mean", pa.float64()),
+    ("jaccard_p10", pa.float64()),
+    ("jaccard_p50", pa.float64()),
+    ("jaccard_p90", pa.float64()),
+    ("jaccard_min", pa.float64()),
+])
+_LABEL = pa.dictionary(pa.int32(), pa.string())
+DETAIL_SCHEMA = pa.schema([
+    ("objective", _LABEL), ("kind", _LABEL), ("metric", _LABEL), ("scaling_a", _LABEL), ("scaling_b", _LABEL),
+    ("index", pa.int64()),  # query row: item index (item_item) or user index (user_item)
+    ("jaccard", pa.float64()),  # for random D: the mean over the draws
+])
+LEAST_STABLE_SCHEMA = pa.schema([
+    ("objective", pa.string()), ("kind", pa.string()), ("metric", pa.string()), ("scaling_a", pa.string()),
+    ("scaling_b", pa.string()), ("rank", pa.int64()), ("index", pa.int64()), ("jaccard", pa.float64()),
+])
+
+
+@dataclass
+class AuditResult:
+    """What an audit measured.
+
+    Attributes
+    ----------
+    stability : pyarrow.Table, ``STABILITY_SCHEMA``
+        One row per comparison and metric. For random rescalings the Jaccards of all draws are
+        pooled (``draws x n_items`` values) into one row per (scaling_a, kind, metric): the mean
+        is the mean over draws and items, the quantiles (linear interpolation) are those of the
+        pooled values.
+    detail : pyarrow.Table, ``DETAIL_SCHEMA``
+        Per query row and comparison; for random rescalings the row's mean over the draws.
+    least_stable : pyarrow.Table, ``LEAST_STABLE_SCHEMA``
+        Per comparison of a ``cosine`` list, the rows with the lowest Jaccard (ties: smaller index
+        first), ranked from 1.
+    summary : dict
+        JSON-able digest for the run manifest, with a one-line ``verdict``.
+    """
+
+    stability: pa.Table
+    detail: pa.Table
+    least_stable: pa.Table
+    summary: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+
+
+def jaccard_rows(idx_a: np.ndarray, cnt_a: np.ndarray, idx_b: np.ndarray, cnt_b: np.ndarray) -> np.ndarray:
+    """Per row, the Jaccard index ``|A ∩ B| / |A ∪ B|`` of two top-N sets.
+
+    Parameters
+    ----------
+    idx_a, idx_b : int (q, N_a), (q, N_b)
+        Candidate ids per row (``TopN.indices``); only the first ``cnt`` entries of a row count,
+        whatever follows them is ignored. Repeated ids count once (set semantics).
+    cnt_a, cnt_b : int (q,)
+        Valid entries per row (``TopN.counts``), ``0 <= cnt <= N``.
+
+    Returns
+    -------
+    (q,) float64
+        1.0 where both sets are empty.
+
+    Notes
+    -----
+    Vectorised over rows: each row's valid ids are sorted within the row and made unique, and
+    become keys ``row * stride + id``, sorted overall; the intersection is found by a binary
+    search of one side's keys in the other's (``np.searchsorted``); per-row sizes are bincounts
+    of the key's row. Time O(q N log N) for the row sorts plus O(q N log(q N)) for the search
+    (1-2 s per 100k rows at N = 100 on 2 cores); memory O(c N) int64 for chunks of c = 65536 rows
+    (52 MB per array at N = 100), never O(q p).
+    """
+    idx_a, cnt_a = _check_lists(idx_a, cnt_a, "a")
+    idx_b, cnt_b = _check_lists(idx_b, cnt_b, "b")
+    q = idx_a.shape[0]
+    if idx_b.shape[0] != q:
+        raise MfsimError(
+            f"both lists must have the same rows; received {q} and {idx_b.shape[0]} rows. "
+            "Compare lists of the same query rows."
+        )
+    out = np.empty(q, dtype=np.float64)
+    for r0 in range(0, q, _JACCARD_CHUNK):
+        r1 = min(r0 + _JACCARD_CHUNK, q)
+        ia, ca, ib, cb = idx_a[r0:r1], cnt_a[r0:r1], idx_b[r0:r1], cnt_b[r0:r1]
+        stride = 1 + max(_max_valid(ia, ca), _max_valid(ib, cb))  # ids < 2^31, rows < 2^16: no overflow
+        ka, kb = _row_keys(ia, ca, stride), _row_keys(ib, cb, stride)
+        nr = r1 - r0
+        na = np.bincount(ka // stride, minlength=nr)
+        nb = np.bincount(kb // stride, minlength=nr)
+        ni = _count_common(ka, kb, stride, nr)
+        union = na + nb - ni  # |A ∪ B| = |A| + |B| - |A ∩ B|
+        res = np.ones(nr, dtype=np.float64)
+        np.divide(ni, union, out=res, where=union > 0)
+        out[r0:r1] = res
+    return out
+
+
+def _check_lists(idx: np.ndarray, cnt: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.asarray(idx)
+    cnt = np.asarray(cnt)
+    if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
+        raise MfsimError(f"idx_{name} must be a 2-D integer array (rows x N); received {idx.dtype} {idx.shape}.")
+    if cnt.shape != (idx.shape[0],) or not np.issubdtype(cnt.dtype, np.integer):
+        raise MfsimError(
+            f"cnt_{name} must be an integer array with one count per row ({idx.shape[0]}); received "
+            f"{cnt.dtype} {cnt.shape}. Pass TopN.counts with TopN.indices."
+        )
+    if cnt.size and (cnt.min() < 0 or cnt.max() > idx.shape[1]):
+        raise MfsimError(
+            f"cnt_{name} must lie in [0, {idx.shape[1]}] (the list width); received values from "
+            f"{cnt.min()} to {cnt.max()}."
+        )
+    return idx, cnt.astype(np.int64)
+
+
+def _valid_mask(idx: np.ndarray, cnt: np.ndarray) -> np.ndarray:
+    return np.arange(idx.shape[1])[None, :] < cnt[:, None]
+
+
+def _max_valid(idx: np.ndarray, cnt: np.ndarray) -> int:
+    vals = idx[_valid_mask(idx, cnt)]
+    if vals.size == 0:
+        return 0
+    if vals.min() < 0:
+        raise MfsimError(
+            f"list entries within the counts must be candidate ids >= 0; received {int(vals.min())}. "
+            "Check that the counts match the lists (-1 marks padding after the count)."
+        )
+    return int(vals.max())
+
+
+def _row_keys(idx: np.ndarray, cnt: np.ndarray, stride: int) -> np.ndarray:
+    """Sorted unique ``row * stride + id`` of the valid entries.
+
+    Each row is sorted on its own with the padding replaced by ``stride`` (larger than any id, so
+    it sorts last); repeated ids are dropped; the keys then come out sorted in row-major order.
+    """
+    valid = _valid_mask(idx, cnt)
+    vals = np.where(valid, idx.astype(np.int64), np.int64(stride))
+    vals.sort(axis=1)
+    keep = valid.copy()  # the first cnt entries of a sorted row are its valid ids
+    keep[:, 1:] &= vals[:, 1:] != vals[:, :-1]  # set semantics: a repeated id counts once
+    rows = np.nonzero(keep)[0].astype(np.int64)
+    return rows * stride + vals[keep]
+
+
+def _count_common(ka: np.ndarray, kb: np.ndarray, stride: int, n_rows: int) -> np.ndarray:
+    """Per row, the keys present in both sorted unique key arrays (a binary search of each key of ka)."""
+    if ka.size == 0 or kb.size == 0:
+        return np.zeros(n_rows, dtype=np.int64)
+    pos = np.minimum(np.searchsorted(kb, ka), kb.size - 1)
+    return np.bincount(ka[kb[pos] == ka] // stride, minlength=n_rows)
+
+
+def random_diagonals(k: int, draws: int, spread: float, seed: int) -> np.ndarray:
+    """Diagonals of ``draws`` random invertible D: ``d = exp(spread z)``, ``z ~ N(0, 1)`` i.i.d.
+
+    Parameters
+    ----------
+    k : int
+        Rank (embedding dimensions).
+    draws : int
+        Number of diagonals, >= 0.
+    spread : float
+        Standard deviation of ``log d``, > 0 (``1.0``: a typical entry is within a factor e of 1).
+    seed : int
+        >= 0; ``numpy.random.default_rng(seed)`` draws z as ``standard_normal((draws, k))``.
+
+    Returns
+    -------
+    (draws, k) float64, all entries > 0.
+
+    Notes
+    -----
+    Log-normal entries are positive (a sign flip would not change any cosine's magnitude, only
+    which items are close) and symmetric in ``log d``: D and D^-1 are equally likely.
+    O(draws k) time and memory.
+    """
+    _check_int(k, "k", 1)
+    _check_int(draws, "draws", 0)
+    _check_int(seed, "seed", 0)
+    if not np.isfinite(spread) or spread <= 0:
+        raise MfsimError(f"spread (the sd of log d) must be a finite number > 0; received {spread!r}.")
+    z = np.random.default_rng(int(seed)).standard_normal((int(draws), int(k)))
+    return np.exp(float(spread) * z)  # d = exp(spread z)
+
+
+def sample_rows(n: int, max_rows: int, seed: int) -> np.ndarray:
+    """Sorted positions of a seeded sample of at most ``max_rows`` of ``n`` rows (all when n <= max).
+
+    The user-item audit uses it for the users; ``jobs.audit_cmd`` reads only these rows of a users
+    file and gets the same sample as ``audit_embedding_pair`` on the whole matrix.
+    """
+    _check_int(n, "n", 0)
+    _check_int(max_rows, "max_users", 1)
+    _check_int(seed, "seed", 0)
+    if n <= max_rows:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng([int(seed), _STREAM_USERS])
+    return np.sort(rng.choice(n, size=int(max_rows), replace=False)).astype(np.int64)
+
+
+def _check_int(value: Any, name: str, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise MfsimError(f"{name} must be an integer >= {low}; received {value!r}.")
+
+
+def default_item_lists(queries: np.ndarray, candidates: np.ndarray, n: int, metric: str,
+                       exclude_self: bool = True) -> TopN:
+    """Top-N lists in this process with ``kernels.topn.topn_blocked`` (bounded memory, exact)."""
+    return topn_blocked(queries, candidates, n, metrics=(metric,), exclude_self=exclude_self)[metric]
+
+
+def _rescale(A: np.ndarray, B: np.ndarray, d: np.ndarray, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(A D, B D^-1)`` in float32, one rounding from float64.
+
+    An error when an entry leaves the normal float32 range (overflow, or a non-zero entry below
+    ``finfo(float32).tiny``, where the rounding is no longer 2^-24 relative and the invariant
+    scores would change).
+    """
+    tiny = np.finfo(np.float32).tiny
+    out = []
+    for x, scale, name in ((A, d, names[0]), (B, 1.0 / d, names[1])):
+        x64 = x * scale  # float64: A D, B D^-1
+        mag = np.abs(x64)
+        if mag.max(initial=0.0) >= np.finfo(np.float32).max or ((mag < tiny) & (mag > 0)).any():
+            raise MfsimError(
+                f"rescaling {name} by a random diagonal (entries from {d.min():.3g} to {d.max():.3g}) leaves the "
+                "float32 range. Lower audit.spread (the sd of log d), e.g. to 1.0."
+            )
+        out.append(x64.astype(np.float32))
+    return out[0], out[1]
+
+
+# Every partial sum of a float32 dot product q . c is at most |q| |c| in magnitude: keeping the
+# largest such product below 1e38 (float32 max 3.4e38) keeps every score finite.
+_SCORE_LIMIT = 1e38
+
+
+def _lists(fn: ItemListsFn, queries: np.ndarray, candidates: np.ndarray, n: int, metric: str,
+           exclude_self: bool, what: str) -> TopN:
+    """Call the list function after checking that no score can overflow float32."""
+    norms = [float(np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64)).max(initial=0.0))
+             for x in (queries, candidates)]
+    if not norms[0] * norms[1] < _SCORE_LIMIT:
+        raise MfsimError(
+            f"scores of {what} would overflow float32 (largest row norms {norms[0]:.3g} and {norms[1]:.3g}). "
+            "Scale the embeddings down (any common factor leaves every list unchanged) or lower audit.spread."
+        )
+    return fn(queries, candidates, n, metric, exclude_self=exclude_self)
+
+
+# ---------------------------------------------------------------------------------------------
+# collecting comparisons
+
+
+class _Collector:
+    """Accumulates comparisons into the stability, detail and least-stable tables."""
+
+    def __init__(self, top_n: int, least_stable: int):
+        self.top_n = top_n
+        self.least_stable = least_stable
+        self.rows: list[dict[str, Any]] = []
+        self.detail: list[pa.Table] = []
+        self.least: list[dict[str, Any]] = []
+
+    def add(self, objective: str, kind: str, metric: str, scaling_a: str, scaling_b: str, index: np.ndarray,
+            jaccards: list[np.ndarray]) -> None:
+        pooled = np.concatenate(jaccards) if jaccards else np.zeros(0)
+        per_row = np.mean(jaccards, axis=0) if jaccards else np.zeros(0)
+        if pooled.size:
+            p10, p50, p90 = np.quantile(pooled, [0.1, 0.5, 0.9])
+            stats = (float(pooled.mean()), float(p10), float(p50), float(p90), float(pooled.min()))
+        else:  # no query rows: nothing measured
+            stats = (float("nan"),) * 5
+        self.rows.append(dict(
+            objective=objective, kind=kind, metric=metric, scaling_a=scaling_a, scaling_b=scaling_b,
+            top_n=self.top_n, n_items=int(per_row.size), draws=len(jaccards), jaccard_mean=stats[0],
+            jaccard_p10=stats[1], jaccard_p50=stats[2], jaccard_p90=stats[3], jaccard_min=stats[4],
+        ))
+        n = per_row.size
+        labels = [objective, kind, metric, scaling_a, scaling_b]
+        cols = [pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array([v], pa.string()))
+                for v in labels]
+        self.detail.append(pa.Table.from_arrays(
+            cols + [pa.array(np.asarray(index, dtype=np.int64)), pa.array(per_row)], schema=DETAIL_SCHEMA))
+        if metric == "cosine" and self.least_stable > 0 and n:
+            order = np.lexsort((index, per_row))[: self.least_stable]  # lowest Jaccard, then smaller index
+            for rank, r in enumerate(order, start=1):
+                self.least.append(dict(objective=objective, kind=kind, metric=metric, scaling_a=scaling_a,
+                                       scaling_b=scaling_b, rank=rank, index=int(index[r]),
+                                       jaccard=float(per_row[r])))
+
+    def tables(self) -> tuple[pa.Table, pa.Table, pa.Table]:
+        stability = pa.Table.from_pylist(self.rows, schema=STABILITY_SCHEMA)
+        detail = pa.concat_tables(self.detail) if self.detail else DETAIL_SCHEMA.empty_table()
+        least = pa.Table.from_pylist(self.least, schema=LEAST_STABLE_SCHEMA)
+        return stability, detail, least
+
+
+def _metric_digest(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per (kind, metric): min and mean of jaccard_mean over comparisons, and the lowest comparison."""
+    out: dict[str, Any] = {}
+    for r in rows:
+        key = r["metric"] if r["objective"] == "eq1" else f"{r['kind']}/{r['metric']}"
+        out.setdefault(key, []).append(r)
+    digest = {}
+    for key, rs in out.items():
+        means = np.array([r["jaccard_mean"] for r in rs])
+        low = rs[int(np.argmin(means))]
+        digest[key] = {"min_jaccard_mean": float(means.min()), "mean_jaccard_mean": float(means.mean()),
+                       "min_jaccard_p50": float(min(r["jaccard_p50"] for r in rs)),
+                       "lowest": [low["scaling_a"], low["scaling_b"]], "comparisons": len(rs)}
+    return digest
+
+
+# ---------------------------------------------------------------------------------------------
+# Eq. 1 audit
+
+
+def _check_factors(factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    if not isinstance(factors, dict) or not factors:
+        raise MfsimError("factors must map at least one Eq. 1 scaling name to its (A, B); received none.")
+    out = {}
+    shape = None
+    for name, pair in factors.items():
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise MfsimError(
+                f"factors[{name!r}] must be a pair (A, B) of p x k arrays; received {type(pair).__name__}."
+            )
+        A, B = (np.asarray(x) for x in pair)
+        if A.ndim != 2 or A.shape != B.shape:
+            raise MfsimError(
+                f"factors[{name!r}]: A and B must both be p x k; received shapes {A.shape} and {B.shape}."
+            )
+        if shape is not None and A.shape != shape:
+            raise MfsimError(
+                f"every scaling must have factors of the same shape; {name!r} has {A.shape}, the first "
+                f"{shape}. Audit factors of one SVD and one lambda."
+            )
+        shape = A.shape
+        A = np.ascontiguousarray(A, dtype=np.float32)
+        B = np.ascontiguousarray(B, dtype=np.float32)
+        if not (np.isfinite(A).all() and np.isfinite(B).all()):
+            raise MfsimError(f"factors[{name!r}] contain NaN or infinite values; check the factorisation.")
+        out[str(name)] = (A, B)
+    return out
+
+
+def _product_deviation(factors: dict[str, tuple[np.ndarray, np.ndarray]], seed: int) -> float:
+    """Largest ``|A_s B_s^T - A_0 B_0^T| / sum_l |a_il b_jl|`` over the scalings, on a sample of entries.
+
+    Products in float64 of the float32 factors, so the only error is the float32 rounding of the
+    factors themselves: each product term is off by at most 2^-23 relative, so a solution differs
+    from the first by at most ~2^-22 ``sum_l |a_il b_jl|`` (the same sum for every solution of the
+    family, since ``|a_il b_jl| = |v_il w_l v_jl|``).
+    """
+    names = list(factors)
+    p = factors[names[0]][0].shape[0]
+    rng = np.random.default_rng([seed, _STREAM_CHECK])
+    rows = np.sort(rng.choice(p, size=min(p, _CHECK_ROWS), replace=False))
+    cols = np.sort(rng.choice(p, size=min(p, _CHECK_ROWS), replace=False))
+    A0, B0 = (x.astype(np.float64) for x in factors[names[0]])
+    ref = A0[rows] @ B0[cols].T
+    denom = np.abs(A0[rows]) @ np.abs(B0[cols]).T  # sum_l |a_il b_jl|
+    worst = 0.0
+    for name in names[1:]:
+        A, B = (x.astype(np.float64) for x in factors[name])
+        diff = np.abs(A[rows] @ B[cols].T - ref)
+        rel = np.zeros_like(diff)
+        np.divide(diff, denom, out=rel, where=denom > 0)
+        rel[(denom == 0) & (diff > 0)] = np.inf
+        worst = max(worst, float(rel.max(initial=0.0)))
+    return worst
+
+
+# A product that differs by more than this (relative to sum_l |a_il b_jl|) is not float32 rounding
+# of one solution (at most ~2^-22 = 2.4e-7, see _product_deviation) but another model.
+_FAMILY_TOL = 1e-5
+
+
+def audit_item_lists(
+    factors: dict[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    top_n: int,
+    draws: int,
+    spread: float,
+    seed: int,
+    least_stable: int = 20,
+    item_lists_fn: ItemListsFn | None = None,
+) -> AuditResult:
+    """Jaccard@N of item-item lists between equally good Eq. 1 solutions.
+
+    Parameters
+    ----------
+    factors : dict scaling name -> (A, B)
+        Minimizers of Eq. 1 from one SVD and lambda (``pipeline.factors.eq1_factors``), A and B
+        p x k (float32), all with the same ``A B^T``; checked on a sample of entries.
+    top_n : int
+        List length N.
+    draws : int
+        Random rescalings ``(A D, B D^-1)`` per scaling, >= 0; the same ``draws`` diagonals
+        (``random_diagonals(k, draws, spread, seed)``) serve every scaling.
+    spread : float
+        Standard deviation of ``log d``.
+    seed : int
+        >= 0, for the diagonals and the product check's sample.
+    least_stable : int, default 20
+        Items listed per comparison of the cosine lists.
+    item_lists_fn : callable, optional
+        ``(queries, candidates, n, metric, exclude_self=True) -> TopN`` with metric ``"dot"`` or
+        ``"cosine"``; default ``default_item_lists`` (in process). The pipeline passes a Dask-backed
+        one.
+
+    Returns
+    -------
+    AuditResult
+        ``stability`` rows: ``C(s, 2)`` pairs of the s scalings (scaling_a listed first in
+        ``factors``) plus one pooled ``random_sd=<spread>`` row per scaling, for each of
+        ``AUDIT_METRICS``; objective ``eq1``, kind ``item_item``.
+
+    Raises
+    ------
+    MfsimError
+        On malformed factors, factors of different solutions (products differ beyond float32
+        rounding), bad parameters, a spread so large that ``A D`` or ``B D^-1`` leaves the float32
+        range, or embeddings whose scores would overflow float32.
+
+    Notes
+    -----
+    Each distinct list (solution, metric) is computed once: the base lists of every scaling are
+    reused by all its pairs and draws. Lists are computed metric by metric, so at most s + 1 lists
+    are held at once (``p x N x 8`` bytes each) besides the per-item Jaccards. Time: ``3 s (1 +
+    draws)`` list computations of ``O(p^2 k)`` each (``topn_blocked``); never O(p^2) memory.
+    """
+    factors = _check_factors(factors)
+    _check_int(top_n, "top_n", 1)
+    _check_int(least_stable, "least_stable", 0)
+    diags = random_diagonals(next(iter(factors.values()))[0].shape[1], draws, spread, seed)
+    fn = item_lists_fn or default_item_lists
+    names = list(factors)
+    p = factors[names[0]][0].shape[0]
+    top_n = int(top_n)
+    deviation = _product_deviation(factors, int(seed))
+    if deviation > _FAMILY_TOL:
+        raise MfsimError(
+            f"the audited factors must be solutions of one Eq. 1 problem (the same A B^T); the products of "
+            f"scalings {names} differ by up to {deviation:.3g} relative (float32 rounding gives < {_FAMILY_TOL:g}). "
+            "Pass only eq1 scalings of one SVD and lambda."
+        )
+    label_random = f"random_sd={float(spread)}"
+    collect = _Collector(top_n, int(least_stable))
+    index = np.arange(p, dtype=np.int64)
+
+    def lists(A: np.ndarray, B: np.ndarray, metric: str) -> TopN:
+        q_name, c_name, kernel_metric = AUDIT_METRICS[metric]
+        mats = {"A": A, "B": B}
+        if "P" in (q_name, c_name):
+            with np.errstate(over="ignore"):  # an overflow shows as an infinite norm in _lists
+                mats["P"] = projected(A, B)  # rows with the cosines of the rows of A B^T
+        return _lists(fn, mats[q_name], mats[c_name], top_n, kernel_metric, True, f"{metric} lists")
+
+    def compare(x: TopN, y: TopN) -> np.ndarray:
+        return jaccard_rows(x.indices, x.counts, y.indices, y.counts)
+
+    for metric in AUDIT_METRICS:
+        base = {s: lists(*factors[s], metric) for s in names}  # reused by every pair and draw
+        for a, b in combinations(names, 2):
+            collect.add("eq1", "item_item", metric, a, b, index, [compare(base[a], base[b])])
+        if diags.shape[0]:
+            for s in names:
+                A, B = factors[s]
+                js = [compare(base[s], lists(*_rescale(A, B, d, (f"A of {s!r}", f"B of {s!r}")), metric))
+                      for d in diags]
+                collect.add("eq1", "item_item", metric, s, label_random, index, js)
+        del base
+    stability, detail, least = collect.tables()
+    summary = _eq1_summary(collect.rows, names, top_n, p, int(draws), float(spread), int(seed), deviation)
+    return AuditResult(stability, detail, least, summary)
+
+
+def _eq1_summary(rows: list[dict[str, Any]], names: list[str], top_n: int, p: int, draws: int, spread: float,
+                 seed: int, deviation: float) -> dict[str, Any]:
+    digest = _metric_digest(rows)
+    trivial = top_n >= p - 1
+    summary: dict[str, Any] = {
+        "objective": "eq1", "top_n": top_n, "n_items": p, "scalings": names, "draws": draws, "spread": spread,
+        "seed": seed, "comparisons": len(rows) // len(AUDIT_METRICS), "metrics": digest,
+        "product_max_rel_deviation": deviation, "trivial": trivial,
+    }
+    inv = [digest[m] for m in INVARIANT_METRICS if m in digest]
+    inv_mean = min((d["min_jaccard_mean"] for d in inv), default=float("nan"))
+    inv_p50 = min((d["min_jaccard_p50"] for d in inv), default=float("nan"))
+    passed = bool(inv) and inv_mean >= INVARIANT_MIN_MEAN and inv_p50 == 1.0
+    summary["invariance"] = {"metrics": list(INVARIANT_METRICS), "min_jaccard_mean": inv_mean,
+                             "min_jaccard_p50": inv_p50, "passed": passed}
+    if "cosine" not in digest:
+        summary["verdict"] = "nothing to compare: one eq1 scaling and audit.draws = 0"
+        return summary
+    cos = digest["cosine"]
+    if trivial:
+        summary["verdict"] = (f"top_n {top_n} >= number of items - 1 ({p - 1}): every list holds every item, so "
+                              "the audit cannot show a change; lower audit.top_n")
+        return summary
+    moved = "change with" if cos["min_jaccard_mean"] < INVARIANT_MIN_MEAN else "hardly change with"
+    verdict = (f"item-item cosine lists of Eq. 1 {moved} the arbitrary scaling: mean Jaccard@{top_n} "
+               f"{cos['mean_jaccard_mean']:.2f} across {cos['comparisons']} comparisons (lowest "
+               f"{cos['min_jaccard_mean']:.2f}, {cos['lowest'][0]} vs {cos['lowest'][1]}); ")
+    if passed:
+        verdict += f"model and projected_cosine lists are stable ({inv_mean:.3f})"
+    else:
+        verdict += (f"model and projected_cosine lists moved too ({inv_mean:.3f}, median {inv_p50:.3f}): "
+                    "their scores do not depend on the scaling, so items whose N-th and (N+1)-th scores "
+                    "are tied within float32 rounding (e.g. near-duplicate items) swap them")
+    summary["verdict"] = verdict
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# any (user, item) embedding pair
+
+
+def _check_embeddings(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise MfsimError(f"{name} must be a non-empty 2-D array (rows x k); received shape {x.shape}.")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise MfsimError(f"{name} must hold real numbers; received dtype {x.dtype}.")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise MfsimError(f"{name} contains NaN or infinite values (after the cast to float32); fix or drop those rows.")
+    return x
+
+
+def _score_change(U: np.ndarray, I: np.ndarray, UD: np.ndarray, ID: np.ndarray, urows: np.ndarray,
+                  irows: np.ndarray) -> tuple[float, float]:
+    """Max ``|U I^T - (U D)(I D^-1)^T|`` on a sample, absolute and relative to ``sum_l |u_l i_l|``.
+
+    float64 products of the float32 embeddings: the rescaled ones carry one float32 rounding per
+    entry, so a score moves by at most ~2^-23 ``sum_l |u_l i_l|`` (1.2e-7 relative).
+    """
+    u, i = U[urows].astype(np.float64), I[irows].astype(np.float64)
+    diff = np.abs(UD[urows].astype(np.float64) @ ID[irows].astype(np.float64).T - u @ i.T)
+    denom = np.abs(u) @ np.abs(i).T
+    rel = np.zeros_like(diff)
+    np.divide(diff, denom, out=rel, where=denom > 0)
+    rel[(denom == 0) & (diff > 0)] = np.inf
+    return float(diff.max(initial=0.0)), float(rel.max(initial=0.0))
+
+
+# Scores count as unchanged when they move by less than this relative to sum_l |u_l i_l|: 8x the
+# float32 rounding bound 2^-23 of _score_change (slack for the rounding of the float64 sums).
+_SCORE_TOL = 1e-6
+
+
+def audit_embedding_pair(
+    U: np.ndarray,
+    I: np.ndarray,
+    *,
+    top_n: int,
+    draws: int,
+    spread: float,
+    seed: int,
+    least_stable: int = 20,
+    max_users: int = 10_000,
+    user_index: np.ndarray | None = None,
+    item_lists_fn: ItemListsFn | None = None,
+) -> AuditResult:
+    """Audit any (user, item) embeddings whose dot product is the model: ``U D``, ``I D^-1`` score the same.
+
+    Steck et al. (2024), Section 2: the argument of Eq. 1 holds for every model scored by
+    ``u . i``; a random diagonal D rescales the dimensions without changing any score, and the
+    audit measures how far cosine lists move.
+
+    Parameters
+    ----------
+    U : (n, k) array
+        User embeddings.
+    I : (p, k) array
+        Item embeddings.
+    top_n, draws, spread, seed, least_stable
+        As for ``audit_item_lists``; ``draws`` >= 1.
+    max_users : int, default 10000
+        User-item lists are evaluated on ``sample_rows(n, max_users, seed)``: all users when
+        n <= max_users, else a seeded sample (the cost of the user-item lists is then
+        ``O(max_users p k)`` per draw, independent of n).
+    user_index : (n,) int array, optional
+        Original row numbers of U's rows, used in the output tables (when U is already a sample).
+    item_lists_fn : callable, optional
+        As for ``audit_item_lists``.
+
+    Returns
+    -------
+    AuditResult
+        ``stability`` rows with objective ``external``, scaling_a ``given``, scaling_b
+        ``random_sd=<spread>``, draws pooled: (``item_item``, ``cosine``) over all items,
+        (``user_item``, ``cosine``) and the invariant check (``user_item``, ``dot``) over the
+        sampled users. ``summary`` reports the largest score change under D on a sample of at
+        most 1000 x 1000 (user, item) pairs (``score_change_max_abs``, ``score_change_max_rel``).
+
+    Notes
+    -----
+    Item-item lists exclude the item itself; user-item lists exclude nothing (the interactions
+    are not known here). Lists: ``3 (1 + draws)`` computations, item-item ``O(p^2 k)``, user-item
+    ``O(m p k)`` for m sampled users; memory O((p + m) N) per list, never O(p^2).
+    """
+    U = _check_embeddings(U, "user embeddings U")
+    I = _check_embeddings(I, "item embeddings I")
+    if U.shape[1] != I.shape[1]:
+        raise MfsimError(
+            f"user and item embeddings must have the same k; received {U.shape[1]} and {I.shape[1]} columns. "
+            "Pass both embeddings of one model."
+        )
+    _check_int(top_n, "top_n", 1)
+    _check_int(draws, "draws", 1)
+    _check_int(least_stable, "least_stable", 0)
+    diags = random_diagonals(U.shape[1], draws, spread, seed)
+    n_users, p = U.shape[0], I.shape[0]
+    if user_index is None:
+        user_index = np.arange(n_users, dtype=np.int64)
+    user_index = np.asarray(user_index, dtype=np.int64)
+    if user_index.shape != (n_users,):
+        raise MfsimError(f"user_index must have one entry per row of U ({n_users}); received shape {user_index.shape}.")
+    rows = sample_rows(n_users, max_users, seed)
+    Us, uidx = U[rows], user_index[rows]
+    fn = item_lists_fn or default_item_lists
+    top_n = int(top_n)
+    label_random = f"random_sd={float(spread)}"
+
+    def lists(Ux: np.ndarray, Ix: np.ndarray) -> dict[tuple[str, str], TopN]:
+        return {
+            ("item_item", "cosine"): _lists(fn, Ix, Ix, top_n, "cosine", True, "item-item lists"),
+            ("user_item", "cosine"): _lists(fn, Ux, Ix, top_n, "cosine", False, "user-item lists"),
+            ("user_item", "dot"): _lists(fn, Ux, Ix, top_n, "dot", False, "user-item lists"),  # invariant check
+        }
+
+    base = lists(Us, I)
+    js: dict[tuple[str, str], list[np.ndarray]] = {key: [] for key in base}
+    rng = np.random.default_rng([int(seed), _STREAM_CHECK])
+    check_u = np.sort(rng.choice(Us.shape[0], size=min(Us.shape[0], _CHECK_ROWS), replace=False))
+    check_i = np.sort(rng.choice(p, size=min(p, _CHECK_ROWS), replace=False))
+    max_abs = max_rel = 0.0
+    for d in diags:
+        UD, ID = _rescale(Us, I, d, ("U", "I"))
+        a, r = _score_change(Us, I, UD, ID, check_u, check_i)
+        max_abs, max_rel = max(max_abs, a), max(max_rel, r)
+        for key, other in lists(UD, ID).items():
+            js[key].append(jaccard_rows(base[key].indices, base[key].counts, other.indices, other.counts))
+    collect = _Collector(top_n, int(least_stable))
+    for (kind, metric), values in js.items():
+        index = np.arange(p, dtype=np.int64) if kind == "item_item" else uidx
+        collect.add("external", kind, metric, "given", label_random, index, values)
+    stability, detail, least = collect.tables()
+    digest = _metric_digest(collect.rows)
+    unchanged = max_rel <= _SCORE_TOL
+    summary: dict[str, Any] = {
+        "objective": "external", "top_n": top_n, "n_items": p, "n_users": n_users, "n_users_sampled": len(rows),
+        "draws": int(draws), "spread": float(spread), "seed": int(seed), "metrics": digest,
+        "score_change_max_abs": max_abs, "score_change_max_rel": max_rel, "scores_unchanged": unchanged,
+        "trivial": top_n >= p - 1,
+    }
+    ii, uc, ud = (digest[k]["mean_jaccard_mean"] for k in ("item_item/cosine", "user_item/cosine", "user_item/dot"))
+    verdict = (f"a rescaling (U D, I D^-1) that leaves every score unchanged (max relative change {max_rel:.1e}) "
+               f"moves cosine lists: mean Jaccard@{top_n} {ii:.2f} item-item, {uc:.2f} user-item; "
+               f"user-item dot lists {'are stable' if ud >= INVARIANT_MIN_MEAN else 'moved'} ({ud:.3f})")
+    if not unchanged:
+        verdict += "; the scores changed beyond float32 rounding: check the embeddings for subnormal values"
+    if summary["trivial"]:
+        verdict = (f"top_n {top_n} >= number of items - 1 ({p - 1}): every list holds every item, so the audit "
+                   "cannot show a change; lower --top-n")
+    summary["verdict"] = verdict
+    return AuditResult(stability, detail, least, summary)

@@ -1,0 +1,298 @@
+"""Factors: the closed-form embeddings of Eq. 1 and Eq. 2 from a truncated SVD of X.
+
+Steck, Ekanadham & Kallus (2024), "Is Cosine-Similarity of Embeddings Really About Similarity?",
+Section 2. With ``X = U S V^T`` truncated to rank k (``sigma`` = diag S, ``V`` = V_k, p x k):
+
+- Eq. 1, ``min ||X - X A B^T||_F^2 + lam ||A B^T||_F^2``: every minimizer has
+  ``A B^T = V_k W V_k^T``, ``w_i = s_i^2 / (s_i^2 + lam)``; any invertible diagonal D gives another
+  one, ``(A D, B D^-1)``, so the scale of each embedding dimension (and with it the cosine
+  similarity of the embeddings) is arbitrary. The scalings below are named choices of D.
+- Eq. 2, ``min ||X - X A B^T||_F^2 + lam (||X A||_F^2 + ||B||_F^2)``: the solution is unique up
+  to a rotation of the k dimensions (which leaves cosines unchanged):
+  ``A = V_k diag(sqrt((1/s)(1 - lam/s)_+))``, ``B = V_k diag(sqrt(s (1 - lam/s)_+))``, so that
+  the user embeddings ``X A = U_k diag(sqrt(s - lam)_+)`` and ``B`` carry the same scale
+  (soft-thresholding of the singular values at lam).
+
+Weights are computed in float64; factors are returned as float32 unless asked otherwise.
+A component with ``s_i = 0`` carries no signal in X: it gets zero weight and zero columns in
+both A and B (never inf or NaN), for every scaling.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from kernels.sparse import csr_matmat
+from pipeline.blocks import CSRBlock, RowBlocks
+from pipeline.config import ObjectivesSection
+from pipeline.errors import MfsimError
+
+log = logging.getLogger("mfsim.factors")
+
+# name -> (alpha, beta): B = V diag(w^alpha s^beta), A = V diag(w^(1-alpha) s^-beta), A B^T = V W V^T.
+# "custom" takes (alpha, beta) from objectives.eq1.custom.
+EQ1_SCALINGS: dict[str, tuple[float, float] | None] = {
+    "symmetric": (0.5, 0.0),  # A = B = V W^1/2: the paper's Eq. 5 choice
+    "item_orthonormal": (0.0, 0.0),  # B = V_k (orthonormal columns), A = V W
+    "user_orthonormal": (1.0, 0.0),  # A = V_k (orthonormal columns), B = V W; X A = U_k S_k
+    "eq2_like": (0.5, 0.5),  # D = diag(s^-1/2): B = V (W S)^1/2, A = V (W S^-1)^1/2, as in Eq. 2
+    "custom": None,
+}
+
+
+def scaling_exponents(name: str, custom: tuple[float, float] | None = None) -> tuple[float, float]:
+    """(alpha, beta) of a named Eq. 1 scaling; ``custom`` supplies them for ``"custom"``."""
+    if name not in EQ1_SCALINGS:
+        raise MfsimError(f"unknown eq1 scaling {name!r}; valid: {', '.join(EQ1_SCALINGS)}")
+    exps = EQ1_SCALINGS[name]
+    if exps is None:
+        if custom is None:
+            raise MfsimError("eq1 scaling 'custom' needs (alpha, beta); set objectives.eq1.custom.alpha and .beta")
+        exps = (float(custom[0]), float(custom[1]))
+    return exps
+
+
+def _check_svd(sigma: np.ndarray, V: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(sigma, dtype=np.float64)
+    V = np.asarray(V)
+    if s.ndim != 1 or V.ndim != 2 or V.shape[1] != s.shape[0]:
+        raise MfsimError(
+            f"expected sigma of shape (k,) and V of shape (p, k), got {s.shape} and {V.shape}; "
+            "pass the singular values and right singular vectors of the same truncated SVD"
+        )
+    if not np.all(np.isfinite(s)) or np.any(s < 0):
+        raise MfsimError(f"singular values must be finite and >= 0, got min {s.min(initial=0):g}; check the SVD")
+    if not np.isfinite(lam) or lam < 0:
+        raise MfsimError(f"lambda must be a finite number >= 0, got {lam!r}; set objectives.eq*.lambda")
+    return s, V
+
+
+def eq1_weights(sigma: np.ndarray, lam: float) -> np.ndarray:
+    """Shrinkage of Eq. 1: ``w_i = s_i^2 / (s_i^2 + lam)`` (= 1/(1 + lam/s_i^2)), 0 where s_i = 0.
+
+    Parameters
+    ----------
+    sigma : (k,) array
+        Singular values of X, >= 0.
+    lam : float
+        Regularization lambda >= 0.
+
+    Returns
+    -------
+    (k,) float64 array in [0, 1].
+    """
+    s, _ = _check_svd(sigma, np.zeros((0, np.shape(sigma)[0])), lam)
+    s2 = s * s
+    w = np.zeros_like(s)
+    np.divide(s2, s2 + lam, out=w, where=s > 0)
+    return w
+
+
+def eq1_factors(
+    sigma: np.ndarray,
+    V: np.ndarray,
+    lam: float,
+    alpha: float,
+    beta: float,
+    *,
+    dtype: Any = np.float32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One minimizer (A, B) of Eq. 1, with dimension scales set by (alpha, beta).
+
+    ``B = V diag(w^alpha s^beta)``, ``A = V diag(w^(1-alpha) s^-beta)``, so ``A B^T = V W V^T``
+    for every (alpha, beta): the paper's Eq. 1 solution with ``D = diag(w^(alpha-1/2) s^beta)``
+    applied to the symmetric one.
+
+    Parameters
+    ----------
+    sigma : (k,) array
+        Singular values of X (descending not required).
+    V : (p, k) array
+        Right singular vectors V_k.
+    lam : float
+        Lambda of Eq. 1, >= 0.
+    alpha, beta : float
+        Exponents; see ``EQ1_SCALINGS`` for the named choices.
+    dtype : numpy dtype, default float32
+        dtype of A and B (the weights are computed in float64).
+
+    Returns
+    -------
+    A, B : (p, k) arrays
+        Components with ``w_i = 0`` (``s_i = 0``) are zero columns in both.
+
+    Notes
+    -----
+    O(p k) time and memory.
+    """
+    s, V = _check_svd(sigma, V, lam)
+    w = eq1_weights(s, lam)
+    live = w > 0
+    sl, wl = s[live], w[live]
+    b_scale = np.zeros_like(s)
+    a_scale = np.zeros_like(s)
+    b_scale[live] = wl**alpha * sl**beta  # B = V diag(w^alpha s^beta)
+    a_scale[live] = wl ** (1.0 - alpha) * sl ** (-beta)  # A = V diag(w^(1-alpha) s^-beta)
+    V64 = V.astype(np.float64, copy=False)
+    return (V64 * a_scale).astype(dtype), (V64 * b_scale).astype(dtype)
+
+
+def eq2_scales(sigma: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Column scales of the Eq. 2 solution: ``a_i = sqrt((1/s_i)(1 - lam/s_i)_+)``,
+    ``b_i = sqrt(s_i (1 - lam/s_i)_+)`` (float64, 0 where s_i <= lam or s_i = 0), and their count
+    of active components (``s_i > lam``)."""
+    s, _ = _check_svd(sigma, np.zeros((0, np.shape(sigma)[0])), lam)
+    active = (s > lam) & (s > 0)
+    a = np.zeros_like(s)
+    b = np.zeros_like(s)
+    sa = s[active]
+    shrink = 1.0 - lam / sa  # (1 - lam/s)_+ on the active components
+    a[active] = np.sqrt(shrink / sa)
+    b[active] = np.sqrt(shrink * sa)
+    return a, b, int(np.count_nonzero(active))
+
+
+def eq2_factors(
+    sigma: np.ndarray, V: np.ndarray, lam: float, *, dtype: Any = np.float32
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The Eq. 2 solution ``A = V diag(sqrt((1/s)(1 - lam/s)_+))``, ``B = V diag(sqrt(s (1 - lam/s)_+))``.
+
+    Parameters
+    ----------
+    sigma : (k,) array
+        Singular values of X.
+    V : (p, k) array
+        Right singular vectors V_k.
+    lam : float
+        Lambda of Eq. 2, >= 0 (singular values <= lam are cut to zero).
+    dtype : numpy dtype, default float32
+        dtype of A and B.
+
+    Returns
+    -------
+    A, B : (p, k) arrays
+        Zero columns for the inactive components.
+    n_active : int
+        Components with ``s_i > lam``; 0 means every embedding is zero (lambda too large).
+
+    Notes
+    -----
+    O(p k) time and memory. With P = X A the objective is
+    ``sum_i (s_i - p_i b_i)^2 + lam (p_i^2 + b_i^2)`` per component (p_i = s_i a_i); since
+    ``p^2 + b^2 >= 2 p b`` with equality iff p = b, the optimum is p_i = b_i = sqrt((s_i - lam)_+),
+    i.e. soft-thresholding of s at lam.
+    """
+    s, V = _check_svd(sigma, V, lam)
+    a, b, n_active = eq2_scales(s, lam)
+    V64 = V.astype(np.float64, copy=False)
+    return (V64 * a).astype(dtype), (V64 * b).astype(dtype), n_active
+
+
+# ---------------------------------------------------------------------------------------------
+# user embeddings P = X_eff A, block-wise
+
+
+def _block_times(block: CSRBlock, A: np.ndarray, offset_row: np.ndarray | None) -> np.ndarray:
+    """Rows of ``X A - 1 (c^T A)`` for one block, float32.
+
+    Sums are accumulated in float64 (a heavy user's row sums thousands of terms) and rounded
+    once. O(nnz k) time, O(n_rows k) memory.
+    """
+    out = np.empty((block.n_rows, A.shape[1]), dtype=np.float64)
+    csr_matmat(block.indptr, block.indices, block.data, A, out)  # X A
+    if offset_row is not None:
+        out -= offset_row  # X_eff A = X A - 1 (c^T A)
+    return out.astype(np.float32)
+
+
+def user_embeddings_blocks(blocks: RowBlocks, A: np.ndarray, col_offset: np.ndarray | None = None) -> list[Any]:
+    """``P = (X - 1 c^T) A`` per row block: arrays locally, futures on a client."""
+    n, p = blocks.shape
+    A = np.asarray(A)
+    if A.ndim != 2 or A.shape[0] != p:
+        raise MfsimError(f"expected A of shape ({p}, k) for X of shape {blocks.shape}, got {A.shape}")
+    A32 = np.ascontiguousarray(A, dtype=np.float32)
+    offset_row = None
+    if col_offset is not None:
+        c = np.asarray(col_offset, dtype=np.float64)
+        if c.shape != (p,):
+            raise MfsimError(f"expected col_offset of shape ({p},), got {c.shape}; pass Preprocessor.col_offset")
+        offset_row = c @ A32.astype(np.float64)  # c^T A, (k,), with the A used for X A
+    if blocks.client is not None:
+        A32 = blocks.client.scatter(A32, broadcast=True, hash=False)
+    return blocks.map(_block_times, A32, offset_row)
+
+
+def user_embeddings(blocks: RowBlocks, A: np.ndarray, col_offset: np.ndarray | None = None) -> np.ndarray:
+    """User embeddings ``P = X_eff A`` with ``X_eff = X - 1 c^T`` (c = ``col_offset``), never dense X.
+
+    Parameters
+    ----------
+    blocks : RowBlocks
+        X (n x p) after ``apply_preprocess`` (column scale already folded in).
+    A : (p, k) array
+        User-side factor of Eq. 1 or Eq. 2.
+    col_offset : (p,) array or None
+        The implicit column offset c from preprocessing.
+
+    Returns
+    -------
+    (n, k) float32 array.
+
+    Notes
+    -----
+    O(nnz k + n k) time; O(n k) memory for the result, O(p k) per worker for A.
+    """
+    k = np.shape(A)[1] if np.ndim(A) == 2 else 0
+    parts = user_embeddings_blocks(blocks, A, col_offset)
+    if blocks.client is not None:
+        parts = blocks.client.gather(parts)
+    if not parts:
+        return np.zeros((0, k), dtype=np.float32)
+    return np.concatenate(parts, axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# all configured embeddings
+
+
+def build_embeddings(sigma: np.ndarray, V: np.ndarray, cfg: ObjectivesSection) -> dict[str, Any]:
+    """Factors for every configured objective and scaling.
+
+    Returns
+    -------
+    dict with
+        ``"factors"``: ``{("eq1", scaling): (A, B), ("eq2", "unique"): (A, B)}`` (float32, p x k);
+        ``"meta"``: ``{"eq1": {"lambda", "weights", "scalings": {name: (alpha, beta)}},
+        "eq2": {"lambda", "n_active", "a_scale", "b_scale"}}`` for the configured objectives.
+
+    Logs a warning when Eq. 2 keeps no component (every singular value <= lambda).
+    """
+    factors: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+    meta: dict[str, Any] = {}
+    if cfg.eq1 is not None:
+        lam = float(cfg.eq1.lambda_)
+        custom = (cfg.eq1.custom.alpha, cfg.eq1.custom.beta)
+        used = {}
+        for name in cfg.eq1.scalings:
+            alpha, beta = scaling_exponents(name, custom)
+            used[name] = (alpha, beta)
+            factors[("eq1", name)] = eq1_factors(sigma, V, lam, alpha, beta)
+        meta["eq1"] = {"lambda": lam, "weights": eq1_weights(sigma, lam), "scalings": used}
+    if cfg.eq2 is not None:
+        lam = float(cfg.eq2.lambda_)
+        A, B, n_active = eq2_factors(sigma, V, lam)
+        a, b, _ = eq2_scales(sigma, lam)
+        factors[("eq2", "unique")] = (A, B)
+        meta["eq2"] = {"lambda": lam, "n_active": n_active, "a_scale": a, "b_scale": b}
+        if n_active == 0:
+            s_max = float(np.max(sigma, initial=0.0))
+            log.warning(
+                "eq2: lambda=%g is >= every singular value (largest %g): all Eq. 2 embeddings are zero; "
+                "lower objectives.eq2.lambda below %g",
+                lam, s_max, s_max,
+            )
+    return {"factors": factors, "meta": meta}

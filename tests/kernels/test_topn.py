@@ -1,0 +1,426 @@
+"""Blocked top-N kernel against the dense NumPy reference, on exact and on tie-free data.
+
+Two kinds of data:
+
+* small-integer embeddings: every dot product is an integer far below 2^24, so every float32 gemm,
+  whatever its blocking or summation order, returns it exactly; the kernel and the reference then
+  see bit-identical scores and must agree bit for bit, ties included.
+* gaussian embeddings built tie-free: float32 gemm results depend on the blocking, so kernel and
+  reference can differ by the rounding bound below; the data is constructed so that the scores of
+  different candidates for any query are further apart than twice that bound, which makes the
+  order, and hence the indices, exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kernels.topn as topn_module
+from kernels.topn import (
+    TopN,
+    empty_state,
+    finalize_state,
+    inverse_norms,
+    select_tile,
+    topn_blocked,
+    topn_reference,
+)
+from pipeline.errors import MfsimError
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+@pytest.fixture(params=["unseeded", "seeded"])
+def seeding(request, monkeypatch):
+    """Runs a test without and with the sampled floor (forced on small data: every 3rd candidate)."""
+    if request.param == "seeded":
+        monkeypatch.setattr(topn_module, "_SEED_STRIDE", 3)
+        monkeypatch.setattr(topn_module, "_SEED_MIN_SAMPLE", 1)
+    else:
+        monkeypatch.setattr(topn_module, "_SEED_MIN_SAMPLE", 10**12)
+    return request.param
+
+
+BLOCKINGS = [(7, 5), (16, 13), (64, 1000), (2048, 65536)]  # blocks below N, not dividing the counts, one tile
+
+
+def _dot_tol(k: int) -> float:
+    """Bound on |kernel - reference| for one dot product, relative to |q| |c|.
+
+    A float32 sum of k products has error at most gamma_k sum |q_l c_l| <= ~k u |q||c|
+    (u = eps32 / 2, Cauchy-Schwarz); two computations with different summation orders differ by at
+    most twice that, k eps32 |q||c|, and the final rounding adds eps32. Doubled for slack.
+    """
+    return 2.0 * (k + 1) * EPS32
+
+
+def _tie_free(nq: int, p: int, k: int, seed: int, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian queries and candidates whose exact dot and cosine scores are separated per query.
+
+    Candidates are drawn one at a time and kept only when, for every query, both exact scores
+    (float64) differ from those of every kept candidate by more than twice the kernel-vs-reference
+    bound: each computation then orders any two candidates as the exact scores do.
+    """
+    rng = np.random.default_rng(seed)
+    queries = (scale * rng.standard_normal((nq, k))).astype(np.float32)
+    qd = queries.astype(np.float64)
+    qn = np.linalg.norm(qd, axis=1)
+    kept, dots, coss, norms = [], [], [], []
+    while len(kept) < p:
+        c = (scale * rng.standard_normal(k)).astype(np.float32)
+        cn = float(np.linalg.norm(c.astype(np.float64)))
+        d = qd @ c.astype(np.float64)
+        cos = d / (qn * cn)
+        if kept:
+            pair_norm = qn[None, :] * np.maximum(np.array(norms), cn)[:, None]  # (kept, nq)
+            dot_close = np.abs(np.array(dots) - d) <= 2 * _dot_tol(k) * pair_norm
+            cos_close = np.abs(np.array(coss) - cos) <= 2 * (_dot_tol(k) + 4 * EPS32)
+            if dot_close.any() or cos_close.any():
+                continue
+        kept.append(c)
+        dots.append(d)
+        coss.append(cos)
+        norms.append(cn)
+    return queries, np.array(kept, dtype=np.float32)
+
+
+def _integers(shape, seed: int, low: int = -3, high: int = 4) -> np.ndarray:
+    """Small-integer float32 embeddings: exact gemm, many exact ties."""
+    return np.random.default_rng(seed).integers(low, high, size=shape).astype(np.float32)
+
+
+def _assert_exact(got: TopN, ref: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    counts, idx, sc = ref
+    np.testing.assert_array_equal(got.counts, counts)
+    np.testing.assert_array_equal(got.indices, idx)
+    np.testing.assert_array_equal(got.scores, sc)
+
+
+def _assert_close(got: TopN, ref, queries, candidates, metric) -> None:
+    counts, idx, sc = ref
+    np.testing.assert_array_equal(got.counts, counts)
+    np.testing.assert_array_equal(got.indices, idx)
+    k = queries.shape[1]
+    real = idx >= 0
+    if metric == "dot":
+        qn = np.linalg.norm(queries.astype(np.float64), axis=1)
+        cn = np.linalg.norm(candidates.astype(np.float64), axis=1)
+        bound = _dot_tol(k) * qn[:, None] * cn[np.where(real, idx, 0)]
+    else:
+        bound = np.full(idx.shape, _dot_tol(k) + 4 * EPS32)  # + the two multiplications by 1/|q|, 1/|c|
+    assert np.all(np.abs(got.scores[real] - sc[real]) <= bound[real])
+    assert np.all(np.isneginf(got.scores[~real]))
+
+
+# ---------------------------------------------------------------------------------------------
+# against the reference
+
+
+@pytest.mark.parametrize("metric", ["dot", "cosine"])
+@pytest.mark.parametrize("blocking", BLOCKINGS)
+@pytest.mark.parametrize("n", [1, 10, 500])
+def test_tie_free_gaussian_matches_reference(metric, blocking, n, seeding):
+    queries, candidates = _tie_free(23, 150, 16, seed=1)
+    got = topn_blocked(queries, candidates, n, metrics=(metric,), query_chunk=blocking[0], candidate_block=blocking[1])
+    assert set(got) == {metric}
+    _assert_close(got[metric], topn_reference(queries, candidates, n, metric), queries, candidates, metric)
+    assert got[metric].indices.dtype == np.int32 and got[metric].scores.dtype == np.float32
+    expected_counts = np.full(23, min(n, 150))
+    np.testing.assert_array_equal(got[metric].counts, expected_counts)
+
+
+@pytest.mark.parametrize("blocking", BLOCKINGS)
+def test_fused_call_equals_one_metric_calls(blocking):
+    queries, candidates = _tie_free(19, 120, 8, seed=2)
+    qc, cb = blocking
+    both = topn_blocked(queries, candidates, 17, query_chunk=qc, candidate_block=cb)
+    for metric in ("dot", "cosine"):
+        alone = topn_blocked(queries, candidates, 17, metrics=[metric], query_chunk=qc, candidate_block=cb)[metric]
+        # same gemm tiles, separate running states: bit-identical lists
+        for a, b in zip(both[metric], alone):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_cosine_equals_dot_of_normalised_vectors():
+    queries, candidates = _tie_free(31, 140, 12, seed=3, scale=3.0)
+    got = topn_blocked(queries, candidates, 20, metrics=("cosine",), query_chunk=9, candidate_block=37)["cosine"]
+
+    def unit(x):
+        x = x.astype(np.float64)
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    dot = topn_blocked(unit(queries), unit(candidates), 20, metrics=("dot",), query_chunk=9, candidate_block=37)["dot"]
+    np.testing.assert_array_equal(got.indices, dot.indices)
+    np.testing.assert_array_equal(got.counts, dot.counts)
+    # normalising first rounds each coordinate once (|err| <= eps32/2 relative, so <= eps32 |q||c| on
+    # the product) on top of the gemm bound of each side
+    assert np.max(np.abs(got.scores - dot.scores)) <= 2 * _dot_tol(12) + 2 * EPS32
+
+
+@pytest.mark.parametrize("metric", ["dot", "cosine"])
+@pytest.mark.parametrize("blocking", BLOCKINGS)
+def test_exact_ties_go_to_smaller_index_for_any_blocking(metric, blocking, seeding):
+    queries = _integers((40, 3), seed=4)
+    base = _integers((60, 3), seed=5)
+    # duplicated candidate rows (3 copies of rows 0..9, far apart) give exact ties
+    candidates = np.vstack([base, base[:10], base[:10]])
+    got = topn_blocked(queries, candidates, 25, metrics=(metric,), query_chunk=blocking[0], candidate_block=blocking[1])
+    ref = topn_reference(queries, candidates, 25, metric)
+    _assert_exact(got[metric], ref)
+    # by hand: wherever copies j, j + 60, j + 70 are all listed they come in that order
+    for row in got[metric].indices:
+        pos = {int(v): i for i, v in enumerate(row) if v >= 0}
+        for j in range(10):
+            listed = [pos[c] for c in (j, j + 60, j + 70) if c in pos]
+            assert listed == sorted(listed)
+
+
+@pytest.mark.parametrize("metric", ["dot", "cosine"])
+@pytest.mark.parametrize("n", [12, 100])
+def test_zero_rows(metric, n, seeding):
+    queries = _integers((30, 4), seed=6)
+    candidates = _integers((150, 4), seed=7)
+    queries[[0, 7, 29]] = 0
+    candidates[[0, 3, 70, 149]] = 0
+    got = topn_blocked(queries, candidates, n, metrics=(metric,), query_chunk=8, candidate_block=75)[metric]
+    _assert_exact(got, topn_reference(queries, candidates, n, metric))
+    assert not np.isnan(got.scores).any()
+    if metric == "cosine":
+        assert np.all(got.counts[[0, 7, 29]] == 0)
+        assert not np.isin(got.indices, [0, 3, 70, 149]).any()
+        if n == 100:
+            assert np.all(np.delete(got.counts, [0, 7, 29]) == 100)  # 146 non-zero candidates
+    else:
+        # a zero query scores 0 with every candidate: the n smallest ids
+        np.testing.assert_array_equal(got.indices[0], np.arange(n))
+
+
+@pytest.mark.parametrize("metric", ["dot", "cosine"])
+def test_exclusion_mask(metric, seeding):
+    rng = np.random.default_rng(8)
+    queries = _integers((25, 5), seed=9)
+    candidates = _integers((70, 5), seed=10)
+    # a larger CSR whose rows 3..27 are the queries' masks: empty rows, unsorted ids, a full row
+    sizes = rng.integers(0, 12, size=40)
+    sizes[[3, 10, 11]] = 0
+    rows = [rng.choice(70, size=s, replace=False).astype(np.int32) for s in sizes]
+    rows[20] = np.arange(70, dtype=np.int32)[::-1].copy()
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    indices = np.concatenate(rows).astype(np.int32)
+    sub_ptr = indptr[3:29]  # query r is row 3 + r
+    kept = indices.copy()
+    got = topn_blocked(
+        queries, candidates, 15, metrics=(metric,), exclude_indptr=sub_ptr, exclude_indices=indices,
+        query_chunk=6, candidate_block=16,
+    )[metric]
+    ref = topn_reference(
+        queries, candidates, 15, metric, exclude_indptr=sub_ptr - sub_ptr[0], exclude_indices=indices[sub_ptr[0] :]
+    )
+    _assert_exact(got, ref)
+    np.testing.assert_array_equal(indices, kept)  # the caller's arrays are not sorted in place
+    for r in range(25):
+        banned = indices[sub_ptr[r] : sub_ptr[r + 1]]
+        assert not np.isin(got.indices[r, : got.counts[r]], banned).any()
+    assert got.counts[17] == 0  # row 20 of the larger CSR excludes every candidate
+
+
+@pytest.mark.parametrize("blocking", BLOCKINGS)
+def test_exclude_self(blocking, seeding):
+    candidates = _integers((80, 3), seed=11)
+    candidates[40] = candidates[41]  # a duplicate of the query is still a neighbour, only self goes
+    candidates[60] = 0
+    offset, nq = 33, 30
+    got = topn_blocked(
+        candidates[offset : offset + nq], candidates, 10, query_offset=offset, exclude_self=True,
+        query_chunk=blocking[0], candidate_block=blocking[1],
+    )
+    for metric in ("dot", "cosine"):
+        ref = topn_reference(candidates[offset : offset + nq], candidates, 10, metric, query_offset=offset, exclude_self=True)
+        _assert_exact(got[metric], ref)
+        assert not np.any(got[metric].indices == np.arange(offset, offset + nq)[:, None])
+    assert 40 in got["cosine"].indices[41 - offset]
+
+
+@pytest.mark.parametrize("metric", ["dot", "cosine"])
+def test_rank_one(metric, seeding):
+    # k = 1: cosine is +-1 for every pair, all ties
+    queries = _integers((12, 1), seed=12)
+    candidates = _integers((33, 1), seed=13)
+    got = topn_blocked(queries, candidates, 9, metrics=(metric,), query_chunk=5, candidate_block=4)[metric]
+    _assert_exact(got, topn_reference(queries, candidates, 9, metric))
+
+
+def test_n_larger_than_candidates_pads():
+    queries = _integers((6, 4), seed=14)
+    candidates = _integers((9, 4), seed=15)
+    got = topn_blocked(candidates[:6], candidates, 20, query_offset=0, exclude_self=True, candidate_block=4)
+    for metric in ("dot", "cosine"):
+        _assert_exact(got[metric], topn_reference(candidates[:6], candidates, 20, metric, exclude_self=True))
+    assert got["dot"].indices.shape == (6, 20)
+    np.testing.assert_array_equal(got["dot"].counts, 8)
+    assert np.all(got["dot"].indices[:, 8:] == -1) and np.all(np.isneginf(got["dot"].scores[:, 8:]))
+    del queries
+
+
+def test_adversarial_orders_every_candidate_enters():
+    # scores rising with the candidate id: every candidate replaces the heap root
+    queries = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    candidates = np.stack([np.arange(500), np.zeros(500)], axis=1).astype(np.float32)
+    got = topn_blocked(queries, candidates, 7, metrics=("dot",), candidate_block=64)["dot"]
+    np.testing.assert_array_equal(got.indices[0], np.arange(499, 492, -1))
+    np.testing.assert_array_equal(got.indices[1], np.arange(7))
+    np.testing.assert_array_equal(got.indices[2], np.arange(7))  # all scores 0: smallest ids
+    np.testing.assert_array_equal(got.scores[0], np.arange(499, 492, -1).astype(np.float32))
+
+
+@pytest.mark.parametrize("block", [10, 70, 128])
+def test_block_order_does_not_matter(block):
+    """Merging the candidate blocks in reverse order gives the same lists, ties included.
+
+    Reversed, a candidate tying the current N-th best arrives with a smaller index and must enter;
+    blocks of 70 and 128 send it through the vectorised run test (runs of 64) as well.
+    """
+    queries = _integers((20, 3), seed=16)
+    candidates = np.vstack([_integers((90, 3), seed=17)] * 3)
+    qinv, cinv = inverse_norms(queries), inverse_norms(candidates)
+    no_self = np.full(20, -1, dtype=np.int64)
+    no_ex = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32))
+    dot, cos = empty_state(20, 8), empty_state(20, 8)
+    for c0 in reversed(range(0, 270, block)):
+        c1 = min(c0 + block, 270)
+        tile = queries @ candidates[c0:c1].T
+        select_tile(tile, c0, no_self, qinv, cinv[c0:c1], *no_ex, *dot, *cos)
+    for state, metric in ((dot, "dot"), (cos, "cosine")):
+        counts, idx, sc = finalize_state(*state)
+        ref = topn_reference(queries, candidates, 8, metric)
+        np.testing.assert_array_equal(counts, ref[0])
+        np.testing.assert_array_equal(idx, ref[1])
+        np.testing.assert_array_equal(sc, ref[2])
+
+
+@pytest.mark.parametrize("metric", ["dot", "cosine"])
+def test_reverse_order_all_equal_scores_by_hand(metric):
+    """300 identical candidates seen last block first: the 8 smallest ids must displace the others.
+
+    Every run of 64 holds only candidates tying the current N-th best, so only the ``>=`` of the
+    vectorised run test lets them in (one metric at a time, so the other cannot open the run).
+    """
+    queries = np.array([[1.0, 0.0], [0.0, 2.0]], dtype=np.float32)
+    candidates = np.ones((300, 2), dtype=np.float32)
+    qinv, cinv = inverse_norms(queries), inverse_norms(candidates)
+    on, off = empty_state(2, 8), empty_state(0, 8)
+    states = (on, off) if metric == "dot" else (off, on)
+    for c0 in (256, 128, 0):
+        tile = queries @ candidates[c0 : c0 + 128].T
+        select_tile(tile, c0, np.full(2, -1, dtype=np.int64), qinv, cinv[c0 : c0 + 128],
+                    np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32), *states[0], *states[1])
+    counts, idx, sc = finalize_state(*on)
+    np.testing.assert_array_equal(counts, [8, 8])
+    np.testing.assert_array_equal(idx, np.tile(np.arange(8), (2, 1)))
+    expected = [1.0, 2.0] if metric == "dot" else [(np.float32(1.0) * qinv[0]) * cinv[0]] * 2
+    np.testing.assert_array_equal(sc[:, 0], np.array(expected, dtype=np.float32))
+
+
+def _seed_redo_data():
+    """Every 3rd candidate (the seeding sample) scores far above the rest for every query."""
+    rng = np.random.default_rng(22)
+    queries = rng.standard_normal((12, 5)).astype(np.float32)
+    queries[:, 0] = 5 + np.abs(queries[:, 0])
+    candidates = rng.standard_normal((150, 5)).astype(np.float32)
+    candidates[::3, 0] += 10
+    return queries, candidates
+
+
+def test_seed_floor_too_high_rows_are_recomputed(monkeypatch):
+    # sample of 50 (every 3rd), n = 30, seed width ceil(2 * 30 / 3) + 3 = 23 < 30: the floor is the
+    # 23rd best sample score, above all but 23 candidates, so every row must be redone
+    monkeypatch.setattr(topn_module, "_SEED_STRIDE", 3)
+    monkeypatch.setattr(topn_module, "_SEED_MIN_SAMPLE", 1)
+    scans = []
+    real_scan = topn_module._scan
+
+    def counting_scan(rows, cands, n, want, buf, floors=None):
+        scans.append((rows.q.shape[0], cands.c.shape[0], n))
+        return real_scan(rows, cands, n, want, buf, floors)
+
+    monkeypatch.setattr(topn_module, "_scan", counting_scan)
+    queries, candidates = _seed_redo_data()
+    indptr = np.array([0, 0, 3, 3, 40, 41, 41, 41, 41, 41, 41, 41, 45], dtype=np.int64)
+    indices = np.random.default_rng(23).integers(0, 150, size=45).astype(np.int32)
+    for r in range(12):  # sorted, distinct ids within each row
+        row = np.unique(indices[indptr[r] : indptr[r + 1]])
+        indices[indptr[r] : indptr[r] + row.size] = row
+        indices[indptr[r] + row.size : indptr[r + 1]] = row[-1] if row.size else 0
+    got = topn_blocked(queries, candidates, 30, exclude_indptr=indptr, exclude_indices=indices, n_threads=1)
+    assert scans == [(12, 50, 23), (12, 150, 30), (12, 150, 30)]  # sample, floored pass, redo of all rows
+    for metric in ("dot", "cosine"):
+        ref = topn_reference(queries, candidates, 30, metric, exclude_indptr=indptr, exclude_indices=indices)
+        np.testing.assert_array_equal(got[metric].counts, ref[0])
+        np.testing.assert_array_equal(got[metric].indices, ref[1])
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_threads_give_the_same_lists(n_threads, seeding):
+    queries = _integers((50, 4), seed=24)
+    candidates = _integers((200, 4), seed=25)
+    got = topn_blocked(queries, candidates, 15, query_chunk=16, candidate_block=70, n_threads=n_threads)
+    for metric in ("dot", "cosine"):
+        _assert_exact(got[metric], topn_reference(queries, candidates, 15, metric))
+
+
+def test_finalize_state_by_hand():
+    scores = np.array([[1.0, 3.0, -np.inf, 3.0], [-np.inf] * 4], dtype=np.float32)
+    indices = np.array([[5, 9, -1, 2], [-1] * 4], dtype=np.int32)
+    counts, idx, sc = finalize_state(scores, indices)
+    np.testing.assert_array_equal(counts, [3, 0])
+    np.testing.assert_array_equal(idx, [[2, 9, 5, -1], [-1] * 4])
+    np.testing.assert_array_equal(sc, [[3.0, 3.0, 1.0, -np.inf], [-np.inf] * 4])
+
+
+def test_float64_input_is_cast():
+    queries, candidates = _tie_free(10, 60, 6, seed=18)
+    a = topn_blocked(queries.astype(np.float64), candidates.astype(np.float64), 5, candidate_block=7)
+    b = topn_blocked(queries, candidates, 5, candidate_block=7)
+    for metric in ("dot", "cosine"):
+        for x, y in zip(a[metric], b[metric]):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_empty_queries_and_candidates():
+    x = _integers((5, 3), seed=19)
+    none = topn_blocked(x[:0], x, 4)
+    assert none["dot"].indices.shape == (0, 4) and none["cosine"].counts.shape == (0,)
+    empty = topn_blocked(x, x[:0], 4)
+    np.testing.assert_array_equal(empty["dot"].counts, 0)
+    assert np.all(empty["cosine"].indices == -1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"metrics": ("dot", "euclid")}, "metrics"),
+        ({"metrics": ()}, "metrics"),
+        ({"exclude_indptr": np.zeros(3, dtype=np.int64)}, "go together"),
+        ({"exclude_indptr": np.zeros(3, dtype=np.int64), "exclude_indices": np.zeros(0, np.int32)}, "one entry per query"),
+        ({"exclude_indptr": np.array([0, 2, 1, 3, 3, 3]), "exclude_indices": np.zeros(3, np.int32)}, "non-decreasing"),
+        ({"exclude_indptr": np.array([0, 1, 1, 1, 1, 1]), "exclude_indices": np.array([9], np.int32)}, r"\[0, 6\)"),
+        ({"exclude_self": True, "query_offset": 3}, "query_offset"),
+        ({"query_chunk": 0}, "query_chunk"),
+    ],
+)
+def test_user_errors(kwargs, match):
+    x = _integers((6, 3), seed=20)
+    with pytest.raises(MfsimError, match=match):
+        topn_blocked(x[:5], x, 3, **kwargs)
+
+
+def test_shape_and_value_errors():
+    x = _integers((6, 3), seed=21)
+    with pytest.raises(MfsimError, match="same rank"):
+        topn_blocked(x, x[:, :2], 3)
+    bad = x.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(MfsimError, match="NaN"):
+        topn_blocked(bad, x, 3)
+    with pytest.raises(MfsimError, match="n \\(the list length\\)"):
+        topn_blocked(x, x, 0)

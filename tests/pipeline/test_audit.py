@@ -1,0 +1,488 @@
+"""The cosine audit against independent references: Python sets, dense top-N, the Eq. 1 closed form.
+
+Steck, Ekanadham & Kallus (2024), Section 2: all (A D, B D^-1) minimize Eq. 1 equally well, the
+item-item cosine of B changes with D while ``a_i . b_j`` and the cosine of the rows of A B^T do
+not. The audit must report exactly that: Jaccard 1 for the invariant lists (up to float32 near-ties
+at the N-th boundary, bounded below) and below 1 for the cosine lists.
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import combinations
+from math import comb
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import scipy.sparse as sp
+
+from jobs.audit_cmd import run_audit_command
+from kernels.topn import topn_reference
+from pipeline.audit import (
+    AUDIT_METRICS,
+    audit_embedding_pair,
+    audit_item_lists,
+    default_item_lists,
+    jaccard_rows,
+    random_diagonals,
+    sample_rows,
+)
+from pipeline.errors import MfsimError
+from pipeline.factors import EQ1_SCALINGS, eq1_factors, eq2_factors
+from pipeline.outputs import embedding_table
+
+STABILITY_COLUMNS = ["objective", "kind", "metric", "scaling_a", "scaling_b", "top_n", "n_items", "draws",
+                     "jaccard_mean", "jaccard_p10", "jaccard_p50", "jaccard_p90", "jaccard_min"]
+SCALINGS = ["symmetric", "item_orthonormal", "user_orthonormal", "eq2_like"]
+N_USERS, P, K, TOP_N, DRAWS, SPREAD, SEED = 300, 400, 16, 20, 3, 1.0, 7
+EPS32 = 2.0**-24
+
+
+def set_jaccard(a_idx, a_cnt, b_idx, b_cnt):
+    """Python-set reference of jaccard_rows."""
+    out = []
+    for ia, ca, ib, cb in zip(a_idx, a_cnt, b_idx, b_cnt):
+        sa, sb = set(ia[:ca].tolist()), set(ib[:cb].tolist())
+        out.append(1.0 if not (sa or sb) else len(sa & sb) / len(sa | sb))
+    return np.array(out)
+
+
+def dense_lists(Q, C, metric, exclude_self):
+    counts, idx, _ = topn_reference(Q, C, TOP_N, metric, exclude_self=exclude_self)
+    return idx, counts
+
+
+# ---------------------------------------------------------------------------------------------
+# jaccard_rows
+
+
+def test_jaccard_rows_matches_python_sets():
+    rng = np.random.default_rng(0)
+    q, na, nb = 200, 12, 9
+    a = np.stack([rng.permutation(30)[:na] for _ in range(q)]).astype(np.int32)
+    b = np.stack([rng.permutation(30)[:nb] for _ in range(q)]).astype(np.int32)
+    ca = rng.integers(0, na + 1, q).astype(np.int32)
+    cb = rng.integers(0, nb + 1, q).astype(np.int32)
+    # hand-made rows: both empty, one empty, identical lists, disjoint, duplicates, garbage after count
+    ca[0] = cb[0] = 0
+    ca[1], cb[1] = 0, 3
+    a[2, :9], ca[2], cb[2] = b[2], 9, 9
+    a[3, :4], b[3, :4], ca[3], cb[3] = [1, 2, 3, 4], [5, 6, 7, 8], 4, 4
+    a[4, :4], b[4, :2], ca[4], cb[4] = [1, 1, 2, 2], [2, 3], 4, 2
+    a[5, :3], a[5, 3:], b[5, :3], ca[5], cb[5] = [0, 1, 2], -1, [2, 1, 0], 3, 3
+    a[6, 2:], b[6, 2:], ca[6], cb[6] = 99999, -5, 2, 2
+    got = jaccard_rows(a, ca, b, cb)
+    ref = set_jaccard(a, ca, b, cb)
+    np.testing.assert_array_equal(got, ref)  # same rational numbers, both computed as int / int
+    assert got.dtype == np.float64 and got[0] == 1.0 and got[1] == 0.0 and got[2] == 1.0 and got[3] == 0.0
+    assert got[4] == pytest.approx(1 / 3) and got[5] == 1.0
+    assert jaccard_rows(np.zeros((0, 3), np.int32), np.zeros(0, np.int32),
+                        np.zeros((0, 3), np.int32), np.zeros(0, np.int32)).shape == (0,)
+
+
+def test_jaccard_rows_on_topn_lists():
+    rng = np.random.default_rng(1)
+    Q, C = rng.standard_normal((50, 4)), rng.standard_normal((80, 4))
+    x = default_item_lists(Q, C, 10, "cosine", exclude_self=False)
+    y = default_item_lists(Q, C * [1.0, 2.0, 0.5, 3.0], 10, "cosine", exclude_self=False)
+    np.testing.assert_array_equal(jaccard_rows(x.indices, x.counts, y.indices, y.counts),
+                                  set_jaccard(x.indices, x.counts, y.indices, y.counts))
+
+
+@pytest.mark.parametrize("bad", ["count_high", "count_negative", "negative_id", "rows"])
+def test_jaccard_rows_rejects_malformed_lists(bad):
+    idx = np.arange(12, dtype=np.int32).reshape(3, 4)
+    cnt = np.array([4, 2, 0], dtype=np.int32)
+    idx_b, cnt_b = idx.copy(), cnt.copy()
+    if bad == "count_high":
+        cnt_b[0] = 5
+    elif bad == "count_negative":
+        cnt_b[2] = -1
+    elif bad == "negative_id":
+        idx_b[1, 1] = -1
+    else:
+        idx_b, cnt_b = idx_b[:2], cnt_b[:2]
+    with pytest.raises(MfsimError):
+        jaccard_rows(idx, cnt, idx_b, cnt_b)
+
+
+# ---------------------------------------------------------------------------------------------
+# random_diagonals
+
+
+def test_random_diagonals_is_seeded_log_normal():
+    d = random_diagonals(50, 200, 0.7, 3)
+    assert d.shape == (200, 50) and d.dtype == np.float64 and (d > 0).all()
+    np.testing.assert_array_equal(d, random_diagonals(50, 200, 0.7, 3))
+    assert not np.array_equal(d, random_diagonals(50, 200, 0.7, 4))
+    # the definition: d = exp(spread z), z the standard normals of default_rng(seed)
+    np.testing.assert_allclose(d, np.exp(0.7 * np.random.default_rng(3).standard_normal((200, 50))), rtol=1e-15)
+    # log d ~ N(0, 0.7^2) over 10000 values: the mean has sd 0.7/100 and the sd about 0.7/sqrt(2e4);
+    # 5 of those sds bound a false failure at ~1e-6
+    z = np.log(d)
+    assert abs(z.mean()) < 5 * 0.7 / 100
+    assert abs(z.std() - 0.7) < 5 * 0.7 / np.sqrt(2 * z.size)
+    assert random_diagonals(4, 0, 1.0, 0).shape == (0, 4)
+    for kwargs in ({"spread": 0.0}, {"spread": np.nan}, {"draws": -1}, {"seed": -1}, {"k": 0}):
+        args = {"k": 4, "draws": 2, "spread": 1.0, "seed": 0} | kwargs
+        with pytest.raises(MfsimError):
+            random_diagonals(**args)
+
+
+def test_sample_rows():
+    np.testing.assert_array_equal(sample_rows(5, 10, 0), np.arange(5))
+    s = sample_rows(1000, 100, 3)
+    assert s.size == 100 and np.unique(s).size == 100 and (np.diff(s) > 0).all() and s.max() < 1000
+    np.testing.assert_array_equal(s, sample_rows(1000, 100, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Eq. 1 audit
+
+
+@pytest.fixture(scope="module")
+def eq1():
+    """Eq. 1 factors of every named scaling from the SVD of a random sparse-ish X (300 x 400, 6%)."""
+    rng = np.random.default_rng(11)
+    X = sp.random(N_USERS, P, density=0.06, random_state=rng, data_rvs=lambda n: rng.uniform(1, 5, n)).toarray()
+    _, s, Vt = np.linalg.svd(X, full_matrices=False)
+    s, V = s[:K], Vt[:K].T
+    lam = float(s[K // 2] ** 2)  # weights w = s^2/(s^2+lam) from ~0.9 to ~0.4: the scalings differ
+    factors = {name: eq1_factors(s, V, lam, *EQ1_SCALINGS[name]) for name in SCALINGS}
+    T = (V * (s**2 / (s**2 + lam))) @ V.T  # A B^T = V W V^T in float64
+    return {"factors": factors, "s": s, "V": V, "lam": lam, "T": T}
+
+
+@pytest.fixture(scope="module")
+def audit(eq1):
+    calls = []
+
+    def counting(queries, candidates, n, metric, exclude_self=True):
+        calls.append((queries.shape, candidates.shape, n, metric, exclude_self))
+        return default_item_lists(queries, candidates, n, metric, exclude_self=exclude_self)
+
+    result = audit_item_lists(eq1["factors"], top_n=TOP_N, draws=DRAWS, spread=SPREAD, seed=SEED,
+                              least_stable=10, item_lists_fn=counting)
+    return result, calls
+
+
+def rows_of(result, **where):
+    return [r for r in result.stability.to_pylist() if all(r[k] == v for k, v in where.items())]
+
+
+def detail_of(result, metric, a, b):
+    d = result.detail.to_pandas()
+    d = d[(d.metric == metric) & (d.scaling_a == a) & (d.scaling_b == b)]
+    return d["index"].to_numpy(), d["jaccard"].to_numpy()
+
+
+def test_stability_table_layout(audit):
+    result, _ = audit
+    assert result.stability.column_names == STABILITY_COLUMNS
+    n_pairs = comb(len(SCALINGS), 2)
+    assert result.stability.num_rows == len(AUDIT_METRICS) * (n_pairs + len(SCALINGS))
+    for metric in AUDIT_METRICS:
+        pairs = [(r["scaling_a"], r["scaling_b"]) for r in rows_of(result, metric=metric, draws=1)]
+        assert pairs == list(combinations(SCALINGS, 2))
+        rand = rows_of(result, metric=metric, scaling_b="random_sd=1.0")
+        assert [r["scaling_a"] for r in rand] == SCALINGS and all(r["draws"] == DRAWS for r in rand)
+    for r in result.stability.to_pylist():
+        assert (r["objective"], r["kind"], r["top_n"], r["n_items"]) == ("eq1", "item_item", TOP_N, P)
+        assert r["jaccard_min"] <= r["jaccard_p10"] <= r["jaccard_p50"] <= r["jaccard_p90"] <= 1.0
+    assert result.detail.num_rows == result.stability.num_rows * P
+    json.dumps(result.summary)
+
+
+def boundary_gap(S):
+    """Per row, the gap between the N-th and (N+1)-th best score, the row's own column left out."""
+    S = S.copy()
+    np.fill_diagonal(S, -np.inf)
+    top = -np.sort(-S, axis=1)
+    return top[:, TOP_N - 1] - top[:, TOP_N]
+
+
+def assert_swaps_only_at_near_ties(result, s, V, lam, factors):
+    """Invariant lists differ only for items with a float32 near-tie at the N-th score; returns the counts.
+
+    model: each solution's float32 score is within m_i = (k + 4) 2^-24 max_j sum_l |a_il b_jl| of
+    the float64 score (V W V^T)_ij: k for the sgemm sums, 2 roundings each of a factor entry and of
+    its rescaled copy; sum_l |a_il b_jl| = sum_l |v_il w_l v_jl| is the same for every solution.
+    projected_cosine: the float32 cosine s_ij qinv_i cinv_j is within (k + 8) 2^-24 of the float64
+    cosine of the rows of V W (the dot as above, relative to |p_i||p_j|, plus the rounding of the
+    two inverse norms and of the two products). If two solutions' lists of item i differ, some
+    candidate ranks inside one and outside the other, so the float64 gap between the N-th and
+    (N+1)-th score is at most 4 m_i (2 m_i per solution).
+    """
+    W = s**2 / (s**2 + lam)
+    Pw = V * W  # rows of A B^T = V W V^T, up to the rotation V^T
+    nrm = np.linalg.norm(Pw, axis=1)
+    A, B = (x.astype(np.float64) for x in factors["symmetric"])
+    margins = {
+        "model": (boundary_gap(Pw @ V.T), (K + 4) * EPS32 * (np.abs(A) @ np.abs(B).T).max(axis=1)),
+        "projected_cosine": (boundary_gap((Pw @ Pw.T) / np.outer(nrm, nrm)), np.full(len(V), (K + 8) * EPS32)),
+    }
+    d = result.detail.to_pandas()
+    moved = {}
+    for metric, (gap, m) in margins.items():
+        items = d[(d.metric == metric) & (d.jaccard < 1.0)]["index"].unique()
+        assert (gap[items] <= 4 * m[items]).all(), metric
+        moved[metric] = items.size
+    return moved
+
+
+def test_invariant_lists_are_stable(audit, eq1):
+    """model and projected_cosine: Jaccard 1, up to swaps that need a float32 near-tie at the N-th score."""
+    result, _ = audit
+    for metric in ("model", "projected_cosine"):
+        for r in rows_of(result, metric=metric):
+            assert r["jaccard_mean"] >= 0.999 and r["jaccard_p50"] == 1.0, r
+    assert_swaps_only_at_near_ties(result, eq1["s"], eq1["V"], eq1["lam"], eq1["factors"])
+    assert result.summary["invariance"]["passed"] is True
+
+
+def test_invariant_lists_move_only_at_near_ties():
+    """Near-duplicate items (columns scaled by 1 + 1e-7) tie within float32 rounding: the invariant
+    lists do swap there, and only there."""
+    rng = np.random.default_rng(3)
+    base = sp.random(N_USERS, P // 2, density=0.08, random_state=rng,
+                     data_rvs=lambda n: rng.uniform(1, 5, n)).toarray()
+    X = np.hstack([base, base * (1 + 1e-7 * rng.standard_normal(P // 2))])
+    _, s, Vt = np.linalg.svd(X, full_matrices=False)
+    s, V = s[:K], Vt[:K].T
+    lam = float(s[K // 2] ** 2)
+    factors = {name: eq1_factors(s, V, lam, *EQ1_SCALINGS[name]) for name in SCALINGS}
+    result = audit_item_lists(factors, top_n=TOP_N, draws=DRAWS, spread=SPREAD, seed=SEED)
+    moved = assert_swaps_only_at_near_ties(result, s, V, lam, factors)
+    assert moved["model"] > 0 and moved["projected_cosine"] > 0  # the margin check above was exercised
+    for metric in ("model", "projected_cosine"):
+        assert all(r["jaccard_p50"] == 1.0 for r in rows_of(result, metric=metric))
+    assert "tied within float32 rounding" in result.summary["verdict"]
+
+
+def test_cosine_lists_move_and_match_dense_reference(audit, eq1):
+    result, _ = audit
+    cos = rows_of(result, metric="cosine")
+    assert min(r["jaccard_mean"] for r in cos) < 0.9  # the paper's point
+    assert all(r["jaccard_mean"] < 1.0 for r in cos if r["draws"] == DRAWS)
+    f = eq1["factors"]
+    # a pair of named scalings, from dense top-N and Python sets
+    idx, jac = detail_of(result, "cosine", "symmetric", "eq2_like")
+    a, b = f["symmetric"][1], f["eq2_like"][1]
+    ref = set_jaccard(*dense_lists(a, a, "cosine", True), *dense_lists(b, b, "cosine", True))
+    np.testing.assert_array_equal(idx, np.arange(P))
+    np.testing.assert_allclose(jac, ref, rtol=0, atol=1e-12)
+    row = rows_of(result, metric="cosine", scaling_a="symmetric", scaling_b="eq2_like")[0]
+    assert row["jaccard_mean"] == pytest.approx(ref.mean(), abs=1e-12)
+    assert row["jaccard_p10"] == pytest.approx(np.quantile(ref, 0.1), abs=1e-12)
+    assert row["jaccard_min"] == pytest.approx(ref.min(), abs=1e-12)
+    # random rescalings (A D, B D^-1) of one scaling: per-item mean over the draws, pooled stats
+    A, B = f["item_orthonormal"]
+    base = dense_lists(B, B, "cosine", True)
+    per_draw = [set_jaccard(*base, *dense_lists((B / dd).astype(np.float32), (B / dd).astype(np.float32),
+                                                "cosine", True))
+                for dd in random_diagonals(K, DRAWS, SPREAD, SEED)]
+    idx, jac = detail_of(result, "cosine", "item_orthonormal", "random_sd=1.0")
+    np.testing.assert_allclose(jac, np.mean(per_draw, axis=0), rtol=0, atol=1e-12)
+    row = rows_of(result, metric="cosine", scaling_a="item_orthonormal", scaling_b="random_sd=1.0")[0]
+    pooled = np.concatenate(per_draw)
+    assert row["jaccard_mean"] == pytest.approx(pooled.mean(), abs=1e-12)
+    assert row["jaccard_p90"] == pytest.approx(np.quantile(pooled, 0.9), abs=1e-12)
+
+
+def test_least_stable_and_summary(audit):
+    result, _ = audit
+    ls = result.least_stable.to_pandas()
+    assert set(ls.metric) == {"cosine"}
+    n_comparisons = comb(len(SCALINGS), 2) + len(SCALINGS)
+    assert len(ls) == 10 * n_comparisons
+    idx, jac = detail_of(result, "cosine", "user_orthonormal", "eq2_like")
+    order = np.lexsort((idx, jac))[:10]
+    got = ls[(ls.scaling_a == "user_orthonormal") & (ls.scaling_b == "eq2_like")]
+    np.testing.assert_array_equal(got["index"].to_numpy(), idx[order])
+    np.testing.assert_array_equal(got["rank"].to_numpy(), np.arange(1, 11))
+    s = result.summary
+    assert s["invariance"]["passed"] is True and s["comparisons"] == n_comparisons
+    cos_means = [r["jaccard_mean"] for r in rows_of(result, metric="cosine")]
+    assert s["metrics"]["cosine"]["min_jaccard_mean"] == min(cos_means)
+    assert s["verdict"].startswith("item-item cosine lists of Eq. 1 change with the arbitrary scaling")
+    assert f"{np.mean(cos_means):.2f}" in s["verdict"] and "stable" in s["verdict"]
+
+
+def test_each_list_is_computed_once_with_the_injected_function(audit, eq1):
+    result, calls = audit
+    assert len(calls) == len(AUDIT_METRICS) * len(SCALINGS) * (1 + DRAWS)
+    assert {c[3] for c in calls} == {"dot", "cosine"} and all(c[4] is True and c[2] == TOP_N for c in calls)
+    plain = audit_item_lists(eq1["factors"], top_n=TOP_N, draws=DRAWS, spread=SPREAD, seed=SEED, least_stable=10)
+    assert plain.stability.equals(result.stability)
+
+
+def test_eq1_audit_rejects_bad_factors(eq1):
+    f = eq1["factors"]
+    A2, B2, _ = eq2_factors(eq1["s"], eq1["V"], float(eq1["s"][K // 2]))
+    with pytest.raises(MfsimError, match="one Eq. 1 problem"):
+        audit_item_lists({"symmetric": f["symmetric"], "eq2": (A2, B2)}, top_n=5, draws=0, spread=1.0, seed=0)
+    with pytest.raises(MfsimError, match="same shape"):
+        audit_item_lists({"a": f["symmetric"], "b": (f["symmetric"][0][:, :4], f["symmetric"][1][:, :4])},
+                         top_n=5, draws=0, spread=1.0, seed=0)
+    with pytest.raises(MfsimError, match="float32 range"):  # exp(60 z) is beyond float32 for |z| > 1.5
+        audit_item_lists({"symmetric": f["symmetric"]}, top_n=5, draws=2, spread=60.0, seed=0)
+    with pytest.raises(MfsimError):
+        audit_item_lists({}, top_n=5, draws=1, spread=1.0, seed=0)
+
+
+def test_eq1_audit_with_lists_of_every_item_is_flagged_trivial(eq1):
+    small = {n: (a[:12], b[:12]) for n, (a, b) in eq1["factors"].items()}  # 12 items: A B^T still one family
+    res = audit_item_lists(small, top_n=11, draws=1, spread=1.0, seed=0)
+    assert all(r["jaccard_mean"] == 1.0 for r in res.stability.to_pylist())
+    assert res.summary["trivial"] and "cannot show a change" in res.summary["verdict"]
+
+
+# ---------------------------------------------------------------------------------------------
+# any (user, item) embedding pair
+
+
+@pytest.fixture(scope="module")
+def pair():
+    rng = np.random.default_rng(5)
+    U = rng.standard_normal((500, 8)).astype(np.float32)
+    I = (rng.standard_normal((300, 8)) * rng.uniform(0.2, 3.0, 8)).astype(np.float32)
+    return U, I
+
+
+def test_embedding_pair_dot_stable_cosine_moves(pair):
+    U, I = pair
+    res = audit_embedding_pair(U, I, top_n=TOP_N, draws=DRAWS, spread=SPREAD, seed=SEED, max_users=100)
+    assert res.stability.column_names == STABILITY_COLUMNS
+    rows = {(r["kind"], r["metric"]): r for r in res.stability.to_pylist()}
+    assert set(rows) == {("item_item", "cosine"), ("user_item", "cosine"), ("user_item", "dot")}
+    for r in rows.values():
+        assert (r["objective"], r["scaling_a"], r["scaling_b"], r["draws"]) == ("external", "given",
+                                                                               "random_sd=1.0", DRAWS)
+    assert rows[("item_item", "cosine")]["n_items"] == 300 and rows[("user_item", "dot")]["n_items"] == 100
+    # dot scores do not change; their lists are equal up to float32 near-ties (see the Eq. 1 test)
+    assert rows[("user_item", "dot")]["jaccard_mean"] >= 0.999 and rows[("user_item", "dot")]["jaccard_p50"] == 1.0
+    assert rows[("item_item", "cosine")]["jaccard_mean"] < 0.9 and rows[("user_item", "cosine")]["jaccard_mean"] < 0.9
+    # score change: every (user, item) pair is in the check sample here (100 x 300 < 1000 x 1000)
+    users = sample_rows(500, 100, SEED)
+    diags = random_diagonals(8, DRAWS, SPREAD, SEED)
+    u64, i64 = U[users].astype(np.float64), I.astype(np.float64)
+    changes = [np.abs((U[users] * d).astype(np.float32).astype(np.float64)
+                      @ (I / d).astype(np.float32).astype(np.float64).T - u64 @ i64.T).max() for d in diags]
+    assert res.summary["score_change_max_abs"] == pytest.approx(max(changes), rel=1e-12)
+    assert res.summary["score_change_max_rel"] <= 2.0**-23 * 1.01 and res.summary["scores_unchanged"]
+    # user-item cosine per sampled user against dense lists and Python sets
+    base = dense_lists(U[users], I, "cosine", False)
+    per_draw = [set_jaccard(*base, *dense_lists((U[users] * d).astype(np.float32), (I / d).astype(np.float32),
+                                                "cosine", False)) for d in diags]
+    d = res.detail.to_pandas()
+    d = d[(d.kind == "user_item") & (d.metric == "cosine")]
+    np.testing.assert_array_equal(d["index"].to_numpy(), users)
+    np.testing.assert_allclose(d["jaccard"].to_numpy(), np.mean(per_draw, axis=0), rtol=0, atol=1e-12)
+    assert "moves cosine lists" in res.summary["verdict"] and "dot lists are stable" in res.summary["verdict"]
+
+
+def test_embedding_pair_on_a_presampled_matrix_is_the_same(pair):
+    """What the command does: sample the users first, pass their row numbers."""
+    U, I = pair
+    full = audit_embedding_pair(U, I, top_n=10, draws=2, spread=0.5, seed=1, max_users=50)
+    rows = sample_rows(500, 50, 1)
+    pre = audit_embedding_pair(U[rows], I, top_n=10, draws=2, spread=0.5, seed=1, max_users=50, user_index=rows)
+    assert full.stability.equals(pre.stability) and full.detail.equals(pre.detail)
+
+
+def test_embedding_pair_rejects_bad_input(pair):
+    U, I = pair
+    with pytest.raises(MfsimError, match="same k"):
+        audit_embedding_pair(U, I[:, :4], top_n=5, draws=1, spread=1.0, seed=0)
+    bad = U.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(MfsimError, match="NaN"):
+        audit_embedding_pair(bad, I, top_n=5, draws=1, spread=1.0, seed=0)
+    with pytest.raises(MfsimError, match="draws"):
+        audit_embedding_pair(U, I, top_n=5, draws=0, spread=1.0, seed=0)
+    # finite embeddings whose dot products can overflow float32: |u| |i| up to ~5e37 x 11 > 1e38
+    with pytest.raises(MfsimError, match="overflow float32"):
+        audit_embedding_pair(U * np.float32(1e37), I, top_n=5, draws=1, spread=1.0, seed=0)
+    # a rescaling that pushes entries below the normal float32 range
+    with pytest.raises(MfsimError, match="float32 range"):
+        audit_embedding_pair(U * np.float32(1e-35), I, top_n=5, draws=1, spread=3.0, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# mfsim audit
+
+
+def write_pair(tmp_path, U, I, *, list_type=False):
+    users, items = tmp_path / "users.parquet", tmp_path / "items.parquet"
+    pq.write_table(embedding_table(pa.array([f"u{j}" for j in range(len(U))]), "user_id", U), users)
+    if list_type:  # list<double> instead of fixed_size_list<float32>
+        t = pa.table({"item_id": pa.array(np.arange(len(I)) + 1000),
+                      "embedding": pa.array([row.astype(np.float64).tolist() for row in I],
+                                            type=pa.list_(pa.float64()))})
+        pq.write_table(t, items)
+    else:
+        pq.write_table(embedding_table(pa.array([f"i{j}" for j in range(len(I))]), "item_id", I), items)
+    return users, items
+
+
+@pytest.mark.parametrize("list_type", [False, True])
+def test_audit_command_round_trip(tmp_path, pair, capsys, list_type):
+    U, I = pair
+    users, items = write_pair(tmp_path, U, I, list_type=list_type)
+    out = tmp_path / "res" / "stability.parquet"
+    assert run_audit_command(users, items, top_n=10, draws=2, spread=1.0, seed=3, out=out) == 0
+    expected = audit_embedding_pair(U, I, top_n=10, draws=2, spread=1.0, seed=3)
+    assert pq.read_table(out).equals(expected.stability)
+    text = capsys.readouterr().out
+    assert text.split("\n")[0].split() == ["kind", "metric", "scaling_b", "rows", "mean", "p10", "p50", "p90", "min"]
+    assert expected.summary["verdict"] in text
+    assert text.count("random_sd=1.0") == 3 and "least stable items" in text
+
+
+def test_audit_command_samples_users_like_the_library(tmp_path, pair, capsys):
+    U, I = pair
+    users, items = write_pair(tmp_path, U, I)
+    out = tmp_path / "s.parquet"
+    run_audit_command(users, items, top_n=5, draws=1, seed=2, out=out, max_users=60)
+    expected = audit_embedding_pair(U, I, top_n=5, draws=1, spread=1.0, seed=2, max_users=60)
+    assert pq.read_table(out).equals(expected.stability)
+    assert "(60 of 500 users sampled)" in capsys.readouterr().out
+
+
+def test_audit_command_rejects_bad_files(tmp_path, pair):
+    U, I = pair
+    users, items = write_pair(tmp_path, U, I)
+
+    def fails(u, i, match):
+        with pytest.raises(MfsimError, match=match):
+            run_audit_command(u, i, top_n=5, draws=1)
+
+    fails(tmp_path / "nope.parquet", items, "nope.parquet")
+    text = tmp_path / "text.parquet"
+    text.write_text("not parquet")
+    fails(users, text, "text.parquet")
+    no_emb = tmp_path / "no_emb.parquet"
+    pq.write_table(pa.table({"item_id": [1, 2]}), no_emb)
+    fails(users, no_emb, "no_emb.parquet.*'embedding'")
+    no_id = tmp_path / "no_id.parquet"
+    pq.write_table(pa.table({"embedding": pa.array([[1.0, 2.0]], pa.list_(pa.float32()))}), no_id)
+    fails(no_id, items, "no_id.parquet.*id column")
+    small_k = tmp_path / "k4.parquet"
+    pq.write_table(embedding_table(pa.array(["a", "b"]), "item_id", I[:2, :4]), small_k)
+    fails(users, small_k, "k4.parquet")
+    nan = I.copy()
+    nan[7, 1] = np.inf
+    nan_file = tmp_path / "nan.parquet"
+    pq.write_table(embedding_table(pa.array([f"i{j}" for j in range(len(I))]), "item_id", nan), nan_file)
+    fails(users, nan_file, r"nan.parquet: NaN or infinite .* row 7 \(id 'i7'\)")
+    ragged = tmp_path / "ragged.parquet"
+    pq.write_table(pa.table({"item_id": [1, 2], "embedding": pa.array([[1.0] * 8, [1.0] * 7])}), ragged)
+    fails(users, ragged, "ragged.parquet.*row 1")
+    nulls = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"item_id": [1, 2], "embedding": pa.array([[1.0] * 8, None])}), nulls)
+    fails(users, nulls, "nulls.parquet.*null embedding at row 1")
+    strings = tmp_path / "strings.parquet"
+    pq.write_table(pa.table({"item_id": [1], "embedding": ["x"]}), strings)
+    fails(users, strings, "strings.parquet")
