@@ -271,7 +271,7 @@ def run_bench_svd(
         (s, v), seconds, peak, wpeak = out
         results[name] = dict(seconds=seconds, peak_rss=peak, worker_peak_rss=wpeak,
                              sigma=np.asarray(s, dtype=np.float64)[:rank], note=extra)
-        print(f"  {name:<20s} {seconds:8.2f}s  (done; accuracy below) {extra}", flush=True)
+        print(f"  {name:<20s} {seconds:8.2f}s", flush=True)
 
     if "mfsim" in methods:
         local = RowBlocks.from_scipy(x, block_rows)

@@ -119,6 +119,71 @@ def bench_ingest(
     run_bench_ingest(rows=rows, users=users, items=items, workdir=workdir)
 
 
+@bench_app.command("svd", epilog="Example: mfsim bench svd --users 200000 --items 50000 --nnz 5000000 --rank 64")
+@user_errors
+def bench_svd(
+    users: int = typer.Option(1_000_000, help="Rows of the power-law matrix."),
+    items: int = typer.Option(200_000, help="Columns."),
+    nnz: int = typer.Option(50_000_000, help="Non-zeros."),
+    rank: int = typer.Option(64, help="k, the same for every method."),
+    oversample: int = typer.Option(10, help="Oversampling, the same for every method."),
+    power_iterations: Optional[int] = typer.Option(None, help="q (default: the config default)."),
+    seed: int = typer.Option(0, help="Seed of the matrix and of every method."),
+) -> None:
+    """Time mfsim's randomized SVD (in-process and on Dask) against scikit-learn and dask.array."""
+    from jobs.bench_svd import run_bench_svd
+
+    run_bench_svd(users=users, items=items, nnz=nnz, rank=rank, oversample=oversample,
+                  power_iterations=power_iterations, seed=seed)
+
+
+@bench_app.command("neighbours", epilog="Example: mfsim bench neighbours --items 100000 --rank 64 --top-n 100")
+@user_errors
+def bench_neighbours(
+    items: int = typer.Option(100_000, help="Items P (queries = candidates)."),
+    rank: int = typer.Option(64, help="Embedding dimension k."),
+    top_n: int = typer.Option(100, help="List length N."),
+    seed: int = typer.Option(0, help="Seed of the embeddings."),
+    slice_items: Optional[int] = typer.Option(None, help="Catalog size of the measured slice (default 1,000,000)."),
+) -> None:
+    """Time item-item cosine + dot top-N against faiss IndexFlatIP and a bare sgemm over the same tiles."""
+    from jobs.bench_neighbours import run_bench_neighbours
+
+    run_bench_neighbours(items=items, rank=rank, top_n=top_n, seed=seed, slice_items=slice_items)
+
+
+@app.command(epilog="Example: mfsim audit --users runs/LATEST_ID/factors/objective=eq1/scaling=symmetric/users.parquet "
+                    "--items runs/LATEST_ID/factors/objective=eq1/scaling=symmetric/items.parquet --draws 5")
+@user_errors
+def audit(
+    users: Path = typer.Option(..., "--users", help="Parquet: an id column and 'embedding' (list<float>)."),
+    items: Path = typer.Option(..., "--items", help="Parquet: an id column and 'embedding' (list<float>)."),
+    top_n: int = typer.Option(100, "--top-n", help="N of Jaccard@N."),
+    draws: int = typer.Option(5, "--draws", help="Random diagonal rescalings D."),
+    spread: float = typer.Option(1.0, "--spread", help="Standard deviation of log D."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the rescalings and the user sample."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the stability table here (Parquet)."),
+) -> None:
+    """Audit any (user, item) embedding pair whose dot product is the model: do cosine lists survive U D, I D^-1?"""
+    from jobs.audit_cmd import run_audit_command
+
+    run_audit_command(users, items, top_n=top_n, draws=draws, spread=spread, seed=seed, out=out)
+
+
+@app.command(epilog="Example: mfsim neighbours runs/20261124T031500Z-ab12cd --item 50 --metric cosine --metric model")
+@user_errors
+def neighbours(
+    run_dir: Path = typer.Argument(..., help="A published run directory."),
+    item: str = typer.Option(..., "--item", help="Item id (as in the input)."),
+    metric: list[str] = typer.Option([], "--metric", help="Metrics to show (default: all item-item metrics)."),
+    top: int = typer.Option(10, "--top", help="Rows to show per list."),
+) -> None:
+    """Print one item's item-item lists side by side, one column per (objective, scaling, metric)."""
+    from jobs.inspect_cmd import show_item_lists
+
+    typer.echo(show_item_lists(run_dir, item, metric, top))
+
+
 def main() -> None:
     _setup_logging()
     try:

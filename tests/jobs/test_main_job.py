@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -152,3 +153,28 @@ def test_lists_readable_with_partition_columns(small_run):
     assert ("item_item", "eq1", "invariant", "model") in combos
     assert ("item_item", "eq1", "symmetric", "model") not in combos  # scaling-invariant: written once
     assert ("user_item", "eq2", "unique", "dot") in combos
+
+
+def test_inspect_and_audit_commands(small_run):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run_dir, _, _ = small_run
+    mfsim = str(Path(sys.executable).parent / "mfsim")
+    item = pq.read_table(run_dir / "ids/items.parquet")["item_id"][0].as_py()
+    r = subprocess.run([mfsim, "neighbours", str(run_dir), "--item", str(item), "--metric", "cosine"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "eq1/symmetric/cosine" in r.stdout and "eq2/unique/cosine" in r.stdout
+    first = pq.read_table(run_dir / "neighbours/kind=item_item/objective=eq2/scaling=unique/metric=cosine",
+                          filters=[("item_id", "=", item), ("rank", "=", 1)])
+    assert str(first["neighbour_id"][0].as_py()) in r.stdout.splitlines()[2]
+    where = run_dir / "factors/objective=eq1/scaling=symmetric"
+    out = run_dir.parent / "audit.parquet"
+    r = subprocess.run([mfsim, "audit", "--users", str(where / "users.parquet"), "--items", str(where / "items.parquet"),
+                        "--top-n", "5", "--draws", "2", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    table = pq.read_table(out)
+    dot = table.filter(pc.equal(table["metric"], "dot"))
+    assert dot.num_rows and min(dot["jaccard_mean"].to_pylist()) == 1.0  # scores unchanged by U D, I D^-1
