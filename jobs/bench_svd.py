@@ -303,7 +303,8 @@ def run_bench_svd(
             del blocks
         if "dask-svd_compressed" in methods:
             r = _timed(lambda: _svd_compressed(x, block_rows, rank, oversample, q, seed), client)
-            record("dask-svd_compressed", r, "scipy.sparse CSR chunks")
+            record("dask-svd_compressed", r, "scipy.sparse CSR chunks; its default 'power' iterator does not "
+                   "re-orthonormalize between products, so the smaller values are lost to rounding")
     finally:
         if cluster is not None:
             client.close()

@@ -8,6 +8,7 @@ known), audit, report.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -47,7 +48,7 @@ def fit_model(X_raw: RowBlocks, cfg: Config, run: RunWriter | None = None, prefi
     """Preprocess, truncated SVD and the closed forms of Eq. 1 and Eq. 2 (timed when ``run`` is given)."""
 
     def stage(name):
-        return run.stage(prefix + name) if run is not None else _nullcontext()
+        return run.stage(prefix + name) if run is not None else nullcontext()
 
     with stage("preprocess"):
         X, prep = preprocess(X_raw, cfg.preprocess)
@@ -56,14 +57,6 @@ def fit_model(X_raw: RowBlocks, cfg: Config, run: RunWriter | None = None, prefi
     with stage("factors"):
         emb = build_embeddings(svd.sigma, svd.V, cfg.objectives)
     return Fit(X, prep, np.asarray(svd.sigma), np.asarray(svd.V), emb["factors"], emb["meta"])
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run_job(cfg: Config, *, scheduler: str | None = None) -> tuple[Path, dict[str, Any]]:

@@ -431,15 +431,16 @@ def topn_blocked(
         ``exclude_indices[exclude_indptr[r]:exclude_indptr[r + 1]]`` (for user-item lists, the
         user's row of X). A slice ``indptr[a:b + 1]`` of a larger CSR can be passed as is.
     query_chunk : int, default 2048
-        Query rows in flight at once, split evenly among the threads; each thread's gemm tile has
-        ``query_chunk / n_threads`` rows.
+        Query rows in flight at once, split evenly among the threads. Each thread works through
+        its rows in tiles of ``tile_rows(...)`` rows (its share, cut to a tile of about 4 MiB but
+        at least 256 rows).
     candidate_block : int, default 65536
-        Candidate rows per gemm tile. Tiles of a few MB (``candidate_block`` of 2048-8192 with the
-        default ``query_chunk``) are fastest: they stay in cache between the gemm that writes them
-        and the selection that reads them.
+        Candidate rows per gemm tile. 2048-8192 is fastest: with 256 query rows the tile
+        (2-8 MiB) stays in cache between the gemm that writes it and the selection that reads it.
+        65536 makes 64 MiB tiles, read back from memory (about 15% slower on 2 cores).
     n_threads : int, optional
         Threads to use; default ``numba.get_num_threads()``. Each thread runs its own query rows
-        with a single-threaded gemm and selection, so BLAS is limited to one thread during the
+        through single-threaded gemm and selection, so BLAS is limited to one thread during the
         call (restored after).
 
     Returns
@@ -459,12 +460,13 @@ def topn_blocked(
     selection scan (one vectorised comparison per score and metric) and a few hundred heap
     insertions per row and metric at O(log N) each.
 
-    Memory, never O(p^2) nor O(q p): the tiles ``query_chunk x candidate_block x 4`` bytes (all
-    threads together), the running state ``query_chunk x N x (4 + 4)`` bytes per metric (float32
-    scores, int32 ids) plus its sorted copy, ``4 p`` bytes of candidate inverse norms, the
-    seeding sample ``p / 32 x k x 4`` bytes and the outputs ``q x N x (4 + 4)`` bytes per metric;
-    the candidate blocks are views of ``candidates``. With the defaults (2048, 65536, N = 100) the
-    tiles take 512 MiB and the state 1.6 MiB per metric; with ``candidate_block = 4096``, 32 MiB.
+    Memory, never O(p^2) nor O(q p): the tiles ``n_threads x tile_rows x candidate_block x 4``
+    bytes, at most ``query_chunk x candidate_block x 4``; per thread the running state
+    ``tile_rows x N x (4 + 4)`` bytes per metric (float32 scores, int32 ids) and its sorted copy;
+    ``4 (p + q)`` bytes of inverse norms; the seeding sample ``p / 32 x k x 4`` bytes; the outputs
+    ``q x N x (4 + 4 + 4 / N)`` bytes per metric. The candidate blocks are views of
+    ``candidates``. With the defaults (2048, 65536, N = 100) on 2 threads: tiles 2 x 256 x 65536 x 4
+    = 128 MiB, state 0.4 MiB per metric; with ``candidate_block = 4096``, tiles of 8 MiB.
 
     Threads: BLAS and numba each keep a pool of spinning threads; alternating a multi-threaded gemm
     with a multi-threaded selection on the same cores makes each pool wait for the other's spinning

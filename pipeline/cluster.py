@@ -33,6 +33,7 @@ def get_client(cfg: ClusterSection, scheduler: str | None = None) -> Iterator["d
     The embedded cluster has ``cfg.n_workers`` processes (or threads when ``cfg.processes`` is
     false) with ``cfg.threads_per_worker`` threads each; the defaults (2 x 1) fit a 2-core machine.
     """
+    import dask
     from distributed import Client, LocalCluster
 
     address = scheduler or cfg.address
@@ -62,7 +63,9 @@ def get_client(cfg: ClusterSection, scheduler: str | None = None) -> Iterator["d
     )
     if cfg.processes:
         kwargs["env"] = env
-    cluster = LocalCluster(**kwargs)
+    # also before the worker processes spawn: numba and BLAS read their thread counts at import
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+        cluster = LocalCluster(**kwargs)
     client = Client(cluster)
     log.info(
         "started local Dask cluster: %d workers x %d threads (dashboard %s)",

@@ -98,7 +98,7 @@ class SvdSection(Section):
     rank: int = Field(64, ge=1)
     solver: Literal["mfsim", "sklearn"] = "mfsim"
     oversample: int = Field(10, ge=0)
-    power_iterations: int = Field(4, ge=0)
+    power_iterations: int = Field(32, ge=0)
     seed: int = 0
 
 
@@ -194,7 +194,7 @@ class AuditSection(Section):
     draws: int = Field(5, ge=0)
     spread: float = Field(1.0, gt=0)
     top_n: int | None = Field(None, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     least_stable: int = Field(20, ge=0)
 
 

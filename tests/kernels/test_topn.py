@@ -23,6 +23,7 @@ from kernels.topn import (
     finalize_state,
     inverse_norms,
     select_tile,
+    tile_rows,
     topn_blocked,
     topn_reference,
 )
@@ -368,13 +369,45 @@ def test_threads_give_the_same_lists(n_threads, seeding):
         _assert_exact(got[metric], topn_reference(queries, candidates, 15, metric))
 
 
+def test_tile_rows_by_hand():
+    # 2 threads share 2048 rows; a 4096-wide tile of 4 MiB holds 4 MiB / (4 x 4096) = 256 rows
+    assert tile_rows(100_000, 2048, 4096, 2) == 256
+    assert tile_rows(100_000, 2048, 1024, 2) == 1024  # 1024 x 1024 x 4 = 4 MiB
+    assert tile_rows(100_000, 2048, 65536, 2) == 256  # never below 256 rows
+    assert tile_rows(100_000, 300, 4096, 2) == 150  # the thread's share of query_chunk
+    assert tile_rows(7, 2048, 4096, 2) == 4  # small inputs still split over the threads
+
+
 def test_finalize_state_by_hand():
-    scores = np.array([[1.0, 3.0, -np.inf, 3.0], [-np.inf] * 4], dtype=np.float32)
-    indices = np.array([[5, 9, -1, 2], [-1] * 4], dtype=np.int32)
+    scores = np.array([[1.0, 3.0, -np.inf, 3.0], [-np.inf] * 4, [0.0, -0.0, 0.0, -1.0]], dtype=np.float32)
+    indices = np.array([[5, 9, -1, 2], [-1] * 4, [7, 3, 5, 0]], dtype=np.int32)
     counts, idx, sc = finalize_state(scores, indices)
-    np.testing.assert_array_equal(counts, [3, 0])
-    np.testing.assert_array_equal(idx, [[2, 9, 5, -1], [-1] * 4])
-    np.testing.assert_array_equal(sc, [[3.0, 3.0, 1.0, -np.inf], [-np.inf] * 4])
+    np.testing.assert_array_equal(counts, [3, 0, 4])
+    # -0.0 == 0.0: the three zeros tie and go by index
+    np.testing.assert_array_equal(idx, [[2, 9, 5, -1], [-1] * 4, [3, 5, 7, 0]])
+    np.testing.assert_array_equal(sc, [[3.0, 3.0, 1.0, -np.inf], [-np.inf] * 4, [0.0, 0.0, 0.0, -1.0]])
+
+
+def test_sample_rows_map_ids_to_sample_columns():
+    """The seeding sample (every 3rd candidate) sees self and exclusions in its own column numbers."""
+    rows = topn_module._QueryRows(
+        q=np.zeros((3, 2), dtype=np.float32),
+        qinv=np.zeros(3, dtype=np.float32),
+        self_ids=np.array([6, 7, -1], dtype=np.int64),
+        ex_indptr=np.array([0, 4, 4, 7], dtype=np.int64),
+        ex_indices=np.array([0, 2, 3, 9, 1, 6, 12], dtype=np.int32),
+    )
+    sampled = rows.sampled(3)
+    np.testing.assert_array_equal(sampled.self_ids, [2, -1, -1])  # 6 = column 2; 7 is not sampled
+    np.testing.assert_array_equal(sampled.ex_indptr, [0, 3, 3, 5])
+    np.testing.assert_array_equal(sampled.ex_indices, [0, 1, 3, 2, 4])  # ids 0, 3, 9 | - | 6, 12
+    sub = rows.subset(np.array([0, 2]))
+    np.testing.assert_array_equal(sub.ex_indptr, [0, 4, 7])
+    np.testing.assert_array_equal(sub.ex_indices, [0, 2, 3, 9, 1, 6, 12])
+    np.testing.assert_array_equal(sub.self_ids, [6, -1])
+    sub = rows.subset(np.array([2]))
+    np.testing.assert_array_equal(sub.ex_indptr, [0, 3])
+    np.testing.assert_array_equal(sub.ex_indices, [1, 6, 12])
 
 
 def test_float64_input_is_cast():
