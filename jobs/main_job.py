@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobs.progress import progress
 from pipeline import outputs
 from pipeline.blocks import CSRBlock, RowBlocks
 from pipeline.cluster import get_client
@@ -253,6 +254,9 @@ def neighbours_stage(client, run: RunWriter, cfg: Config, data: IngestResult, fi
             queries = _user_queries(client, g, parts, data, subset)
         results = run_group(client, queries.parts, queries.sizes, queries.firsts, cand, ncfg.top_n, tuple(g.outputs),
                             scale=scale, exclude_self=queries.exclude_self, exclude_parts=queries.exclude, **kernel)
+        n_ranges = sum(-(-size // ncfg.query_chunk) for size in queries.sizes)
+        names = "+".join(label.metric for label in g.outputs.values())
+        results = progress(results, n_ranges, f"neighbours {g.kind} {g.objective}/{g.scaling} {names}")
         for part_no, (r, lists) in enumerate(results):
             qids = queries.ids_of(r)
             for kernel_metric, label in g.outputs.items():
