@@ -13,10 +13,10 @@ popularity), every item a query against all items, self excluded, N neighbours p
   tile, and the query rows split among threads each running single-threaded BLAS (as mfsim does);
   the faster is the bound.
 
-Every method gets the same number of threads (default: all cores). Optionally a slice of a larger
-catalog (``slice_queries`` queries against ``slice_items`` candidates) is timed for mfsim and the
-bare gemm and extrapolated linearly to all ``slice_items`` queries: the work per query is the same
-for every query.
+Every method gets the same number of threads (default: all cores). Then a slice of a larger
+catalog (``slice_queries`` queries against ``slice_items`` candidates, default 20,000 x 1,000,000)
+is timed for mfsim and the bare gemm and extrapolated linearly to all ``slice_items`` queries: the
+work per query is the same for every query.
 """
 
 from __future__ import annotations
@@ -151,8 +151,9 @@ def run_bench_neighbours(
     items, rank, top_n, seed : int
         P, k, N and the seed of ``clustered_embeddings``.
     slice_items : int, optional
-        Also time ``slice_queries`` queries against ``slice_items`` candidates (mfsim and bare
-        gemm) and extrapolate to all ``slice_items`` queries.
+        Catalog size of the slice: ``slice_queries`` queries against ``slice_items`` candidates
+        are timed (mfsim and bare gemm) and extrapolated to all ``slice_items`` queries. Default
+        1,000,000; 0 skips the slice.
     threads : int, optional
         Threads for every method (numba, BLAS, faiss OpenMP); default all cores.
     query_chunk, candidate_block : int
@@ -190,6 +191,8 @@ def run_bench_neighbours(
     res["mfsim_over_bare_gemm"] = t_mfsim / t_gemm
     print(f"mfsim / bare gemm = {res['mfsim_over_bare_gemm']:.2f}x (target <= 1.3)")
 
+    if slice_items is None:
+        slice_items = 1_000_000
     if slice_items:
         big = clustered_embeddings(slice_items, rank, seed=seed + 1)
         nq = min(slice_queries, slice_items)
@@ -211,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--top-n", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--slice-items", type=int, default=None, help="e.g. 1000000: time a slice of that catalog")
+    ap.add_argument("--slice-items", type=int, default=None, help="catalog of the timed slice (default 1000000, 0: none)")
     ap.add_argument("--slice-queries", type=int, default=20_000)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--query-chunk", type=int, default=2048)

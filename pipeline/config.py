@@ -154,7 +154,7 @@ class NeighboursSection(Section):
     user_user: list[str] = list(USER_USER_METRICS)
     users: list[Any] | None = None
     query_chunk: int = Field(2048, ge=1)
-    candidate_block: int = Field(65536, ge=1)
+    candidate_block: int = Field(4096, ge=1)
 
     @field_validator("item_item")
     @classmethod

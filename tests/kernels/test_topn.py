@@ -31,6 +31,7 @@ from pipeline.errors import MfsimError
 
 EPS32 = float(np.finfo(np.float32).eps)
 
+
 @pytest.fixture(params=["unseeded", "seeded"])
 def seeding(request, monkeypatch):
     """Runs a test without and with the sampled floor (forced on small data: every 3rd candidate)."""
@@ -153,8 +154,8 @@ def test_cosine_equals_dot_of_normalised_vectors():
     dot = topn_blocked(unit(queries), unit(candidates), 20, metrics=("dot",), query_chunk=9, candidate_block=37)["dot"]
     np.testing.assert_array_equal(got.indices, dot.indices)
     np.testing.assert_array_equal(got.counts, dot.counts)
-    # normalising first rounds each coordinate once (|err| <= eps32/2 relative, so <= eps32 |q||c| on
-    # the product) on top of the gemm bound of each side
+    # each side is within ~(k + 2) eps32 / 2 of the exact cosine: the gemm's k u, plus two roundings
+    # (the multiplications by 1/|q|, 1/|c| here; the coordinates' rounding to unit length there)
     assert np.max(np.abs(got.scores - dot.scores)) <= 2 * _dot_tol(12) + 2 * EPS32
 
 
@@ -236,7 +237,9 @@ def test_exclude_self(blocking, seeding):
         query_chunk=blocking[0], candidate_block=blocking[1],
     )
     for metric in ("dot", "cosine"):
-        ref = topn_reference(candidates[offset : offset + nq], candidates, 10, metric, query_offset=offset, exclude_self=True)
+        ref = topn_reference(
+            candidates[offset : offset + nq], candidates, 10, metric, query_offset=offset, exclude_self=True
+        )
         _assert_exact(got[metric], ref)
         assert not np.any(got[metric].indices == np.arange(offset, offset + nq)[:, None])
     assert 40 in got["cosine"].indices[41 - offset]
@@ -252,7 +255,6 @@ def test_rank_one(metric, seeding):
 
 
 def test_n_larger_than_candidates_pads():
-    queries = _integers((6, 4), seed=14)
     candidates = _integers((9, 4), seed=15)
     got = topn_blocked(candidates[:6], candidates, 20, query_offset=0, exclude_self=True, candidate_block=4)
     for metric in ("dot", "cosine"):
@@ -260,7 +262,6 @@ def test_n_larger_than_candidates_pads():
     assert got["dot"].indices.shape == (6, 20)
     np.testing.assert_array_equal(got["dot"].counts, 8)
     assert np.all(got["dot"].indices[:, 8:] == -1) and np.all(np.isneginf(got["dot"].scores[:, 8:]))
-    del queries
 
 
 def test_adversarial_orders_every_candidate_enters():
@@ -434,7 +435,10 @@ def test_empty_queries_and_candidates():
         ({"metrics": ("dot", "euclid")}, "metrics"),
         ({"metrics": ()}, "metrics"),
         ({"exclude_indptr": np.zeros(3, dtype=np.int64)}, "go together"),
-        ({"exclude_indptr": np.zeros(3, dtype=np.int64), "exclude_indices": np.zeros(0, np.int32)}, "one entry per query"),
+        (
+            {"exclude_indptr": np.zeros(3, dtype=np.int64), "exclude_indices": np.zeros(0, np.int32)},
+            "one entry per query",
+        ),
         ({"exclude_indptr": np.array([0, 2, 1, 3, 3, 3]), "exclude_indices": np.zeros(3, np.int32)}, "non-decreasing"),
         ({"exclude_indptr": np.array([0, 1, 1, 1, 1, 1]), "exclude_indices": np.array([9], np.int32)}, r"\[0, 6\)"),
         ({"exclude_self": True, "query_offset": 3}, "query_offset"),
@@ -457,3 +461,10 @@ def test_shape_and_value_errors():
         topn_blocked(bad, x, 3)
     with pytest.raises(MfsimError, match="n \\(the list length\\)"):
         topn_blocked(x, x, 0)
+
+
+def test_scores_that_could_overflow_float32_are_refused():
+    # rows of norm ~1e20 are finite in float32, but their dot products (~1e40) are not
+    q = np.full((3, 4), 5e19, np.float32)
+    with pytest.raises(MfsimError, match="overflow float32"):
+        topn_blocked(q, q, 2)
