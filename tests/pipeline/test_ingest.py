@@ -80,6 +80,8 @@ def test_hive_strings_duplicates_one_and_two_workers(tmp_path, client, client1):
     assert res2.X.n_blocks > 1
     assert res2.counts["duplicates_merged"] == len(rows) - ref[0].astype(bool).sum()
     assert [f["path"].endswith("items_truth.parquet") for f in res2.files].count(True) == 0
+    # an fsspec URL reads the same log
+    _assert_matches(_ingest(client, f"file://{tmp_path / 'log'}", **kw), ref)
     # a glob and a single file read the same rows
     res_glob = _ingest(client, str(tmp_path / "log" / "dt=2024-01-02" / "*.parquet"))
     day2 = [r for r in rows if r[3].day == 2]
