@@ -12,13 +12,14 @@ from __future__ import annotations
 import resource
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from jobs.bench_svd import PeakRSS
 
 
 def write_synthetic_log(path: Path, rows: int, users: int, items: int, *, files: int = 8, seed: int = 0) -> None:
@@ -42,39 +43,6 @@ def write_synthetic_log(path: Path, rows: int, users: int, items: int, *, files:
         ts = pa.array(t0 + rng.integers(0, 30 * 86_400_000, n), pa.timestamp("ms"))
         pq.write_table(pa.table({"user_id": u, "item_id": i, "weight": w, "ts": ts}),
                        path / f"part-{f:03d}.parquet", row_group_size=1_000_000, compression="zstd")
-
-
-class PeakRSS:
-    """Samples this process's resident memory (VmRSS) every 20 ms; ``peak`` in bytes."""
-
-    def __init__(self):
-        self.peak = 0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def current() -> int:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    def __enter__(self):
-        self.base = self.current()
-        self.peak = self.base
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.current())
-            time.sleep(0.02)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.current())
 
 
 def _warm_up() -> None:

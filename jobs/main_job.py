@@ -120,7 +120,7 @@ def run_job(cfg: Config, *, scheduler: str | None = None) -> tuple[Path, dict[st
             "preprocess": fit.prep.describe(),
             "svd": {"rank": len(fit.sigma), "solver": cfg.svd.solver},
             "factors": meta,
-            **{k: v.get("manifest", {}) for k, v in extra.items()},
+            **{key: value for stage in extra.values() for key, value in stage.get("manifest", {}).items()},
             "warnings": warnings,
         }
         for w in warnings:

@@ -88,6 +88,8 @@ def _check_lists(table, q_col, n_col, q_ids, n_ids, scores_ref, admissible, tol,
 def test_every_list_matches_numpy(small_run):
     run_dir, manifest, sim_dir = small_run
     assert "neighbours" in manifest["timings"]
+    assert manifest["audit"]["verdict"] and manifest["audit"]["invariance"]["passed"]
+    assert manifest["factors"]["eq2"]["n_active"] == 5 and manifest["cluster_precision"]["chance"] > 0
     X, users, items = _dense_x(run_dir, sim_dir)
     n, p = X.shape
     # the closed forms from an exact dense SVD, an independent reference for the unique products
