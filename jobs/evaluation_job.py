@@ -11,8 +11,9 @@ import pyarrow.compute as pc
 
 from pipeline.blocks import CSRBlock
 from pipeline.config import Config
-from pipeline.evaluate import MetricSums, chance_level, cluster_precision, merge_sums, raw_cosine_topn, \
-    ranking_sums, split_holdout
+from pipeline.errors import MfsimError
+from pipeline.evaluate import MetricSums, chance_level, cluster_sums, merge_sums, raw_cosine_topn, ranking_sums, \
+    split_holdout
 from pipeline.neighbours import plan_lists, query_ranges, topn_task
 
 log = logging.getLogger("mfsim.evaluation")
@@ -73,7 +74,12 @@ def evaluation_stage(client, run, cfg: Config, data) -> dict[str, Any]:
 def truth_labels(truth, item_ids: pa.Array, item_col: str, cluster_col: str) -> np.ndarray:
     """Cluster label per item index (-1 for items absent from the truth file)."""
     t = truth.table
-    pos = pc.index_in(item_ids, value_set=t[item_col].combine_chunks().cast(item_ids.type))
+    try:
+        value_set = t[item_col].combine_chunks().cast(item_ids.type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        raise MfsimError(f"the ids in column '{item_col}' of the item truth {truth.path} are not {item_ids.type} "
+                         f"like the log's ({exc}); fix evaluation.item_truth") from exc
+    pos = pc.index_in(item_ids, value_set=value_set)
     labels = np.full(len(item_ids), -1, dtype=np.int64)
     found = pos.is_valid().to_numpy(zero_copy_only=False)
     cl = t[cluster_col].to_numpy()
@@ -81,45 +87,67 @@ def truth_labels(truth, item_ids: pa.Array, item_col: str, cluster_col: str) -> 
     return labels
 
 
-def cluster_precision_stage(run, cfg: Config, data, fit, truth, item_lists: dict) -> dict[str, Any]:
-    """Share of item-item neighbours in the item's own cluster, per list and cutoff, with chance level.
-
-    Also for the cosine of the raw columns of X (``objective=raw``, ``scaling=none``), the baseline.
-    Writes ``evaluation/cluster_precision.parquet``.
-    """
-    labels = truth_labels(truth, data.item_ids, cfg.input.item_col, cfg.evaluation.truth_cluster_col)
-    known = labels >= 0
-    if not known.any():
-        log.warning("item truth %s names none of the items; no cluster precision", truth.path)
-        return {}
-    chance = chance_level(labels[known])
+def cluster_cutoffs(cfg: Config) -> list[int]:
+    """``evaluation.cutoffs`` that item-item lists of length ``neighbours.top_n`` can serve."""
     top_n = cfg.neighbours.top_n
     cutoffs = [c for c in cfg.evaluation.cutoffs if c <= top_n] or [top_n]
     skipped = [c for c in cfg.evaluation.cutoffs if c > top_n]
     if skipped:
         log.warning("cluster precision: cutoffs %s exceed neighbours.top_n=%d; using %s", skipped, top_n, cutoffs)
+    return cutoffs
+
+
+class ClusterScorer:
+    """Cluster precision@N of item-item lists, summed chunk by chunk as the lists are written.
+
+    Only items with a known cluster are queries; a neighbour without a known cluster counts as a
+    miss, and the chance level accounts for that: a random other item (of all p - 1) is in a
+    labelled query's cluster c with probability (n_c - 1) / (p - 1), so chance =
+    sum_c n_c (n_c - 1) / (k (p - 1)) over the k labelled items (the usual chance level when
+    every item is labelled).
+    """
+
+    def __init__(self, labels: np.ndarray, cutoffs: list[int]):
+        self.labels = labels
+        self.cutoffs = cutoffs
+        self.sums: dict[tuple[str, str, str], MetricSums] = {}
+        known = labels[labels >= 0]
+        p = len(labels)
+        self.chance = chance_level(known) * (len(known) - 1) / (p - 1) if len(known) >= 2 else float("nan")
+
+    def add(self, key: tuple[str, str, str], first_row: int, indices: np.ndarray, counts: np.ndarray) -> None:
+        q = self.labels[first_row : first_row + len(counts)]
+        keep = q >= 0
+        if not keep.any():
+            return
+        s = cluster_sums(indices[keep], counts[keep], q[keep], self.labels, self.cutoffs)
+        self.sums[key] = self.sums[key].merge(s) if key in self.sums else s
+
+
+def cluster_precision_stage(run, fit, scorer: ClusterScorer, truth_path: str) -> dict[str, Any]:
+    """Writes ``evaluation/cluster_precision.parquet``: the scorer's lists, and the cosine of the raw columns of
+    X (after preprocessing, before factorization: ``objective=raw``, ``scaling=none``) as the baseline."""
+    raw = raw_cosine_topn(fit.X.gather(), max(scorer.cutoffs),
+                          item_chunk=max(1, min(2048, RAW_TILE_BYTES // (4 * max(1, fit.X.n_cols)))))
+    scorer.add(("raw", "none", "cosine"), 0, raw.indices, raw.counts)
+    order = sorted(scorer.sums, key=lambda key: (key[0] != "raw", key))
     rows = []
-
-    def add(objective, scaling, metric, indices, counts):
-        q = known  # queries with a known cluster; unknown candidates never match
-        prec = cluster_precision(indices[q], counts[q], labels[q], labels, cutoffs)
-        for c in cutoffs:
+    for objective, scaling, metric in order:
+        prec = scorer.sums[(objective, scaling, metric)].finish()["precision"]
+        for c in scorer.cutoffs:
             rows.append({"objective": objective, "scaling": scaling, "metric": metric, "top_n": c,
-                         "cluster_precision": prec[c], "chance": chance})
-
-    raw = raw_cosine_topn(fit.X.gather(), max(cutoffs))
-    add("raw", "none", "cosine", raw.indices, raw.counts)
-    for label, parts in sorted(item_lists.items(), key=lambda kv: (kv[0].objective, kv[0].scaling, kv[0].metric)):
-        parts = sorted(parts, key=lambda p: p[0])
-        indices = np.concatenate([p[1].indices for p in parts])
-        counts = np.concatenate([p[1].counts for p in parts])
-        add(label.objective, label.scaling, label.metric, indices, counts)
+                         "cluster_precision": prec[c], "chance": scorer.chance})
     table = pa.Table.from_pylist(rows, schema=pa.schema([
         ("objective", pa.string()), ("scaling", pa.string()), ("metric", pa.string()), ("top_n", pa.int32()),
         ("cluster_precision", pa.float64()), ("chance", pa.float64())]))
     run.write_table("evaluation/cluster_precision.parquet", table)
-    return {"manifest": {"cluster_precision": {"truth": truth.path, "chance": chance, "cutoffs": cutoffs}},
-            "table": table, "labels": labels}
+    return {"manifest": {"cluster_precision": {"truth": truth_path, "chance": scorer.chance,
+                                               "cutoffs": scorer.cutoffs}},
+            "table": table, "labels": scorer.labels}
+
+
+# the raw-cosine baseline's dense tile (item_chunk x p float32) stays under this many bytes
+RAW_TILE_BYTES = 256 * 2**20
 
 
 def format_table(table: pa.Table, value_cols: list[str]) -> str:

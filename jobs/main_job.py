@@ -25,7 +25,7 @@ from pipeline.config import Config
 from pipeline.errors import MfsimError
 from pipeline.factors import build_embeddings, user_embeddings_blocks
 from pipeline.ingest import IngestResult, ingest
-from pipeline.neighbours import GemmGroup, ListLabel, column_norms, plan_lists, projected, run_group
+from pipeline.neighbours import GemmGroup, column_norms, plan_lists, projected, run_group
 from pipeline.preprocess import Preprocessor, preprocess
 from pipeline.runs import RunWriter, validate_run_id
 from pipeline.svd import truncated_svd
@@ -86,10 +86,15 @@ def run_job(cfg: Config, *, scheduler: str | None = None) -> tuple[Path, dict[st
                 warnings.append(f"eq2: objectives.eq2.lambda={meta['eq2']['lambda']} is >= every singular value "
                                 f"(largest {float(fit.sigma[0]):.4g}): every Eq. 2 embedding is zero")
 
-            item_lists: dict[ListLabel, list] = {}
+            subset = user_rows(data.user_ids, cfg.neighbours.users)  # unknown ids fail before the heavy stages
+            scorer = None
+            if truth is not None:
+                from jobs.evaluation_job import ClusterScorer, cluster_cutoffs, truth_labels
+
+                scorer = ClusterScorer(truth_labels(truth, data.item_ids, cfg.input.item_col,
+                                                    cfg.evaluation.truth_cluster_col), cluster_cutoffs(cfg))
             with run.stage("neighbours"):
-                keep = (lambda label: label.kind == "item_item") if truth is not None else None
-                n_lists = neighbours_stage(client, run, cfg, data, fit, keep_results=keep, kept=item_lists)
+                n_lists = neighbours_stage(client, run, cfg, data, fit, subset=subset, scorer=scorer)
             log.info("neighbours: %d lists written", n_lists)
 
             if cfg.evaluation.holdout != "none":
@@ -97,11 +102,11 @@ def run_job(cfg: Config, *, scheduler: str | None = None) -> tuple[Path, dict[st
 
                 with run.stage("evaluation"):
                     extra["evaluation"] = evaluation_stage(client, run, cfg, data)
-            if truth is not None:
+            if scorer is not None:
                 from jobs.evaluation_job import cluster_precision_stage
 
                 with run.stage("cluster_precision"):
-                    extra["cluster_precision"] = cluster_precision_stage(run, cfg, data, fit, truth, item_lists)
+                    extra["cluster_precision"] = cluster_precision_stage(run, fit, scorer, truth.path)
             if cfg.audit.enabled and cfg.objectives.eq1 is not None and fit.factors:
                 from jobs.audit_job import audit_stage
 
@@ -179,7 +184,7 @@ def user_rows(user_ids: pa.Array, wanted: list | None) -> np.ndarray | None:
     if rows.null_count:
         missing = [w for w, r in zip(wanted, rows.to_pylist()) if r is None]
         raise MfsimError(f"neighbours.users lists unknown user ids {missing[:5]}; use ids present in the input")
-    return rows.to_numpy().astype(np.int64)
+    return np.unique(rows.to_numpy().astype(np.int64))  # sorted, once each: lists stay sorted by query
 
 
 def _csr_rows(blocks: list[CSRBlock], offsets: np.ndarray, rows: np.ndarray, n_cols: int) -> CSRBlock:
@@ -209,18 +214,16 @@ class QuerySet:
 
 
 def neighbours_stage(client, run: RunWriter, cfg: Config, data: IngestResult, fit: Fit, *,
-                     keep_results: Callable[[ListLabel], bool] | None = None,
-                     kept: dict | None = None) -> int:
+                     subset: np.ndarray | None = None, scorer=None) -> int:
     """Every configured top-N list, written as ``neighbours/kind=/objective=/scaling=/metric=/part-*.parquet``.
 
-    Lists for which ``keep_results(label)`` is true are also collected in ``kept[label]`` as
-    ``[(first row, TopN), ...]`` for later stages (cluster precision).
+    ``subset``: the user rows of ``neighbours.users`` (None: all users). Item-item lists are also
+    handed to ``scorer.add`` (cluster precision) as they are written, so none is kept in memory.
     """
     from pipeline.outputs import neighbour_table
 
     ncfg = cfg.neighbours
     groups = plan_lists(list(fit.factors), ncfg.item_item, ncfg.user_item, ncfg.user_user)
-    subset = user_rows(data.user_ids, ncfg.users)
     user_parts: dict[tuple[str, str], list] = {}
     written: set[str] = set()
     kernel = dict(query_chunk=min(ncfg.query_chunk, 1024), candidate_block=ncfg.candidate_block,
@@ -264,8 +267,8 @@ def neighbours_stage(client, run: RunWriter, cfg: Config, data: IngestResult, fi
                 run.write_table(f"{label.path}/part-{part_no:05d}.parquet",
                                 neighbour_table(label.kind, qids, cand_ids, top.indices, top.scores, top.counts))
                 written.add(label.path)
-                if keep_results is not None and keep_results(label):
-                    kept.setdefault(label, []).append((r.first_id, top))
+                if scorer is not None and label.kind == "item_item":
+                    scorer.add((label.objective, label.scaling, label.metric), r.first_id, top.indices, top.counts)
     return len(written)
 
 
@@ -321,4 +324,8 @@ def load_item_truth(cfg: Config) -> ItemTruth | None:
         if col not in t.column_names:
             raise MfsimError(f"column '{col}' is missing from the item truth {path}; its columns are "
                              f"{t.column_names}; set evaluation.truth_cluster_col / input.item_col")
+    cluster = t[cfg.evaluation.truth_cluster_col]
+    if not pa.types.is_integer(cluster.type) or cluster.null_count:
+        raise MfsimError(f"column '{cfg.evaluation.truth_cluster_col}' of the item truth {path} must hold integer "
+                         f"cluster labels without nulls, got {cluster.type} with {cluster.null_count} nulls")
     return ItemTruth(path, t)

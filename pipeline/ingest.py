@@ -282,9 +282,12 @@ def scan_piece(piece: Piece, spec: ScanSpec) -> dict[str, Any]:
             keep &= ~bad
     if spec.weight_col:
         w_arr = t.column(spec.weight_col).combine_chunks()
-        weights = w_arr.cast(pa.float32()).fill_null(0.0).to_numpy()
+        # via float64 then numpy: large integers round (no cast error) and values beyond the float32 range
+        # become inf, so they are judged (inf_weight) as they would be stored
+        with np.errstate(over="ignore"):
+            weights = w_arr.cast(pa.float64()).fill_null(0.0).to_numpy().astype(np.float32)
         if w_arr.null_count or not (np.isfinite(weights).all() and (weights >= 0).all()):
-            w = w_arr.cast(pa.float64()).fill_null(0.0).to_numpy()  # reasons judged before rounding to float32
+            w = weights
             for reason, bad in (("null_weight", w_arr.is_null().to_numpy(zero_copy_only=False)),
                                 ("nan_weight", np.isnan(w)), ("inf_weight", np.isinf(w)), ("negative_weight", w < 0)):
                 counts[reason] = int((keep & bad).sum())
@@ -328,9 +331,7 @@ def union_ids(*arrays: pa.Array) -> pa.Array:
 
 def max_ts(piece: Piece, spec: ScanSpec) -> int | None:
     """Largest timestamp of a piece in microseconds (for a default ``as_of``)."""
-    fs, _ = _filesystem(spec.url)
-    with fs.open(piece.path, "rb") as fh:
-        ts = pq.ParquetFile(fh).read_row_groups(list(piece.row_groups), columns=[spec.ts_col]).column(0)
+    ts = _read_piece(piece, dataclasses.replace(spec, user_col="", item_col="", weight_col=None)).column(0)
     ts = ts.combine_chunks()
     if pa.types.is_date(ts.type):
         ts = ts.cast(pa.timestamp("s"))

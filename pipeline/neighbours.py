@@ -23,6 +23,7 @@ task is bounded by the chunk sizes (see ``topn_blocked``), never O(p^2).
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -152,17 +153,24 @@ def run_group(client, query_parts: list[Any], query_sizes: list[int], query_firs
     """Submit one task per query range; yield ``(range, {metric: TopN})`` in row order.
 
     ``query_parts``/``exclude_parts`` are arrays or futures; ``candidates`` should already be
-    scattered (a future) so it travels to each worker once. Results are released as they are
-    yielded, so the client holds one range's lists at a time.
+    scattered (a future) so it travels to each worker once. At most ``2 x threads`` ranges are in
+    flight and results are released as they are yielded, so memory does not grow with the number
+    of ranges.
     """
     ranges = query_ranges(query_sizes, query_first_ids, rows_per_task)
-    futures = [
-        client.submit(topn_task, query_parts[r.part], scale, r, candidates, n, metrics, exclude_self,
-                      exclude_parts[r.part] if exclude_parts is not None else None, query_chunk, candidate_block,
-                      pure=False)
-        for r in ranges
-    ]
-    for r, fut in zip(ranges, futures):
+
+    def submit(r: QueryRange):
+        return client.submit(topn_task, query_parts[r.part], scale, r, candidates, n, metrics, exclude_self,
+                             exclude_parts[r.part] if exclude_parts is not None else None, query_chunk,
+                             candidate_block, pure=False)
+
+    # a bounded window of ranges in flight: results wait on the workers only until this loop takes them
+    window = max(2, 2 * sum(client.nthreads().values()))
+    in_flight = deque(submit(r) for r in ranges[:window])
+    for i, r in enumerate(ranges):
+        fut = in_flight.popleft()
+        if i + window < len(ranges):
+            in_flight.append(submit(ranges[i + window]))
         result = fut.result()
         fut.release()
         yield r, result

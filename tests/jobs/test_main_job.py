@@ -28,7 +28,7 @@ def small_run(tmp_path_factory, client):
         f"cluster.address={client.scheduler.address}", f"svd.rank={RANK}", f"neighbours.top_n={TOP_N}",
         "objectives.eq1.lambda=2.0", "objectives.eq2.lambda=1.5", "preprocess.binarize=true",
         "objectives.eq1.scalings=[symmetric,item_orthonormal,eq2_like]", "neighbours.query_chunk=64",
-        "neighbours.candidate_block=16",
+        "neighbours.candidate_block=16", "ingest.block_rows=64",  # several row blocks
         # the 5th and 6th singular values of this small X are within 10%: enough power iterations
         # that the randomized subspace matches the exact one (error ~ (s_16/s_5)^(2q+1) ~ 1e-6)
         "svd.power_iterations=12",
@@ -125,7 +125,7 @@ def test_every_list_matches_numpy(small_run):
             ABn, ab_ok = _cos(AB)
             XABn, xab_ok = _cos(XAB)
             # these references come from another SVD: add its error, about 1e-5 relative here (rank 5
-            # sits before a clear spectral gap, and q=4 power iterations make the subspace accurate)
+            # sits before a clear spectral gap, and q=12 power iterations make the subspace accurate)
             svd_tol = 1e-4
             lists.update({
                 ("item_item", invariant, "model"): (AB, no_self_i, svd_tol * np.abs(AB).max()),
@@ -145,6 +145,56 @@ def test_every_list_matches_numpy(small_run):
             _check_lists(table, q_col, n_col, q_ids, n_ids, ref, ok, tol_, what=str(path))
             checked += 1
     assert checked == 4 * 4 + 2 * 4
+
+
+def test_cluster_precision_matches_the_published_lists(small_run):
+    run_dir, manifest, sim_dir = small_run
+    truth = pq.read_table(sim_dir / "items_truth.parquet")
+    items = pq.read_table(run_dir / "ids/items.parquet")["item_id"].to_numpy()
+    label = dict(zip(truth["item_id"].to_pylist(), truth["cluster"].to_pylist()))
+    table = pq.read_table(run_dir / "evaluation/cluster_precision.parquet").to_pylist()
+    n_c = np.bincount([label[i] for i in items])
+    chance = float((n_c * (n_c - 1)).sum() / (len(items) * (len(items) - 1)))
+    checked = 0
+    for row in table:
+        assert abs(row["chance"] - chance) < 1e-12
+        if row["objective"] == "raw":
+            continue
+        lists = pq.read_table(run_dir / f"neighbours/kind=item_item/objective={row['objective']}/scaling="
+                                        f"{row['scaling']}/metric={row['metric']}").to_pylist()
+        per_item: dict = {}
+        for r in lists:
+            if r["rank"] <= row["top_n"]:
+                per_item.setdefault(r["item_id"], []).append(label[r["neighbour_id"]] == label[r["item_id"]])
+        expect = np.mean([np.mean(v) for v in per_item.values()])
+        assert abs(row["cluster_precision"] - expect) < 1e-9, row
+        checked += 1
+    assert checked == 3 * 2 + 2 + 4  # eq1 cosine/dot x 3 scalings + invariant model/projected + eq2 four
+    assert {r["objective"] for r in table} == {"raw", "eq1", "eq2"}
+
+
+def test_user_subset_lists_equal_the_full_run(small_run, client):
+    run_dir, _, sim_dir = small_run
+    users = pq.read_table(run_dir / "ids/users.parquet")["user_id"].to_pylist()
+    wanted = [users[77], users[3], users[140], users[3]]  # unsorted, with a repeat
+    cfg = load_config(None, [
+        f"input.path={sim_dir}", f"run.output={run_dir.parent}", "run.run_id=sub",
+        f"cluster.address={client.scheduler.address}", f"svd.rank={RANK}", f"neighbours.top_n={TOP_N}",
+        "objectives.eq1.lambda=2.0", "objectives.eq2.lambda=1.5", "preprocess.binarize=true",
+        "objectives.eq1.scalings=[symmetric]", "svd.power_iterations=12", "ingest.block_rows=64",
+        "neighbours.item_item=[]", f"neighbours.users={wanted}", "evaluation.holdout=none", "audit.enabled=false",
+        "report.enabled=false",
+    ])
+    sub_dir, _ = run_job(cfg)
+    for rel in ["kind=user_item/objective=eq2/scaling=unique/metric=dot",
+                "kind=user_user/objective=eq1/scaling=symmetric/metric=cosine",
+                "kind=user_user/objective=eq1/scaling=invariant/metric=projected_cosine"]:
+        got = pq.read_table(sub_dir / "neighbours" / rel).to_pylist()
+        full = [r for r in pq.read_table(run_dir / "neighbours" / rel).to_pylist() if r["user_id"] in set(wanted)]
+        assert [r["user_id"] for r in got] == sorted(r["user_id"] for r in got)  # by query, each once
+        key = "item_id" if "user_item" in rel else "neighbour_id"
+        assert [(r["user_id"], r[key], r["rank"]) for r in got] == [(r["user_id"], r[key], r["rank"]) for r in full]
+        np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in full], rtol=1e-5, atol=1e-6)
 
 
 def test_lists_readable_with_partition_columns(small_run):
@@ -171,7 +221,9 @@ def test_inspect_and_audit_commands(small_run):
     assert "eq1/symmetric/cosine" in r.stdout and "eq2/unique/cosine" in r.stdout
     first = pq.read_table(run_dir / "neighbours/kind=item_item/objective=eq2/scaling=unique/metric=cosine",
                           filters=[("item_id", "=", item), ("rank", "=", 1)])
-    assert str(first["neighbour_id"][0].as_py()) in r.stdout.splitlines()[2]
+    header, row1 = r.stdout.splitlines()[1].split(), r.stdout.splitlines()[2].split()
+    col = header.index("eq2/unique/cosine")  # columns: rank, then "id (score)" per list
+    assert row1[0] == "1" and row1[1 + 2 * (col - 1)] == str(first["neighbour_id"][0].as_py())
     where = run_dir / "factors/objective=eq1/scaling=symmetric"
     out = run_dir.parent / "audit.parquet"
     r = subprocess.run([mfsim, "audit", "--users", str(where / "users.parquet"), "--items", str(where / "items.parquet"),

@@ -166,6 +166,16 @@ def test_invalid_rows_error_and_drop(tmp_path, client):
     _assert_matches(res, dense_reference([1, 6], [1, 2], [1.0, 2.0]))
 
 
+def test_weights_beyond_float32_are_judged_as_stored(tmp_path, client):
+    p = _write(tmp_path / "w.parquet", user_id=[1, 2, 3], item_id=[1, 1, 1],
+               weight=pa.array([2**40, 3, 5], pa.int64()))  # a large integer rounds, no cast error
+    res = _ingest(client, p, ts_col=None)
+    np.testing.assert_array_equal(res.X.gather().toarray().ravel(), np.float32([2**40, 3, 5]))
+    p = _write(tmp_path / "f.parquet", user_id=[1, 2], item_id=[1, 1], weight=pa.array([1e300, 2.0]))
+    res = _ingest(client, p, ts_col=None, on_invalid="drop")  # 1e300 is inf in float32
+    assert res.counts["rows_dropped"] == {"inf_weight": 1}
+
+
 @pytest.mark.parametrize(
     "case, pattern",
     [
