@@ -34,7 +34,6 @@ def evaluation_stage(client, run, cfg: Config, data) -> dict[str, Any]:
     config on the train split only. Writes ``evaluation/metrics.parquet``.
     """
     from jobs.main_job import fit_model
-    from pipeline.factors import user_embeddings_blocks
 
     ecfg = cfg.evaluation
     train, test = split_holdout(data.X, ecfg.holdout, ecfg.fraction, ecfg.seed)
@@ -47,8 +46,8 @@ def evaluation_stage(client, run, cfg: Config, data) -> dict[str, Any]:
     ranges = query_ranges(sizes, firsts, cfg.neighbours.query_chunk)
     rows = []
     for g in groups:
-        A, B = fit.factors[(g.objective, g.scaling)]
-        parts = user_embeddings_blocks(fit.X, A, fit.prep.col_offset)
+        B = fit.factors[(g.objective, g.scaling)][1]
+        parts = fit.users((g.objective, g.scaling))
         cand = client.scatter(np.ascontiguousarray(B), broadcast=True, hash=False)
         futures = [client.submit(_eval_task, parts[r.part], None, r, cand, n, tuple(g.outputs), train.parts[r.part],
                                  test.parts[r.part], tuple(ecfg.cutoffs), min(cfg.neighbours.query_chunk, 1024),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,6 +43,13 @@ class Fit:
     V: np.ndarray
     factors: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]
     meta: dict[str, Any]
+    user_parts: dict[tuple[str, str], list] = field(default_factory=dict)  # P = X A per row block, when computed
+
+    def users(self, key: tuple[str, str]) -> list:
+        """User embeddings ``P = X_eff A`` of (objective, scaling) per row block (futures), computed once."""
+        if key not in self.user_parts:
+            self.user_parts[key] = user_embeddings_blocks(self.X, self.factors[key][0], self.prep.col_offset)
+        return self.user_parts[key]
 
 
 def fit_model(X_raw: RowBlocks, cfg: Config, run: RunWriter | None = None, prefix: str = "") -> Fit:
@@ -151,7 +158,7 @@ def write_factors(run: RunWriter, cfg: Config, data: IngestResult, fit: Fit) -> 
     for (objective, scaling), (A, B) in fit.factors.items():
         where = outputs.factors_dir(objective, scaling)
         run.write_table(f"{where}/items.parquet", outputs.embedding_table(data.item_ids, cfg.input.item_col, B))
-        parts = user_embeddings_blocks(fit.X, A, fit.prep.col_offset)
+        parts = fit.users((objective, scaling))
         run.write_table_parts(f"{where}/users.parquet", _embedding_parts(
             fit.X.client, parts, data.user_ids, cfg.input.user_col, fit.X.row_offsets))
 
@@ -224,15 +231,9 @@ def neighbours_stage(client, run: RunWriter, cfg: Config, data: IngestResult, fi
 
     ncfg = cfg.neighbours
     groups = plan_lists(list(fit.factors), ncfg.item_item, ncfg.user_item, ncfg.user_user)
-    user_parts: dict[tuple[str, str], list] = {}
     written: set[str] = set()
     kernel = dict(query_chunk=min(ncfg.query_chunk, 1024), candidate_block=ncfg.candidate_block,
                   rows_per_task=ncfg.query_chunk)
-
-    def users_of(key):
-        if key not in user_parts:
-            user_parts[key] = user_embeddings_blocks(fit.X, fit.factors[key][0], fit.prep.col_offset)
-        return user_parts[key]
 
     for g in groups:
         A, B = fit.factors[(g.objective, g.scaling)]
@@ -246,7 +247,7 @@ def neighbours_stage(client, run: RunWriter, cfg: Config, data: IngestResult, fi
                                exclude_self=True)
             cand_ids = data.item_ids
         else:
-            parts = users_of((g.objective, g.scaling))
+            parts = fit.users((g.objective, g.scaling))
             if g.queries == "P_proj":
                 scale = column_norms(B)
             if g.kind == "user_item":
