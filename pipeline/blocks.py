@@ -109,10 +109,6 @@ class RowBlocks:
             return sp.csr_matrix((0, self.n_cols), dtype=np.float32)
         return sp.vstack([b.to_scipy() for b in blocks], format="csr").astype(np.float32)
 
-    def persist_local(self) -> "RowBlocks":
-        """The same matrix with every block in this process (client None)."""
-        return RowBlocks(self.local_parts(), self.row_offsets.copy(), self.n_cols, None, self.nnz)
-
     @classmethod
     def from_scipy(cls, m: sp.spmatrix, block_rows: int, client: Any = None) -> "RowBlocks":
         """Split a scipy matrix into row blocks of ``block_rows`` rows (scattered when a client is given)."""

@@ -8,7 +8,6 @@ client it is handed, so the same code runs on a laptop and on a cluster.
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -77,12 +76,3 @@ def get_client(cfg: ClusterSection, scheduler: str | None = None) -> Iterator["d
         client.close()
         cluster.close()
 
-
-def limit_local_threads(n: int | None = None) -> int:
-    """Set numba's thread count for in-process kernels (default: every core); returns it."""
-    import numba
-
-    n = n or int(os.environ.get("NUMBA_NUM_THREADS", numba.config.NUMBA_NUM_THREADS))
-    n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(n)
-    return n
