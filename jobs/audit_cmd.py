@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.audit import AuditResult, audit_embedding_pair, sample_rows
-from pipeline.errors import MfsimError
+from mfsim.pipeline.audit import AuditResult, audit_embedding_pair, sample_rows
+from mfsim.pipeline.errors import MfsimError
 
 EMBEDDING = "embedding"
 _BATCH_ROWS = 65536

@@ -6,16 +6,16 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.audit import audit_item_lists
-from pipeline.config import Config
-from pipeline.neighbours import query_ranges, topn_task
+from mfsim.pipeline.audit import audit_item_lists
+from mfsim.pipeline.config import Config
+from mfsim.pipeline.neighbours import query_ranges, topn_task
 
 
 def dask_item_lists(client, query_chunk: int, candidate_block: int):
     """An ``item_lists_fn`` for the audit that runs the top-N kernel as Dask tasks over query ranges."""
 
     def item_lists(queries: np.ndarray, candidates: np.ndarray, n: int, metric: str, exclude_self: bool = True):
-        from kernels.topn import TopN
+        from mfsim.kernels.topn import TopN
 
         cand = client.scatter(np.ascontiguousarray(candidates, dtype=np.float32), broadcast=True, hash=False)
         q = cand if queries is candidates else client.scatter(np.ascontiguousarray(queries, dtype=np.float32),

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.bench_svd import PeakRSS
+from mfsim.jobs.bench_svd import PeakRSS
 
 
 def write_synthetic_log(path: Path, rows: int, users: int, items: int, *, files: int = 8, seed: int = 0) -> None:
@@ -48,7 +48,7 @@ def write_synthetic_log(path: Path, rows: int, users: int, items: int, *, files:
 def _warm_up() -> None:
     import numpy as np
 
-    from kernels.coo import bucket_order, coo_to_csr_sum
+    from mfsim.kernels.coo import bucket_order, coo_to_csr_sum
 
     bucket_order(np.zeros(1, np.int64), 1, 1)
     coo_to_csr_sum(np.zeros(1, np.int64), np.zeros(1, np.int32), np.ones(1, np.float32), 1, np.zeros(0, np.int64))
@@ -73,9 +73,9 @@ def run_bench_ingest(rows: int = 50_000_000, users: int | None = None, items: in
                      workdir: Path | None = None, n_workers: int = 2, block_rows: int = 65536) -> dict:
     from distributed import Client, LocalCluster, wait
 
-    from pipeline.cluster import worker_thread_env
-    from pipeline.config import IngestSection, InputSection
-    from pipeline.ingest import ingest
+    from mfsim.pipeline.cluster import worker_thread_env
+    from mfsim.pipeline.config import IngestSection, InputSection
+    from mfsim.pipeline.ingest import ingest
 
     users = users or max(10, rows // 50)
     items = items or max(10, rows // 250)

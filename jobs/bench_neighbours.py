@@ -51,7 +51,7 @@ def _set_threads(threads: int) -> None:
 
 
 def _mfsim(emb: np.ndarray, queries: int, top_n: int, query_chunk: int, candidate_block: int, threads: int):
-    from kernels.topn import topn_blocked
+    from mfsim.kernels.topn import topn_blocked
 
     t0 = time.perf_counter()
     out = topn_blocked(emb[:queries], emb, top_n, metrics=("dot", "cosine"), query_offset=0, exclude_self=True,
@@ -64,7 +64,7 @@ def _bare_gemm(emb: np.ndarray, queries: int, query_chunk: int, candidate_block:
     mfsim's own tiling (``tile_rows`` rows per tile, rows split over threads, single-threaded BLAS)."""
     from threadpoolctl import threadpool_limits
 
-    from kernels.topn import tile_rows
+    from mfsim.kernels.topn import tile_rows
 
     p = emb.shape[0]
     cb = min(candidate_block, p)

@@ -202,7 +202,7 @@ def _svd_compressed(x: sp.csr_matrix, block_rows: int, rank: int, oversample: in
 def _default_cluster():
     from distributed import Client, LocalCluster
 
-    from pipeline.cluster import worker_thread_env
+    from mfsim.pipeline.cluster import worker_thread_env
 
     cluster = LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
@@ -248,9 +248,9 @@ def run_bench_svd(
         ``peak_rss`` (bytes above the start, this process), ``worker_peak_rss`` (largest worker),
         ``sigma_max_rel_err`` and ``sigma`` (against svds or the per-index maximum, ``reference``).
     """
-    from pipeline.blocks import RowBlocks
-    from pipeline.config import IngestSection, SvdSection
-    from pipeline.svd import randomized_svd
+    from mfsim.pipeline.blocks import RowBlocks
+    from mfsim.pipeline.config import IngestSection, SvdSection
+    from mfsim.pipeline.svd import randomized_svd
 
     q = SvdSection().power_iterations if power_iterations is None else int(power_iterations)
     block_rows = block_rows or IngestSection().block_rows
@@ -370,6 +370,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from jobs.bench_svd import main as _main  # run from the importable module, so workers can find its functions
+    from mfsim.jobs.bench_svd import main as _main  # run from the importable module, so workers can find its functions
 
     _main()

@@ -10,8 +10,8 @@ from typing import Optional
 
 import typer
 
-from pipeline.config import Config, load_config
-from pipeline.errors import MfsimError
+from mfsim.pipeline.config import Config, load_config
+from mfsim.pipeline.errors import MfsimError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Interaction logs -> MF embeddings and neighbour lists, with a cosine-similarity audit.")
@@ -65,10 +65,10 @@ def run(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Run the pipeline on an interaction log and publish one run directory."""
-    from jobs.main_job import run_job
+    from mfsim.jobs.main_job import run_job
 
     cfg = _load(config, set_, **{"input.path": input, "run.output": output, "run.run_id": run_id})
-    from jobs.evaluation_job import format_table
+    from mfsim.jobs.evaluation_job import format_table
 
     run_dir, manifest = run_job(cfg, scheduler=scheduler)
     tables = manifest.pop("_tables", {})
@@ -96,7 +96,7 @@ def simulate(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Simulate the paper's Section 4 data: clustered items, power-law popularity and activity."""
-    from pipeline.simulate import simulate as simulate_data, write_simulation
+    from mfsim.pipeline.simulate import simulate as simulate_data, write_simulation
 
     cfg = _load(config, set_)
     sim = simulate_data(cfg.simulate)
@@ -114,7 +114,7 @@ def bench_ingest(
     workdir: Optional[Path] = typer.Option(None, help="Where to write the log (default: a temp dir)."),
 ) -> None:
     """Time mfsim's ingest against a single-process pyarrow read + scipy coo->csr build."""
-    from jobs.bench_ingest import run_bench_ingest
+    from mfsim.jobs.bench_ingest import run_bench_ingest
 
     run_bench_ingest(rows=rows, users=users, items=items, workdir=workdir)
 
@@ -131,7 +131,7 @@ def bench_svd(
     seed: int = typer.Option(0, help="Seed of the matrix and of every method."),
 ) -> None:
     """Time mfsim's randomized SVD (in-process and on Dask) against scikit-learn and dask.array."""
-    from jobs.bench_svd import run_bench_svd
+    from mfsim.jobs.bench_svd import run_bench_svd
 
     run_bench_svd(users=users, items=items, nnz=nnz, rank=rank, oversample=oversample,
                   power_iterations=power_iterations, seed=seed)
@@ -147,7 +147,7 @@ def bench_neighbours(
     slice_items: Optional[int] = typer.Option(None, help="Catalog size of the measured slice (default 1,000,000)."),
 ) -> None:
     """Time item-item cosine + dot top-N against faiss IndexFlatIP and a bare sgemm over the same tiles."""
-    from jobs.bench_neighbours import run_bench_neighbours
+    from mfsim.jobs.bench_neighbours import run_bench_neighbours
 
     run_bench_neighbours(items=items, rank=rank, top_n=top_n, seed=seed, slice_items=slice_items)
 
@@ -165,7 +165,7 @@ def audit(
     out: Optional[Path] = typer.Option(None, "--out", help="Write the stability table here (Parquet)."),
 ) -> None:
     """Audit any (user, item) embedding pair whose dot product is the model: do cosine lists survive U D, I D^-1?"""
-    from jobs.audit_cmd import run_audit_command
+    from mfsim.jobs.audit_cmd import run_audit_command
 
     run_audit_command(users, items, top_n=top_n, draws=draws, spread=spread, seed=seed, out=out)
 
@@ -179,7 +179,7 @@ def neighbours(
     top: int = typer.Option(10, "--top", help="Rows to show per list."),
 ) -> None:
     """Print one item's item-item lists side by side, one column per (objective, scaling, metric)."""
-    from jobs.inspect_cmd import show_item_lists
+    from mfsim.jobs.inspect_cmd import show_item_lists
 
     typer.echo(show_item_lists(run_dir, item, metric, top))
 

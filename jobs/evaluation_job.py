@@ -9,12 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.blocks import CSRBlock
-from pipeline.config import Config
-from pipeline.errors import MfsimError
-from pipeline.evaluate import MetricSums, chance_level, cluster_sums, merge_sums, raw_cosine_topn, ranking_sums, \
+from mfsim.pipeline.blocks import CSRBlock
+from mfsim.pipeline.config import Config
+from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.evaluate import MetricSums, chance_level, cluster_sums, merge_sums, raw_cosine_topn, ranking_sums, \
     split_holdout
-from pipeline.neighbours import plan_lists, query_ranges, topn_task
+from mfsim.pipeline.neighbours import plan_lists, query_ranges, topn_task
 
 log = logging.getLogger("mfsim.evaluation")
 
@@ -33,7 +33,7 @@ def evaluation_stage(client, run, cfg: Config, data) -> dict[str, Any]:
     The published factors and lists come from the fit on all data; this second fit uses the same
     config on the train split only. Writes ``evaluation/metrics.parquet``.
     """
-    from jobs.main_job import fit_model
+    from mfsim.jobs.main_job import fit_model
 
     ecfg = cfg.evaluation
     train, test = split_holdout(data.X, ecfg.holdout, ecfg.fraction, ecfg.seed)

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from pipeline.errors import MfsimError
-from pipeline.runs import read_manifest
+from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.runs import read_manifest
 
 
 def show_item_lists(run_dir: Path, item: str, metrics: list[str], top: int = 10) -> str:

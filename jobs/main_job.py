@@ -17,18 +17,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.progress import progress
-from pipeline import outputs
-from pipeline.blocks import CSRBlock, RowBlocks
-from pipeline.cluster import get_client
-from pipeline.config import Config
-from pipeline.errors import MfsimError
-from pipeline.factors import build_embeddings, user_embeddings_blocks
-from pipeline.ingest import IngestResult, ingest
-from pipeline.neighbours import GemmGroup, column_norms, plan_lists, projected, run_group
-from pipeline.preprocess import Preprocessor, preprocess
-from pipeline.runs import RunWriter, validate_run_id
-from pipeline.svd import truncated_svd
+from mfsim.jobs.progress import progress
+from mfsim.pipeline import outputs
+from mfsim.pipeline.blocks import CSRBlock, RowBlocks
+from mfsim.pipeline.cluster import get_client
+from mfsim.pipeline.config import Config
+from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.factors import build_embeddings, user_embeddings_blocks
+from mfsim.pipeline.ingest import IngestResult, ingest
+from mfsim.pipeline.neighbours import GemmGroup, column_norms, plan_lists, projected, run_group
+from mfsim.pipeline.preprocess import Preprocessor, preprocess
+from mfsim.pipeline.runs import RunWriter, validate_run_id
+from mfsim.pipeline.svd import truncated_svd
 
 log = logging.getLogger("mfsim.job")
 
@@ -96,7 +96,7 @@ def run_job(cfg: Config, *, scheduler: str | None = None) -> tuple[Path, dict[st
             subset = user_rows(data.user_ids, cfg.neighbours.users)  # unknown ids fail before the heavy stages
             scorer = None
             if truth is not None:
-                from jobs.evaluation_job import ClusterScorer, cluster_cutoffs, truth_labels
+                from mfsim.jobs.evaluation_job import ClusterScorer, cluster_cutoffs, truth_labels
 
                 scorer = ClusterScorer(truth_labels(truth, data.item_ids, cfg.input.item_col,
                                                     cfg.evaluation.truth_cluster_col), cluster_cutoffs(cfg))
@@ -105,22 +105,22 @@ def run_job(cfg: Config, *, scheduler: str | None = None) -> tuple[Path, dict[st
             log.info("neighbours: %d lists written", n_lists)
 
             if cfg.evaluation.holdout != "none":
-                from jobs.evaluation_job import evaluation_stage
+                from mfsim.jobs.evaluation_job import evaluation_stage
 
                 with run.stage("evaluation"):
                     extra["evaluation"] = evaluation_stage(client, run, cfg, data)
             if scorer is not None:
-                from jobs.evaluation_job import cluster_precision_stage
+                from mfsim.jobs.evaluation_job import cluster_precision_stage
 
                 with run.stage("cluster_precision"):
                     extra["cluster_precision"] = cluster_precision_stage(run, fit, scorer, truth.path)
             if cfg.audit.enabled and cfg.objectives.eq1 is not None and fit.factors:
-                from jobs.audit_job import audit_stage
+                from mfsim.jobs.audit_job import audit_stage
 
                 with run.stage("audit"):
                     extra["audit"] = audit_stage(client, run, cfg, fit)
             if cfg.report.enabled:
-                from jobs.report_job import report_stage
+                from mfsim.jobs.report_job import report_stage
 
                 with run.stage("report"):
                     report_stage(run, cfg, data, fit, truth, extra)
@@ -227,7 +227,7 @@ def neighbours_stage(client, run: RunWriter, cfg: Config, data: IngestResult, fi
     ``subset``: the user rows of ``neighbours.users`` (None: all users). Item-item lists are also
     handed to ``scorer.add`` (cluster precision) as they are written, so none is kept in memory.
     """
-    from pipeline.outputs import neighbour_table
+    from mfsim.pipeline.outputs import neighbour_table
 
     ncfg = cfg.neighbours
     groups = plan_lists(list(fit.factors), ncfg.item_item, ncfg.user_item, ncfg.user_user)

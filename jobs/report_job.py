@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from pipeline.config import Config
-from pipeline.report import cluster_boundaries, heatmap_grid_png, histogram_png, item_order, render_report, \
+from mfsim.pipeline.config import Config
+from mfsim.pipeline.report import cluster_boundaries, heatmap_grid_png, histogram_png, item_order, render_report, \
     select_items, spectrum_png
 
 

@@ -42,7 +42,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 from threadpoolctl import ThreadpoolController
 
-from pipeline.errors import MfsimError
+from mfsim.pipeline.errors import MfsimError
 
 METRICS = ("dot", "cosine")
 

@@ -33,9 +33,9 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from kernels.topn import TopN, topn_blocked
-from pipeline.errors import MfsimError
-from pipeline.neighbours import projected
+from mfsim.kernels.topn import TopN, topn_blocked
+from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.neighbours import projected
 
 ItemListsFn = Callable[..., TopN]  # (queries, candidates, n, metric, exclude_self=...) -> TopN
 

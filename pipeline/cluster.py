@@ -11,8 +11,8 @@ import logging
 from contextlib import contextmanager
 from typing import Iterator
 
-from pipeline.config import ClusterSection
-from pipeline.errors import MfsimError
+from mfsim.pipeline.config import ClusterSection
+from mfsim.pipeline.errors import MfsimError
 
 log = logging.getLogger("mfsim.cluster")
 

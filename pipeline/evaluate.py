@@ -27,9 +27,9 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from kernels.topn import TopN, empty_state, finalize_state, select_tile
-from pipeline.blocks import CSRBlock, RowBlocks
-from pipeline.errors import MfsimError
+from mfsim.kernels.topn import TopN, empty_state, finalize_state, select_tile
+from mfsim.pipeline.blocks import CSRBlock, RowBlocks
+from mfsim.pipeline.errors import MfsimError
 
 SPLIT_MODES = ("random", "temporal")
 

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from kernels.sparse import csr_matmat
-from pipeline.blocks import CSRBlock, RowBlocks
-from pipeline.config import ObjectivesSection
-from pipeline.errors import MfsimError
+from mfsim.kernels.sparse import csr_matmat
+from mfsim.pipeline.blocks import CSRBlock, RowBlocks
+from mfsim.pipeline.config import ObjectivesSection
+from mfsim.pipeline.errors import MfsimError
 
 log = logging.getLogger("mfsim.factors")
 

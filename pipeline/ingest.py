@@ -36,10 +36,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from kernels.coo import bucket_order, coo_to_csr_sum
-from pipeline.blocks import CSRBlock, RowBlocks
-from pipeline.config import IngestSection, InputSection
-from pipeline.errors import MfsimError
+from mfsim.kernels.coo import bucket_order, coo_to_csr_sum
+from mfsim.pipeline.blocks import CSRBlock, RowBlocks
+from mfsim.pipeline.config import IngestSection, InputSection
+from mfsim.pipeline.errors import MfsimError
 
 log = logging.getLogger("mfsim.ingest")
 

@@ -29,8 +29,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from kernels.topn import TopN, topn_blocked
-from pipeline.blocks import CSRBlock
+from mfsim.kernels.topn import TopN, topn_blocked
+from mfsim.pipeline.blocks import CSRBlock
 
 INVARIANT = "invariant"
 

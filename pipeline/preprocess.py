@@ -48,9 +48,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.blocks import CSRBlock, RowBlocks
-from pipeline.config import PreprocessSection
-from pipeline.errors import MfsimError
+from mfsim.pipeline.blocks import CSRBlock, RowBlocks
+from mfsim.pipeline.config import PreprocessSection
+from mfsim.pipeline.errors import MfsimError
 
 # A column is treated as constant when its variance from E[x^2] - mu^2 is below this fraction of
 # E[x^2]: the float64 cancellation error of that formula is a few eps64 (2.2e-16) times E[x^2], and

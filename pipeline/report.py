@@ -38,7 +38,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from pipeline.errors import MfsimError
+from mfsim.pipeline.errors import MfsimError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DPI = 110  # ~440 px per 4-inch heatmap panel: a 1,000-item panel is downsampled ~2.3x, still readable

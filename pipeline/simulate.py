@@ -52,8 +52,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import SimulateSection
-from pipeline.errors import MfsimError
+from mfsim.pipeline.config import SimulateSection
+from mfsim.pipeline.errors import MfsimError
 
 ITEMS_TRUTH = "items_truth.parquet"
 METADATA = "_simulation.json"

@@ -39,10 +39,10 @@ import numpy as np
 from scipy.linalg.blas import dtrsm
 from threadpoolctl import threadpool_limits
 
-from kernels.sparse import csr_matmat, csr_t_matmat
-from pipeline.blocks import CSRBlock, RowBlocks
-from pipeline.config import SvdSection
-from pipeline.errors import MfsimError
+from mfsim.kernels.sparse import csr_matmat, csr_t_matmat
+from mfsim.pipeline.blocks import CSRBlock, RowBlocks
+from mfsim.pipeline.config import SvdSection
+from mfsim.pipeline.errors import MfsimError
 
 #: Rows per chunk of the Gaussian test matrix Omega (n x l): chunk j is drawn from
 #: ``default_rng([seed, j])``, so Omega's rows depend only on their global index, never on how

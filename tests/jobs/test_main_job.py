@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from jobs.main_job import run_job
-from pipeline.config import load_config
-from pipeline.simulate import simulate, write_simulation
+from mfsim.jobs.main_job import run_job
+from mfsim.pipeline.config import load_config
+from mfsim.pipeline.simulate import simulate, write_simulation
 
 TOP_N = 7
 RANK = 5  # = the simulator's cluster count: a clear gap after the top 5 singular values

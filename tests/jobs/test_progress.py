@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 
-from jobs.progress import progress
+from mfsim.jobs.progress import progress
 
 
 class _Tty(io.StringIO):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels.coo import bucket_order, bucket_order_reference, coo_to_csr_sum, coo_to_csr_sum_reference
+from mfsim.kernels.coo import bucket_order, bucket_order_reference, coo_to_csr_sum, coo_to_csr_sum_reference
 
 
 def _entries(rng, nnz, n_rows, n_cols, *, empty_rows=True):

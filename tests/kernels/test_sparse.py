@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-import kernels.sparse as ks
-from kernels.sparse import csr_matmat, csr_matmat_reference, csr_t_matmat, csr_t_matmat_reference
+import mfsim.kernels.sparse as ks
+from mfsim.kernels.sparse import csr_matmat, csr_matmat_reference, csr_t_matmat, csr_t_matmat_reference
 
 
 def _csr(rng, n, p, density, *, empty_row=True, empty_col=True, zero=False):

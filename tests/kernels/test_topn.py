@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import kernels.topn as topn_module
-from kernels.topn import (
+import mfsim.kernels.topn as topn_module
+from mfsim.kernels.topn import (
     TopN,
     empty_state,
     finalize_state,
@@ -27,7 +27,7 @@ from kernels.topn import (
     topn_blocked,
     topn_reference,
 )
-from pipeline.errors import MfsimError
+from mfsim.pipeline.errors import MfsimError
 
 EPS32 = float(np.finfo(np.float32).eps)
 

@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from jobs.audit_cmd import run_audit_command
-from kernels.topn import topn_reference
-from pipeline.audit import (
+from mfsim.jobs.audit_cmd import run_audit_command
+from mfsim.kernels.topn import topn_reference
+from mfsim.pipeline.audit import (
     AUDIT_METRICS,
     audit_embedding_pair,
     audit_item_lists,
@@ -29,9 +29,9 @@ from pipeline.audit import (
     random_diagonals,
     sample_rows,
 )
-from pipeline.errors import MfsimError
-from pipeline.factors import EQ1_SCALINGS, eq1_factors, eq2_factors
-from pipeline.outputs import embedding_table
+from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.factors import EQ1_SCALINGS, eq1_factors, eq2_factors
+from mfsim.pipeline.outputs import embedding_table
 
 STABILITY_COLUMNS = ["objective", "kind", "metric", "scaling_a", "scaling_b", "top_n", "n_items", "draws",
                      "jaccard_mean", "jaccard_p10", "jaccard_p50", "jaccard_p90", "jaccard_min"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from pipeline.config import DEFAULT_CONFIG, Config, load_config
-from pipeline.errors import MfsimError
+from mfsim.pipeline.config import DEFAULT_CONFIG, Config, load_config
+from mfsim.pipeline.errors import MfsimError
 
 
 def test_default_yaml_documents_every_key():

@@ -20,10 +20,10 @@ import pytest
 import scipy.optimize as so
 import scipy.sparse as sp
 
-from pipeline.blocks import RowBlocks
-from pipeline.config import ObjectivesSection
-from pipeline.errors import MfsimError
-from pipeline.factors import (
+from mfsim.pipeline.blocks import RowBlocks
+from mfsim.pipeline.config import ObjectivesSection
+from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.factors import (
     EQ1_SCALINGS,
     build_embeddings,
     eq1_factors,

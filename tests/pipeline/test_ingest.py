@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import IngestSection, InputSection
-from pipeline.errors import MfsimError
-from pipeline.ingest import ingest, resolve_input
+from mfsim.pipeline.config import IngestSection, InputSection
+from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.ingest import ingest, resolve_input
 from tests_support import dense_reference, shared_dataset
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels.topn import topn_reference
-from pipeline.factors import eq1_factors, eq2_factors, EQ1_SCALINGS
-from pipeline.neighbours import INVARIANT, plan_lists, projected, query_ranges, run_group
+from mfsim.kernels.topn import topn_reference
+from mfsim.pipeline.factors import eq1_factors, eq2_factors, EQ1_SCALINGS
+from mfsim.pipeline.neighbours import INVARIANT, plan_lists, projected, query_ranges, run_group
 
 
 def _cos_rows(M: np.ndarray) -> np.ndarray:

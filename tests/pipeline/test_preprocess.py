@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from pipeline.blocks import RowBlocks
-from pipeline.config import PreprocessSection
-from pipeline.errors import MfsimError
-from pipeline.factors import user_embeddings
-from pipeline.preprocess import apply_preprocess, fit_preprocess, idf_weights, preprocess
+from mfsim.pipeline.blocks import RowBlocks
+from mfsim.pipeline.config import PreprocessSection
+from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.factors import user_embeddings
+from mfsim.pipeline.preprocess import apply_preprocess, fit_preprocess, idf_weights, preprocess
 
 N, P = 41, 13
 EMPTY_ROW, EMPTY_COL, FULL_COL = 7, 4, 9

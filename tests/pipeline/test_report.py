@@ -14,8 +14,8 @@ import pytest
 from matplotlib.image import imread
 from sklearn.metrics.pairwise import cosine_similarity
 
-from pipeline.errors import MfsimError
-from pipeline.report import (
+from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.report import (
     HEATMAP_CMAP,
     PNG_MAGIC,
     cluster_boundaries,

@@ -8,9 +8,9 @@ import os
 import pyarrow as pa
 import pytest
 
-from pipeline import runs
-from pipeline.errors import MfsimError
-from pipeline.runs import RunWriter, read_latest, read_manifest
+from mfsim.pipeline import runs
+from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.runs import RunWriter, read_latest, read_manifest
 
 
 def _publish(root, run_id, value=1):

@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from scipy import optimize, stats
 
-from pipeline.config import SimulateSection
-from pipeline.errors import MfsimError
-from pipeline.simulate import (
+from mfsim.pipeline.config import SimulateSection
+from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.simulate import (
     ITEMS_TRUTH,
     Simulation,
     alias_table,

@@ -9,11 +9,11 @@ import scipy.linalg
 import scipy.sparse as sp
 from scipy.sparse.linalg import svds
 
-from jobs.bench_svd import power_law_matrix
-from pipeline.blocks import CSRBlock, RowBlocks
-from pipeline.config import SvdSection
-from pipeline.errors import MfsimError
-from pipeline.svd import omega_rows, randomized_svd, truncated_svd
+from mfsim.jobs.bench_svd import power_law_matrix
+from mfsim.pipeline.blocks import CSRBlock, RowBlocks
+from mfsim.pipeline.config import SvdSection
+from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.svd import omega_rows, randomized_svd, truncated_svd
 from tests_support import shared_dataset
 
 
@@ -54,8 +54,8 @@ def _gapped_prefix(s: np.ndarray, min_gap: float = 0.03) -> int:
 @pytest.fixture(scope="module")
 def simulated() -> sp.csr_matrix:
     """The paper's Section 4 data at its default size (20,000 x 1,000), binarized."""
-    from pipeline.config import SimulateSection
-    from pipeline.simulate import simulate
+    from mfsim.pipeline.config import SimulateSection
+    from mfsim.pipeline.simulate import simulate
 
     sim = simulate(SimulateSection())
     return sp.csr_matrix((np.ones(len(sim.user), np.float32), (sim.user, sim.item)),
