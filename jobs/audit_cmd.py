@@ -2,109 +2,22 @@
 
 Reads two files with an id column (the first column that is not ``embedding``) and an
 ``embedding`` column (``fixed_size_list<float32>[k]`` or ``list<float>``), as the pipeline writes
-them at ``factors/objective=.../scaling=.../users.parquet`` and ``items.parquet``, and runs
-``pipeline.audit.audit_embedding_pair``. Only the sampled users are kept in memory (the users file
-is streamed in record batches); the items are read whole, since item-item lists need all of them.
+them at ``factors/objective=.../scaling=.../users.parquet`` and ``items.parquet``
+(``pipeline.inputs.read_embeddings``), and runs ``pipeline.audit.audit_embedding_pair``. Only the
+sampled users are kept in memory (the users file is streamed in record batches); the items are
+read whole, since item-item lists need all of them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mfsim.pipeline.audit import AuditResult, audit_embedding_pair, sample_rows
 from mfsim.pipeline.errors import MfsimError
-
-EMBEDDING = "embedding"
-_BATCH_ROWS = 65536
-
-
-def _open(path: str | Path, role: str) -> tuple[pq.ParquetFile, str]:
-    """The Parquet file and its id column; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise MfsimError(f"{role} file {path} does not exist or is not a file; pass the path of a Parquet file "
-                         f"such as factors/objective=eq1/scaling=symmetric/{role}.parquet.")
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise MfsimError(f"cannot read {role} file {path} as Parquet: {exc}") from None
-    names = pf.schema_arrow.names
-    if EMBEDDING not in names:
-        raise MfsimError(f"{role} file {path} has no column {EMBEDDING!r}; received columns {names}. "
-                         "Write the embeddings as a list<float> column named 'embedding'.")
-    ids = [n for n in names if n != EMBEDDING]
-    if not ids:
-        raise MfsimError(f"{role} file {path} has no id column beside {EMBEDDING!r}; add the ids as the first column.")
-    typ = pf.schema_arrow.field(EMBEDDING).type
-    if not (pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ)) \
-            or not pa.types.is_floating(typ.value_type):
-        raise MfsimError(f"column {EMBEDDING!r} of {role} file {path} must be fixed_size_list<float32>[k] or "
-                         f"list<float>; received {typ}.")
-    if pf.metadata.num_rows == 0:
-        raise MfsimError(f"{role} file {path} has no rows; audit a non-empty embedding.")
-    return pf, ids[0]
-
-
-def _to_matrix(col: pa.ChunkedArray | pa.Array, ids: pa.Array, path: Path, role: str) -> np.ndarray:
-    """An (n, k) float32 matrix from a list column; errors name the file, column and first bad row's id."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    n = len(arr)
-
-    def bad(row: int, what: str) -> MfsimError:
-        return MfsimError(f"column {EMBEDDING!r} of {role} file {path}: {what} at row {row} "
-                          f"(id {ids[row].as_py()!r}); every row needs k finite floats.")
-
-    if arr.null_count:
-        raise bad(int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0]), "a null embedding")
-    if pa.types.is_fixed_size_list(arr.type):
-        k = arr.type.list_size
-    else:
-        lengths = arr.value_lengths().to_numpy(zero_copy_only=False)
-        k = int(lengths[0]) if n else 0
-        odd = np.flatnonzero(lengths != k)
-        if odd.size:
-            raise bad(int(odd[0]), f"{lengths[odd[0]]} values where row 0 has {k}")
-    values = arr.flatten()
-    if values.null_count:
-        raise bad(int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0]) // max(k, 1),
-                  "a null value")
-    if k == 0:
-        raise MfsimError(f"column {EMBEDDING!r} of {role} file {path} has 0 values per row; expected k >= 1.")
-    mat = values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, k)
-    finite = np.isfinite(mat).all(axis=1)
-    if not finite.all():
-        raise bad(int(np.flatnonzero(~finite)[0]), "NaN or infinite values (after the cast to float32)")
-    return mat
-
-
-def read_embeddings(path: str | Path, role: str, rows: np.ndarray | None = None) -> tuple[pa.Array, np.ndarray]:
-    """Ids and float32 embeddings of a Parquet file, only the sorted positions ``rows`` if given.
-
-    The file is read in record batches of 65536 rows and only the wanted rows are kept, so memory
-    is O(batch + len(rows)) rows.
-    """
-    pf, id_col = _open(path, role)
-    path = Path(path)
-    id_parts, emb_parts = [], []
-    start = 0
-    try:
-        for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=[id_col, EMBEDDING]):
-            stop = start + batch.num_rows
-            if rows is not None:
-                lo, hi = np.searchsorted(rows, [start, stop])
-                batch = batch.take(pa.array(rows[lo:hi] - start))
-            id_parts.append(batch.column(0))
-            emb_parts.append(batch.column(1))
-            start = stop
-    except pa.ArrowException as exc:
-        raise MfsimError(f"cannot read {role} file {path} as Parquet: {exc}") from None
-    ids = pa.concat_arrays(id_parts)
-    return ids, _to_matrix(pa.chunked_array(emb_parts, type=pf.schema_arrow.field(EMBEDDING).type), ids, path, role)
-
+from mfsim.pipeline.inputs import open_embeddings, read_embeddings
 
 def format_result(result: AuditResult, item_ids: pa.Array | None = None, show_items: int = 5) -> str:
     """The stability table, the score check, the least stable items (by id) and the verdict."""
@@ -145,7 +58,7 @@ def run_audit_command(users_path: str | Path, items_path: str | Path, *, top_n: 
         Missing files or columns, malformed or non-finite embeddings, different k, bad parameters
         or an unwritable ``out``; the message names the file and column.
     """
-    users_pf, _ = _open(users_path, "users")
+    users_pf, _ = open_embeddings(users_path, "users")
     rows = sample_rows(users_pf.metadata.num_rows, max_users, seed)
     _, U = read_embeddings(users_path, "users", rows)
     item_ids, I = read_embeddings(items_path, "items")

@@ -68,24 +68,44 @@ def run(
     from mfsim.jobs.main_job import run_job
 
     cfg = _load(config, set_, **{"input.path": input, "run.output": output, "run.run_id": run_id})
-    from mfsim.jobs.evaluation_job import format_table
-
     run_dir, manifest = run_job(cfg, scheduler=scheduler)
-    tables = manifest.pop("_tables", {})
-    c = manifest["counts"]
-    if tables.get("evaluation") is not None:
-        typer.echo("\nHeld-out evaluation (fit on the train split):")
-        typer.echo(format_table(tables["evaluation"], ["recall", "ndcg"]))
-    if tables.get("cluster_precision") is not None:
-        typer.echo("\nCluster precision@N of item-item lists (the paper's Fig. 1 in numbers):")
-        typer.echo(format_table(tables["cluster_precision"], ["cluster_precision", "chance"]))
+    typer.echo(run_summary(run_dir, manifest))
+
+
+def run_summary(run_dir: Path, manifest: dict) -> str:
+    """The terminal summary of a published run: its tables, the audit's verdict, where it lies."""
+    import pyarrow.parquet as pq
+
+    from mfsim.pipeline import outputs
+
+    lines = []
+    for path, title, values in (
+        (outputs.EVALUATION_METRICS, "Held-out evaluation (fit on the train split):", ["recall", "ndcg"]),
+        (outputs.CLUSTER_PRECISION, "Cluster precision@N of item-item lists (the paper's Fig. 1 in numbers):",
+         ["cluster_precision", "chance"]),
+    ):
+        if (run_dir / path).is_file():
+            lines += ["", title, format_table(pq.read_table(run_dir / path), values)]
     if "audit" in manifest:
-        typer.echo(f"\nCosine audit: {manifest['audit'].get('verdict', '')}")
-    typer.echo(f"\nrun directory: {run_dir}")
-    if (run_dir / "report" / "index.html").is_file():
-        typer.echo(f"report: {run_dir / 'report' / 'index.html'}")
-    typer.echo(f"users {c['n_users']}  items {c['n_items']}  non-zeros {c['nnz']}  "
-               f"stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in manifest["timings"].items()))
+        lines += ["", f"Cosine audit: {manifest['audit'].get('verdict', '')}"]
+    lines += ["", f"run directory: {run_dir}"]
+    if (run_dir / outputs.REPORT_INDEX).is_file():
+        lines.append(f"report: {run_dir / outputs.REPORT_INDEX}")
+    c = manifest["counts"]
+    lines.append(f"users {c['n_users']}  items {c['n_items']}  non-zeros {c['nnz']}  "
+                 f"stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in manifest["timings"].items()))
+    return "\n".join(lines)
+
+
+def format_table(table, value_cols: list[str]) -> str:
+    """A fixed-width text table of the rows (for the terminal)."""
+    cols = table.column_names
+    rows = table.to_pylist()
+    cells = [[(f"{r[c]:.4f}" if c in value_cols and r[c] is not None else str(r[c])) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
 
 
 @app.command(epilog="Example: mfsim simulate conf/paper.yaml --out data/simulated --set simulate.n_users=5000")
@@ -112,11 +132,15 @@ def bench_ingest(
     users: Optional[int] = typer.Option(None, help="Distinct users (default rows/50)."),
     items: Optional[int] = typer.Option(None, help="Distinct items (default rows/250)."),
     workdir: Optional[Path] = typer.Option(None, help="Where to write the log (default: a temp dir)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the measured numbers to this JSON file."),
 ) -> None:
     """Time mfsim's ingest against a single-process pyarrow read + scipy coo->csr build."""
-    from mfsim.jobs.bench_ingest import run_bench_ingest
+    from mfsim.jobs.bench.ingest import run_bench_ingest
+    from mfsim.jobs.bench.measure import write_json
 
-    run_bench_ingest(rows=rows, users=users, items=items, workdir=workdir)
+    out = run_bench_ingest(rows=rows, users=users, items=items, workdir=workdir)
+    if json_out is not None:
+        write_json(json_out, out)
 
 
 @bench_app.command("svd", epilog="Example: mfsim bench svd --users 200000 --items 50000 --nnz 5000000 --rank 64")
@@ -129,12 +153,20 @@ def bench_svd(
     oversample: int = typer.Option(10, help="Oversampling, the same for every method."),
     power_iterations: Optional[int] = typer.Option(None, help="q (default: the config default)."),
     seed: int = typer.Option(0, help="Seed of the matrix and of every method."),
+    block_rows: Optional[int] = typer.Option(None, help="Rows per block (default: the config default)."),
+    methods: str = typer.Option("mfsim,mfsim-dask,sklearn,dask-svd_compressed",
+                                help="Comma-separated methods to time (default: all four)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the measured numbers to this JSON file."),
 ) -> None:
     """Time mfsim's randomized SVD (in-process and on Dask) against scikit-learn and dask.array."""
-    from mfsim.jobs.bench_svd import run_bench_svd
+    from mfsim.jobs.bench.measure import write_json
+    from mfsim.jobs.bench.svd import run_bench_svd
 
-    run_bench_svd(users=users, items=items, nnz=nnz, rank=rank, oversample=oversample,
-                  power_iterations=power_iterations, seed=seed)
+    out = run_bench_svd(users=users, items=items, nnz=nnz, rank=rank, oversample=oversample,
+                        power_iterations=power_iterations, seed=seed, block_rows=block_rows,
+                        methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
+    if json_out is not None:
+        write_json(json_out, out)
 
 
 @bench_app.command("neighbours", epilog="Example: mfsim bench neighbours --items 100000 --rank 64 --top-n 100")
@@ -144,12 +176,22 @@ def bench_neighbours(
     rank: int = typer.Option(64, help="Embedding dimension k."),
     top_n: int = typer.Option(100, help="List length N."),
     seed: int = typer.Option(0, help="Seed of the embeddings."),
-    slice_items: Optional[int] = typer.Option(None, help="Catalog size of the measured slice (default 1,000,000)."),
+    slice_items: Optional[int] = typer.Option(None, help="Catalog size of the measured slice (default 1,000,000; 0: none)."),
+    slice_queries: int = typer.Option(20_000, help="Queries timed in the slice."),
+    threads: Optional[int] = typer.Option(None, help="Threads for every method (default: all cores)."),
+    query_chunk: int = typer.Option(2048, help="Query rows per tile (mfsim and the bare gemm)."),
+    candidate_block: int = typer.Option(4096, help="Candidate rows per tile (mfsim and the bare gemm)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the measured numbers to this JSON file."),
 ) -> None:
     """Time item-item cosine + dot top-N against faiss IndexFlatIP and a bare sgemm over the same tiles."""
-    from mfsim.jobs.bench_neighbours import run_bench_neighbours
+    from mfsim.jobs.bench.measure import write_json
+    from mfsim.jobs.bench.neighbours import run_bench_neighbours
 
-    run_bench_neighbours(items=items, rank=rank, top_n=top_n, seed=seed, slice_items=slice_items)
+    out = run_bench_neighbours(items=items, rank=rank, top_n=top_n, seed=seed, slice_items=slice_items,
+                               slice_queries=slice_queries, threads=threads, query_chunk=query_chunk,
+                               candidate_block=candidate_block)
+    if json_out is not None:
+        write_json(json_out, out)
 
 
 @app.command(epilog="Example: mfsim audit --users runs/LATEST_ID/factors/objective=eq1/scaling=symmetric/users.parquet "
@@ -185,6 +227,7 @@ def neighbours(
 
 
 def main() -> None:
+    """The ``mfsim`` entry point: logging set up, then the typer app."""
     _setup_logging()
     try:
         app()

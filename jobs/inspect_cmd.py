@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from mfsim.pipeline import outputs
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.runs import read_manifest
 
@@ -15,7 +16,7 @@ from mfsim.pipeline.runs import read_manifest
 def show_item_lists(run_dir: Path, item: str, metrics: list[str], top: int = 10) -> str:
     """A text table: one column per (objective, scaling, metric) item-item list of ``item``."""
     read_manifest(run_dir)  # a published run, or a clear error
-    root = Path(run_dir) / "neighbours" / "kind=item_item"
+    root = Path(run_dir) / outputs.NEIGHBOURS_DIR / "kind=item_item"
     if not root.is_dir():
         raise MfsimError(f"{run_dir} has no item-item lists (neighbours/kind=item_item); "
                          "run with neighbours.item_item set")

@@ -33,6 +33,7 @@ def bucket_order(rows, block_rows, n_blocks):
 
 
 def bucket_order_reference(rows: np.ndarray, block_rows: int, n_blocks: int):
+    """``bucket_order`` with a stable NumPy argsort: the same (order, bounds)."""
     block = rows // block_rows
     order = np.argsort(block, kind="stable")
     return order, np.searchsorted(block[order], np.arange(n_blocks + 1))
@@ -100,6 +101,7 @@ def coo_to_csr_sum(rows, cols, vals, n_rows, ts):
 
 def coo_to_csr_sum_reference(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: int, n_cols: int,
                              ts: np.ndarray | None = None):
+    """``coo_to_csr_sum`` with SciPy (sum_duplicates, eliminate_zeros, sort_indices) and a dict for ``ts``."""
     m = sp.coo_matrix((vals.astype(np.float32), (rows, cols)), shape=(n_rows, n_cols)).tocsr()
     m.sum_duplicates()
     m.eliminate_zeros()

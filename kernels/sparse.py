@@ -30,14 +30,12 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit, prange
 
-#: Target size of one panel's slice of the dense p x l matrix: half of a 32 MiB L3 cache, so that
-#: the slice stays cached while the panel is processed (measured best at 8-16 MiB, see above).
-PANEL_BYTES = 16 * 2**20
+PANEL_BYTES = 16 * 2**20  #: one panel's slice of the dense p x l matrix: half a 32 MiB L3; measured best at 8-16 MiB
 
 
 @njit(nogil=True, cache=True)
 def _first_at_least(indices, lo, hi, value):
-    # smallest jj in [lo, hi) with indices[jj] >= value (hi if none); indices[lo:hi] sorted
+    """Smallest jj in [lo, hi) with ``indices[jj] >= value`` (hi if none); ``indices[lo:hi]`` sorted."""
     while lo < hi:
         mid = (lo + hi) // 2
         if indices[mid] < value:
@@ -49,7 +47,7 @@ def _first_at_least(indices, lo, hi, value):
 
 @njit(parallel=True, nogil=True, cache=True)
 def _matmat(indptr, indices, data, M, out, col_bounds):
-    # out[i, :] = sum_jj data[jj] * M[indices[jj], :] over row i, columns panel by panel
+    """``out[i, :] = sum_jj data[jj] * M[indices[jj], :]`` over row i, columns panel by panel."""
     n_rows = indptr.shape[0] - 1
     n_cols = M.shape[1]
     one = np.ones(1, dtype=out.dtype)[0]  # products in out's precision: float32 x float32 is exact in float64
@@ -75,7 +73,7 @@ def _matmat(indptr, indices, data, M, out, col_bounds):
 
 @njit(parallel=True, nogil=True, cache=True)
 def _t_matmat(indptr, indices, data, M, out, col_bounds, accumulate):
-    # out[j, :] (+)= sum_i data[i, j] * M[i, :] for j in panel t, rows ascending; panels in parallel
+    """``out[j, :] (+)= sum_i data[i, j] * M[i, :]`` for j in panel t, rows ascending; panels in parallel."""
     n_rows = indptr.shape[0] - 1
     n_cols = M.shape[1]
     one = np.ones(1, dtype=out.dtype)[0]
@@ -103,6 +101,7 @@ def _t_matmat(indptr, indices, data, M, out, col_bounds, accumulate):
 
 
 def _check_dense(name: str, a: np.ndarray, shape: tuple) -> None:
+    """Raise ValueError unless ``a`` has ``shape`` and is a C-contiguous float32 or float64 array."""
     if a.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
     if a.dtype not in (np.float32, np.float64) or not a.flags.c_contiguous:
@@ -209,6 +208,7 @@ def csr_t_matmat(indptr, indices, data, M, out, accumulate=False):
 
 
 def _scipy(indptr, indices, data, n_cols):
+    """The CSR arrays as a float64 SciPy matrix with ``n_cols`` columns."""
     return sp.csr_matrix((np.asarray(data, dtype=np.float64), indices, indptr), shape=(len(indptr) - 1, n_cols))
 
 

@@ -7,11 +7,11 @@ with D, so item-item cosine lists of an Eq. 1 model are one arbitrary choice amo
 audit measures how much they change, as the Jaccard overlap of each item's top-N set under two
 solutions of the same family:
 
-- between every pair of the produced named scalings (``pipeline.factors.EQ1_SCALINGS``), and
+- between every pair of the produced named scalings (``registry.EQ1_SCALINGS``), and
 - between each scaling and ``draws`` random rescalings ``(A D, B D^-1)`` with log-normal diagonal
   entries ``d = exp(spread z)``, ``z ~ N(0, 1)`` (label ``random_sd=<spread>``).
 
-Three item-item lists are compared (``AUDIT_METRICS``): ``cosine`` of the rows of B, which moves;
+Three item-item lists are compared (``registry.AUDIT_METRICS``): ``cosine`` of the rows of B, which moves;
 ``model``, the score ``a_i . b_j = (A B^T)_ij``, and ``projected_cosine``, the cosine of the rows
 of ``A B^T`` (computed in k dimensions by ``pipeline.neighbours.projected``), which are the same
 for every solution. The two invariant lists must come out at Jaccard 1: that is the check that the
@@ -36,30 +36,12 @@ import pyarrow as pa
 from mfsim.kernels.topn import TopN, topn_blocked
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.neighbours import projected
+from mfsim.pipeline.registry import AUDIT_METRICS, INVARIANT_METRICS, LISTS
 
 ItemListsFn = Callable[..., TopN]  # (queries, candidates, n, metric, exclude_self=...) -> TopN
 
-# audit metric -> (queries, candidates, kernel metric), from the solution (A, B); "P" = projected(A, B)
-AUDIT_METRICS: dict[str, tuple[str, str, str]] = {
-    "cosine": ("B", "B", "cosine"),  # cos(b_i, b_j): changes with D
-    "model": ("A", "B", "dot"),  # a_i . b_j = (A B^T)_ij: the same for every D
-    "projected_cosine": ("P", "P", "cosine"),  # cosine of rows of A B^T: the same for every D
-}
-# How close to 1.0 the invariant lists come. In exact arithmetic their scores are identical for
-# every solution of the family, so each item's top-N set is too. In float32 the solutions hold
-# differently rounded factors (each entry of A D, B D^-1 is one rounding, 2^-24 relative, of a
-# float64 product) and the sgemm adds its own rounding, so a model score differs from the exact
-# one by up to about (k + 4) 2^-24 sum_l |a_il b_jl| (the usual dot-product error bound; the sum is
-# the same for every solution), a projected cosine by up to about (k + 8) 2^-24. Two solutions'
-# lists of item i can differ only when its exact N-th and (N+1)-th best scores lie within 4 such
-# margins of each other; each swap lowers its Jaccard from 1 to (N - 1)/(N + 1) (0.98 at N = 100).
-# With continuous scores such near-ties are rare (a fraction of about margin / score spacing), so
-# the median stays exactly 1.0 and the mean above 0.999 (1.0 on the test data). Near-duplicate
-# items tie by construction: with 1 in 2 items a copy of another up to 1e-7, the tests measure a
-# mean of ~0.97 (median 1.0), every swap inside the margin. Exact ties (identical rows) are broken
-# by the smaller index in both solutions. Below ``INVARIANT_MIN_MEAN`` (or a median below 1) the
-# summary flags the check as failed and the verdict names near-ties as the likely reason.
-INVARIANT_METRICS = ("model", "projected_cosine")
+# Mean Jaccard of an invariant list below which the audit's self-check fails (float32 near-ties
+# alone keep it above 0.999; see ``audit_item_lists``, Notes).
 INVARIANT_MIN_MEAN = 0.99
 
 # Named streams of the audit's seed, so that the diagonals and the samples do not share draws.
@@ -349,6 +331,7 @@ class _Collector:
 
     def add(self, objective: str, kind: str, metric: str, scaling_a: str, scaling_b: str, index: np.ndarray,
             jaccards: list[np.ndarray]) -> None:
+        """Add one comparison: per-row Jaccards of each draw (pooled into one stability row)."""
         pooled = np.concatenate(jaccards) if jaccards else np.zeros(0)
         per_row = np.mean(jaccards, axis=0) if jaccards else np.zeros(0)
         if pooled.size:
@@ -375,6 +358,7 @@ class _Collector:
                                        jaccard=float(per_row[r])))
 
     def tables(self) -> tuple[pa.Table, pa.Table, pa.Table]:
+        """The stability, detail and least-stable tables of every comparison added."""
         stability = pa.Table.from_pylist(self.rows, schema=STABILITY_SCHEMA)
         detail = pa.concat_tables(self.detail) if self.detail else DETAIL_SCHEMA.empty_table()
         least = pa.Table.from_pylist(self.least, schema=LEAST_STABLE_SCHEMA)
@@ -515,6 +499,16 @@ def audit_item_lists(
     reused by all its pairs and draws. Lists are computed metric by metric, so at most s + 1 lists
     are held at once (``p x N x 8`` bytes each) besides the per-item Jaccards. Time: ``3 s (1 +
     draws)`` list computations of ``O(p^2 k)`` each (``topn_blocked``); never O(p^2) memory.
+
+    How close to 1 the invariant lists come: in exact arithmetic their scores are the same for
+    every solution. In float32 each entry of ``A D``, ``B D^-1`` is one rounding (2^-24 relative)
+    and the sgemm adds its own, so a model score moves by up to about ``(k + 4) 2^-24 sum_l
+    |a_il b_jl|``, a projected cosine by about ``(k + 8) 2^-24``. Item i's lists can differ only
+    when its exact N-th and (N+1)-th scores lie within a few such margins; each swap lowers its
+    Jaccard to ``(N - 1)/(N + 1)``. With continuous scores the median stays 1 and the mean above
+    0.999; near-duplicate items (1 in 2 a copy up to 1e-7) measure a mean of ~0.97 in the tests.
+    Below ``INVARIANT_MIN_MEAN`` (or a median below 1) the summary flags the check as failed and
+    the verdict names near-ties as the likely reason.
     """
     factors = _check_factors(factors)
     _check_int(top_n, "top_n", 1)
@@ -536,12 +530,13 @@ def audit_item_lists(
     index = np.arange(p, dtype=np.int64)
 
     def lists(A: np.ndarray, B: np.ndarray, metric: str) -> TopN:
-        q_name, c_name, kernel_metric = AUDIT_METRICS[metric]
+        spec = LISTS[("item_item", metric)]
         mats = {"A": A, "B": B}
-        if "P" in (q_name, c_name):
+        if "A_proj" in (spec.queries, spec.candidates):
             with np.errstate(over="ignore"):  # an overflow shows as an infinite norm in _lists
-                mats["P"] = projected(A, B)  # rows with the cosines of the rows of A B^T
-        return _lists(fn, mats[q_name], mats[c_name], top_n, kernel_metric, True, f"{metric} lists")
+                mats["A_proj"] = projected(A, B)  # rows with the cosines of the rows of A B^T
+        return _lists(fn, mats[spec.queries], mats[spec.candidates], top_n, spec.kernel_metric, True,
+                      f"{metric} lists")
 
     def compare(x: TopN, y: TopN) -> np.ndarray:
         return jaccard_rows(x.indices, x.counts, y.indices, y.counts)

@@ -3,7 +3,8 @@
 A block is a ``CSRBlock`` (int64 ``indptr``, int32 ``indices``, float32 ``data``): the kernels take
 these arrays directly. ``RowBlocks`` is the whole matrix: one block per contiguous range of rows,
 each either a concrete ``CSRBlock`` (in-process) or a Dask future resolving to one (on a cluster).
-Only ``gather`` brings every block into one process, for small data and tests.
+Only ``gather`` brings every block into one process, for small data and tests. ``tree_reduce``
+is the one reduction over per-block (or per-worker) partial results, in-process or on the client.
 """
 
 from __future__ import annotations
@@ -27,21 +28,26 @@ class CSRBlock:
 
     @property
     def n_rows(self) -> int:
+        """Number of rows in the block."""
         return len(self.indptr) - 1
 
     @property
     def nnz(self) -> int:
+        """Number of stored entries."""
         return int(self.indptr[-1])
 
     @property
     def shape(self) -> tuple[int, int]:
+        """``(n_rows, n_cols)``."""
         return (self.n_rows, self.n_cols)
 
     def to_scipy(self) -> sp.csr_matrix:
+        """The block as a scipy CSR matrix sharing its arrays (no copy)."""
         return sp.csr_matrix((self.data, self.indices, self.indptr), shape=self.shape)
 
     @classmethod
     def from_scipy(cls, m: sp.spmatrix) -> "CSRBlock":
+        """A block from any scipy sparse matrix: duplicates summed, indices sorted, dtypes cast."""
         m = sp.csr_matrix(m)
         m.sum_duplicates()
         m.sort_indices()
@@ -73,14 +79,17 @@ class RowBlocks:
 
     @property
     def n_rows(self) -> int:
+        """Number of rows of X."""
         return int(self.row_offsets[-1])
 
     @property
     def shape(self) -> tuple[int, int]:
+        """``(n_rows, n_cols)`` of X."""
         return (self.n_rows, self.n_cols)
 
     @property
     def n_blocks(self) -> int:
+        """Number of row blocks."""
         return len(self.parts)
 
     def map(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
@@ -98,6 +107,7 @@ class RowBlocks:
         return RowBlocks(self.map(fn, *args), self.row_offsets.copy(), self.n_cols, self.client, self.nnz)
 
     def local_parts(self) -> list[CSRBlock]:
+        """The blocks as ``CSRBlock``s in this process (gathered from the workers on a client)."""
         if self.client is None:
             return list(self.parts)
         return self.client.gather(self.parts)
@@ -120,3 +130,52 @@ class RowBlocks:
         if client is not None:
             parts = client.scatter(parts, hash=False)
         return cls(parts, offsets, int(m.shape[1]), client, int(m.nnz))
+
+
+def tree_reduce(parts: list[Any], combine: Callable[..., Any], *, client: Any = None, fan_in: int = 2) -> Any:
+    """Reduce ``parts`` to one value with ``combine``, in a tree of fan-in ``fan_in``.
+
+    Order of combination (fixed by ``len(parts)`` and ``fan_in`` alone, so a float reduction
+    rounds the same in-process and on any number of workers): each level splits the list into
+    consecutive groups of ``fan_in`` and replaces every group of two or more by
+    ``combine(*group)``; a trailing group of one passes to the next level unchanged. With
+    ``fan_in=2`` and parts 0..4 that is ``((0 + 1) + (2 + 3)) + 4``. One part is returned as it
+    is, so ``combine`` must accept from 2 to ``fan_in`` arguments and each part must already be
+    a value of the result's kind.
+
+    Parameters
+    ----------
+    parts : list
+        The partial results, at least one: values, or futures when ``client`` is given.
+    combine : callable
+        ``combine(*group) -> part``, pure.
+    client : distributed.Client, optional
+        When given, every ``combine`` is a task on it (``pure=False``) that takes its arguments
+        where they are; only partial results travel, and the root's value is gathered.
+    fan_in : int, default 2
+        Parts per ``combine``, at least 2. Keep 2 for float sums (the order above); an exact
+        reduction (a set union) can take more per task.
+
+    Returns
+    -------
+    The reduced value (gathered into this process when ``client`` is given).
+
+    Notes
+    -----
+    Cost: about ``(len(parts) - 1) / (fan_in - 1)`` calls of ``combine`` in
+    ``ceil(log_fan_in(len(parts)))`` levels; on a client the calls of a level run in parallel.
+    Memory: a level's results; a task holds its ``fan_in`` inputs and its output.
+    """
+    if not parts:
+        raise ValueError("tree_reduce needs at least one part, got an empty list")
+    if fan_in < 2:
+        raise ValueError(f"tree_reduce needs fan_in >= 2, got {fan_in}")
+
+    def apply(group: list[Any]) -> Any:
+        if len(group) == 1:
+            return group[0]
+        return combine(*group) if client is None else client.submit(combine, *group, pure=False)
+
+    while len(parts) > 1:
+        parts = [apply(parts[i : i + fan_in]) for i in range(0, len(parts), fan_in)]
+    return parts[0] if client is None else client.gather(parts[0])

@@ -13,21 +13,28 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mfsim.pipeline import registry
 from mfsim.pipeline.errors import MfsimError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "default.yaml"
 
 
 class Section(BaseModel):
+    """A config section: unknown keys rejected, values validated on assignment too."""
+
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 
 
 class RunSection(Section):
+    """``run``: the output root and the run id."""
+
     output: str = "runs"
     run_id: str | None = None
 
 
 class InputSection(Section):
+    """``input``: the interaction log and its column names."""
+
     path: str | None = None
     user_col: str = "user_id"
     item_col: str = "item_id"
@@ -36,6 +43,8 @@ class InputSection(Section):
 
 
 class ClusterSection(Section):
+    """``cluster``: a scheduler address, or the embedded local cluster's size."""
+
     address: str | None = None
     n_workers: int = Field(2, ge=1)
     threads_per_worker: int = Field(1, ge=1)
@@ -45,6 +54,8 @@ class ClusterSection(Section):
 
 
 class IngestSection(Section):
+    """``ingest``: time window, invalid rows, minimum support, block and piece sizes."""
+
     as_of: dt.datetime | None = None
     window_days: float | None = Field(None, gt=0)
     on_invalid: Literal["error", "drop"] = "error"
@@ -55,6 +66,8 @@ class IngestSection(Section):
 
 
 class SimulateSection(Section):
+    """``simulate``: the paper's Section 4 simulation (clusters, power-law popularity and activity)."""
+
     n_users: int = Field(20_000, ge=1)
     n_items: int = Field(1_000, ge=2)
     n_clusters: int = Field(5, ge=1)
@@ -85,6 +98,8 @@ class SimulateSection(Section):
 
 
 class PreprocessSection(Section):
+    """``preprocess``: normalization before learning (binarize, IDF/BM25, popularity power, standardize)."""
+
     binarize: bool = False
     column_weighting: Literal["none", "idf", "bm25", "popularity_power"] = "none"
     bm25_k1: float = Field(1.2, ge=0)
@@ -95,6 +110,8 @@ class PreprocessSection(Section):
 
 
 class SvdSection(Section):
+    """``svd``: rank k, solver and the randomized range finder's parameters."""
+
     rank: int = Field(64, ge=1)
     solver: Literal["mfsim", "sklearn"] = "mfsim"
     oversample: int = Field(10, ge=0)
@@ -102,15 +119,16 @@ class SvdSection(Section):
     seed: int = 0
 
 
-EQ1_SCALINGS = ("symmetric", "item_orthonormal", "user_orthonormal", "eq2_like", "custom")
-
-
 class CustomScaling(Section):
+    """``objectives.eq1.custom``: the exponents (alpha, beta) of the ``custom`` Eq. 1 scaling."""
+
     alpha: float = 0.5
     beta: float = 0.0
 
 
 class Eq1Section(Section):
+    """``objectives.eq1``: lambda of Eq. 1 and the scalings (choices of D) to produce."""
+
     lambda_: float = Field(10.0, alias="lambda", ge=0)
     scalings: list[str] = ["symmetric", "item_orthonormal", "user_orthonormal", "eq2_like"]
     custom: CustomScaling = CustomScaling()
@@ -118,61 +136,44 @@ class Eq1Section(Section):
     @field_validator("scalings")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        for name in v:
-            if name not in EQ1_SCALINGS:
-                raise ValueError(f"unknown eq1 scaling {name!r}; valid: {', '.join(EQ1_SCALINGS)}")
-        if len(set(v)) != len(v):
+        if len(registry.check_names(v, registry.EQ1_SCALINGS, "eq1 scaling")) != len(v):
             raise ValueError(f"objectives.eq1.scalings lists a name twice: {v}")
         return v
 
 
 class Eq2Section(Section):
+    """``objectives.eq2``: lambda of Eq. 2."""
+
     lambda_: float = Field(10.0, alias="lambda", ge=0)
 
 
 class ObjectivesSection(Section):
+    """``objectives``: which of Eq. 1 and Eq. 2 to fit (null skips one)."""
+
     eq1: Eq1Section | None = Eq1Section()
     eq2: Eq2Section | None = Eq2Section()
 
 
-ITEM_ITEM_METRICS = ("cosine", "dot", "model", "projected_cosine")
-USER_ITEM_METRICS = ("dot", "cosine")
-USER_USER_METRICS = ("cosine", "projected_cosine")
-
-
-def _check_metrics(v: list[str], valid: tuple[str, ...]) -> list[str]:
-    for name in v:
-        if name not in valid:
-            raise ValueError(f"unknown metric {name!r}; valid: {', '.join(valid)}")
-    return list(dict.fromkeys(v))
-
-
 class NeighboursSection(Section):
+    """``neighbours``: list length, the metrics of each list kind, users, task and tile sizes."""
+
     top_n: int = Field(100, ge=1)
-    item_item: list[str] = list(ITEM_ITEM_METRICS)
-    user_item: list[str] = list(USER_ITEM_METRICS)
-    user_user: list[str] = list(USER_USER_METRICS)
+    item_item: list[str] = list(registry.metrics_of("item_item"))
+    user_item: list[str] = list(registry.metrics_of("user_item"))
+    user_user: list[str] = list(registry.metrics_of("user_user"))
     users: list[Any] | None = None
     query_chunk: int = Field(2048, ge=1)
     candidate_block: int = Field(4096, ge=1)
 
-    @field_validator("item_item")
+    @field_validator("item_item", "user_item", "user_user")
     @classmethod
-    def _item_item(cls, v: list[str]) -> list[str]:
-        return _check_metrics(v, ITEM_ITEM_METRICS)
-
-    @field_validator("user_item")
-    @classmethod
-    def _user_item(cls, v: list[str]) -> list[str]:
-        return _check_metrics(v, USER_ITEM_METRICS)
-
-    @field_validator("user_user")
-    @classmethod
-    def _user_user(cls, v: list[str]) -> list[str]:
-        return _check_metrics(v, USER_USER_METRICS)
+    def _metrics(cls, v: list[str], info) -> list[str]:
+        return registry.check_names(v, registry.metrics_of(info.field_name), "metric")
 
 
 class EvaluationSection(Section):
+    """``evaluation``: the held-out split, cutoffs and the item truth for cluster precision."""
+
     holdout: Literal["none", "random", "temporal"] = "random"
     fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
@@ -190,6 +191,8 @@ class EvaluationSection(Section):
 
 
 class AuditSection(Section):
+    """``audit``: random rescalings of the cosine audit and its list length."""
+
     enabled: bool = True
     draws: int = Field(5, ge=0)
     spread: float = Field(1.0, gt=0)
@@ -199,11 +202,15 @@ class AuditSection(Section):
 
 
 class ReportSection(Section):
+    """``report``: whether to draw the run report and how many items its heatmaps show."""
+
     enabled: bool = True
     heatmap_items: int = Field(1000, ge=2)
 
 
 class Config(Section):
+    """The whole configuration: one validated object, one section per stage."""
+
     run: RunSection = RunSection()
     input: InputSection = InputSection()
     cluster: ClusterSection = ClusterSection()
@@ -254,6 +261,7 @@ def _field_names(model: type[BaseModel]) -> list[str]:
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per pydantic error, naming the dotted key, the source file and the valid keys."""
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
@@ -284,6 +292,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``--set a.b=value`` overrides to the raw YAML mapping (sections created as needed)."""
     for text in overrides:
         path, value = parse_override(text)
         node = data
@@ -299,6 +308,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """The YAML mapping of a config file; errors name the file."""
     p = Path(path)
     if not p.is_file():
         raise MfsimError(f"config file {p} does not exist; pass a YAML file such as conf/default.yaml")
@@ -320,6 +330,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def validate_config(data: dict, source: str = "config") -> Config:
+    """A ``Config`` from a raw mapping; one ``MfsimError`` naming every bad key of ``source``."""
     try:
         return Config.model_validate(data)
     except ValidationError as err:

@@ -21,6 +21,7 @@ stream over chunks (or Dask tasks), ``merge_sums`` the parts and ``finish`` once
 from __future__ import annotations
 
 import dataclasses
+import logging
 import operator
 from typing import Any, Iterable, NamedTuple, Sequence
 
@@ -32,6 +33,8 @@ from mfsim.pipeline.blocks import CSRBlock, RowBlocks
 from mfsim.pipeline.errors import MfsimError
 
 SPLIT_MODES = ("random", "temporal")
+
+log = logging.getLogger("mfsim.evaluation")
 
 # ---------------------------------------------------------------------------------------------
 # holdout split
@@ -282,6 +285,7 @@ class MetricSums(NamedTuple):
     count: int
 
     def merge(self, other: "MetricSums") -> "MetricSums":
+        """The sums of both chunks (the same metrics and cutoffs)."""
         if self.cutoffs != other.cutoffs or set(self.totals) != set(other.totals):
             raise MfsimError(
                 f"only sums of the same metrics and cutoffs add up; received {sorted(self.totals)} at "
@@ -634,3 +638,73 @@ def raw_cosine_topn(X: sp.spmatrix, n: int, item_chunk: int = 2048) -> TopN:
         counts, idx, sc = finalize_state(cos_s, cos_i)
         out.indices[a:b], out.scores[a:b], out.counts[a:b] = idx, sc, counts
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline's scorers
+
+
+def holdout_sums(lists: dict[str, TopN], rng, test: CSRBlock, cutoffs: tuple[int, ...]) -> dict[str, MetricSums]:
+    """Ranking sums of one range of users' lists (rows ``rng.start:rng.stop`` of ``test``) against their held-out items.
+
+    Runs inside the top-N task (``run_topn(..., then=...)``), so only the sums travel.
+    """
+    indptr = test.indptr[rng.start : rng.stop + 1]
+    return {m: ranking_sums(top.indices, top.counts, indptr, test.indices, cutoffs) for m, top in lists.items()}
+
+
+def cluster_cutoffs(cutoffs: list[int], top_n: int) -> list[int]:
+    """The cutoffs that item-item lists of length ``top_n`` can serve (``[top_n]`` when none can)."""
+    usable = [c for c in cutoffs if c <= top_n] or [top_n]
+    skipped = [c for c in cutoffs if c > top_n]
+    if skipped:
+        log.warning("cluster precision: cutoffs %s exceed neighbours.top_n=%d; using %s", skipped, top_n, usable)
+    return usable
+
+
+class ClusterScorer:
+    """Cluster precision@N of item-item lists, summed chunk by chunk as the lists are written.
+
+    Only items with a known cluster (label >= 0) are queries; a neighbour without a known
+    cluster counts as a miss, and the chance level accounts for that: a random other item (of
+    all p - 1) is in a labelled query's cluster c with probability (n_c - 1) / (p - 1), so
+    chance = sum_c n_c (n_c - 1) / (k (p - 1)) over the k labelled items (the usual chance level
+    when every item is labelled).
+    """
+
+    def __init__(self, labels: np.ndarray, cutoffs: list[int]):
+        self.labels = labels
+        self.cutoffs = cutoffs
+        self.sums: dict[tuple[str, str, str], MetricSums] = {}
+        known = labels[labels >= 0]
+        p = len(labels)
+        self.chance = chance_level(known) * (len(known) - 1) / (p - 1) if len(known) >= 2 else float("nan")
+
+    def add(self, key: tuple[str, str, str], first_row: int, indices: np.ndarray, counts: np.ndarray) -> None:
+        """Add the lists of query rows ``first_row ..`` of list ``key`` = (objective, scaling, metric)."""
+        q = self.labels[first_row : first_row + len(counts)]
+        keep = q >= 0
+        if not keep.any():
+            return
+        s = cluster_sums(indices[keep], counts[keep], q[keep], self.labels, self.cutoffs)
+        self.sums[key] = self.sums[key].merge(s) if key in self.sums else s
+
+    def add_raw_baseline(self, X: sp.spmatrix) -> None:
+        """The cosine of the raw columns of X (no factorization) as list ``("raw", "none", "cosine")``."""
+        p = max(1, X.shape[1])
+        raw = raw_cosine_topn(X, max(self.cutoffs), item_chunk=max(1, min(2048, RAW_TILE_BYTES // (4 * p))))
+        self.add(("raw", "none", "cosine"), 0, raw.indices, raw.counts)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per list and cutoff, the raw baseline first: objective, scaling, metric, top_n, precision, chance."""
+        rows = []
+        for objective, scaling, metric in sorted(self.sums, key=lambda key: (key[0] != "raw", key)):
+            prec = self.sums[(objective, scaling, metric)].finish()["precision"]
+            for c in self.cutoffs:
+                rows.append({"objective": objective, "scaling": scaling, "metric": metric, "top_n": c,
+                             "cluster_precision": prec[c], "chance": self.chance})
+        return rows
+
+
+# the raw-cosine baseline's dense tile (item_chunk x p float32) stays under this many bytes
+RAW_TILE_BYTES = 256 * 2**20

@@ -29,18 +29,9 @@ from mfsim.kernels.sparse import csr_matmat
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks
 from mfsim.pipeline.config import ObjectivesSection
 from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.registry import EQ1_SCALINGS, UNIQUE
 
 log = logging.getLogger("mfsim.factors")
-
-# name -> (alpha, beta): B = V diag(w^alpha s^beta), A = V diag(w^(1-alpha) s^-beta), A B^T = V W V^T.
-# "custom" takes (alpha, beta) from objectives.eq1.custom.
-EQ1_SCALINGS: dict[str, tuple[float, float] | None] = {
-    "symmetric": (0.5, 0.0),  # A = B = V W^1/2: the paper's Eq. 5 choice
-    "item_orthonormal": (0.0, 0.0),  # B = V_k (orthonormal columns), A = V W
-    "user_orthonormal": (1.0, 0.0),  # A = V_k (orthonormal columns), B = V W; X A = U_k S_k
-    "eq2_like": (0.5, 0.5),  # D = diag(s^-1/2): B = V (W S)^1/2, A = V (W S^-1)^1/2, as in Eq. 2
-    "custom": None,
-}
 
 
 def scaling_exponents(name: str, custom: tuple[float, float] | None = None) -> tuple[float, float]:
@@ -115,7 +106,7 @@ def eq1_factors(
     lam : float
         Lambda of Eq. 1, >= 0.
     alpha, beta : float
-        Exponents; see ``EQ1_SCALINGS`` for the named choices.
+        Exponents; see ``registry.EQ1_SCALINGS`` for the named choices.
     dtype : numpy dtype, default float32
         dtype of A and B (the weights are computed in float64).
 
@@ -286,7 +277,7 @@ def build_embeddings(sigma: np.ndarray, V: np.ndarray, cfg: ObjectivesSection) -
         lam = float(cfg.eq2.lambda_)
         A, B, n_active = eq2_factors(sigma, V, lam)
         a, b, _ = eq2_scales(sigma, lam)
-        factors[("eq2", "unique")] = (A, B)
+        factors[("eq2", UNIQUE)] = (A, B)
         meta["eq2"] = {"lambda": lam, "n_active": n_active, "a_scale": a, "b_scale": b}
         if n_active == 0:
             s_max = float(np.max(sigma, initial=0.0))

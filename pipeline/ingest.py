@@ -5,8 +5,9 @@ each). Every step is a Dask task on the run's client, and no raw row ever travel
 
 1. ``scan_piece``: read the needed columns of one piece with pyarrow, apply the time window,
    count invalid rows by reason (null ids, null/NaN/inf/negative weight, null timestamp), drop
-   them, and keep the clean columns on the worker; its unique user and item ids are reduced
-   pairwise into the sorted id maps (index = position in the sorted ids).
+   them, and keep the clean columns on the worker; its sorted unique user and item ids are
+   reduced by ``blocks.tree_reduce`` (set unions, fan-in 8) into the sorted id maps (index =
+   position in the sorted ids).
 2. ``encode_piece``: map ids to indices and bucket the entries by row block
    (``row // ingest.block_rows``).
 3. ``build_block``: concatenate one block's buckets from every piece, in piece order, and build
@@ -37,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mfsim.kernels.coo import bucket_order, coo_to_csr_sum
-from mfsim.pipeline.blocks import CSRBlock, RowBlocks
+from mfsim.pipeline.blocks import CSRBlock, RowBlocks, tree_reduce
 from mfsim.pipeline.config import IngestSection, InputSection
 from mfsim.pipeline.errors import MfsimError
 
@@ -53,6 +54,8 @@ INVALID_REASONS = ("null_user", "null_item", "null_weight", "nan_weight", "inf_w
 
 @dataclass(frozen=True)
 class InputFile:
+    """One Parquet file of the log, from its footer: path, size in bytes, rows per row group."""
+
     path: str
     size: int
     row_groups: tuple[int, ...]  # rows per row group
@@ -69,6 +72,8 @@ class Piece:
 
 @dataclass
 class IngestResult:
+    """What ingest hands on: X in row blocks, the id maps, per-row and per-column counts, input files and counts."""
+
     X: RowBlocks
     user_ids: pa.Array  # sorted original ids; position = row index of X
     item_ids: pa.Array  # sorted original ids; position = column index of X
@@ -211,6 +216,8 @@ def plan_pieces(files: list[InputFile], partition_rows: int) -> list[Piece]:
 
 @dataclass(frozen=True)
 class ScanSpec:
+    """What a scan task reads and keeps: column names, the time window, the invalid-row policy, the input URL."""
+
     user_col: str
     item_col: str
     weight_col: str | None
@@ -245,7 +252,10 @@ def scan_piece(piece: Piece, spec: ScanSpec) -> dict[str, Any]:
     """Read, window and validate one piece; return its clean columns, counts and unique ids.
 
     A piece that cannot be read returns ``{"error": message}`` instead of raising, so the client
-    reports it as one line (a raising task would also print a worker traceback).
+    reports it as one line (a raising task would also print a worker traceback). Weights are read
+    via float64 into float32, so large integers round instead of failing the cast and values beyond
+    the float32 range become inf and are counted as ``inf_weight``, as they would be stored. The
+    piece's ids come sorted and unique (``sorted_unique``), ready for ``union_ids``.
     """
     try:
         t = _read_piece(piece, spec)
@@ -282,8 +292,6 @@ def scan_piece(piece: Piece, spec: ScanSpec) -> dict[str, Any]:
             keep &= ~bad
     if spec.weight_col:
         w_arr = t.column(spec.weight_col).combine_chunks()
-        # via float64 then numpy: large integers round (no cast error) and values beyond the float32 range
-        # become inf, so they are judged (inf_weight) as they would be stored
         with np.errstate(over="ignore"):
             weights = w_arr.cast(pa.float64()).fill_null(0.0).to_numpy().astype(np.float32)
         if w_arr.null_count or not (np.isfinite(weights).all() and (weights >= 0).all()):
@@ -307,8 +315,8 @@ def scan_piece(piece: Piece, spec: ScanSpec) -> dict[str, Any]:
         "n_read": n_read,
         "outside_window": outside,
         "invalid": counts,
-        "user_ids": pc.unique(users),
-        "item_ids": pc.unique(items),
+        "user_ids": sorted_unique(users),
+        "item_ids": sorted_unique(items),
     }
 
 
@@ -319,14 +327,20 @@ def _to_us(t: dt.datetime) -> int:
 
 
 def piece_summary(scanned: dict[str, Any]) -> dict[str, Any]:
+    """The small part of a scan result for the client: row counts by outcome, and the error if any."""
     out = {k: scanned[k] for k in ("n_read", "outside_window", "invalid")} | {"n_kept": len(scanned["weights"])}
     return out | ({"error": scanned["error"]} if "error" in scanned else {})
 
 
+def sorted_unique(ids: pa.Array) -> pa.Array:
+    """The distinct values of ``ids``, sorted."""
+    u = pc.unique(ids)
+    return u.take(pc.sort_indices(u))
+
+
 def union_ids(*arrays: pa.Array) -> pa.Array:
-    """Sorted unique union of id arrays."""
-    merged = pc.unique(pa.concat_arrays([a for a in arrays]))
-    return merged.take(pc.sort_indices(merged))
+    """Sorted unique union of id arrays (exact, so any grouping of a reduction gives the same result)."""
+    return sorted_unique(pa.concat_arrays(list(arrays)))
 
 
 def max_ts(piece: Piece, spec: ScanSpec) -> int | None:
@@ -353,6 +367,7 @@ class IdIndex:
                 self.lut[vals - lo] = np.arange(len(vals), dtype=np.int64)
 
     def positions(self, values: pa.Array) -> np.ndarray:
+        """int64 position of each value in the sorted ids (every value must be present)."""
         if self.lut is not None:
             return self.lut[values.to_numpy() - self.lo]
         return pc.index_in(values, value_set=self.ids).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -411,17 +426,10 @@ class _PhaseClock:
         self.t = time.perf_counter()
 
     def lap(self, name: str) -> None:
+        """Log the time since the last lap under ``name``."""
         now = time.perf_counter()
         log.info("ingest: %s %.2fs", name, now - self.t)
         self.t = now
-
-
-def _tree_reduce(client, futures: list, fn, fan_in: int = 8):
-    """``fn`` applied over ``futures`` in a tree of fan-in ``fan_in`` (at least once)."""
-    while True:
-        futures = [client.submit(fn, *futures[i : i + fan_in]) for i in range(0, len(futures), fan_in)]
-        if len(futures) == 1:
-            return futures[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,8 +496,10 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
                          "check ingest.as_of / ingest.window_days and the data")
 
     clock.lap("scan")
-    user_ids = client.gather(_tree_reduce(client, [client.submit(operator.itemgetter("user_ids"), s) for s in scanned], union_ids))
-    item_ids = client.gather(_tree_reduce(client, [client.submit(operator.itemgetter("item_ids"), s) for s in scanned], union_ids))
+    user_ids, item_ids = (
+        tree_reduce([client.submit(operator.itemgetter(key), s) for s in scanned], union_ids, client=client, fan_in=8)
+        for key in ("user_ids", "item_ids")
+    )
     n_users, n_items = len(user_ids), len(item_ids)
     n_blocks = max(1, -(-n_users // cfg.block_rows))
     [uidx, iidx] = client.scatter([IdIndex(user_ids), IdIndex(item_ids)], broadcast=True, hash=False)

@@ -16,42 +16,33 @@ What is listed (Steck et al. 2024, Section 2 and the remedies of Section 3):
 Scores that do not depend on the Eq. 1 scaling are computed once, from the first scaling, and
 labelled ``scaling=invariant``; Eq. 2 has one solution, labelled ``scaling=unique``.
 
-Query rows go in ranges as Dask tasks on the run's client; the candidate embeddings are scattered
-to the workers once per list group and every task calls ``kernels.topn.topn_blocked``. Memory per
-task is bounded by the chunk sizes (see ``topn_blocked``), never O(p^2).
+Query rows go in ranges as Dask tasks on the run's client (``run_topn``, the one way every stage
+submits top-N work); the candidate embeddings are scattered to the workers once per list group
+and every task calls ``kernels.topn.topn_blocked``. Memory per task is bounded by the range and
+the kernel's tiles (see ``topn_blocked``), never O(p^2).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from mfsim.kernels.topn import TopN, topn_blocked
-from mfsim.pipeline.blocks import CSRBlock
-
-INVARIANT = "invariant"
-
-# (kind, metric) -> (query embedding, candidate embedding, kernel metric)
-LIST_SOURCES = {
-    ("item_item", "cosine"): ("B", "B", "cosine"),
-    ("item_item", "dot"): ("B", "B", "dot"),
-    ("item_item", "model"): ("A", "B", "dot"),
-    ("item_item", "projected_cosine"): ("A_proj", "A_proj", "cosine"),
-    ("user_item", "dot"): ("P", "B", "dot"),
-    ("user_item", "cosine"): ("P", "B", "cosine"),
-    ("user_user", "cosine"): ("P", "P", "cosine"),
-    ("user_user", "projected_cosine"): ("P_proj", "P_proj", "cosine"),
-}
-# lists whose scores (or ranking) are the same for every Eq. 1 scaling
-SCALING_INVARIANT = {("item_item", "model"), ("item_item", "projected_cosine"), ("user_item", "dot"),
-                     ("user_user", "projected_cosine")}
+from mfsim.pipeline import outputs
+from mfsim.pipeline.blocks import CSRBlock, RowBlocks
+from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.registry import INVARIANT, LISTS
 
 
 @dataclass(frozen=True)
 class ListLabel:
+    """Where one list is published: kind, objective, scaling label and metric."""
+
     kind: str
     objective: str
     scaling: str
@@ -59,7 +50,8 @@ class ListLabel:
 
     @property
     def path(self) -> str:
-        return f"neighbours/kind={self.kind}/objective={self.objective}/scaling={self.scaling}/metric={self.metric}"
+        """The list's dataset directory in the run (``pipeline.outputs.neighbours_dir``)."""
+        return outputs.neighbours_dir(self.kind, self.objective, self.scaling, self.metric)
 
 
 @dataclass
@@ -83,16 +75,16 @@ def plan_lists(pairs: list[tuple[str, str]], item_item: list[str], user_item: li
     done_invariant: set[tuple[str, str, str]] = set()
     for objective, scaling in pairs:
         for kind, metric in wanted:
+            spec = LISTS[(kind, metric)]
             label_scaling = scaling
-            if objective == "eq1" and (kind, metric) in SCALING_INVARIANT:
+            if objective == "eq1" and spec.scaling_invariant:
                 if (objective, kind, metric) in done_invariant:
                     continue
                 done_invariant.add((objective, kind, metric))
                 label_scaling = INVARIANT
-            q, c, kernel_metric = LIST_SOURCES[(kind, metric)]
-            key = (objective, scaling, kind, q, c)
-            group = groups.setdefault(key, GemmGroup(objective, scaling, kind, q, c))
-            group.outputs[kernel_metric] = ListLabel(kind, objective, label_scaling, metric)
+            key = (objective, scaling, kind, spec.queries, spec.candidates)
+            group = groups.setdefault(key, GemmGroup(objective, scaling, kind, spec.queries, spec.candidates))
+            group.outputs[spec.kernel_metric] = ListLabel(kind, objective, label_scaling, metric)
     return list(groups.values())
 
 
@@ -120,23 +112,6 @@ class QueryRange:
     first_id: int  # global query row of local row ``start`` (for exclude_self)
 
 
-def topn_task(queries: np.ndarray, scale: np.ndarray | None, rng: QueryRange, candidates: np.ndarray, n: int,
-              metrics: tuple[str, ...], exclude_self: bool, exclude: CSRBlock | None,
-              query_chunk: int, candidate_block: int) -> dict[str, TopN]:
-    """Top-N lists of query rows ``rng`` (a Dask task). ``scale`` multiplies the query columns
-    (``P diag(|b|)`` for projected cosines); ``exclude`` holds the same rows' excluded candidates."""
-    q = queries[rng.start : rng.stop]
-    if scale is not None:
-        q = q * scale
-    ex_indptr = ex_indices = None
-    if exclude is not None:
-        ex_indptr = exclude.indptr[rng.start : rng.stop + 1]
-        ex_indices = exclude.indices
-    return topn_blocked(q, candidates, n, metrics=metrics, query_offset=rng.first_id, exclude_self=exclude_self,
-                        exclude_indptr=ex_indptr, exclude_indices=ex_indices, query_chunk=query_chunk,
-                        candidate_block=candidate_block)
-
-
 def query_ranges(part_sizes: list[int], part_first_ids: list[int], rows_per_task: int) -> list[QueryRange]:
     """Ranges of at most ``rows_per_task`` rows within each query part, in row order."""
     out = []
@@ -146,23 +121,71 @@ def query_ranges(part_sizes: list[int], part_first_ids: list[int], rows_per_task
     return out
 
 
-def run_group(client, query_parts: list[Any], query_sizes: list[int], query_first_ids: list[int],
-              candidates: Any, n: int, metrics: tuple[str, ...], *, scale: np.ndarray | None = None,
-              exclude_self: bool = False, exclude_parts: list[Any] | None = None, rows_per_task: int = 2048,
-              query_chunk: int = 2048, candidate_block: int = 65536) -> Iterator[tuple[QueryRange, dict[str, TopN]]]:
-    """Submit one task per query range; yield ``(range, {metric: TopN})`` in row order.
+@dataclass
+class QuerySet:
+    """The query rows of a top-N run, in parts (arrays or futures, e.g. one per row block of X).
 
-    ``query_parts``/``exclude_parts`` are arrays or futures; ``candidates`` should already be
-    scattered (a future) so it travels to each worker once. At most ``2 x threads`` ranges are in
-    flight and results are released as they are yielded, so memory does not grow with the number
-    of ranges.
+    ``firsts[b]`` is the global row of part b's first row (the candidate id of that row when
+    ``exclude_self``); ``exclude[b]``, when given, is a CSR over part b's rows of the candidates
+    each row must not list (a user's own items).
     """
-    ranges = query_ranges(query_sizes, query_first_ids, rows_per_task)
+
+    parts: list
+    sizes: list[int]
+    firsts: list[int]
+    exclude: list | None = None
+    exclude_self: bool = False
+
+    @classmethod
+    def whole(cls, queries: Any, n_rows: int, **kwargs: Any) -> "QuerySet":
+        """One part of ``n_rows`` rows starting at global row 0."""
+        return cls([queries], [n_rows], [0], **kwargs)
+
+
+def topn_task(queries: np.ndarray, scale: np.ndarray | None, rng: QueryRange, candidates: np.ndarray, n: int,
+              metrics: tuple[str, ...], exclude_self: bool, exclude: CSRBlock | None, candidate_block: int,
+              then: Callable | None = None, then_part: Any = None) -> Any:
+    """Top-N lists ``{metric: TopN}`` of query rows ``rng`` (a Dask task), or ``then(lists, rng, then_part)``.
+
+    ``scale`` multiplies the query columns (``P diag(|b|)`` for projected cosines); ``exclude``
+    holds the same rows' excluded candidates. The whole range is one kernel call
+    (``query_chunk`` = its rows), which tiles it itself. The kernel's ``ValueError`` (NaN, inf or
+    overflowing scores, which extreme input weights can cause) becomes an ``MfsimError``.
+    """
+    q = queries[rng.start : rng.stop]
+    if scale is not None:
+        q = q * scale
+    ex_indptr = ex_indices = None
+    if exclude is not None:
+        ex_indptr = exclude.indptr[rng.start : rng.stop + 1]
+        ex_indices = exclude.indices
+    try:
+        lists = topn_blocked(q, candidates, n, metrics=metrics, query_offset=rng.first_id, exclude_self=exclude_self,
+                             exclude_indptr=ex_indptr, exclude_indices=ex_indices,
+                             query_chunk=max(1, rng.stop - rng.start), candidate_block=candidate_block)
+    except ValueError as exc:  # non-finite or overflowing embeddings: the kernel's message says what to do
+        raise MfsimError(f"neighbour lists: {exc}") from None
+    return lists if then is None else then(lists, rng, then_part)
+
+
+def run_topn(client, queries: QuerySet, candidates: Any, n: int, metrics: tuple[str, ...], *, rows_per_task: int,
+             candidate_block: int, scale: np.ndarray | None = None, then: Callable | None = None,
+             then_parts: list | None = None) -> Iterator[tuple[QueryRange, Any]]:
+    """Top-N of every query row against ``candidates``, as Dask tasks; yields ``(range, result)`` in row order.
+
+    One task per range of at most ``rows_per_task`` rows of a part (``neighbours.query_chunk``).
+    ``candidates`` should already be scattered (a future) so that it travels to each worker once.
+    A task's result is ``{metric: TopN}``, or ``then(lists, range, then_parts[range.part])``
+    computed in the task (e.g. ranking sums against held-out items, so that lists never travel).
+    At most ``2 x threads`` ranges are in flight and results are released as they are yielded, so
+    memory does not grow with the number of ranges.
+    """
+    ranges = query_ranges(queries.sizes, queries.firsts, rows_per_task)
 
     def submit(r: QueryRange):
-        return client.submit(topn_task, query_parts[r.part], scale, r, candidates, n, metrics, exclude_self,
-                             exclude_parts[r.part] if exclude_parts is not None else None, query_chunk,
-                             candidate_block, pure=False)
+        return client.submit(topn_task, queries.parts[r.part], scale, r, candidates, n, metrics, queries.exclude_self,
+                             queries.exclude[r.part] if queries.exclude is not None else None, candidate_block,
+                             then, then_parts[r.part] if then_parts is not None else None, pure=False)
 
     # a bounded window of ranges in flight: results wait on the workers only until this loop takes them
     window = max(2, 2 * sum(client.nthreads().values()))
@@ -174,3 +197,101 @@ def run_group(client, query_parts: list[Any], query_sizes: list[int], query_firs
         result = fut.result()
         fut.release()
         yield r, result
+
+
+def scatter(client, x: np.ndarray):
+    """``x`` as float32 on every worker (a future), for candidates that every task reads."""
+    return client.scatter(np.ascontiguousarray(x, dtype=np.float32), broadcast=True, hash=False)
+
+
+def client_item_lists(client, *, rows_per_task: int, candidate_block: int) -> Callable[..., TopN]:
+    """An ``item_lists_fn`` for the audit: ``(queries, candidates, n, metric, exclude_self) -> TopN`` on Dask."""
+
+    def item_lists(queries: np.ndarray, candidates: np.ndarray, n: int, metric: str, exclude_self: bool = True) -> TopN:
+        cand = scatter(client, candidates)
+        q = cand if queries is candidates else scatter(client, queries)
+        parts = [lists[metric] for _, lists in run_topn(client, QuerySet.whole(q, len(queries), exclude_self=exclude_self),
+                                                        cand, n, (metric,), rows_per_task=rows_per_task,
+                                                        candidate_block=candidate_block)]
+        return TopN(*(np.concatenate([getattr(p, f) for p in parts]) for f in TopN._fields))
+
+    return item_lists
+
+
+# ---------------------------------------------------------------------------------------------
+# what a list group reads
+
+
+def user_rows(user_ids: pa.Array, wanted: list | None) -> np.ndarray | None:
+    """Row numbers of the ``neighbours.users`` ids (None: all users), sorted, each once."""
+    if wanted is None:
+        return None
+    try:
+        asked = pa.array(wanted).cast(user_ids.type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        raise MfsimError(f"neighbours.users holds values that are not {user_ids.type} ids ({exc}); "
+                         "list ids as they appear in the input") from exc
+    rows = pc.index_in(asked, value_set=user_ids)
+    if rows.null_count:
+        missing = [w for w, r in zip(wanted, rows.to_pylist()) if r is None]
+        raise MfsimError(f"neighbours.users lists unknown user ids {missing[:5]}; use ids present in the input")
+    return np.unique(rows.to_numpy().astype(np.int64))  # sorted, once each: lists stay sorted by query
+
+
+def csr_rows(blocks: list[CSRBlock], offsets: np.ndarray, rows: np.ndarray, n_cols: int) -> CSRBlock:
+    """The CSR rows ``rows`` (global row numbers) of local blocks, as one CSRBlock (pattern only)."""
+    block_of = np.searchsorted(offsets, rows, side="right") - 1
+    indptr = [0]
+    indices = []
+    for r, b in zip(rows, block_of):
+        blk, local = blocks[b], r - offsets[b]
+        lo, hi = blk.indptr[local], blk.indptr[local + 1]
+        indices.append(blk.indices[lo:hi])
+        indptr.append(indptr[-1] + hi - lo)
+    idx = np.concatenate(indices) if indices else np.zeros(0, np.int32)
+    return CSRBlock(np.asarray(indptr, np.int64), idx.astype(np.int32), np.ones(len(idx), np.float32), n_cols)
+
+
+@dataclass
+class GroupInputs:
+    """What one gemm group runs on: queries, scattered candidates, their ids, the query scale."""
+
+    queries: QuerySet
+    candidates: Any
+    candidate_ids: pa.Array
+    query_ids: Callable[[QueryRange], pa.Array]
+    scale: np.ndarray | None = None
+
+
+def group_inputs(client, g: GemmGroup, A: np.ndarray, B: np.ndarray, user_parts: list, X: RowBlocks,
+                 user_ids: pa.Array, item_ids: pa.Array, subset: np.ndarray | None = None) -> GroupInputs:
+    """Queries and candidates of group ``g`` from the factors (A, B) and the user embeddings P = X A.
+
+    ``user_parts``: P per row block of X (futures); ``subset``: the user rows of
+    ``neighbours.users`` (None: all users). Item-item groups query every item against every item.
+    """
+    if g.kind == "item_item":
+        emb = {"A": lambda: A, "B": lambda: B, "A_proj": lambda: projected(A, B)}
+        cand = scatter(client, emb[g.candidates]())
+        q = cand if g.queries == g.candidates else scatter(client, emb[g.queries]())
+        return GroupInputs(QuerySet.whole(q, len(A), exclude_self=True), cand, item_ids,
+                           lambda r: item_ids.slice(r.first_id, r.stop - r.start))
+    scale = column_norms(B) if g.queries == "P_proj" else None
+    if g.kind == "user_item":
+        cand, cand_ids = scatter(client, B), item_ids
+    else:
+        P = np.concatenate(client.gather(user_parts))
+        cand, cand_ids = scatter(client, P * scale if scale is not None else P), user_ids
+    if subset is None:
+        queries = QuerySet(user_parts, np.diff(X.row_offsets).tolist(), X.row_offsets[:-1].tolist(),
+                           exclude=X.parts if g.kind == "user_item" else None, exclude_self=g.kind == "user_user")
+        return GroupInputs(queries, cand, cand_ids, lambda r: user_ids.slice(r.first_id, r.stop - r.start), scale)
+    P_sub = np.concatenate(client.gather(user_parts))[subset]
+    if g.kind == "user_item":
+        excl = csr_rows(X.local_parts(), X.row_offsets, subset, X.n_cols)
+    else:  # each query's own row, by an exclusion mask: the subset's rows are not contiguous
+        excl = CSRBlock(np.arange(len(subset) + 1, dtype=np.int64), subset.astype(np.int32),
+                        np.ones(len(subset), np.float32), X.n_rows)
+    ids = user_ids.take(pa.array(subset))
+    queries = QuerySet.whole(client.scatter(P_sub, hash=False), len(subset), exclude=[client.scatter(excl, hash=False)])
+    return GroupInputs(queries, cand, cand_ids, lambda r: ids.slice(r.start, r.stop - r.start), scale)

@@ -11,10 +11,37 @@ import pyarrow as pa
 USERS_IDS = "ids/users.parquet"
 ITEMS_IDS = "ids/items.parquet"
 SINGULAR_VALUES = "svd/singular_values.parquet"
+EVALUATION_METRICS = "evaluation/metrics.parquet"
+CLUSTER_PRECISION = "evaluation/cluster_precision.parquet"
+AUDIT_STABILITY = "audit/stability.parquet"
+AUDIT_DETAIL = "audit/detail.parquet"
+AUDIT_LEAST_STABLE = "audit/least_stable.parquet"
+NEIGHBOURS_DIR = "neighbours"
+REPORT_DIR = "report"
+REPORT_INDEX = f"{REPORT_DIR}/index.html"
 
 
 def factors_dir(objective: str, scaling: str) -> str:
+    """``factors/objective=<o>/scaling=<s>``: ``items.parquet`` (B) and ``users.parquet`` (P = X A)."""
     return f"factors/objective={objective}/scaling={scaling}"
+
+
+def neighbours_dir(kind: str, objective: str, scaling: str, metric: str) -> str:
+    """The directory of one list's ``part-*.parquet`` files."""
+    return f"{NEIGHBOURS_DIR}/kind={kind}/objective={objective}/scaling={scaling}/metric={metric}"
+
+
+def part_file(directory: str, part_no: int) -> str:
+    """``<directory>/part-00000.parquet``: the numbered parts of one dataset, in query order."""
+    return f"{directory}/part-{part_no:05d}.parquet"
+
+
+EVALUATION_SCHEMA = pa.schema([
+    ("objective", pa.string()), ("scaling", pa.string()), ("metric", pa.string()), ("top_n", pa.int32()),
+    ("recall", pa.float64()), ("ndcg", pa.float64()), ("n_users", pa.int64())])
+CLUSTER_PRECISION_SCHEMA = pa.schema([
+    ("objective", pa.string()), ("scaling", pa.string()), ("metric", pa.string()), ("top_n", pa.int32()),
+    ("cluster_precision", pa.float64()), ("chance", pa.float64())])
 
 
 def id_table(ids: pa.Array, id_col: str, n_interactions: np.ndarray) -> pa.Table:

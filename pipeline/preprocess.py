@@ -37,18 +37,19 @@ learning as a remedy for arbitrary embedding scales. This stage implements, in t
    pattern never changes (a weight of 0 leaves a stored 0).
 
 Statistics come from one pass over the blocks (per-block partial sums, reduced pairwise in a
-fixed order, so a local run and a Dask run give bitwise identical results); only ``bm25``
+fixed order by ``blocks.tree_reduce``, so a local run and a Dask run give bitwise identical
+results); only ``bm25``
 combined with centering needs a second pass, because BM25 values depend on ``avglen``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from mfsim.pipeline.blocks import CSRBlock, RowBlocks
+from mfsim.pipeline.blocks import CSRBlock, RowBlocks, tree_reduce
 from mfsim.pipeline.config import PreprocessSection
 from mfsim.pipeline.errors import MfsimError
 
@@ -164,23 +165,13 @@ def weighted_block_column_stats(
 # reduction over blocks (local or on the client)
 
 
-def _tree_reduce(parts: list[Any], combine: Callable[[Any, Any], Any]) -> Any:
-    """Pairwise reduction in a fixed order: ((0+1)+(2+3))+... regardless of where it runs."""
-    while len(parts) > 1:
-        parts = [combine(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
-    return parts[0]
-
-
 def _reduce_stats(blocks: RowBlocks, parts: list[Any]) -> ColumnStats:
+    """Sum of per-block statistics, pairwise in a fixed order (``tree_reduce``, fan-in 2)."""
     if not parts:
         p = blocks.n_cols
         z = np.zeros(p)
         return ColumnStats(0, np.zeros(p, np.int64), z, z.copy(), 0.0, float("inf"))
-    if blocks.client is None:
-        return _tree_reduce(parts, add_column_stats)
-    client = blocks.client
-    root = _tree_reduce(parts, lambda a, b: client.submit(add_column_stats, a, b))
-    return root.result() if hasattr(root, "result") else root
+    return tree_reduce(parts, add_column_stats, client=blocks.client)
 
 
 def _broadcast(blocks: RowBlocks, arr: np.ndarray | None) -> Any:
@@ -218,6 +209,7 @@ class Preprocessor:
 
     @property
     def is_identity(self) -> bool:
+        """True when applying it leaves the block values unchanged (an offset may remain)."""
         return not self.binarize and self.col_weight is None and self.bm25 is None and self.col_scale is None
 
     @property

@@ -38,6 +38,7 @@ def new_run_id(now: dt.datetime | None = None) -> str:
 
 
 def validate_run_id(run_id: str) -> str:
+    """``run_id`` if it is a safe directory name; an ``MfsimError`` saying what is allowed otherwise."""
     if not RUN_ID_PATTERN.match(run_id) or ".." in run_id:
         raise MfsimError(
             f"run id {run_id!r} is not allowed: use letters, digits, '.', '_' or '-' (no path separators, "
@@ -47,6 +48,7 @@ def validate_run_id(run_id: str) -> str:
 
 
 def package_versions() -> dict[str, str]:
+    """Versions of the packages a run depends on, for its manifest."""
     out = {}
     for name in PACKAGES:
         try:
@@ -102,6 +104,7 @@ class RunWriter:
         return p
 
     def write_table(self, relative: str, table: pa.Table) -> Path:
+        """Write ``table`` as Parquet (zstd) at ``relative`` inside the run."""
         p = self.path(relative)
         pq.write_table(table, p, compression="zstd")
         return p
@@ -121,6 +124,7 @@ class RunWriter:
         return p
 
     def write_json(self, relative: str, obj: Any) -> Path:
+        """Write ``obj`` as indented JSON at ``relative`` inside the run."""
         p = self.path(relative)
         p.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str))
         return p
@@ -169,11 +173,13 @@ def write_latest(root: Path, run_id: str) -> None:
 
 
 def read_latest(root: str | Path) -> str | None:
+    """The run id in ``<root>/LATEST``, or None when no run has succeeded there."""
     p = Path(root) / LATEST
     return p.read_text().strip() if p.is_file() else None
 
 
 def read_manifest(run_dir: str | Path) -> dict[str, Any]:
+    """The ``_manifest.json`` of a published run; an ``MfsimError`` when there is none."""
     p = Path(run_dir) / MANIFEST
     if not p.is_file():
         raise MfsimError(f"{run_dir} is not a published run (no {MANIFEST}); pass a directory written by mfsim run")

@@ -40,7 +40,7 @@ from scipy.linalg.blas import dtrsm
 from threadpoolctl import threadpool_limits
 
 from mfsim.kernels.sparse import csr_matmat, csr_t_matmat
-from mfsim.pipeline.blocks import CSRBlock, RowBlocks
+from mfsim.pipeline.blocks import CSRBlock, RowBlocks, tree_reduce
 from mfsim.pipeline.config import SvdSection
 from mfsim.pipeline.errors import MfsimError
 
@@ -48,6 +48,11 @@ from mfsim.pipeline.errors import MfsimError
 #: ``default_rng([seed, j])``, so Omega's rows depend only on their global index, never on how
 #: the rows are split into blocks. 4096 rows keep the per-chunk generator set-up (~20 us) negligible.
 OMEGA_CHUNK_ROWS = 4096
+
+#: The solvers' defaults are the configuration's (``svd.oversample``, ``svd.power_iterations`` in
+#: ``SvdSection``, where they are explained), so a direct call and a configured run agree.
+DEFAULT_OVERSAMPLE: int = SvdSection.model_fields["oversample"].default
+DEFAULT_POWER_ITERATIONS: int = SvdSection.model_fields["power_iterations"].default
 
 
 @dataclass
@@ -59,8 +64,8 @@ class SvdResult:
     sigma : ndarray of float64, shape (k,)
         Singular values, descending.
     V : ndarray of float32, shape (p, k)
-        Right singular vectors (item side), orthonormal columns; the sign of each column makes
-        its largest-magnitude entry positive.
+        Right singular vectors (item side), orthonormal columns, signs fixed by ``flip_signs``
+        (each column's largest-magnitude entry positive).
     U : list or None
         Left singular vectors in row blocks aligned with X's blocks (``u_row_offsets``): ndarrays
         of float32 (n_b x k) in-process, futures on a Dask client. None unless requested.
@@ -171,7 +176,21 @@ def u_block(block: CSRBlock, q32: np.ndarray, cq64: np.ndarray | None, w: np.nda
 
 
 def _add_pairs(a: tuple, b: tuple) -> tuple:
+    """``(a0 + b0, a1 + b1)``: the sum of two ``gram_partial`` results."""
     return a[0] + b[0], a[1] + b[1]
+
+
+def flip_signs(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(v * sign, sign)``: each column of v (p x k) times the sign of its largest-magnitude entry.
+
+    Singular vectors are unique only up to sign (``u_j s_j v_j^T = (-u_j) s_j (-v_j)^T``); this
+    makes the sign a function of the vector alone. ``sign`` (k,) holds +1 or -1 (+1 for a zero
+    column; the first entry wins a tie in magnitude); multiply the paired U columns by it too.
+    O(p k).
+    """
+    sign = np.sign(v[np.argmax(np.abs(v), axis=0), np.arange(v.shape[1])])
+    sign[sign == 0] = 1
+    return v * sign, sign
 
 
 def on_worker(fn: Callable, *args: Any) -> Any:
@@ -213,14 +232,17 @@ class _Local:
         self.out = None
 
     def gram(self, q32, cq, l, seed):
+        """``(X^T Z, 1^T Z)`` over every block in this process."""
         if self.out is None:  # allocated once per SVD: the first touch of p x l pages is not free
             self.out = np.zeros((self.blocks.n_cols, l), np.float64)
         return gram_partial(self.blocks.parts, self.starts, q32, cq, l, seed, self.out)
 
     def tsqr(self, q32, cq64):
+        """The R factor of ``X_eff Q`` over every block in this process."""
         return tsqr_partial(self.blocks.parts, q32, cq64)
 
     def u(self, q32, cq64, w):
+        """U per block, in this process."""
         return [u_block(b, q32, cq64, w) for b in self.blocks.parts]
 
 
@@ -254,20 +276,20 @@ class _Dask:
         return None if q32 is None else self.client.scatter(q32, broadcast=True, hash=False)
 
     def gram(self, q32, cq, l, seed):
+        """``(X^T Z, 1^T Z)``: one ``gram_partial`` per worker, tree-summed pairwise on the workers."""
         qf = self._scatter(q32)
         starts = [int(s) for s in self.blocks.row_offsets[:-1]]
         futs = [self._submit(gram_partial, w, idx, [starts[i] for i in idx], qf, cq, l, seed) for w, idx in self.groups]
-        while len(futs) > 1:  # tree-sum: only p x l partials travel, log2(workers) levels
-            nxt = [self.client.submit(_add_pairs, futs[i], futs[i + 1], pure=False) for i in range(0, len(futs) - 1, 2)]
-            futs = nxt + ([futs[-1]] if len(futs) % 2 else [])
-        return futs[0].result()
+        return tree_reduce(futs, _add_pairs, client=self.client)  # only p x l partials travel
 
     def tsqr(self, q32, cq64):
+        """The R factor of ``X_eff Q``: one R per worker's blocks, then the R of their stack."""
         qf = self._scatter(q32)
         rs = self.client.gather([self._submit(tsqr_partial, w, idx, qf, cq64) for w, idx in self.groups])
         return _r_factor(np.vstack(rs))
 
     def u(self, q32, cq64, w):
+        """U per block, as futures beside their rows of X."""
         qf = self._scatter(q32)
         return [self.client.submit(on_worker, u_block, part, qf, cq64, w, pure=False) for part in self.blocks.parts]
 
@@ -329,8 +351,8 @@ def randomized_svd(
     blocks: RowBlocks,
     rank: int,
     *,
-    oversample: int = 10,
-    power_iterations: int = 4,
+    oversample: int = DEFAULT_OVERSAMPLE,
+    power_iterations: int = DEFAULT_POWER_ITERATIONS,
     seed: int = 0,
     col_offset: np.ndarray | None = None,
     compute_u: bool = False,
@@ -343,10 +365,10 @@ def randomized_svd(
         X (n x p) in CSR row blocks, in-process or on a Dask client.
     rank : int
         k, the number of singular triplets; ``1 <= k <= min(n, p)``.
-    oversample : int, default 10
+    oversample : int, default ``SvdSection.oversample`` (10)
         Extra sketch columns: ``l = min(k + oversample, n, p)``. Halko et al. (2011, Sec. 4.2)
         recommend 5-10; more costs O(nnz) per column per product.
-    power_iterations : int, default 4
+    power_iterations : int, default ``SvdSection.power_iterations`` (32)
         q, the number of products with ``X^T X`` after the sketch; each costs two passes over X.
         The error in ``s_j`` shrinks like ``(s_{l+1} / s_j)^(4q+2)``, slowly when the spectrum is
         flat around k, as it is for interaction data. Measured for a 1e-3 relative error on every
@@ -354,7 +376,8 @@ def randomized_svd(
         k = 64 needs q = 21-29 with oversample = 10 but q = 6 with oversample = 64; a power-law
         3000 x 1000 matrix with k = 50 needs q = 17-31 with oversample = 10 but q = 7-10 with
         oversample = 50. Cost grows like ``(k + oversample)(2q + 2)``, so a wide sketch with few
-        iterations is the cheaper way to that accuracy; q = 4 with oversample = 10 gives ~4e-2.
+        iterations is the cheaper way to that accuracy. The default q = 32 with oversample = 10
+        covers both measured ranges; q = 4 with oversample = 10 gives only ~4e-2.
     seed : int, default 0
         Seeds the Gaussian test matrix (``numpy.random.default_rng``); the result is a function of
         (X, k, oversample, q, seed), independent of the block split and the number of workers up to
@@ -374,7 +397,9 @@ def randomized_svd(
     Cost: ``2 (q + 1)`` passes over X of O(nnz l) each (``X^T Omega``, q times ``X Q`` and
     ``X^T Z``, the final ``X Q``; one more for U), q + 1 QRs of p x l (O(p l^2)) and a TSQR of
     n x l (O(n l^2)). Memory: X; per process one p x l float64 sum and one n_b x l block at a
-    time; on the client, a few p x l float64 matrices.
+    time; on the client, a few p x l float64 matrices. BLAS is limited to one thread in this
+    process: its dense steps are small, and idle BLAS threads spin after each call, taking the
+    cores from the numba kernels that run next (measured 2-3x slower products on 2 cores).
 
     References
     ----------
@@ -384,10 +409,6 @@ def randomized_svd(
     """
     c = _check(blocks, rank, oversample, power_iterations, col_offset)
     run = _Dask(blocks) if blocks.client is not None else _Local(blocks)
-    # BLAS runs single-threaded in this process: the dense steps are small (level-3 BLAS on
-    # p x l and n_b x l), and idle BLAS threads spin-wait after each call, taking the cores from
-    # the numba kernels that run next (here, or in the Dask workers on the same machine); measured
-    # 2-3x slower products on 2 cores without this limit
     with threadpool_limits(limits=1, user_api="blas"):
         return _randomized_svd(run, blocks, rank, oversample, power_iterations, seed, c, compute_u)
 
@@ -423,10 +444,7 @@ def _randomized_svd(run, blocks: RowBlocks, rank, oversample, power_iterations, 
     u_r, s, vt_r = np.linalg.svd(r, full_matrices=False)  # R = U_r S V_r^T
     vr = vt_r[:rank].T  # (l, k)
     sigma = s[:rank].astype(np.float64)
-    v = q32.astype(np.float64) @ vr  # V = Q V_r
-    sign = np.sign(v[np.argmax(np.abs(v), axis=0), np.arange(rank)])
-    sign[sign == 0] = 1
-    v *= sign
+    v, sign = flip_signs(q32.astype(np.float64) @ vr)  # V = Q V_r
     seconds["final"] = time.perf_counter() - t1
 
     u = None
@@ -454,8 +472,8 @@ def sklearn_svd(
     blocks: RowBlocks,
     rank: int,
     *,
-    oversample: int = 10,
-    power_iterations: int = 4,
+    oversample: int = DEFAULT_OVERSAMPLE,
+    power_iterations: int = DEFAULT_POWER_ITERATIONS,
     seed: int = 0,
     col_offset: np.ndarray | None = None,
     compute_u: bool = False,
@@ -480,16 +498,14 @@ def sklearn_svd(
     uu, s, vt = sk_randomized_svd(
         x, rank, n_oversamples=oversample, n_iter=power_iterations, random_state=seed, flip_sign=False
     )
-    v = vt.T.astype(np.float64)
-    sign = np.sign(v[np.argmax(np.abs(v), axis=0), np.arange(rank)])
-    sign[sign == 0] = 1
+    v, sign = flip_signs(vt.T.astype(np.float64))
     u = None
     if compute_u:
         u_all = (uu * sign).astype(np.float32)
         u = [u_all[a:b] for a, b in zip(blocks.row_offsets[:-1], blocks.row_offsets[1:])]
     return SvdResult(
         sigma=s.astype(np.float64),
-        V=(v * sign).astype(np.float32),
+        V=v.astype(np.float32),
         U=u,
         u_row_offsets=blocks.row_offsets.copy() if compute_u else None,
         client=None,

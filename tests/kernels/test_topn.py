@@ -13,6 +13,9 @@ Two kinds of data:
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -27,7 +30,6 @@ from mfsim.kernels.topn import (
     topn_blocked,
     topn_reference,
 )
-from mfsim.pipeline.errors import MfsimError
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -447,24 +449,44 @@ def test_empty_queries_and_candidates():
 )
 def test_user_errors(kwargs, match):
     x = _integers((6, 3), seed=20)
-    with pytest.raises(MfsimError, match=match):
+    with pytest.raises(ValueError, match=match):
         topn_blocked(x[:5], x, 3, **kwargs)
 
 
 def test_shape_and_value_errors():
     x = _integers((6, 3), seed=21)
-    with pytest.raises(MfsimError, match="same rank"):
+    with pytest.raises(ValueError, match="same rank"):
         topn_blocked(x, x[:, :2], 3)
     bad = x.copy()
     bad[2, 1] = np.nan
-    with pytest.raises(MfsimError, match="NaN"):
+    with pytest.raises(ValueError, match="NaN"):
         topn_blocked(bad, x, 3)
-    with pytest.raises(MfsimError, match="n \\(the list length\\)"):
+    with pytest.raises(ValueError, match="n \\(the list length\\)"):
         topn_blocked(x, x, 0)
+    with pytest.raises(TypeError, match="must hold real numbers"):
+        topn_blocked(x.astype(np.complex64), x, 3)
+    with pytest.raises(ValueError, match="2-D array"):
+        topn_blocked(x[0], x, 3)
+
+
+def test_reference_refuses_unknown_metric():
+    x = _integers((4, 3), seed=22)
+    with pytest.raises(ValueError, match="metric must be one of dot, cosine"):
+        topn_reference(x, x, 2, "euclid")
 
 
 def test_scores_that_could_overflow_float32_are_refused():
     # rows of norm ~1e20 are finite in float32, but their dot products (~1e40) are not
     q = np.full((3, 4), 5e19, np.float32)
-    with pytest.raises(MfsimError, match="overflow float32"):
+    with pytest.raises(ValueError, match="overflow float32"):
         topn_blocked(q, q, 2)
+
+
+def test_kernels_import_nothing_from_pipeline_or_jobs():
+    """Layering: kernels work on plain arrays and raise ValueError/TypeError, never MfsimError."""
+    code = (
+        "import sys, mfsim.kernels.topn, mfsim.kernels.select, mfsim.kernels.sparse, mfsim.kernels.coo; "
+        "print(sorted(m for m in sys.modules if m.startswith(('mfsim.pipeline', 'mfsim.jobs'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -21,7 +21,6 @@ import scipy.sparse as sp
 from mfsim.jobs.audit_cmd import run_audit_command
 from mfsim.kernels.topn import topn_reference
 from mfsim.pipeline.audit import (
-    AUDIT_METRICS,
     audit_embedding_pair,
     audit_item_lists,
     default_item_lists,
@@ -30,8 +29,9 @@ from mfsim.pipeline.audit import (
     sample_rows,
 )
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.factors import EQ1_SCALINGS, eq1_factors, eq2_factors
+from mfsim.pipeline.factors import eq1_factors, eq2_factors
 from mfsim.pipeline.outputs import embedding_table
+from mfsim.pipeline.registry import AUDIT_METRICS, EQ1_SCALINGS
 
 STABILITY_COLUMNS = ["objective", "kind", "metric", "scaling_a", "scaling_b", "top_n", "n_items", "draws",
                      "jaccard_mean", "jaccard_p10", "jaccard_p50", "jaccard_p90", "jaccard_min"]

@@ -24,7 +24,6 @@ from mfsim.pipeline.blocks import RowBlocks
 from mfsim.pipeline.config import ObjectivesSection
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.factors import (
-    EQ1_SCALINGS,
     build_embeddings,
     eq1_factors,
     eq1_weights,
@@ -32,6 +31,7 @@ from mfsim.pipeline.factors import (
     scaling_exponents,
     user_embeddings,
 )
+from mfsim.pipeline.registry import EQ1_SCALINGS
 
 N, P = 30, 12
 LAM1 = 5.0  # comparable to the smaller s_i^2 of X below, so W shrinks visibly

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from mfsim.kernels.topn import topn_reference
-from mfsim.pipeline.factors import eq1_factors, eq2_factors, EQ1_SCALINGS
-from mfsim.pipeline.neighbours import INVARIANT, plan_lists, projected, query_ranges, run_group
+from mfsim.pipeline.factors import eq1_factors, eq2_factors
+from mfsim.pipeline.registry import EQ1_SCALINGS, INVARIANT
+from mfsim.pipeline.neighbours import QuerySet, plan_lists, projected, query_ranges, run_topn
 
 
 def _cos_rows(M: np.ndarray) -> np.ndarray:
@@ -69,8 +70,8 @@ def test_tasks_give_identical_lists_on_one_and_two_workers(client, client1):
     def lists(c):
         cand = c.scatter(E, broadcast=True, hash=False)
         out = {m: [] for m in ("dot", "cosine")}
-        for _, res in run_group(c, [cand], [len(E)], [0], cand, 10, ("dot", "cosine"), exclude_self=True,
-                                rows_per_task=37, query_chunk=16, candidate_block=50):
+        for _, res in run_topn(c, QuerySet.whole(cand, len(E), exclude_self=True), cand, 10, ("dot", "cosine"),
+                               rows_per_task=37, candidate_block=50):
             for m in out:
                 out[m].append(res[m])
         return {m: (np.concatenate([t.indices for t in v]), np.concatenate([t.counts for t in v])) for m, v in out.items()}

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from mfsim.pipeline.blocks import RowBlocks
+from mfsim.pipeline.blocks import RowBlocks, tree_reduce
 from mfsim.pipeline.config import PreprocessSection
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.factors import user_embeddings
@@ -227,3 +230,31 @@ def test_local_and_client_identical(client, name):
     np.testing.assert_array_equal(L.data, D.data)
     np.testing.assert_array_equal(L.indices, D.indices)
     np.testing.assert_allclose(effective_dense(dist_out, dist_prep), dense_reference(X.toarray(), cfg), rtol=RTOL, atol=ATOL)
+
+
+def _bracket(*parts: str) -> str:
+    """A combine that records the tree: ``(a+b)``, ``(a+b+c)``."""
+    return "(" + "+".join(parts) + ")"
+
+
+@pytest.mark.parametrize("on_client", [False, True])
+def test_tree_reduce_order_and_result(request, on_client):
+    # the statistics above are summed by tree_reduce; its tree, written out by hand, then checked
+    # against functools.reduce for an associative but non-commutative combine (concatenation)
+    # and for an n-ary exact one (set union, fan-in 8 as in ingest)
+    client = request.getfixturevalue("client") if on_client else None
+
+    def parts(values):
+        return client.scatter(list(values), hash=False) if client is not None else list(values)
+
+    assert tree_reduce(parts("01234"), _bracket, client=client) == "(((0+1)+(2+3))+4)"
+    assert tree_reduce(parts("0"), _bracket, client=client) == "0"
+    assert tree_reduce(parts("0123456789"), _bracket, client=client, fan_in=8) == "((0+1+2+3+4+5+6+7)+(8+9))"
+    for n in (1, 2, 3, 7, 8, 9, 17):
+        strings = [chr(ord("a") + i) for i in range(n)]
+        assert tree_reduce(parts(strings), operator.add, client=client) == functools.reduce(operator.add, strings)
+        sets = [frozenset({i, i + 1, 2 * i}) for i in range(n)]
+        union = tree_reduce(parts(sets), frozenset.union, client=client, fan_in=8)
+        assert union == functools.reduce(operator.or_, sets)
+    with pytest.raises(ValueError, match="at least one part"):
+        tree_reduce([], operator.add)

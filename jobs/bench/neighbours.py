@@ -21,8 +21,6 @@ work per query is the same for every query.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import threading
 import time
@@ -206,27 +204,3 @@ def run_bench_neighbours(
               f"{min(g.values()):.1f}s; all {slice_items:,} queries: mfsim ~{t_slice * scale / 60:.1f} min, "
               f"bare gemm ~{min(g.values()) * scale / 60:.1f} min")
     return res
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--items", type=int, default=100_000)
-    ap.add_argument("--rank", type=int, default=64)
-    ap.add_argument("--top-n", type=int, default=100)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--slice-items", type=int, default=None, help="catalog of the timed slice (default 1000000, 0: none)")
-    ap.add_argument("--slice-queries", type=int, default=20_000)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--query-chunk", type=int, default=2048)
-    ap.add_argument("--candidate-block", type=int, default=4096)
-    ap.add_argument("--json", default=None, help="write the returned numbers to this file")
-    a = ap.parse_args(argv)
-    out = run_bench_neighbours(a.items, a.rank, a.top_n, a.seed, a.slice_items, slice_queries=a.slice_queries,
-                               threads=a.threads, query_chunk=a.query_chunk, candidate_block=a.candidate_block)
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(out, fh, indent=1, default=str)
-
-
-if __name__ == "__main__":
-    main()

@@ -9,7 +9,6 @@ workers; the embedded cluster's start-up is reported apart.
 
 from __future__ import annotations
 
-import resource
 import shutil
 import tempfile
 import time
@@ -18,8 +17,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from distributed import wait
 
-from mfsim.jobs.bench_svd import PeakRSS
+from mfsim.jobs.bench.measure import local_client, timed
+from mfsim.pipeline.config import IngestSection, InputSection
+from mfsim.pipeline.ingest import ingest
 
 
 def write_synthetic_log(path: Path, rows: int, users: int, items: int, *, files: int = 8, seed: int = 0) -> None:
@@ -54,8 +56,11 @@ def _warm_up() -> None:
     coo_to_csr_sum(np.zeros(1, np.int64), np.zeros(1, np.int32), np.ones(1, np.float32), 1, np.zeros(0, np.int64))
 
 
-def _worker_peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _ingest_ready(client, log_dir: Path, block_rows: int):
+    """mfsim's ingest, returned once the CSR blocks are ready on the workers."""
+    res = ingest(client, InputSection(path=str(log_dir), ts_col=None), IngestSection(block_rows=block_rows))
+    wait(res.X.parts)
+    return res
 
 
 def anchor_build(path: Path):
@@ -71,12 +76,12 @@ def anchor_build(path: Path):
 
 def run_bench_ingest(rows: int = 50_000_000, users: int | None = None, items: int | None = None,
                      workdir: Path | None = None, n_workers: int = 2, block_rows: int = 65536) -> dict:
-    from distributed import Client, LocalCluster, wait
+    """Time mfsim's Dask ingest of a synthetic log against ``anchor_build``; print three lines; return the numbers.
 
-    from mfsim.pipeline.cluster import worker_thread_env
-    from mfsim.pipeline.config import IngestSection, InputSection
-    from mfsim.pipeline.ingest import ingest
-
+    ``users`` and ``items`` default to ``rows // 50`` and ``rows // 250``. The log is written to
+    ``workdir/log`` (kept, and reused when it already exists) or to a temporary directory
+    (removed). Peak RSS: this process during the anchor, each worker during mfsim's ingest.
+    """
     users = users or max(10, rows // 50)
     items = items or max(10, rows // 250)
     own_dir = workdir is None
@@ -89,38 +94,26 @@ def run_bench_ingest(rows: int = 50_000_000, users: int | None = None, items: in
         print(f"synthetic log: {rows:,} rows, {users:,} users, {items:,} items "
               f"({sum(f.stat().st_size for f in log_dir.iterdir()) / 2**20:.0f} MiB, written in {time.perf_counter() - t:.1f}s)")
 
-        with PeakRSS() as mem:
-            t = time.perf_counter()
-            ref = anchor_build(log_dir)
-            t_anchor = time.perf_counter() - t
-        anchor_nnz = ref.nnz
-        del ref
+        anchor = timed(lambda: anchor_build(log_dir))
+        anchor_nnz = anchor.result.nnz
+        anchor.result = None
+        t_anchor = anchor.seconds
         print(f"anchor  pyarrow read + scipy coo->csr (1 process): {t_anchor:7.2f}s  "
-              f"peak RSS {mem.peak / 2**30:.2f} GiB")
+              f"peak RSS {anchor.peak / 2**30:.2f} GiB")
 
         t = time.perf_counter()
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                               dashboard_address=None, env=worker_thread_env(1))
-        client = Client(cluster)
-        client.run(_warm_up)  # imports and compiled kernels, as on a cluster that already ran a job
-        t_start = time.perf_counter() - t
-        try:
-            t = time.perf_counter()
-            res = ingest(client, InputSection(path=str(log_dir), ts_col=None),
-                         IngestSection(block_rows=block_rows))
-            wait(res.X.parts)
-            t_mfsim = time.perf_counter() - t
-            peaks = client.run(_worker_peak_rss)
-        finally:
-            client.close()
-            cluster.close()
+        with local_client(n_workers) as client:
+            client.run(_warm_up)  # imports and compiled kernels, as on a cluster that already ran a job
+            t_start = time.perf_counter() - t
+            run = timed(lambda: _ingest_ready(client, log_dir, block_rows), client)
+        res, t_mfsim, peaks = run.result, run.seconds, run.worker_peaks
         ok = res.counts["nnz"] == anchor_nnz
         ratio = t_mfsim / t_anchor
         print(f"mfsim   Dask ingest ({n_workers} workers x 1 thread):      {t_mfsim:7.2f}s  "
               f"peak RSS per worker {max(peaks.values()) / 2**30:.2f} GiB  (cluster start and warm-up {t_start:.1f}s, not counted)")
         print(f"ratio mfsim/anchor = {ratio:.2f}x (target <= 1.5x)  nnz {res.counts['nnz']:,} "
               f"{'equal to' if ok else 'DIFFERENT from'} the anchor's {anchor_nnz:,}")
-        return {"rows": rows, "anchor_s": t_anchor, "mfsim_s": t_mfsim, "ratio": ratio, "anchor_peak": mem.peak,
+        return {"rows": rows, "anchor_s": t_anchor, "mfsim_s": t_mfsim, "ratio": ratio, "anchor_peak": anchor.peak,
                 "worker_peaks": peaks, "nnz_equal": ok}
     finally:
         if own_dir:

@@ -1,0 +1,1 @@
+"""The ``mfsim bench`` benchmarks (``ingest``, ``svd``, ``neighbours``) and their shared measuring helpers."""

@@ -1,0 +1,190 @@
+"""``bench svd``: mfsim's randomized SVD against scikit-learn and dask.array, timed in one run.
+
+One seeded power-law matrix (``mfsim.pipeline.simulate.power_law_matrix``), the same k,
+oversampling and power iterations for every method:
+
+- ``mfsim``: ``pipeline.svd.randomized_svd`` on in-process row blocks (numba over every core);
+- ``mfsim-dask``: the same on a Dask client (default: a local cluster of 2 workers x 1 thread),
+  blocks scattered to the workers beforehand (in the pipeline they already live there);
+- ``sklearn``: ``sklearn.utils.extmath.randomized_svd`` on the scipy CSR matrix;
+- ``dask-svd_compressed``: ``dask.array.linalg.svd_compressed`` on a dask array whose chunks are
+  the scipy CSR row blocks (sparse chunks work for its products; nothing is densified), on the
+  same Dask client.
+
+Per method: wall time, ratio to sklearn, peak resident memory above the start
+(``measure.timed``: a 10 ms sampler of ``VmRSS`` in this process, and in each worker for the Dask
+methods), and the singular values' accuracy: against ``scipy.sparse.linalg.svds`` when
+nnz <= ``svds_max_nnz``, else against the largest value any method found for each index (every
+method takes Ritz values from a subspace, and those never exceed the true singular values, so the
+largest is the closest).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from typing import Any, Callable
+
+import numpy as np
+import scipy.sparse as sp
+
+from mfsim.jobs.bench.measure import Timing, local_client, timed
+from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.simulate import power_law_matrix
+
+METHODS = ("mfsim", "mfsim-dask", "sklearn", "dask-svd_compressed")
+
+
+def _sklearn(x: sp.csr_matrix, rank: int, oversample: int, q: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.utils.extmath import randomized_svd
+
+    _, s, vt = randomized_svd(x, rank, n_oversamples=oversample, n_iter=q, random_state=seed)
+    return s, vt.T
+
+
+def _svd_compressed(x: sp.csr_matrix, block_rows: int, rank: int, oversample: int, q: int, seed: int):
+    import dask
+    import dask.array as da
+
+    pieces = [x[lo : lo + block_rows] for lo in range(0, x.shape[0], block_rows)]
+    a = da.concatenate([da.from_array(b, chunks=b.shape, asarray=False) for b in pieces], axis=0)
+    _, s, vt = da.linalg.svd_compressed(a, rank, n_power_iter=q, n_oversamples=oversample, seed=seed)
+    s, vt = dask.compute(s, vt)
+    return np.asarray(s), np.asarray(vt).T
+
+
+def run_bench_svd(
+    users: int = 1_000_000,
+    items: int = 200_000,
+    nnz: int = 50_000_000,
+    rank: int = 64,
+    oversample: int = 10,
+    power_iterations: int | None = None,
+    seed: int = 0,
+    client_factory: Callable[[], Any] | None = None,
+    *,
+    block_rows: int | None = None,
+    svds_max_nnz: int = 2_000_000,
+    methods: tuple[str, ...] = METHODS,
+) -> dict:
+    """Time the four SVD methods on one power-law matrix; print one line each; return the numbers.
+
+    Parameters
+    ----------
+    users, items, nnz : int
+        Shape and number of nonzeros of the matrix (``power_law_matrix``).
+    rank, oversample : int
+        k and the oversampling, the same for every method.
+    power_iterations : int, optional
+        q for every method; default ``SvdSection().power_iterations``.
+    client_factory : callable, optional
+        Returns a ``distributed.Client`` for the Dask methods (closed by the caller); default: a
+        local cluster of 2 worker processes x 1 thread on 127.0.0.1, closed at the end.
+    block_rows : int, optional
+        Rows per block; default ``IngestSection().block_rows``.
+    methods : tuple of str
+        Which of ``METHODS`` to run (always in the order mfsim, mfsim-dask, dask-svd_compressed,
+        sklearn); an unknown name raises ``MfsimError``.
+
+    Returns
+    -------
+    dict
+        ``matrix`` (shape, nnz, seconds to build) and per method ``seconds``, ``ratio_vs_sklearn``,
+        ``peak_rss`` (bytes above the start, this process), ``worker_peak_rss`` (largest worker),
+        ``sigma_max_rel_err`` and ``sigma`` (against svds or the per-index maximum, ``reference``).
+    """
+    from mfsim.pipeline.blocks import RowBlocks
+    from mfsim.pipeline.config import IngestSection, SvdSection
+    from mfsim.pipeline.svd import randomized_svd
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise MfsimError(f"unknown --methods {', '.join(unknown) or '(none given)'}: choose from {', '.join(METHODS)}")
+    q = SvdSection().power_iterations if power_iterations is None else int(power_iterations)
+    block_rows = block_rows or IngestSection().block_rows
+    t = time.perf_counter()
+    x = power_law_matrix(users, items, nnz, seed=seed)
+    t_build = time.perf_counter() - t
+    print(f"matrix {x.shape[0]:,} x {x.shape[1]:,}, nnz {x.nnz:,} (built in {t_build:.1f}s); "
+          f"k={rank} oversample={oversample} power_iterations={q} block_rows={block_rows}", flush=True)
+    results: dict[str, dict] = {}
+    # one small SVD first, in this process and on the workers, so that loading the cached numba
+    # kernels (a one-time cost per process, ~1-3 s) is not counted against either mfsim path
+    warm = RowBlocks.from_scipy(power_law_matrix(2000, 500, 20_000, seed=seed), 512)
+    t = time.perf_counter()
+    randomized_svd(warm, 8, power_iterations=1)
+    print(f"  warm-up in-process {time.perf_counter() - t:.1f}s (not counted)", flush=True)
+
+    def record(name: str, r: Timing, sigma: np.ndarray, extra: str = "") -> None:
+        results[name] = dict(seconds=r.seconds, peak_rss=r.extra_rss, worker_peak_rss=r.worker_extra_rss,
+                             sigma=np.asarray(sigma, dtype=np.float64)[:rank], note=extra)
+        print(f"  {name:<20s} {r.seconds:8.2f}s", flush=True)
+
+    if "mfsim" in methods:
+        local = RowBlocks.from_scipy(x, block_rows)
+        r = timed(lambda: randomized_svd(local, rank, oversample=oversample, power_iterations=q, seed=seed))
+        record("mfsim", r, r.result.sigma, f"phases {_phases(r.result)}")
+        del local
+    with ExitStack() as stack:  # closes the default cluster; a client_factory's client is the caller's
+        client = None
+        if "mfsim-dask" in methods or "dask-svd_compressed" in methods:
+            client = client_factory() if client_factory is not None else stack.enter_context(local_client(2))
+        if "mfsim-dask" in methods:
+            from distributed import wait
+
+            t = time.perf_counter()
+            randomized_svd(RowBlocks.from_scipy(warm.gather(), 512, client), 8, power_iterations=1)
+            print(f"  warm-up on the workers {time.perf_counter() - t:.1f}s (not counted)", flush=True)
+            t = time.perf_counter()
+            blocks = RowBlocks.from_scipy(x, block_rows, client)
+            wait(blocks.parts)
+            t_scatter = time.perf_counter() - t
+            r = timed(lambda: randomized_svd(blocks, rank, oversample=oversample, power_iterations=q, seed=seed),
+                      client)
+            record("mfsim-dask", r, r.result.sigma,
+                   f"{r.result.diagnostics['n_workers']} workers; scatter {t_scatter:.1f}s not counted; "
+                   f"phases {_phases(r.result)}")
+            client.cancel(blocks.parts)
+            del blocks
+        if "dask-svd_compressed" in methods:
+            try:
+                r = timed(lambda: _svd_compressed(x, block_rows, rank, oversample, q, seed), client)
+            except np.linalg.LinAlgError as exc:  # its power iterations overflow without re-orthonormalization
+                print(f"dask-svd_compressed failed at power_iterations={q}: {exc} (its 'power' iterator does not "
+                      "re-orthonormalize, so large q overflows); not timed", flush=True)
+            else:
+                record("dask-svd_compressed", r, r.result[0],
+                       "scipy.sparse CSR chunks; its default 'power' iterator does not re-orthonormalize "
+                       "between products, so the smaller values are lost to rounding")
+    if "sklearn" in methods:
+        r = timed(lambda: _sklearn(x, rank, oversample, q, seed))
+        record("sklearn", r, r.result[0])
+
+    if x.nnz <= svds_max_nnz:
+        from scipy.sparse.linalg import svds
+
+        t = time.perf_counter()
+        ref = np.sort(svds(x.astype(np.float64), k=rank, solver="arpack", tol=1e-10, return_singular_vectors=False))[::-1]
+        reference = f"scipy.sparse.linalg.svds ({time.perf_counter() - t:.1f}s)"
+    else:
+        ref = np.max([res["sigma"] for res in results.values()], axis=0)
+        reference = "the largest value any method found per index (Ritz values never exceed the truth)"
+    base = results.get("sklearn", {}).get("seconds")
+    print(f"accuracy reference: {reference}")
+    for name, res in results.items():
+        res["sigma_max_rel_err"] = float(np.max(np.abs(res["sigma"] - ref) / ref))
+        res["ratio_vs_sklearn"] = res["seconds"] / base if base else None
+        ratio = f"{res['ratio_vs_sklearn']:.2f}x sklearn" if base else "-"
+        print(f"{name:<20s} {res['seconds']:8.2f}s  {ratio:>14s}  peak RSS +{res['peak_rss'] / 2**20:7.0f} MiB"
+              f" (worker +{res['worker_peak_rss'] / 2**20:6.0f} MiB)  max rel err sigma {res['sigma_max_rel_err']:.2e}"
+              f"  {res['note']}")
+    if "mfsim" in results and "mfsim-dask" in results:
+        print(f"mfsim-dask / mfsim = {results['mfsim-dask']['seconds'] / results['mfsim']['seconds']:.2f}x (target <= 1.3x)")
+    if "mfsim" in results and base:
+        print(f"sklearn / mfsim = {base / results['mfsim']['seconds']:.2f}x (target >= 2x)")
+    return dict(matrix=dict(shape=x.shape, nnz=int(x.nnz), build_seconds=t_build), reference=reference,
+                power_iterations=q, results=results)
+
+
+def _phases(res) -> str:
+    return " ".join(f"{k}={v:.2f}s" for k, v in res.diagnostics["seconds"].items())

@@ -1,0 +1,286 @@
+"""The stages of a run, each with one call shape: ``stage(ctx: StageContext) -> StageResult``.
+
+``STAGES`` is the sequence that ``mfsim run`` (and every other way of starting a run) executes:
+ingest, fit (preprocess, SVD, the closed forms of Eq. 1 and Eq. 2), factors, neighbours,
+evaluation (a second fit on a train split), cluster_precision (when item truth is known), audit,
+report. A stage reads what earlier stages left in the context, writes its outputs through the
+run writer, and returns its manifest entries and its published tables.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mfsim.jobs.progress import progress
+from mfsim.pipeline import outputs
+from mfsim.pipeline.audit import audit_item_lists
+from mfsim.pipeline.config import Config
+from mfsim.pipeline.evaluate import ClusterScorer, cluster_cutoffs, holdout_sums, merge_sums, split_holdout
+from mfsim.pipeline.fit import Fit, fit_model
+from mfsim.pipeline.ingest import IngestResult, ingest
+from mfsim.pipeline.inputs import ItemTruth
+from mfsim.pipeline.neighbours import client_item_lists, group_inputs, plan_lists, query_ranges, run_topn, user_rows
+from mfsim.pipeline.registry import metrics_of
+from mfsim.pipeline.report import cluster_boundaries, heatmap_grid_png, histogram_png, item_order, render_report, \
+    select_items, spectrum_png
+from mfsim.pipeline.runs import RunWriter
+
+log = logging.getLogger("mfsim.job")
+
+
+@dataclass
+class StageResult:
+    """What a stage hands back: entries for the top level of the manifest, its published tables, and
+    ``detail`` that later stages may read (the audit's full result, say)."""
+
+    manifest: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, pa.Table] = field(default_factory=dict)
+    detail: Any = None
+
+
+@dataclass
+class StageContext:
+    """Everything a stage may read: the config, the Dask client, the run writer, and what earlier stages made."""
+
+    cfg: Config
+    client: Any
+    run: RunWriter
+    truth: ItemTruth | None = None
+    data: IngestResult | None = None
+    fit: Fit | None = None
+    scorer: ClusterScorer | None = None  # cluster precision of item-item lists, fed as they are written
+    subset: np.ndarray | None = None  # user rows of neighbours.users (None: all users)
+    results: dict[str, StageResult] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A named stage, when it runs, and whether the runner times it (``fit`` times its own parts)."""
+
+    name: str
+    fn: Callable[[StageContext], StageResult]
+    when: Callable[[StageContext], bool] = lambda ctx: True
+    timed: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# the stages
+
+
+def ingest_stage(ctx: StageContext) -> StageResult:
+    """The log -> X in row blocks on the workers; ``ids/users.parquet`` and ``ids/items.parquet``.
+
+    Also resolves ``neighbours.users`` and the item truth's labels, so that bad ids fail before
+    the heavy stages.
+    """
+    cfg = ctx.cfg
+    data = ctx.data = ingest(ctx.client, cfg.input, cfg.ingest, keep_ts=cfg.evaluation.holdout == "temporal")
+    ctx.run.write_table(outputs.USERS_IDS, outputs.id_table(data.user_ids, cfg.input.user_col, data.user_counts))
+    ctx.run.write_table(outputs.ITEMS_IDS, outputs.id_table(data.item_ids, cfg.input.item_col, data.item_counts))
+    c = data.counts
+    log.info("ingest: %d users x %d items, %d non-zeros", c["n_users"], c["n_items"], c["nnz"])
+    ctx.subset = user_rows(data.user_ids, cfg.neighbours.users)
+    if ctx.truth is not None:
+        labels = ctx.truth.column_by_item(data.item_ids, cfg.input.item_col, cfg.evaluation.truth_cluster_col, -1)
+        ctx.scorer = ClusterScorer(labels, cluster_cutoffs(cfg.evaluation.cutoffs, cfg.neighbours.top_n))
+    return StageResult({"input": {"path": cfg.input.path, "files": data.files}, "counts": c,
+                        **{k: c[k] for k in ("n_users", "n_items", "nnz")}})
+
+
+def fit_stage(ctx: StageContext) -> StageResult:
+    """Preprocess, SVD and factors (timed as ``preprocess``, ``svd``, ``factors``); ``svd/singular_values.parquet``."""
+    fit = ctx.fit = fit_model(ctx.data.X, ctx.cfg, ctx.run)
+    ctx.run.write_table(outputs.SINGULAR_VALUES, outputs.singular_values_table(fit.sigma))
+    log.info("svd: rank %d, sigma %.4g .. %.4g", len(fit.sigma), fit.sigma[0], fit.sigma[-1])
+    meta = fit.manifest_meta()
+    if meta.get("eq2", {}).get("n_active") == 0:
+        ctx.warnings.append(f"eq2: objectives.eq2.lambda={meta['eq2']['lambda']} is >= every singular value "
+                            f"(largest {float(fit.sigma[0]):.4g}): every Eq. 2 embedding is zero")
+    return StageResult({"preprocess": fit.prep.describe(), "svd": {"rank": len(fit.sigma), "solver": ctx.cfg.svd.solver},
+                        "factors": meta})
+
+
+def factors_stage(ctx: StageContext) -> StageResult:
+    """``factors/objective=<o>/scaling=<s>/items.parquet`` (B) and ``users.parquet`` (P = X A, block by block)."""
+    cfg, data, fit = ctx.cfg, ctx.data, ctx.fit
+    for (objective, scaling), (A, B) in fit.factors.items():
+        where = outputs.factors_dir(objective, scaling)
+        ctx.run.write_table(f"{where}/items.parquet", outputs.embedding_table(data.item_ids, cfg.input.item_col, B))
+        offsets = fit.X.row_offsets
+
+        def user_tables(parts=fit.users((objective, scaling))):
+            for b, fut in enumerate(parts):  # one block in this process at a time
+                ids = data.user_ids.slice(int(offsets[b]), int(offsets[b + 1] - offsets[b]))
+                yield outputs.embedding_table(ids, cfg.input.user_col, ctx.client.gather(fut))
+
+        ctx.run.write_table_parts(f"{where}/users.parquet", user_tables())
+    return StageResult()
+
+
+def neighbours_stage(ctx: StageContext) -> StageResult:
+    """Every configured top-N list as ``neighbours/kind=/objective=/scaling=/metric=/part-*.parquet``.
+
+    Item-item lists are also handed to the cluster scorer as they are written, so none is kept.
+    """
+    cfg, data, fit, client = ctx.cfg, ctx.data, ctx.fit, ctx.client
+    ncfg = cfg.neighbours
+    written: set[str] = set()
+    for g in plan_lists(list(fit.factors), ncfg.item_item, ncfg.user_item, ncfg.user_user):
+        A, B = fit.factors[(g.objective, g.scaling)]
+        user_parts = fit.users((g.objective, g.scaling)) if g.kind != "item_item" else []
+        inputs = group_inputs(client, g, A, B, user_parts, data.X, data.user_ids, data.item_ids, ctx.subset)
+        results = run_topn(client, inputs.queries, inputs.candidates, ncfg.top_n, tuple(g.outputs),
+                           rows_per_task=ncfg.query_chunk, candidate_block=ncfg.candidate_block, scale=inputs.scale)
+        n_ranges = len(query_ranges(inputs.queries.sizes, inputs.queries.firsts, ncfg.query_chunk))
+        names = "+".join(label.metric for label in g.outputs.values())
+        for part_no, (r, lists) in enumerate(progress(results, n_ranges,
+                                                      f"neighbours {g.kind} {g.objective}/{g.scaling} {names}")):
+            qids = inputs.query_ids(r)
+            for kernel_metric, label in g.outputs.items():
+                top = lists[kernel_metric]
+                ctx.run.write_table(outputs.part_file(label.path, part_no), outputs.neighbour_table(
+                    label.kind, qids, inputs.candidate_ids, top.indices, top.scores, top.counts))
+                written.add(label.path)
+                if ctx.scorer is not None and label.kind == "item_item":
+                    ctx.scorer.add((label.objective, label.scaling, label.metric), r.first_id, top.indices, top.counts)
+    log.info("neighbours: %d lists written", len(written))
+    return StageResult()
+
+
+def evaluation_stage(ctx: StageContext) -> StageResult:
+    """Both objectives fit on a train split; recall@N and NDCG@N of every user-item list on the held-out items.
+
+    The published factors and lists come from the fit on all data; this second fit uses the same
+    config on the train split only. Writes ``evaluation/metrics.parquet``.
+    """
+    cfg, data, client = ctx.cfg, ctx.data, ctx.client
+    ecfg, ncfg = cfg.evaluation, cfg.neighbours
+    train, test = split_holdout(data.X, ecfg.holdout, ecfg.fraction, ecfg.seed)
+    fit = fit_model(train, cfg)
+    cutoffs = tuple(ecfg.cutoffs)
+    rows = []
+    for g in plan_lists(list(fit.factors), [], ncfg.user_item or list(metrics_of("user_item")), []):
+        A, B = fit.factors[(g.objective, g.scaling)]
+        inputs = group_inputs(client, g, A, B, fit.users((g.objective, g.scaling)), train, data.user_ids,
+                              data.item_ids)
+        results = [res for _, res in run_topn(
+            client, inputs.queries, inputs.candidates, max(cutoffs), tuple(g.outputs), rows_per_task=ncfg.query_chunk,
+            candidate_block=ncfg.candidate_block, then=partial(holdout_sums, cutoffs=cutoffs), then_parts=test.parts)]
+        for kernel_metric, label in g.outputs.items():
+            sums = merge_sums([res[kernel_metric] for res in results]).finish()
+            n_users = sum(res[kernel_metric].count for res in results)
+            for c in cutoffs:
+                rows.append({"objective": label.objective, "scaling": label.scaling, "metric": label.metric,
+                             "top_n": c, "recall": sums["recall"][c], "ndcg": sums["ndcg"][c], "n_users": n_users})
+    table = pa.Table.from_pylist(rows, schema=outputs.EVALUATION_SCHEMA)
+    ctx.run.write_table(outputs.EVALUATION_METRICS, table)
+    summary: dict[str, Any] = {"holdout": ecfg.holdout, "fraction": ecfg.fraction}
+    if rows:
+        best = max(rows, key=lambda r: (r["top_n"] == cutoffs[0], r["ndcg"]))
+        summary["best_at_first_cutoff"] = {k: best[k] for k in ("objective", "scaling", "metric", "top_n", "ndcg")}
+    return StageResult({"evaluation": summary}, {"evaluation": table})
+
+
+def cluster_precision_stage(ctx: StageContext) -> StageResult:
+    """``evaluation/cluster_precision.parquet``: the scorer's lists and the raw-column cosine of X as the baseline."""
+    scorer = ctx.scorer
+    scorer.add_raw_baseline(ctx.fit.X.gather())
+    table = pa.Table.from_pylist(scorer.rows(), schema=outputs.CLUSTER_PRECISION_SCHEMA)
+    ctx.run.write_table(outputs.CLUSTER_PRECISION, table)
+    return StageResult({"cluster_precision": {"truth": ctx.truth.path, "chance": scorer.chance,
+                                              "cutoffs": scorer.cutoffs}}, {"cluster_precision": table})
+
+
+def audit_stage(ctx: StageContext) -> StageResult:
+    """Jaccard@N of item-item lists across the Eq. 1 scalings and random rescalings ``(A D, B D^-1)``.
+
+    Writes ``audit/stability.parquet``, ``audit/detail.parquet`` and ``audit/least_stable.parquet``.
+    """
+    acfg, ncfg = ctx.cfg.audit, ctx.cfg.neighbours
+    eq1 = {scaling: ab for (objective, scaling), ab in ctx.fit.factors.items() if objective == "eq1"}
+    result = audit_item_lists(eq1, top_n=acfg.top_n or ncfg.top_n, draws=acfg.draws, spread=acfg.spread,
+                              seed=acfg.seed, least_stable=acfg.least_stable,
+                              item_lists_fn=client_item_lists(ctx.client, rows_per_task=ncfg.query_chunk,
+                                                              candidate_block=ncfg.candidate_block))
+    ctx.run.write_table(outputs.AUDIT_STABILITY, result.stability)
+    ctx.run.write_table(outputs.AUDIT_DETAIL, result.detail)
+    ctx.run.write_table(outputs.AUDIT_LEAST_STABLE, result.least_stable)
+    return StageResult({"audit": result.summary}, {"audit": result.stability}, detail=result)
+
+
+def report_stage(ctx: StageContext) -> StageResult:
+    """``report/index.html`` with its PNG figures: Fig. 1-style heatmaps, the spectrum, the tables, the audit."""
+    cfg, data, fit = ctx.cfg, ctx.data, ctx.fit
+    labels = ctx.scorer.labels if ctx.scorer is not None else None
+    if labels is not None and (labels >= 0).any():
+        popularity = None
+        pop_col = cfg.evaluation.truth_popularity_col
+        if pop_col and pop_col in ctx.truth.table.column_names:
+            popularity = ctx.truth.column_by_item(data.item_ids, cfg.input.item_col, pop_col, -np.inf)
+        order = item_order(cluster=labels, popularity=popularity)
+        ordering = "items sorted by true cluster, then by popularity"
+    else:
+        order = item_order(v1=fit.V[:, 0])
+        ordering = "items in the order of the first right singular vector (no cluster truth)"
+    items = select_items(order, cfg.report.heatmap_items, seed=0)
+    boundaries = cluster_boundaries(labels[items]) if labels is not None else None
+
+    images: dict[str, bytes] = {}
+    captions: dict[str, str] = {}
+    panels = [(f"{objective} / {scaling}", B[items]) for (objective, scaling), (_, B) in fit.factors.items()]
+    if panels:
+        images["heatmaps"] = heatmap_grid_png(panels, boundaries)
+        captions["heatmaps"] = (f"Cosine similarity of the item embeddings B, {len(items)} items ({ordering}). "
+                                "Eq. 1's scalings are equally good solutions (same A B^T), yet their cosines differ; "
+                                "Eq. 2's solution is unique.")
+    lambdas = {name: section.lambda_ for name, section in (("eq1", cfg.objectives.eq1), ("eq2", cfg.objectives.eq2))
+               if section is not None}
+    images["spectrum"] = spectrum_png(fit.sigma, lambdas)
+    captions["spectrum"] = "Singular values of X with the lambda thresholds, and the weights of each objective."
+
+    audit = ctx.results["audit"].detail if "audit" in ctx.results else None
+    if audit is not None and audit.detail.num_rows:
+        d = audit.detail.filter(pc.equal(audit.detail["metric"], "cosine")).to_pydict()
+        groups: dict[str, list] = {}
+        for a, b, j in zip(d["scaling_a"], d["scaling_b"], d["jaccard"]):
+            groups.setdefault(f"{a} vs {b}", []).append(j)
+        if groups:
+            images["audit_jaccard"] = histogram_png({k: np.asarray(v) for k, v in groups.items()},
+                                                    "Item-item cosine lists: Jaccard@N between equally good solutions",
+                                                    "Jaccard@N per item")
+            captions["audit_jaccard"] = "1.0: the item's list is the same under both solutions."
+
+    tables = {}
+    for key, title in (("cluster_precision", "Cluster precision@N (the paper's Fig. 1 in numbers)"),
+                       ("evaluation", "Held-out recall@N and NDCG@N"), ("audit", "Cosine audit: stability")):
+        if key in ctx.results and key in ctx.results[key].tables:
+            tables[title] = ctx.results[key].tables[key]
+    c = data.counts
+    summary = [f"{c['n_users']} users x {c['n_items']} items, {c['nnz']} non-zeros; SVD rank {len(fit.sigma)}."]
+    if audit is not None:
+        summary.append(audit.summary.get("verdict", ""))
+    files = render_report(title=f"mfsim run {ctx.run.run_id}", summary_lines=summary, tables=tables, images=images,
+                          captions=captions)
+    for name, content in files.items():
+        ctx.run.path(f"{outputs.REPORT_DIR}/{name}").write_bytes(content)
+    return StageResult()
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("ingest", ingest_stage),
+    Stage("fit", fit_stage, timed=False),
+    Stage("factors", factors_stage),
+    Stage("neighbours", neighbours_stage),
+    Stage("evaluation", evaluation_stage, lambda ctx: ctx.cfg.evaluation.holdout != "none"),
+    Stage("cluster_precision", cluster_precision_stage, lambda ctx: ctx.scorer is not None),
+    Stage("audit", audit_stage, lambda ctx: ctx.cfg.audit.enabled and any(o == "eq1" for o, _ in ctx.fit.factors)),
+    Stage("report", report_stage, lambda ctx: ctx.cfg.report.enabled),
+)
