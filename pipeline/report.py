@@ -39,6 +39,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.svd import flip_signs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DPI = 110  # ~440 px per 4-inch heatmap panel: a 1,000-item panel is downsampled ~2.3x, still readable
@@ -118,7 +119,7 @@ def item_order(
         if not np.all(np.isfinite(a)):
             raise MfsimError(f"{name} must be finite, got {int(np.sum(~np.isfinite(a)))} NaN or inf entries")
         if name == "v1" and a.size:
-            a = a if a[np.argmax(np.abs(a))] >= 0 else -a  # orient: largest |v1| entry positive
+            a = flip_signs(a[:, None])[0][:, 0]  # orient: largest |v1| entry positive
         keys.append(sign * a)  # descending
     if p is None:
         raise MfsimError("item_order needs cluster, popularity, v1 or n_items; got none of them")
