@@ -112,8 +112,8 @@ def factors_stage(ctx: StageContext) -> StageResult:
     """``factors/objective=<o>/scaling=<s>/items.parquet`` (B) and ``users.parquet`` (P = X A, block by block)."""
     cfg, data, fit = ctx.cfg, ctx.data, ctx.fit
     for (objective, scaling), (A, B) in fit.factors.items():
-        where = outputs.factors_dir(objective, scaling)
-        ctx.run.write_table(f"{where}/items.parquet", outputs.embedding_table(data.item_ids, cfg.input.item_col, B))
+        ctx.run.write_table(outputs.factors_file(objective, scaling, "items"),
+                            outputs.embedding_table(data.item_ids, cfg.input.item_col, B))
         offsets = fit.X.row_offsets
 
         def user_tables(parts=fit.users((objective, scaling))):
@@ -121,7 +121,7 @@ def factors_stage(ctx: StageContext) -> StageResult:
                 ids = data.user_ids.slice(int(offsets[b]), int(offsets[b + 1] - offsets[b]))
                 yield outputs.embedding_table(ids, cfg.input.user_col, ctx.client.gather(fut))
 
-        ctx.run.write_table_parts(f"{where}/users.parquet", user_tables())
+        ctx.run.write_table_parts(outputs.factors_file(objective, scaling, "users"), user_tables())
     return StageResult()
 
 

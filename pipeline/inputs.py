@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from mfsim.pipeline.config import Config
 from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.simulate import ITEMS_TRUTH
 
 EMBEDDING = "embedding"
 # Rows per record batch when only some rows of an embedding file are kept (memory O(batch + kept)).
@@ -72,7 +73,7 @@ def load_item_truth(cfg: Config) -> ItemTruth | None:
     """``evaluation.item_truth``, or ``items_truth.parquet`` beside the input log (the simulator's)."""
     path = cfg.evaluation.item_truth
     if path is None and cfg.input.path:
-        beside = Path(cfg.input.path) / "items_truth.parquet"
+        beside = Path(cfg.input.path) / ITEMS_TRUTH
         if beside.is_file():
             path = str(beside)
     if path is None:

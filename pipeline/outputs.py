@@ -26,6 +26,11 @@ def factors_dir(objective: str, scaling: str) -> str:
     return f"factors/objective={objective}/scaling={scaling}"
 
 
+def factors_file(objective: str, scaling: str, side: str) -> str:
+    """``factors/objective=<o>/scaling=<s>/<side>.parquet``, side ``items`` (B) or ``users`` (P = X A)."""
+    return f"{factors_dir(objective, scaling)}/{side}.parquet"
+
+
 def neighbours_dir(kind: str, objective: str, scaling: str, metric: str) -> str:
     """The directory of one list's ``part-*.parquet`` files."""
     return f"{NEIGHBOURS_DIR}/kind={kind}/objective={objective}/scaling={scaling}/metric={metric}"
