@@ -19,19 +19,13 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks against named anc
 app.add_typer(bench_app, name="bench")
 
 SET_HELP = "Override a config key, value parsed as YAML: --set svd.rank=32 (repeatable)."
-
-
-def _setup_logging() -> None:
-    import distributed  # noqa: F401  (configures its loggers on import; quieted below)
-
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("distributed", "tornado", "bokeh", "asyncio", "numba", "fsspec"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+LOG_OPTIONS = {"--log-level": "INFO", "--log-format": "text"}  # accepted before or after the command
+LOG_SETTINGS = dict(LOG_OPTIONS)  # what this invocation asked for (a submitted run inherits it)
 
 
 def user_errors(fn):
-    """Turn an ``MfsimError`` into one ``error: ...`` line on stderr and exit code 2."""
+    """One ``error: ...`` line on stderr and the exit code: an ``MfsimError``'s own (2 bad input or config,
+    1 a run-time failure, 75 a held lock), 1 for anything else (its traceback goes to the log at DEBUG)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -40,8 +34,52 @@ def user_errors(fn):
         except MfsimError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
+        except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001  (disk full, lost workers, ...: one line, not a traceback)
+            logging.getLogger("mfsim").debug("traceback", exc_info=True)
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            typer.echo(f"error: {type(exc).__name__}: {first}", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        import mfsim
+
+        typer.echo(f"mfsim {mfsim.__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _global(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR (any command)."),
+    log_format: str = typer.Option("text", "--log-format", help="text or json: one JSON object per line (any command)."),
+) -> None:
+    """Interaction logs -> MF embeddings and neighbour lists, with a cosine-similarity audit."""
+
+
+def _split_log_options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``--log-level``/``--log-format`` taken out of argv wherever they stand (so every command accepts them)."""
+    rest, found = [], dict(LOG_OPTIONS)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in LOG_OPTIONS:
+            if eq:
+                found[name] = value
+            elif i + 1 < len(argv):
+                found[name] = argv[i + 1]
+                i += 1
+            i += 1
+            continue
+        rest.append(arg)
+        i += 1
+    return rest, found
 
 
 def _load(config: Optional[Path], overrides: list[str], **top: object) -> Config:
@@ -106,6 +144,148 @@ def format_table(table, value_cols: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+@app.command(epilog="Example: mfsim submit conf/default.yaml --input logs/ --output runs --scheduler tls://HOST:8786 --wait")
+@user_errors
+def submit(
+    config: Path = typer.Argument(..., help="YAML config."),
+    input: Optional[str] = typer.Option(None, "--input", help="Parquet log: file, directory, glob or URL."),
+    output: Optional[str] = typer.Option(None, "--output", help="Root of the run directories (run.output)."),
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="Run id (default: a timestamped one)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler",
+                                            help="Run the driver inside this Dask cluster (else a detached local process)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    wait: bool = typer.Option(False, "--wait", help="Stream the run's log and exit with its exit status."),
+) -> None:
+    """Start a run and print its id at once; it goes on when this process or terminal goes away."""
+    from mfsim.jobs import submit as sub
+    from mfsim.pipeline.ingest import validate_before_cluster
+    from mfsim.pipeline.runs import new_run_id, validate_run_id
+
+    cfg = _load(config, set_, **{"input.path": input, "run.output": output, "run.run_id": run_id})
+    cfg.run.run_id = validate_run_id(cfg.run.run_id or new_run_id())
+    validate_before_cluster(cfg)  # bad input fails here, with exit 2, not in the background
+    opts = LOG_SETTINGS
+    if scheduler or cfg.cluster.address:
+        from mfsim.pipeline.cluster import get_client
+
+        with get_client(cfg.cluster, scheduler) as client:
+            fut = sub.submit_driver(client, cfg, opts["--log-level"], opts["--log-format"])
+            typer.echo(cfg.run.run_id)
+            if wait:
+                raise typer.Exit(sub.wait_cluster(fut, cfg.run.output, cfg.run.run_id, sys.stderr))
+        return
+    argv = ["run", str(config.resolve()), "--run-id", cfg.run.run_id, "--output", cfg.run.output,
+            "--log-level", opts["--log-level"], "--log-format", opts["--log-format"]]
+    if input is not None:
+        argv += ["--input", input]
+    for kv in set_:
+        argv += ["--set", kv]
+    proc = sub.start_local(argv, cfg.run.output, cfg.run.run_id)
+    typer.echo(cfg.run.run_id)
+    if wait:
+        raise typer.Exit(sub.wait_local(proc, cfg.run.output, cfg.run.run_id, sys.stderr))
+
+
+@app.command("runs", epilog="Example: mfsim runs --output runs --format json")
+@user_errors
+def runs_(
+    output: str = typer.Option(..., "--output", help="Output root."),
+    format: str = typer.Option("table", "--format", help="table or json."),
+) -> None:
+    """One line per run: run id, state, start, duration, n_users, n_items, nnz."""
+    from mfsim.jobs.runs_cmd import format_runs
+    from mfsim.pipeline.runs import list_runs
+
+    typer.echo(format_runs(list_runs(output), format))
+
+
+@app.command(epilog="Example: mfsim status 2026-11-30 --output runs")
+@user_errors
+def status(
+    run_id: str = typer.Argument(..., help="Run id."),
+    output: str = typer.Option(..., "--output", help="Output root."),
+) -> None:
+    """The state of one run; exit code 0 succeeded, 1 failed or lost, 3 running."""
+    from mfsim.jobs.runs_cmd import STATUS_EXIT, format_runs
+    from mfsim.pipeline.runs import run_status
+
+    st = run_status(output, run_id)
+    typer.echo(format_runs([st], "table"))
+    if st.error:
+        typer.echo(f"error: {st.error}")
+    raise typer.Exit(STATUS_EXIT[st.state])
+
+
+@app.command(epilog="Example: mfsim show runs/LATEST")
+@user_errors
+def show(run: Path = typer.Argument(..., help="A run directory, or <output>/LATEST.")) -> None:
+    """The manifest summary of a published run: counts, timings, the audit's verdict, warnings."""
+    from mfsim.jobs.runs_cmd import format_manifest
+    from mfsim.pipeline.runs import read_manifest, resolve_run_dir
+
+    run_dir = resolve_run_dir(run)
+    typer.echo(format_manifest(run_dir, read_manifest(run_dir)))
+
+
+@app.command(epilog="Example: mfsim nightly conf/default.yaml --input 'logs/dt=*/*.parquet' --output runs "
+                    "--backfill 2026-11-01 2026-11-03")
+@user_errors
+def nightly(
+    config: Path = typer.Argument(..., help="YAML config."),
+    output: str = typer.Option(..., "--output", help="Output root; run ids are the days, YYYY-MM-DD."),
+    input: Optional[str] = typer.Option(None, "--input", help="Parquet log: file, directory, glob or URL."),
+    date: Optional[str] = typer.Option(None, "--date", help="Day D, YYYY-MM-DD (default: yesterday, UTC)."),
+    backfill: Optional[tuple[str, str]] = typer.Option(None, "--backfill", help="FROM TO: every missing day, in order."),
+    force: bool = typer.Option(False, "--force", help="Recompute the day(s) even if they succeeded; swapped in atomically."),
+    lock_timeout: float = typer.Option(0.0, "--lock-timeout", help="Seconds to wait for another nightly's lock (then exit 75)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler, e.g. tls://HOST:8786."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Process day D (the ingest.window_days days up to the end of D); a day that succeeded is skipped."""
+    from mfsim.jobs.nightly import days_between, run_nightly, yesterday_utc
+
+    cfg = _load(config, set_, **{"input.path": input, "run.output": output})
+    if date is not None and backfill is not None:
+        raise MfsimError("pass --date or --backfill FROM TO, not both")
+    if backfill is not None:
+        days = days_between(_day(backfill[0], "--backfill FROM"), _day(backfill[1], "--backfill TO"))
+    else:
+        days = [_day(date, "--date") if date is not None else yesterday_utc()]
+    done = run_nightly(cfg, days, force=force, lock_timeout_s=lock_timeout, scheduler=scheduler)
+    typer.echo(f"nightly: {len(done)} run(s) published" + (f": {', '.join(done)}" if done else " (all days done)"))
+
+
+def _day(text: str, what: str):
+    import datetime as dt
+
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise MfsimError(f"{what} must be a date YYYY-MM-DD, got {text!r}") from None
+
+
+@app.command(epilog="Example: mfsim schedule conf/default.yaml --output /data/mfsim/runs --at 02:30 --install")
+@user_errors
+def schedule(
+    config: Path = typer.Argument(..., help="YAML config."),
+    output: str = typer.Option(..., "--output", help="Output root."),
+    at: str = typer.Option(..., "--at", help="HH:MM, UTC."),
+    install: bool = typer.Option(False, "--install", help="Write the crontab line and the systemd units (else print them)."),
+    into: Path = typer.Option(Path("."), "--into", help="With --install: the folder for the three files."),
+) -> None:
+    """A crontab line and a systemd service + timer that run ``mfsim nightly`` every day at --at."""
+    from mfsim.jobs.nightly import schedule_files
+
+    load_config(config)  # the config must load before a scheduler runs it every night
+    files = schedule_files(config, output, at, str(Path(sys.executable).parent / "mfsim"))
+    for name, text in files.items():
+        if install:
+            (into / name).write_text(text)
+            typer.echo(f"wrote {into / name}")
+        else:
+            typer.echo(f"# {name}\n{text}")
 
 
 @app.command(epilog="Example: mfsim simulate conf/paper.yaml --out data/simulated --set simulate.n_users=5000")
@@ -215,23 +395,37 @@ def audit(
 @app.command(epilog="Example: mfsim neighbours runs/20261124T031500Z-ab12cd --item 50 --metric cosine --metric model")
 @user_errors
 def neighbours(
-    run_dir: Path = typer.Argument(..., help="A published run directory."),
+    run_dir: Path = typer.Argument(..., help="A published run directory, or <output>/LATEST."),
     item: str = typer.Option(..., "--item", help="Item id (as in the input)."),
     metric: list[str] = typer.Option([], "--metric", help="Metrics to show (default: all item-item metrics)."),
     top: int = typer.Option(10, "--top", help="Rows to show per list."),
 ) -> None:
     """Print one item's item-item lists side by side, one column per (objective, scaling, metric)."""
     from mfsim.jobs.inspect_cmd import show_item_lists
+    from mfsim.pipeline.runs import resolve_run_dir
 
-    typer.echo(show_item_lists(run_dir, item, metric, top))
+    typer.echo(show_item_lists(resolve_run_dir(run_dir), item, metric, top))
 
 
 def main() -> None:
-    """The ``mfsim`` entry point: logging set up, then the typer app."""
-    _setup_logging()
+    """The ``mfsim`` entry point: logging set up, SIGTERM turned into a clean exit, then the typer app."""
+    import signal
+
+    from mfsim.jobs.logs import setup_logging
+
+    argv, opts = _split_log_options(sys.argv[1:])
+    LOG_SETTINGS.update(opts)
     try:
-        app()
-    except MfsimError as exc:  # raised outside a command (none today); commands handle their own
+        setup_logging(opts["--log-level"], opts["--log-format"])
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
+    # SIGTERM (a scheduler's kill, systemd stop) unwinds like Ctrl-C: the run's temporary directory is
+    # removed, its state says failed, the embedded cluster is shut down
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        app(args=argv, prog_name="mfsim")
+    except MfsimError as exc:  # raised outside a command; commands handle their own
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(exc.exit_code) from None
 

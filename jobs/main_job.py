@@ -1,22 +1,31 @@
 """The main batch job: conf -> Dask client -> the stages of ``jobs.stages.STAGES`` -> one atomically published run.
 
 Each stage is timed under ``timings`` in the manifest (``fit`` as its parts: preprocess, svd,
-factors).
+factors) and logs its start and end. The run's state (running with a heartbeat, succeeded,
+failed) is kept in the output root by ``pipeline.runs.RunWriter``; a copy of the run's log lines
+is published inside the run as ``_log.txt``. ``mfsim run``, ``mfsim submit`` and ``mfsim nightly``
+all come here.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from mfsim.jobs.logs import tee_to_file
 from mfsim.jobs.stages import STAGES, StageContext
 from mfsim.pipeline.cluster import get_client
 from mfsim.pipeline.config import Config
+from mfsim.pipeline.ingest import validate_before_cluster
 from mfsim.pipeline.inputs import load_item_truth
 from mfsim.pipeline.runs import RunWriter, validate_run_id
 
 log = logging.getLogger("mfsim.job")
+
+RUN_LOG = "_log.txt"
 
 
 def run_stages(ctx: StageContext) -> dict[str, Any]:
@@ -24,24 +33,44 @@ def run_stages(ctx: StageContext) -> dict[str, Any]:
     for stage in STAGES:
         if not stage.when(ctx):
             continue
-        if stage.timed:
-            with ctx.run.stage(stage.name):
-                ctx.results[stage.name] = stage.fn(ctx)
-        else:
+        log.info("stage %s: start", stage.name)
+        t0 = time.perf_counter()
+        with ctx.run.stage(stage.name) if stage.timed else nullcontext():
             ctx.results[stage.name] = stage.fn(ctx)
+        log.info("stage %s: done in %.2fs", stage.name, time.perf_counter() - t0)
     return {key: value for result in ctx.results.values() for key, value in result.manifest.items()}
 
 
-def run_job(cfg: Config, *, scheduler: str | None = None) -> tuple[Path, dict[str, Any]]:
-    """Run every configured stage and publish ``<run.output>/<run_id>/``; returns (run dir, manifest)."""
+def run_job(cfg: Config, *, scheduler: str | None = None, client: Any = None, move_latest: str = "always",
+            replace: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Run every configured stage and publish ``<run.output>/<run_id>/``; returns (run dir, manifest).
+
+    ``client``: an existing Dask client to run on (a backfill's, or the driver's own inside the
+    cluster); otherwise one from ``get_client`` (``scheduler`` or an embedded cluster), started
+    only after the config and the input have been checked. ``move_latest`` and ``replace`` go to
+    ``RunWriter``/``publish`` (nightly: ``"if_newer"``; ``--force``: replace).
+    """
+    t0 = time.perf_counter()
     if cfg.run.run_id is not None:
         validate_run_id(cfg.run.run_id)
-    truth = load_item_truth(cfg)  # read before any work: a bad truth file fails fast
-    with RunWriter(cfg.run.output, cfg.run.run_id) as run:
-        with get_client(cfg.cluster, scheduler) as client:
-            ctx = StageContext(cfg, client, run, truth=truth)
-            entries = run_stages(ctx)
-        for w in ctx.warnings:
-            log.warning("%s", w)
-        run_dir = run.publish({"config": cfg.resolved(), **entries, "warnings": ctx.warnings})
+    validate_before_cluster(cfg)  # a missing input fails in milliseconds, not after a cluster start
+    truth = load_item_truth(cfg)
+    with RunWriter(cfg.run.output, cfg.run.run_id, heartbeat_s=cfg.run.heartbeat_s, replace=replace) as run:
+        try:
+            with tee_to_file(run.path(RUN_LOG)):
+                log.info("run %s: start (output %s)", run.run_id, cfg.run.output)
+                with (nullcontext(client) if client is not None else get_client(cfg.cluster, scheduler)) as c:
+                    ctx = StageContext(cfg, c, run, truth=truth)
+                    entries = run_stages(ctx)
+                for w in ctx.warnings:
+                    log.warning("%s", w)
+            run_dir = run.publish({"config": cfg.resolved(), **entries, "warnings": ctx.warnings},
+                                  move_latest=move_latest)
+        except BaseException:
+            # the error itself is the caller's one line (``error: ...``); this line closes the run's log
+            log.info("run %s failed after %.1fs: nothing published; LATEST unchanged", run.run_id,
+                     time.perf_counter() - t0)
+            raise
+    log.info("run %s succeeded: %s in %.1fs; LATEST %s", run.run_id, run_dir, time.perf_counter() - t0,
+             f"moved to {run.run_id}" if run.latest_moved else "unchanged")
     return run_dir, run.manifest

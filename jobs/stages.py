@@ -87,6 +87,7 @@ def ingest_stage(ctx: StageContext) -> StageResult:
     ctx.run.write_table(outputs.ITEMS_IDS, outputs.id_table(data.item_ids, cfg.input.item_col, data.item_counts))
     c = data.counts
     log.info("ingest: %d users x %d items, %d non-zeros", c["n_users"], c["n_items"], c["nnz"])
+    ctx.run.set_counts({k: c[k] for k in ("n_users", "n_items", "nnz")})
     ctx.subset = user_rows(data.user_ids, cfg.neighbours.users)
     if ctx.truth is not None:
         labels = ctx.truth.column_by_item(data.item_ids, cfg.input.item_col, cfg.evaluation.truth_cluster_col, -1)
@@ -137,7 +138,7 @@ def neighbours_stage(ctx: StageContext) -> StageResult:
         A, B = fit.factors[(g.objective, g.scaling)]
         user_parts = fit.users((g.objective, g.scaling)) if g.kind != "item_item" else []
         inputs = group_inputs(client, g, A, B, user_parts, data.X, data.user_ids, data.item_ids, ctx.subset)
-        results = run_topn(client, inputs.queries, inputs.candidates, ncfg.top_n, tuple(g.outputs),
+        results = run_topn(client, inputs.queries, inputs.candidates, capped(ncfg.top_n, inputs), tuple(g.outputs),
                            rows_per_task=ncfg.query_chunk, candidate_block=ncfg.candidate_block, scale=inputs.scale)
         n_ranges = len(query_ranges(inputs.queries.sizes, inputs.queries.firsts, ncfg.query_chunk))
         names = "+".join(label.metric for label in g.outputs.values())
@@ -153,6 +154,11 @@ def neighbours_stage(ctx: StageContext) -> StageResult:
                     ctx.scorer.add((label.objective, label.scaling, label.metric), r.first_id, top.indices, top.counts)
     log.info("neighbours: %d lists written", len(written))
     return StageResult()
+
+
+def capped(n: int, inputs) -> int:
+    """A list length no longer than the candidates: top_n = 100000 on 1,682 items allocates 1,682 per row, not 1e5."""
+    return max(1, min(int(n), len(inputs.candidate_ids)))
 
 
 def evaluation_stage(ctx: StageContext) -> StageResult:
@@ -172,7 +178,8 @@ def evaluation_stage(ctx: StageContext) -> StageResult:
         inputs = group_inputs(client, g, A, B, fit.users((g.objective, g.scaling)), train, data.user_ids,
                               data.item_ids)
         results = [res for _, res in run_topn(
-            client, inputs.queries, inputs.candidates, max(cutoffs), tuple(g.outputs), rows_per_task=ncfg.query_chunk,
+            client, inputs.queries, inputs.candidates, capped(max(cutoffs), inputs), tuple(g.outputs),
+            rows_per_task=ncfg.query_chunk,
             candidate_block=ncfg.candidate_block, then=partial(holdout_sums, cutoffs=cutoffs), then_parts=test.parts)]
         for kernel_metric, label in g.outputs.items():
             sums = merge_sums([res[kernel_metric] for res in results]).finish()
@@ -206,7 +213,8 @@ def audit_stage(ctx: StageContext) -> StageResult:
     """
     acfg, ncfg = ctx.cfg.audit, ctx.cfg.neighbours
     eq1 = {scaling: ab for (objective, scaling), ab in ctx.fit.factors.items() if objective == "eq1"}
-    result = audit_item_lists(eq1, top_n=acfg.top_n or ncfg.top_n, draws=acfg.draws, spread=acfg.spread,
+    p = len(ctx.data.item_ids)
+    result = audit_item_lists(eq1, top_n=max(1, min(acfg.top_n or ncfg.top_n, p)), draws=acfg.draws, spread=acfg.spread,
                               seed=acfg.seed, least_stable=acfg.least_stable,
                               item_lists_fn=client_item_lists(ctx.client, rows_per_task=ncfg.query_chunk,
                                                               candidate_block=ncfg.candidate_block))
@@ -270,7 +278,7 @@ def report_stage(ctx: StageContext) -> StageResult:
     files = render_report(title=f"mfsim run {ctx.run.run_id}", summary_lines=summary, tables=tables, images=images,
                           captions=captions)
     for name, content in files.items():
-        ctx.run.path(f"{outputs.REPORT_DIR}/{name}").write_bytes(content)
+        ctx.run.write_bytes(f"{outputs.REPORT_DIR}/{name}", content)
     return StageResult()
 
 

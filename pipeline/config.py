@@ -2,11 +2,19 @@
 
 Every key is documented in ``conf/default.yaml``. Unknown keys are rejected with the key's
 dotted name and the valid names beside it. Each stage receives only its own section.
+
+Values are checked strictly: a YAML ``true`` is not the integer 1, and ``1.5`` is not an integer
+(a float key takes an integer). Dates and times (``ingest.as_of``, ``simulate.start_date``) also
+take ISO 8601 strings. YAML is read with a safe loader (``ConfigLoader``) that builds plain values
+only, rejects a key given twice in one mapping, and reads ``1e-3`` as a number, as YAML 1.2 does.
+Every error names its source: the config file, or the ``--set`` override that set the key.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,16 +28,36 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "default.yaml
 
 
 class Section(BaseModel):
-    """A config section: unknown keys rejected, values validated on assignment too."""
+    """A config section: unknown keys rejected, strict types, values validated on assignment too.
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+    Strict: no bool is taken for an int (``--set svd.rank=true`` is an error, not rank 1) and no
+    string for a number; an int is taken for a float. Date fields opt out (``_LAX``) so that ISO
+    8601 strings, from YAML or from a resolved config read back from JSON, still parse.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True, strict=True)
+
+
+# A date or time field parses ISO 8601 strings (and a date for a datetime: its midnight).
+_LAX = {"strict": False}
 
 
 class RunSection(Section):
-    """``run``: the output root and the run id."""
+    """``run``: the output root, the run id, nightly retention, and the heartbeat of a running run."""
 
     output: str = "runs"
     run_id: str | None = None
+    keep_last: int | None = Field(None, ge=1)
+    heartbeat_s: float = Field(10.0, gt=0)
+    lost_after_s: float = Field(120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _lost_after_heartbeat(self) -> "RunSection":
+        if self.lost_after_s <= self.heartbeat_s:
+            raise ValueError(f"run.lost_after_s ({self.lost_after_s:g}) must exceed run.heartbeat_s "
+                             f"({self.heartbeat_s:g}): a run shows as lost only when its heartbeat is older "
+                             "than lost_after_s")
+        return self
 
 
 class InputSection(Section):
@@ -42,10 +70,24 @@ class InputSection(Section):
     ts_col: str | None = "ts"
 
 
+class TlsSection(Section):
+    """``cluster.tls``: PEM files for a TLS connection to a remote scheduler (``tls://HOST:PORT``).
+
+    ``ca_file`` is the CA that signed the scheduler's and workers' certificates, ``cert_file`` and
+    ``key_file`` this client's certificate and private key; ``pipeline.cluster`` turns them into a
+    ``distributed.Security`` and checks that the files exist.
+    """
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
 class ClusterSection(Section):
-    """``cluster``: a scheduler address, or the embedded local cluster's size."""
+    """``cluster``: a scheduler address (and its TLS files), or the embedded local cluster's size."""
 
     address: str | None = None
+    tls: TlsSection | None = None
     n_workers: int = Field(2, ge=1)
     threads_per_worker: int = Field(1, ge=1)
     processes: bool = True
@@ -56,7 +98,7 @@ class ClusterSection(Section):
 class IngestSection(Section):
     """``ingest``: time window, invalid rows, minimum support, block and piece sizes."""
 
-    as_of: dt.datetime | None = None
+    as_of: dt.datetime | None = Field(None, **_LAX)
     window_days: float | None = Field(None, gt=0)
     on_invalid: Literal["error", "drop"] = "error"
     min_user_interactions: int = Field(1, ge=1)
@@ -79,7 +121,7 @@ class SimulateSection(Section):
     max_items_per_user: int | None = None
     user_pref_concentration: float = Field(1.0, gt=0)
     n_days: int = Field(30, ge=1)
-    start_date: dt.date = dt.date(2024, 1, 1)
+    start_date: dt.date = Field(dt.date(2024, 1, 1), **_LAX)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -260,35 +302,180 @@ def _field_names(model: type[BaseModel]) -> list[str]:
     return [info.alias or name for name, info in model.model_fields.items()]
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line per pydantic error, naming the dotted key, the source file and the valid keys."""
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where a config's values came from: a YAML file (or a mapping) and the ``--set`` overrides on top.
+
+    ``of(loc)`` names the source of the key at ``loc`` for an error message: the last override that
+    set it (or a section above it), else the file; a section that only overrides created is named
+    by those overrides.
+    """
+
+    name: str
+    overrides: tuple[str, ...] = ()
+    file_keys: frozenset[tuple[str, ...]] = frozenset()  # every key path present in the file
+
+    def of(self, loc: tuple) -> str:
+        """The source of the key at ``loc`` (pydantic's error location)."""
+        loc = tuple(str(p) for p in loc)
+        for text in reversed(self.overrides):
+            key = override_key(text)
+            if loc[: len(key)] == key:
+                return f"--set {text}"
+        inner = [f"--set {t}" for t in self.overrides if override_key(t)[: len(loc)] == loc]
+        if not inner:
+            return self.name
+        if loc in self.file_keys:
+            return f"{self.name} and {', '.join(inner)}"
+        return ", ".join(inner)
+
+
+def _key_paths(node: Any, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """Every key path of a nested mapping (``{"svd": {"rank": 3}}`` -> ``("svd",), ("svd", "rank")``)."""
+    out: set[tuple[str, ...]] = set()
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out.add(prefix + (str(k),))
+            out |= _key_paths(v, prefix + (str(k),))
+    return out
+
+
+def format_validation_error(err: ValidationError, source: str | ConfigSource) -> str:
+    """One line per pydantic error, naming the dotted key, its source (file or ``--set``) and the valid keys."""
+    if isinstance(source, str):
+        source = ConfigSource(source)
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc)
+        where = source.of(loc)
         if e["type"] == "extra_forbidden":
             owner = _model_at(Config, loc)
             valid = ", ".join(_field_names(owner)) if owner else "see conf/default.yaml"
-            lines.append(f"unknown config key '{key}' in {source}; valid keys here: {valid}")
+            lines.append(f"unknown config key '{key}' in {where}; valid keys here: {valid}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"invalid config key '{key}' in {source}: {msg} (got {e.get('input')!r})")
+            got = e.get("input")  # a whole section (a check across its keys) is not repeated in the message
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"invalid config key '{key}' in {where}: {msg}{shown}")
     return "; ".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML
+
+
+class YamlProblem(yaml.YAMLError):
+    """A document the config loader refuses: a key given twice, or a tag it does not build."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+_YAML_TAG_PREFIX = "tag:yaml.org,2002:"
+
+
+def _tag_name(tag: str) -> str:
+    return "!!" + tag.removeprefix(_YAML_TAG_PREFIX) if tag.startswith(_YAML_TAG_PREFIX) else tag
+
+
+def _check_unique_keys(node: yaml.Node, path: tuple[str, ...], seen: set[int]) -> None:
+    """Raise ``YamlProblem`` for the first key given twice in one mapping under ``node`` (depth first)."""
+    if id(node) in seen:  # an alias to a node already checked (aliases may even form cycles)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], yaml.Mark] = {}
+        for key_node, value_node in node.value:
+            name = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _YAML_TAG_PREFIX + "merge":
+                ident = (key_node.tag, key_node.value)
+                if ident in first:
+                    a, b = first[ident], key_node.start_mark
+                    where = (f"line {a.line + 1} and line {b.line + 1}" if a.line != b.line
+                             else f"line {a.line + 1}, columns {a.column + 1} and {b.column + 1}")
+                    raise YamlProblem(f"key '{'.'.join(path + (name,))}' is given twice ({where}); keep one of them")
+                first[ident] = key_node.start_mark
+            _check_unique_keys(value_node, path + (name,), seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, path + (str(i),), seen)
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """The YAML loader of configs: ``yaml.SafeLoader`` that also rejects a key given twice.
+
+    Safe: only plain values are built (mappings, lists, strings, numbers, booleans, null, dates);
+    any other tag (``!!python/object/apply:os.system``) is refused with its line. A key given
+    twice in one mapping is an error naming the dotted key and both lines, where PyYAML would keep
+    the last silently. Numbers with an exponent and no dot (``1e-3``) are floats, as in YAML 1.2
+    (PyYAML's YAML 1.1 reads them as strings, which strict float keys would refuse).
+    """
+
+    def construct_document(self, node):
+        """Check the whole document for duplicate keys, then build it."""
+        _check_unique_keys(node, (), set())
+        return super().construct_document(node)
+
+    def construct_undefined(self, node):
+        """Refuse a tag the safe loader does not build, naming the tag and its line."""
+        raise YamlProblem(f"line {node.start_mark.line + 1}: the tag '{_tag_name(node.tag)}' is not allowed; configs "
+                          "are read with a safe YAML loader that builds plain values only (mappings, lists, "
+                          "strings, numbers, booleans, null, dates): remove the tag")
+
+
+ConfigLoader.add_constructor(None, ConfigLoader.construct_undefined)
+ConfigLoader.add_implicit_resolver(
+    _YAML_TAG_PREFIX + "float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _yaml_error_line(exc: yaml.YAMLError) -> str:
+    """A PyYAML error on one line: ``line L, column C: problem (context)``."""
+    if isinstance(exc, YamlProblem):
+        return exc.message
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if problem is None:  # a ReaderError and other errors without a problem mark
+        return " ".join(str(exc).split())
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context = getattr(exc, "context", None)
+    return where + problem + (f" ({context})" if context else "")
+
+
+def load_yaml(text: str) -> Any:
+    """The value of a YAML document, read with ``ConfigLoader`` (safe, no duplicate keys).
+
+    Raises ``yaml.YAMLError`` (``YamlProblem`` for a duplicate key or a refused tag).
+    """
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506  (ConfigLoader is a SafeLoader)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def override_key(text: str) -> tuple[str, ...]:
+    """The dotted key of a ``--set key=value`` override, split: ``svd.rank=3`` -> ``("svd", "rank")``."""
+    return tuple(part.strip() for part in text.split("=", 1)[0].strip().split("."))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], yaml-parsed value)."""
     if "=" not in text:
         raise MfsimError(f"--set expects dotted.key=value, got {text!r} (example: --set svd.rank=32)")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
+    raw = text.split("=", 1)[1]
+    path = override_key(text)
+    key = ".".join(path)
+    if not key or any(not part for part in path):
         raise MfsimError(f"--set has an empty key in {text!r} (example: --set svd.rank=32)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
+    except YamlProblem as exc:
+        raise MfsimError(f"--set {key}: value {raw!r}: {exc.message}") from None
     except yaml.YAMLError as exc:
-        raise MfsimError(f"--set {key}: value {raw!r} is not valid YAML ({exc.__class__.__name__})") from exc
-    return key.split("."), value
+        raise MfsimError(f"--set {key}: value {raw!r} is not valid YAML ({_yaml_error_line(exc)})") from None
+    return list(path), value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -308,29 +495,48 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
-    """The YAML mapping of a config file; errors name the file."""
+    """The YAML mapping of a config file; every error is one ``MfsimError`` naming the file."""
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise MfsimError(f"config file {p} is a directory; pass a YAML file such as conf/default.yaml")
+    if not p.exists():
         raise MfsimError(f"config file {p} does not exist; pass a YAML file such as conf/default.yaml")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise MfsimError(f"config file {p} cannot be read ({exc.strerror or exc}); check its permissions") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise MfsimError(f"config file {p} is not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); "
+                         "save it as UTF-8") from None
+    try:
+        data = load_yaml(text) or {}
+    except YamlProblem as exc:
+        raise MfsimError(f"config file {p}: {exc.message}") from None
     except yaml.YAMLError as exc:
-        raise MfsimError(f"config file {p} is not valid YAML: {exc}") from exc
+        raise MfsimError(f"config file {p} is not valid YAML: {_yaml_error_line(exc)}") from None
     if not isinstance(data, dict):
         raise MfsimError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
     return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load ``path`` (default: conf/default.yaml), apply ``--set`` overrides, validate."""
-    source = str(path) if path is not None else str(DEFAULT_CONFIG)
-    data = read_yaml(source)
-    data = apply_overrides(data, list(overrides or []))
+    """Load ``path`` (default: conf/default.yaml), apply ``--set`` overrides, validate.
+
+    An error names the file, or the override, that gave the bad key.
+    """
+    name = str(path) if path is not None else str(DEFAULT_CONFIG)
+    data = read_yaml(name)
+    overrides = list(overrides or [])
+    source = ConfigSource(name, tuple(overrides), frozenset(_key_paths(data)))
+    data = apply_overrides(data, overrides)
     return validate_config(data, source)
 
 
-def validate_config(data: dict, source: str = "config") -> Config:
-    """A ``Config`` from a raw mapping; one ``MfsimError`` naming every bad key of ``source``."""
+def validate_config(data: dict, source: str | ConfigSource = "config") -> Config:
+    """A ``Config`` from a raw mapping; one ``MfsimError`` naming every bad key and its source."""
     try:
         return Config.model_validate(data)
     except ValidationError as err:

@@ -16,6 +16,12 @@ each). Every step is a Dask task on the run's client, and no raw row ever travel
 4. minimum support (``min_user_interactions``, ``min_item_interactions``), iterated on the blocks
    until stable, then rows and columns are re-indexed to stay contiguous.
 
+Before any task, the files' footers are checked on the client (``inspect_files``): every file
+has the columns, and files whose columns differ only in encoding are one log (``common_id_type``:
+``dictionary<string>`` beside ``string``, ``int32`` beside ``int64``; a file without rows takes
+no part). A file whose footer reads but whose data does not decode fails its scan task on the
+worker and comes back as one error naming the file and the column.
+
 Futures over pyarrow pieces are used rather than a ``dask.dataframe`` groupby: building the CSR
 blocks needs only a partition by row block and a sum of duplicates, which the block build does
 in one pass without a pandas shuffle. Only ``ingest`` reads the input log.
@@ -39,8 +45,9 @@ import pyarrow.parquet as pq
 
 from mfsim.kernels.coo import bucket_order, coo_to_csr_sum
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks, tree_reduce
-from mfsim.pipeline.config import IngestSection, InputSection
+from mfsim.pipeline.config import Config, IngestSection, InputSection
 from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.inputs import load_item_truth
 
 log = logging.getLogger("mfsim.ingest")
 
@@ -135,18 +142,35 @@ def resolve_input(path: str) -> tuple[Any, list[str]]:
     return fs, result
 
 
+def validate_before_cluster(cfg: Config) -> None:
+    """Check, before any cluster starts, what can fail in milliseconds: the input and the item truth.
+
+    The input must resolve to at least one Parquet file (``resolve_input``: a local path that does
+    not exist fails at once, with the message ingest gives), and the item truth, when one is set or
+    lies beside the input, must be a readable Parquet file with its columns (``load_item_truth``;
+    it holds one row per item, so reading it here is cheap). Reads no footer of the log itself.
+    Raises ``MfsimError``; needs no Dask client.
+    """
+    resolve_input(cfg.input.path)
+    load_item_truth(cfg)
+
+
 def _id_type_ok(t: pa.DataType) -> bool:
     if pa.types.is_dictionary(t):
         t = t.value_type
     return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
-def _check_column(file: str, schema: pa.Schema, col: str, role: str) -> pa.DataType:
+def _require_column(file: str, schema: pa.Schema, col: str, role: str) -> None:
     if col not in schema.names:
         raise MfsimError(
             f"column '{col}' ({role}) is missing from {file}; its columns are {schema.names}; "
             f"set input.{role}_col to the right name"
         )
+
+
+def _check_column(file: str, schema: pa.Schema, col: str, role: str) -> pa.DataType:
+    _require_column(file, schema, col, role)
     t = schema.field(col).type
     ok = {
         "user": _id_type_ok,
@@ -168,38 +192,92 @@ def _check_column(file: str, schema: pa.Schema, col: str, role: str) -> pa.DataT
     return t
 
 
-def inspect_files(fs, files: list[str], columns: dict[str, str]) -> list[InputFile]:
-    """Read each file's footer; check columns and types, and that they agree across files."""
+def _decoded_id_type(t: pa.DataType) -> pa.DataType:
+    """The type an id column is read as: dictionaries decoded, ``large_string`` as ``string``."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.string() if pa.types.is_large_string(t) else t
+
+
+def common_id_type(col: str, seen: list[tuple[pa.DataType, str]]) -> pa.DataType:
+    """The one type that an id column of every file decodes to, from each file's (type, path).
+
+    Encodings that hold the same values agree: ``dictionary<string>``, ``large_string`` and
+    ``string`` are read as ``string``; integers of different widths or signs as the narrowest
+    integer type that holds all of them (``int32`` beside ``int64``: ``int64``). Strings beside
+    integers, or ``uint64`` beside a signed type (no integer type holds both), are an
+    ``MfsimError`` naming the column and a file of each type.
+    """
+    decoded = [(_decoded_id_type(t), t, f) for t, f in seen]
+    d0, t0, f0 = decoded[0]
+
+    def first_not(pred) -> tuple[pa.DataType, str] | None:
+        return next(((t, f) for d, t, f in decoded if not pred(d)), None)
+
+    if pa.types.is_string(d0):
+        other, common = first_not(pa.types.is_string), pa.string()
+    else:
+        other, common = first_not(pa.types.is_integer), None
+        if other is None:
+            widest = np.result_type(*(d.to_pandas_dtype() for d, _, _ in decoded))  # int32, int64 -> int64
+            if np.issubdtype(widest, np.integer):
+                common = pa.from_numpy_dtype(widest)
+            else:  # uint64 beside a signed type promotes to float64, which would round large ids
+                other = first_not(lambda d: pa.types.is_unsigned_integer(d) == pa.types.is_unsigned_integer(d0))
+    if other is not None:
+        raise MfsimError(
+            f"column '{col}' has type {other[0]} in {other[1]} but {t0} in {f0}; the files' schemas differ: "
+            "rewrite them with one schema"
+        )
+    return common
+
+
+def inspect_files(fs, files: list[str], columns: dict[str, str]) -> tuple[list[InputFile], dict[str, pa.DataType]]:
+    """Read each file's footer; check columns and types, and that they agree across files.
+
+    Returns the files and, for the ``user`` and ``item`` roles, the type their ids are decoded to
+    in every file (``common_id_type``). Weights may be any numeric type and timestamps any
+    timestamp or date type in each file: the scan casts every file's values to float32 weights and
+    microsecond timestamps. A file without rows (often written with null-typed columns) must have
+    the columns but does not take part in the type decision.
+    """
     out = []
-    first_types: dict[str, tuple[pa.DataType, str]] = {}
+    seen: dict[str, list[tuple[pa.DataType, str]]] = {role: [] for role in columns}
     for f in files:
         try:
             with fs.open(f, "rb") as fh:
                 meta = pq.ParquetFile(fh).metadata
                 schema = meta.schema.to_arrow_schema()
         except (pa.ArrowException, OSError, ValueError) as exc:
-            raise MfsimError(f"{f} is not a readable Parquet file ({exc}); replace or remove it") from exc
+            raise MfsimError(f"{f} is not a readable Parquet file ({_one_line(exc)}); replace or remove it") from exc
         for role, col in columns.items():
-            t = _check_column(f, schema, col, role)
-            if role in first_types and first_types[role][0] != t:
-                t0, f0 = first_types[role]
-                raise MfsimError(
-                    f"column '{col}' has type {t} in {f} but {t0} in {f0}; the files' schemas differ: "
-                    "rewrite them with one schema"
-                )
-            first_types.setdefault(role, (t, f))
+            if meta.num_rows == 0:
+                _require_column(f, schema, col, role)
+            else:
+                seen[role].append((_check_column(f, schema, col, role), f))
         rgs = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
         out.append(InputFile(f, int(fs.size(f)), rgs))
-    return out
+    id_types = {role: common_id_type(columns[role], seen[role]) for role in ("user", "item") if seen.get(role)}
+    return out, id_types
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (Arrow's messages may span several)."""
+    return " ".join(str(exc).split())
 
 
 def plan_pieces(files: list[InputFile], partition_rows: int) -> list[Piece]:
-    """Group consecutive row groups of each file into pieces of about ``partition_rows`` rows."""
+    """Group consecutive row groups of each file into pieces of about ``partition_rows`` rows.
+
+    Row groups without rows are left out: a file without rows gives no piece.
+    """
     pieces = []
     for f in files:
         group: list[int] = []
         rows = 0
         for i, n in enumerate(f.row_groups):
+            if n == 0:
+                continue
             if group and rows + n > partition_rows:
                 pieces.append(Piece(f.path, tuple(group), rows))
                 group, rows = [], 0
@@ -227,25 +305,56 @@ class ScanSpec:
     on_invalid: str
     url: str  # the input as given, to rebuild the filesystem on the worker
     keep_ts: bool = False  # keep each row's timestamp (for a temporal holdout)
+    user_type: pa.DataType | None = None  # the type user ids are cast to in every file (common_id_type)
+    item_type: pa.DataType | None = None
 
 
-def _as_plain(arr: pa.ChunkedArray) -> pa.Array:
+def _as_plain(arr: pa.ChunkedArray, to: pa.DataType | None = None) -> pa.Array:
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     if pa.types.is_dictionary(arr.type):
         arr = arr.dictionary_decode()
     if pa.types.is_large_string(arr.type):
         arr = arr.cast(pa.string())
+    if to is not None and arr.type != to:
+        arr = arr.cast(to)  # a wider integer, or null -> the ids' type: never loses a value
     return arr
 
 
 def _read_piece(piece: Piece, spec: ScanSpec) -> pa.Table:
+    """The piece's columns; a file that fails to decode is one ``MfsimError`` naming it and the column.
+
+    Page checksums are verified where the writer stored them, so a corrupt page in such a file is
+    an error rather than wrong values.
+    """
     fs, _ = _filesystem(spec.url)
     cols = [c for c in (spec.user_col, spec.item_col, spec.weight_col, spec.ts_col) if c]
+    rgs = list(piece.row_groups)
     try:
         with fs.open(piece.path, "rb") as fh:
-            return pq.ParquetFile(fh).read_row_groups(list(piece.row_groups), columns=cols)
+            return pq.ParquetFile(fh, page_checksum_verification=True).read_row_groups(rgs, columns=cols)
     except (pa.ArrowException, OSError) as exc:
-        raise MfsimError(f"{piece.path} is corrupt or unreadable ({exc}); replace or remove it") from exc
+        where = _failing_column(fs, piece.path, rgs, cols)
+        raise MfsimError(f"{piece.path} is corrupt: {where}cannot be decoded ({_one_line(exc)}); "
+                         "replace or remove the file") from exc
+
+
+def _failing_column(fs, path: str, row_groups: list[int], cols: list[str]) -> str:
+    """``"column 'c' in row group g "`` for the first column chunk of ``path`` that fails to decode, else ``""``.
+
+    Runs only after a read failed, to say which column chunk is corrupt; reads one chunk at a time.
+    """
+    try:
+        with fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh, page_checksum_verification=True)
+            for col in cols:
+                for rg in row_groups:
+                    try:
+                        pf.read_row_group(rg, columns=[col])
+                    except (pa.ArrowException, OSError):
+                        return f"column '{col}' in row group {rg} "
+    except (pa.ArrowException, OSError):
+        pass
+    return ""
 
 
 def scan_piece(piece: Piece, spec: ScanSpec) -> dict[str, Any]:
@@ -260,11 +369,11 @@ def scan_piece(piece: Piece, spec: ScanSpec) -> dict[str, Any]:
     try:
         t = _read_piece(piece, spec)
     except MfsimError as exc:
-        return {"error": str(exc), "n_read": 0, "outside_window": 0, "invalid": {}, "weights": ()}
+        return {"error": str(exc), "n_read": 0, "outside_window": 0, "invalid": {}, "weights": np.zeros(0, np.float32)}
     n_read = t.num_rows
     counts = dict.fromkeys(INVALID_REASONS, 0)
-    users = _as_plain(t.column(spec.user_col))
-    items = _as_plain(t.column(spec.item_col))
+    users = _as_plain(t.column(spec.user_col), spec.user_type)
+    items = _as_plain(t.column(spec.item_col), spec.item_type)
     keep = np.ones(n_read, dtype=bool)
     outside = 0
     ts_s = None
@@ -327,8 +436,13 @@ def _to_us(t: dt.datetime) -> int:
 
 
 def piece_summary(scanned: dict[str, Any]) -> dict[str, Any]:
-    """The small part of a scan result for the client: row counts by outcome, and the error if any."""
-    out = {k: scanned[k] for k in ("n_read", "outside_window", "invalid")} | {"n_kept": len(scanned["weights"])}
+    """The small part of a scan result for the client: row counts by outcome, and the error if any.
+
+    ``n_nonzero`` counts the kept rows whose weight is not zero (X stores only those).
+    """
+    w = scanned["weights"]
+    out = {k: scanned[k] for k in ("n_read", "outside_window", "invalid")}
+    out |= {"n_kept": len(w), "n_nonzero": int(np.count_nonzero(w))}
     return out | ({"error": scanned["error"]} if "error" in scanned else {})
 
 
@@ -343,13 +457,26 @@ def union_ids(*arrays: pa.Array) -> pa.Array:
     return sorted_unique(pa.concat_arrays(list(arrays)))
 
 
-def max_ts(piece: Piece, spec: ScanSpec) -> int | None:
-    """Largest timestamp of a piece in microseconds (for a default ``as_of``)."""
-    ts = _read_piece(piece, dataclasses.replace(spec, user_col="", item_col="", weight_col=None)).column(0)
-    ts = ts.combine_chunks()
+def max_ts(piece: Piece, spec: ScanSpec) -> dict[str, Any]:
+    """``{"max_ts": v}``: the largest timestamp of a piece in microseconds (None if all null), for a default ``as_of``.
+
+    A piece that cannot be read gives ``{"error": message}``, as in ``scan_piece``.
+    """
+    try:
+        t = _read_piece(piece, dataclasses.replace(spec, user_col="", item_col="", weight_col=None))
+    except MfsimError as exc:
+        return {"error": str(exc)}
+    ts = t.column(0).combine_chunks()
     if pa.types.is_date(ts.type):
         ts = ts.cast(pa.timestamp("s"))
-    return pc.max(pc.cast(ts.cast(pa.timestamp("us")), pa.int64())).as_py()
+    return {"max_ts": pc.max(pc.cast(ts.cast(pa.timestamp("us")), pa.int64())).as_py()}
+
+
+def raise_piece_errors(results: list[dict[str, Any]]) -> None:
+    """Raise the first ``{"error": message}`` of the pieces' task results as the client's ``MfsimError``."""
+    for r in results:
+        if "error" in r:
+            raise MfsimError(r["error"])
 
 
 class IdIndex:
@@ -453,17 +580,20 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
             need = "ingest.window_days / ingest.as_of" if use_window else "evaluation.holdout=temporal"
             raise MfsimError(f"{need} needs a timestamp column: set input.ts_col")
         columns["ts"] = input_cfg.ts_col
-    files = inspect_files(fs, file_paths, columns)
+    files, id_types = inspect_files(fs, file_paths, columns)
     pieces = plan_pieces(files, cfg.partition_rows)
     total_rows = sum(p.n_rows for p in pieces)
     log.info("ingest: %d files, %d pieces, %d rows", len(files), len(pieces), total_rows)
 
     spec = ScanSpec(input_cfg.user_col, input_cfg.item_col, input_cfg.weight_col,
-                    input_cfg.ts_col if (use_window or keep_ts) else None, None, None, cfg.on_invalid, url, keep_ts)
+                    input_cfg.ts_col if (use_window or keep_ts) else None, None, None, cfg.on_invalid, url, keep_ts,
+                    id_types.get("user"), id_types.get("item"))
     if use_window:
         end = cfg.as_of
         if end is None:
-            maxes = [m for m in client.gather([client.submit(max_ts, p, spec) for p in pieces]) if m is not None]
+            results = client.gather([client.submit(max_ts, p, spec) for p in pieces])
+            raise_piece_errors(results)
+            maxes = [r["max_ts"] for r in results if r["max_ts"] is not None]
             end = (dt.datetime.fromtimestamp(max(maxes) / 1e6, dt.timezone.utc) + dt.timedelta(microseconds=1)
                    if maxes else dt.datetime.now(dt.timezone.utc))
         start = end - dt.timedelta(days=cfg.window_days) if cfg.window_days is not None else None
@@ -472,13 +602,10 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
     clock = _PhaseClock()
     scanned = [client.submit(scan_piece, p, spec, pure=False) for p in pieces]
     summaries = client.gather([client.submit(piece_summary, s) for s in scanned])
-    for s in summaries:
-        if "error" in s:
-            raise MfsimError(s["error"])
+    raise_piece_errors(summaries)
     invalid = {k: sum(s["invalid"][k] for s in summaries) for k in INVALID_REASONS}
     if spec.on_invalid == "error" and any(invalid.values()):
-        bad_files = list(dict.fromkeys(p.path for p, s in zip(pieces, summaries) if any(s["invalid"].values())))
-        where = bad_files[0] + (f" (and {len(bad_files) - 1} more files)" if len(bad_files) > 1 else "")
+        where = _files_where(pieces, summaries, lambda s: any(s["invalid"].values()))
         reasons = ", ".join(f"{k}={v}" for k, v in invalid.items() if v)
         raise MfsimError(
             f"{where} has {sum(invalid.values())} invalid rows ({reasons}); fix the data or set "
@@ -494,6 +621,10 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
     if n_kept == 0:
         raise MfsimError(f"input {url} has no valid rows after the time window and invalid-row filters; "
                          "check ingest.as_of / ingest.window_days and the data")
+    if not any(s["n_nonzero"] for s in summaries):
+        where = _files_where(pieces, summaries, lambda s: s["n_kept"] > 0)
+        raise MfsimError(f"all {n_kept} valid rows of {where} have weight 0 in column '{input_cfg.weight_col}', so X "
+                         "has no non-zero entry; check input.weight_col (null: every row weighs 1.0) and the data")
 
     clock.lap("scan")
     user_ids, item_ids = (
@@ -526,6 +657,12 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
                          f"ingest.min_item_interactions={cfg.min_item_interactions}); lower them")
     file_info = [{"path": f.path, "size": f.size, "rows": int(sum(f.row_groups))} for f in files]
     return IngestResult(X, user_ids, item_ids, user_counts, item_counts, file_info, counts)
+
+
+def _files_where(pieces: list[Piece], summaries: list[dict[str, Any]], pick) -> str:
+    """The files of the pieces whose summary ``pick`` selects: the first by name, then how many more."""
+    paths = list(dict.fromkeys(p.path for p, s in zip(pieces, summaries) if pick(s)))
+    return paths[0] + (f" (and {len(paths) - 1} more files)" if len(paths) > 1 else "")
 
 
 def _minimum_support(client, X: RowBlocks, user_ids, item_ids, min_user: int, min_item: int):

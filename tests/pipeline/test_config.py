@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from mfsim.pipeline.config import DEFAULT_CONFIG, Config, load_config
+from mfsim.pipeline.config import DEFAULT_CONFIG, Config, load_config, validate_config
 from mfsim.pipeline.errors import MfsimError
+
+
+def _sections(model: type[BaseModel], prefix: str = ""):
+    """Every nested section model of the typed config with its dotted name (null-by-default ones too)."""
+    for name, info in model.model_fields.items():
+        for ann in (info.annotation, *getattr(info.annotation, "__args__", ())):
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                yield prefix + (info.alias or name), ann
+                yield from _sections(ann, prefix + (info.alias or name) + ".")
 
 
 def test_default_yaml_documents_every_key():
@@ -26,6 +38,10 @@ def test_default_yaml_documents_every_key():
         leaf = key.split(".")[-1]
         line = next((ln for ln in text.splitlines() if ln.strip().startswith(leaf + ":")), None)
         assert line is not None and "#" in line, f"{key} is not documented with a comment in default.yaml"
+    # the keys of a section that is null by default (cluster.tls) are documented in comments below it
+    for section, model in _sections(Config):
+        for name, info in model.model_fields.items():
+            assert f" {info.alias or name}:" in text, f"{section}.{info.alias or name} is not documented"
     assert "lambda" in text and "scalings" in text
 
 
@@ -64,3 +80,109 @@ def test_bad_values(override, pattern):
 def test_missing_config_file(tmp_path):
     with pytest.raises(MfsimError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("svd.rank=true", "svd.rank"),            # a bool is not the integer 1
+    ("svd.rank=2.5", "svd.rank"),             # nor is a float an integer
+    ("cluster.processes=1", "cluster.processes"),  # nor an integer a bool
+    ("objectives.eq1.lambda=yes", "objectives.eq1.lambda"),
+    ("evaluation.cutoffs=[10, true]", "evaluation.cutoffs.1"),
+    ("svd.oversample='10'", "svd.oversample"),  # a quoted number is a string
+])
+def test_types_are_strict_and_errors_name_the_override(override, key):
+    with pytest.raises(MfsimError) as e:
+        load_config(None, [override])
+    assert str(e.value).startswith(f"invalid config key '{key}' in --set {override}: "), str(e.value)
+    assert "default.yaml" not in str(e.value)
+
+
+def test_numbers_and_dates_still_parse():
+    cfg = load_config(None, ["objectives.eq1.lambda=3", "objectives.eq2.lambda=1e-3", "ingest.window_days=28",
+                             "simulate.cluster_probs=[1, 0.5, 2, 1, 1]", "ingest.as_of=2024-01-02",
+                             "simulate.start_date='2023-05-06'"])
+    assert cfg.objectives.eq1.lambda_ == 3.0 and cfg.objectives.eq2.lambda_ == 0.001
+    assert cfg.ingest.window_days == 28.0 and cfg.simulate.cluster_probs == [1.0, 0.5, 2.0, 1.0, 1.0]
+    assert cfg.ingest.as_of == dt.datetime(2024, 1, 2) and cfg.simulate.start_date == dt.date(2023, 5, 6)
+    assert load_config(None, ["ingest.as_of='2024-01-02T03:00:00Z'"]).ingest.as_of == dt.datetime(
+        2024, 1, 2, 3, tzinfo=dt.timezone.utc)
+    # a resolved config (dates as ISO strings, as in a manifest) validates back to the same config
+    assert validate_config(cfg.resolved()).resolved() == cfg.resolved()
+
+
+def test_errors_name_the_file_or_the_override(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("svd:\n  rank: true\n")
+    with pytest.raises(MfsimError, match=rf"invalid config key 'svd\.rank' in {p}: "):
+        load_config(p)
+    with pytest.raises(MfsimError, match=r"invalid config key 'svd\.rank' in --set svd\.rank=false"):
+        load_config(p, ["svd.rank=false"])
+    assert load_config(p, ["svd.rank=3"]).svd.rank == 3  # the override replaces the bad value
+    with pytest.raises(MfsimError, match=r"unknown config key 'svd\.rnak' in --set svd\.rnak=3;"):
+        load_config(p, ["svd.rank=3", "svd.rnak=3"])
+    with pytest.raises(MfsimError, match=r"invalid config key 'svd\.rank' in --set svd=\{rank: true\}"):
+        load_config(None, ["svd.rank=3", "svd={rank: true}"])  # the later override set the section
+    # a check across a section's keys names the file and the override that took part
+    with pytest.raises(MfsimError, match=r"'run' in .*default\.yaml and --set run\.heartbeat_s=200: "
+                                         r"run\.lost_after_s \(120\) must exceed run\.heartbeat_s \(200\)"):
+        load_config(None, ["run.heartbeat_s=200"])
+
+
+def test_duplicate_keys_are_rejected_with_both_lines(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("svd:\n  rank: 8\n  seed: 1\n  rank: 16\nneighbours:\n  top_n: 5\n")
+    with pytest.raises(MfsimError) as e:
+        load_config(p)
+    assert str(e.value) == f"config file {p}: key 'svd.rank' is given twice (line 2 and line 4); keep one of them"
+    p.write_text("svd:\n  rank: 8\nsvd:\n  seed: 1\n")
+    with pytest.raises(MfsimError, match=r"key 'svd' is given twice \(line 1 and line 3\)"):
+        load_config(p)
+    with pytest.raises(MfsimError, match=r"--set svd: .*key 'rank' is given twice"):
+        load_config(None, ["svd={rank: 1, rank: 2}"])
+
+
+@pytest.mark.parametrize("tag", ["!!python/object/apply:os.system ['touch {marker}']",
+                                 "!!python/object:os.PathLike {{}}", "!!python/name:os.system"])
+def test_python_tags_are_refused_by_the_safe_loader(tmp_path, tag):
+    marker = tmp_path / "marker"
+    p = tmp_path / "evil.yaml"
+    p.write_text("run:\n  output: runs\nsvd:\n  rank: " + tag.format(marker=marker) + "\n")
+    with pytest.raises(MfsimError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert msg.startswith(f"config file {p}: line 4: the tag '!!python/") and "safe YAML loader" in msg, msg
+    assert "\n" not in msg and not marker.exists()
+
+
+def test_unreadable_config_files(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("svd:\n  rank: 8  # caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(MfsimError) as e:
+        load_config(p)
+    assert str(e.value) == f"config file {p} is not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8"
+    with pytest.raises(MfsimError, match=rf"config file {tmp_path} is a directory; pass a YAML file"):
+        load_config(tmp_path)
+    p = tmp_path / "bad.yaml"
+    p.write_text("svd:\n  rank: [1\n  seed: 2\n")
+    with pytest.raises(MfsimError, match=rf"config file {p} is not valid YAML: line \d+, column \d+: ") as e:
+        load_config(p)
+    assert "\n" not in str(e.value)
+
+
+def test_run_and_tls_keys():
+    cfg = load_config(None, ["run.keep_last=7", "run.heartbeat_s=2", "run.lost_after_s=30",
+                             "cluster.tls={ca_file: ca.pem, cert_file: c.pem, key_file: c.key}"])
+    assert (cfg.run.keep_last, cfg.run.heartbeat_s, cfg.run.lost_after_s) == (7, 2.0, 30.0)
+    tls = cfg.cluster.tls
+    assert (tls.ca_file, tls.cert_file, tls.key_file) == ("ca.pem", "c.pem", "c.key")
+    default = Config()
+    assert default.cluster.tls is None and default.run.keep_last is None
+    assert (default.run.heartbeat_s, default.run.lost_after_s) == (10.0, 120.0)
+    for bad, pattern in (("run.keep_last=0", r"run\.keep_last"), ("run.heartbeat_s=0", r"run\.heartbeat_s"),
+                         ("run.lost_after_s=10", r"must exceed run\.heartbeat_s"),
+                         ("cluster.tls={ca_file: 1}", r"cluster\.tls\.ca_file"),
+                         ("cluster.tls={ca: x}",
+                          r"unknown config key 'cluster\.tls\.ca'.*ca_file, cert_file, key_file"),
+                         ("cluster.heartbeat_s=5", r"unknown config key 'cluster\.heartbeat_s'")):
+        with pytest.raises(MfsimError, match=pattern):
+            load_config(None, [bad])

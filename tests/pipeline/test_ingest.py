@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mfsim.pipeline.config import IngestSection, InputSection
+from mfsim.pipeline.config import Config, EvaluationSection, IngestSection, InputSection
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.ingest import ingest, resolve_input
+from mfsim.pipeline.ingest import ingest, resolve_input, validate_before_cluster
 from tests_support import dense_reference, shared_dataset
 
 
@@ -187,6 +188,9 @@ def test_weights_beyond_float32_are_judged_as_stored(tmp_path, client):
         ("empty_after_support", r"empty after the minimum-support filter"),
         ("corrupt", r"c\.parquet is not a readable Parquet file"),
         ("empty_dir", r"holds no Parquet file"),
+        ("no_common_integer", r"column 'user_id' has type uint64 in .*b\.parquet but int64 in .*a\.parquet"),
+        ("all_zero_weights",
+         r"all 3 valid rows of .*z\.parquet have weight 0 in column 'weight'.*check input\.weight_col"),
     ],
 )
 def test_bad_input_names_the_problem(tmp_path, client, case, pattern):
@@ -216,6 +220,12 @@ def test_bad_input_names_the_problem(tmp_path, client, case, pattern):
         path = tmp_path / "d"
         path.mkdir()
         (path / "notes.txt").write_text("hello")
+    elif case == "no_common_integer":  # uint64 beside int64: no integer type holds both
+        path = tmp_path / "d"
+        _good(path / "a.parquet")
+        _write(path / "b.parquet", user_id=pa.array([2**63 + 5], pa.uint64()), item_id=[10], weight=[1.0])
+    elif case == "all_zero_weights":
+        path = _write(tmp_path / "z.parquet", user_id=[1, 2, 2], item_id=[10, 10, 11], weight=[0.0, 0.0, 0.0])
     with pytest.raises(MfsimError, match=pattern):
         _ingest(client, path, **kw)
 
@@ -227,3 +237,127 @@ def test_resolve_input_skips_hidden_and_loose_files(tmp_path):
     _good(tmp_path / "items_truth.parquet")
     _, files = resolve_input(str(tmp_path))
     assert [Path(f).relative_to(tmp_path).as_posix() for f in files] == ["dt=1/a.parquet"]
+
+
+def _encoding_rows(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    return {"user_id": rng.integers(0, 30, n), "item_id": np.array([f"it{k}" for k in rng.integers(0, 20, n)]),
+            "weight": rng.integers(1, 4, n),
+            "ts": np.datetime64("2024-01-01T00:00:00", "ms") + rng.integers(0, 86_400_000, n).astype("m8[ms]")}
+
+
+def test_files_that_differ_only_in_encoding_decode_the_same(tmp_path, client):
+    """dictionary<string> / large_string / string, int32 / int64, a zero-row null-typed file: one log.
+
+    Weights (float32, int64, float64) and timestamps (ms, us with a time zone, ns) also differ by file.
+    """
+    rng = np.random.default_rng(7)
+    parts = [_encoding_rows(rng, n) for n in (120, 90, 60)]
+    d = tmp_path / "log"
+    d.mkdir()
+    a, b, c = parts
+    pq.write_table(pa.table({"user_id": pa.array(a["user_id"], pa.int32()),
+                             "item_id": pa.array(a["item_id"]).dictionary_encode(),
+                             "weight": pa.array(a["weight"], pa.float32()),
+                             "ts": pa.array(a["ts"])}), d / "a.parquet")
+    pq.write_table(pa.table({"user_id": pa.array(b["user_id"], pa.int64()),
+                             "item_id": pa.array(b["item_id"], pa.large_string()),
+                             "weight": pa.array(b["weight"], pa.int64()),
+                             "ts": pa.array(b["ts"]).cast(pa.timestamp("us", tz="UTC"))}), d / "b.parquet")
+    pq.write_table(pa.table({"user_id": pa.array(c["user_id"], pa.int64()), "item_id": pa.array(c["item_id"]),
+                             "weight": pa.array(c["weight"], pa.float64()),
+                             "ts": pa.array(c["ts"]).cast(pa.timestamp("ns"))}), d / "c.parquet")
+    empty = pa.table({k: pa.array([], pa.null()) for k in ("user_id", "item_id", "weight", "ts")})
+    pq.write_table(empty, d / "e.parquet")
+    assert pq.read_schema(d / "e.parquet").field("user_id").type == pa.null()
+    # the same rows in one file with one schema
+    one = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    pq.write_table(pa.table({"user_id": pa.array(one["user_id"], pa.int64()), "item_id": pa.array(one["item_id"]),
+                             "weight": pa.array(one["weight"], pa.float32()), "ts": pa.array(one["ts"])}),
+                   tmp_path / "one.parquet")
+
+    kw = dict(partition_rows=50, block_rows=8, as_of=dt.datetime(2024, 1, 3), window_days=5)
+    union = ingest(client, InputSection(path=str(d)), IngestSection(**kw), keep_ts=True)
+    single = ingest(client, InputSection(path=str(tmp_path / "one.parquet")), IngestSection(**kw), keep_ts=True)
+    assert union.user_ids.type == pa.int64() and union.item_ids.type == pa.string()
+    assert union.user_ids.equals(single.user_ids) and union.item_ids.equals(single.item_ids)
+    assert union.counts == single.counts and union.counts["rows_read"] == 270
+    np.testing.assert_array_equal(union.user_counts, single.user_counts)
+    np.testing.assert_array_equal(union.item_counts, single.item_counts)
+    Xu, Xs = union.X.gather(), single.X.gather()
+    assert (Xu != Xs).nnz == 0 and Xu.nnz == Xs.nnz and Xu.dtype == Xs.dtype == np.float32
+    for pu, ps in zip(union.X.local_parts(), single.X.local_parts()):
+        np.testing.assert_array_equal(pu.ts, ps.ts)
+
+
+def _corrupt_middle_of_data_pages(path: Path, column: int) -> None:
+    """Overwrite 64 bytes in the middle of the data pages of column ``column``'s chunk in row group 0."""
+    meta = pq.ParquetFile(path).metadata.row_group(0).column(column)
+    start = meta.dictionary_page_offset if meta.has_dictionary_page else meta.data_page_offset
+    end = start + meta.total_compressed_size
+    with open(path, "r+b") as fh:
+        fh.seek(meta.data_page_offset + (end - meta.data_page_offset) // 2)
+        fh.write(b"\xff" * 64)
+
+
+def _rows(n: int, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    return pa.table({"user_id": rng.integers(0, 500, n),
+                     "item_id": pa.array([f"i{k}" for k in rng.integers(0, 300, n)]),
+                     "weight": rng.random(n).astype(np.float32),
+                     "ts": pa.array(np.datetime64("2024-01-01", "s") + rng.integers(0, 86_400, n).astype("m8[s]"))})
+
+
+@pytest.mark.parametrize("column, kw", [
+    (1, {"ts_col": None}),   # item_id, read by the scan
+    (3, {"window_days": 1}),  # ts, first read by the default as_of's task (max_ts)
+])
+def test_corrupt_column_chunk_is_one_error_naming_file_and_column(tmp_path, client, column, kw):
+    """The footer is fine, so the damage shows only when a worker decodes the column chunk."""
+    d = tmp_path / "log"
+    d.mkdir()
+    pq.write_table(_rows(2000, 1), d / "a.parquet")
+    bad = d / "c.parquet"
+    pq.write_table(_rows(20_000), bad)
+    _corrupt_middle_of_data_pages(bad, column)
+    pq.ParquetFile(bad).metadata  # the footer still reads
+    with pytest.raises(MfsimError) as e:
+        _ingest(client, d, **kw)
+    msg = str(e.value)
+    name = _rows(1).column_names[column]
+    assert msg.startswith(f"{bad} is corrupt: column '{name}' in row group 0 cannot be decoded (") and \
+        msg.endswith("replace or remove the file"), msg
+    assert "\n" not in msg
+
+
+def test_page_checksums_are_verified(tmp_path, client):
+    """Damage that would decode to wrong values is an error when the writer stored page checksums."""
+    t = _rows(20_000)
+    path = tmp_path / "x.parquet"
+    pq.write_table(t, path, write_page_checksum=True)
+    clean = path.read_bytes()
+    meta = pq.ParquetFile(path).metadata.row_group(0).column(2)  # weight: a dictionary page of plain floats
+    with open(path, "r+b") as fh:
+        fh.seek(meta.dictionary_page_offset + 40)
+        fh.write(b"\xff" * 64)
+    assert path.read_bytes() != clean
+    assert not pq.read_table(path).equals(t)  # without verification: wrong weights, no error
+    with pytest.raises(MfsimError, match=rf"{path} is corrupt: column 'weight' in row group 0 cannot be decoded"):
+        _ingest(client, path, ts_col=None)
+
+
+def test_validate_before_cluster_fails_fast_without_a_client(tmp_path):
+    missing = Config(input=InputSection(path=str(tmp_path / "nope.parquet")))
+    t0 = time.perf_counter()
+    with pytest.raises(MfsimError, match=r"input path .*nope\.parquet does not exist"):
+        validate_before_cluster(missing)
+    assert time.perf_counter() - t0 < 1.0
+    with pytest.raises(MfsimError, match="no input given"):
+        validate_before_cluster(Config())
+    log = _good(tmp_path / "log" / "a.parquet")
+    validate_before_cluster(Config(input=InputSection(path=str(log))))  # a good input passes
+    no_truth = Config(input=InputSection(path=str(log)),
+                      evaluation=EvaluationSection(item_truth=str(tmp_path / "truth.parquet")))
+    t0 = time.perf_counter()
+    with pytest.raises(MfsimError, match=r"evaluation\.item_truth .*truth\.parquet does not exist"):
+        validate_before_cluster(no_truth)
+    assert time.perf_counter() - t0 < 1.0

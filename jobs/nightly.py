@@ -1,0 +1,120 @@
+"""``mfsim nightly``: one run per day D, idempotent, locked, with backfill and retention.
+
+Day D is the window of ``ingest.window_days`` days ending at the end of D (``ingest.as_of`` =
+D + 1 day, 00:00 UTC, exclusive); its run id is ``YYYY-MM-DD``. A day that already succeeded is
+skipped in seconds without starting a cluster, unless ``force`` (then it is rebuilt and swapped in
+atomically, the old run readable until then). So a scheduler's retry or a second cron firing is
+always safe. LATEST moves only forward (``move_latest="if_newer"``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+
+from mfsim.jobs.main_job import run_job
+from mfsim.pipeline.cluster import get_client
+from mfsim.pipeline.config import Config
+from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.ingest import validate_before_cluster
+from mfsim.pipeline.runs import OutputLock, prune_runs, read_manifest
+
+log = logging.getLogger("mfsim.nightly")
+
+
+class DayFailed(MfsimError):
+    """A day of a nightly run or backfill failed at run time (exit 1); earlier days stay published."""
+
+    exit_code = 1
+
+
+def yesterday_utc(now: dt.datetime | None = None) -> dt.date:
+    """The default day D: yesterday in UTC."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return (now.astimezone(dt.timezone.utc) - dt.timedelta(days=1)).date()
+
+
+def days_between(first: dt.date, last: dt.date) -> list[dt.date]:
+    """Every day from ``first`` to ``last``, both included; an error when ``last`` is before ``first``."""
+    if last < first:
+        raise MfsimError(f"--backfill FROM TO needs FROM <= TO, got {first} and {last}")
+    return [first + dt.timedelta(days=i) for i in range((last - first).days + 1)]
+
+
+def day_config(cfg: Config, day: dt.date) -> Config:
+    """The config of day D: run id ``YYYY-MM-DD`` and ``ingest.as_of`` = D + 1 day at 00:00 UTC."""
+    out = cfg.model_copy(deep=True)
+    out.run.run_id = day.isoformat()
+    out.ingest.as_of = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.timezone.utc)
+    return out
+
+
+def succeeded(root: Path, day: dt.date) -> bool:
+    """Whether run D is published (its manifest says succeeded)."""
+    run_dir = root / day.isoformat()
+    if not (run_dir / "_manifest.json").is_file():
+        return False
+    return read_manifest(run_dir).get("status") == "succeeded"
+
+
+def run_nightly(cfg: Config, days: list[dt.date], *, force: bool = False, lock_timeout_s: float = 0.0,
+                scheduler: str | None = None) -> list[str]:
+    """Run every day of ``days`` that is missing (or all of them with ``force``), in order, on one cluster.
+
+    Returns the run ids published. Raises ``LockHeld`` (exit 75) when another nightly holds the
+    output root's lock past ``lock_timeout_s``, ``DayFailed`` (exit 1) naming the first day that
+    failed at run time, or the ``MfsimError`` of bad input (exit 2).
+    """
+    root = Path(cfg.run.output)
+    todo = [d for d in days if force or not succeeded(root, d)]
+    for d in days:
+        if d not in todo:
+            log.info("nightly %s: already succeeded in %s; nothing to do (--force recomputes it)", d, root / d.isoformat())
+    if not todo:
+        return []
+    validate_before_cluster(day_config(cfg, todo[0]))
+    published = []
+    root.mkdir(parents=True, exist_ok=True)
+    with OutputLock(root, timeout_s=lock_timeout_s):
+        todo = [d for d in todo if force or not succeeded(root, d)]  # another nightly may have run them meanwhile
+        with get_client(cfg.cluster, scheduler) if todo else nullcontext() as client:
+            for d in todo:
+                day_cfg = day_config(cfg, d)
+                log.info("nightly %s: as_of %s, window %s days", d, day_cfg.ingest.as_of.isoformat(),
+                         day_cfg.ingest.window_days)
+                try:
+                    run_job(day_cfg, client=client, move_latest="if_newer", replace=force)
+                except MfsimError as exc:
+                    if exc.exit_code == 2:
+                        raise
+                    raise DayFailed(f"nightly day {d} failed: {exc}; days before it stay published") from exc
+                except Exception as exc:  # a runtime failure: stop the backfill, name the day
+                    raise DayFailed(f"nightly day {d} failed: {type(exc).__name__}: {exc}; "
+                                    "days before it stay published") from exc
+                published.append(d.isoformat())
+                if cfg.run.keep_last is not None:
+                    removed = prune_runs(root, cfg.run.keep_last)
+                    if removed:
+                        log.info("retention run.keep_last=%d: removed %s", cfg.run.keep_last, ", ".join(removed))
+    return published
+
+
+def schedule_files(config: Path, output: str, at: str, mfsim: str) -> dict[str, str]:
+    """A crontab line and a systemd service + timer that call ``mfsim nightly`` daily at ``at`` (HH:MM, UTC)."""
+    try:
+        hh, mm = (int(x) for x in at.split(":"))
+        if not (0 <= hh < 24 and 0 <= mm < 60):
+            raise ValueError
+    except ValueError:
+        raise MfsimError(f"--at must be HH:MM (24-hour, UTC), got {at!r}") from None
+    cmd = f"{mfsim} nightly {config.resolve()} --output {Path(output).resolve()}"
+    return {
+        "crontab": f"CRON_TZ=UTC\n{mm} {hh} * * * {cmd} >> {Path(output).resolve()}/nightly.log 2>&1\n",
+        "mfsim-nightly.service": ("[Unit]\nDescription=mfsim nightly run\n\n[Service]\nType=oneshot\n"
+                                  f"ExecStart={cmd}\n"),
+        "mfsim-nightly.timer": ("[Unit]\nDescription=mfsim nightly run, daily\n\n[Timer]\n"
+                                f"OnCalendar=*-*-* {hh:02d}:{mm:02d}:00 UTC\nPersistent=true\n\n"
+                                "[Install]\nWantedBy=timers.target\n"),
+    }
