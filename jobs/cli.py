@@ -161,7 +161,7 @@ def submit(
     """Start a run and print its id at once; it goes on when this process or terminal goes away."""
     from mfsim.jobs import submit as sub
     from mfsim.pipeline.ingest import validate_before_cluster
-    from mfsim.pipeline.runs import new_run_id, validate_run_id
+    from mfsim.pipeline.runs import new_run_id, record_submitted, validate_run_id
 
     cfg = _load(config, set_, **{"input.path": input, "run.output": output, "run.run_id": run_id})
     cfg.run.run_id = validate_run_id(cfg.run.run_id or new_run_id())
@@ -183,6 +183,7 @@ def submit(
     for kv in set_:
         argv += ["--set", kv]
     proc = sub.start_local(argv, cfg.run.output, cfg.run.run_id)
+    record_submitted(cfg.run.output, cfg.run.run_id, proc.pid)
     typer.echo(cfg.run.run_id)
     if wait:
         raise typer.Exit(sub.wait_local(proc, cfg.run.output, cfg.run.run_id, sys.stderr))

@@ -86,10 +86,10 @@ def run_nightly(cfg: Config, days: list[dt.date], *, force: bool = False, lock_t
                          day_cfg.ingest.window_days)
                 try:
                     run_job(day_cfg, client=client, move_latest="if_newer", replace=force)
-                except MfsimError as exc:
-                    if exc.exit_code == 2:
-                        raise
-                    raise DayFailed(f"nightly day {d} failed: {exc}; days before it stay published") from exc
+                except MfsimError as exc:  # bad input of that day keeps exit 2, a run-time failure is 1
+                    err = DayFailed(f"nightly day {d} failed: {exc}; days before it stay published")
+                    err.exit_code = 2 if exc.exit_code == 2 else 1
+                    raise err from exc
                 except Exception as exc:  # a runtime failure: stop the backfill, name the day
                     raise DayFailed(f"nightly day {d} failed: {type(exc).__name__}: {exc}; "
                                     "days before it stay published") from exc

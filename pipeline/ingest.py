@@ -379,13 +379,11 @@ def scan_piece(piece: Piece, spec: ScanSpec) -> dict[str, Any]:
     ts_s = None
     if spec.ts_col:
         ts = t.column(spec.ts_col).combine_chunks()
-        if pa.types.is_date(ts.type):
-            ts = ts.cast(pa.timestamp("s"))
         if ts.null_count:
             null_ts = ts.is_null().to_numpy(zero_copy_only=False)
             counts["null_ts"] = int(null_ts.sum())
             keep &= ~null_ts
-        ts_s = pc.cast(ts.cast(pa.timestamp("us")), pa.int64()).fill_null(0).to_numpy()
+        ts_s = timestamps_us(ts).fill_null(0).to_numpy()
     if ts_s is not None and (spec.window_start or spec.window_end):
         in_win = np.ones(n_read, dtype=bool)
         if spec.window_start is not None:
@@ -466,10 +464,15 @@ def max_ts(piece: Piece, spec: ScanSpec) -> dict[str, Any]:
         t = _read_piece(piece, dataclasses.replace(spec, user_col="", item_col="", weight_col=None))
     except MfsimError as exc:
         return {"error": str(exc)}
-    ts = t.column(0).combine_chunks()
+    return {"max_ts": pc.max(timestamps_us(t.column(0).combine_chunks())).as_py()}
+
+
+def timestamps_us(ts: pa.Array) -> pa.Array:
+    """A date or timestamp column as int64 microseconds since the epoch (UTC); finer units are truncated
+    (pandas writes nanoseconds: 12:00:00.0000007 becomes 12:00:00.000000, never an error)."""
     if pa.types.is_date(ts.type):
         ts = ts.cast(pa.timestamp("s"))
-    return {"max_ts": pc.max(pc.cast(ts.cast(pa.timestamp("us")), pa.int64())).as_py()}
+    return pc.cast(ts.cast(pa.timestamp("us"), safe=False), pa.int64())
 
 
 def raise_piece_errors(results: list[dict[str, Any]]) -> None:

@@ -77,6 +77,7 @@ from mfsim.pipeline.lock import STATE_DIR, LockHeld, OutputLock, host_tag, hostn
 __all__ = [
     "LATEST", "MANIFEST", "NIGHTLY_ID", "RESERVED_NAMES", "RUN_ID_PATTERN", "STATE_DIR", "LockHeld", "OutputLock",
     "RunStatus", "RunWriter", "clean_stale", "list_runs", "new_run_id", "package_versions", "prune_runs",
+    "record_submitted",
     "read_latest", "read_manifest", "resolve_run_dir", "run_status", "state_path", "validate_run_id", "write_latest",
 ]
 
@@ -470,6 +471,25 @@ class RunWriter:
 
 
 _REMOVE = object()  # _update_state: delete the record
+
+
+def record_submitted(root: str | Path, run_id: str, pid: int) -> None:
+    """State ``running`` for a run just started in process ``pid`` (``mfsim submit``), before its ``RunWriter``
+    takes over the record: the run is listed from the moment its id is printed, and shows ``lost`` if that
+    process dies before writing anything."""
+    root = Path(root)
+    now = iso(utc_now())
+    record = {"run_id": validate_run_id(run_id), "state": "running", "host": hostname(), "pid": int(pid),
+              "started_at": now, "heartbeat_at": now, "finished_at": None, "error": None, "counts": None,
+              "run_dir": str(root / run_id)}
+    path = state_path(root, run_id)
+    try:
+        with root_mutex(root):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if _read_record(path) is None:  # the run itself may have written already
+                _atomic_write(path, json.dumps(record, indent=1).encode())
+    except OSError as exc:
+        raise os_error(exc, path, "record the run's state in") from exc
 
 
 def write_latest(root: str | Path, run_id: str) -> None:

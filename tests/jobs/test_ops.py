@@ -1,0 +1,238 @@
+"""Running it unattended, through the real command line: nightly (windows, idempotence, --force, backfill,
+LATEST only forward, lock, retention), submit (detached and in-cluster), runs/status/show, schedule."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+MFSIM = str(Path(sys.executable).parent / "mfsim")
+REPO = Path(__file__).resolve().parents[2]
+# a small, fast run: rank 4, short lists, no held-out fit, no audit, no report, one worker
+QUICK = ["--set", "svd.rank=4", "--set", "neighbours.top_n=5", "--set", "evaluation.holdout=none",
+         "--set", "audit.enabled=false", "--set", "report.enabled=false", "--set", "cluster.n_workers=1"]
+DAY0 = dt.date(2026, 11, 1)
+
+
+def mfsim(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([MFSIM, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def daily_log(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
+    """60 users x 40 items over four days (Nov 1-4, 2026), each (user, item) pair once."""
+    rng = np.random.default_rng(3)
+    pairs = rng.choice(60 * 40, size=900, replace=False)
+    start = pd.Timestamp(DAY0, tz="UTC")
+    df = pd.DataFrame({"user_id": pairs // 40, "item_id": pairs % 40, "weight": np.ones(900, np.float32),
+                       "ts": start + pd.to_timedelta(rng.uniform(0, 4 * 86400, 900), unit="s")})
+    path = tmp_path_factory.mktemp("log") / "log.parquet"
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path)
+    return path, df
+
+
+def expected_nnz(df: pd.DataFrame, day: dt.date, window_days: int) -> int:
+    """Rows of the window of ``window_days`` days ending at the end of ``day`` (pandas, independent of ingest)."""
+    end = pd.Timestamp(day + dt.timedelta(days=1), tz="UTC")
+    return int(((df.ts >= end - pd.Timedelta(days=window_days)) & (df.ts < end)).sum())
+
+
+def visible(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+
+
+def test_version():
+    import mfsim as pkg
+
+    r = mfsim("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"mfsim {pkg.__version__}"
+
+
+def test_nightly_backfill_windows_idempotence_force_and_latest(tmp_path, daily_log):
+    log, df = daily_log
+    out = tmp_path / "runs"
+    base = ["nightly", "conf/default.yaml", "--input", str(log), "--output", str(out), "--set", "ingest.window_days=2",
+            *QUICK]
+    r = mfsim(*base, "--backfill", "2026-11-02", "2026-11-04")
+    assert r.returncode == 0, r.stderr
+    assert visible(out) == ["2026-11-02", "2026-11-03", "2026-11-04", "LATEST"]
+    assert (out / "LATEST").read_text().strip() == "2026-11-04"
+    for day in ("2026-11-02", "2026-11-03", "2026-11-04"):
+        m = json.loads((out / day / "_manifest.json").read_text())
+        assert m["nnz"] == expected_nnz(df, dt.date.fromisoformat(day), 2), day
+        assert m["config"]["ingest"]["as_of"].startswith(str(dt.date.fromisoformat(day) + dt.timedelta(days=1)))
+        assert (out / day / "_log.txt").read_text().count("stage neighbours: done") == 1
+
+    # a second firing of a finished day: exit 0 in seconds, no cluster, nothing rewritten
+    before = (out / "2026-11-03" / "_manifest.json").read_bytes()
+    t0 = time.perf_counter()
+    r = mfsim(*base, "--date", "2026-11-03")
+    assert r.returncode == 0 and "already succeeded" in r.stderr and "started local Dask cluster" not in r.stderr
+    assert time.perf_counter() - t0 < 15  # interpreter start and imports; a run would start a cluster
+    assert (out / "2026-11-03" / "_manifest.json").read_bytes() == before
+
+    # an older day published later does not move LATEST back
+    r = mfsim(*base, "--date", "2026-11-01")
+    assert r.returncode == 0, r.stderr
+    assert (out / "LATEST").read_text().strip() == "2026-11-04"
+
+    # --force recomputes and swaps the day in: one directory, a new manifest, the same lists
+    lists_before = pq.read_table(out / "2026-11-03" / "ids" / "items.parquet")
+    r = mfsim(*base, "--date", "2026-11-03", "--force")
+    assert r.returncode == 0, r.stderr
+    assert (out / "2026-11-03" / "_manifest.json").read_bytes() != before
+    assert pq.read_table(out / "2026-11-03" / "ids" / "items.parquet").equals(lists_before)
+    assert visible(out) == ["2026-11-01", "2026-11-02", "2026-11-03", "2026-11-04", "LATEST"]
+
+    r = mfsim("runs", "--output", str(out), "--format", "json")
+    rows = json.loads(r.stdout)
+    assert [x["run_id"] for x in rows if x["state"] == "succeeded"] == ["2026-11-02", "2026-11-04", "2026-11-01",
+                                                                        "2026-11-03"]  # by start time
+    r = mfsim("runs", "--output", str(out))
+    assert r.returncode == 0 and r.stdout.splitlines()[0].split() == ["run_id", "state", "started_at", "duration_s",
+                                                                      "n_users", "n_items", "nnz"]
+    r = mfsim("status", "2026-11-04", "--output", str(out))
+    assert r.returncode == 0 and "succeeded" in r.stdout
+    r = mfsim("show", str(out / "LATEST"))
+    assert r.returncode == 0 and "run 2026-11-04 (succeeded)" in r.stdout and "stages:" in r.stdout
+
+
+def test_backfill_stops_at_a_failing_day_naming_it(tmp_path, daily_log):
+    log, _ = daily_log
+    out = tmp_path / "runs"
+    # the window of Nov 1 with window_days=0.1 is the last 2.4 hours of that day: enough rows; an empty window
+    # (a day before the log) fails at run time
+    r = mfsim("nightly", "conf/default.yaml", "--input", str(log), "--output", str(out), "--set", "ingest.window_days=1",
+              *QUICK, "--backfill", "2026-10-30", "2026-11-01")
+    assert r.returncode in (1, 2)
+    assert "2026-10-30" in r.stderr.splitlines()[-1]
+    assert visible(out) == []  # nothing published, the later days not attempted
+
+
+def test_lock_held_exits_75_and_a_stale_lock_is_taken_over(tmp_path, daily_log):
+    log, _ = daily_log
+    out = tmp_path / "runs"
+    (out / ".mfsim").mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"host": socket.gethostname(), "pid": holder.pid,
+                "started_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+        (out / ".mfsim" / "lock").write_text(json.dumps(lock))
+        args = ["nightly", "conf/default.yaml", "--input", str(log), "--output", str(out), *QUICK, "--date", "2026-11-02"]
+        r = mfsim(*args)
+        assert r.returncode == 75, r.stderr
+        assert str(holder.pid) in r.stderr.splitlines()[-1]
+    finally:
+        holder.kill()
+        holder.wait()
+    r = mfsim(*args)  # the holder is gone: its lock is stale
+    assert r.returncode == 0, r.stderr
+    assert "stale" in r.stderr.lower() and visible(out) == ["2026-11-02", "LATEST"]
+    assert not (out / ".mfsim" / "lock").exists()
+
+
+def test_retention_keeps_the_newest_nightly_runs(tmp_path, daily_log):
+    log, _ = daily_log
+    out = tmp_path / "runs"
+    r = mfsim("nightly", "conf/default.yaml", "--input", str(log), "--output", str(out), *QUICK,
+              "--set", "run.keep_last=2", "--backfill", "2026-11-01", "2026-11-03")
+    assert r.returncode == 0, r.stderr
+    assert visible(out) == ["2026-11-02", "2026-11-03", "LATEST"]
+
+
+def test_submit_returns_at_once_and_wait_gives_the_run_status(tmp_path, daily_log):
+    log, _ = daily_log
+    out = tmp_path / "runs"
+    t0 = time.perf_counter()
+    r = mfsim("submit", "conf/default.yaml", "--input", str(log), "--output", str(out), *QUICK)
+    assert r.returncode == 0, r.stderr
+    run_id = r.stdout.strip()
+    assert time.perf_counter() - t0 < 15 and not (out / run_id).exists()  # returned before the run finished
+    for _ in range(240):
+        st = mfsim("status", run_id, "--output", str(out))
+        if st.returncode != 3:
+            break
+        time.sleep(0.5)
+    assert st.returncode == 0, st.stdout + st.stderr
+    assert (out / run_id / "_manifest.json").is_file()
+
+    # --wait streams the log and exits with the run's status: a user id that is not in the log fails (2)
+    r = mfsim("submit", "conf/default.yaml", "--input", str(log), "--output", str(out), *QUICK,
+              "--set", "neighbours.users=[123456]", "--wait")
+    assert r.returncode == 2
+    bad_id = r.stdout.strip()
+    assert "unknown user ids [123456]" in r.stderr and "stage ingest: start" in r.stderr
+    assert mfsim("status", bad_id, "--output", str(out)).returncode == 1
+    assert not (out / bad_id).exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_submit_to_an_external_cluster_runs_the_driver_there(tmp_path, daily_log):
+    log, _ = daily_log
+    out = tmp_path / "runs"
+    port = _free_port()
+    bin_dir = Path(sys.executable).parent
+    procs = [subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        for _ in range(2):
+            procs.append(subprocess.Popen([str(bin_dir / "dask"), "worker", f"tcp://127.0.0.1:{port}", "--host",
+                                           "127.0.0.1", "--nthreads", "1", "--no-dashboard", "--memory-limit", "2GiB"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        r = mfsim("submit", "conf/default.yaml", "--input", str(log), "--output", str(out), *QUICK,
+                  "--scheduler", f"tcp://127.0.0.1:{port}", "--wait")
+        assert r.returncode == 0, r.stderr
+        run_id = r.stdout.strip()
+        state = json.loads((out / ".mfsim" / "runs" / f"{run_id}.json").read_text())
+        worker_pids = {p.pid for p in procs[1:]}
+        children = subprocess.run(["ps", "-o", "pid=", "--ppid", ",".join(map(str, worker_pids))],
+                                  capture_output=True, text=True).stdout.split()
+        assert state["state"] == "succeeded" and state["pid"] in worker_pids | {int(c) for c in children}
+        assert json.loads((out / run_id / "_manifest.json").read_text())["nnz"] == 900
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_reserved_and_malformed_run_ids_are_refused(tmp_path, daily_log):
+    log, _ = daily_log
+    for bad in ("LATEST", "latest", "abc\n", ".mfsim"):
+        r = mfsim("run", "conf/default.yaml", "--input", str(log), "--output", str(tmp_path), "--run-id", bad, *QUICK)
+        assert r.returncode == 2 and r.stderr.startswith("error: run id"), (bad, r.stderr)
+    assert not any(tmp_path.iterdir())
+
+
+def test_schedule_prints_cron_and_systemd_and_installs_them(tmp_path):
+    r = mfsim("schedule", "conf/default.yaml", "--output", str(tmp_path / "runs"), "--at", "02:30")
+    assert r.returncode == 0, r.stderr
+    cron = [ln for ln in r.stdout.splitlines() if "nightly" in ln and not ln.startswith(("#", "ExecStart"))]
+    assert cron and cron[0].startswith("30 2 * * * ") and f"--output {tmp_path / 'runs'}" in cron[0]
+    assert "OnCalendar=*-*-* 02:30:00 UTC" in r.stdout and "ExecStart=" in r.stdout
+    r = mfsim("schedule", "conf/default.yaml", "--output", str(tmp_path / "runs"), "--at", "02:30", "--install",
+              "--into", str(tmp_path))
+    assert r.returncode == 0 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "crontab", "mfsim-nightly.service", "mfsim-nightly.timer"]
+    assert mfsim("schedule", "conf/default.yaml", "--output", "x", "--at", "25:00").returncode == 2
+    assert os.access(MFSIM, os.X_OK)
