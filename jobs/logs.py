@@ -117,6 +117,19 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
         logging.getLogger(name).setLevel(max(logging.WARNING, numeric))
 
 
+class _CopyHandler(logging.FileHandler):
+    """A ``FileHandler`` for a copy of the log: when the file cannot be written (a full disk), it detaches
+    itself after one WARNING instead of printing a traceback for every later line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802  (logging's name)
+        root = logging.getLogger()
+        if self in root.handlers:
+            root.removeHandler(self)
+            exc = sys.exc_info()[1]
+            logging.getLogger("mfsim.logs").warning("could not copy the log to %s: %s; the copy stops here",
+                                                    self.baseFilename, exc)
+
+
 @contextmanager
 def tee_to_file(path: str | Path, *, fmt: str | None = None) -> Iterator[Path]:
     """Copy every log line to ``path`` (appended, UTF-8) while the ``with`` block runs; yields the path.
@@ -133,7 +146,7 @@ def tee_to_file(path: str | Path, *, fmt: str | None = None) -> Iterator[Path]:
     else:
         formatter = TextFormatter()
     path = Path(path)
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler = _CopyHandler(path, mode="a", encoding="utf-8")
     handler.setFormatter(formatter)
     handler.setLevel(_handler.level if _handler is not None else logging.NOTSET)
     root = logging.getLogger()
@@ -142,4 +155,7 @@ def tee_to_file(path: str | Path, *, fmt: str | None = None) -> Iterator[Path]:
         yield path
     finally:
         root.removeHandler(handler)
-        handler.close()
+        try:
+            handler.close()
+        except (OSError, ValueError):  # the last flush onto a full disk (already warned about)
+            pass

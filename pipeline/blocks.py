@@ -95,8 +95,8 @@ class RowBlocks:
     def map(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """``[fn(block, *args) for block in blocks]``: futures on the client, values locally.
 
-        Large ``args`` should be scattered first (``client.scatter(x, broadcast=True)``) so they
-        travel to each worker once.
+        Large ``args`` should be shared first (``pipeline.shared.share``) so that they travel to
+        each worker once and are recomputed, not lost, with a worker.
         """
         if self.client is None:
             return [fn(part, *args, **kwargs) for part in self.parts]
@@ -121,7 +121,11 @@ class RowBlocks:
 
     @classmethod
     def from_scipy(cls, m: sp.spmatrix, block_rows: int, client: Any = None) -> "RowBlocks":
-        """Split a scipy matrix into row blocks of ``block_rows`` rows (scattered when a client is given)."""
+        """Split a scipy matrix into row blocks of ``block_rows`` rows (scattered when a client is given).
+
+        For tests and benchmarks: scattered blocks have no lineage, so they do not survive the loss
+        of the worker that holds them (a run's blocks come from ``ingest``, task by task).
+        """
         m = sp.csr_matrix(m)
         n = m.shape[0]
         starts = list(range(0, n, max(1, block_rows))) or [0]
@@ -132,7 +136,8 @@ class RowBlocks:
         return cls(parts, offsets, int(m.shape[1]), client, int(m.nnz))
 
 
-def tree_reduce(parts: list[Any], combine: Callable[..., Any], *, client: Any = None, fan_in: int = 2) -> Any:
+def tree_reduce(parts: list[Any], combine: Callable[..., Any], *, client: Any = None, fan_in: int = 2,
+                gather: bool = True) -> Any:
     """Reduce ``parts`` to one value with ``combine``, in a tree of fan-in ``fan_in``.
 
     Order of combination (fixed by ``len(parts)`` and ``fan_in`` alone, so a float reduction
@@ -155,10 +160,13 @@ def tree_reduce(parts: list[Any], combine: Callable[..., Any], *, client: Any = 
     fan_in : int, default 2
         Parts per ``combine``, at least 2. Keep 2 for float sums (the order above); an exact
         reduction (a set union) can take more per task.
+    gather : bool, default True
+        On a client: gather the root's value (True), or return the root's future (False), for
+        tasks that read the result with its lineage (``ingest``'s id maps).
 
     Returns
     -------
-    The reduced value (gathered into this process when ``client`` is given).
+    The reduced value (gathered into this process when ``client`` is given and ``gather``).
 
     Notes
     -----
@@ -178,4 +186,4 @@ def tree_reduce(parts: list[Any], combine: Callable[..., Any], *, client: Any = 
 
     while len(parts) > 1:
         parts = [apply(parts[i : i + fan_in]) for i in range(0, len(parts), fan_in)]
-    return parts[0] if client is None else client.gather(parts[0])
+    return parts[0] if client is None or not gather else client.gather(parts[0])

@@ -30,6 +30,7 @@ from mfsim.pipeline.blocks import CSRBlock, RowBlocks
 from mfsim.pipeline.config import ObjectivesSection
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.registry import EQ1_SCALINGS, UNIQUE
+from mfsim.pipeline.shared import share
 
 log = logging.getLogger("mfsim.factors")
 
@@ -212,8 +213,8 @@ def user_embeddings_blocks(blocks: RowBlocks, A: np.ndarray, col_offset: np.ndar
         if c.shape != (p,):
             raise MfsimError(f"expected col_offset of shape ({p},), got {c.shape}; pass Preprocessor.col_offset")
         offset_row = c @ A32.astype(np.float64)  # c^T A, (k,), with the A used for X A
-    if blocks.client is not None:
-        A32 = blocks.client.scatter(A32, broadcast=True, hash=False)
+    if blocks.client is not None:  # recomputable with its P blocks when a worker is lost (pipeline.shared)
+        A32 = share(blocks.client, A32, "factor-a")
     return blocks.map(_block_times, A32, offset_row)
 
 

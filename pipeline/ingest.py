@@ -48,6 +48,7 @@ from mfsim.pipeline.blocks import CSRBlock, RowBlocks, tree_reduce
 from mfsim.pipeline.config import Config, IngestSection, InputSection
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.inputs import load_item_truth
+from mfsim.pipeline.shared import share
 
 log = logging.getLogger("mfsim.ingest")
 
@@ -630,13 +631,14 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
                          "has no non-zero entry; check input.weight_col (null: every row weighs 1.0) and the data")
 
     clock.lap("scan")
-    user_ids, item_ids = (
-        tree_reduce([client.submit(operator.itemgetter(key), s) for s in scanned], union_ids, client=client, fan_in=8)
-        for key in ("user_ids", "item_ids")
-    )
+    roots = [tree_reduce([client.submit(operator.itemgetter(key), s) for s in scanned], union_ids, client=client,
+                         fan_in=8, gather=False) for key in ("user_ids", "item_ids")]
+    user_ids, item_ids = client.gather(roots)
     n_users, n_items = len(user_ids), len(item_ids)
     n_blocks = max(1, -(-n_users // cfg.block_rows))
-    [uidx, iidx] = client.scatter([IdIndex(user_ids), IdIndex(item_ids)], broadcast=True, hash=False)
+    # the id maps as tasks on the unions, not scattered: X's blocks keep their lineage back to the
+    # Parquet pieces, so a block lost with its worker is rebuilt (pipeline.shared)
+    uidx, iidx = (client.submit(IdIndex, r, pure=False) for r in roots)
     encoded = [client.submit(encode_piece, s, uidx, iidx, cfg.block_rows, n_blocks) for s in scanned]
     offsets = np.minimum(np.arange(n_blocks + 1, dtype=np.int64) * cfg.block_rows, n_users)
     blocks = []
@@ -697,7 +699,7 @@ def _minimum_support(client, X: RowBlocks, user_ids, item_ids, min_user: int, mi
         col_map = np.full(len(ok_i), -1, dtype=np.int64)
         col_map[ok_i] = np.arange(int(ok_i.sum()))
         new_parts, new_offsets = [], [0]
-        [cmap] = client.scatter([col_map], broadcast=True, hash=False)
+        cmap = share(client, col_map, "column-map")
         for b, part in enumerate(current.parts):
             rows_ok = ok_u[current.row_offsets[b] : current.row_offsets[b + 1]]
             new_parts.append(client.submit(filter_block, part, rows_ok, cmap, int(ok_i.sum())))

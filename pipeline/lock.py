@@ -102,16 +102,26 @@ def parse_iso(text: Any) -> dt.datetime | None:
     return t if t.tzinfo is not None else t.replace(tzinfo=dt.timezone.utc)
 
 
+# errnos that say the output root itself is unusable (a bad --output, exit code 2); every other
+# one (ENOSPC, EDQUOT, EIO, ...) is a run-time failure of a usable root (exit code 1), as the README lists
+_BAD_OUTPUT = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR,
+                         errno.ENAMETOOLONG, errno.ELOOP})
+
+
 def os_error(exc: OSError, path: str | Path, action: str, note: str = "") -> MfsimError:
     """One ``MfsimError`` for ``exc``: what could not be done to which path, the errno text, what to do.
 
     ``cannot <action> <path>: No space left on device (ENOSPC); <note>; free space ... and rerun``.
+    Its ``exit_code`` is 2 when the errno says the output root cannot be used at all (not writable,
+    read-only, not a directory: ``_BAD_OUTPUT``), 1 for a failure while writing (disk full, I/O error).
     """
     code = exc.errno
     what = os.strerror(code) if code else (exc.strerror or str(exc) or type(exc).__name__)
     name = f" ({errno.errorcode[code]})" if code in errno.errorcode else ""
     advice = _ADVICE.get(code, "check that the output root is a writable directory, then rerun")
-    return MfsimError(f"cannot {action} {path}: {what}{name}; {note + '; ' if note else ''}{advice}")
+    err = MfsimError(f"cannot {action} {path}: {what}{name}; {note + '; ' if note else ''}{advice}")
+    err.exit_code = 2 if code in _BAD_OUTPUT else 1
+    return err
 
 
 @contextmanager

@@ -17,9 +17,10 @@ Scores that do not depend on the Eq. 1 scaling are computed once, from the first
 labelled ``scaling=invariant``; Eq. 2 has one solution, labelled ``scaling=unique``.
 
 Query rows go in ranges as Dask tasks on the run's client (``run_topn``, the one way every stage
-submits top-N work); the candidate embeddings are scattered to the workers once per list group
-and every task calls ``kernels.topn.topn_blocked``. Memory per task is bounded by the range and
-the kernel's tiles (see ``topn_blocked``), never O(p^2).
+submits top-N work); the candidate embeddings reach the workers once per list group, as a shared
+future (``pipeline.shared``: recomputed, not lost, when a worker dies) or, for user embeddings, as
+a task on P's row-block futures; every task calls ``kernels.topn.topn_blocked``. Memory per task
+is bounded by the range and the kernel's tiles (see ``topn_blocked``), never O(p^2).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from mfsim.pipeline import outputs
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.registry import INVARIANT, LISTS
+from mfsim.pipeline.shared import share, share_f32, stack
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,9 @@ def run_topn(client, queries: QuerySet, candidates: Any, n: int, metrics: tuple[
     """Top-N of every query row against ``candidates``, as Dask tasks; yields ``(range, result)`` in row order.
 
     One task per range of at most ``rows_per_task`` rows of a part (``neighbours.query_chunk``).
-    ``candidates`` should already be scattered (a future) so that it travels to each worker once.
+    ``candidates`` should already be a future (``pipeline.shared``) so that it travels to each
+    worker once; a task whose worker is lost is rerun by the scheduler, its inputs recomputed from
+    their lineage.
     A task's result is ``{metric: TopN}``, or ``then(lists, range, then_parts[range.part])``
     computed in the task (e.g. ranking sums against held-out items, so that lists never travel).
     At most ``2 x threads`` ranges are in flight and results are released as they are yielded, so
@@ -199,17 +203,12 @@ def run_topn(client, queries: QuerySet, candidates: Any, n: int, metrics: tuple[
         yield r, result
 
 
-def scatter(client, x: np.ndarray):
-    """``x`` as float32 on every worker (a future), for candidates that every task reads."""
-    return client.scatter(np.ascontiguousarray(x, dtype=np.float32), broadcast=True, hash=False)
-
-
 def client_item_lists(client, *, rows_per_task: int, candidate_block: int) -> Callable[..., TopN]:
     """An ``item_lists_fn`` for the audit: ``(queries, candidates, n, metric, exclude_self) -> TopN`` on Dask."""
 
     def item_lists(queries: np.ndarray, candidates: np.ndarray, n: int, metric: str, exclude_self: bool = True) -> TopN:
-        cand = scatter(client, candidates)
-        q = cand if queries is candidates else scatter(client, queries)
+        cand = share_f32(client, candidates, "audit-candidates")
+        q = cand if queries is candidates else share_f32(client, queries, "audit-queries")
         parts = [lists[metric] for _, lists in run_topn(client, QuerySet.whole(q, len(queries), exclude_self=exclude_self),
                                                         cand, n, (metric,), rows_per_task=rows_per_task,
                                                         candidate_block=candidate_block)]
@@ -254,7 +253,7 @@ def csr_rows(blocks: list[CSRBlock], offsets: np.ndarray, rows: np.ndarray, n_co
 
 @dataclass
 class GroupInputs:
-    """What one gemm group runs on: queries, scattered candidates, their ids, the query scale."""
+    """What one gemm group runs on: queries, candidates (a future), their ids, the query scale."""
 
     queries: QuerySet
     candidates: Any
@@ -272,26 +271,28 @@ def group_inputs(client, g: GemmGroup, A: np.ndarray, B: np.ndarray, user_parts:
     """
     if g.kind == "item_item":
         emb = {"A": lambda: A, "B": lambda: B, "A_proj": lambda: projected(A, B)}
-        cand = scatter(client, emb[g.candidates]())
-        q = cand if g.queries == g.candidates else scatter(client, emb[g.queries]())
+        cand = share_f32(client, emb[g.candidates](), "candidates")
+        q = cand if g.queries == g.candidates else share_f32(client, emb[g.queries](), "queries")
         return GroupInputs(QuerySet.whole(q, len(A), exclude_self=True), cand, item_ids,
                            lambda r: item_ids.slice(r.first_id, r.stop - r.start))
     scale = column_norms(B) if g.queries == "P_proj" else None
     if g.kind == "user_item":
-        cand, cand_ids = scatter(client, B), item_ids
-    else:
-        P = np.concatenate(client.gather(user_parts))
-        cand, cand_ids = scatter(client, P * scale if scale is not None else P), user_ids
+        cand, cand_ids = share_f32(client, B, "candidates"), item_ids
+    else:  # P stacked on a worker from its row blocks: the candidates keep P's lineage
+        cand, cand_ids = client.submit(stack, scale, None, *user_parts, pure=False), user_ids
     if subset is None:
         queries = QuerySet(user_parts, np.diff(X.row_offsets).tolist(), X.row_offsets[:-1].tolist(),
                            exclude=X.parts if g.kind == "user_item" else None, exclude_self=g.kind == "user_user")
         return GroupInputs(queries, cand, cand_ids, lambda r: user_ids.slice(r.first_id, r.stop - r.start), scale)
-    P_sub = np.concatenate(client.gather(user_parts))[subset]
+    # the subset's rows of P and of X taken on a worker (tasks on the row-block futures, lineage kept)
+    P_sub = client.submit(stack, None, subset, *user_parts, pure=False)
     if g.kind == "user_item":
-        excl = csr_rows(X.local_parts(), X.row_offsets, subset, X.n_cols)
+        needed = set((np.searchsorted(X.row_offsets, subset, side="right") - 1).tolist())
+        parts = [part if b in needed else None for b, part in enumerate(X.parts)]  # only the blocks read
+        excl = client.submit(csr_rows, parts, X.row_offsets, subset, X.n_cols, pure=False)
     else:  # each query's own row, by an exclusion mask: the subset's rows are not contiguous
-        excl = CSRBlock(np.arange(len(subset) + 1, dtype=np.int64), subset.astype(np.int32),
-                        np.ones(len(subset), np.float32), X.n_rows)
+        excl = share(client, CSRBlock(np.arange(len(subset) + 1, dtype=np.int64), subset.astype(np.int32),
+                                      np.ones(len(subset), np.float32), X.n_rows), "exclude")
     ids = user_ids.take(pa.array(subset))
-    queries = QuerySet.whole(client.scatter(P_sub, hash=False), len(subset), exclude=[client.scatter(excl, hash=False)])
+    queries = QuerySet.whole(P_sub, len(subset), exclude=[excl])
     return GroupInputs(queries, cand, cand_ids, lambda r: ids.slice(r.start, r.stop - r.start), scale)

@@ -52,6 +52,7 @@ import numpy as np
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks, tree_reduce
 from mfsim.pipeline.config import PreprocessSection
 from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.shared import share
 
 # A column is treated as constant when its variance from E[x^2] - mu^2 is below this fraction of
 # E[x^2]: the float64 cancellation error of that formula is a few eps64 (2.2e-16) times E[x^2], and
@@ -175,10 +176,10 @@ def _reduce_stats(blocks: RowBlocks, parts: list[Any]) -> ColumnStats:
 
 
 def _broadcast(blocks: RowBlocks, arr: np.ndarray | None) -> Any:
-    """``arr`` scattered to every worker once (on a client), else itself."""
+    """``arr`` shared with the block tasks on a client (recomputed on worker loss: ``pipeline.shared``), else itself."""
     if arr is None or blocks.client is None:
         return arr
-    return blocks.client.scatter(arr, broadcast=True, hash=False)
+    return share(blocks.client, arr, "column-factor")
 
 
 def column_stats(blocks: RowBlocks, *, binarize: bool = False) -> ColumnStats:

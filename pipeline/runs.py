@@ -34,7 +34,9 @@ What is promised, exactly:
   file then records the winner. Runs with different ids never touch each other's files.
 - An ``OSError`` while writing (ENOSPC, EACCES, EROFS, a root that is a regular file or cannot be
   created) raises one ``MfsimError`` naming the path, the errno text and what to do; the temporary
-  directory is removed, so nothing half-written is visible, and earlier runs are untouched.
+  directory is removed, so nothing half-written is visible, and earlier runs are untouched. Its exit
+  code is 2 when the root cannot be used at all (EACCES, EROFS, ENOTDIR, ...: a bad ``--output``), 1 for
+  a failure while writing (ENOSPC, EIO: a run-time failure).
 - ``replace=True`` (``--force``): the new run is built in its temporary directory as usual; at
   publish the old ``R/<run_id>`` is renamed to ``.<run_id>.old-...``, the new one is renamed in (for
   the microseconds between those two renames ``R/<run_id>`` is absent), then LATEST and the state,
@@ -57,6 +59,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import stat
 import tempfile
 import threading
@@ -92,6 +95,7 @@ COUNT_KEYS = ("n_users", "n_items", "nnz")
 PACKAGES = ("mfsim", "numpy", "scipy", "scikit-learn", "numba", "dask", "distributed", "pyarrow", "pandas", "pydantic")
 _HIDDEN = re.compile(r"\.(?P<run_id>[A-Za-z0-9][A-Za-z0-9._-]*)\.(?P<kind>tmp|old|del)-(?P<pid>\d+)-(?P<tag>[0-9a-f]+)")
 _NOT_PUBLISHED = "nothing was published; earlier runs are untouched"
+FAULT_BEFORE_PUBLISH = "MFSIM_FAULT_BEFORE_PUBLISH"  # test hook: "1" SIGKILLs the process at publish (RunWriter)
 
 log = logging.getLogger("mfsim.runs")
 
@@ -172,6 +176,11 @@ class RunWriter:
     the heartbeat and, unless the run was published, removes the temporary directory and records
     ``failed`` with the exception's line (``error_line``). Every ``OSError`` while writing becomes
     one ``MfsimError`` (``pipeline.lock.os_error``).
+
+    Test hook: with the environment variable ``MFSIM_FAULT_BEFORE_PUBLISH=1``, ``publish`` sends its
+    own process SIGKILL right after ``_manifest.json`` is written and the tree fsynced, before the
+    rename that would publish it, so a test can kill a driver at exactly that point
+    (``tests/jobs/test_faults.py``). It only ever kills the process; it changes nothing on disk.
     """
 
     def __init__(self, output_root: str | Path, run_id: str | None = None, *, heartbeat_s: float = 10.0,
@@ -325,6 +334,8 @@ class RunWriter:
         self.write_json(MANIFEST, manifest)
         with self._writing(self.tmp, "flush"):
             _fsync_tree(self.tmp)
+        if os.environ.get(FAULT_BEFORE_PUBLISH) == "1":  # the test hook above: die complete but unpublished
+            os.kill(os.getpid(), signal.SIGKILL)
         aside = self._rename_into_place()
         self.published = True
         try:

@@ -43,6 +43,7 @@ from mfsim.kernels.sparse import csr_matmat, csr_t_matmat
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks, tree_reduce
 from mfsim.pipeline.config import SvdSection
 from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.shared import share
 
 #: Rows per chunk of the Gaussian test matrix Omega (n x l): chunk j is drawn from
 #: ``default_rng([seed, j])``, so Omega's rows depend only on their global index, never on how
@@ -247,7 +248,16 @@ class _Local:
 
 
 class _Dask:
-    """Blocks as futures: one task per worker over the blocks it holds; partials tree-summed."""
+    """Blocks as futures: one task per worker over the blocks it holds; partials tree-summed.
+
+    The groups of blocks (one per worker that held blocks when the SVD started) are fixed for the
+    whole SVD: a group's task is pinned to its worker only loosely (``allow_other_workers``), so
+    when that worker is lost the same group runs elsewhere, after the scheduler has recomputed
+    the lost blocks from their lineage. The sums are therefore grouped and ordered the same
+    whichever worker ends up running a group, and a run that loses a worker mid-SVD gets the
+    same sigma and V as one that does not (bit for bit, given the same groups). Q reaches the
+    tasks as a shared future (``pipeline.shared``), recomputable on loss, never a broadcast.
+    """
 
     executor = "dask"
 
@@ -272,25 +282,25 @@ class _Dask:
             kw.update(workers=[worker], allow_other_workers=True)
         return self.client.submit(on_worker, fn, parts, *args, **kw)
 
-    def _scatter(self, q32):
-        return None if q32 is None else self.client.scatter(q32, broadcast=True, hash=False)
+    def _share(self, q32):
+        return None if q32 is None else share(self.client, q32, "svd-q")
 
     def gram(self, q32, cq, l, seed):
         """``(X^T Z, 1^T Z)``: one ``gram_partial`` per worker, tree-summed pairwise on the workers."""
-        qf = self._scatter(q32)
+        qf = self._share(q32)
         starts = [int(s) for s in self.blocks.row_offsets[:-1]]
         futs = [self._submit(gram_partial, w, idx, [starts[i] for i in idx], qf, cq, l, seed) for w, idx in self.groups]
         return tree_reduce(futs, _add_pairs, client=self.client)  # only p x l partials travel
 
     def tsqr(self, q32, cq64):
         """The R factor of ``X_eff Q``: one R per worker's blocks, then the R of their stack."""
-        qf = self._scatter(q32)
+        qf = self._share(q32)
         rs = self.client.gather([self._submit(tsqr_partial, w, idx, qf, cq64) for w, idx in self.groups])
         return _r_factor(np.vstack(rs))
 
     def u(self, q32, cq64, w):
         """U per block, as futures beside their rows of X."""
-        qf = self._scatter(q32)
+        qf = self._share(q32)
         return [self.client.submit(on_worker, u_block, part, qf, cq64, w, pure=False) for part in self.blocks.parts]
 
 

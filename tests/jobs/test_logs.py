@@ -160,3 +160,21 @@ def test_tee_without_setup_takes_the_format_it_is_given(tmp_path):
         log.info("from a task")
     (obj,) = [json.loads(line) for line in path.read_text().splitlines()]
     assert obj["message"] == "from a task" and re.fullmatch(STAMP, obj["time"])
+
+
+def test_a_copy_that_cannot_be_written_detaches_with_one_warning(tmp_path, capsys):
+    """A full disk under ``_log.txt``: one warning, no ``--- Logging error ---`` traceback per later line."""
+    import logging
+
+    from mfsim.jobs import logs
+
+    logs.setup_logging("INFO", "text")
+    log = logging.getLogger("mfsim.test")
+    with logs.tee_to_file(tmp_path / "copy.txt") as path:
+        handler = [h for h in logging.getLogger().handlers if getattr(h, "baseFilename", None) == str(path)][0]
+        handler.stream.close()  # every later write raises, as on a full disk
+        for i in range(3):
+            log.info("line %d", i)
+    err = capsys.readouterr().err
+    assert "Logging error" not in err and err.count("could not copy the log to") == 1
+    assert "line 2" in err  # the lines still reach stderr

@@ -1,0 +1,313 @@
+"""A Dask worker SIGKILLed during the SVD or the neighbours stage: the job finishes with a clean run's outputs.
+
+Real processes only: a ``dask scheduler`` and two ``dask worker`` subprocesses on 127.0.0.1, the
+job run in this process through ``run_job(cfg, client=...)``. The victim is the worker process
+itself (for a nanny-managed worker, the nanny's child: the nanny starts a new one; for a
+``--no-nanny`` worker, the cluster shrinks to one worker). It is killed with SIGKILL from a
+thread while the stage has work in flight. Every Parquet file of the faulted run must equal the
+clean run's (same config, same seed, same kind of cluster): ids, ranks and counts exactly,
+floats within 1e-5. Each run is bounded (``RUN_TIMEOUT_S``), so a hang fails instead of blocking.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow.parquet as pq
+import pyarrow.types as pa_types
+import pytest
+
+import mfsim.pipeline.svd as svd_module
+from mfsim.jobs.main_job import run_job
+from mfsim.pipeline.config import load_config
+from mfsim.pipeline.simulate import simulate, write_simulation
+
+DASK = Path(sys.executable).parent / "dask"
+RUN_TIMEOUT_S = 120  # a clean run takes a few seconds here; a run still going after 2 minutes hangs
+POWER_ITERATIONS = 32  # svd.power_iterations: the SVD lasts long enough (~1 s here) for a kill to land inside
+KILL_AT_ITERATION = 4  # of the main fit's POWER_ITERATIONS: the SVD goes on for 28 more after the kill
+
+
+# ---------------------------------------------------------------------------------------------
+# the cluster: real processes, ended by pid
+
+
+def end_process(proc: subprocess.Popen) -> None:
+    """Terminate ``proc`` by pid, wait up to 10 s, then kill it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+class Cluster:
+    """A ``dask scheduler`` and ``dask worker`` subprocesses on 127.0.0.1, and a client of it."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen] = []
+        self.worker_pids: set[int] = set()  # every worker process seen (a nanny's children included)
+        self.log = open(tmp / "cluster.log", "ab")
+        sched_file = tmp / "scheduler.json"
+        self.procs.append(subprocess.Popen(
+            [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+             "--scheduler-file", str(sched_file)], stdout=self.log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 30
+        while not sched_file.exists() or not sched_file.read_text().strip():
+            if time.monotonic() > deadline or self.procs[0].poll() is not None:
+                raise RuntimeError(f"dask scheduler did not start; see {tmp / 'cluster.log'}")
+            time.sleep(0.1)
+        time.sleep(0.2)  # the file is written in one go, but give the writer a moment to close it
+        self.address = json.loads(sched_file.read_text())["address"]
+        from distributed import Client
+
+        self.client = Client(self.address, timeout="20s")
+
+    def add_workers(self, n: int, *, nanny: bool) -> None:
+        """Start ``n`` single-threaded workers (under a nanny or not) and wait until all are connected."""
+        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                   NUMBA_NUM_THREADS="1")
+        want = len(self.client.scheduler_info()["workers"]) + n
+        for _ in range(n):
+            self.procs.append(subprocess.Popen(
+                [str(DASK), "worker", self.address, "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1",
+                 "--memory-limit", "2GiB", *([] if nanny else ["--no-nanny"])],
+                stdout=self.log, stderr=subprocess.STDOUT, env=env))
+        self.client.wait_for_workers(want, timeout=60)
+        self.worker_pids.update(self.pids().values())
+
+    def pids(self) -> dict[str, int]:
+        """Worker address -> pid of the worker process (not its nanny)."""
+        return self.client.run(os.getpid)
+
+    def close(self) -> None:
+        """Close the client, end every process started here by pid, then any worker process left."""
+        try:
+            self.worker_pids.update(self.pids().values())
+        except Exception:  # noqa: BLE001  (the cluster may be half gone; what we know suffices)
+            pass
+        self.client.close(timeout=10)
+        for proc in reversed(self.procs):  # workers (their nannies end their children) before the scheduler
+            end_process(proc)
+        for pid in self.worker_pids:  # a nanny's child that outlived it
+            try:
+                p = psutil.Process(pid)
+                if "dask" in " ".join(p.cmdline()) or "distributed" in " ".join(p.cmdline()):
+                    p.kill()
+            except psutil.Error:
+                pass
+        self.log.close()
+
+
+@contextmanager
+def cluster(tmp: Path, *, nanny: bool):
+    c = Cluster(tmp)
+    try:
+        c.add_workers(2, nanny=nanny)
+        yield c
+    finally:
+        c.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the data, the config, a bounded run
+
+
+@pytest.fixture(scope="module")
+def sim_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("worker-loss")
+    cfg = load_config(None, ["simulate.n_users=1500", "simulate.n_items=120", "simulate.seed=5"])
+    write_simulation(simulate(cfg.simulate), root / "sim", cfg.simulate)
+    return root / "sim"
+
+
+def job_config(sim: Path, out: Path, run_id: str):
+    return load_config(None, [
+        f"input.path={sim}", f"run.output={out}", f"run.run_id={run_id}", "run.heartbeat_s=1",
+        "preprocess.binarize=true", "svd.rank=8", f"svd.power_iterations={POWER_ITERATIONS}", "neighbours.top_n=10",
+        "objectives.eq1.lambda=2.0", "objectives.eq2.lambda=1.5",
+        "objectives.eq1.scalings=[symmetric,item_orthonormal]", "neighbours.user_user=[cosine]",
+        "ingest.block_rows=128",  # 12 row blocks, on both workers
+        "neighbours.query_chunk=32", "neighbours.candidate_block=64",  # many top-N tasks per list
+        "evaluation.cutoffs=[5,10]", "audit.draws=1", "report.enabled=false",
+    ])
+
+
+def run_bounded(cfg, client) -> Path:
+    """``run_job(cfg, client=client)`` in a thread; fails the test when it has not returned in RUN_TIMEOUT_S."""
+    out: dict = {}
+
+    def target():
+        try:
+            out["run_dir"] = run_job(cfg, client=client)[0]
+        except BaseException as exc:  # noqa: BLE001  (handed to the test below)
+            out["error"] = exc
+
+    t0 = time.monotonic()
+    thread = threading.Thread(target=target, name=f"run-{cfg.run.run_id}", daemon=True)
+    thread.start()
+    thread.join(RUN_TIMEOUT_S)
+    if thread.is_alive():
+        pytest.fail(f"run {cfg.run.run_id} still running after {RUN_TIMEOUT_S}s: the job hangs")
+    if "error" in out:
+        raise AssertionError(f"run {cfg.run.run_id} failed after {time.monotonic() - t0:.1f}s: "
+                             f"{type(out['error']).__name__}: {out['error']}") from out["error"]
+    return out["run_dir"]
+
+
+def assert_same_outputs(clean: Path, faulted: Path) -> None:
+    """Every Parquet file of both runs: the same files and rows; ids, ranks, counts exact, floats to 1e-5."""
+    files = sorted(p.relative_to(clean) for p in clean.rglob("*.parquet"))
+    assert files == sorted(p.relative_to(faulted) for p in faulted.rglob("*.parquet"))
+    assert sum(1 for f in files if f.parts[0] == "neighbours") >= 8
+    for rel in files:
+        a, b = pq.read_table(clean / rel), pq.read_table(faulted / rel)
+        assert a.schema == b.schema and a.num_rows == b.num_rows, rel
+        for name in a.column_names:
+            x, y = a[name].combine_chunks(), b[name].combine_chunks()
+            if pa_types.is_floating(x.type) or name == "embedding":
+                x = np.asarray(x.flatten() if name == "embedding" else x, dtype=np.float64)
+                y = np.asarray(y.flatten() if name == "embedding" else y, dtype=np.float64)
+                np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=f"{rel}:{name}")
+            else:
+                assert x.equals(y), f"{rel}:{name}"
+
+
+@pytest.fixture(scope="module")
+def clean_run(sim_dir, tmp_path_factory) -> Path:
+    """The reference: the same config on the same kind of cluster (2 workers under nannies), no kill."""
+    tmp = tmp_path_factory.mktemp("clean")
+    with cluster(tmp, nanny=True) as c:
+        return run_bounded(job_config(sim_dir, tmp / "runs", "clean"), c.client)
+
+
+# ---------------------------------------------------------------------------------------------
+# the kill
+
+
+class Killer:
+    """SIGKILLs one worker process from a thread, once, as soon as it has a task of the stage (or after 3 s).
+
+    ``task``: the prefix of the keys of the stage's own tasks (``on_worker`` for the SVD's
+    products, ``topn_task`` for the neighbour lists); the test checks that the kill found one.
+    """
+
+    def __init__(self, c: Cluster, task: str):
+        self.c = c
+        self.task = task
+        self.fired = threading.Event()
+        self.done = threading.Event()
+        self.victim: tuple[str, int] | None = None
+        self.busy: list = []  # the keys the victim was processing when it was killed
+
+    def fire(self) -> None:
+        if self.fired.is_set():
+            return
+        self.fired.set()
+        threading.Thread(target=self._kill, name="killer", daemon=True).start()
+
+    def _kill(self) -> None:
+        client = self.c.client
+        pids = self.c.pids()
+        self.c.worker_pids.update(pids.values())
+        held = {w: len(keys) for w, keys in client.has_what().items()}
+        addr = max(sorted(pids), key=lambda w: held.get(w, 0))  # the worker holding the most data
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            self.busy = [k for k in client.processing([addr]).get(addr, ()) if str(k).startswith(self.task)]
+            if self.busy:
+                break
+            time.sleep(0.002)
+        os.kill(pids[addr], signal.SIGKILL)
+        self.victim = (addr, pids[addr])
+        self.done.set()
+
+
+@contextmanager
+def kill_in_svd(killer: Killer, monkeypatch):
+    """Fire ``killer`` after KILL_AT_ITERATION power iterations; yields the count of iterations after it."""
+    calls = {"n": 0, "after_kill": 0}
+    orthonormalize = svd_module._orthonormalize
+
+    def counting(y):
+        calls["n"] += 1
+        if killer.done.is_set() and calls["n"] <= 1 + POWER_ITERATIONS:  # the main fit's SVD only (not evaluation's)
+            calls["after_kill"] += 1
+        if calls["n"] == KILL_AT_ITERATION + 1:  # the sketch's QR is call 1
+            killer.fire()
+        return orthonormalize(y)
+
+    monkeypatch.setattr(svd_module, "_orthonormalize", counting)
+    yield calls
+
+
+@contextmanager
+def kill_in_neighbours(killer: Killer):
+    """Fire ``killer`` at the first progress line of the neighbours stage (a quarter of a list group done)."""
+
+    class Hook(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("neighbours "):
+                killer.fire()
+
+    logger = logging.getLogger("mfsim.progress")
+    hook, level = Hook(logging.INFO), logger.level
+    logger.addHandler(hook)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(hook)
+        logger.setLevel(level)
+
+
+def check_faulted_run(c: Cluster, killer: Killer, run_dir: Path, clean: Path, *, nanny: bool) -> None:
+    assert killer.done.wait(5), "the worker was never killed: the hook did not fire"
+    addr, pid = killer.victim
+    assert killer.busy, f"worker {addr} was killed while it had no {killer.task} task"
+    try:
+        assert psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, f"worker {pid} survived SIGKILL"
+    except psutil.NoSuchProcess:
+        pass
+    if nanny:  # the nanny started a new worker process in its place
+        c.client.wait_for_workers(2, timeout=30)
+    else:
+        assert len(c.client.scheduler_info()["workers"]) == 1
+    assert_same_outputs(clean, run_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# the tests
+
+
+@pytest.mark.parametrize("nanny", [True, False], ids=["nanny-restarts", "no-nanny"])
+def test_worker_killed_during_svd(sim_dir, clean_run, tmp_path, monkeypatch, nanny):
+    with cluster(tmp_path, nanny=nanny) as c:
+        killer = Killer(c, "on_worker")
+        with kill_in_svd(killer, monkeypatch) as calls:
+            run_dir = run_bounded(job_config(sim_dir, tmp_path / "runs", "svd-kill"), c.client)
+        assert calls["after_kill"] > 0, "the kill landed after the SVD, not inside it"
+        check_faulted_run(c, killer, run_dir, clean_run, nanny=nanny)
+
+
+@pytest.mark.parametrize("nanny", [True, False], ids=["nanny-restarts", "no-nanny"])
+def test_worker_killed_during_neighbours(sim_dir, clean_run, tmp_path, nanny):
+    with cluster(tmp_path, nanny=nanny) as c:
+        killer = Killer(c, "topn_task")
+        with kill_in_neighbours(killer):
+            run_dir = run_bounded(job_config(sim_dir, tmp_path / "runs", "neighbours-kill"), c.client)
+        check_faulted_run(c, killer, run_dir, clean_run, nanny=nanny)
