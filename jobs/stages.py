@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -26,13 +26,15 @@ from mfsim.pipeline.evaluate import ClusterScorer, cluster_cutoffs, holdout_sums
 from mfsim.pipeline.fit import Fit, fit_model
 from mfsim.pipeline.ingest import IngestResult, ingest
 from mfsim.pipeline.inputs import ItemTruth
-from mfsim.pipeline.neighbours import client_item_lists, group_inputs, plan_lists, query_ranges, run_topn, user_rows
+from mfsim.pipeline.neighbours import GemmGroup, GroupInputs, client_item_lists, group_inputs, plan_lists, \
+    query_ranges, run_topn, user_rows
 from mfsim.pipeline.registry import metrics_of
 from mfsim.pipeline.report import cluster_boundaries, heatmap_grid_png, histogram_png, item_order, render_report, \
     select_items, spectrum_png
 from mfsim.pipeline.runs import RunWriter
 
 log = logging.getLogger("mfsim.job")
+T = TypeVar("T")
 
 
 @dataclass
@@ -140,10 +142,8 @@ def neighbours_stage(ctx: StageContext) -> StageResult:
         inputs = group_inputs(client, g, A, B, user_parts, data.X, data.user_ids, data.item_ids, ctx.subset)
         results = run_topn(client, inputs.queries, inputs.candidates, capped(ncfg.top_n, inputs), tuple(g.outputs),
                            rows_per_task=ncfg.query_chunk, candidate_block=ncfg.candidate_block, scale=inputs.scale)
-        n_ranges = len(query_ranges(inputs.queries.sizes, inputs.queries.firsts, ncfg.query_chunk))
-        names = "+".join(label.metric for label in g.outputs.values())
-        for part_no, (r, lists) in enumerate(progress(results, n_ranges,
-                                                      f"neighbours {g.kind} {g.objective}/{g.scaling} {names}")):
+        for part_no, (r, lists) in enumerate(group_progress(results, g, inputs, ncfg.query_chunk,
+                                                            f"neighbours {g.kind}")):
             qids = inputs.query_ids(r)
             for kernel_metric, label in g.outputs.items():
                 top = lists[kernel_metric]
@@ -154,6 +154,15 @@ def neighbours_stage(ctx: StageContext) -> StageResult:
                     ctx.scorer.add((label.objective, label.scaling, label.metric), r.first_id, top.indices, top.counts)
     log.info("neighbours: %d lists written", len(written))
     return StageResult()
+
+
+def group_progress(results: Iterable[T], g: GemmGroup, inputs: GroupInputs, rows_per_task: int,
+                   stage: str) -> Iterator[T]:
+    """``results`` of ``run_topn`` for list group ``g``, one progress step per query range, labelled
+    ``<stage> <objective>/<scaling> <metric>+<metric>`` (``neighbours item_item eq1/symmetric dot+cosine``)."""
+    n_ranges = len(query_ranges(inputs.queries.sizes, inputs.queries.firsts, rows_per_task))
+    names = "+".join(label.metric for label in g.outputs.values())
+    return progress(results, n_ranges, f"{stage} {g.objective}/{g.scaling} {names}")
 
 
 def capped(n: int, inputs) -> int:
@@ -177,10 +186,11 @@ def evaluation_stage(ctx: StageContext) -> StageResult:
         A, B = fit.factors[(g.objective, g.scaling)]
         inputs = group_inputs(client, g, A, B, fit.users((g.objective, g.scaling)), train, data.user_ids,
                               data.item_ids)
-        results = [res for _, res in run_topn(
+        results = [res for _, res in group_progress(run_topn(
             client, inputs.queries, inputs.candidates, capped(max(cutoffs), inputs), tuple(g.outputs),
             rows_per_task=ncfg.query_chunk,
-            candidate_block=ncfg.candidate_block, then=partial(holdout_sums, cutoffs=cutoffs), then_parts=test.parts)]
+            candidate_block=ncfg.candidate_block, then=partial(holdout_sums, cutoffs=cutoffs), then_parts=test.parts),
+            g, inputs, ncfg.query_chunk, "evaluation")]
         for kernel_metric, label in g.outputs.items():
             sums = merge_sums([res[kernel_metric] for res in results]).finish()
             n_users = sum(res[kernel_metric].count for res in results)
@@ -241,18 +251,18 @@ def report_stage(ctx: StageContext) -> StageResult:
     items = select_items(order, cfg.report.heatmap_items, seed=0)
     boundaries = cluster_boundaries(labels[items]) if labels is not None else None
 
-    images: dict[str, bytes] = {}
-    captions: dict[str, str] = {}
+    # the figures as (name, drawing, caption), drawn below one progress step each
+    figures: list[tuple[str, Callable[[], bytes], str]] = []
     panels = [(f"{objective} / {scaling}", B[items]) for (objective, scaling), (_, B) in fit.factors.items()]
     if panels:
-        images["heatmaps"] = heatmap_grid_png(panels, boundaries)
-        captions["heatmaps"] = (f"Cosine similarity of the item embeddings B, {len(items)} items ({ordering}). "
-                                "Eq. 1's scalings are equally good solutions (same A B^T), yet their cosines differ; "
-                                "Eq. 2's solution is unique.")
+        figures.append(("heatmaps", partial(heatmap_grid_png, panels, boundaries),
+                        f"Cosine similarity of the item embeddings B, {len(items)} items ({ordering}). "
+                        "Eq. 1's scalings are equally good solutions (same A B^T), yet their cosines differ; "
+                        "Eq. 2's solution is unique."))
     lambdas = {name: section.lambda_ for name, section in (("eq1", cfg.objectives.eq1), ("eq2", cfg.objectives.eq2))
                if section is not None}
-    images["spectrum"] = spectrum_png(fit.sigma, lambdas)
-    captions["spectrum"] = "Singular values of X with the lambda thresholds, and the weights of each objective."
+    figures.append(("spectrum", partial(spectrum_png, fit.sigma, lambdas),
+                    "Singular values of X with the lambda thresholds, and the weights of each objective."))
 
     audit = ctx.results["audit"].detail if "audit" in ctx.results else None
     if audit is not None and audit.detail.num_rows:
@@ -261,10 +271,14 @@ def report_stage(ctx: StageContext) -> StageResult:
         for a, b, j in zip(d["scaling_a"], d["scaling_b"], d["jaccard"]):
             groups.setdefault(f"{a} vs {b}", []).append(j)
         if groups:
-            images["audit_jaccard"] = histogram_png({k: np.asarray(v) for k, v in groups.items()},
-                                                    "Item-item cosine lists: Jaccard@N between equally good solutions",
-                                                    "Jaccard@N per item")
-            captions["audit_jaccard"] = "1.0: the item's list is the same under both solutions."
+            figures.append(("audit_jaccard", partial(histogram_png, {k: np.asarray(v) for k, v in groups.items()},
+                                                     "Item-item cosine lists: Jaccard@N between equally good solutions",
+                                                     "Jaccard@N per item"),
+                            "1.0: the item's list is the same under both solutions."))
+    images: dict[str, bytes] = {}
+    captions: dict[str, str] = {}
+    for name, draw, caption in progress(figures, len(figures), "report figures"):
+        images[name], captions[name] = draw(), caption
 
     tables = {}
     for key, title in (("cluster_precision", "Cluster precision@N (the paper's Fig. 1 in numbers)"),

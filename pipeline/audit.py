@@ -36,6 +36,7 @@ import pyarrow as pa
 from mfsim.kernels.topn import TopN, topn_blocked
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.neighbours import projected
+from mfsim.pipeline.progress import Progress
 from mfsim.pipeline.registry import AUDIT_METRICS, INVARIANT_METRICS, LISTS
 
 ItemListsFn = Callable[..., TopN]  # (queries, candidates, n, metric, exclude_self=...) -> TopN
@@ -302,9 +303,13 @@ def _rescale(A: np.ndarray, B: np.ndarray, d: np.ndarray, names: tuple[str, str]
 _SCORE_LIMIT = 1e38
 
 
+#: The progress label of both audits: one step per list computed.
+PROGRESS_LABEL = "audit lists"
+
+
 def _lists(fn: ItemListsFn, queries: np.ndarray, candidates: np.ndarray, n: int, metric: str,
-           exclude_self: bool, what: str) -> TopN:
-    """Call the list function after checking that no score can overflow float32."""
+           exclude_self: bool, what: str, bar: Progress) -> TopN:
+    """Call the list function after checking that no score can overflow float32; one step of ``bar``."""
     norms = [float(np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64)).max(initial=0.0))
              for x in (queries, candidates)]
     if not norms[0] * norms[1] < _SCORE_LIMIT:
@@ -312,7 +317,9 @@ def _lists(fn: ItemListsFn, queries: np.ndarray, candidates: np.ndarray, n: int,
             f"scores of {what} would overflow float32 (largest row norms {norms[0]:.3g} and {norms[1]:.3g}). "
             "Scale the embeddings down (any common factor leaves every list unchanged) or lower audit.spread."
         )
-    return fn(queries, candidates, n, metric, exclude_self=exclude_self)
+    top = fn(queries, candidates, n, metric, exclude_self=exclude_self)
+    bar.step()
+    return top
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,6 +506,7 @@ def audit_item_lists(
     reused by all its pairs and draws. Lists are computed metric by metric, so at most s + 1 lists
     are held at once (``p x N x 8`` bytes each) besides the per-item Jaccards. Time: ``3 s (1 +
     draws)`` list computations of ``O(p^2 k)`` each (``topn_blocked``); never O(p^2) memory.
+    Each computed list is a step of the progress ``audit lists`` (``pipeline.progress``).
 
     How close to 1 the invariant lists come: in exact arithmetic their scores are the same for
     every solution. In float32 each entry of ``A D``, ``B D^-1`` is one rounding (2^-24 relative)
@@ -528,6 +536,7 @@ def audit_item_lists(
     label_random = f"random_sd={float(spread)}"
     collect = _Collector(top_n, int(least_stable))
     index = np.arange(p, dtype=np.int64)
+    bar = Progress(len(AUDIT_METRICS) * len(names) * (1 + diags.shape[0]), PROGRESS_LABEL)
 
     def lists(A: np.ndarray, B: np.ndarray, metric: str) -> TopN:
         spec = LISTS[("item_item", metric)]
@@ -536,22 +545,23 @@ def audit_item_lists(
             with np.errstate(over="ignore"):  # an overflow shows as an infinite norm in _lists
                 mats["A_proj"] = projected(A, B)  # rows with the cosines of the rows of A B^T
         return _lists(fn, mats[spec.queries], mats[spec.candidates], top_n, spec.kernel_metric, True,
-                      f"{metric} lists")
+                      f"{metric} lists", bar)
 
     def compare(x: TopN, y: TopN) -> np.ndarray:
         return jaccard_rows(x.indices, x.counts, y.indices, y.counts)
 
-    for metric in AUDIT_METRICS:
-        base = {s: lists(*factors[s], metric) for s in names}  # reused by every pair and draw
-        for a, b in combinations(names, 2):
-            collect.add("eq1", "item_item", metric, a, b, index, [compare(base[a], base[b])])
-        if diags.shape[0]:
-            for s in names:
-                A, B = factors[s]
-                js = [compare(base[s], lists(*_rescale(A, B, d, (f"A of {s!r}", f"B of {s!r}")), metric))
-                      for d in diags]
-                collect.add("eq1", "item_item", metric, s, label_random, index, js)
-        del base
+    with bar:
+        for metric in AUDIT_METRICS:
+            base = {s: lists(*factors[s], metric) for s in names}  # reused by every pair and draw
+            for a, b in combinations(names, 2):
+                collect.add("eq1", "item_item", metric, a, b, index, [compare(base[a], base[b])])
+            if diags.shape[0]:
+                for s in names:
+                    A, B = factors[s]
+                    js = [compare(base[s], lists(*_rescale(A, B, d, (f"A of {s!r}", f"B of {s!r}")), metric))
+                          for d in diags]
+                    collect.add("eq1", "item_item", metric, s, label_random, index, js)
+            del base
     stability, detail, least = collect.tables()
     summary = _eq1_summary(collect.rows, names, top_n, p, int(draws), float(spread), int(seed), deviation)
     return AuditResult(stability, detail, least, summary)
@@ -680,7 +690,8 @@ def audit_embedding_pair(
     -----
     Item-item lists exclude the item itself; user-item lists exclude nothing (the interactions
     are not known here). Lists: ``3 (1 + draws)`` computations, item-item ``O(p^2 k)``, user-item
-    ``O(m p k)`` for m sampled users; memory O((p + m) N) per list, never O(p^2).
+    ``O(m p k)`` for m sampled users; memory O((p + m) N) per list, never O(p^2). Each is a step
+    of the progress ``audit lists`` (``pipeline.progress``).
     """
     U = _check_embeddings(U, "user embeddings U")
     I = _check_embeddings(I, "item embeddings I")
@@ -705,25 +716,28 @@ def audit_embedding_pair(
     top_n = int(top_n)
     label_random = f"random_sd={float(spread)}"
 
+    bar = Progress(3 * (1 + diags.shape[0]), PROGRESS_LABEL)  # the 3 lists of ``lists`` per solution
+
     def lists(Ux: np.ndarray, Ix: np.ndarray) -> dict[tuple[str, str], TopN]:
         return {
-            ("item_item", "cosine"): _lists(fn, Ix, Ix, top_n, "cosine", True, "item-item lists"),
-            ("user_item", "cosine"): _lists(fn, Ux, Ix, top_n, "cosine", False, "user-item lists"),
-            ("user_item", "dot"): _lists(fn, Ux, Ix, top_n, "dot", False, "user-item lists"),  # invariant check
+            ("item_item", "cosine"): _lists(fn, Ix, Ix, top_n, "cosine", True, "item-item lists", bar),
+            ("user_item", "cosine"): _lists(fn, Ux, Ix, top_n, "cosine", False, "user-item lists", bar),
+            ("user_item", "dot"): _lists(fn, Ux, Ix, top_n, "dot", False, "user-item lists", bar),  # invariant check
         }
 
-    base = lists(Us, I)
-    js: dict[tuple[str, str], list[np.ndarray]] = {key: [] for key in base}
-    rng = np.random.default_rng([int(seed), _STREAM_CHECK])
-    check_u = np.sort(rng.choice(Us.shape[0], size=min(Us.shape[0], _CHECK_ROWS), replace=False))
-    check_i = np.sort(rng.choice(p, size=min(p, _CHECK_ROWS), replace=False))
-    max_abs = max_rel = 0.0
-    for d in diags:
-        UD, ID = _rescale(Us, I, d, ("U", "I"))
-        a, r = _score_change(Us, I, UD, ID, check_u, check_i)
-        max_abs, max_rel = max(max_abs, a), max(max_rel, r)
-        for key, other in lists(UD, ID).items():
-            js[key].append(jaccard_rows(base[key].indices, base[key].counts, other.indices, other.counts))
+    with bar:
+        base = lists(Us, I)
+        js: dict[tuple[str, str], list[np.ndarray]] = {key: [] for key in base}
+        rng = np.random.default_rng([int(seed), _STREAM_CHECK])
+        check_u = np.sort(rng.choice(Us.shape[0], size=min(Us.shape[0], _CHECK_ROWS), replace=False))
+        check_i = np.sort(rng.choice(p, size=min(p, _CHECK_ROWS), replace=False))
+        max_abs = max_rel = 0.0
+        for d in diags:
+            UD, ID = _rescale(Us, I, d, ("U", "I"))
+            a, r = _score_change(Us, I, UD, ID, check_u, check_i)
+            max_abs, max_rel = max(max_abs, a), max(max_rel, r)
+            for key, other in lists(UD, ID).items():
+                js[key].append(jaccard_rows(base[key].indices, base[key].counts, other.indices, other.counts))
     collect = _Collector(top_n, int(least_stable))
     for (kind, metric), values in js.items():
         index = np.arange(p, dtype=np.int64) if kind == "item_item" else uidx

@@ -10,7 +10,8 @@ only, and it speaks ``tls://`` with credentials made in memory for this run
 (``distributed.Security.temporary()``), so another process on the host, even one that knows the
 port, cannot connect to it and run code in the workers as the job's user. Both kinds of client run
 under ``JOB_DASK_CONFIG``: bounded waits, so that a lost worker gives an error or a rescheduled
-task in seconds instead of a run that hangs.
+task in seconds instead of a run that hangs. Its worker processes log in the driver's format and
+level (``pipeline.logs``: one JSON object per line under ``--log-format json``, theirs included).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from mfsim.pipeline import logs
 from mfsim.pipeline.config import ClusterSection, TlsSection
 from mfsim.pipeline.errors import MfsimError
 
@@ -121,8 +123,10 @@ def get_client(cfg: ClusterSection, scheduler: str | None = None) -> Iterator["d
     Embedded: ``cfg.n_workers`` processes (or threads when ``cfg.processes`` is false) with
     ``cfg.threads_per_worker`` threads each (the defaults, 2 x 1, fit a 2-core machine); scheduler,
     workers and dashboard on 127.0.0.1, ``tls://`` with temporary credentials only this client
-    holds. ``JOB_DASK_CONFIG`` is in force while the client is open. On exit, normal or by
-    exception, the client is closed and the embedded cluster with its worker processes shut down.
+    holds; its worker processes log in the format and level of ``pipeline.logs.setup_logging``
+    when the driver called it. ``JOB_DASK_CONFIG`` is in force while the client is open. On exit,
+    normal or by exception, the client is closed and the embedded cluster with its worker
+    processes shut down.
     """
     import dask
     import distributed  # noqa: F401  (before the set: its defaults must not be undone when the set ends)
@@ -168,7 +172,7 @@ def _embedded_client(cfg: ClusterSection) -> Iterator["distributed.Client"]:  # 
 
     dashboard = loopback_dashboard(cfg.dashboard_address)
     security = Security.temporary()  # a self-signed CA + key in memory, for this run only
-    env = worker_thread_env(cfg.threads_per_worker)
+    env = {**worker_thread_env(cfg.threads_per_worker), **logs.worker_log_env()}
     kwargs = dict(
         n_workers=cfg.n_workers,
         threads_per_worker=cfg.threads_per_worker,
@@ -181,6 +185,7 @@ def _embedded_client(cfg: ClusterSection) -> Iterator["distributed.Client"]:  # 
     )
     if cfg.processes:
         kwargs["env"] = env
+        kwargs["preload"] = [logs.__name__]  # each worker process logs in the driver's format (logs.dask_setup)
     # also before the worker processes spawn: numba and BLAS read their thread counts at import
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
         cluster = LocalCluster(**kwargs)

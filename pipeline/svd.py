@@ -43,6 +43,7 @@ from mfsim.kernels.sparse import csr_matmat, csr_t_matmat
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks, tree_reduce
 from mfsim.pipeline.config import SvdSection
 from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.progress import progress
 from mfsim.pipeline.shared import share
 
 #: Rows per chunk of the Gaussian test matrix Omega (n x l): chunk j is drawn from
@@ -410,6 +411,8 @@ def randomized_svd(
     time; on the client, a few p x l float64 matrices. BLAS is limited to one thread in this
     process: its dense steps are small, and idle BLAS threads spin after each call, taking the
     cores from the numba kernels that run next (measured 2-3x slower products on 2 cores).
+    The power iterations report their progress as ``svd power iterations`` (``pipeline.progress``:
+    live on a terminal, a log line at each quarter otherwise).
 
     References
     ----------
@@ -440,7 +443,7 @@ def _randomized_svd(run, blocks: RowBlocks, rank, oversample, power_iterations, 
     y, zsum = run.gram(None, None, l, seed)  # Y = X_eff^T Omega
     q = _orthonormalize(corrected(y, zsum))
     seconds["sketch"] = time.perf_counter() - t0
-    for _ in range(power_iterations):
+    for _ in progress(range(power_iterations), power_iterations, "svd power iterations"):
         q32 = q.astype(np.float32)
         cq = offset_row(q32)
         y, zsum = run.gram(q32, None if cq is None else cq.astype(np.float32), l, seed)  # X_eff^T (X_eff Q)
@@ -493,7 +496,8 @@ def sklearn_svd(
     A reference solver: it gathers X into one process (memory: the whole of X) and runs
     single-threaded sparse products. Same k, oversampling, power iterations and seed (sklearn
     draws its own test matrix, so results agree to the algorithm's accuracy, not bitwise).
-    A column offset is not supported (sklearn would need X densified).
+    A column offset is not supported (sklearn would need X densified), and no progress is shown
+    (the iterations run inside sklearn).
     """
     from sklearn.utils.extmath import randomized_svd as sk_randomized_svd
 

@@ -1,4 +1,5 @@
-"""Log lines: ISO 8601 UTC timestamps with milliseconds, JSON lines, the noisy loggers, the tee file."""
+"""Log lines: ISO 8601 UTC timestamps with milliseconds, JSON lines, the noisy loggers, the tee file,
+the embedded cluster's worker processes in the same format."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import datetime as dt
 import json
 import logging
 import re
+import subprocess
+import sys
 import time
 
 import pytest
 
-from mfsim.jobs import logs
 from mfsim.jobs.logs import JsonFormatter, TextFormatter, setup_logging, tee_to_file, utc_timestamp
+from mfsim.pipeline import logs  # where the handler state lives (jobs.logs re-exports it)
 
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 # 2026-12-01 22:15:03.123456 UTC; .123456 -> .123 (truncated)
@@ -28,7 +31,9 @@ def restore_logging(monkeypatch):
     names = [None, *logs._DISTRIBUTED_HANDLED, *logs.NOISY_LOGGERS]
     saved = {n: (lg.level, list(lg.handlers), lg.propagate) for n in names for lg in [logging.getLogger(n)]}
     monkeypatch.setattr(logs, "_handler", None)
+    monkeypatch.setattr(logs, "_settings", {})
     yield
+    logging.captureWarnings(False)  # so that the next setup_logging captures them again
     for name, (level, handlers, propagate) in saved.items():
         lg = logging.getLogger(name)
         lg.setLevel(level)
@@ -164,10 +169,6 @@ def test_tee_without_setup_takes_the_format_it_is_given(tmp_path):
 
 def test_a_copy_that_cannot_be_written_detaches_with_one_warning(tmp_path, capsys):
     """A full disk under ``_log.txt``: one warning, no ``--- Logging error ---`` traceback per later line."""
-    import logging
-
-    from mfsim.jobs import logs
-
     logs.setup_logging("INFO", "text")
     log = logging.getLogger("mfsim.test")
     with logs.tee_to_file(tmp_path / "copy.txt") as path:
@@ -178,3 +179,53 @@ def test_a_copy_that_cannot_be_written_detaches_with_one_warning(tmp_path, capsy
     err = capsys.readouterr().err
     assert "Logging error" not in err and err.count("could not copy the log to") == 1
     assert "line 2" in err  # the lines still reach stderr
+
+
+def test_worker_env_carries_the_chosen_level_and_format():
+    assert logs.worker_log_env() == {}  # setup_logging not called: the workers keep Dask's logging
+    setup_logging("debug", "json")
+    assert logs.worker_log_env() == {"MFSIM_LOG_LEVEL": "DEBUG", "MFSIM_LOG_FORMAT": "json"}
+    assert logs.setup_logging_from_env({}) is False
+
+
+# A fresh driver that selects JSON lines and starts the embedded cluster (one worker process, which
+# inherits the driver's stderr); a task logs on the worker through a distributed.* logger (which
+# carries distributed's own handler there), an mfsim.* one (no handler of its own), below the level,
+# and a Python warning (printed by the warnings module unless captured), as the driver does too.
+WORKER_LOGS = """
+import logging, os, warnings
+from mfsim.jobs.logs import setup_logging
+from mfsim.pipeline.cluster import get_client
+from mfsim.pipeline.config import ClusterSection
+
+def on_worker():
+    logging.getLogger("distributed.worker.test").warning("lost a peer (pid %d)", os.getpid())
+    logging.getLogger("mfsim.test_worker").info("stage part done")
+    logging.getLogger("mfsim.test_worker").debug("not shown")
+    warnings.warn("worker warning")
+    return os.getpid()
+
+setup_logging("INFO", "json")
+warnings.warn("driver warning")
+with get_client(ClusterSection(n_workers=1, memory_limit="1GiB")) as client:
+    assert client.submit(on_worker, pure=False).result(timeout=30) != os.getpid()
+"""
+
+
+def test_embedded_workers_log_json_lines_too():
+    out = subprocess.run([sys.executable, "-c", WORKER_LOGS], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stderr.splitlines()
+    for line in lines:
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            pytest.fail(f"not a JSON line on the driver's stderr: {line!r}")
+        assert {"time", "level", "logger", "message"} <= set(obj) and re.fullmatch(STAMP, obj["time"]), line
+    seen = [(o["level"], o["logger"], o["message"].split(" (")[0]) for o in map(json.loads, lines)]
+    assert ("WARNING", "distributed.worker.test", "lost a peer") in seen
+    assert ("INFO", "mfsim.test_worker", "stage part done") in seen
+    assert not any(logger == "mfsim.test_worker" and level == "DEBUG" for level, logger, _ in seen)
+    warned = [o["message"] for o in map(json.loads, lines) if o["logger"] == "py.warnings"]
+    assert sum("UserWarning: driver warning" in m for m in warned) == 1
+    assert sum("UserWarning: worker warning" in m for m in warned) == 1

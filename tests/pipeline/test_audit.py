@@ -8,7 +8,10 @@ at the N-th boundary, bounded below) and below 1 for the cosine lists.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import sys
 from itertools import combinations
 from math import comb
 
@@ -486,3 +489,32 @@ def test_audit_command_rejects_bad_files(tmp_path, pair):
     strings = tmp_path / "strings.parquet"
     pq.write_table(pa.table({"item_id": [1], "embedding": ["x"]}), strings)
     fails(users, strings, "strings.parquet")
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
+
+
+def test_both_audits_report_one_progress_step_per_list(eq1, pair, caplog, monkeypatch):
+    """``audit lists``: ``3 s (1 + draws)`` steps for the Eq. 1 audit, ``3 (1 + draws)`` for a pair, every one done."""
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, whatever runs the tests
+    calls = []
+
+    def counting(queries, candidates, n, metric, exclude_self=True):
+        calls.append(metric)
+        return default_item_lists(queries, candidates, n, metric, exclude_self=exclude_self)
+
+    small = {n: (a[:40], b[:40]) for n, (a, b) in list(eq1["factors"].items())[:2]}
+    U, I = pair
+    last = []
+    with caplog.at_level(logging.INFO, logger="mfsim.progress"):
+        for audit_fn in (lambda: audit_item_lists(small, top_n=5, draws=2, spread=1.0, seed=0, item_lists_fn=counting),
+                         lambda: audit_embedding_pair(U[:50], I[:40], top_n=5, draws=2, spread=1.0, seed=0,
+                                                      item_lists_fn=counting)):
+            calls.clear()
+            caplog.clear()
+            audit_fn()
+            counts = [r.getMessage().split(": ")[1].split()[0] for r in caplog.records
+                      if r.getMessage().startswith("audit lists: ")]
+            last.append((counts[-1], len(calls)))
+    assert last == [(f"{3 * 2 * 3}/{3 * 2 * 3}", 3 * 2 * 3), ("9/9", 9)]

@@ -16,14 +16,19 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import dask
+import numpy as np
 import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from mfsim.pipeline.cluster import JOB_DASK_CONFIG, get_client, loopback_dashboard
-from mfsim.pipeline.config import ClusterSection, TlsSection
+from mfsim.pipeline.config import ClusterSection, TlsSection, load_config
 from mfsim.pipeline.errors import MfsimError
 
 DASK = [sys.executable, "-m", "dask"]
@@ -199,13 +204,16 @@ def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 30) -> di
     raise TimeoutError(f"no scheduler file {path} after {timeout} s")
 
 
-def test_remote_scheduler_over_tls(tmp_path):
-    tls = make_tls_files(tmp_path)
+@contextmanager
+def tls_cluster(directory: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """A real ``dask scheduler`` and one ``dask worker`` (1 process, 1 thread) on 127.0.0.1 over TLS,
+    with a CA and certificate made in ``directory``; yields (scheduler address, TLS files). Ended by pid."""
+    tls = make_tls_files(directory)
     flags = ["--tls-ca-file", tls["ca_file"], "--tls-cert", tls["cert_file"], "--tls-key", tls["key_file"]]
-    scheduler_file = tmp_path / "scheduler.json"
+    scheduler_file = directory / "scheduler.json"
     procs: list[subprocess.Popen] = []
     worker_pids: list[int] = []
-    log = open(tmp_path / "dask.log", "w")
+    log = open(directory / "dask.log", "w")
     try:
         procs.append(subprocess.Popen(
             DASK + ["scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
@@ -218,7 +226,7 @@ def test_remote_scheduler_over_tls(tmp_path):
         with get_client(cluster_cfg(address, tls)) as client:
             client.wait_for_workers(1, timeout=30)
             worker_pids = list(client.run(os.getpid).values())
-            assert client.submit(operator.add, 20, 22).result(timeout=30) == 42
+        yield address, tls
     finally:
         for proc in reversed(procs):
             end_process(proc)
@@ -226,6 +234,35 @@ def test_remote_scheduler_over_tls(tmp_path):
             if not gone(pid):
                 psutil.Process(pid).kill()
         log.close()
+
+
+def test_remote_scheduler_over_tls(tmp_path):
+    with tls_cluster(tmp_path) as (address, tls):
+        with get_client(cluster_cfg(address, tls)) as client:
+            assert client.submit(operator.add, 20, 22).result(timeout=30) == 42
+
+
+def test_a_job_through_a_tls_cluster(tmp_path):
+    """``run_job`` with ``cluster.address`` and ``cluster.tls``: ingest, SVD, factors and lists on the TLS worker."""
+    from mfsim.jobs.main_job import run_job
+
+    rng = np.random.default_rng(3)
+    pairs = rng.choice(60 * 40, size=900, replace=False)  # 60 users x 40 items, each pair once
+    log = tmp_path / "log.parquet"
+    pq.write_table(pa.table({"user_id": pairs // 40, "item_id": pairs % 40, "weight": np.ones(900, np.float32)}), log)
+    with tls_cluster(tmp_path) as (address, tls):
+        cfg = load_config(None, [
+            f"input.path={log}", f"run.output={tmp_path / 'runs'}", "run.run_id=over-tls",
+            f"cluster.address={address}", *(f"cluster.tls.{key}={path}" for key, path in tls.items()),
+            # a small, fast run (test_ops.QUICK): rank 4, short lists, no held-out fit, no audit, no report
+            "svd.rank=4", "neighbours.top_n=5", "evaluation.holdout=none", "audit.enabled=false",
+            "report.enabled=false",
+        ])
+        run_dir, manifest = run_job(cfg, scheduler=None)
+    assert run_dir == tmp_path / "runs" / "over-tls"
+    assert (tmp_path / "runs" / "LATEST").read_text().strip() == "over-tls"
+    assert manifest["nnz"] == 900 and manifest["n_users"] == len(np.unique(pairs // 40))
+    assert (run_dir / "neighbours").is_dir() and (run_dir / "_log.txt").is_file()
 
 
 def test_missing_tls_file_names_the_key_and_the_file(tmp_path):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import logging
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -301,3 +305,13 @@ def test_user_errors():
         randomized_svd(blocks, 2, col_offset=np.zeros(5))
     with pytest.raises(MfsimError, match="compute_u=True"):
         randomized_svd(blocks, 2).gather_u()
+
+
+def test_power_iterations_report_progress(caplog, monkeypatch):
+    """One ``svd power iterations`` step per iteration: a log line at each quarter off a terminal."""
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, whatever runs the tests
+    x = sp.random(60, 30, density=0.2, random_state=np.random.default_rng(2), format="csr", dtype=np.float32)
+    with caplog.at_level(logging.INFO, logger="mfsim.progress"):
+        randomized_svd(RowBlocks.from_scipy(x, 16), 3, oversample=2, power_iterations=8)
+    assert [r.getMessage().split(" (")[0] for r in caplog.records if r.name == "mfsim.progress"] == [
+        f"svd power iterations: {d}/8" for d in (2, 4, 6, 8)]
