@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
+import pyarrow.types as pa_types
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -34,3 +37,34 @@ def dense_reference(users, items, weights):
     for u, i, w in zip(users, items, weights):
         X[upos[u], ipos[i]] += float(w)
     return X, uid, iid
+
+
+def end_process(proc: subprocess.Popen) -> None:
+    """Terminate ``proc`` by pid, wait up to 10 s, then kill it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def assert_same_run_tables(a_dir: Path, b_dir: Path) -> list[Path]:
+    """Every Parquet file of two runs: the same files, schemas and rows; ids, ranks and counts exactly,
+    floats within rtol 1e-5 (float32 lists from SVDs that agree to ~1e-15 but are summed in another
+    grouping). Returns the files compared."""
+    files = sorted(p.relative_to(a_dir) for p in a_dir.rglob("*.parquet"))
+    assert files == sorted(p.relative_to(b_dir) for p in b_dir.rglob("*.parquet"))
+    for rel in files:
+        a, b = pq.read_table(a_dir / rel), pq.read_table(b_dir / rel)
+        assert a.schema == b.schema and a.num_rows == b.num_rows, rel
+        for name in a.column_names:
+            x, y = a[name].combine_chunks(), b[name].combine_chunks()
+            if pa_types.is_floating(x.type) or name == "embedding":
+                x = np.asarray(x.flatten() if name == "embedding" else x, dtype=np.float64)
+                y = np.asarray(y.flatten() if name == "embedding" else y, dtype=np.float64)
+                np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=f"{rel}:{name}")
+            else:
+                assert x.equals(y), f"{rel}:{name}"
+    return files

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.types as pa_types
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -13,6 +12,7 @@ import scipy.sparse as sp
 from mfsim.jobs.main_job import run_job
 from mfsim.pipeline.config import load_config
 from mfsim.pipeline.simulate import simulate, write_simulation
+from tests_support import assert_same_run_tables
 
 TOP_N = 7
 RANK = 5  # = the simulator's cluster count: a clear gap after the top 5 singular values
@@ -51,20 +51,8 @@ def test_one_worker_gives_the_same_run(small_run, client1):
     """
     run_dir, _, sim_dir = small_run
     one_dir, _ = run_job(_small_config(sim_dir.parent, client1, "one-worker"))
-    files = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*.parquet"))
-    assert files == sorted(p.relative_to(one_dir) for p in one_dir.rglob("*.parquet"))
+    files = assert_same_run_tables(run_dir, one_dir)
     assert len(files) > 40
-    for rel in files:
-        a, b = pq.read_table(run_dir / rel), pq.read_table(one_dir / rel)
-        assert a.schema == b.schema and a.num_rows == b.num_rows, rel
-        for name in a.column_names:
-            x, y = a[name].combine_chunks(), b[name].combine_chunks()
-            if pa_types.is_floating(x.type) or name == "embedding":
-                x = np.asarray(x.flatten() if name == "embedding" else x, dtype=np.float64)
-                y = np.asarray(y.flatten() if name == "embedding" else y, dtype=np.float64)
-                np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=f"{rel}:{name}")
-            else:
-                assert x.equals(y), f"{rel}:{name}"
 
 
 def _factor(run_dir, objective, scaling, side):

@@ -30,6 +30,7 @@ import pytest
 from mfsim.pipeline.cluster import JOB_DASK_CONFIG, get_client, loopback_dashboard
 from mfsim.pipeline.config import ClusterSection, TlsSection, load_config
 from mfsim.pipeline.errors import MfsimError
+from tests_support import end_process
 
 DASK = [sys.executable, "-m", "dask"]
 
@@ -50,17 +51,6 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
-
-
-def end_process(proc: subprocess.Popen) -> None:
-    """Terminate ``proc`` by pid, wait up to 10 s, then kill it."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 @pytest.fixture(scope="module")

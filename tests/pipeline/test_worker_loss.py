@@ -22,16 +22,14 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import psutil
-import pyarrow.parquet as pq
-import pyarrow.types as pa_types
 import pytest
 
 import mfsim.pipeline.svd as svd_module
 from mfsim.jobs.main_job import run_job
 from mfsim.pipeline.config import load_config
 from mfsim.pipeline.simulate import simulate, write_simulation
+from tests_support import assert_same_run_tables, end_process
 
 DASK = Path(sys.executable).parent / "dask"
 RUN_TIMEOUT_S = 120  # a clean run takes a few seconds here; a run still going after 2 minutes hangs
@@ -41,17 +39,6 @@ KILL_AT_ITERATION = 4  # of the main fit's POWER_ITERATIONS: the SVD goes on for
 
 # ---------------------------------------------------------------------------------------------
 # the cluster: real processes, ended by pid
-
-
-def end_process(proc: subprocess.Popen) -> None:
-    """Terminate ``proc`` by pid, wait up to 10 s, then kill it."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 class Cluster:
@@ -169,24 +156,6 @@ def run_bounded(cfg, client) -> Path:
     return out["run_dir"]
 
 
-def assert_same_outputs(clean: Path, faulted: Path) -> None:
-    """Every Parquet file of both runs: the same files and rows; ids, ranks, counts exact, floats to 1e-5."""
-    files = sorted(p.relative_to(clean) for p in clean.rglob("*.parquet"))
-    assert files == sorted(p.relative_to(faulted) for p in faulted.rglob("*.parquet"))
-    assert sum(1 for f in files if f.parts[0] == "neighbours") >= 8
-    for rel in files:
-        a, b = pq.read_table(clean / rel), pq.read_table(faulted / rel)
-        assert a.schema == b.schema and a.num_rows == b.num_rows, rel
-        for name in a.column_names:
-            x, y = a[name].combine_chunks(), b[name].combine_chunks()
-            if pa_types.is_floating(x.type) or name == "embedding":
-                x = np.asarray(x.flatten() if name == "embedding" else x, dtype=np.float64)
-                y = np.asarray(y.flatten() if name == "embedding" else y, dtype=np.float64)
-                np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=f"{rel}:{name}")
-            else:
-                assert x.equals(y), f"{rel}:{name}"
-
-
 @pytest.fixture(scope="module")
 def clean_run(sim_dir, tmp_path_factory) -> Path:
     """The reference: the same config on the same kind of cluster (2 workers under nannies), no kill."""
@@ -287,7 +256,8 @@ def check_faulted_run(c: Cluster, killer: Killer, run_dir: Path, clean: Path, *,
         c.client.wait_for_workers(2, timeout=30)
     else:
         assert len(c.client.scheduler_info()["workers"]) == 1
-    assert_same_outputs(clean, run_dir)
+    files = assert_same_run_tables(clean, run_dir)
+    assert sum(1 for f in files if f.parts[0] == "neighbours") >= 8
 
 
 # ---------------------------------------------------------------------------------------------
