@@ -25,8 +25,6 @@ from mfsim.pipeline.config import Config, validate_config
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.runs import STATE_DIR
 
-log = logging.getLogger("mfsim.submit")
-
 LOG_DIR = f"{STATE_DIR}/logs"
 
 
