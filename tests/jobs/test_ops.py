@@ -53,6 +53,34 @@ def visible(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
 
 
+def submit_then_kill_the_submitter(out: Path, *args: str) -> str:
+    """``mfsim submit --wait`` SIGKILLed once its run has started ingest; the run's id."""
+    proc = subprocess.Popen([MFSIM, "submit", *args, "--output", str(out), "--wait"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        run_id = proc.stdout.readline().strip()
+        for line in proc.stderr:
+            if "stage ingest: start" in line:
+                break
+        assert not (out / run_id).exists(), "the run finished before its submitter was killed"
+        proc.kill()
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return run_id
+
+
+def wait_for_status(out: Path, run_id: str, polls: int = 240) -> subprocess.CompletedProcess:
+    """``mfsim status`` once the run is no longer running (exit 3)."""
+    for _ in range(polls):
+        st = mfsim("status", run_id, "--output", str(out))
+        if st.returncode != 3:
+            return st
+        time.sleep(0.5)
+    return st
+
+
 def test_version():
     import mfsim as pkg
 
@@ -160,13 +188,15 @@ def test_submit_returns_at_once_and_wait_gives_the_run_status(tmp_path, daily_lo
     assert r.returncode == 0, r.stderr
     run_id = r.stdout.strip()
     assert time.perf_counter() - t0 < 15 and not (out / run_id).exists()  # returned before the run finished
-    for _ in range(240):
-        st = mfsim("status", run_id, "--output", str(out))
-        if st.returncode != 3:
-            break
-        time.sleep(0.5)
+    st = wait_for_status(out, run_id)
     assert st.returncode == 0, st.stdout + st.stderr
     assert (out / run_id / "_manifest.json").is_file()
+
+    # the run goes on when its submitter (here one that was --wait-ing) is killed
+    run_id = submit_then_kill_the_submitter(out, "conf/default.yaml", "--input", str(log), *QUICK)
+    st = wait_for_status(out, run_id)
+    assert st.returncode == 0, st.stdout + st.stderr
+    assert json.loads((out / run_id / "_manifest.json").read_text())["nnz"] == 900
 
     # --wait streams the log and exits with the run's status: a user id that is not in the log fails (2)
     r = mfsim("submit", "conf/default.yaml", "--input", str(log), "--output", str(out), *QUICK,
@@ -205,6 +235,13 @@ def test_submit_to_an_external_cluster_runs_the_driver_there(tmp_path, daily_log
         children = subprocess.run(["ps", "-o", "pid=", "--ppid", ",".join(map(str, worker_pids))],
                                   capture_output=True, text=True).stdout.split()
         assert state["state"] == "succeeded" and state["pid"] in worker_pids | {int(c) for c in children}
+        assert json.loads((out / run_id / "_manifest.json").read_text())["nnz"] == 900
+
+        # the driver task goes on when the submitting process is killed
+        run_id = submit_then_kill_the_submitter(out, "conf/default.yaml", "--input", str(log), *QUICK,
+                                                "--scheduler", f"tcp://127.0.0.1:{port}")
+        st = wait_for_status(out, run_id)
+        assert st.returncode == 0, st.stdout + st.stderr
         assert json.loads((out / run_id / "_manifest.json").read_text())["nnz"] == 900
     finally:
         for p in reversed(procs):

@@ -1,4 +1,4 @@
-"""A Dask worker SIGKILLed during the SVD or the neighbours stage: the job finishes with a clean run's outputs.
+"""A Dask worker SIGKILLed during the SVD, the neighbours, the evaluation or the audit stage: the job finishes with a clean run's outputs.
 
 Real processes only: a ``dask scheduler`` and two ``dask worker`` subprocesses on 127.0.0.1, the
 job run in this process through ``run_job(cfg, client=...)``. The victim is the worker process
@@ -225,12 +225,13 @@ def kill_in_svd(killer: Killer, monkeypatch):
 
 
 @contextmanager
-def kill_in_neighbours(killer: Killer):
-    """Fire ``killer`` at the first progress line of the neighbours stage (a quarter of a list group done)."""
+def kill_at_progress(killer: Killer, label: str):
+    """Fire ``killer`` at the first progress line whose label starts with ``label`` (``neighbours ``,
+    ``evaluation ``, ``audit lists``): a quarter of that stage's first list group done."""
 
     class Hook(logging.Handler):
         def emit(self, record):
-            if record.getMessage().startswith("neighbours "):
+            if record.getMessage().startswith(label):
                 killer.fire()
 
     logger = logging.getLogger("mfsim.progress")
@@ -278,6 +279,16 @@ def test_worker_killed_during_svd(sim_dir, clean_run, tmp_path, monkeypatch, nan
 def test_worker_killed_during_neighbours(sim_dir, clean_run, tmp_path, nanny):
     with cluster(tmp_path, nanny=nanny) as c:
         killer = Killer(c, "topn_task")
-        with kill_in_neighbours(killer):
+        with kill_at_progress(killer, "neighbours "):
             run_dir = run_bounded(job_config(sim_dir, tmp_path / "runs", "neighbours-kill"), c.client)
         check_faulted_run(c, killer, run_dir, clean_run, nanny=nanny)
+
+
+@pytest.mark.parametrize("label", ["evaluation ", "audit lists"], ids=["evaluation", "audit"])
+def test_worker_killed_during_evaluation_or_audit(sim_dir, clean_run, tmp_path, label):
+    """The later stages' top-N tasks (ranking sums computed in the task, the audit's lists) survive a loss too."""
+    with cluster(tmp_path, nanny=True) as c:
+        killer = Killer(c, "topn_task")
+        with kill_at_progress(killer, label):
+            run_dir = run_bounded(job_config(sim_dir, tmp_path / "runs", label.split()[0] + "-kill"), c.client)
+        check_faulted_run(c, killer, run_dir, clean_run, nanny=True)
