@@ -1,8 +1,8 @@
 """``mfsim audit``: the cosine audit of any (user, item) embedding pair stored as Parquet.
 
-Reads two files with an id column (the first column that is not ``embedding``) and an
-``embedding`` column (``fixed_size_list<float32>[k]`` or ``list<float>``), as the pipeline writes
-them at ``factors/objective=.../scaling=.../users.parquet`` and ``items.parquet``
+Reads two files (or directories of Parquet parts) with an id column (the first column that is not
+``embedding``) and an ``embedding`` column (``fixed_size_list<float32>[k]`` or ``list<float>``), as
+the pipeline writes them at ``user_embeddings/objective=.../scaling=...`` and ``item_embeddings/...``
 (``pipeline.inputs.read_embeddings``), and runs ``pipeline.audit.audit_embedding_pair``. Only the
 sampled users are kept in memory (the users file is streamed in record batches); the items are
 read whole, since item-item lists need all of them.
@@ -33,7 +33,7 @@ def format_result(result: AuditResult, item_ids: pa.Array | None = None, show_it
     least = [r for r in result.least_stable.to_pylist() if r["kind"] == "item_item"][:show_items]
     if least and item_ids is not None:
         lines.append("least stable items (cosine): " + ", ".join(
-            f"{item_ids[r['index']].as_py()} ({r['jaccard']:.2f})" for r in least))
+            f"{item_ids[r['index']].as_py()} ({r['jaccard']:.2f})" for r in least))  # index: row of item_ids
     lines.append(s["verdict"])
     return "\n".join(lines)
 

@@ -127,8 +127,8 @@ def run_summary(run_dir: Path, manifest: dict) -> str:
     if "audit" in manifest:
         lines += ["", f"Cosine audit: {manifest['audit'].get('verdict', '')}"]
     lines += ["", f"run directory: {run_dir}"]
-    if (run_dir / outputs.REPORT_INDEX).is_file():
-        lines.append(f"report: {run_dir / outputs.REPORT_INDEX}")
+    if (run_dir / outputs.REPORT).is_file():
+        lines.append(f"report: {run_dir / outputs.REPORT}")
     c = manifest["counts"]
     lines.append(f"users {c['n_users']}  items {c['n_items']}  non-zeros {c['nnz']}  "
                  f"stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in manifest["timings"].items()))
@@ -375,12 +375,14 @@ def bench_neighbours(
         write_json(json_out, out)
 
 
-@app.command(epilog="Example: mfsim audit --users runs/LATEST_ID/factors/objective=eq1/scaling=symmetric/users.parquet "
-                    "--items runs/LATEST_ID/factors/objective=eq1/scaling=symmetric/items.parquet --draws 5")
+@app.command(epilog="Example: mfsim audit --users runs/<run_id>/user_embeddings/objective=eq1/scaling=symmetric "
+                    "--items runs/<run_id>/item_embeddings/objective=eq1/scaling=symmetric --draws 5")
 @user_errors
 def audit(
-    users: Path = typer.Option(..., "--users", help="Parquet: an id column and 'embedding' (list<float>)."),
-    items: Path = typer.Option(..., "--items", help="Parquet: an id column and 'embedding' (list<float>)."),
+    users: Path = typer.Option(..., "--users", help="Parquet file or directory of parts: an id column and "
+                               "'embedding' (list<float>)."),
+    items: Path = typer.Option(..., "--items", help="Parquet file or directory of parts: an id column and "
+                               "'embedding' (list<float>)."),
     top_n: int = typer.Option(100, "--top-n", help="N of Jaccard@N."),
     draws: int = typer.Option(5, "--draws", help="Random diagonal rescalings D."),
     spread: float = typer.Option(1.0, "--spread", help="Standard deviation of log D."),

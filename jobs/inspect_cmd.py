@@ -16,9 +16,9 @@ from mfsim.pipeline.runs import read_manifest
 def show_item_lists(run_dir: Path, item: str, metrics: list[str], top: int = 10) -> str:
     """A text table: one column per (objective, scaling, metric) item-item list of ``item``."""
     read_manifest(run_dir)  # a published run, or a clear error
-    root = Path(run_dir) / outputs.NEIGHBOURS_DIR / "kind=item_item"
+    root = Path(run_dir) / outputs.LIST_DATASETS["item_item"]
     if not root.is_dir():
-        raise MfsimError(f"{run_dir} has no item-item lists (neighbours/kind=item_item); "
+        raise MfsimError(f"{run_dir} has no item-item lists ({outputs.LIST_DATASETS['item_item']}/); "
                          "run with neighbours.item_item set")
     dataset = ds.dataset(root, format="parquet", partitioning="hive")
     id_type = dataset.schema.field("item_id").type

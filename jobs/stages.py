@@ -31,10 +31,13 @@ from mfsim.pipeline.neighbours import GemmGroup, GroupInputs, client_item_lists,
 from mfsim.pipeline.registry import metrics_of
 from mfsim.pipeline.report import cluster_boundaries, heatmap_grid_png, histogram_png, item_order, render_report, \
     select_items, spectrum_png
+from mfsim.pipeline.parts import ListOutput, ListSink, row_ranges, write_embeddings, write_lists
 from mfsim.pipeline.runs import RunWriter
+from mfsim.pipeline.shared import share, share_f32
 
 log = logging.getLogger("mfsim.job")
 T = TypeVar("T")
+ITEM_PART_ROWS = 1 << 18  # rows of B per item-embeddings part (64 MiB at k = 64)
 
 
 @dataclass
@@ -85,8 +88,8 @@ def ingest_stage(ctx: StageContext) -> StageResult:
     """
     cfg = ctx.cfg
     data = ctx.data = ingest(ctx.client, cfg.input, cfg.ingest, keep_ts=cfg.evaluation.holdout == "temporal")
-    ctx.run.write_table(outputs.USERS_IDS, outputs.id_table(data.user_ids, cfg.input.user_col, data.user_counts))
-    ctx.run.write_table(outputs.ITEMS_IDS, outputs.id_table(data.item_ids, cfg.input.item_col, data.item_counts))
+    ctx.run.write_table(outputs.USERS_IDS, outputs.id_table(data.user_ids, outputs.USER_ID, data.user_counts))
+    ctx.run.write_table(outputs.ITEMS_IDS, outputs.id_table(data.item_ids, outputs.ITEM_ID, data.item_counts))
     c = data.counts
     log.info("ingest: %d users x %d items, %d non-zeros", c["n_users"], c["n_items"], c["nnz"])
     ctx.run.set_counts({k: c[k] for k in ("n_users", "n_items", "nnz")})
@@ -112,46 +115,68 @@ def fit_stage(ctx: StageContext) -> StageResult:
 
 
 def factors_stage(ctx: StageContext) -> StageResult:
-    """``factors/objective=<o>/scaling=<s>/items.parquet`` (B) and ``users.parquet`` (P = X A, block by block)."""
-    cfg, data, fit = ctx.cfg, ctx.data, ctx.fit
-    for (objective, scaling), (A, B) in fit.factors.items():
-        ctx.run.write_table(outputs.factors_file(objective, scaling, "items"),
-                            outputs.embedding_table(data.item_ids, cfg.input.item_col, B))
-        offsets = fit.X.row_offsets
-
-        def user_tables(parts=fit.users((objective, scaling))):
-            for b, fut in enumerate(parts):  # one block in this process at a time
-                ids = data.user_ids.slice(int(offsets[b]), int(offsets[b + 1] - offsets[b]))
-                yield outputs.embedding_table(ids, cfg.input.user_col, ctx.client.gather(fut))
-
-        ctx.run.write_table_parts(outputs.factors_file(objective, scaling, "users"), user_tables())
+    """``item_embeddings/objective=<o>/scaling=<s>/part-*.parquet`` (B) and ``user_embeddings/...`` (P = X A),
+    each part written by the worker that holds it (P's row blocks; B shared once, ``ITEM_PART_ROWS`` rows a part)."""
+    cfg, data, fit, client, loc = ctx.cfg, ctx.data, ctx.fit, ctx.client, ctx.run.location
+    offsets = fit.X.row_offsets
+    item_ids = share(client, data.item_ids, "item-ids")
+    pending = []
+    for (objective, scaling), (_, B) in fit.factors.items():
+        items_dir = outputs.embeddings_dir("items", objective, scaling)
+        B_shared = share_f32(client, B, "item-embeddings")
+        for part_no, (start, stop) in enumerate(row_ranges(len(B), ITEM_PART_ROWS)):
+            pending.append(client.submit(write_embeddings, loc, outputs.part_file(items_dir, part_no), outputs.ITEM_ID,
+                                         item_ids, B_shared, start, stop, pure=False))
+        users_dir = outputs.embeddings_dir("users", objective, scaling)
+        for b, fut in enumerate(fit.users((objective, scaling))):
+            ids = data.user_ids.slice(int(offsets[b]), int(offsets[b + 1] - offsets[b]))
+            pending.append(client.submit(write_embeddings, loc, outputs.part_file(users_dir, b), outputs.USER_ID,
+                                         ids, fut, pure=False))
+    for w in progress(_as_completed_in_order(pending), len(pending), "factors parts"):
+        ctx.run.written(w)
     return StageResult()
 
 
-def neighbours_stage(ctx: StageContext) -> StageResult:
-    """Every configured top-N list as ``neighbours/kind=/objective=/scaling=/metric=/part-*.parquet``.
+def _as_completed_in_order(futures: list) -> Iterator[Any]:
+    """Each future's result in submission order, released once taken."""
+    for fut in futures:
+        result = fut.result()
+        fut.release()
+        yield result
 
-    Item-item lists are also handed to the cluster scorer as they are written, so none is kept.
+
+def neighbours_stage(ctx: StageContext) -> StageResult:
+    """Every configured top-N list as ``similar_items/``, ``recommendations/`` and ``similar_users/`` datasets,
+    ``objective=/scaling=/metric=/part-*.parquet``, each part written by the task that computed it.
+
+    The tasks of item-item lists also compute their cluster-precision sums, so no list comes back.
     """
     cfg, data, fit, client = ctx.cfg, ctx.data, ctx.fit, ctx.client
     ncfg = cfg.neighbours
     written: set[str] = set()
+    cluster = None
+    if ctx.scorer is not None:
+        cluster = (share(client, ctx.scorer.labels, "cluster-labels"), list(ctx.scorer.cutoffs))
     for g in plan_lists(list(fit.factors), ncfg.item_item, ncfg.user_item, ncfg.user_user):
         A, B = fit.factors[(g.objective, g.scaling)]
         user_parts = fit.users((g.objective, g.scaling)) if g.kind != "item_item" else []
         inputs = group_inputs(client, g, A, B, user_parts, data.X, data.user_ids, data.item_ids, ctx.subset)
+        lists = tuple(ListOutput(km, label.kind, label.path,
+                                 (label.objective, label.scaling, label.metric)
+                                 if cluster is not None and label.kind == "item_item" else None)
+                      for km, label in g.outputs.items())
+        cand_ids = share(client, inputs.candidate_ids, "candidate-ids")
+        sinks = [ListSink(ctx.run.location, lists, cand_ids if g.kind == "item_item" else share(client, ids, "query-ids"),
+                          cand_ids, cluster) for ids in inputs.query_id_parts]
         results = run_topn(client, inputs.queries, inputs.candidates, capped(ncfg.top_n, inputs), tuple(g.outputs),
-                           rows_per_task=ncfg.query_chunk, candidate_block=ncfg.candidate_block, scale=inputs.scale)
-        for part_no, (r, lists) in enumerate(group_progress(results, g, inputs, ncfg.query_chunk,
-                                                            f"neighbours {g.kind}")):
-            qids = inputs.query_ids(r)
-            for kernel_metric, label in g.outputs.items():
-                top = lists[kernel_metric]
-                ctx.run.write_table(outputs.part_file(label.path, part_no), outputs.neighbour_table(
-                    label.kind, qids, inputs.candidate_ids, top.indices, top.scores, top.counts))
-                written.add(label.path)
-                if ctx.scorer is not None and label.kind == "item_item":
-                    ctx.scorer.add((label.objective, label.scaling, label.metric), r.first_id, top.indices, top.counts)
+                           rows_per_task=ncfg.query_chunk, candidate_block=ncfg.candidate_block, scale=inputs.scale,
+                           then=write_lists, then_parts=sinks)
+        for _, (parts, sums) in group_progress(results, g, inputs, ncfg.query_chunk, f"neighbours {g.kind}"):
+            for w in parts:
+                ctx.run.written(w)
+            for key, s in sums.items():
+                ctx.scorer.add_sums(key, s)
+        written.update(out.directory for out in lists)
     log.info("neighbours: %d lists written", len(written))
     return StageResult()
 
@@ -219,7 +244,8 @@ def cluster_precision_stage(ctx: StageContext) -> StageResult:
 def audit_stage(ctx: StageContext) -> StageResult:
     """Jaccard@N of item-item lists across the Eq. 1 scalings and random rescalings ``(A D, B D^-1)``.
 
-    Writes ``audit/stability.parquet``, ``audit/detail.parquet`` and ``audit/least_stable.parquet``.
+    Writes ``audit/stability.parquet``, ``audit/items.parquet`` (per item) and ``audit/least_stable.parquet``,
+    the last two keyed by ``item_id``.
     """
     acfg, ncfg = ctx.cfg.audit, ctx.cfg.neighbours
     eq1 = {scaling: ab for (objective, scaling), ab in ctx.fit.factors.items() if objective == "eq1"}
@@ -229,13 +255,14 @@ def audit_stage(ctx: StageContext) -> StageResult:
                               item_lists_fn=client_item_lists(ctx.client, rows_per_task=ncfg.query_chunk,
                                                               candidate_block=ncfg.candidate_block))
     ctx.run.write_table(outputs.AUDIT_STABILITY, result.stability)
-    ctx.run.write_table(outputs.AUDIT_DETAIL, result.detail)
-    ctx.run.write_table(outputs.AUDIT_LEAST_STABLE, result.least_stable)
+    ctx.run.write_table(outputs.AUDIT_ITEMS, outputs.keyed_by_item(result.detail, ctx.data.item_ids))
+    ctx.run.write_table(outputs.AUDIT_LEAST_STABLE, outputs.keyed_by_item(result.least_stable, ctx.data.item_ids))
     return StageResult({"audit": result.summary}, {"audit": result.stability}, detail=result)
 
 
 def report_stage(ctx: StageContext) -> StageResult:
-    """``report/index.html`` with its PNG figures: Fig. 1-style heatmaps, the spectrum, the tables, the audit."""
+    """``report.html``, one self-contained file (figures inline): Fig. 1-style heatmaps, the spectrum, the tables,
+    the audit."""
     cfg, data, fit = ctx.cfg, ctx.data, ctx.fit
     labels = ctx.scorer.labels if ctx.scorer is not None else None
     if labels is not None and (labels >= 0).any():
@@ -289,10 +316,9 @@ def report_stage(ctx: StageContext) -> StageResult:
     summary = [f"{c['n_users']} users x {c['n_items']} items, {c['nnz']} non-zeros; SVD rank {len(fit.sigma)}."]
     if audit is not None:
         summary.append(audit.summary.get("verdict", ""))
-    files = render_report(title=f"mfsim run {ctx.run.run_id}", summary_lines=summary, tables=tables, images=images,
-                          captions=captions)
-    for name, content in files.items():
-        ctx.run.write_bytes(f"{outputs.REPORT_DIR}/{name}", content)
+    page = render_report(title=f"mfsim run {ctx.run.run_id}", summary_lines=summary, tables=tables, images=images,
+                         captions=captions)
+    ctx.run.write_bytes(outputs.REPORT, page)
     return StageResult()
 
 

@@ -662,6 +662,16 @@ def cluster_cutoffs(cutoffs: list[int], top_n: int) -> list[int]:
     return usable
 
 
+def cluster_range_sums(labels: np.ndarray, cutoffs: list[int], first_row: int, indices: np.ndarray,
+                       counts: np.ndarray) -> "MetricSums | None":
+    """Cluster-precision sums of the item-item lists of query rows ``first_row ..`` (None: no labelled query)."""
+    q = labels[first_row : first_row + len(counts)]
+    keep = q >= 0
+    if not keep.any():
+        return None
+    return cluster_sums(indices[keep], counts[keep], q[keep], labels, cutoffs)
+
+
 class ClusterScorer:
     """Cluster precision@N of item-item lists, summed chunk by chunk as the lists are written.
 
@@ -682,12 +692,12 @@ class ClusterScorer:
 
     def add(self, key: tuple[str, str, str], first_row: int, indices: np.ndarray, counts: np.ndarray) -> None:
         """Add the lists of query rows ``first_row ..`` of list ``key`` = (objective, scaling, metric)."""
-        q = self.labels[first_row : first_row + len(counts)]
-        keep = q >= 0
-        if not keep.any():
-            return
-        s = cluster_sums(indices[keep], counts[keep], q[keep], self.labels, self.cutoffs)
-        self.sums[key] = self.sums[key].merge(s) if key in self.sums else s
+        self.add_sums(key, cluster_range_sums(self.labels, self.cutoffs, first_row, indices, counts))
+
+    def add_sums(self, key: tuple[str, str, str], sums: "MetricSums | None") -> None:
+        """Add sums that ``cluster_range_sums`` computed elsewhere (in the task that made the lists); in row order."""
+        if sums is not None:
+            self.sums[key] = self.sums[key].merge(sums) if key in self.sums else sums
 
     def add_raw_baseline(self, X: sp.spmatrix) -> None:
         """The cosine of the raw columns of X (no factorization) as list ``("raw", "none", "cosine")``."""

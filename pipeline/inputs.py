@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -97,12 +98,45 @@ def load_item_truth(cfg: Config) -> ItemTruth | None:
 # stored embeddings (``mfsim audit``)
 
 
-def open_embeddings(path: str | Path, role: str) -> tuple[pq.ParquetFile, str]:
-    """An embedding file and its id column (the first column that is not ``embedding``); errors name the file."""
+class PartsFile:
+    """A directory of Parquet parts (``part-*.parquet``, read in name order) read like one ``pq.ParquetFile``."""
+
+    def __init__(self, path: Path):
+        import pyarrow.dataset as ds
+
+        self.path = path
+        self.dataset = ds.dataset(path, format="parquet")
+        self.schema_arrow = self.dataset.schema
+        self.metadata = SimpleNamespace(num_rows=self.dataset.count_rows())
+
+    def iter_batches(self, batch_size: int, columns: list[str]):
+        return self.dataset.to_batches(columns=columns, batch_size=batch_size)
+
+
+def open_parts(path: str | Path, what: str, fix: str, columns: tuple[str, ...] = ()) -> "pq.ParquetFile | PartsFile":
+    """``open_parquet`` for a file, or a directory of parts (one dataset partition) as a ``PartsFile``."""
+    path = Path(path)
+    if not path.is_dir():
+        return open_parquet(path, what, fix, columns)
+    try:
+        pf = PartsFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise MfsimError(f"cannot read {what} {path} as Parquet parts: {exc}; {fix}") from None
+    names = pf.schema_arrow.names
+    for col in columns:
+        if col not in names:
+            raise MfsimError(f"{what} {path} has no column {col!r}; received columns {names}. {fix}")
+    return pf
+
+
+def open_embeddings(path: str | Path, role: str) -> tuple["pq.ParquetFile | PartsFile", str]:
+    """An embedding file (or directory of parts) and its id column (the first column that is not ``embedding``);
+    errors name the file."""
     what = f"{role} file"
-    pf = open_parquet(path, what, f"pass the path of a Parquet file such as "
-                      f"factors/objective=eq1/scaling=symmetric/{role}.parquet, with the embeddings as a "
-                      f"list<float> column named {EMBEDDING!r}.", (EMBEDDING,))
+    side = "item" if role == "items" else "user"
+    pf = open_parts(path, what, f"pass a Parquet file or a directory of parts such as "
+                    f"{side}_embeddings/objective=eq1/scaling=symmetric, with the embeddings as a "
+                    f"list<float> column named {EMBEDDING!r}.", (EMBEDDING,))
     names = pf.schema_arrow.names
     ids = [n for n in names if n != EMBEDDING]
     if not ids:

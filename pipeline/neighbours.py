@@ -52,8 +52,8 @@ class ListLabel:
 
     @property
     def path(self) -> str:
-        """The list's dataset directory in the run (``pipeline.outputs.neighbours_dir``)."""
-        return outputs.neighbours_dir(self.kind, self.objective, self.scaling, self.metric)
+        """The list's dataset directory in the run (``pipeline.outputs.list_dir``)."""
+        return outputs.list_dir(self.kind, self.objective, self.scaling, self.metric)
 
 
 @dataclass
@@ -112,6 +112,7 @@ class QueryRange:
     start: int
     stop: int
     first_id: int  # global query row of local row ``start`` (for exclude_self)
+    number: int = 0  # the range's place in the run's ranges (the part number of what it writes)
 
 
 def query_ranges(part_sizes: list[int], part_first_ids: list[int], rows_per_task: int) -> list[QueryRange]:
@@ -119,7 +120,7 @@ def query_ranges(part_sizes: list[int], part_first_ids: list[int], rows_per_task
     out = []
     for b, (size, first) in enumerate(zip(part_sizes, part_first_ids)):
         for s in range(0, size, rows_per_task):
-            out.append(QueryRange(b, s, min(size, s + rows_per_task), first + s))
+            out.append(QueryRange(b, s, min(size, s + rows_per_task), first + s, len(out)))
     return out
 
 
@@ -253,13 +254,20 @@ def csr_rows(blocks: list[CSRBlock], offsets: np.ndarray, rows: np.ndarray, n_co
 
 @dataclass
 class GroupInputs:
-    """What one gemm group runs on: queries, candidates (a future), their ids, the query scale."""
+    """What one gemm group runs on: queries, candidates (a future), their ids, the query scale.
+
+    ``query_id_parts[b]``: the ids of query part b's rows, in local row order.
+    """
 
     queries: QuerySet
     candidates: Any
     candidate_ids: pa.Array
-    query_ids: Callable[[QueryRange], pa.Array]
+    query_id_parts: list[pa.Array]
     scale: np.ndarray | None = None
+
+    def query_ids(self, r: QueryRange) -> pa.Array:
+        """The ids of the query rows of range ``r``."""
+        return self.query_id_parts[r.part].slice(r.start, r.stop - r.start)
 
 
 def group_inputs(client, g: GemmGroup, A: np.ndarray, B: np.ndarray, user_parts: list, X: RowBlocks,
@@ -273,8 +281,7 @@ def group_inputs(client, g: GemmGroup, A: np.ndarray, B: np.ndarray, user_parts:
         emb = {"A": lambda: A, "B": lambda: B, "A_proj": lambda: projected(A, B)}
         cand = share_f32(client, emb[g.candidates](), "candidates")
         q = cand if g.queries == g.candidates else share_f32(client, emb[g.queries](), "queries")
-        return GroupInputs(QuerySet.whole(q, len(A), exclude_self=True), cand, item_ids,
-                           lambda r: item_ids.slice(r.first_id, r.stop - r.start))
+        return GroupInputs(QuerySet.whole(q, len(A), exclude_self=True), cand, item_ids, [item_ids])
     scale = column_norms(B) if g.queries == "P_proj" else None
     if g.kind == "user_item":
         cand, cand_ids = share_f32(client, B, "candidates"), item_ids
@@ -283,7 +290,9 @@ def group_inputs(client, g: GemmGroup, A: np.ndarray, B: np.ndarray, user_parts:
     if subset is None:
         queries = QuerySet(user_parts, np.diff(X.row_offsets).tolist(), X.row_offsets[:-1].tolist(),
                            exclude=X.parts if g.kind == "user_item" else None, exclude_self=g.kind == "user_user")
-        return GroupInputs(queries, cand, cand_ids, lambda r: user_ids.slice(r.first_id, r.stop - r.start), scale)
+        offsets = X.row_offsets
+        id_parts = [user_ids.slice(int(offsets[b]), int(offsets[b + 1] - offsets[b])) for b in range(len(X.parts))]
+        return GroupInputs(queries, cand, cand_ids, id_parts, scale)
     # the subset's rows of P and of X taken on a worker (tasks on the row-block futures, lineage kept)
     P_sub = client.submit(stack, None, subset, *user_parts, pure=False)
     if g.kind == "user_item":
@@ -295,4 +304,4 @@ def group_inputs(client, g: GemmGroup, A: np.ndarray, B: np.ndarray, user_parts:
                                       np.ones(len(subset), np.float32), X.n_rows), "exclude")
     ids = user_ids.take(pa.array(subset))
     queries = QuerySet.whole(P_sub, len(subset), exclude=[excl])
-    return GroupInputs(queries, cand, cand_ids, lambda r: ids.slice(r.start, r.stop - r.start), scale)
+    return GroupInputs(queries, cand, cand_ids, [ids], scale)

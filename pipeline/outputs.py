@@ -14,31 +14,47 @@ SINGULAR_VALUES = "svd/singular_values.parquet"
 EVALUATION_METRICS = "evaluation/metrics.parquet"
 CLUSTER_PRECISION = "evaluation/cluster_precision.parquet"
 AUDIT_STABILITY = "audit/stability.parquet"
-AUDIT_DETAIL = "audit/detail.parquet"
+AUDIT_ITEMS = "audit/items.parquet"
 AUDIT_LEAST_STABLE = "audit/least_stable.parquet"
-NEIGHBOURS_DIR = "neighbours"
-REPORT_DIR = "report"
-REPORT_INDEX = f"{REPORT_DIR}/index.html"
+REPORT = "report.html"
+
+# One directory per dataset, one schema per dataset, hive partitions below it (the output contract).
+# The output id columns are always ``user_id``, ``item_id``, ``neighbour_id`` (input.user_col and
+# input.item_col only say how to read the input), with the input ids' types.
+USER_ID, ITEM_ID, NEIGHBOUR_ID = "user_id", "item_id", "neighbour_id"
+EMBEDDING_DATASETS = {"items": "item_embeddings", "users": "user_embeddings"}
+LIST_DATASETS = {"item_item": "similar_items", "user_item": "recommendations", "user_user": "similar_users"}
+NEIGHBOUR_COLUMNS = {  # kind -> (query id column, neighbour id column)
+    "item_item": (ITEM_ID, NEIGHBOUR_ID),
+    "user_item": (USER_ID, ITEM_ID),
+    "user_user": (USER_ID, NEIGHBOUR_ID),
+}
+PARTITION_KEYS = ("objective", "scaling", "metric")  # the hive partition columns, in directory order
 
 
-def factors_dir(objective: str, scaling: str) -> str:
-    """``factors/objective=<o>/scaling=<s>``: ``items.parquet`` (B) and ``users.parquet`` (P = X A)."""
-    return f"factors/objective={objective}/scaling={scaling}"
+def embeddings_dir(side: str, objective: str, scaling: str) -> str:
+    """``item_embeddings/objective=<o>/scaling=<s>`` (side ``items``: B) or ``user_embeddings/...`` (``users``: P = X A)."""
+    return f"{EMBEDDING_DATASETS[side]}/objective={objective}/scaling={scaling}"
 
 
-def factors_file(objective: str, scaling: str, side: str) -> str:
-    """``factors/objective=<o>/scaling=<s>/<side>.parquet``, side ``items`` (B) or ``users`` (P = X A)."""
-    return f"{factors_dir(objective, scaling)}/{side}.parquet"
-
-
-def neighbours_dir(kind: str, objective: str, scaling: str, metric: str) -> str:
-    """The directory of one list's ``part-*.parquet`` files."""
-    return f"{NEIGHBOURS_DIR}/kind={kind}/objective={objective}/scaling={scaling}/metric={metric}"
+def list_dir(kind: str, objective: str, scaling: str, metric: str) -> str:
+    """The directory of one list's ``part-*.parquet`` files: ``similar_items/objective=/scaling=/metric=`` and the
+    same below ``recommendations`` (user-item) and ``similar_users`` (user-user)."""
+    return f"{LIST_DATASETS[kind]}/objective={objective}/scaling={scaling}/metric={metric}"
 
 
 def part_file(directory: str, part_no: int) -> str:
     """``<directory>/part-00000.parquet``: the numbered parts of one dataset, in query order."""
     return f"{directory}/part-{part_no:05d}.parquet"
+
+
+def dataset_of(relative: str) -> str:
+    """The dataset a run file belongs to: its first directory (``similar_items``), or the file itself at the top
+    (``report.html``); ``ids/users.parquet`` and the other single files of a directory are datasets of their own."""
+    parts = relative.split("/")
+    if len(parts) > 1 and "=" in parts[1]:
+        return parts[0]
+    return relative
 
 
 EVALUATION_SCHEMA = pa.schema([
@@ -50,7 +66,7 @@ CLUSTER_PRECISION_SCHEMA = pa.schema([
 
 
 def id_table(ids: pa.Array, id_col: str, n_interactions: np.ndarray) -> pa.Table:
-    """``ids/users.parquet`` / ``ids/items.parquet``: ``index``, the original id column, ``n_interactions``."""
+    """``ids/users.parquet`` / ``ids/items.parquet``: ``index``, ``user_id`` / ``item_id``, ``n_interactions``."""
     return pa.table({
         "index": pa.array(np.arange(len(ids), dtype=np.int64)),
         id_col: ids,
@@ -65,20 +81,13 @@ def singular_values_table(sigma: np.ndarray) -> pa.Table:
 
 
 def embedding_table(ids: pa.Array, id_col: str, emb: np.ndarray) -> pa.Table:
-    """Original id + ``embedding`` as ``fixed_size_list<float32>[k]``."""
+    """``id_col`` (``item_id`` / ``user_id``) + ``embedding`` as ``fixed_size_list<float32>[k]``."""
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     n, k = emb.shape
     if len(ids) != n:
         raise ValueError(f"{len(ids)} ids for {n} embedding rows")
     values = pa.array(emb.reshape(-1))
     return pa.table({id_col: ids, "embedding": pa.FixedSizeListArray.from_arrays(values, k)})
-
-
-NEIGHBOUR_COLUMNS = {  # kind -> (query id column, neighbour id column)
-    "item_item": ("item_id", "neighbour_id"),
-    "user_item": ("user_id", "item_id"),
-    "user_user": ("user_id", "neighbour_id"),
-}
 
 
 def neighbour_table(kind: str, query_ids: pa.Array, candidate_ids: pa.Array, indices: np.ndarray,
@@ -98,3 +107,14 @@ def neighbour_table(kind: str, query_ids: pa.Array, candidate_ids: pa.Array, ind
         "rank": pa.array(ranks),
         "score": pa.array(scores[valid].astype(np.float32)),
     })
+
+
+def keyed_by_item(table: pa.Table, item_ids: pa.Array) -> pa.Table:
+    """``table`` with its internal ``index`` column (an item's row) replaced by ``item_id`` in the same place."""
+    i = table.schema.get_field_index("index")
+    return table.set_column(i, ITEM_ID, item_ids.take(table["index"]))
+
+
+def schema_json(schema: pa.Schema) -> list[dict[str, str]]:
+    """A schema for the manifest: ``[{"name": ..., "type": ...}]`` (Arrow type names)."""
+    return [{"name": f.name, "type": str(f.type)} for f in schema]

@@ -6,24 +6,21 @@ embeddings B of Eq. 1 shows a different block structure for each of its equally 
 ``(A D, B D^-1)``, while the unique solution of Eq. 2 gives one picture. This module draws those
 pictures for a run and assembles them, with the run's tables, into one HTML page.
 
-Every function is pure: arrays in, ``bytes`` out (PNG images, or the page and its images as a
-``{file name: bytes}`` dict). Nothing here writes files; the caller stores the returned bytes
-beside each other in the run directory, e.g.::
-
-    for name, data in render_report(...).items():
-        writer.path(f"report/{name}").write_bytes(data)
+Every function is pure: arrays in, ``bytes`` out (PNG images, or the page). Nothing here writes
+files; the caller stores the page as ``report.html`` in the run.
 
 Figures are drawn with matplotlib's object API (``Figure`` + ``FigureCanvasAgg``): no pyplot, no
 global backend state, safe inside worker threads. PNGs carry no timestamp or version metadata, so
 the same input gives the same bytes.
 
-The page (:func:`render_report`) is self-contained: inline CSS, no scripts, no external fonts,
-style sheets or images; each figure is a PNG file referenced by a relative ``src="name.png"``
-and returned beside ``index.html``, so the images are also visible as plain files.
+The page (:func:`render_report`) is self-contained: inline CSS, no scripts, no external fonts or
+style sheets, and each figure inline as a ``data:image/png;base64`` URI, so ``report.html`` sent
+alone shows everything.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 import math
@@ -495,14 +492,14 @@ def render_report(
     images: Mapping[str, bytes],
     captions: Mapping[str, str] | None = None,
     max_table_rows: int = 1000,
-) -> dict[str, bytes]:
-    """A self-contained HTML report and its images, as ``{file name: bytes}``.
+) -> bytes:
+    """A self-contained HTML report, as UTF-8 bytes: one file, nothing beside it needed.
 
     The page has the title, the summary lines as a list, each table (in the given order) and
     each image with its caption. All text is escaped with ``html.escape``; floats are shown with
     4 significant digits. Styling is inline CSS; there are no scripts and no external
-    resources. Images are separate PNG files referenced by relative ``src`` (``name.png``),
-    returned in the same dict, so ``index.html`` and the PNGs must be stored in one directory.
+    resources: each image is inline, a ``data:image/png;base64`` URI, so the page can be mailed
+    or opened from an object store on its own.
 
     Parameters
     ----------
@@ -514,7 +511,7 @@ def render_report(
         For row dicts, the columns are the union of the keys in first-seen order (missing cells
         are empty). Tables longer than ``max_table_rows`` show their first rows and say so.
     images : dict of name -> PNG bytes
-        Name is the file name, with or without ``.png``: letters, digits, ``_ . -``.
+        Name: letters, digits, ``_ . -`` (``.png`` optional); it is the figure's label.
     captions : dict of name -> str, optional
         Caption of the image or table of that name (image names with or without ``.png``).
     max_table_rows : int, default 1000
@@ -522,7 +519,7 @@ def render_report(
 
     Returns
     -------
-    dict: ``"index.html"`` (UTF-8) first, then ``"<name>.png"`` for every image.
+    bytes: the HTML page (UTF-8).
     """
     captions = dict(captions or {})
     if int(max_table_rows) < 1:
@@ -531,7 +528,7 @@ def render_report(
     img_entries: list[tuple[str, str]] = []  # (file name, key as given)
     for key, data in images.items():
         fname = str(key) if str(key).endswith(".png") else f"{key}.png"
-        if not _SAFE_NAME.match(fname) or fname.lower() == "index.html":
+        if not _SAFE_NAME.match(fname):
             raise MfsimError(
                 f"image name {key!r} is not a plain file name; use letters, digits, '_', '.', '-'"
             )
@@ -585,15 +582,14 @@ def render_report(
             cap = caption_of(key, fname)
             alt = cap if cap is not None else key
             parts.append("<figure>")
-            parts.append(f'<img src="{esc(fname)}" alt="{esc(str(alt))}">')
+            data_uri = "data:image/png;base64," + base64.b64encode(files[fname]).decode("ascii")
+            parts.append(f'<img src="{data_uri}" alt="{esc(str(alt))}">')
             label = f"{fname}: {cap}" if cap is not None else fname
             parts.append(f"<figcaption>{esc(str(label))}</figcaption>")
             parts.append("</figure>")
         parts.append("</section>")
     parts += ["</body>", "</html>", ""]
-    out = {"index.html": "\n".join(parts).encode("utf-8")}
-    out.update(files)
-    return out
+    return "\n".join(parts).encode("utf-8")
 
 
 _CSS = (

@@ -74,6 +74,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.outputs import dataset_of, schema_json
+from mfsim.pipeline.storage import Location, Written
 from mfsim.pipeline.lock import STATE_DIR, LockHeld, OutputLock, host_tag, hostname, iso, os_error, parse_iso, \
     pid_alive, root_mutex, utc_now
 
@@ -201,6 +203,8 @@ class RunWriter:
         self.latest_moved = False
         self.manifest: dict[str, Any] = {}
         self.counts: dict[str, int] | None = None
+        self.location = Location.of(self.tmp)  # where workers write their parts while the run runs
+        self.files: dict[str, tuple[int | None, pa.Schema | None]] = {}  # relative path -> (rows, schema) of every table
         self._host, self._pid = hostname(), os.getpid()
         self._state_written = False
         self._lost_race = False  # another run published this id first: the state file is the winner's
@@ -258,7 +262,30 @@ class RunWriter:
         p = self.path(relative)
         with self._writing(p):
             pq.write_table(table, p, compression="zstd")
+        self.files[relative] = (table.num_rows, table.schema)
         return p
+
+    def written(self, w: Written) -> None:
+        """Record a part a worker wrote below ``self.location`` (or write it, when it came back as a table)."""
+        if w.table is not None:
+            self.write_table(w.relative, w.table)
+        else:
+            self.files[w.relative] = (w.rows, w.schema)
+
+    def datasets(self) -> dict[str, dict[str, Any]]:
+        """Every dataset of the run for the manifest: its path, row count, schema and files (``outputs.dataset_of``)."""
+        out: dict[str, dict[str, Any]] = {}
+        for relative in sorted(self.files):
+            rows, schema = self.files[relative]
+            name = dataset_of(relative)
+            if schema is None:  # a file that is not a table (report.html)
+                out[name] = {"path": name, "format": Path(relative).suffix.lstrip(".")}
+                continue
+            d = out.setdefault(name, {"path": name, "format": "parquet", "rows": 0, "files": 0,
+                                      "schema": schema_json(schema)})
+            d["rows"] += int(rows)
+            d["files"] += 1
+        return out
 
     def write_table_parts(self, relative: str, tables) -> Path:
         """One Parquet file from an iterable of tables with the same schema (streamed, bounded memory)."""
@@ -283,10 +310,11 @@ class RunWriter:
         return p
 
     def write_bytes(self, relative: str, data: bytes) -> Path:
-        """Write ``data`` as is at ``relative`` inside the run (report pages and images)."""
+        """Write ``data`` as is at ``relative`` inside the run (the report page), listed as a dataset of its own."""
         p = self.path(relative)
         with self._writing(p):
             p.write_bytes(data)
+        self.files[relative] = (None, None)
         return p
 
     @contextmanager
@@ -323,6 +351,7 @@ class RunWriter:
             self.counts = {k: int(manifest["counts"][k]) for k in COUNT_KEYS}
         manifest = dict(manifest)
         manifest.update(
+            datasets=self.datasets(),
             run_id=self.run_id,
             started_at=iso(self.started),
             finished_at=iso(utc_now()),

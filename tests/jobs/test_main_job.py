@@ -56,7 +56,8 @@ def test_one_worker_gives_the_same_run(small_run, client1):
 
 
 def _factor(run_dir, objective, scaling, side):
-    t = pq.read_table(run_dir / f"factors/objective={objective}/scaling={scaling}/{side}.parquet")
+    dataset = {"items": "item_embeddings", "users": "user_embeddings"}[side]
+    t = ds.dataset(run_dir / f"{dataset}/objective={objective}/scaling={scaling}", format="parquet").to_table()
     emb = t["embedding"]
     return np.asarray(emb.combine_chunks().flatten().to_numpy(), np.float64).reshape(len(t), -1)
 
@@ -154,7 +155,8 @@ def test_every_list_matches_numpy(small_run):
                                                                no_self_u & xab_ok[None, :] & xab_ok[:, None], svd_tol),
             })
         for (kind, label, metric), (ref, ok, tol_) in lists.items():
-            path = run_dir / f"neighbours/kind={kind}/objective={objective}/scaling={label}/metric={metric}"
+            dataset = {"item_item": "similar_items", "user_item": "recommendations", "user_user": "similar_users"}[kind]
+            path = run_dir / f"{dataset}/objective={objective}/scaling={label}/metric={metric}"
             table = ds.dataset(path, format="parquet").to_table()
             q_col, n_col = {"item_item": ("item_id", "neighbour_id"), "user_item": ("user_id", "item_id"),
                             "user_user": ("user_id", "neighbour_id")}[kind]
@@ -178,7 +180,7 @@ def test_cluster_precision_matches_the_published_lists(small_run):
         assert abs(row["chance"] - chance) < 1e-12
         if row["objective"] == "raw":
             continue
-        lists = pq.read_table(run_dir / f"neighbours/kind=item_item/objective={row['objective']}/scaling="
+        lists = pq.read_table(run_dir / f"similar_items/objective={row['objective']}/scaling="
                                         f"{row['scaling']}/metric={row['metric']}").to_pylist()
         per_item: dict = {}
         for r in lists:
@@ -204,25 +206,27 @@ def test_user_subset_lists_equal_the_full_run(small_run, client):
         "report.enabled=false",
     ])
     sub_dir, _ = run_job(cfg)
-    for rel in ["kind=user_item/objective=eq2/scaling=unique/metric=dot",
-                "kind=user_user/objective=eq1/scaling=symmetric/metric=cosine",
-                "kind=user_user/objective=eq1/scaling=invariant/metric=projected_cosine"]:
-        got = pq.read_table(sub_dir / "neighbours" / rel).to_pylist()
-        full = [r for r in pq.read_table(run_dir / "neighbours" / rel).to_pylist() if r["user_id"] in set(wanted)]
+    for rel in ["recommendations/objective=eq2/scaling=unique/metric=dot",
+                "similar_users/objective=eq1/scaling=symmetric/metric=cosine",
+                "similar_users/objective=eq1/scaling=invariant/metric=projected_cosine"]:
+        got = pq.read_table(sub_dir / rel).to_pylist()
+        full = [r for r in pq.read_table(run_dir / rel).to_pylist() if r["user_id"] in set(wanted)]
         assert [r["user_id"] for r in got] == sorted(r["user_id"] for r in got)  # by query, each once
-        key = "item_id" if "user_item" in rel else "neighbour_id"
+        key = "item_id" if rel.startswith("recommendations") else "neighbour_id"
         assert [(r["user_id"], r[key], r["rank"]) for r in got] == [(r["user_id"], r[key], r["rank"]) for r in full]
         np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in full], rtol=1e-5, atol=1e-6)
 
 
 def test_lists_readable_with_partition_columns(small_run):
     run_dir, _, _ = small_run
-    t = ds.dataset(run_dir / "neighbours", format="parquet", partitioning="hive").to_table()
-    assert {"kind", "objective", "scaling", "metric", "rank", "score"} <= set(t.column_names)
-    combos = {tuple(r.values()) for r in t.select(["kind", "objective", "scaling", "metric"]).to_pylist()}
-    assert ("item_item", "eq1", "invariant", "model") in combos
-    assert ("item_item", "eq1", "symmetric", "model") not in combos  # scaling-invariant: written once
-    assert ("user_item", "eq2", "unique", "dot") in combos
+    combos = set()
+    for dataset in ("similar_items", "recommendations", "similar_users"):
+        t = ds.dataset(run_dir / dataset, format="parquet", partitioning="hive").to_table()
+        assert {"objective", "scaling", "metric", "rank", "score"} <= set(t.column_names)
+        combos |= {(dataset, *r.values()) for r in t.select(["objective", "scaling", "metric"]).to_pylist()}
+    assert ("similar_items", "eq1", "invariant", "model") in combos
+    assert ("similar_items", "eq1", "symmetric", "model") not in combos  # scaling-invariant: written once
+    assert ("recommendations", "eq2", "unique", "dot") in combos
 
 
 def test_inspect_and_audit_commands(small_run):
@@ -237,14 +241,15 @@ def test_inspect_and_audit_commands(small_run):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "eq1/symmetric/cosine" in r.stdout and "eq2/unique/cosine" in r.stdout
-    first = pq.read_table(run_dir / "neighbours/kind=item_item/objective=eq2/scaling=unique/metric=cosine",
+    first = pq.read_table(run_dir / "similar_items/objective=eq2/scaling=unique/metric=cosine",
                           filters=[("item_id", "=", item), ("rank", "=", 1)])
     header, row1 = r.stdout.splitlines()[1].split(), r.stdout.splitlines()[2].split()
     col = header.index("eq2/unique/cosine")  # columns: rank, then "id (score)" per list
     assert row1[0] == "1" and row1[1 + 2 * (col - 1)] == str(first["neighbour_id"][0].as_py())
-    where = run_dir / "factors/objective=eq1/scaling=symmetric"
+    solution = "objective=eq1/scaling=symmetric"
     out = run_dir.parent / "audit.parquet"
-    r = subprocess.run([mfsim, "audit", "--users", str(where / "users.parquet"), "--items", str(where / "items.parquet"),
+    r = subprocess.run([mfsim, "audit", "--users", str(run_dir / "user_embeddings" / solution),
+                        "--items", str(run_dir / "item_embeddings" / solution),
                         "--top-n", "5", "--draws", "2", "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     table = pq.read_table(out)

@@ -3,6 +3,8 @@ their PNG bytes, the HTML page parsed back (escaping, references, no external re
 
 from __future__ import annotations
 
+import base64
+
 import io
 import re
 from html.parser import HTMLParser
@@ -277,20 +279,18 @@ def test_render_report_references_escaping_and_no_network(pngs):
     }
     out = render_report(title="Run <1>", summary_lines=["k = 20 & lambda = 10", evil], tables=tables,
                         images=pngs, captions={"heat": "Fig. 1 <analogue>", "metrics": "per objective"})
-    assert list(out)[0] == "index.html"
-    assert set(out) == {"index.html", "heat.png", "jaccard.png"}
-    assert out["heat.png"] == pngs["heat"] and out["jaccard.png"] == pngs["jaccard.png"]
-    page = out["index.html"].decode("utf-8")
+    assert isinstance(out, bytes)
+    page = out.decode("utf-8")
     assert "http://" not in page and "https://" not in page
     assert "<script" not in page.lower() and "&lt;script&gt;" in page
     parser = _Page()
     parser.feed(page)
     tags = [t for t, _ in parser.starts]
     assert "script" not in tags and "link" not in tags and "iframe" not in tags
-    # every resource reference is a returned file beside index.html (or an in-page anchor)
+    # self-contained: every resource is an inline data URI holding the very PNG bytes given
     refs = [a[k] for _, a in parser.starts for k in ("src", "href") if k in a]
-    assert sorted(refs) == ["heat.png", "jaccard.png"]
-    assert all(r in out for r in refs)
+    assert len(refs) == 2 and all(r.startswith("data:image/png;base64,") for r in refs)
+    assert sorted(base64.b64decode(r.split(",", 1)[1]) for r in refs) == sorted([pngs["heat"], pngs["jaccard.png"]])
     assert tags.count("img") == 2
     # cells, after the browser's unescaping, show the text as given; floats with 4 significant digits
     cells = parser.cells
@@ -307,11 +307,11 @@ def test_render_report_references_escaping_and_no_network(pngs):
 def test_render_report_row_limit_and_errors(pngs):
     t = pa.table({"x": np.arange(30, dtype=np.float64) / 7})
     out = render_report(title="t", summary_lines=[], tables={"big": t}, images={}, max_table_rows=5)
-    page = out["index.html"].decode()
+    page = out.decode()
     parser = _Page()
     parser.feed(page)
     assert len(parser.cells) == 1 + 5 and "First 5 of 30 rows" in page
-    assert set(out) == {"index.html"}
+    assert "<img" not in page
     with pytest.raises(MfsimError, match="plain file name"):
         render_report(title="t", summary_lines=[], tables={}, images={"../x": pngs["heat"]})
     with pytest.raises(MfsimError, match="not PNG"):
