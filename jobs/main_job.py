@@ -21,7 +21,8 @@ from mfsim.pipeline.cluster import get_client
 from mfsim.pipeline.config import Config
 from mfsim.pipeline.ingest import validate_before_cluster
 from mfsim.pipeline.inputs import load_item_truth
-from mfsim.pipeline.runs import RunWriter, validate_run_id
+from mfsim.pipeline.roots import run_writer
+from mfsim.pipeline.runs import validate_run_id
 
 log = logging.getLogger("mfsim.job")
 
@@ -55,7 +56,7 @@ def run_job(cfg: Config, *, scheduler: str | None = None, client: Any = None, mo
         validate_run_id(cfg.run.run_id)
     validate_before_cluster(cfg)  # a missing input fails in milliseconds, not after a cluster start
     truth = load_item_truth(cfg)
-    with RunWriter(cfg.run.output, cfg.run.run_id, heartbeat_s=cfg.run.heartbeat_s, replace=replace) as run:
+    with run_writer(cfg.run.output, cfg.run.run_id, heartbeat_s=cfg.run.heartbeat_s, replace=replace) as run:
         try:
             with tee_to_file(run.path(RUN_LOG)):
                 log.info("run %s: start (output %s)", run.run_id, cfg.run.output)

@@ -19,7 +19,8 @@ from mfsim.pipeline.cluster import get_client
 from mfsim.pipeline.config import Config
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.ingest import validate_before_cluster
-from mfsim.pipeline.runs import OutputLock, prune_runs, read_manifest
+from mfsim.pipeline.roots import lock_dir, prune_runs, read_manifest, run_location
+from mfsim.pipeline.runs import OutputLock
 
 log = logging.getLogger("mfsim.nightly")
 
@@ -51,12 +52,12 @@ def day_config(cfg: Config, day: dt.date) -> Config:
     return out
 
 
-def succeeded(root: Path, day: dt.date) -> bool:
+def succeeded(root: str, day: dt.date) -> bool:
     """Whether run D is published (its manifest says succeeded)."""
-    run_dir = root / day.isoformat()
-    if not (run_dir / "_manifest.json").is_file():
+    try:
+        return read_manifest(run_location(root, day.isoformat())).get("status") == "succeeded"
+    except MfsimError:  # no manifest: not published
         return False
-    return read_manifest(run_dir).get("status") == "succeeded"
 
 
 def run_nightly(cfg: Config, days: list[dt.date], *, force: bool = False, lock_timeout_s: float = 0.0,
@@ -67,17 +68,19 @@ def run_nightly(cfg: Config, days: list[dt.date], *, force: bool = False, lock_t
     output root's lock past ``lock_timeout_s``, ``DayFailed`` (exit 1) naming the first day that
     failed at run time, or the ``MfsimError`` of bad input (exit 2).
     """
-    root = Path(cfg.run.output)
+    root = cfg.run.output
     todo = [d for d in days if force or not succeeded(root, d)]
     for d in days:
         if d not in todo:
-            log.info("nightly %s: already succeeded in %s; nothing to do (--force recomputes it)", d, root / d.isoformat())
+            log.info("nightly %s: already succeeded in %s; nothing to do (--force recomputes it)", d,
+                     run_location(root, d.isoformat()))
     if not todo:
         return []
     validate_before_cluster(day_config(cfg, todo[0]))
     published = []
-    root.mkdir(parents=True, exist_ok=True)
-    with OutputLock(root, timeout_s=lock_timeout_s):
+    lock_root = lock_dir(root)
+    lock_root.mkdir(parents=True, exist_ok=True)
+    with OutputLock(lock_root, timeout_s=lock_timeout_s):
         todo = [d for d in todo if force or not succeeded(root, d)]  # another nightly may have run them meanwhile
         with get_client(cfg.cluster, scheduler) if todo else nullcontext() as client:
             for d in todo:

@@ -39,7 +39,8 @@ FORMATS = ("text", "json")
 # Libraries that log every connection and task at INFO: WARNING and above only (or the chosen
 # level, when it is higher). distributed also gives some of them a handler of its own with its own
 # format at import; those handlers go, so every line comes out in mfsim's format.
-NOISY_LOGGERS = ("distributed", "tornado", "bokeh", "asyncio", "numba", "fsspec")
+NOISY_LOGGERS = ("distributed", "tornado", "bokeh", "asyncio", "numba", "fsspec", "s3fs", "botocore", "aiobotocore",
+                 "urllib3")
 _DISTRIBUTED_HANDLED = ("distributed", "distributed.client", "distributed.gc", "bokeh", "tornado",
                         "tornado.application")
 

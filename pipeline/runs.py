@@ -155,7 +155,36 @@ def error_line(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-class RunWriter:
+class DatasetBook:
+    """What a run wrote, for its manifest: ``files`` maps each path inside the run to (rows, schema)
+    (None, None for a file that is not a table). Shared by the run writers of every kind of root."""
+
+    files: dict[str, tuple[int | None, pa.Schema | None]]  # the writer sets it; its write_table records into it
+
+    def written(self, w: Written) -> None:
+        """Record a part a worker wrote below ``self.location`` (or write it, when it came back as a table)."""
+        if w.table is not None:
+            self.write_table(w.relative, w.table)
+        else:
+            self.files[w.relative] = (w.rows, w.schema)
+
+    def datasets(self) -> dict[str, dict[str, Any]]:
+        """Every dataset of the run for the manifest: its path, row count, schema and files (``outputs.dataset_of``)."""
+        out: dict[str, dict[str, Any]] = {}
+        for relative in sorted(self.files):
+            rows, schema = self.files[relative]
+            name = dataset_of(relative)
+            if schema is None:  # a file that is not a table (report.html)
+                out[name] = {"path": name, "format": Path(relative).suffix.lstrip(".")}
+                continue
+            d = out.setdefault(name, {"path": name, "format": "parquet", "rows": 0, "files": 0,
+                                      "schema": schema_json(schema)})
+            d["rows"] += int(rows)
+            d["files"] += 1
+        return out
+
+
+class RunWriter(DatasetBook):
     """Collects a run's outputs in a hidden temporary directory, records its state, publishes it atomically.
 
     Use as a context manager::
@@ -264,28 +293,6 @@ class RunWriter:
             pq.write_table(table, p, compression="zstd")
         self.files[relative] = (table.num_rows, table.schema)
         return p
-
-    def written(self, w: Written) -> None:
-        """Record a part a worker wrote below ``self.location`` (or write it, when it came back as a table)."""
-        if w.table is not None:
-            self.write_table(w.relative, w.table)
-        else:
-            self.files[w.relative] = (w.rows, w.schema)
-
-    def datasets(self) -> dict[str, dict[str, Any]]:
-        """Every dataset of the run for the manifest: its path, row count, schema and files (``outputs.dataset_of``)."""
-        out: dict[str, dict[str, Any]] = {}
-        for relative in sorted(self.files):
-            rows, schema = self.files[relative]
-            name = dataset_of(relative)
-            if schema is None:  # a file that is not a table (report.html)
-                out[name] = {"path": name, "format": Path(relative).suffix.lstrip(".")}
-                continue
-            d = out.setdefault(name, {"path": name, "format": "parquet", "rows": 0, "files": 0,
-                                      "schema": schema_json(schema)})
-            d["rows"] += int(rows)
-            d["files"] += 1
-        return out
 
     def write_table_parts(self, relative: str, tables) -> Path:
         """One Parquet file from an iterable of tables with the same schema (streamed, bounded memory)."""
