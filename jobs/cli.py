@@ -110,25 +110,25 @@ def run(
     typer.echo(run_summary(run_dir, manifest))
 
 
-def run_summary(run_dir: Path, manifest: dict) -> str:
+def run_summary(run_dir: Path | str, manifest: dict) -> str:
     """The terminal summary of a published run: its tables, the audit's verdict, where it lies."""
-    import pyarrow.parquet as pq
-
     from mfsim.pipeline import outputs
+    from mfsim.pipeline.roots import read_run_table
 
     lines = []
+    datasets = manifest.get("datasets", {})
     for path, title, values in (
         (outputs.EVALUATION_METRICS, "Held-out evaluation (fit on the train split):", ["recall", "ndcg"]),
         (outputs.CLUSTER_PRECISION, "Cluster precision@N of item-item lists (the paper's Fig. 1 in numbers):",
          ["cluster_precision", "chance"]),
     ):
-        if (run_dir / path).is_file():
-            lines += ["", title, format_table(pq.read_table(run_dir / path), values)]
+        if path in datasets:
+            lines += ["", title, format_table(read_run_table(run_dir, path), values)]
     if "audit" in manifest:
         lines += ["", f"Cosine audit: {manifest['audit'].get('verdict', '')}"]
     lines += ["", f"run directory: {run_dir}"]
-    if (run_dir / outputs.REPORT).is_file():
-        lines.append(f"report: {run_dir / outputs.REPORT}")
+    if outputs.REPORT in datasets:
+        lines.append(f"report: {run_dir}/{outputs.REPORT}")
     c = manifest["counts"]
     lines.append(f"users {c['n_users']}  items {c['n_items']}  non-zeros {c['nnz']}  "
                  f"stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in manifest["timings"].items()))
@@ -161,7 +161,8 @@ def submit(
     """Start a run and print its id at once; it goes on when this process or terminal goes away."""
     from mfsim.jobs import submit as sub
     from mfsim.pipeline.ingest import validate_before_cluster
-    from mfsim.pipeline.runs import new_run_id, record_submitted, validate_run_id
+    from mfsim.pipeline.roots import record_submitted
+    from mfsim.pipeline.runs import new_run_id, validate_run_id
 
     cfg = _load(config, set_, **{"input.path": input, "run.output": output, "run.run_id": run_id})
     cfg.run.run_id = validate_run_id(cfg.run.run_id or new_run_id())
@@ -197,7 +198,7 @@ def runs_(
 ) -> None:
     """One line per run: run id, state, start, duration, n_users, n_items, nnz."""
     from mfsim.jobs.runs_cmd import format_runs
-    from mfsim.pipeline.runs import list_runs
+    from mfsim.pipeline.roots import list_runs
 
     typer.echo(format_runs(list_runs(output), format))
 
@@ -210,7 +211,7 @@ def status(
 ) -> None:
     """The state of one run; exit code 0 succeeded, 1 failed or lost, 3 running."""
     from mfsim.jobs.runs_cmd import STATUS_EXIT, format_runs
-    from mfsim.pipeline.runs import run_status
+    from mfsim.pipeline.roots import run_status
 
     st = run_status(output, run_id)
     typer.echo(format_runs([st], "table"))
@@ -221,12 +222,12 @@ def status(
 
 @app.command(epilog="Example: mfsim show runs/LATEST")
 @user_errors
-def show(run: Path = typer.Argument(..., help="A run directory, or <output>/LATEST.")) -> None:
+def show(run: str = typer.Argument(..., help="A run directory or URL, or <output>/LATEST.")) -> None:
     """The manifest summary of a published run: counts, timings, the audit's verdict, warnings."""
     from mfsim.jobs.runs_cmd import format_manifest
-    from mfsim.pipeline.runs import read_manifest, resolve_run_dir
+    from mfsim.pipeline.roots import read_manifest, resolve_run
 
-    run_dir = resolve_run_dir(run)
+    run_dir = resolve_run(run)
     typer.echo(format_manifest(run_dir, read_manifest(run_dir)))
 
 
@@ -324,6 +325,28 @@ def bench_ingest(
         write_json(json_out, out)
 
 
+@bench_app.command("pipeline", epilog="Example: mfsim bench pipeline --users 200000 --items 50000 --nnz 5000000 "
+                                       "--set neighbours.user_user=[]")
+@user_errors
+def bench_pipeline(
+    users: int = typer.Option(200_000, help="Distinct users of the synthetic log."),
+    items: int = typer.Option(50_000, help="Distinct items."),
+    nnz: int = typer.Option(5_000_000, help="Rows of the log."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (default: conf/default.yaml)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    workdir: Optional[Path] = typer.Option(None, help="Where to keep the log and the run (default: a temp dir)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the measured numbers to this JSON file."),
+) -> None:
+    """The whole job on a synthetic power-law log: each stage's wall time, driver and worker peak RSS, output sizes."""
+    from mfsim.jobs.bench.measure import write_json
+    from mfsim.jobs.bench.pipeline import run_bench_pipeline
+
+    out = run_bench_pipeline(users=users, items=items, nnz=nnz, config=str(config) if config else None,
+                             overrides=list(set_), workdir=workdir)
+    if json_out is not None:
+        write_json(json_out, out)
+
+
 @bench_app.command("svd", epilog="Example: mfsim bench svd --users 200000 --items 50000 --nnz 5000000 --rank 64")
 @user_errors
 def bench_svd(
@@ -395,19 +418,30 @@ def audit(
     run_audit_command(users, items, top_n=top_n, draws=draws, spread=spread, seed=seed, out=out)
 
 
-@app.command(epilog="Example: mfsim neighbours runs/20261124T031500Z-ab12cd --item 50 --metric cosine --metric model")
+@app.command(epilog="Example: mfsim neighbours runs/LATEST --item 50 --metric cosine --metric model; "
+                    "mfsim neighbours runs/LATEST --user 7 --format json")
 @user_errors
 def neighbours(
-    run_dir: Path = typer.Argument(..., help="A published run directory, or <output>/LATEST."),
-    item: str = typer.Option(..., "--item", help="Item id (as in the input)."),
-    metric: list[str] = typer.Option([], "--metric", help="Metrics to show (default: all item-item metrics)."),
+    run: str = typer.Argument(..., help="A published run directory or URL, or <output>/LATEST."),
+    item: Optional[str] = typer.Option(None, "--item", help="Item id (as in the input): its similar items."),
+    user: Optional[str] = typer.Option(None, "--user", help="User id (as in the input): its recommendations."),
+    objective: list[str] = typer.Option([], "--objective", help="eq1 or eq2 (repeatable; default: both)."),
+    scaling: list[str] = typer.Option([], "--scaling", help="Scalings to show, e.g. symmetric, invariant, unique "
+                                      "(repeatable; default: all)."),
+    metric: list[str] = typer.Option([], "--metric", help="Metrics to show (repeatable; default: all of the list kind)."),
     top: int = typer.Option(10, "--top", help="Rows to show per list."),
+    format: str = typer.Option("table", "--format", help="table (a column per list), csv or json (a row per entry)."),
 ) -> None:
-    """Print one item's item-item lists side by side, one column per (objective, scaling, metric)."""
-    from mfsim.jobs.inspect_cmd import show_item_lists
-    from mfsim.pipeline.runs import resolve_run_dir
+    """Print one item's item-item lists (--item) or one user's recommendations (--user), one column per
+    (objective, scaling, metric), or their rows as CSV or JSON."""
+    from mfsim.jobs.inspect_cmd import show_lists
+    from mfsim.pipeline.results import open_run
 
-    typer.echo(show_item_lists(resolve_run_dir(run_dir), item, metric, top))
+    if (item is None) == (user is None):
+        raise MfsimError("pass --item ID (its similar items) or --user ID (its recommendations), one of them")
+    kind, query = ("item_item", item) if item is not None else ("user_item", user)
+    typer.echo(show_lists(open_run(run), kind, query, objectives=objective, scalings=scaling, metrics=metric,
+                          top=top, fmt=format))
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ all come here.
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -30,7 +31,10 @@ RUN_LOG = "_log.txt"
 
 
 def run_stages(ctx: StageContext) -> dict[str, Any]:
-    """Every stage of ``STAGES`` that applies, in order; returns the manifest entries they made."""
+    """Every stage of ``STAGES`` that applies, in order; returns the manifest entries they made, and the
+    driver's peak RSS after each stage (``driver_peak_rss_mib``: a running maximum, so the stage where it
+    rises is the one that needed the memory)."""
+    peaks: dict[str, int] = {}
     for stage in STAGES:
         if not stage.when(ctx):
             continue
@@ -38,8 +42,16 @@ def run_stages(ctx: StageContext) -> dict[str, Any]:
         t0 = time.perf_counter()
         with ctx.run.stage(stage.name) if stage.timed else nullcontext():
             ctx.results[stage.name] = stage.fn(ctx)
-        log.info("stage %s: done in %.2fs", stage.name, time.perf_counter() - t0)
-    return {key: value for result in ctx.results.values() for key, value in result.manifest.items()}
+        peaks[stage.name] = driver_peak_rss_mib()
+        log.info("stage %s: done in %.2fs; driver peak RSS so far %d MiB", stage.name, time.perf_counter() - t0,
+                 peaks[stage.name])
+    entries = {key: value for result in ctx.results.values() for key, value in result.manifest.items()}
+    return {**entries, "driver_peak_rss_mib": peaks}
+
+
+def driver_peak_rss_mib() -> int:
+    """The driver process's peak resident memory so far (``getrusage`` ``ru_maxrss``, KiB on Linux), in MiB."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 
 
 def run_job(cfg: Config, *, scheduler: str | None = None, client: Any = None, move_latest: str = "always",

@@ -12,8 +12,10 @@ Every error names its source: the config file, or the ``--set`` override that se
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -314,6 +316,7 @@ class ConfigSource:
     name: str
     overrides: tuple[str, ...] = ()
     file_keys: frozenset[tuple[str, ...]] = frozenset()  # every key path present in the file
+    label: str = "--set"  # how an override is named: ``--set svd.rank=3``, or ``run_pipeline override ...``
 
     def of(self, loc: tuple) -> str:
         """The source of the key at ``loc`` (pydantic's error location)."""
@@ -321,8 +324,8 @@ class ConfigSource:
         for text in reversed(self.overrides):
             key = override_key(text)
             if loc[: len(key)] == key:
-                return f"--set {text}"
-        inner = [f"--set {t}" for t in self.overrides if override_key(t)[: len(loc)] == loc]
+                return f"{self.label} {text}"
+        inner = [f"{self.label} {t}" for t in self.overrides if override_key(t)[: len(loc)] == loc]
         if not inner:
             return self.name
         if loc in self.file_keys:
@@ -522,15 +525,21 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | Mapping[str, Any] | None = None, overrides: list[str] | None = None, *,
+                label: str = "--set") -> Config:
     """Load ``path`` (default: conf/default.yaml), apply ``--set`` overrides, validate.
 
-    An error names the file, or the override, that gave the bad key.
+    ``path`` may also be a mapping of sections, read as a YAML file's mapping would be (keys it
+    leaves out keep their defaults). An error names the file (or mapping), or the override, that
+    gave the bad key; ``label`` is how an override is named there (``--set``).
     """
-    name = str(path) if path is not None else str(DEFAULT_CONFIG)
-    data = read_yaml(name)
+    if isinstance(path, Mapping):
+        name, data = "the config mapping", copy.deepcopy(dict(path))
+    else:
+        name = str(path) if path is not None else str(DEFAULT_CONFIG)
+        data = read_yaml(name)
     overrides = list(overrides or [])
-    source = ConfigSource(name, tuple(overrides), frozenset(_key_paths(data)))
+    source = ConfigSource(name, tuple(overrides), frozenset(_key_paths(data)), label)
     data = apply_overrides(data, overrides)
     return validate_config(data, source)
 

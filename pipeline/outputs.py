@@ -87,7 +87,10 @@ def embedding_table(ids: pa.Array, id_col: str, emb: np.ndarray) -> pa.Table:
     if len(ids) != n:
         raise ValueError(f"{len(ids)} ids for {n} embedding rows")
     values = pa.array(emb.reshape(-1))
-    return pa.table({id_col: ids, "embedding": pa.FixedSizeListArray.from_arrays(values, k)})
+    # the list's field is named "element", as Parquet writes it back: the schema in memory (and in the
+    # manifest) is then the schema every reader sees
+    typ = pa.list_(pa.field("element", pa.float32()), k)
+    return pa.table({id_col: ids, "embedding": pa.FixedSizeListArray.from_arrays(values, type=typ)})
 
 
 def neighbour_table(kind: str, query_ids: pa.Array, candidate_ids: pa.Array, indices: np.ndarray,
@@ -110,9 +113,14 @@ def neighbour_table(kind: str, query_ids: pa.Array, candidate_ids: pa.Array, ind
 
 
 def keyed_by_item(table: pa.Table, item_ids: pa.Array) -> pa.Table:
-    """``table`` with its internal ``index`` column (an item's row) replaced by ``item_id`` in the same place."""
+    """``table`` with its internal ``index`` column (an item's row) replaced by ``item_id`` in the same place,
+    and dictionary-encoded label columns as plain strings (as in every other table of a run)."""
     i = table.schema.get_field_index("index")
-    return table.set_column(i, ITEM_ID, item_ids.take(table["index"]))
+    table = table.set_column(i, ITEM_ID, item_ids.take(table["index"]))
+    for j, f in enumerate(table.schema):
+        if pa.types.is_dictionary(f.type):
+            table = table.set_column(j, f.name, table[f.name].cast(f.type.value_type))
+    return table
 
 
 def schema_json(schema: pa.Schema) -> list[dict[str, str]]:

@@ -162,7 +162,11 @@ class DatasetBook:
     files: dict[str, tuple[int | None, pa.Schema | None]]  # the writer sets it; its write_table records into it
 
     def written(self, w: Written) -> None:
-        """Record a part a worker wrote below ``self.location`` (or write it, when it came back as a table)."""
+        """Record a part a worker wrote below ``self.location`` (or write it, when it came back as a table);
+        a write that failed on the worker raises its one ``MfsimError`` here."""
+        if w.error is not None:
+            code, text, path = w.error
+            raise os_error(OSError(code, text), path, "write", _NOT_PUBLISHED)
         if w.table is not None:
             self.write_table(w.relative, w.table)
         else:

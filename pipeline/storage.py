@@ -130,13 +130,33 @@ class Written:
 
     relative: str
     rows: int
-    schema: pa.Schema
+    schema: pa.Schema | None
     table: pa.Table | None = None
+    error: tuple[int, str, str] | None = None  # (errno, strerror, path) of a failed write
+
+    def __reduce__(self):
+        # a pickled pa.Schema loses the field name of a fixed_size_list (pyarrow 26: "element" comes back as
+        # "item"); Arrow's IPC form keeps it, so the manifest names the type that readers see
+        ipc = self.schema.serialize().to_pybytes() if self.schema is not None else None
+        return _written, (self.relative, self.rows, ipc, self.table, self.error)
+
+
+def _written(relative: str, rows: int, schema_ipc: bytes | None, table: pa.Table | None,
+             error: tuple[int, str, str] | None = None) -> Written:
+    schema = pa.ipc.read_schema(pa.py_buffer(schema_ipc)) if schema_ipc is not None else None
+    return Written(relative, rows, schema, table, error)
 
 
 def write_part(location: Location, relative: str, table: pa.Table) -> Written:
-    """Write ``table`` at ``relative`` below ``location`` (in a task); what was written."""
+    """Write ``table`` at ``relative`` below ``location`` (in a task); what was written.
+
+    A failed write (a full disk, a read-only mount) comes back as ``error`` rather than raised, so the
+    driver reports it as one line (``RunWriter.written``) instead of a worker's traceback.
+    """
     if location.driver_only:
         return Written(relative, table.num_rows, table.schema, table)
-    rows = location.write_table(relative, table)
+    try:
+        rows = location.write_table(relative, table)
+    except OSError as exc:
+        return Written(relative, 0, None, error=(exc.errno or 0, exc.strerror or str(exc), location.join(relative)))
     return Written(relative, rows, table.schema)

@@ -47,6 +47,15 @@ def write_synthetic_log(path: Path, rows: int, users: int, items: int, *, files:
                        path / f"part-{f:03d}.parquet", row_group_size=1_000_000, compression="zstd")
 
 
+def ready_log(log_dir: Path, rows: int, users: int, items: int) -> None:
+    """``write_synthetic_log`` into ``log_dir`` unless it is there already; prints one line about it."""
+    t = time.perf_counter()
+    if not log_dir.exists():
+        write_synthetic_log(log_dir, rows, users, items)
+    print(f"synthetic log: {rows:,} rows, {users:,} users, {items:,} items "
+          f"({sum(f.stat().st_size for f in log_dir.iterdir()) / 2**20:.0f} MiB, ready in {time.perf_counter() - t:.1f}s)")
+
+
 def _warm_up() -> None:
     import numpy as np
 
@@ -88,11 +97,7 @@ def run_bench_ingest(rows: int = 50_000_000, users: int | None = None, items: in
     base = Path(tempfile.mkdtemp(prefix="mfsim-bench-ingest-")) if own_dir else Path(workdir)
     log_dir = base / "log"
     try:
-        t = time.perf_counter()
-        if not log_dir.exists():
-            write_synthetic_log(log_dir, rows, users, items)
-        print(f"synthetic log: {rows:,} rows, {users:,} users, {items:,} items "
-              f"({sum(f.stat().st_size for f in log_dir.iterdir()) / 2**20:.0f} MiB, written in {time.perf_counter() - t:.1f}s)")
+        ready_log(log_dir, rows, users, items)
 
         anchor = timed(lambda: anchor_build(log_dir))
         anchor_nnz = anchor.result.nnz

@@ -231,3 +231,17 @@ def test_workers_in_another_directory_with_relative_paths_on_the_driver(small_lo
     finally:
         for p in reversed(procs):
             end_process(p)
+
+
+def test_open_run_reads_the_store_through_latest(s3, published):
+    import mfsim
+
+    run = mfsim.open_run(f"s3://{BUCKET}/runs/LATEST")
+    assert run.run_id == s3["fs"].cat_file(f"{BUCKET}/runs/LATEST").decode().strip()
+    item = pq.read_table(published / "ids/items.parquet")["item_id"][3].as_py()
+    got = run.similar_items(item, n=5, metric="cosine", objective="eq2", scaling="unique")
+    ref = pq.read_table(published / "similar_items/objective=eq2/scaling=unique/metric=cosine",
+                        filters=[("item_id", "=", item)]).to_pandas()
+    assert got["neighbour_id"].tolist() == ref["neighbour_id"].tolist()[:5]
+    ids, emb = run.item_embeddings("eq1", "symmetric")
+    assert emb.dtype == np.float32 and len(ids) == emb.shape[0] == run.manifest["n_items"]

@@ -252,7 +252,7 @@ def test_a_job_through_a_tls_cluster(tmp_path):
     assert run_dir == tmp_path / "runs" / "over-tls"
     assert (tmp_path / "runs" / "LATEST").read_text().strip() == "over-tls"
     assert manifest["nnz"] == 900 and manifest["n_users"] == len(np.unique(pairs // 40))
-    assert (run_dir / "neighbours").is_dir() and (run_dir / "_log.txt").is_file()
+    assert (run_dir / "similar_items").is_dir() and (run_dir / "_log.txt").is_file()
 
 
 def test_missing_tls_file_names_the_key_and_the_file(tmp_path):

@@ -258,7 +258,7 @@ def check_faulted_run(c: Cluster, killer: Killer, run_dir: Path, clean: Path, *,
     else:
         assert len(c.client.scheduler_info()["workers"]) == 1
     files = assert_same_run_tables(clean, run_dir)
-    assert sum(1 for f in files if f.parts[0] == "neighbours") >= 8
+    assert sum(1 for f in files if f.parts[0] in ("similar_items", "recommendations", "similar_users")) >= 8
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,289 @@
+"""Reading a published run from Python: neighbour lists, embeddings and the audit (``mfsim.open_run``).
+
+Pure reading: nothing is written. A lookup is one ``pyarrow.dataset`` scan of the list's dataset
+(``similar_items``, ``recommendations``, ``similar_users``) with the hive partition keys
+(objective, scaling, metric), the query id and ``rank <= n`` pushed down as filters, so only the
+files of the chosen list are opened and only row groups that can hold the id are decoded; no
+lookup reads every list into memory. The layout is ``pipeline.outputs``'s; the valid names are
+``pipeline.registry``'s, and an error lists the names this run actually has.
+
+A run is a local directory or an fsspec URL (``s3://bucket/root/<run_id>``), or ``<root>/LATEST``
+for the newest run (``pipeline.roots.resolve_run``); URLs are read through the filesystem of
+``fsspec.core.url_to_fs`` passed to pyarrow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from mfsim.pipeline import outputs, registry, roots
+from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.storage import filesystem, is_remote
+
+#: The query side of each list kind: the ids file and id column a query id is looked up in.
+QUERY_SIDE = {"item_item": "items", "user_item": "users", "user_user": "users"}
+IDS_FILES = {"items": outputs.ITEMS_IDS, "users": outputs.USERS_IDS}
+ID_COLUMNS = {"items": outputs.ITEM_ID, "users": outputs.USER_ID}
+LIST_COLUMNS = ("rank", "score")
+N_EXAMPLES = 5  # ids shown in an unknown-id error
+
+
+def open_run(path: str | Path) -> "Run":
+    """The published run at ``path``: a run directory, ``<root>/LATEST``, or a URL of either
+    (``s3://bucket/root/LATEST``, ``file:///abs/runs/<run_id>``).
+
+    Raises ``MfsimError`` when ``path`` is not a published run (no ``_manifest.json``).
+    """
+    run = roots.resolve_run(path)
+    return Run(run, roots.read_manifest(run))
+
+
+class Run:
+    """One published run, read lazily: each method reads only the files it needs.
+
+    ``path`` is the run directory (a ``Path``) or its URL (a ``str``); ``manifest`` is its
+    ``_manifest.json`` (config, counts, timings, ``datasets``).
+    """
+
+    def __init__(self, path: str | Path, manifest: dict[str, Any]):
+        self.path = path
+        self.manifest = manifest
+        self._datasets: dict[str, ds.Dataset] = {}
+
+    @property
+    def run_id(self) -> str:
+        return self.manifest["run_id"]
+
+    def __repr__(self) -> str:
+        c = self.manifest.get("counts", {})
+        return f"<mfsim run {self.run_id!r} at {self.path}: {c.get('n_users')} users, {c.get('n_items')} items>"
+
+    # -- neighbour lists ----------------------------------------------------------------------
+    def similar_items(self, item_id: Any, n: int = 10, metric: str = "projected_cosine", objective: str = "eq1",
+                      scaling: str = registry.INVARIANT) -> pd.DataFrame:
+        """The ``n`` items most similar to ``item_id``: columns ``item_id``, ``neighbour_id``, ``rank``, ``score``.
+
+        The default, ``projected_cosine`` of Eq. 1 (``scaling="invariant"``), is the cosine of the rows of
+        ``A B^T``: the same for every equally good solution. ``metric="cosine"`` needs a named scaling
+        (``symmetric``, ...): it changes with the arbitrary scaling D (Steck et al. 2024, Section 2).
+        """
+        return self._one_list("item_item", item_id, n, objective, scaling, metric)
+
+    def recommend(self, user_id: Any, n: int = 10, metric: str = "dot", objective: str = "eq1",
+                  scaling: str = registry.INVARIANT) -> pd.DataFrame:
+        """The ``n`` items recommended to ``user_id`` (its own items excluded): columns ``user_id``, ``item_id``,
+        ``rank``, ``score``. The default ``dot`` scores ``(X A B^T)_ui``, the same for every Eq. 1 solution."""
+        return self._one_list("user_item", user_id, n, objective, scaling, metric)
+
+    def similar_users(self, user_id: Any, n: int = 10, metric: str = "projected_cosine", objective: str = "eq1",
+                      scaling: str = registry.INVARIANT) -> pd.DataFrame:
+        """The ``n`` users most similar to ``user_id``: columns ``user_id``, ``neighbour_id``, ``rank``, ``score``.
+        The default ``projected_cosine`` is the cosine of the rows of ``X A B^T`` (scaling-invariant)."""
+        return self._one_list("user_user", user_id, n, objective, scaling, metric)
+
+    def lists(self, kind: str) -> list[tuple[str, str, str]]:
+        """The (objective, scaling, metric) lists of ``kind`` (``item_item``, ``user_item``, ``user_user``), sorted."""
+        return sorted(self._partitions(_list_dataset(kind), outputs.PARTITION_KEYS))
+
+    def neighbour_lists(self, kind: str, query_id: Any, n: int = 10, *, objectives: Iterable[str] = (),
+                        scalings: Iterable[str] = (), metrics: Iterable[str] = ()) -> pd.DataFrame:
+        """Every list of ``kind`` for one query, restricted to the given objectives, scalings and metrics (empty:
+        all), sorted by objective, scaling, metric, rank: columns ``objective``, ``scaling``, ``metric``, the
+        query id, the neighbour id, ``rank``, ``score``."""
+        name = _list_dataset(kind)
+        combos = self._partitions(name, outputs.PARTITION_KEYS)
+        wanted = {k: [v] if isinstance(v, str) else list(v)
+                  for k, v in (("objective", objectives), ("scaling", scalings), ("metric", metrics))}
+        for i, key in enumerate(outputs.PARTITION_KEYS):
+            have = sorted({c[i] for c in combos})
+            for value in wanted[key]:
+                if value not in have:
+                    raise MfsimError(f"{name} of run {self.run_id} has no {key} {value!r}; {key}s here: "
+                                     f"{', '.join(have)}")
+        chosen = {c for c in combos if all(not wanted[k] or c[i] in wanted[k]
+                                           for i, k in enumerate(outputs.PARTITION_KEYS))}
+        if not chosen:
+            raise MfsimError(f"{name} of run {self.run_id} has no list with " + ", ".join(
+                f"{k} in {v}" for k, v in wanted.items() if v) + "; lists here (objective/scaling/metric): "
+                + ", ".join("/".join(c) for c in sorted(combos)))
+        return self._scan(kind, query_id, n, chosen, keep_partitions=True)
+
+    def _one_list(self, kind: str, query_id: Any, n: int, objective: str, scaling: str, metric: str) -> pd.DataFrame:
+        name = _list_dataset(kind)
+        combos = self._partitions(name, outputs.PARTITION_KEYS)
+        # metric before scaling: whether a scaling exists depends on the metric (invariant lists, named ones)
+        chosen = _narrow(combos, outputs.PARTITION_KEYS, {"objective": objective, "metric": metric, "scaling": scaling},
+                         f"{name} of run {self.run_id}",
+                         hints={"scaling": _scaling_hint(kind, objective, metric, scaling)})
+        return self._scan(kind, query_id, n, {chosen}, keep_partitions=False)
+
+    def _scan(self, kind: str, query_id: Any, n: int, combos: set[tuple[str, ...]], *,
+              keep_partitions: bool) -> pd.DataFrame:
+        """The rows of ``combos``' lists for one query with ``rank <= n``: one filtered dataset scan."""
+        name = _list_dataset(kind)
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise MfsimError(f"n must be a positive integer (the list length to return), got {n!r}")
+        q_col, n_col = outputs.NEIGHBOUR_COLUMNS[kind]
+        dataset = self._dataset(name, outputs.PARTITION_KEYS)
+        key = self._cast_id(QUERY_SIDE[kind], query_id, dataset.schema.field(q_col).type)
+        flt = (pc.field(q_col) == key) & (pc.field("rank") <= int(n))
+        for i, part in enumerate(outputs.PARTITION_KEYS):
+            flt = flt & pc.field(part).isin(sorted({c[i] for c in combos}))
+        columns = [*(outputs.PARTITION_KEYS if keep_partitions else ()), q_col, n_col, *LIST_COLUMNS]
+        table = dataset.to_table(columns=columns, filter=flt)
+        if table.num_rows == 0:
+            raise self._no_list(kind, key, combos)
+        order = [*((k, "ascending") for k in outputs.PARTITION_KEYS if keep_partitions), ("rank", "ascending")]
+        return table.sort_by(order).to_pandas()
+
+    # -- embeddings and the audit ---------------------------------------------------------------
+    def item_embeddings(self, objective: str, scaling: str) -> tuple[pa.Array, np.ndarray]:
+        """(item ids, B): the item embeddings of one solution in ``ids/items.parquet`` index order, B float32 (p, k)."""
+        return self._embeddings("items", objective, scaling)
+
+    def user_embeddings(self, objective: str, scaling: str) -> tuple[pa.Array, np.ndarray]:
+        """(user ids, P = X A): the user embeddings of one solution in ``ids/users.parquet`` index order, P float32
+        (n, k); ``P @ B.T`` are the user-item ``dot`` scores."""
+        return self._embeddings("users", objective, scaling)
+
+    def _embeddings(self, side: str, objective: str, scaling: str) -> tuple[pa.Array, np.ndarray]:
+        name = outputs.EMBEDDING_DATASETS[side]
+        keys = ("objective", "scaling")
+        hint = (f" ('{registry.INVARIANT}' labels lists only: embeddings exist per named scaling, and the "
+                "scaling-invariant lists are computed from any of them)" if scaling == registry.INVARIANT else "")
+        o, s = _narrow(self._partitions(name, keys), keys, {"objective": objective, "scaling": scaling},
+                       f"{name} of run {self.run_id}", hints={"scaling": hint})
+        id_col = ID_COLUMNS[side]
+        table = self._dataset(name, keys).to_table(
+            columns=[id_col, "embedding"], filter=(pc.field("objective") == o) & (pc.field("scaling") == s))
+        ids = self._ids(side)
+        rows = pc.index_in(ids, value_set=table[id_col])  # embedding row of each id, in index order
+        if table.num_rows != len(ids) or rows.null_count:
+            raise MfsimError(f"{name}/objective={o}/scaling={s} of run {self.run_id} has {table.num_rows} rows for "
+                             f"{len(ids)} ids in {IDS_FILES[side]}: the run is damaged; rerun it")
+        emb = table["embedding"].combine_chunks().take(rows)
+        k = emb.type.list_size
+        return ids, np.asarray(emb.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(ids), k)
+
+    def audit(self) -> pd.DataFrame:
+        """The cosine audit's stability table (``audit/stability.parquet``): Jaccard@N of each metric's lists
+        between equally good Eq. 1 solutions (``jaccard_mean`` 1.0: the list does not depend on the scaling)."""
+        if outputs.AUDIT_STABILITY not in self.manifest.get("datasets", {}):
+            raise MfsimError(f"run {self.run_id} has no audit ({outputs.AUDIT_STABILITY}): it ran with "
+                             "audit.enabled: false or without Eq. 1; rerun with the audit enabled")
+        return self._read_table(outputs.AUDIT_STABILITY).to_pandas()
+
+    # -- files ----------------------------------------------------------------------------------
+    def _source(self, relative: str) -> tuple[str, Any]:
+        """(path, filesystem) of a file or directory of the run for pyarrow: a local path and None, or
+        the path inside the URL's fsspec filesystem and that filesystem."""
+        if is_remote(self.path):
+            fs, path = filesystem(f"{self.path}/{relative}")
+            return path, fs
+        return str(Path(self.path) / relative), None
+
+    def _read_table(self, relative: str, columns: list[str] | None = None) -> pa.Table:
+        path, fs = self._source(relative)
+        return pq.read_table(path, columns=columns, filesystem=fs)
+
+    def _dataset(self, name: str, keys: tuple[str, ...]) -> ds.Dataset:
+        """The hive-partitioned dataset ``name`` (discovered once per run object: a directory listing)."""
+        if name not in self._datasets:
+            if name not in self.manifest.get("datasets", {}):
+                raise MfsimError(f"run {self.run_id} has no {name}/ (its config did not ask for it); datasets here: "
+                                 f"{', '.join(sorted(self.manifest.get('datasets', {})))}")
+            path, fs = self._source(name)
+            partitioning = ds.partitioning(pa.schema([(k, pa.string()) for k in keys]), flavor="hive")
+            self._datasets[name] = ds.dataset(path, format="parquet", partitioning=partitioning, filesystem=fs)
+        return self._datasets[name]
+
+    def _partitions(self, name: str, keys: tuple[str, ...]) -> set[tuple[str, ...]]:
+        """The partition values (one tuple per directory) of a dataset, from its file paths (nothing is read)."""
+        out = set()
+        for fragment in self._dataset(name, keys).get_fragments():
+            values = ds.get_partition_keys(fragment.partition_expression)
+            out.add(tuple(values[k] for k in keys))
+        return out
+
+    def _ids(self, side: str) -> pa.Array:
+        """The ids of ``ids/<side>.parquet`` in index order."""
+        id_col = ID_COLUMNS[side]
+        t = self._read_table(IDS_FILES[side], columns=["index", id_col]).sort_by("index")
+        return t[id_col].combine_chunks()
+
+    def _cast_id(self, side: str, value: Any, id_type: pa.DataType) -> pa.Scalar:
+        """``value`` as a scalar of the run's id type (int64 or string ids); an ``MfsimError`` when it is not one."""
+        what = side[:-1]
+        try:
+            if value is None or isinstance(value, (bool, np.bool_)):
+                raise TypeError
+            key = pa.scalar(value).cast(id_type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, TypeError, ValueError):
+            raise MfsimError(f"{what} id {value!r} cannot be cast to the {what} ids of run {self.run_id}, which are "
+                             f"{id_type} (e.g. {self._examples(side)}; all in {IDS_FILES[side]})") from None
+        return key
+
+    def _examples(self, side: str) -> str:
+        return ", ".join(repr(v) for v in self._ids(side)[:N_EXAMPLES].to_pylist())
+
+    def _no_list(self, kind: str, key: pa.Scalar, combos: set[tuple[str, ...]]) -> MfsimError:
+        """The error for a scan that found nothing: an unknown id, or a known one whose list is empty."""
+        side = QUERY_SIDE[kind]
+        ids = self._ids(side)
+        shown_id = key.as_py()  # the id as the run's type (not a NumPy scalar's repr)
+        if not pc.any(pc.equal(ids, key)).as_py():
+            return MfsimError(f"unknown {side[:-1]} id {shown_id!r}: run {self.run_id} has {len(ids):,} {side} "
+                              f"(e.g. {self._examples(side)}; all in {IDS_FILES[side]})")
+        shown = ", ".join("/".join(c) for c in sorted(combos))
+        return MfsimError(f"{side[:-1]} {shown_id!r} of run {self.run_id} has no entries in {_list_dataset(kind)} "
+                          f"{shown}: its embedding is zero, it is outside neighbours.users, or no candidate is left")
+
+
+def _list_dataset(kind: str) -> str:
+    if kind not in outputs.LIST_DATASETS:
+        raise MfsimError(f"unknown list kind {kind!r}; valid: {', '.join(outputs.LIST_DATASETS)}")
+    return outputs.LIST_DATASETS[kind]
+
+
+def _narrow(combos: set[tuple[str, ...]], keys: tuple[str, ...], wanted: dict[str, str], what: str,
+            hints: dict[str, str] | None = None) -> tuple[str, ...]:
+    """The one combination of ``combos`` (tuples in ``keys`` order) with the ``wanted`` values, checked in
+    ``wanted``'s order; an ``MfsimError`` naming the first value that does not exist, the valid ones and
+    ``hints[key]``."""
+    chosen: dict[str, str] = {}
+    for key, value in wanted.items():
+        i = keys.index(key)
+        have = sorted({c[i] for c in combos})
+        if value not in have:
+            where = (" for " + ", ".join(f"{k} {v}" for k, v in chosen.items())) if chosen else ""
+            raise MfsimError(f"{what} has no {key} {value!r}{where}; valid: {', '.join(have) or 'none'}"
+                             f"{(hints or {}).get(key, '')}")
+        chosen[key] = value
+        combos = {c for c in combos if c[i] == value}
+    (combo,) = combos
+    return combo
+
+
+def _scaling_hint(kind: str, objective: str, metric: str, scaling: str) -> str:
+    """Why a list has no such scaling: Eq. 2 has one solution; a scaling-dependent metric has no ``invariant``
+    list; a scaling-invariant one has only that."""
+    spec = registry.LISTS.get((kind, metric))
+    if objective == "eq2":
+        return f" (Eq. 2's solution is unique: pass scaling='{registry.UNIQUE}')"
+    if spec is None:
+        return ""
+    if scaling == registry.INVARIANT and not spec.scaling_invariant:
+        return (f" ({metric} changes with the arbitrary scaling of Eq. 1, so it has a list per named scaling "
+                f"and none labelled '{registry.INVARIANT}')")
+    if scaling not in (registry.INVARIANT, registry.UNIQUE) and spec.scaling_invariant:
+        return (f" ({metric} is the same for every Eq. 1 solution, so it is written once, under "
+                f"scaling='{registry.INVARIANT}')")
+    return ""
