@@ -358,8 +358,9 @@ def bench_svd(
     power_iterations: Optional[int] = typer.Option(None, help="q (default: the config default)."),
     seed: int = typer.Option(0, help="Seed of the matrix and of every method."),
     block_rows: Optional[int] = typer.Option(None, help="Rows per block (default: the config default)."),
-    methods: str = typer.Option("mfsim,mfsim-dask,sklearn,dask-svd_compressed",
-                                help="Comma-separated methods to time (default: all four)."),
+    methods: str = typer.Option("krylov,krylov-dask,mfsim,mfsim-dask,sklearn,dask-svd_compressed",
+                                help="Comma-separated methods to time (default: all six; mfsim = subspace iteration)."),
+    sklearn_power_iterations: Optional[int] = typer.Option(None, help="sklearn's n_iter (default: --power-iterations)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the measured numbers to this JSON file."),
 ) -> None:
     """Time mfsim's randomized SVD (in-process and on Dask) against scikit-learn and dask.array."""
@@ -368,7 +369,8 @@ def bench_svd(
 
     out = run_bench_svd(users=users, items=items, nnz=nnz, rank=rank, oversample=oversample,
                         power_iterations=power_iterations, seed=seed, block_rows=block_rows,
-                        methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
+                        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                        sklearn_power_iterations=sklearn_power_iterations)
     if json_out is not None:
         write_json(json_out, out)
 

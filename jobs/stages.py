@@ -110,8 +110,15 @@ def fit_stage(ctx: StageContext) -> StageResult:
     if meta.get("eq2", {}).get("n_active") == 0:
         ctx.warnings.append(f"eq2: objectives.eq2.lambda={meta['eq2']['lambda']} is >= every singular value "
                             f"(largest {float(fit.sigma[0]):.4g}): every Eq. 2 embedding is zero")
-    return StageResult({"preprocess": fit.prep.describe(), "svd": {"rank": len(fit.sigma), "solver": ctx.cfg.svd.solver},
-                        "factors": meta})
+    info = fit.svd_info
+    svd = {"rank": len(fit.sigma), "solver": info.get("solver", ctx.cfg.svd.solver),
+           **{key: info.get(key) for key in ("passes", "blocks", "block_size", "estimated_error", "converged")}}
+    if svd["converged"] is False:
+        ctx.warnings.append(f"svd: not converged after {svd['blocks']} blocks (estimated error "
+                            f"{svd['estimated_error']:.3g} > svd.tol={ctx.cfg.svd.tol:g}); raise svd.max_blocks "
+                            f"(now {ctx.cfg.svd.max_blocks}) or svd.tol")
+    log.info("svd: %s, %s passes, estimated error %s", svd["solver"], svd["passes"], svd["estimated_error"])
+    return StageResult({"preprocess": fit.prep.describe(), "svd": svd, "factors": meta})
 
 
 def factors_stage(ctx: StageContext) -> StageResult:

@@ -157,9 +157,12 @@ class SvdSection(Section):
     """``svd``: rank k, solver and the randomized range finder's parameters."""
 
     rank: int = Field(64, ge=1)
-    solver: Literal["mfsim", "sklearn"] = "mfsim"
-    oversample: int = Field(10, ge=0)
-    power_iterations: int = Field(32, ge=0)
+    solver: Literal["krylov", "subspace", "sklearn"] = "krylov"
+    block_size: int = Field(16, ge=1)  # krylov: columns per Krylov block
+    tol: float = Field(1e-6, gt=0)  # krylov: stop when the top-k Ritz values change by less than this (relative)
+    max_blocks: int = Field(40, ge=1)  # krylov: at most this many blocks after the first
+    oversample: int = Field(10, ge=0)  # subspace, sklearn
+    power_iterations: int = Field(32, ge=0)  # subspace, sklearn
     seed: int = 0
 
 

@@ -31,6 +31,7 @@ class Fit:
     factors: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]
     meta: dict[str, Any]
     user_parts: dict[tuple[str, str], list] = field(default_factory=dict)  # P = X A per row block, when computed
+    svd_info: dict[str, Any] = field(default_factory=dict)  # the solver's diagnostics (passes, convergence)
 
     def users(self, key: tuple[str, str]) -> list:
         """User embeddings ``P = X_eff A`` of (objective, scaling) per row block (futures), computed once."""
@@ -62,4 +63,5 @@ def fit_model(X_raw: RowBlocks, cfg: Config, run: RunWriter | None = None, prefi
         svd = truncated_svd(X, cfg.svd, col_offset=prep.col_offset)
     with stage("factors"):
         emb = build_embeddings(svd.sigma, svd.V, cfg.objectives)
-    return Fit(X, prep, np.asarray(svd.sigma), np.asarray(svd.V), emb["factors"], emb["meta"])
+    return Fit(X, prep, np.asarray(svd.sigma), np.asarray(svd.V), emb["factors"], emb["meta"],
+               svd_info=dict(svd.diagnostics))

@@ -475,7 +475,185 @@ def _randomized_svd(run, blocks: RowBlocks, rank, oversample, power_iterations, 
         u_row_offsets=blocks.row_offsets.copy() if compute_u else None,
         client=blocks.client,
         diagnostics=dict(
-            solver="mfsim", l=l, power_iterations=power_iterations, oversample=oversample, seed=seed,
+            solver="subspace", l=l, power_iterations=power_iterations, oversample=oversample, seed=seed,
+            passes=round(l * (2 * power_iterations + 2 + int(compute_u)) / (rank + 10), 2), block_size=l,
+            blocks=power_iterations + 1, estimated_error=None, converged=None,
+            n_blocks=blocks.n_blocks, executor=run.executor, n_workers=run.n_workers, seconds=seconds,
+        ),
+    )
+
+
+def _extend_basis(basis: np.ndarray | None, y: np.ndarray, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(K, H)``: an orthonormal block K (p x b, float64) orthogonal to ``basis`` with span(basis, K) ⊇ span(y),
+    and ``H = basis^T y`` (the coefficients, for the projected matrix).
+
+    Block classical Gram-Schmidt twice ("twice is enough": Giraud et al. 2005; the second pass
+    removes what rounding left of the first, so K is orthogonal to the basis to ~1e-16 whatever
+    the angle), then ``_orthonormalize`` within the block. A column that vanishes against the
+    basis (X of rank below the space width, or an exhausted Krylov space) is replaced by a seeded
+    random direction, orthogonalized the same way, so the space keeps its width and its
+    orthonormality; such directions get zero Ritz values.
+    """
+    h = np.zeros((0, y.shape[1])) if basis is None else np.zeros((basis.shape[1], y.shape[1]))
+    norms = np.linalg.norm(y, axis=0)
+    for _ in range(2):
+        if basis is not None:
+            c = basis.T @ y
+            y = y - basis @ c
+            h += c
+    lost = np.linalg.norm(y, axis=0) <= 1e-10 * np.maximum(norms, np.finfo(float).tiny)
+    if lost.any():
+        rng = np.random.default_rng([seed, 7919, step])
+        y[:, lost] = rng.standard_normal((y.shape[0], int(lost.sum())))
+        for _ in range(2):
+            if basis is not None:
+                y[:, lost] -= basis @ (basis.T @ y[:, lost])
+    k = _orthonormalize(y)
+    if basis is not None:  # the QR's rounding and any replaced column: one more pass, then re-normalize
+        k = k - basis @ (basis.T @ k)
+        k = _orthonormalize(k)
+    return k, h
+
+
+def _ritz_values(t_cols: list[np.ndarray], rank: int) -> np.ndarray:
+    """The top-``rank`` Ritz values (descending) of X on the space whose ``T = Q^T X^T X Q`` has the column
+    blocks ``t_cols`` (block i: rows of blocks 0..i, the upper block triangle); the lower triangle is its mirror."""
+    m = sum(h.shape[1] for h in t_cols)
+    upper = np.zeros((m, m))
+    owner = np.zeros(m, dtype=np.int64)  # the block of each row/column
+    col = 0
+    for i, h in enumerate(t_cols):
+        upper[: h.shape[0], col : col + h.shape[1]] = h
+        owner[col : col + h.shape[1]] = i
+        col += h.shape[1]
+    T = np.where(owner[:, None] <= owner[None, :], upper, upper.T)
+    T = (T + T.T) / 2  # the diagonal blocks are symmetric only up to rounding
+    return np.sqrt(np.clip(np.linalg.eigvalsh(T)[::-1][:rank], 0, None))
+
+
+def krylov_svd(
+    blocks: RowBlocks,
+    rank: int,
+    *,
+    block_size: int | None = None,
+    tol: float = 1e-6,
+    max_blocks: int = 16,
+    seed: int = 0,
+    col_offset: np.ndarray | None = None,
+    compute_u: bool = False,
+    start: np.ndarray | None = None,
+) -> SvdResult:
+    """Top-``rank`` singular triplets of X (or ``X - 1 c^T``) by randomized block Krylov iteration.
+
+    The item-side Krylov space ``[K_0, A K_0, A^2 K_0, ...]`` with ``A = X^T X`` and
+    ``K_0 = orth(X^T Omega)`` (Musco & Musco 2015, Algorithm 2), each new block orthogonalized
+    against every earlier one (``_extend_basis``: block Gram-Schmidt twice), then Rayleigh-Ritz on
+    the whole space: ``X Q = Q_C R`` by TSQR, ``R = U_r S V_r^T``, ``V = Q V_r``.
+
+    Stopping rule: the products ``A K_j`` give the projected matrix ``T = Q^T A Q`` of the space
+    built so far at no extra pass (its columns are the Gram-Schmidt coefficients), whose top-k
+    eigenvalues are the squared Ritz values. After each block the largest relative change of the
+    top-k Ritz values against the previous space is the error estimate; below ``tol`` the space
+    stops growing (``converged``), else it stops at ``max_blocks`` blocks after the first. The
+    final Rayleigh-Ritz uses one more block than the last estimate saw, so its values are at
+    least as good as those the estimate judged (Ritz values only grow with the space).
+
+    ``start`` (p x m, optional): a warm start, e.g. the previous run's V_k aligned to these items;
+    the first block is then ``orth([start, X^T Omega])`` of width ``m + block_size``.
+
+    Parameters as ``randomized_svd``; ``block_size`` defaults to ``max(8, ceil(rank / 2))``.
+    Memory on the driver: the basis, p x (blocks + 1) b float64 (at p = 1M, b = 32 and 8 blocks
+    after the first: 2.3 GB), which ``max_blocks`` bounds; per worker one p x b partial.
+    Cost in passes of a (k + 10)-wide product over X: ``(b + 2 b j + W) / (k + 10)`` for j
+    products with ``A`` and a final space of width W (``diagnostics["passes"]``).
+    """
+    c = _check(blocks, rank, 0, 0, col_offset)
+    n, p = blocks.shape
+    b = int(block_size) if block_size else max(8, -(-rank // 2))
+    if b < 1 or max_blocks < 1 or not tol > 0:
+        raise MfsimError(f"svd.block_size, svd.max_blocks and svd.tol must be positive, got {block_size}, "
+                         f"{max_blocks} and {tol}")
+    run = _Dask(blocks) if blocks.client is not None else _Local(blocks)
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _krylov(run, blocks, rank, b, float(tol), int(max_blocks), seed, c, compute_u, start)
+
+
+def _krylov(run, blocks, rank, b, tol, max_blocks, seed, c, compute_u, start) -> SvdResult:
+    n, p = blocks.shape
+    width_cap = min(n, p)
+    seconds: dict[str, float] = {}
+    columns = 0  # columns of products over X, summed: passes = columns / (k + 10)
+    t0 = time.perf_counter()
+
+    def product(k64: np.ndarray) -> np.ndarray:
+        """``X_eff^T X_eff K`` (p x w float64), K rounded to float32 as in every product."""
+        nonlocal columns
+        k32 = k64.astype(np.float32)
+        cq = None if c is None else (c @ k32.astype(np.float64)).astype(np.float32)
+        run.out = None  # the width may change between calls (_Local keeps one buffer)
+        y, zsum = run.gram(k32, cq, k32.shape[1], seed)
+        columns += 2 * k32.shape[1]
+        return y - np.outer(c, zsum) if c is not None else y
+
+    y, zsum = run.gram(None, None, b, seed)  # X_eff^T Omega
+    run.out = None
+    columns += b
+    y = y - np.outer(c, zsum) if c is not None else y
+    if start is not None:
+        y = np.hstack([np.asarray(start, np.float64), y])
+    w0 = min(y.shape[1], width_cap)
+    basis, _ = _extend_basis(None, y[:, :w0], seed, 0)
+    blocks_q = [basis]
+    t_cols: list[np.ndarray] = []  # T = Q^T A Q, column block by column block
+    prev = None
+    estimate, converged, steps = float("inf"), False, 0
+    for step in range(1, max_blocks + 1):
+        if basis.shape[1] >= width_cap:
+            break
+        y = product(blocks_q[-1])  # A K_{j-1}
+        steps += 1
+        new, h = _extend_basis(basis, y, seed, step)
+        room = width_cap - basis.shape[1]
+        new = new[:, :room]
+        t_cols.append(h)  # basis^T A K_{j-1}: T's column block j-1, rows of blocks 0 .. j-1
+        ritz = _ritz_values(t_cols, rank)
+        if prev is not None and len(ritz) >= rank and len(prev) >= rank:
+            scale = np.maximum(ritz, np.finfo(float).tiny)
+            estimate = float(np.max(np.abs(ritz - prev[:rank]) / scale))
+            if estimate <= tol:
+                converged = True
+        prev = ritz
+        basis = np.hstack([basis, new])
+        blocks_q.append(new)
+        if converged:
+            break
+    seconds["krylov"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    q32 = basis.astype(np.float32)
+    cq64 = None if c is None else (c @ q32.astype(np.float64))
+    r = run.tsqr(q32, cq64)  # X_eff Q = Q_C R
+    columns += q32.shape[1]
+    u_r, s, vt_r = np.linalg.svd(r, full_matrices=False)
+    vr = vt_r[:rank].T
+    sigma = s[:rank].astype(np.float64)
+    v, sign = flip_signs(q32.astype(np.float64) @ vr)
+    seconds["final"] = time.perf_counter() - t1
+    u = None
+    if compute_u:
+        t2 = time.perf_counter()
+        with np.errstate(divide="ignore"):
+            inv = np.where(sigma > 0, 1.0 / sigma, 0.0)
+        u = run.u(q32, cq64, vr * sign * inv)
+        columns += q32.shape[1]
+        seconds["u"] = time.perf_counter() - t2
+    seconds["total"] = time.perf_counter() - t0
+    return SvdResult(
+        sigma=sigma, V=v.astype(np.float32), U=u, u_row_offsets=blocks.row_offsets.copy() if compute_u else None,
+        client=blocks.client,
+        diagnostics=dict(
+            solver="krylov", block_size=b, blocks=steps + 1, width=int(basis.shape[1]), tol=tol,
+            estimated_error=estimate, converged=converged, passes=round(columns / (rank + 10), 2), seed=seed,
             n_blocks=blocks.n_blocks, executor=run.executor, n_workers=run.n_workers, seconds=seconds,
         ),
     )
@@ -525,23 +703,29 @@ def sklearn_svd(
         client=None,
         diagnostics=dict(
             solver="sklearn", l=min(rank + oversample, *blocks.shape), power_iterations=power_iterations,
-            oversample=oversample, seed=seed, n_blocks=blocks.n_blocks, executor="local", n_workers=1,
+            oversample=oversample, seed=seed, block_size=min(rank + oversample, *blocks.shape),
+            blocks=power_iterations + 1, estimated_error=None, converged=None,
+            passes=round(min(rank + oversample, *blocks.shape) * (2 * power_iterations + 2) / (rank + 10), 2), n_blocks=blocks.n_blocks, executor="local", n_workers=1,
             seconds={"total": time.perf_counter() - t0},
         ),
     )
 
 
-SOLVERS: dict[str, Callable[..., SvdResult]] = {"mfsim": randomized_svd, "sklearn": sklearn_svd}
+SOLVERS: dict[str, Callable[..., SvdResult]] = {"krylov": krylov_svd, "subspace": randomized_svd,
+                                                "sklearn": sklearn_svd}
 
 
 def truncated_svd(
     blocks: RowBlocks, cfg: SvdSection, col_offset: np.ndarray | None = None, *, compute_u: bool = False
 ) -> SvdResult:
-    """The SVD stage: ``cfg.solver`` ("mfsim" or "sklearn") with ``cfg``'s rank, oversampling,
-    power iterations and seed. See ``randomized_svd``."""
+    """The SVD stage: ``cfg.solver`` ("krylov", the default: ``krylov_svd`` with ``block_size``, ``tol`` and
+    ``max_blocks``; "subspace": ``randomized_svd`` with ``oversample`` and ``power_iterations``; "sklearn")."""
     solver = SOLVERS.get(cfg.solver)
     if solver is None:
         raise MfsimError(f"unknown svd.solver {cfg.solver!r}; valid: {', '.join(SOLVERS)}")
+    if cfg.solver == "krylov":
+        return krylov_svd(blocks, cfg.rank, block_size=cfg.block_size, tol=cfg.tol, max_blocks=cfg.max_blocks,
+                          seed=cfg.seed, col_offset=col_offset, compute_u=compute_u)
     return solver(
         blocks, cfg.rank, oversample=cfg.oversample, power_iterations=cfg.power_iterations, seed=cfg.seed,
         col_offset=col_offset, compute_u=compute_u,

@@ -32,7 +32,8 @@ from mfsim.jobs.bench.measure import Timing, local_client, timed
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.simulate import power_law_matrix
 
-METHODS = ("mfsim", "mfsim-dask", "sklearn", "dask-svd_compressed")
+METHODS = ("krylov", "krylov-dask", "mfsim", "mfsim-dask", "sklearn", "dask-svd_compressed")
+# "mfsim" is the subspace iteration (svd.solver: subspace), "krylov" the default solver (svd.solver: krylov)
 
 
 def _sklearn(x: sp.csr_matrix, rank: int, oversample: int, q: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,6 +67,7 @@ def run_bench_svd(
     block_rows: int | None = None,
     svds_max_nnz: int = 2_000_000,
     methods: tuple[str, ...] = METHODS,
+    sklearn_power_iterations: int | None = None,
 ) -> dict:
     """Time the four SVD methods on one power-law matrix; print one line each; return the numbers.
 
@@ -76,7 +78,10 @@ def run_bench_svd(
     rank, oversample : int
         k and the oversampling, the same for every method.
     power_iterations : int, optional
-        q for every method; default ``SvdSection().power_iterations``.
+        q of the subspace iterations (mfsim, mfsim-dask, dask); default ``SvdSection().power_iterations``.
+    sklearn_power_iterations : int, optional
+        sklearn's n_iter (default: ``power_iterations``); krylov runs at the config defaults
+        (``svd.block_size``, ``svd.tol``, ``svd.max_blocks``).
     client_factory : callable, optional
         Returns a ``distributed.Client`` for the Dask methods (closed by the caller); default: a
         local cluster of 2 worker processes x 1 thread on 127.0.0.1, closed at the end.
@@ -95,12 +100,17 @@ def run_bench_svd(
     """
     from mfsim.pipeline.blocks import RowBlocks
     from mfsim.pipeline.config import IngestSection, SvdSection
-    from mfsim.pipeline.svd import randomized_svd
+    from mfsim.pipeline.svd import krylov_svd, randomized_svd
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise MfsimError(f"unknown --methods {', '.join(unknown) or '(none given)'}: choose from {', '.join(METHODS)}")
     q = SvdSection().power_iterations if power_iterations is None else int(power_iterations)
+    q_sk = q if sklearn_power_iterations is None else int(sklearn_power_iterations)
+    d = SvdSection()
+
+    def krylov(blocks):
+        return krylov_svd(blocks, rank, block_size=d.block_size, tol=d.tol, max_blocks=d.max_blocks, seed=seed)
     block_rows = block_rows or IngestSection().block_rows
     t = time.perf_counter()
     x = power_law_matrix(users, items, nnz, seed=seed)
@@ -115,20 +125,42 @@ def run_bench_svd(
     randomized_svd(warm, 8, power_iterations=1)
     print(f"  warm-up in-process {time.perf_counter() - t:.1f}s (not counted)", flush=True)
 
-    def record(name: str, r: Timing, sigma: np.ndarray, extra: str = "") -> None:
+    def record(name: str, r: Timing, sigma: np.ndarray, extra: str = "", passes: float | None = None) -> None:
         results[name] = dict(seconds=r.seconds, peak_rss=r.extra_rss, worker_peak_rss=r.worker_extra_rss,
-                             sigma=np.asarray(sigma, dtype=np.float64)[:rank], note=extra)
+                             sigma=np.asarray(sigma, dtype=np.float64)[:rank], note=extra, passes=passes)
         print(f"  {name:<20s} {r.seconds:8.2f}s", flush=True)
 
+    def subspace_passes(qq: int) -> float:
+        return round(min(rank + oversample, *x.shape) * (2 * qq + 2) / (rank + 10), 2)
+
+    if "krylov" in methods:
+        local = RowBlocks.from_scipy(x, block_rows)
+        r = timed(lambda: krylov(local))
+        dg = r.result.diagnostics
+        record("krylov", r, r.result.sigma, f"block {dg['block_size']}, {dg['blocks']} blocks, estimate "
+               f"{dg['estimated_error']:.1e}, phases {_phases(r.result)}", dg["passes"])
+        del local
     if "mfsim" in methods:
         local = RowBlocks.from_scipy(x, block_rows)
         r = timed(lambda: randomized_svd(local, rank, oversample=oversample, power_iterations=q, seed=seed))
-        record("mfsim", r, r.result.sigma, f"phases {_phases(r.result)}")
+        record("mfsim", r, r.result.sigma, f"subspace q={q}; phases {_phases(r.result)}", subspace_passes(q))
         del local
     with ExitStack() as stack:  # closes the default cluster; a client_factory's client is the caller's
         client = None
-        if "mfsim-dask" in methods or "dask-svd_compressed" in methods:
+        if {"mfsim-dask", "krylov-dask", "dask-svd_compressed"} & set(methods):
             client = client_factory() if client_factory is not None else stack.enter_context(local_client(2))
+        if "krylov-dask" in methods:
+            from distributed import wait
+
+            krylov(RowBlocks.from_scipy(warm.gather(), 512, client))  # loads the kernels on the workers
+            blocks = RowBlocks.from_scipy(x, block_rows, client)
+            wait(blocks.parts)
+            r = timed(lambda: krylov(blocks), client)
+            dg = r.result.diagnostics
+            record("krylov-dask", r, r.result.sigma, f"{dg['n_workers']} workers; phases {_phases(r.result)}",
+                   dg["passes"])
+            client.cancel(blocks.parts)
+            del blocks
         if "mfsim-dask" in methods:
             from distributed import wait
 
@@ -143,7 +175,7 @@ def run_bench_svd(
                       client)
             record("mfsim-dask", r, r.result.sigma,
                    f"{r.result.diagnostics['n_workers']} workers; scatter {t_scatter:.1f}s not counted; "
-                   f"phases {_phases(r.result)}")
+                   f"phases {_phases(r.result)}", subspace_passes(q))
             client.cancel(blocks.parts)
             del blocks
         if "dask-svd_compressed" in methods:
@@ -157,8 +189,8 @@ def run_bench_svd(
                        "scipy.sparse CSR chunks; its default 'power' iterator does not re-orthonormalize "
                        "between products, so the smaller values are lost to rounding")
     if "sklearn" in methods:
-        r = timed(lambda: _sklearn(x, rank, oversample, q, seed))
-        record("sklearn", r, r.result[0])
+        r = timed(lambda: _sklearn(x, rank, oversample, q_sk, seed))
+        record("sklearn", r, r.result[0], f"n_iter={q_sk}", subspace_passes(q_sk))
 
     if x.nnz <= svds_max_nnz:
         from scipy.sparse.linalg import svds
@@ -175,13 +207,19 @@ def run_bench_svd(
         res["sigma_max_rel_err"] = float(np.max(np.abs(res["sigma"] - ref) / ref))
         res["ratio_vs_sklearn"] = res["seconds"] / base if base else None
         ratio = f"{res['ratio_vs_sklearn']:.2f}x sklearn" if base else "-"
-        print(f"{name:<20s} {res['seconds']:8.2f}s  {ratio:>14s}  peak RSS +{res['peak_rss'] / 2**20:7.0f} MiB"
+        passes = f"{res['passes']:6.1f} passes" if res.get("passes") is not None else " " * 12
+        print(f"{name:<20s} {res['seconds']:8.2f}s  {passes}  {ratio:>14s}  peak RSS +{res['peak_rss'] / 2**20:7.0f} MiB"
               f" (worker +{res['worker_peak_rss'] / 2**20:6.0f} MiB)  max rel err sigma {res['sigma_max_rel_err']:.2e}"
               f"  {res['note']}")
     if "mfsim" in results and "mfsim-dask" in results:
         print(f"mfsim-dask / mfsim = {results['mfsim-dask']['seconds'] / results['mfsim']['seconds']:.2f}x (target <= 1.3x)")
     if "mfsim" in results and base:
         print(f"sklearn / mfsim = {base / results['mfsim']['seconds']:.2f}x (target >= 2x)")
+    if "krylov" in results and "mfsim" in results:
+        print(f"krylov / subspace q={q} = {results['krylov']['seconds'] / results['mfsim']['seconds']:.2f}x "
+              "(target <= 0.25x at q = 32)")
+    if "krylov" in results and base:
+        print(f"krylov / sklearn n_iter={q_sk} = {results['krylov']['seconds'] / base:.2f}x (target <= 0.5x at n_iter = 4)")
     return dict(matrix=dict(shape=x.shape, nnz=int(x.nnz), build_seconds=t_build), reference=reference,
                 power_iterations=q, results=results)
 

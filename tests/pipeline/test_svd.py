@@ -262,7 +262,7 @@ def test_flip_signs_hand_computed():
                                             [-0.5, 1.0, 1.0, 0.0]])
 
 
-@pytest.mark.parametrize("solver", ["mfsim", "sklearn"])
+@pytest.mark.parametrize("solver", ["krylov", "subspace", "sklearn"])
 def test_both_solvers_fix_the_sign_of_v_and_u(power_law, solver):
     # each column of V has its largest-magnitude entry positive, and U is flipped with it (X V = U S)
     cfg = SvdSection(rank=5, oversample=10, power_iterations=2, solver=solver)
@@ -278,10 +278,10 @@ def test_sklearn_solver_agrees(power_law):
     blocks = RowBlocks.from_scipy(power_law, 1000)
     k = 50  # with the settings measured in test_matches_svds
     s_ref, v_ref = _svds(power_law, k)
-    cfg = SvdSection(rank=k, oversample=k, power_iterations=10, solver="mfsim")
+    cfg = SvdSection(rank=k, oversample=k, power_iterations=10, solver="subspace")
     ours = truncated_svd(blocks, cfg, compute_u=True)
     theirs = truncated_svd(blocks, cfg.model_copy(update={"solver": "sklearn"}), compute_u=True)
-    assert theirs.diagnostics["solver"] == "sklearn" and ours.diagnostics["solver"] == "mfsim"
+    assert theirs.diagnostics["solver"] == "sklearn" and ours.diagnostics["solver"] == "subspace"
     for res in (ours, theirs):  # both within 1e-3 of svds (see test_matches_svds for the settings)
         assert (np.abs(res.sigma - s_ref) / s_ref).max() < 1e-3
     np.testing.assert_allclose(ours.sigma, theirs.sigma, rtol=2e-3)
@@ -299,7 +299,7 @@ def test_user_errors():
     blocks = RowBlocks.from_scipy(sp.random(10, 6, density=0.5, format="csr", random_state=0, dtype=np.float32), 4)
     with pytest.raises(MfsimError, match=r"svd.rank must be between 1 and min\(n_users, n_items\) = min\(10, 6\) = 6, got 7"):
         randomized_svd(blocks, 7)
-    with pytest.raises(MfsimError, match="unknown svd.solver 'nope'; valid: mfsim, sklearn"):
+    with pytest.raises(MfsimError, match="unknown svd.solver 'nope'; valid: krylov, subspace, sklearn"):
         truncated_svd(blocks, SvdSection.model_construct(rank=2, solver="nope"))
     with pytest.raises(ValueError, match=r"col_offset must be .* shape \(6,\)"):
         randomized_svd(blocks, 2, col_offset=np.zeros(5))

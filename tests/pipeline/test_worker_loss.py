@@ -33,8 +33,11 @@ from tests_support import assert_same_run_tables, end_process
 
 DASK = Path(sys.executable).parent / "dask"
 RUN_TIMEOUT_S = 120  # a clean run takes a few seconds here; a run still going after 2 minutes hangs
-POWER_ITERATIONS = 32  # svd.power_iterations: the SVD lasts long enough (~1 s here) for a kill to land inside
-KILL_AT_ITERATION = 4  # of the main fit's POWER_ITERATIONS: the SVD goes on for 28 more after the kill
+# the Krylov SVD (the default solver) held to a tolerance it cannot reach, so it builds all MAX_BLOCKS blocks
+# and lasts long enough (~1 s here) for a kill to land inside; each block orthonormalizes twice
+MAX_BLOCKS = 16
+MAIN_FIT_CALLS = 1 + 2 * MAX_BLOCKS  # _orthonormalize calls of the main fit's SVD (then the evaluation's fit)
+KILL_AT_CALL = 5  # the SVD goes on for 28 more calls after the kill
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +128,7 @@ def sim_dir(tmp_path_factory) -> Path:
 def job_config(sim: Path, out: Path, run_id: str):
     return load_config(None, [
         f"input.path={sim}", f"run.output={out}", f"run.run_id={run_id}", "run.heartbeat_s=1",
-        "preprocess.binarize=true", "svd.rank=8", f"svd.power_iterations={POWER_ITERATIONS}", "neighbours.top_n=10",
+        "preprocess.binarize=true", "svd.rank=8", "svd.solver=krylov", "svd.block_size=4", "svd.tol=1e-12", f"svd.max_blocks={MAX_BLOCKS}", "neighbours.top_n=10",
         "objectives.eq1.lambda=2.0", "objectives.eq2.lambda=1.5",
         "objectives.eq1.scalings=[symmetric,item_orthonormal]", "neighbours.user_user=[cosine]",
         "ingest.block_rows=128",  # 12 row blocks, on both workers
@@ -208,15 +211,15 @@ class Killer:
 
 @contextmanager
 def kill_in_svd(killer: Killer, monkeypatch):
-    """Fire ``killer`` after KILL_AT_ITERATION power iterations; yields the count of iterations after it."""
+    """Fire ``killer`` at the KILL_AT_CALL-th orthonormalization of the SVD; yields the count of calls after it."""
     calls = {"n": 0, "after_kill": 0}
     orthonormalize = svd_module._orthonormalize
 
     def counting(y):
         calls["n"] += 1
-        if killer.done.is_set() and calls["n"] <= 1 + POWER_ITERATIONS:  # the main fit's SVD only (not evaluation's)
+        if killer.done.is_set() and calls["n"] <= MAIN_FIT_CALLS:  # the main fit's SVD only (not evaluation's)
             calls["after_kill"] += 1
-        if calls["n"] == KILL_AT_ITERATION + 1:  # the sketch's QR is call 1
+        if calls["n"] == KILL_AT_CALL:  # the first block's QR is call 1
             killer.fire()
         return orthonormalize(y)
 
