@@ -21,6 +21,17 @@ def shared_dataset(name: str) -> Path:
     return path
 
 
+def ml100k_csr():
+    """ml-100k as a float32 CSR matrix (users x items in order of first appearance); skips when absent."""
+    import pandas as pd
+    import scipy.sparse as sp
+
+    d = pd.read_parquet(shared_dataset("ml-100k"), columns=["user_id", "item_id", "weight"])
+    u, _ = pd.factorize(d["user_id"])
+    i, _ = pd.factorize(d["item_id"])
+    return sp.csr_matrix((d["weight"].to_numpy(np.float32), (u, i)), shape=(u.max() + 1, i.max() + 1))
+
+
 def dense_reference(users, items, weights):
     """Dense X (float64) with duplicate (user, item) rows summed, rows and columns in sorted-id order.
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.linalg
 import scipy.sparse as sp
@@ -14,7 +13,7 @@ from mfsim.pipeline.config import SvdSection
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.simulate import power_law_matrix
 from mfsim.pipeline.svd import krylov_svd, truncated_svd
-from tests_support import shared_dataset
+from tests_support import ml100k_csr
 
 DEFAULTS = SvdSection()
 
@@ -39,10 +38,7 @@ def _default(x, k, blocks=700, **kw):
 
 @pytest.fixture(scope="module")
 def ml100k() -> sp.csr_matrix:
-    d = pd.read_parquet(shared_dataset("ml-100k"), columns=["user_id", "item_id", "weight"])
-    u, _ = pd.factorize(d["user_id"])
-    i, _ = pd.factorize(d["item_id"])
-    return sp.csr_matrix((d["weight"].to_numpy(np.float32), (u, i)), shape=(u.max() + 1, i.max() + 1))
+    return ml100k_csr()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import logging
 import sys
 
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.linalg
 import scipy.sparse as sp
@@ -18,7 +17,7 @@ from mfsim.pipeline.config import SvdSection
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.simulate import power_law_matrix
 from mfsim.pipeline.svd import flip_signs, omega_rows, randomized_svd, truncated_svd
-from tests_support import shared_dataset
+from tests_support import ml100k_csr
 
 
 def _svds(x: sp.spmatrix, k: int):
@@ -35,10 +34,7 @@ def _dense_svd(a: np.ndarray):
 
 @pytest.fixture(scope="module")
 def ml100k() -> sp.csr_matrix:
-    d = pd.read_parquet(shared_dataset("ml-100k"), columns=["user_id", "item_id", "weight"])
-    u, _ = pd.factorize(d["user_id"])
-    i, _ = pd.factorize(d["item_id"])
-    return sp.csr_matrix((d["weight"].to_numpy(np.float32), (u, i)), shape=(u.max() + 1, i.max() + 1))
+    return ml100k_csr()
 
 
 @pytest.fixture(scope="module")
