@@ -32,7 +32,10 @@ from mfsim.pipeline.registry import metrics_of
 from mfsim.pipeline.report import cluster_boundaries, heatmap_grid_png, histogram_png, item_order, render_report, \
     select_items, spectrum_png
 from mfsim.pipeline.parts import ListOutput, ListSink, row_ranges, write_embeddings, write_lists
+from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.roots import read_latest, read_run_table, resolve_run, run_location
 from mfsim.pipeline.runs import RunWriter
+from mfsim.pipeline.svd import aligned_start
 from mfsim.pipeline.shared import share, share_f32
 
 log = logging.getLogger("mfsim.job")
@@ -103,8 +106,10 @@ def ingest_stage(ctx: StageContext) -> StageResult:
 
 def fit_stage(ctx: StageContext) -> StageResult:
     """Preprocess, SVD and factors (timed as ``preprocess``, ``svd``, ``factors``); ``svd/singular_values.parquet``."""
-    fit = ctx.fit = fit_model(ctx.data.X, ctx.cfg, ctx.run)
+    start, warm = warm_start(ctx)
+    fit = ctx.fit = fit_model(ctx.data.X, ctx.cfg, ctx.run, start=start)
     ctx.run.write_table(outputs.SINGULAR_VALUES, outputs.singular_values_table(fit.sigma))
+    ctx.run.write_table(outputs.SVD_BASIS, outputs.embedding_table(ctx.data.item_ids, outputs.ITEM_ID, fit.V))
     log.info("svd: rank %d, sigma %.4g .. %.4g", len(fit.sigma), fit.sigma[0], fit.sigma[-1])
     meta = fit.manifest_meta()
     if meta.get("eq2", {}).get("n_active") == 0:
@@ -112,13 +117,41 @@ def fit_stage(ctx: StageContext) -> StageResult:
                             f"(largest {float(fit.sigma[0]):.4g}): every Eq. 2 embedding is zero")
     info = fit.svd_info
     svd = {"rank": len(fit.sigma), "solver": info.get("solver", ctx.cfg.svd.solver),
-           **{key: info.get(key) for key in ("passes", "blocks", "block_size", "estimated_error", "converged")}}
+           **{key: info.get(key) for key in ("passes", "blocks", "block_size", "estimated_error", "converged")},
+           "warm_start": warm}
     if svd["converged"] is False:
         ctx.warnings.append(f"svd: not converged after {svd['blocks']} blocks (estimated error "
                             f"{svd['estimated_error']:.3g} > svd.tol={ctx.cfg.svd.tol:g}); raise svd.max_blocks "
                             f"(now {ctx.cfg.svd.max_blocks}) or svd.tol")
     log.info("svd: %s, %s passes, estimated error %s", svd["solver"], svd["passes"], svd["estimated_error"])
     return StageResult({"preprocess": fit.prep.describe(), "svd": svd, "factors": meta})
+
+
+def warm_start(ctx: StageContext) -> tuple[np.ndarray | None, dict[str, Any] | None]:
+    """``svd.warm_start``: the previous run's V_k (``svd/basis.parquet``) aligned to this run's items, and what
+    the manifest says of it; (None, None) for a cold start (not asked, no previous run, or no basis in it)."""
+    cfg = ctx.cfg
+    asked = cfg.svd.warm_start
+    if not asked or cfg.svd.solver != "krylov":
+        return None, None
+    if asked == "previous":
+        latest = read_latest(cfg.run.output)
+        if latest is None:
+            log.info("svd.warm_start=previous: no published run in %s yet; cold start", cfg.run.output)
+            return None, None
+        previous = run_location(cfg.run.output, latest)
+    else:
+        previous = resolve_run(asked)
+    try:
+        basis = read_run_table(previous, outputs.SVD_BASIS)
+    except (OSError, MfsimError) as exc:
+        log.warning("svd.warm_start: %s has no readable %s (%s); cold start", previous, outputs.SVD_BASIS, exc)
+        return None, None
+    v = np.asarray(basis["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                   np.float64).reshape(basis.num_rows, -1)
+    start, matched = aligned_start(basis[outputs.ITEM_ID], v, ctx.data.item_ids, cfg.svd.seed)
+    log.info("svd.warm_start: V_k of %s, %d of %d items matched", previous, matched, len(ctx.data.item_ids))
+    return start, {"from": str(previous), "matched_items": matched}
 
 
 def factors_stage(ctx: StageContext) -> StageResult:

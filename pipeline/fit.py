@@ -51,8 +51,12 @@ class Fit:
         return out
 
 
-def fit_model(X_raw: RowBlocks, cfg: Config, run: RunWriter | None = None, prefix: str = "") -> Fit:
-    """Preprocess, truncated SVD and the closed forms of Eq. 1 and Eq. 2 (each timed when ``run`` is given)."""
+def fit_model(X_raw: RowBlocks, cfg: Config, run: RunWriter | None = None, prefix: str = "",
+              start: np.ndarray | None = None) -> Fit:
+    """Preprocess, truncated SVD and the closed forms of Eq. 1 and Eq. 2 (each timed when ``run`` is given).
+
+    ``start``: a warm start for the Krylov SVD (p x m, e.g. the previous run's V_k aligned to these items).
+    """
 
     def stage(name: str):
         return run.stage(prefix + name) if run is not None else nullcontext()
@@ -60,7 +64,7 @@ def fit_model(X_raw: RowBlocks, cfg: Config, run: RunWriter | None = None, prefi
     with stage("preprocess"):
         X, prep = preprocess(X_raw, cfg.preprocess)
     with stage("svd"):
-        svd = truncated_svd(X, cfg.svd, col_offset=prep.col_offset)
+        svd = truncated_svd(X, cfg.svd, col_offset=prep.col_offset, start=start)
     with stage("factors"):
         emb = build_embeddings(svd.sigma, svd.V, cfg.objectives)
     return Fit(X, prep, np.asarray(svd.sigma), np.asarray(svd.V), emb["factors"], emb["meta"],

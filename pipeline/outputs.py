@@ -11,6 +11,7 @@ import pyarrow as pa
 USERS_IDS = "ids/users.parquet"
 ITEMS_IDS = "ids/items.parquet"
 SINGULAR_VALUES = "svd/singular_values.parquet"
+SVD_BASIS = "svd/basis.parquet"  # item_id + V_k (embedding): what the next run's svd.warm_start reads
 EVALUATION_METRICS = "evaluation/metrics.parquet"
 CLUSTER_PRECISION = "evaluation/cluster_precision.parquet"
 AUDIT_STABILITY = "audit/stability.parquet"

@@ -595,12 +595,14 @@ def _krylov(run, blocks, rank, b, tol, max_blocks, seed, c, compute_u, start) ->
         columns += 2 * k32.shape[1]
         return y - np.outer(c, zsum) if c is not None else y
 
-    y, zsum = run.gram(None, None, b, seed)  # X_eff^T Omega
-    run.out = None
-    columns += b
-    y = y - np.outer(c, zsum) if c is not None else y
-    if start is not None:
-        y = np.hstack([np.asarray(start, np.float64), y])
+    if start is None:
+        y, zsum = run.gram(None, None, b, seed)  # X_eff^T Omega
+        run.out = None
+        columns += b
+        y = y - np.outer(c, zsum) if c is not None else y
+    else:  # b random combinations of the start's columns: a first block inside the previous top-k subspace
+        g = np.random.default_rng([seed, 15485863]).standard_normal((start.shape[1], b))
+        y = np.asarray(start, np.float64) @ g
     w0 = min(y.shape[1], width_cap)
     basis, _ = _extend_basis(None, y[:, :w0], seed, 0)
     blocks_q = [basis]
@@ -716,7 +718,8 @@ SOLVERS: dict[str, Callable[..., SvdResult]] = {"krylov": krylov_svd, "subspace"
 
 
 def truncated_svd(
-    blocks: RowBlocks, cfg: SvdSection, col_offset: np.ndarray | None = None, *, compute_u: bool = False
+    blocks: RowBlocks, cfg: SvdSection, col_offset: np.ndarray | None = None, *, compute_u: bool = False,
+    start: np.ndarray | None = None,
 ) -> SvdResult:
     """The SVD stage: ``cfg.solver`` ("krylov", the default: ``krylov_svd`` with ``block_size``, ``tol`` and
     ``max_blocks``; "subspace": ``randomized_svd`` with ``oversample`` and ``power_iterations``; "sklearn")."""
@@ -725,8 +728,26 @@ def truncated_svd(
         raise MfsimError(f"unknown svd.solver {cfg.solver!r}; valid: {', '.join(SOLVERS)}")
     if cfg.solver == "krylov":
         return krylov_svd(blocks, cfg.rank, block_size=cfg.block_size, tol=cfg.tol, max_blocks=cfg.max_blocks,
-                          seed=cfg.seed, col_offset=col_offset, compute_u=compute_u)
+                          seed=cfg.seed, col_offset=col_offset, compute_u=compute_u, start=start)
     return solver(
         blocks, cfg.rank, oversample=cfg.oversample, power_iterations=cfg.power_iterations, seed=cfg.seed,
         col_offset=col_offset, compute_u=compute_u,
     )
+
+
+def aligned_start(prev_ids, prev_v: np.ndarray, item_ids, seed: int = 0) -> tuple[np.ndarray, int]:
+    """The previous run's V_k (rows ``prev_ids``) as a warm start for items ``item_ids``: known items keep their
+    rows, new items get seeded Gaussian entries of the same scale (1/sqrt(p)); returns (start, items matched)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    prev_ids = pa.array(prev_ids)
+    item_ids = pa.array(item_ids)
+    if prev_ids.type != item_ids.type:
+        prev_ids = prev_ids.cast(item_ids.type)
+    pos = pc.index_in(item_ids, value_set=prev_ids)
+    found = pos.is_valid().to_numpy(zero_copy_only=False)
+    p, k = len(item_ids), prev_v.shape[1]
+    start = np.random.default_rng([seed, 104729]).standard_normal((p, k)) / np.sqrt(max(p, 1))
+    start[found] = np.asarray(prev_v, np.float64)[pos.drop_null().to_numpy()]
+    return start, int(found.sum())

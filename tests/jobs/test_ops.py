@@ -273,3 +273,21 @@ def test_schedule_prints_cron_and_systemd_and_installs_them(tmp_path):
         "crontab", "mfsim-nightly.service", "mfsim-nightly.timer"]
     assert mfsim("schedule", "conf/default.yaml", "--output", "x", "--at", "25:00").returncode == 2
     assert os.access(MFSIM, os.X_OK)
+
+
+def test_warm_start_reads_the_previous_runs_basis(tmp_path, daily_log):
+    log, _ = daily_log
+    out = tmp_path / "runs"
+    assert mfsim("run", "conf/default.yaml", "--input", str(log), "--output", str(out), "--run-id", "a", *QUICK).returncode == 0
+    r = mfsim("run", "conf/default.yaml", "--input", str(log), "--output", str(out), "--run-id", "b", *QUICK,
+              "--set", "svd.warm_start=previous")
+    assert r.returncode == 0, r.stderr
+    basis = pq.read_table(out / "a" / "svd" / "basis.parquet")
+    assert basis.column_names == ["item_id", "embedding"] and basis.num_rows == 40
+    svd = json.loads((out / "b" / "_manifest.json").read_text())["svd"]
+    assert svd["warm_start"] == {"from": str(out / "a"), "matched_items": 40} and svd["converged"]
+    a, b = (pq.read_table(out / run / "svd" / "singular_values.parquet")["sigma"].to_numpy() for run in "ab")
+    np.testing.assert_allclose(b, a, rtol=1e-6)  # the same data: the same spectrum from either start
+    cold = json.loads((out / "a" / "_manifest.json").read_text())["svd"]
+    assert cold["warm_start"] is None and set(cold) >= {"solver", "passes", "blocks", "block_size",
+                                                        "estimated_error", "converged"}

@@ -51,6 +51,7 @@ ID_COLUMNS = {
     "ids/users.parquet": ("user_id",),
     "ids/items.parquet": ("item_id",),
     "svd/singular_values.parquet": (),
+    "svd/basis.parquet": ("item_id",),  # V_k for the next run's svd.warm_start
     "item_embeddings": ("item_id",),
     "user_embeddings": ("user_id",),
     "similar_items": ("item_id", "neighbour_id"),

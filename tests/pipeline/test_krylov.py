@@ -157,3 +157,28 @@ def test_not_converged_is_reported_and_bad_settings_are_errors(power_law):
     assert res.diagnostics["estimated_error"] > 1e-12
     with pytest.raises(MfsimError, match="svd.block_size, svd.max_blocks and svd.tol must be positive"):
         krylov_svd(RowBlocks.from_scipy(power_law, 1000), 5, block_size=4, tol=0.0)
+
+
+def test_warm_start_equals_a_cold_start_in_fewer_passes(simulated):
+    # the next day's matrix: 3% of the interactions moved to random (user, item) pairs; the start is the
+    # first day's V_k, aligned by item (all items are known here; aligned_start gives new ones random rows)
+    from mfsim.pipeline.svd import aligned_start
+
+    k, rng = 50, np.random.default_rng(0)
+    x = simulated.tocoo()
+    u, i = x.row.copy(), x.col.copy()
+    moved = rng.choice(len(u), int(0.03 * len(u)), replace=False)
+    u[moved], i[moved] = rng.integers(0, x.shape[0], len(moved)), rng.integers(0, x.shape[1], len(moved))
+    day2 = sp.csr_matrix((np.ones(len(u), np.float32), (u, i)), shape=x.shape)
+    day2.data[:] = 1
+    day1 = _default(simulated, k)
+    ids = np.arange(simulated.shape[1])
+    start, matched = aligned_start(ids, day1.V, ids)
+    assert matched == len(ids)
+    cold, warm = _default(day2, k), _default(day2, k, start=start)
+    np.testing.assert_allclose(warm.sigma, cold.sigma, rtol=DEFAULTS.tol)
+    assert warm.diagnostics["converged"] and warm.diagnostics["passes"] < cold.diagnostics["passes"]
+    # items the previous run did not have get seeded random rows of the same scale
+    start2, matched2 = aligned_start(ids[:10], day1.V[:10], ids)
+    assert matched2 == 10 and np.array_equal(start2[:10], day1.V[:10].astype(np.float64))
+    assert 0 < np.abs(start2[10:]).mean() < 1
