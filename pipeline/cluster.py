@@ -17,6 +17,7 @@ level (``pipeline.logs``: one JSON object per line under ``--log-format json``, 
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -186,13 +187,21 @@ def _embedded_client(cfg: ClusterSection) -> Iterator["distributed.Client"]:  # 
     if cfg.processes:
         kwargs["env"] = env
         kwargs["preload"] = [logs.__name__]  # each worker process logs in the driver's format (logs.dask_setup)
-    # also before the worker processes spawn: numba and BLAS read their thread counts at import
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
-        cluster = LocalCluster(**kwargs)
+    # also before the worker processes spawn: numba and BLAS read their thread counts at import. distributed
+    # applies pre-spawn-environ with os.environ.update in *this* process and never restores it, which would
+    # leave this driver with NUMBA_NUM_THREADS=1 (and numba refusing a later change): restore it once the
+    # workers are up, and again at the end (a nanny that restarts a lost worker sets it again)
+    saved = {k: os.environ.get(k) for k in (*env, "PYTHONHASHSEED")}
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+            cluster = LocalCluster(**kwargs)
+    finally:
+        _restore_environ(saved)
     try:
         client = Client(cluster, security=security)
     except BaseException:
         cluster.close()
+        _restore_environ(saved)
         raise
     log.info(
         "started local Dask cluster on %s over TLS: %d workers x %d threads (dashboard %s)",
@@ -203,3 +212,13 @@ def _embedded_client(cfg: ClusterSection) -> Iterator["distributed.Client"]:  # 
     finally:
         client.close()
         cluster.close()
+        _restore_environ(saved)
+
+
+def _restore_environ(saved: dict[str, str | None]) -> None:
+    """Put the variables of ``saved`` back as they were (removing those that were unset)."""
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -609,7 +609,7 @@ def _krylov(run, blocks, rank, b, tol, max_blocks, seed, c, compute_u, start) ->
     t_cols: list[np.ndarray] = []  # T = Q^T A Q, column block by column block
     prev = None
     estimate, converged, steps = float("inf"), False, 0
-    for step in range(1, max_blocks + 1):
+    for step in progress(range(1, max_blocks + 1), max_blocks, "svd krylov blocks"):  # stops early when converged
         if basis.shape[1] >= width_cap:
             break
         y = product(blocks_q[-1])  # A K_{j-1}

@@ -64,13 +64,14 @@ def test_step_callback_and_short_totals(caplog):
 
 
 def test_long_stages_of_a_run_log_quarter_lines(tmp_path, client, caplog, monkeypatch):
-    """SVD power iterations, neighbours, evaluation, audit and report of one small run, on a non-terminal."""
+    """SVD power iterations (the subspace solver: a fixed count), neighbours, evaluation, audit and report of one
+    small run, on a non-terminal."""
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, whatever runs the tests
     sim = load_config(None, ["simulate.n_users=150", "simulate.n_items=40", "simulate.seed=3"]).simulate
     write_simulation(simulate(sim), tmp_path / "sim", sim)
     cfg = load_config(None, [
         f"input.path={tmp_path / 'sim'}", f"run.output={tmp_path / 'runs'}", "run.run_id=progress",
-        f"cluster.address={client.scheduler.address}", "svd.rank=4", "svd.power_iterations=8",
+        f"cluster.address={client.scheduler.address}", "svd.rank=4", "svd.solver=subspace", "svd.power_iterations=8",
         "neighbours.top_n=5", "objectives.eq1.scalings=[symmetric,eq2_like]", "audit.draws=1",
         "ingest.block_rows=64", "neighbours.query_chunk=32",  # 150 users: 5 query ranges per list group
     ])

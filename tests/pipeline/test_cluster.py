@@ -279,3 +279,21 @@ def test_protocol_and_tls_must_agree(tmp_path, address, with_tls, message):
     with pytest.raises(MfsimError, match=message):
         with get_client(cfg):
             pass
+
+
+def test_the_embedded_cluster_leaves_the_drivers_environment_as_it_was(monkeypatch):
+    """distributed applies the workers' pre-spawn environment (NUMBA_NUM_THREADS=1, ...) to this process with
+    os.environ.update; get_client puts it back, so the driver's own numba and BLAS keep their thread counts."""
+    import os
+
+    from mfsim.pipeline.cluster import THREAD_ENV_VARS, get_client
+    from mfsim.pipeline.config import ClusterSection
+
+    monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    before = {k: os.environ.get(k) for k in THREAD_ENV_VARS}
+    with get_client(ClusterSection(n_workers=1, threads_per_worker=1, dashboard_address=None)) as client:
+        assert {k: os.environ.get(k) for k in THREAD_ENV_VARS} == before
+        envs = client.run(lambda: {k: os.environ.get(k) for k in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")})
+        assert list(envs.values()) == [{"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}]  # the workers' pinning
+    assert {k: os.environ.get(k) for k in THREAD_ENV_VARS} == before
