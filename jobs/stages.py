@@ -157,7 +157,7 @@ def warm_start(ctx: StageContext) -> tuple[np.ndarray | None, dict[str, Any] | N
 def factors_stage(ctx: StageContext) -> StageResult:
     """``item_embeddings/objective=<o>/scaling=<s>/part-*.parquet`` (B) and ``user_embeddings/...`` (P = X A),
     each part written by the worker that holds it (P's row blocks; B shared once, ``ITEM_PART_ROWS`` rows a part)."""
-    cfg, data, fit, client, loc = ctx.cfg, ctx.data, ctx.fit, ctx.client, ctx.run.location
+    data, fit, client, loc = ctx.data, ctx.fit, ctx.client, ctx.run.location
     offsets = fit.X.row_offsets
     item_ids = share(client, data.item_ids, "item-ids")
     pending = []
@@ -172,12 +172,12 @@ def factors_stage(ctx: StageContext) -> StageResult:
             ids = data.user_ids.slice(int(offsets[b]), int(offsets[b + 1] - offsets[b]))
             pending.append(client.submit(write_embeddings, loc, outputs.part_file(users_dir, b), outputs.USER_ID,
                                          ids, fut, pure=False))
-    for w in progress(_as_completed_in_order(pending), len(pending), "factors parts"):
+    for w in progress(_results_in_order(pending), len(pending), "factors parts"):
         ctx.run.written(w)
     return StageResult()
 
 
-def _as_completed_in_order(futures: list) -> Iterator[Any]:
+def _results_in_order(futures: list) -> Iterator[Any]:
     """Each future's result in submission order, released once taken."""
     for fut in futures:
         result = fut.result()

@@ -24,6 +24,12 @@ EMBEDDING = "embedding"
 _BATCH_ROWS = 65536
 
 
+def _require_columns(names: list[str], columns: tuple[str, ...], what: str, path: Path, fix: str) -> None:
+    for col in columns:
+        if col not in names:
+            raise MfsimError(f"{what} {path} has no column {col!r}; received columns {names}. {fix}")
+
+
 def open_parquet(path: str | Path, what: str, fix: str, columns: tuple[str, ...] = ()) -> pq.ParquetFile:
     """The Parquet file at ``path`` with every name of ``columns``; else one ``MfsimError``.
 
@@ -37,10 +43,7 @@ def open_parquet(path: str | Path, what: str, fix: str, columns: tuple[str, ...]
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
         raise MfsimError(f"cannot read {what} {path} as Parquet: {exc}; {fix}") from None
-    names = pf.schema_arrow.names
-    for col in columns:
-        if col not in names:
-            raise MfsimError(f"{what} {path} has no column {col!r}; received columns {names}. {fix}")
+    _require_columns(pf.schema_arrow.names, columns, what, path, fix)
     return pf
 
 
@@ -122,10 +125,7 @@ def open_parts(path: str | Path, what: str, fix: str, columns: tuple[str, ...] =
         pf = PartsFile(path)
     except (pa.ArrowException, OSError) as exc:
         raise MfsimError(f"cannot read {what} {path} as Parquet parts: {exc}; {fix}") from None
-    names = pf.schema_arrow.names
-    for col in columns:
-        if col not in names:
-            raise MfsimError(f"{what} {path} has no column {col!r}; received columns {names}. {fix}")
+    _require_columns(pf.schema_arrow.names, columns, what, path, fix)
     return pf
 
 

@@ -37,7 +37,6 @@ import shutil
 import signal
 import tempfile
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -45,9 +44,10 @@ from typing import Any, Iterator, Mapping
 import pyarrow as pa
 
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.lock import STATE_DIR, hostname, iso, parse_iso, pid_alive, utc_now
-from mfsim.pipeline.runs import COUNT_KEYS, FAULT_BEFORE_PUBLISH, LATEST, MANIFEST, MOVE_LATEST, RUNS_DIR, DatasetBook, RunStatus, \
-    error_line, new_run_id, package_versions, validate_run_id
+from mfsim.pipeline.lock import STATE_DIR, hostname, iso, parse_iso, utc_now
+from mfsim.pipeline.runs import COUNT_KEYS, FAULT_BEFORE_PUBLISH, LATEST, MANIFEST, MOVE_LATEST, RUNS_DIR, DatasetBook, \
+    RunStatus, error_line, is_lost, is_run_id, new_run_id, package_versions, state_record, status_from_manifest, \
+    status_from_record, validate_run_id
 from mfsim.pipeline.storage import Location, filesystem, normalize
 
 log = logging.getLogger("mfsim.runs")
@@ -93,7 +93,7 @@ class ObjectStoreRunWriter(DatasetBook):
     def __enter__(self) -> "ObjectStoreRunWriter":
         try:
             current = _read_record(state_url(self.root, self.run_id))
-            if current is not None and current.get("state") == "running" and not _is_lost(current, utc_now(), 120.0):
+            if current is not None and current.get("state") == "running" and not is_lost(current, utc_now(), 120.0):
                 raise MfsimError(f"run {self.final} is being written by {current.get('host')} (pid "
                                  f"{current.get('pid')}, heartbeat {current.get('heartbeat_at')}); wait for it or "
                                  "pass another --run-id")
@@ -158,14 +158,6 @@ class ObjectStoreRunWriter(DatasetBook):
         except (OSError, ValueError) as exc:
             raise _store_error(exc, self.location.join(relative), "write") from exc
 
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 4)
-
     # -- publishing ---------------------------------------------------------------------------
     def publish(self, manifest: dict[str, Any], *, move_latest: str = "always") -> str:
         """Upload the log copy, write ``_manifest.json`` last (the run is published), then LATEST, then the state."""
@@ -213,13 +205,6 @@ class ObjectStoreRunWriter(DatasetBook):
                           "(or none for a fresh one), --force to replace it, or remove that prefix")
 
     # -- the state object ---------------------------------------------------------------------
-    def _record(self, state: str, error: str | None = None) -> dict[str, Any]:
-        now = iso(utc_now())
-        return {"run_id": self.run_id, "state": state, "host": self._host, "pid": self._pid,
-                "started_at": iso(self.started), "heartbeat_at": now,
-                "finished_at": None if state == "running" else now, "error": error, "counts": self.counts,
-                "run_dir": self.final}
-
     def _put_state(self, record: dict[str, Any]) -> None:
         url = state_url(self.root, self.run_id)
         try:
@@ -314,13 +299,13 @@ def list_runs(root: str, *, lost_after_s: float = 120.0) -> list[RunStatus]:
     states = f"{base}/{STATE_DIR}/{RUNS_DIR}"
     for path in sorted(fs.ls(states, detail=False)) if fs.exists(states) else ():
         name = path.rstrip("/").rsplit("/", 1)[-1]
-        if name.endswith(".json") and _valid(name[:-5]):
+        if name.endswith(".json") and is_run_id(name[:-5]):
             record = _read_record(f"{root}/{STATE_DIR}/{RUNS_DIR}/{name}")
             if record is not None:
                 found[name[:-5]] = _status(root, name[:-5], record, now, lost_after_s)
     for path in sorted(fs.ls(base, detail=False)) if fs.exists(base) else ():
         name = path.rstrip("/").rsplit("/", 1)[-1]
-        if name not in found and _valid(name) and fs.exists(f"{base}/{name}/{MANIFEST}"):
+        if name not in found and is_run_id(name) and fs.exists(f"{base}/{name}/{MANIFEST}"):
             found[name] = _from_manifest(root, name)
     far_past = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
     return sorted(found.values(), key=lambda s: (parse_iso(s.started_at) or far_past, s.run_id))
@@ -338,35 +323,12 @@ def run_status(root: str, run_id: str, *, lost_after_s: float = 120.0) -> RunSta
 
 
 def _status(root: str, run_id: str, record: dict[str, Any], now: dt.datetime, lost_after_s: float) -> RunStatus:
-    state = record.get("state")
-    if state == "running" and _is_lost(record, now, lost_after_s):
-        state = "lost"
-    started, finished = parse_iso(record.get("started_at")), parse_iso(record.get("finished_at"))
-    end = finished or (parse_iso(record.get("heartbeat_at")) if state == "lost" else now)
-    counts = record.get("counts") if isinstance(record.get("counts"), dict) else {}
     published = f"{root}/{run_id}" if _exists(f"{root}/{run_id}/{MANIFEST}") else None
-    return RunStatus(run_id=run_id, state=str(state), started_at=record.get("started_at"),
-                     finished_at=record.get("finished_at"),
-                     duration_s=round((end - started).total_seconds(), 3) if started and end else None,
-                     **{k: counts.get(k) for k in COUNT_KEYS}, host=record.get("host"), pid=record.get("pid"),
-                     error=record.get("error"), run_dir=published, heartbeat_at=record.get("heartbeat_at"))
+    return status_from_record(run_id, record, now, lost_after_s, published)
 
 
 def _from_manifest(root: str, run_id: str) -> RunStatus:
-    m = read_manifest(f"{root}/{run_id}")
-    started, finished = parse_iso(m.get("started_at")), parse_iso(m.get("finished_at"))
-    counts = m.get("counts") if isinstance(m.get("counts"), dict) else m
-    return RunStatus(run_id=run_id, state="succeeded", started_at=m.get("started_at"), finished_at=m.get("finished_at"),
-                     duration_s=round((finished - started).total_seconds(), 3) if started and finished else None,
-                     **{k: counts.get(k) for k in COUNT_KEYS}, run_dir=f"{root}/{run_id}")
-
-
-def _is_lost(record: dict[str, Any], now: dt.datetime, lost_after_s: float) -> bool:
-    """Its heartbeat is older than ``lost_after_s``, or it ran on this host and its pid is gone."""
-    beat = parse_iso(record.get("heartbeat_at"))
-    if beat is None or (now - beat).total_seconds() > lost_after_s:
-        return True
-    return record.get("host") == hostname() and not pid_alive(record.get("pid"))
+    return status_from_manifest(run_id, read_manifest(f"{root}/{run_id}"), f"{root}/{run_id}")
 
 
 def _read_record(url: str) -> dict[str, Any] | None:
@@ -379,14 +341,6 @@ def _read_record(url: str) -> dict[str, Any] | None:
         log.warning("ignoring the unreadable run state %s: %s", url, exc)
         return None
     return record if isinstance(record, dict) else None
-
-
-def _valid(name: str) -> bool:
-    try:
-        validate_run_id(name)
-    except MfsimError:
-        return False
-    return True
 
 
 def _exists(url: str) -> bool:
@@ -406,10 +360,7 @@ def record_submitted(root: str, run_id: str, pid: int) -> None:
     url = state_url(root, run_id)
     if _read_record(url) is not None:
         return
-    now = iso(utc_now())
-    record = {"run_id": run_id, "state": "running", "host": hostname(), "pid": int(pid), "started_at": now,
-              "heartbeat_at": now, "finished_at": None, "error": None, "counts": None,
-              "run_dir": f"{normalize(root)}/{run_id}"}
+    record = state_record(run_id, "running", hostname(), int(pid), iso(utc_now()), None, f"{normalize(root)}/{run_id}")
     fs, path = filesystem(url)
     fs.pipe_file(path, json.dumps(record, indent=1).encode())
 

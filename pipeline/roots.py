@@ -79,8 +79,7 @@ def record_submitted(root: str | Path, run_id: str, pid: int) -> None:
 def prune_runs(root: str | Path, keep_last: int) -> list[str]:
     """Retention of nightly runs (``run.keep_last``) on either kind of root."""
     if is_remote(root):
-        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
-            runs.prune_runs(Path("."), keep_last)  # the same error for a bad value
+        runs.check_keep_last(keep_last)
         return object_runs.prune_runs(str(root), keep_last, pattern=runs.NIGHTLY_ID)
     return runs.prune_runs(local_path(root), keep_last)
 

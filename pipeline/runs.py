@@ -156,10 +156,27 @@ def error_line(exc: BaseException | None) -> str:
 
 
 class DatasetBook:
-    """What a run wrote, for its manifest: ``files`` maps each path inside the run to (rows, schema)
-    (None, None for a file that is not a table). Shared by the run writers of every kind of root."""
+    """What a run wrote and how long it took, for its manifest and its state record; shared by the run writers
+    of every kind of root. ``files`` maps each path inside the run to (rows, schema) (None, None for a file
+    that is not a table); the writer sets it, ``timings``, ``counts`` and its identity, and its write_table
+    records into ``files``."""
 
-    files: dict[str, tuple[int | None, pa.Schema | None]]  # the writer sets it; its write_table records into it
+    files: dict[str, tuple[int | None, pa.Schema | None]]
+    timings: dict[str, float]
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Times a stage; the wall time lands in the manifest under ``timings[name]``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 4)
+
+    def _record(self, state: str, error: str | None = None) -> dict[str, Any]:
+        """The run's state record: ``state``, this process, its start, a fresh heartbeat, counts, where it goes."""
+        return state_record(self.run_id, state, self._host, self._pid, iso(self.started), self.counts,
+                            str(self.final), error)
 
     def written(self, w: Written) -> None:
         """Record a part a worker wrote below ``self.location`` (or write it, when it came back as a table);
@@ -335,15 +352,6 @@ class RunWriter(DatasetBook):
         except OSError as exc:
             raise os_error(exc, p, action, _NOT_PUBLISHED) from exc
 
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Times a stage; the wall time lands in the manifest under ``timings[name]``."""
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 4)
-
     # -- publishing ---------------------------------------------------------------------------
     def publish(self, manifest: dict[str, Any], *, move_latest: str = "always") -> Path:
         """Write ``_manifest.json`` last, fsync, rename the run into place, move LATEST, record ``succeeded``.
@@ -453,13 +461,6 @@ class RunWriter(DatasetBook):
                           "--run-id (or none for a fresh one), --force to replace it, or remove that directory")
 
     # -- the state file -----------------------------------------------------------------------
-    def _record(self, state: str, error: str | None = None) -> dict[str, Any]:
-        now = iso(utc_now())
-        return {"run_id": self.run_id, "state": state, "host": self._host, "pid": self._pid,
-                "started_at": iso(self.started), "heartbeat_at": now,
-                "finished_at": None if state == "running" else now, "error": error, "counts": self.counts,
-                "run_dir": str(self.final)}
-
     def _running_mine(self, record: dict[str, Any] | None) -> bool:
         """Whether ``record`` is this writer's, still running (a same-id run may have written since)."""
         return record is not None and record.get("state") == "running" and record.get("host") == self._host \
@@ -524,15 +525,22 @@ class RunWriter(DatasetBook):
 _REMOVE = object()  # _update_state: delete the record
 
 
+def state_record(run_id: str, state: str, host: str, pid: int, started_at: str, counts: dict[str, int] | None,
+                 run_dir: str, error: str | None = None) -> dict[str, Any]:
+    """A state record as every root keeps it (``<root>/.mfsim/runs/<id>.json``), heartbeat now."""
+    now = iso(utc_now())
+    return {"run_id": run_id, "state": state, "host": host, "pid": pid, "started_at": started_at,
+            "heartbeat_at": now, "finished_at": None if state == "running" else now, "error": error,
+            "counts": counts, "run_dir": run_dir}
+
+
 def record_submitted(root: str | Path, run_id: str, pid: int) -> None:
     """State ``running`` for a run just started in process ``pid`` (``mfsim submit``), before its ``RunWriter``
     takes over the record: the run is listed from the moment its id is printed, and shows ``lost`` if that
     process dies before writing anything."""
     root = Path(root)
     now = iso(utc_now())
-    record = {"run_id": validate_run_id(run_id), "state": "running", "host": hostname(), "pid": int(pid),
-              "started_at": now, "heartbeat_at": now, "finished_at": None, "error": None, "counts": None,
-              "run_dir": str(root / run_id)}
+    record = state_record(validate_run_id(run_id), "running", hostname(), int(pid), now, None, str(root / run_id))
     path = state_path(root, run_id)
     try:
         with root_mutex(root):
@@ -626,13 +634,13 @@ def list_runs(root: str | Path, *, lost_after_s: float = 120.0) -> list[RunStatu
     states = root / STATE_DIR / RUNS_DIR
     for p in sorted(states.iterdir()) if states.is_dir() else ():
         run_id = p.name[:-len(".json")]
-        if p.name.startswith(".") or not p.name.endswith(".json") or not _valid_id(run_id):
+        if p.name.startswith(".") or not p.name.endswith(".json") or not is_run_id(run_id):
             continue
         record = _read_record(p)
         if record is not None:
             found[run_id] = _from_record(root, run_id, record, now, lost_after_s)
     for p in sorted(root.iterdir()):
-        if p.name not in found and _valid_id(p.name) and (p / MANIFEST).is_file():
+        if p.name not in found and is_run_id(p.name) and (p / MANIFEST).is_file():
             found[p.name] = _from_manifest(root, p.name)
     far_past = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
     return sorted(found.values(), key=lambda s: (parse_iso(s.started_at) or far_past, s.run_id))
@@ -658,7 +666,8 @@ def _existing_root(root: str | Path) -> Path:
     return root
 
 
-def _valid_id(name: str) -> bool:
+def is_run_id(name: str) -> bool:
+    """Whether ``name`` passes ``validate_run_id`` (listing skips other names)."""
     try:
         validate_run_id(name)
     except MfsimError:
@@ -666,7 +675,8 @@ def _valid_id(name: str) -> bool:
     return True
 
 
-def _is_lost(record: dict[str, Any], now: dt.datetime, lost_after_s: float) -> bool:
+def is_lost(record: dict[str, Any], now: dt.datetime, lost_after_s: float) -> bool:
+    """A ``running`` record whose heartbeat is older than ``lost_after_s``, or whose pid is gone on this host."""
     beat = parse_iso(record.get("heartbeat_at"))
     if beat is None or (now - beat).total_seconds() > lost_after_s:
         return True
@@ -675,8 +685,15 @@ def _is_lost(record: dict[str, Any], now: dt.datetime, lost_after_s: float) -> b
 
 def _from_record(root: Path, run_id: str, record: dict[str, Any], now: dt.datetime,
                  lost_after_s: float) -> RunStatus:
+    return status_from_record(run_id, record, now, lost_after_s, _published(root, run_id))
+
+
+def status_from_record(run_id: str, record: dict[str, Any], now: dt.datetime, lost_after_s: float,
+                       run_dir: str | None) -> RunStatus:
+    """A run's ``RunStatus`` from its state record (``running`` turns ``lost``: ``is_lost``), whatever the root;
+    ``run_dir``: where it is published, or None."""
     state = record.get("state")
-    if state == "running" and _is_lost(record, now, lost_after_s):
+    if state == "running" and is_lost(record, now, lost_after_s):
         state = "lost"
     started, finished = parse_iso(record.get("started_at")), parse_iso(record.get("finished_at"))
     end = finished or (parse_iso(record.get("heartbeat_at")) if state == "lost" else now)
@@ -684,8 +701,7 @@ def _from_record(root: Path, run_id: str, record: dict[str, Any], now: dt.dateti
     return RunStatus(run_id=run_id, state=str(state), started_at=record.get("started_at"),
                      finished_at=record.get("finished_at"), duration_s=_seconds(started, end),
                      **{k: counts.get(k) for k in COUNT_KEYS}, host=record.get("host"), pid=record.get("pid"),
-                     error=record.get("error"), run_dir=_published(root, run_id),
-                     heartbeat_at=record.get("heartbeat_at"))
+                     error=record.get("error"), run_dir=run_dir, heartbeat_at=record.get("heartbeat_at"))
 
 
 def _from_manifest(root: Path, run_id: str) -> RunStatus:
@@ -693,10 +709,15 @@ def _from_manifest(root: Path, run_id: str) -> RunStatus:
         m = read_manifest(root / run_id)
     except ValueError:
         m = {}
+    return status_from_manifest(run_id, m, str(root / run_id))
+
+
+def status_from_manifest(run_id: str, m: dict[str, Any], run_dir: str) -> RunStatus:
+    """A published run without a state record (an older version's, or its record lost) as ``succeeded``."""
     counts = m.get("counts") if isinstance(m.get("counts"), dict) else m
     return RunStatus(run_id=run_id, state="succeeded", started_at=m.get("started_at"), finished_at=m.get("finished_at"),
                      duration_s=_seconds(parse_iso(m.get("started_at")), parse_iso(m.get("finished_at"))),
-                     **{k: counts.get(k) for k in COUNT_KEYS}, run_dir=str(root / run_id))
+                     **{k: counts.get(k) for k in COUNT_KEYS}, run_dir=run_dir)
 
 
 def _seconds(start: dt.datetime | None, end: dt.datetime | None) -> float | None:
@@ -770,6 +791,12 @@ def _drop_dead_record(root: Path, run_id: str, pid: int) -> None:
             path.unlink(missing_ok=True)
 
 
+def check_keep_last(keep_last: Any) -> None:
+    """``run.keep_last`` must be a whole number >= 0; an ``MfsimError`` saying so otherwise."""
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
+        raise MfsimError(f"run.keep_last must be a whole number >= 0 (or null to keep every run); got {keep_last!r}")
+
+
 def prune_runs(root: str | Path, keep_last: int, *, pattern: re.Pattern = NIGHTLY_ID) -> list[str]:
     """Retention: remove the oldest succeeded runs whose id fully matches ``pattern`` beyond the newest
     ``keep_last`` of them (by id order); returns the removed ids, oldest first.
@@ -779,8 +806,7 @@ def prune_runs(root: str | Path, keep_last: int, *, pattern: re.Pattern = NIGHTL
     then deleted, so readers never see a half-deleted run; each removal is logged. Call it under
     ``OutputLock``, as ``mfsim nightly`` does, so no run of the same id is starting meanwhile.
     """
-    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
-        raise MfsimError(f"run.keep_last must be a whole number >= 0 (or null to keep every run); got {keep_last!r}")
+    check_keep_last(keep_last)
     pattern = re.compile(pattern) if isinstance(pattern, str) else pattern
     root = Path(root)
     latest = read_latest(root)

@@ -245,7 +245,7 @@ class _Local:
 
     def gram(self, q32, cq, l, seed):
         """``(X^T Z, 1^T Z)`` over every block in this process."""
-        if self.out is None:  # allocated once per SVD: the first touch of p x l pages is not free
+        if self.out is None or self.out.shape[1] != l:  # once per SVD and width: first-touching p x l pages costs
             self.out = np.zeros((self.blocks.n_cols, l), np.float64)
         return gram_partial(self.blocks.parts, self.starts, q32, cq, l, seed, self.out)
 
@@ -614,14 +614,12 @@ def _krylov(run, blocks, rank, b, tol, max_blocks, seed, c, compute_u, start) ->
         nonlocal columns
         k32 = k64.astype(np.float32)
         cq = None if c is None else (c @ k32.astype(np.float64)).astype(np.float32)
-        run.out = None  # the width may change between calls (_Local keeps one buffer)
         y, zsum = run.gram(k32, cq, k32.shape[1], seed)
         columns += 2 * k32.shape[1]
         return y - np.outer(c, zsum) if c is not None else y
 
     if start is None:
         y, zsum = run.gram(None, None, b, seed)  # X_eff^T Omega
-        run.out = None
         columns += b
         y = y - np.outer(c, zsum) if c is not None else y
     else:  # b random combinations of the start's columns: a first block inside the previous top-k subspace
