@@ -361,6 +361,8 @@ def bench_svd(
     methods: str = typer.Option("krylov,krylov-dask,mfsim,mfsim-dask,sklearn,dask-svd_compressed",
                                 help="Comma-separated methods to time (default: all six; mfsim = subspace iteration)."),
     sklearn_power_iterations: Optional[int] = typer.Option(None, help="sklearn's n_iter (default: --power-iterations)."),
+    svds_max_nnz: int = typer.Option(10_000_000, help="Compare against scipy's svds (tol 1e-10) up to this many "
+                                     "non-zeros (the 200k x 50k matrix: ~2 min); above it, the best value any method found."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the measured numbers to this JSON file."),
 ) -> None:
     """Time mfsim's randomized SVD (in-process and on Dask) against scikit-learn and dask.array."""
@@ -370,7 +372,7 @@ def bench_svd(
     out = run_bench_svd(users=users, items=items, nnz=nnz, rank=rank, oversample=oversample,
                         power_iterations=power_iterations, seed=seed, block_rows=block_rows,
                         methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-                        sklearn_power_iterations=sklearn_power_iterations)
+                        sklearn_power_iterations=sklearn_power_iterations, svds_max_nnz=svds_max_nnz)
     if json_out is not None:
         write_json(json_out, out)
 

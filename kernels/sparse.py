@@ -154,7 +154,7 @@ def csr_matmat(indptr, indices, data, M, out):
     return out
 
 
-def csr_t_matmat(indptr, indices, data, M, out, accumulate=False):
+def csr_t_matmat(indptr, indices, data, M, out, accumulate=False, column_cumsum=None):
     """``out = X^T @ M`` (``out += X^T @ M`` with ``accumulate``) for X (n x p) in CSR form.
 
     Parameters
@@ -169,6 +169,9 @@ def csr_t_matmat(indptr, indices, data, M, out, accumulate=False):
         popular columns exact to ~1e-16).
     accumulate : bool
         Add to ``out`` instead of overwriting it (to sum several row blocks of one matrix).
+    column_cumsum : ndarray, optional
+        int64 (p + 1,): cumulative stored entries per column of X, for the panel split; computed
+        here (O(nnz)) when not given. Callers that multiply the same X often pass it in.
 
     Returns
     -------
@@ -192,9 +195,12 @@ def csr_t_matmat(indptr, indices, data, M, out, accumulate=False):
     panels = _n_panels(p, l, out.itemsize, at_least=threads)
     panels = -(-panels // threads) * threads if panels > threads else panels  # whole rounds of threads
     nnz = int(indptr[-1]) if n else 0
-    cum = np.zeros(p + 1, dtype=np.int64)
-    if p:
-        np.cumsum(np.bincount(indices[:nnz], minlength=p), out=cum[1:])
+    if column_cumsum is not None and len(column_cumsum) == p + 1:
+        cum = column_cumsum
+    else:
+        cum = np.zeros(p + 1, dtype=np.int64)
+        if p:
+            np.cumsum(np.bincount(indices[:nnz], minlength=p), out=cum[1:])
     # panel t starts at the first column whose cumulative nnz reaches t/panels of the total
     bounds = np.searchsorted(cum[1:], (np.arange(panels + 1, dtype=np.int64) * nnz) // panels, side="left")
     bounds = np.minimum(bounds, p).astype(np.int64)

@@ -41,6 +41,17 @@ class CSRBlock:
         """``(n_rows, n_cols)``."""
         return (self.n_rows, self.n_cols)
 
+    def column_cumsum(self) -> np.ndarray:
+        """int64 (n_cols + 1,): cumulative stored entries per column (``csr_t_matmat``'s panel split), computed
+        once per block and kept with it (a block's arrays never change)."""
+        cum = self.__dict__.get("_column_cumsum")
+        if cum is None:
+            cum = np.zeros(self.n_cols + 1, dtype=np.int64)
+            if self.n_cols and self.nnz:
+                np.cumsum(np.bincount(self.indices[: self.nnz], minlength=self.n_cols), out=cum[1:])
+            object.__setattr__(self, "_column_cumsum", cum)
+        return cum
+
     def to_scipy(self) -> sp.csr_matrix:
         """The block as a scipy CSR matrix sharing its arrays (no copy)."""
         return sp.csr_matrix((self.data, self.indices, self.indptr), shape=self.shape)

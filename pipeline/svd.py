@@ -142,7 +142,8 @@ def gram_partial(
     for block, start in zip(blocks, row_starts):
         z = _product_z(block, q32, cq, start, l, seed)
         zsum += z.sum(axis=0, dtype=np.float64)
-        csr_t_matmat(block.indptr, block.indices, block.data, z, out, accumulate=True)  # out += X_b^T Z_b
+        csr_t_matmat(block.indptr, block.indices, block.data, z, out, accumulate=True,  # out += X_b^T Z_b
+                     column_cumsum=block.column_cumsum())
     return out, zsum
 
 
@@ -170,16 +171,6 @@ def tsqr_partial(blocks: list, q32: np.ndarray, cq64: np.ndarray | None) -> np.n
     l = q32.shape[1]
     rs = [_r_factor(_c_block(b, q32, cq64)) for b in blocks]
     return _r_factor(np.vstack(rs)) if rs else np.zeros((0, l))
-
-
-def c_gram_partial(blocks: list, q32: np.ndarray, cq64: np.ndarray | None) -> np.ndarray:
-    """``sum_b C_b^T C_b`` for ``C_b = X_eff_b Q`` (float64, l x l): the Gram matrix of X Q over these blocks."""
-    l = q32.shape[1]
-    g = np.zeros((l, l))
-    for b in blocks:
-        c = _c_block(b, q32, cq64)
-        g += c.T @ c
-    return g
 
 
 def u_block(block: CSRBlock, q32: np.ndarray, cq64: np.ndarray | None, w: np.ndarray) -> np.ndarray:
@@ -253,10 +244,6 @@ class _Local:
         """The R factor of ``X_eff Q`` over every block in this process."""
         return tsqr_partial(self.blocks.parts, q32, cq64)
 
-    def c_gram(self, q32, cq64):
-        """``(X_eff Q)^T (X_eff Q)`` over every block in this process."""
-        return c_gram_partial(self.blocks.parts, q32, cq64)
-
     def u(self, q32, cq64, w):
         """U per block, in this process."""
         return [u_block(b, q32, cq64, w) for b in self.blocks.parts]
@@ -312,12 +299,6 @@ class _Dask:
         qf = self._share(q32)
         rs = self.client.gather([self._submit(tsqr_partial, w, idx, qf, cq64) for w, idx in self.groups])
         return _r_factor(np.vstack(rs))
-
-    def c_gram(self, q32, cq64):
-        """``(X_eff Q)^T (X_eff Q)``: one partial per worker's blocks, summed here (l x l each)."""
-        qf = self._share(q32)
-        return np.sum(self.client.gather([self._submit(c_gram_partial, w, idx, qf, cq64) for w, idx in self.groups]),
-                      axis=0)
 
     def u(self, q32, cq64, w):
         """U per block, as futures beside their rows of X."""
@@ -503,25 +484,39 @@ def _randomized_svd(run, blocks: RowBlocks, rank, oversample, power_iterations, 
     )
 
 
-def _extend_basis(basis: np.ndarray | None, y: np.ndarray, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+def _extend_basis(
+    basis: np.ndarray | None, y: np.ndarray, seed: int, step: int, basis32: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """``(K, H)``: an orthonormal block K (p x b, float64) orthogonal to ``basis`` with span(basis, K) ⊇ span(y),
     and ``H = basis^T y`` (the coefficients, for the projected matrix).
 
     Block classical Gram-Schmidt twice ("twice is enough": Giraud et al. 2005; the second pass
     removes what rounding left of the first, so K is orthogonal to the basis to ~1e-16 whatever
-    the angle), then ``_orthonormalize`` within the block. A column that vanishes against the
-    basis (X of rank below the space width, or an exhausted Krylov space) is replaced by a seeded
-    random direction, orthogonalized the same way, so the space keeps its width and its
-    orthonormality; such directions get zero Ritz values.
+    the angle), then ``_orthonormalize`` within the block. With ``basis32`` (the basis rounded to
+    float32) the first pass runs in float32 at half the cost: it leaves ~6e-8 ||y|| of the basis in
+    y, which the float64 second pass removes, and H = the sum of both passes' coefficients is exact
+    to ~6e-8 ||y||, the rounding every product over X already carries (Z = X K is float32).
+    A column that vanishes against the basis (below 1e-10 of its norm, 1e-6 after a float32 pass:
+    X of rank below the space width, or an exhausted Krylov space) is replaced by a seeded random
+    direction, orthogonalized the same way, so the space keeps its width and its orthonormality;
+    such directions get zero Ritz values.
     """
     h = np.zeros((0, y.shape[1])) if basis is None else np.zeros((basis.shape[1], y.shape[1]))
     norms = np.linalg.norm(y, axis=0)
-    for _ in range(2):
-        if basis is not None:
+    floor = 1e-10
+    if basis is not None:
+        if basis32 is not None:
+            y32 = y.astype(np.float32)
+            c32 = basis32.T @ y32
+            y32 -= basis32 @ c32
+            y, h = y32.astype(np.float64), h + c32
+            floor = 1e-6
+        else:
             c = basis.T @ y
-            y = y - basis @ c
-            h += c
-    lost = np.linalg.norm(y, axis=0) <= 1e-10 * np.maximum(norms, np.finfo(float).tiny)
+            y, h = y - basis @ c, h + c
+        c = basis.T @ y
+        y, h = y - basis @ c, h + c
+    lost = np.linalg.norm(y, axis=0) <= floor * np.maximum(norms, np.finfo(float).tiny)
     if lost.any():
         rng = np.random.default_rng([seed, 7919, step])
         y[:, lost] = rng.standard_normal((y.shape[0], int(lost.sum())))
@@ -539,9 +534,10 @@ def _extend_basis(basis: np.ndarray | None, y: np.ndarray, seed: int, step: int)
     return k, h
 
 
-def _ritz_values(t_cols: list[np.ndarray], rank: int) -> np.ndarray:
-    """The top-``rank`` Ritz values (descending) of X on the space whose ``T = Q^T X^T X Q`` has the column
-    blocks ``t_cols`` (block i: rows of blocks 0..i, the upper block triangle); the lower triangle is its mirror."""
+def _ritz_pairs(t_cols: list[np.ndarray], rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top-``rank`` Ritz values of X (descending) and their eigenvectors in the basis, on the space whose
+    ``T = Q^T X^T X Q`` has the column blocks ``t_cols`` (block i: rows of blocks 0..i, the upper block triangle;
+    the lower triangle is its mirror)."""
     m = sum(h.shape[1] for h in t_cols)
     upper = np.zeros((m, m))
     owner = np.zeros(m, dtype=np.int64)  # the block of each row/column
@@ -552,7 +548,39 @@ def _ritz_values(t_cols: list[np.ndarray], rank: int) -> np.ndarray:
         col += h.shape[1]
     T = np.where(owner[:, None] <= owner[None, :], upper, upper.T)
     T = (T + T.T) / 2  # the diagonal blocks are symmetric only up to rounding
-    return np.sqrt(np.clip(np.linalg.eigvalsh(T)[::-1][:rank], 0, None))
+    lam, vecs = np.linalg.eigh(T)
+    top = np.argsort(lam)[::-1][:rank]
+    return np.sqrt(np.clip(lam[top], 0, None)), vecs[:, top]
+
+
+#: Ritz values whose relative change is below this are taken as converged in the error estimate (changes
+#: there are rounding, ~1e-16 of T's entries, and their ratios are noise).
+_RITZ_FLOOR = 1e-13
+#: The largest convergence ratio the error estimate extrapolates with (a ratio at or above 1 means the value
+#: is not yet in its geometric phase; capping keeps the estimate finite: 1 / (1 - 0.9) = 10 changes).
+_RATIO_CAP = 0.9
+
+
+def ritz_error_estimate(history: list[np.ndarray]) -> float:
+    """Estimated largest relative error of the last Ritz values in ``history`` (one array per space size).
+
+    Ritz values of nested spaces only grow towards the singular values (Cauchy interlacing), so the error
+    of the last value is the sum of all its future changes. With ``d`` the last relative change of value i
+    and ``r`` its ratio to the change before, a geometric tail gives ``d r / (1 - r)``; Krylov's convergence
+    is faster than geometric, so that overestimates, and the estimate reports ``d / (1 - r)`` (one change of
+    margin, ``r`` capped at ``_RATIO_CAP``). Infinite until three spaces have been seen.
+    """
+    if len(history) < 3 or any(len(h) < len(history[-1]) for h in history[-3:]):
+        return float("inf")
+    last, mid, first = history[-1], history[-2][: len(history[-1])], history[-3][: len(history[-1])]
+    scale = np.maximum(last, np.finfo(float).tiny)
+    d = np.abs(last - mid) / scale
+    d_prev = np.abs(mid - first) / scale
+    d = np.where(d <= _RITZ_FLOOR, 0.0, d)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(d_prev > 0, d / d_prev, np.where(d > 0, np.inf, 0.0))
+    r = np.minimum(r, _RATIO_CAP)
+    return float(np.max(d / (1.0 - r))) if len(d) else 0.0
 
 
 def krylov_svd(
@@ -571,25 +599,25 @@ def krylov_svd(
 
     The item-side Krylov space ``[K_0, A K_0, A^2 K_0, ...]`` with ``A = X^T X`` and
     ``K_0 = orth(X^T Omega)`` (Musco & Musco 2015, Algorithm 2), each new block orthogonalized
-    against every earlier one (``_extend_basis``: block Gram-Schmidt twice), then Rayleigh-Ritz on
-    the whole space: ``X Q = Q_C R`` by TSQR, ``R = U_r S V_r^T``, ``V = Q V_r``.
+    against every earlier one (``_extend_basis``: block Gram-Schmidt twice), and Rayleigh-Ritz on
+    the whole space. The products ``A K_j`` give the projected matrix ``T = Q^T A Q`` at no extra
+    pass (its columns are the Gram-Schmidt coefficients, as in block Lanczos), so Rayleigh-Ritz is
+    the eigendecomposition of T: ``sigma_i = sqrt(theta_i)``, ``V = Q y_i``, and U (on request)
+    ``X V / sigma``, one k-wide product.
 
-    Stopping rule: the products ``A K_j`` give the projected matrix ``T = Q^T A Q`` of the space
-    built so far at no extra pass (its columns are the Gram-Schmidt coefficients), whose top-k
-    eigenvalues are the squared Ritz values. After each block the largest relative change of the
-    top-k Ritz values against the previous space is the error estimate; below ``tol`` the space
-    stops growing (``converged``), else it stops at ``max_blocks`` blocks after the first. The
-    final Rayleigh-Ritz uses one more block than the last estimate saw, so its values are at
-    least as good as those the estimate judged (Ritz values only grow with the space).
+    Stopping rule: after each block, ``ritz_error_estimate`` of the top-k Ritz values (their last
+    relative change, extrapolated by its ratio to the change before); at or below ``tol`` the space
+    stops growing (``converged``), else it stops after ``max_blocks`` products. The estimate is
+    of the values returned: the final Ritz pairs are those of the last space it judged.
 
     ``start`` (p x m, optional): a warm start, e.g. the previous run's V_k aligned to these items;
-    the first block is then ``orth([start, X^T Omega])`` of width ``m + block_size``.
+    the first block is then ``block_size`` random combinations of its columns (no pass over X).
 
     Parameters as ``randomized_svd``; ``block_size`` defaults to ``max(8, ceil(rank / 2))``.
-    Memory on the driver: the basis, p x (blocks + 1) b float64 (at p = 1M, b = 32 and 8 blocks
-    after the first: 2.3 GB), which ``max_blocks`` bounds; per worker one p x b partial.
-    Cost in passes of a (k + 10)-wide product over X: ``(b + 2 b j + W) / (k + 10)`` for j
-    products with ``A`` and a final space of width W (``diagnostics["passes"]``).
+    Memory on the driver: the basis, p x (blocks b) float64 (at p = 1M, b = 16 and 25 blocks,
+    the 200k x 50k benchmark's need: 3.2 GB), which ``max_blocks`` bounds; per worker one p x b
+    partial. Cost in passes of a (k + 10)-wide product over X: ``(b + 2 b j) / (k + 10)`` for j
+    products with ``A`` (``diagnostics["passes"]``), plus ``k / (k + 10)`` for U.
     """
     c = _check(blocks, rank, 0, 0, col_offset)
     n, p = blocks.shape
@@ -609,10 +637,10 @@ def _krylov(run, blocks, rank, b, tol, max_blocks, seed, c, compute_u, start) ->
     columns = 0  # columns of products over X, summed: passes = columns / (k + 10)
     t0 = time.perf_counter()
 
-    def product(k64: np.ndarray) -> np.ndarray:
-        """``X_eff^T X_eff K`` (p x w float64), K rounded to float32 as in every product."""
+    def product(k32: np.ndarray) -> np.ndarray:
+        """``X_eff^T X_eff K`` (p x w float64) for K rounded to float32, as in every product."""
         nonlocal columns
-        k32 = k64.astype(np.float32)
+        k32 = np.ascontiguousarray(k32)  # the kernels read K by rows
         cq = None if c is None else (c @ k32.astype(np.float64)).astype(np.float32)
         y, zsum = run.gram(k32, cq, k32.shape[1], seed)
         columns += 2 * k32.shape[1]
@@ -625,62 +653,70 @@ def _krylov(run, blocks, rank, b, tol, max_blocks, seed, c, compute_u, start) ->
     else:  # b random combinations of the start's columns: a first block inside the previous top-k subspace
         g = np.random.default_rng([seed, 15485863]).standard_normal((start.shape[1], b))
         y = np.asarray(start, np.float64) @ g
-    w0 = min(y.shape[1], width_cap)
-    basis, _ = _extend_basis(None, y[:, :w0], seed, 0)
-    blocks_q = [basis]
+    first, _ = _extend_basis(None, y[:, : min(y.shape[1], width_cap)], seed, 0)
+    # the basis in float64 and float32 (for the first Gram-Schmidt pass), column-major with room for every block
+    # so that adding one copies nothing; pages are touched only as columns are filled
+    cap = min(width_cap, first.shape[1] + b * (max_blocks - 1))
+    store64, store32 = np.empty((p, cap), order="F"), np.empty((p, cap), np.float32, order="F")
+    width = first.shape[1]
+    store64[:, :width], store32[:, :width] = first, first
+    last = slice(0, width)  # the newest block, the next to multiply by A
     t_cols: list[np.ndarray] = []  # T = Q^T A Q, column block by column block
-    prev = None
+    history: list[np.ndarray] = []  # the top-k Ritz values of each space
     estimate, converged, steps = float("inf"), False, 0
     for step in progress(range(1, max_blocks + 1), max_blocks, "svd krylov blocks"):  # stops early when converged
-        if basis.shape[1] >= width_cap:
-            break
-        y = product(blocks_q[-1])  # A K_{j-1}
+        y = product(store32[:, last])  # A K_{j-1}
         steps += 1
-        new, h = _extend_basis(basis, y, seed, step)
-        room = width_cap - basis.shape[1]
-        new = new[:, :room]
+        basis, basis32 = store64[:, :width], store32[:, :width]
+        room = cap - width if step < max_blocks else 0
+        if room > 0:
+            new, h = _extend_basis(basis, y, seed, step, basis32)
+        else:  # the last block, or the basis spans everything: T needs only the coefficients
+            new, h = None, basis.T @ y
         t_cols.append(h)  # basis^T A K_{j-1}: T's column block j-1, rows of blocks 0 .. j-1
-        ritz = _ritz_values(t_cols, rank)
-        if prev is not None and len(ritz) >= rank and len(prev) >= rank:
-            scale = np.maximum(ritz, np.finfo(float).tiny)
-            estimate = float(np.max(np.abs(ritz - prev[:rank]) / scale))
-            if estimate <= tol:
-                converged = True
-        prev = ritz
-        basis = np.hstack([basis, new])
-        blocks_q.append(new)
-        if converged:
+        ritz, vecs = _ritz_pairs(t_cols, rank)
+        history.append(ritz)
+        if width >= width_cap and len(ritz) == min(rank, width_cap):
+            estimate, converged = 0.0, True
+        elif len(ritz) >= rank:
+            estimate = ritz_error_estimate(history)
+            converged = estimate <= tol
+        if converged or room <= 0:
             break
+        new = new[:, :room]
+        last = slice(width, width + new.shape[1])
+        store64[:, last], store32[:, last] = new, new
+        width += new.shape[1]
     seconds["krylov"] = time.perf_counter() - t0
 
+    # the Ritz pairs of the last space the estimate judged: T covers every block but the unmultiplied newest
     t1 = time.perf_counter()
-    q32 = basis.astype(np.float32)
-    cq64 = None if c is None else (c @ q32.astype(np.float64))
-    # Rayleigh-Ritz by the Gram matrix of C = X_eff Q (float64 from float64 sums): G = V_r S^2 V_r^T. Squaring
-    # costs relative accuracy eps (s_1 / s_j)^2 in s_j, 1e-12 at s_j = 1e-2 s_1, far below the 1e-6 the stage is
-    # held to, and a symmetric rank-l update per block is ~4x cheaper than the QR of each block (TSQR)
-    g = run.c_gram(q32, cq64)
-    columns += q32.shape[1]
-    lam, vecs = np.linalg.eigh((g + g.T) / 2)
-    order = np.argsort(lam)[::-1][:rank]
-    vr = vecs[:, order]
-    sigma = np.sqrt(np.clip(lam[order], 0.0, None)).astype(np.float64)
-    v, sign = flip_signs(q32.astype(np.float64) @ vr)
+    m = vecs.shape[0]
+    del store32
+    sigma = np.zeros(rank)
+    sigma[: len(ritz)] = ritz
+    vr = np.zeros((m, rank))
+    vr[:, : vecs.shape[1]] = vecs
+    v = store64[:, :m] @ vr
+    if vecs.shape[1] < rank:  # a space narrower than k (rank of X or of the matrix below k): complete V
+        v[:, vecs.shape[1]:] = _extend_basis(v[:, : vecs.shape[1]], np.zeros((p, rank - vecs.shape[1])), seed, max_blocks + 1)[0]
+    v, sign = flip_signs(v)
     seconds["final"] = time.perf_counter() - t1
     u = None
     if compute_u:
         t2 = time.perf_counter()
+        v32 = v.astype(np.float32)
         with np.errstate(divide="ignore"):
             inv = np.where(sigma > 0, 1.0 / sigma, 0.0)
-        u = run.u(q32, cq64, vr * sign * inv)
-        columns += q32.shape[1]
+        u = run.u(v32, None if c is None else c @ v32.astype(np.float64), np.diag(inv))
+        columns += rank
         seconds["u"] = time.perf_counter() - t2
     seconds["total"] = time.perf_counter() - t0
     return SvdResult(
         sigma=sigma, V=v.astype(np.float32), U=u, u_row_offsets=blocks.row_offsets.copy() if compute_u else None,
         client=blocks.client,
         diagnostics=dict(
-            solver="krylov", block_size=b, blocks=steps + 1, width=int(basis.shape[1]), tol=tol,
+            solver="krylov", block_size=b, blocks=steps, width=int(m), tol=tol,
             estimated_error=estimate, converged=converged, passes=round(columns / (rank + 10), 2), seed=seed,
             n_blocks=blocks.n_blocks, executor=run.executor, n_workers=run.n_workers, seconds=seconds,
         ),
