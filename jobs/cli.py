@@ -118,7 +118,8 @@ def run_summary(run_dir: Path | str, manifest: dict) -> str:
     lines = []
     datasets = manifest.get("datasets", {})
     for path, title, values in (
-        (outputs.EVALUATION_METRICS, "Held-out evaluation (fit on the train split):", ["recall", "ndcg"]),
+        (outputs.EVALUATION_METRICS, "Held-out evaluation (fit on the train split):",
+         ["recall", "recall_se", "ndcg", "ndcg_se"]),
         (outputs.CLUSTER_PRECISION, "Cluster precision@N of item-item lists (the paper's Fig. 1 in numbers):",
          ["cluster_precision", "chance"]),
     ):

@@ -22,12 +22,14 @@ from mfsim.jobs.progress import progress
 from mfsim.pipeline import outputs
 from mfsim.pipeline.audit import audit_item_lists
 from mfsim.pipeline.config import Config
-from mfsim.pipeline.evaluate import ClusterScorer, cluster_cutoffs, holdout_sums, merge_sums, split_holdout
+from mfsim.pipeline.blocks import RowBlocks
+from mfsim.pipeline.evaluate import ClusterScorer, cluster_cutoffs, held_out_rows, holdout_sums, merge_sums, \
+    sample_users, split_holdout
 from mfsim.pipeline.fit import Fit, fit_model
 from mfsim.pipeline.ingest import IngestResult, ingest
 from mfsim.pipeline.inputs import ItemTruth
-from mfsim.pipeline.neighbours import GemmGroup, GroupInputs, client_item_lists, group_inputs, plan_lists, \
-    query_ranges, run_topn, user_rows
+from mfsim.pipeline.neighbours import GemmGroup, GroupInputs, client_item_lists, csr_rows, group_inputs, plan_lists, \
+    query_ranges, run_symmetric, run_topn, user_rows
 from mfsim.pipeline.registry import metrics_of
 from mfsim.pipeline.report import cluster_boundaries, heatmap_grid_png, histogram_png, item_order, render_report, \
     select_items, spectrum_png
@@ -208,10 +210,16 @@ def neighbours_stage(ctx: StageContext) -> StageResult:
         cand_ids = share(client, inputs.candidate_ids, "candidate-ids")
         sinks = [ListSink(ctx.run.location, lists, cand_ids if g.kind == "item_item" else share(client, ids, "query-ids"),
                           cand_ids, cluster) for ids in inputs.query_id_parts]
-        results = run_topn(client, inputs.queries, inputs.candidates, capped(ncfg.top_n, inputs), tuple(g.outputs),
-                           rows_per_task=ncfg.query_chunk, candidate_block=ncfg.candidate_block, scale=inputs.scale,
-                           then=write_lists, then_parts=sinks)
-        for _, (parts, sums) in group_progress(results, g, inputs, ncfg.query_chunk, f"neighbours {g.kind}"):
+        if g.kind == "item_item" and g.queries == g.candidates:  # a Gram matrix: half the gemm
+            results = run_symmetric(client, inputs.candidates, len(A), capped(ncfg.top_n, inputs), tuple(g.outputs),
+                                    candidate_block=ncfg.candidate_block, then=write_lists, then_part=sinks[0],
+                                    label=group_label(g, "neighbours item_item"))
+        else:
+            results = group_progress(run_topn(
+                client, inputs.queries, inputs.candidates, capped(ncfg.top_n, inputs), tuple(g.outputs),
+                rows_per_task=ncfg.query_chunk, candidate_block=ncfg.candidate_block, scale=inputs.scale,
+                then=write_lists, then_parts=sinks), g, inputs, ncfg.query_chunk, f"neighbours {g.kind}")
+        for _, (parts, sums) in results:
             for w in parts:
                 ctx.run.written(w)
             for key, s in sums.items():
@@ -226,8 +234,12 @@ def group_progress(results: Iterable[T], g: GemmGroup, inputs: GroupInputs, rows
     """``results`` of ``run_topn`` for list group ``g``, one progress step per query range, labelled
     ``<stage> <objective>/<scaling> <metric>+<metric>`` (``neighbours item_item eq1/symmetric dot+cosine``)."""
     n_ranges = len(query_ranges(inputs.queries.sizes, inputs.queries.firsts, rows_per_task))
-    names = "+".join(label.metric for label in g.outputs.values())
-    return progress(results, n_ranges, f"{stage} {g.objective}/{g.scaling} {names}")
+    return progress(results, n_ranges, group_label(g, stage))
+
+
+def group_label(g: GemmGroup, stage: str) -> str:
+    """``<stage> <objective>/<scaling> <metric>+<metric>``, the progress label of list group ``g``."""
+    return f"{stage} {g.objective}/{g.scaling} " + "+".join(label.metric for label in g.outputs.values())
 
 
 def capped(n: int, inputs) -> int:
@@ -239,36 +251,61 @@ def evaluation_stage(ctx: StageContext) -> StageResult:
     """Both objectives fit on a train split; recall@N and NDCG@N of every user-item list on the held-out items.
 
     The published factors and lists come from the fit on all data; this second fit uses the same
-    config on the train split only. Writes ``evaluation/metrics.parquet``.
+    config on the train split only. Writes ``evaluation/metrics.parquet`` (``holdout_metrics``).
     """
-    cfg, data, client = ctx.cfg, ctx.data, ctx.client
-    ecfg, ncfg = cfg.evaluation, cfg.neighbours
+    cfg, data = ctx.cfg, ctx.data
+    ecfg = cfg.evaluation
     train, test = split_holdout(data.X, ecfg.holdout, ecfg.fraction, ecfg.seed)
     fit = fit_model(train, cfg)
-    cutoffs = tuple(ecfg.cutoffs)
-    rows = []
-    for g in plan_lists(list(fit.factors), [], ncfg.user_item or list(metrics_of("user_item")), []):
-        A, B = fit.factors[(g.objective, g.scaling)]
-        inputs = group_inputs(client, g, A, B, fit.users((g.objective, g.scaling)), train, data.user_ids,
-                              data.item_ids)
-        results = [res for _, res in group_progress(run_topn(
-            client, inputs.queries, inputs.candidates, capped(max(cutoffs), inputs), tuple(g.outputs),
-            rows_per_task=ncfg.query_chunk,
-            candidate_block=ncfg.candidate_block, then=partial(holdout_sums, cutoffs=cutoffs), then_parts=test.parts),
-            g, inputs, ncfg.query_chunk, "evaluation")]
-        for kernel_metric, label in g.outputs.items():
-            sums = merge_sums([res[kernel_metric] for res in results]).finish()
-            n_users = sum(res[kernel_metric].count for res in results)
-            for c in cutoffs:
-                rows.append({"objective": label.objective, "scaling": label.scaling, "metric": label.metric,
-                             "top_n": c, "recall": sums["recall"][c], "ndcg": sums["ndcg"][c], "n_users": n_users})
+    rows, sample = holdout_metrics(ctx.client, cfg, fit, train, test, data.user_ids, data.item_ids)
     table = pa.Table.from_pylist(rows, schema=outputs.EVALUATION_SCHEMA)
     ctx.run.write_table(outputs.EVALUATION_METRICS, table)
-    summary: dict[str, Any] = {"holdout": ecfg.holdout, "fraction": ecfg.fraction}
+    summary: dict[str, Any] = {"holdout": ecfg.holdout, "fraction": ecfg.fraction, **sample}
+    cutoffs = tuple(ecfg.cutoffs)
     if rows:
         best = max(rows, key=lambda r: (r["top_n"] == cutoffs[0], r["ndcg"]))
         summary["best_at_first_cutoff"] = {k: best[k] for k in ("objective", "scaling", "metric", "top_n", "ndcg")}
     return StageResult({"evaluation": summary}, {"evaluation": table})
+
+
+def holdout_metrics(client, cfg: Config, fit: Fit, train: RowBlocks, test: RowBlocks, user_ids: pa.Array,
+                    item_ids: pa.Array) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows of ``evaluation/metrics.parquet`` for the fit on ``train``, and the manifest's account of the users.
+
+    The users are ``sample_users(held_out_rows(test), evaluation.max_users, evaluation.seed)``:
+    all users with held-out items, or a seeded sample of ``max_users`` of them, whose lists alone
+    are computed (``O(max_users p k)`` per list). Per list and cutoff: the mean recall and NDCG
+    over those users and their standard errors ``sd / sqrt(n_users)``.
+    """
+    ecfg, ncfg = cfg.evaluation, cfg.neighbours
+    held = held_out_rows(test)
+    users = sample_users(held, ecfg.max_users, ecfg.seed)
+    sampled = users.size < held.size
+    subset, then_parts = None, test.parts
+    if sampled:  # only the sample's lists; the sample's held-out rows, gathered on a worker from the blocks read
+        subset = users
+        needed = set((np.searchsorted(test.row_offsets, users, side="right") - 1).tolist())
+        parts = [part if b in needed else None for b, part in enumerate(test.parts)]
+        then_parts = [client.submit(csr_rows, parts, test.row_offsets, users, test.n_cols, pure=False)]
+    cutoffs = tuple(ecfg.cutoffs)
+    rows = []
+    for g in plan_lists(list(fit.factors), [], ncfg.user_item or list(metrics_of("user_item")), []):
+        A, B = fit.factors[(g.objective, g.scaling)]
+        inputs = group_inputs(client, g, A, B, fit.users((g.objective, g.scaling)), train, user_ids, item_ids, subset)
+        results = [res for _, res in group_progress(run_topn(
+            client, inputs.queries, inputs.candidates, capped(max(cutoffs), inputs), tuple(g.outputs),
+            rows_per_task=ncfg.query_chunk,
+            candidate_block=ncfg.candidate_block, then=partial(holdout_sums, cutoffs=cutoffs), then_parts=then_parts),
+            g, inputs, ncfg.query_chunk, "evaluation")]
+        for kernel_metric, label in g.outputs.items():
+            merged = merge_sums([res[kernel_metric] for res in results])
+            means, se = merged.finish(), merged.standard_errors()
+            for c in cutoffs:
+                rows.append({"objective": label.objective, "scaling": label.scaling, "metric": label.metric,
+                             "top_n": c, "recall": means["recall"][c], "recall_se": se["recall"][c],
+                             "ndcg": means["ndcg"][c], "ndcg_se": se["ndcg"][c], "n_users": merged.count})
+    return rows, {"n_users_held_out": int(held.size), "n_users_evaluated": int(users.size),
+                  "max_users": ecfg.max_users, "sampled": bool(sampled)}
 
 
 def cluster_precision_stage(ctx: StageContext) -> StageResult:
@@ -285,13 +322,14 @@ def audit_stage(ctx: StageContext) -> StageResult:
     """Jaccard@N of item-item lists across the Eq. 1 scalings and random rescalings ``(A D, B D^-1)``.
 
     Writes ``audit/stability.parquet``, ``audit/items.parquet`` (per item) and ``audit/least_stable.parquet``,
-    the last two keyed by ``item_id``.
+    the last two keyed by ``item_id``; at most ``audit.max_items`` query items (a seeded sample), all items as
+    candidates.
     """
     acfg, ncfg = ctx.cfg.audit, ctx.cfg.neighbours
     eq1 = {scaling: ab for (objective, scaling), ab in ctx.fit.factors.items() if objective == "eq1"}
     p = len(ctx.data.item_ids)
     result = audit_item_lists(eq1, top_n=max(1, min(acfg.top_n or ncfg.top_n, p)), draws=acfg.draws, spread=acfg.spread,
-                              seed=acfg.seed, least_stable=acfg.least_stable,
+                              seed=acfg.seed, least_stable=acfg.least_stable, max_items=acfg.max_items,
                               item_lists_fn=client_item_lists(ctx.client, rows_per_task=ncfg.query_chunk,
                                                               candidate_block=ncfg.candidate_block))
     ctx.run.write_table(outputs.AUDIT_STABILITY, result.stability)
@@ -354,8 +392,18 @@ def report_stage(ctx: StageContext) -> StageResult:
             tables[title] = ctx.results[key].tables[key]
     c = data.counts
     summary = [f"{c['n_users']} users x {c['n_items']} items, {c['nnz']} non-zeros; SVD rank {len(fit.sigma)}."]
+    if "evaluation" in ctx.results:
+        ev = ctx.results["evaluation"].manifest["evaluation"]
+        summary.append(f"Held-out metrics over {ev['n_users_evaluated']} of the {ev['n_users_held_out']} users with "
+                       "held-out items" + (" (a seeded sample of evaluation.max_users)" if ev["sampled"] else "")
+                       + "; recall_se and ndcg_se are their standard errors.")
     if audit is not None:
-        summary.append(audit.summary.get("verdict", ""))
+        a = audit.summary
+        if "n_items_sampled" in a:
+            summary.append(f"Cosine audit over {a['n_items_sampled']} of the {a['n_items']} items"
+                           + (" (a seeded sample of audit.max_items)" if a["sampled"] else "")
+                           + ", every item a candidate; jaccard_se is the standard error of jaccard_mean.")
+        summary.append(a.get("verdict", ""))
     page = render_report(title=f"mfsim run {ctx.run.run_id}", summary_lines=summary, tables=tables, images=images,
                          captions=captions)
     ctx.run.write_bytes(outputs.REPORT, page)

@@ -220,6 +220,163 @@ def select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices, 
                     thr_c = cos_s[r, 0]
 
 
+_NO_EXCLUSIONS = np.zeros(0, dtype=np.int32)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _run_masks_columns(row, thr_d, thr_c, qinv, c0, ci):
+    """Bit masks of the ``_RUN`` tile columns from ``c0`` whose score in this tile row reaches their own dot / cosine
+    threshold: ``_run_masks`` with a threshold per column (vectorised the same way, over slices from 0)."""
+    seg = row[c0 : c0 + _RUN]
+    td = thr_d[c0 : c0 + _RUN]
+    tc = thr_c[c0 : c0 + _RUN]
+    qs = qinv[c0 : c0 + _RUN]
+    md = np.uint64(0)
+    mc = np.uint64(0)
+    for jj in range(_RUN):
+        s = seg[jj]
+        md |= np.uint64(s >= td[jj]) << np.uint64(jj)
+        mc |= np.uint64(s * qs[jj] * ci >= tc[jj]) << np.uint64(jj)  # cos_ji = (s_ij * qinv_j) * cinv_i
+    return md, mc
+
+
+_NO_EXCLUSIONS = np.zeros(0, dtype=np.int32)
+
+
+_HITS = 8192  # hits a column scan holds before it applies them (two int32 per hit: 64 KiB)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _apply_hits(hit_col, hit_row, n_hits, counts, order, tile, row_start, col_qinv, row_cinv, cosine, hs_all, hi_all,
+                thr):
+    """Offer the buffered hits of one metric column by column (each heap hot while its hits go in), then refresh the
+    thresholds of the columns touched. Within a column the hits keep their (ascending row) order."""
+    nc = counts.shape[0] - 1
+    for j in range(nc + 1):
+        counts[j] = 0
+    for h in range(n_hits):
+        counts[hit_col[h] + 1] += 1
+    for j in range(nc):
+        counts[j + 1] += counts[j]
+    for h in range(n_hits):  # a stable counting sort by column
+        j = hit_col[h]
+        order[counts[j]] = h
+        counts[j] += 1
+    for t in range(n_hits):
+        h = order[t]
+        j = hit_col[h]
+        i = hit_row[h]
+        s = tile[i, j]
+        if cosine:
+            ci = row_cinv[i]
+            s = s * col_qinv[j] * ci  # same rounding as select_tile's (s_ji * qinv_j) * cinv_i
+            zero = ci == 0
+        else:
+            zero = False
+        _offer(s, i, row_start, -1, zero, _NO_EXCLUSIONS, 0, 0, hs_all[j], hi_all[j])
+    for t in range(n_hits):
+        j = hit_col[order[t]]
+        thr[j] = hs_all[j, 0] if not cosine or col_qinv[j] > 0 else np.float32(np.inf)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _push_hit(hit_col, hit_row, n_hits, j, i, counts, order, tile, row_start, col_qinv, row_cinv, cosine, hs_all,
+              hi_all, thr):
+    """Buffer hit (column j, tile row i); a full buffer is applied (``_apply_hits``). Returns the new hit count."""
+    hit_col[n_hits] = j
+    hit_row[n_hits] = i
+    n_hits += 1
+    if n_hits == _HITS:
+        _apply_hits(hit_col, hit_row, n_hits, counts, order, tile, row_start, col_qinv, row_cinv, cosine, hs_all,
+                    hi_all, thr)
+        n_hits = 0
+    return n_hits
+
+
+@njit(cache=True, nogil=True)
+def select_tile_columns(tile, row_start, col_qinv, row_cinv, dot_s, dot_i, cos_s, cos_i):
+    """Merge the mirror of a score tile into the running top-N heaps of its columns.
+
+    For a symmetric score matrix (the Gram matrix of one embedding, ``S = E E^T``) a tile
+    ``S_IJ = E_I E_J^T`` is also ``S_JI^T``: column j of the tile holds query row ``J_j``'s scores
+    against the candidates ``row_start + i``. This kernel offers them to the column's heaps as
+    ``select_tile`` would offer the rows of the transposed tile, without transposing it: it walks
+    the tile row by row, comparing each run of ``_RUN`` scores with those columns' own thresholds
+    (their heaps' roots, kept in a per-column array; vectorised like ``select_tile``), and buffers
+    the (column, row) of every score that reaches one. The buffered hits are offered column by
+    column (``_apply_hits``) when the buffer is full and at the end, so that a heap is in cache
+    while its hits go in (offered in scan order, every insertion would touch another row's heap).
+    Same order and rules as ``select_tile`` (ties to the smaller id; ``cos_ji = (s_ij * qinv_j) *
+    cinv_i``, the same rounding; zero-norm rows take no part in cosine lists), for tiles without
+    self pairs or exclusions (off the diagonal). Thresholds rise at each application, not at each
+    insertion: a hit that a risen threshold would have spared is offered and refused, which costs
+    time, never exactness.
+
+    Parameters
+    ----------
+    tile : float32 (r, c)
+        Scores; column j belongs to state row j, row i to candidate ``row_start + i``.
+    row_start : int
+        Global candidate id of tile row 0.
+    col_qinv, row_cinv : float32 (c,), (r,)
+        Inverse L2 norms of the columns' query rows and of the rows' candidates (0: zero norm).
+    dot_s, dot_i, cos_s, cos_i : float32, int32 (c, N) or (0, N)
+        Running heap states of the c query rows (see ``select_tile``); 0 rows switch a metric off.
+
+    Notes
+    -----
+    Time O(r c) for the scan plus O(log N) per offered hit and O(c) per application; memory: the
+    thresholds (2 c float32) and the hit buffers (``_HITS`` x 3 int32 per metric).
+    """
+    nr, nc = tile.shape
+    do_dot = dot_s.shape[0] > 0
+    do_cos = cos_s.shape[0] > 0
+    inf = np.float32(np.inf)
+    thr_d = np.empty(nc, dtype=np.float32)
+    thr_c = np.empty(nc, dtype=np.float32)
+    for j in range(nc):
+        thr_d[j] = dot_s[j, 0] if do_dot else inf
+        thr_c[j] = cos_s[j, 0] if do_cos and col_qinv[j] > 0 else inf
+    d_col = np.empty(_HITS, dtype=np.int32)
+    d_row = np.empty(_HITS, dtype=np.int32)
+    c_col = np.empty(_HITS, dtype=np.int32)
+    c_row = np.empty(_HITS, dtype=np.int32)
+    order = np.empty(_HITS, dtype=np.int32)
+    counts = np.empty(nc + 1, dtype=np.int64)
+    nd = 0
+    ncos = 0
+    n_full = nc - nc % _RUN
+    all_bits = ~np.uint64(0)
+    for i in range(nr):
+        row = tile[i]
+        ci = row_cinv[i]
+        for c0 in range(0, nc, _RUN):
+            if c0 < n_full:
+                md, mc = _run_masks_columns(row, thr_d, thr_c, col_qinv, c0, ci)
+                if (md | mc) == 0:
+                    continue
+            else:  # the last, partial run: every column is looked at
+                width = np.uint64(nc - c0)
+                md = all_bits & ((np.uint64(1) << width) - np.uint64(1))
+                mc = md
+            while md:
+                j = c0 + np.int64(_lowest_bit(md))
+                md &= md - np.uint64(1)
+                if row[j] >= thr_d[j]:
+                    nd = _push_hit(d_col, d_row, nd, j, i, counts, order, tile, row_start, col_qinv, row_cinv, False,
+                                   dot_s, dot_i, thr_d)
+            while mc:
+                j = c0 + np.int64(_lowest_bit(mc))
+                mc &= mc - np.uint64(1)
+                if row[j] * col_qinv[j] * ci >= thr_c[j]:
+                    ncos = _push_hit(c_col, c_row, ncos, j, i, counts, order, tile, row_start, col_qinv, row_cinv, True,
+                                     cos_s, cos_i, thr_c)
+    if nd:
+        _apply_hits(d_col, d_row, nd, counts, order, tile, row_start, col_qinv, row_cinv, False, dot_s, dot_i, thr_d)
+    if ncos:
+        _apply_hits(c_col, c_row, ncos, counts, order, tile, row_start, col_qinv, row_cinv, True, cos_s, cos_i, thr_c)
+
+
 # ---------------------------------------------------------------------------------------------
 # state helpers
 

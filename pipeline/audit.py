@@ -17,6 +17,10 @@ of ``A B^T`` (computed in k dimensions by ``pipeline.neighbours.projected``), wh
 for every solution. The two invariant lists must come out at Jaccard 1: that is the check that the
 audit measures the scaling and nothing else.
 
+At catalog scale the query items are a seeded sample of ``max_items`` (``sample_rows``); the
+candidates stay all items, so each sampled item's list, and its Jaccard, is exactly what the
+unsampled audit gives it, and ``jaccard_se`` is the standard error of the mean over the sample.
+
 ``audit_embedding_pair`` runs the same audit on any (user, item) embedding pair whose dot product
 is the model (any matrix factorization or two-tower model): ``U D`` and ``I D^-1`` give the same
 scores, yet other cosine lists.
@@ -35,7 +39,7 @@ import pyarrow as pa
 
 from mfsim.kernels.topn import TopN, topn_blocked
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.neighbours import projected
+from mfsim.pipeline.neighbours import gram_factor, projected
 from mfsim.pipeline.progress import Progress
 from mfsim.pipeline.registry import AUDIT_METRICS, INVARIANT_METRICS, LISTS
 
@@ -48,6 +52,7 @@ INVARIANT_MIN_MEAN = 0.99
 # Named streams of the audit's seed, so that the diagonals and the samples do not share draws.
 _STREAM_USERS = 1
 _STREAM_CHECK = 2
+_STREAM_ITEMS = 3
 
 # Rows compared at once by ``jaccard_rows``: keys of 65536 rows x N = 100 ids take 52 MB per side.
 _JACCARD_CHUNK = 65536
@@ -61,9 +66,10 @@ STABILITY_SCHEMA = pa.schema([
     ("scaling_a", pa.string()),
     ("scaling_b", pa.string()),
     ("top_n", pa.int64()),
-    ("n_items", pa.int64()),  # query rows compared: items (item_item) or sampled users (user_item)
+    ("n_items", pa.int64()),  # query rows compared: (sampled) items (item_item) or sampled users (user_item)
     ("draws", pa.int64()),  # 1 for a pair of named scalings, the number of random D otherwise
     ("jaccard_mean", pa.float64()),
+    ("jaccard_se", pa.float64()),  # sd (ddof 1) of the per-row Jaccards of ``detail`` / sqrt(n_items)
     ("jaccard_p10", pa.float64()),
     ("jaccard_p50", pa.float64()),
     ("jaccard_p90", pa.float64()),
@@ -91,7 +97,9 @@ class AuditResult:
         One row per comparison and metric. For random rescalings the Jaccards of all draws are
         pooled (``draws x n_items`` values) into one row per (scaling_a, kind, metric): the mean
         is the mean over draws and items, the quantiles (linear interpolation) are those of the
-        pooled values.
+        pooled values. ``jaccard_se = sd(j) / sqrt(n_items)`` over the per-row values j of
+        ``detail`` (sd with ddof 1; NaN below 2 rows): the standard error of ``jaccard_mean``
+        when the rows are a random sample, for the draws drawn.
     detail : pyarrow.Table, ``DETAIL_SCHEMA``
         Per query row and comparison; for random rescalings the row's mean over the draws.
     least_stable : pyarrow.Table, ``LEAST_STABLE_SCHEMA``
@@ -251,18 +259,21 @@ def random_diagonals(k: int, draws: int, spread: float, seed: int) -> np.ndarray
     return np.exp(float(spread) * z)  # d = exp(spread z)
 
 
-def sample_rows(n: int, max_rows: int, seed: int) -> np.ndarray:
+def sample_rows(n: int, max_rows: int, seed: int, *, stream: int = _STREAM_USERS,
+                name: str = "max_users") -> np.ndarray:
     """Sorted positions of a seeded sample of at most ``max_rows`` of ``n`` rows (all when n <= max).
 
-    The user-item audit uses it for the users; ``jobs.audit_cmd`` reads only these rows of a users
-    file and gets the same sample as ``audit_embedding_pair`` on the whole matrix.
+    Uniform without replacement, from ``default_rng([seed, stream])``: a function of (n, max_rows,
+    seed, stream) only. The user-item audit samples users (stream 1; ``jobs.audit_cmd`` reads
+    only these rows of a users file and gets the same sample as ``audit_embedding_pair`` on the
+    whole matrix), the Eq. 1 audit its query items (stream 3). ``name`` names ``max_rows`` in errors.
     """
     _check_int(n, "n", 0)
-    _check_int(max_rows, "max_users", 1)
+    _check_int(max_rows, name, 1)
     _check_int(seed, "seed", 0)
     if n <= max_rows:
         return np.arange(n, dtype=np.int64)
-    rng = np.random.default_rng([int(seed), _STREAM_USERS])
+    rng = np.random.default_rng([int(seed), int(stream)])
     return np.sort(rng.choice(n, size=int(max_rows), replace=False)).astype(np.int64)
 
 
@@ -275,6 +286,28 @@ def default_item_lists(queries: np.ndarray, candidates: np.ndarray, n: int, metr
                        exclude_self: bool = True) -> TopN:
     """Top-N lists in this process with ``kernels.topn.topn_blocked`` (bounded memory, exact)."""
     return topn_blocked(queries, candidates, n, metrics=(metric,), exclude_self=exclude_self)[metric]
+
+
+def without_self(top: TopN, self_ids: np.ndarray, n: int) -> TopN:
+    """Lists that had their own query as a candidate, with it removed and cut to ``n`` entries.
+
+    From lists of length ``n + 1`` over all candidates this gives the top n of the other
+    candidates, in the same order (score descending, then smaller id), which is what
+    ``exclude_self`` gives for queries that are not a contiguous range of the candidates.
+    ``self_ids[r]``: the candidate id of query row r. O(q n).
+    """
+    idx, scores, cnt = np.asarray(top.indices), np.asarray(top.scores), np.asarray(top.counts)
+    keep = (np.arange(idx.shape[1])[None, :] < cnt[:, None]) & (idx != np.asarray(self_ids)[:, None])
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :n]  # the kept entries first, in list order
+    counts = np.minimum(keep.sum(axis=1), n).astype(np.int32)
+    out_idx = np.full((idx.shape[0], n), -1, dtype=np.int32)
+    out_sc = np.full((idx.shape[0], n), -np.inf, dtype=np.float32)
+    w = order.shape[1]
+    out_idx[:, :w] = np.take_along_axis(idx, order, axis=1)
+    out_sc[:, :w] = np.take_along_axis(scores, order, axis=1)
+    pad = np.arange(n)[None, :] >= counts[:, None]
+    out_idx[pad], out_sc[pad] = -1, -np.inf
+    return TopN(out_idx, out_sc, counts)
 
 
 def _rescale(A: np.ndarray, B: np.ndarray, d: np.ndarray, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
@@ -346,10 +379,12 @@ class _Collector:
             stats = (float(pooled.mean()), float(p10), float(p50), float(p90), float(pooled.min()))
         else:  # no query rows: nothing measured
             stats = (float("nan"),) * 5
+        # standard error of the mean over rows: sd(per-row values, ddof 1) / sqrt(rows)
+        se = float(per_row.std(ddof=1) / np.sqrt(per_row.size)) if per_row.size >= 2 else float("nan")
         self.rows.append(dict(
             objective=objective, kind=kind, metric=metric, scaling_a=scaling_a, scaling_b=scaling_b,
             top_n=self.top_n, n_items=int(per_row.size), draws=len(jaccards), jaccard_mean=stats[0],
-            jaccard_p10=stats[1], jaccard_p50=stats[2], jaccard_p90=stats[3], jaccard_min=stats[4],
+            jaccard_se=se, jaccard_p10=stats[1], jaccard_p50=stats[2], jaccard_p90=stats[3], jaccard_min=stats[4],
         ))
         n = per_row.size
         labels = [objective, kind, metric, scaling_a, scaling_b]
@@ -461,6 +496,7 @@ def audit_item_lists(
     spread: float,
     seed: int,
     least_stable: int = 20,
+    max_items: int | None = None,
     item_lists_fn: ItemListsFn | None = None,
 ) -> AuditResult:
     """Jaccard@N of item-item lists between equally good Eq. 1 solutions.
@@ -481,6 +517,10 @@ def audit_item_lists(
         >= 0, for the diagonals and the product check's sample.
     least_stable : int, default 20
         Items listed per comparison of the cosine lists.
+    max_items : int, optional
+        Query items: ``sample_rows(p, max_items, seed, stream=3)``, all when p <= max_items (and
+        when None). Candidates are always all p items: a sampled item's list is the top N of the
+        p - 1 others (``without_self`` of a top N + 1), the same list as unsampled.
     item_lists_fn : callable, optional
         ``(queries, candidates, n, metric, exclude_self=True) -> TopN`` with metric ``"dot"`` or
         ``"cosine"``; default ``default_item_lists`` (in process). The pipeline passes a Dask-backed
@@ -491,7 +531,8 @@ def audit_item_lists(
     AuditResult
         ``stability`` rows: ``C(s, 2)`` pairs of the s scalings (scaling_a listed first in
         ``factors``) plus one pooled ``random_sd=<spread>`` row per scaling, for each of
-        ``AUDIT_METRICS``; objective ``eq1``, kind ``item_item``.
+        ``AUDIT_METRICS``; objective ``eq1``, kind ``item_item``, ``n_items`` the m audited
+        items; ``detail`` and ``least_stable`` cover those m items only.
 
     Raises
     ------
@@ -504,8 +545,9 @@ def audit_item_lists(
     -----
     Each distinct list (solution, metric) is computed once: the base lists of every scaling are
     reused by all its pairs and draws. Lists are computed metric by metric, so at most s + 1 lists
-    are held at once (``p x N x 8`` bytes each) besides the per-item Jaccards. Time: ``3 s (1 +
-    draws)`` list computations of ``O(p^2 k)`` each (``topn_blocked``); never O(p^2) memory.
+    are held at once (``m x N x 8`` bytes each, m audited items) besides the per-item Jaccards.
+    Time: ``3 s (1 + draws)`` list computations of ``O(m p k)`` each (``topn_blocked``); never
+    O(p^2) memory.
     Each computed list is a step of the progress ``audit lists`` (``pipeline.progress``).
 
     How close to 1 the invariant lists come: in exact arithmetic their scores are the same for
@@ -535,17 +577,24 @@ def audit_item_lists(
         )
     label_random = f"random_sd={float(spread)}"
     collect = _Collector(top_n, int(least_stable))
-    index = np.arange(p, dtype=np.int64)
+    index = (np.arange(p, dtype=np.int64) if max_items is None
+             else sample_rows(p, max_items, int(seed), stream=_STREAM_ITEMS, name="max_items"))
+    sampled = index.size < p
     bar = Progress(len(AUDIT_METRICS) * len(names) * (1 + diags.shape[0]), PROGRESS_LABEL)
 
     def lists(A: np.ndarray, B: np.ndarray, metric: str) -> TopN:
         spec = LISTS[("item_item", metric)]
-        mats = {"A": A, "B": B}
-        if "A_proj" in (spec.queries, spec.candidates):
-            with np.errstate(over="ignore"):  # an overflow shows as an infinite norm in _lists
-                mats["A_proj"] = projected(A, B)  # rows with the cosines of the rows of A B^T
-        return _lists(fn, mats[spec.queries], mats[spec.candidates], top_n, spec.kernel_metric, True,
-                      f"{metric} lists", bar)
+        build = {"A": lambda: A, "B": lambda: B,
+                 "A_proj": lambda: projected(A, B),  # rows with the cosines of the rows of A B^T
+                 "G": lambda: gram_factor(A, B)}  # G G^T = A B^T
+        with np.errstate(over="ignore"):  # an overflow shows as an infinite norm in _lists
+            mats = {name: build[name]() for name in {spec.queries, spec.candidates}}
+        if not sampled:
+            return _lists(fn, mats[spec.queries], mats[spec.candidates], top_n, spec.kernel_metric, True,
+                          f"{metric} lists", bar)
+        top = _lists(fn, mats[spec.queries][index], mats[spec.candidates], top_n + 1, spec.kernel_metric, False,
+                     f"{metric} lists", bar)
+        return without_self(top, index, top_n)
 
     def compare(x: TopN, y: TopN) -> np.ndarray:
         return jaccard_rows(x.indices, x.counts, y.indices, y.counts)
@@ -563,16 +612,18 @@ def audit_item_lists(
                     collect.add("eq1", "item_item", metric, s, label_random, index, js)
             del base
     stability, detail, least = collect.tables()
-    summary = _eq1_summary(collect.rows, names, top_n, p, int(draws), float(spread), int(seed), deviation)
+    summary = _eq1_summary(collect.rows, names, top_n, p, int(index.size), int(draws), float(spread), int(seed),
+                           deviation)
     return AuditResult(stability, detail, least, summary)
 
 
-def _eq1_summary(rows: list[dict[str, Any]], names: list[str], top_n: int, p: int, draws: int, spread: float,
-                 seed: int, deviation: float) -> dict[str, Any]:
+def _eq1_summary(rows: list[dict[str, Any]], names: list[str], top_n: int, p: int, m: int, draws: int,
+                 spread: float, seed: int, deviation: float) -> dict[str, Any]:
     digest = _metric_digest(rows)
     trivial = top_n >= p - 1
     summary: dict[str, Any] = {
-        "objective": "eq1", "top_n": top_n, "n_items": p, "scalings": names, "draws": draws, "spread": spread,
+        "objective": "eq1", "top_n": top_n, "n_items": p, "n_items_sampled": m, "sampled": m < p,
+        "scalings": names, "draws": draws, "spread": spread,
         "seed": seed, "comparisons": len(rows) // len(AUDIT_METRICS), "metrics": digest,
         "product_max_rel_deviation": deviation, "trivial": trivial,
     }
@@ -591,8 +642,9 @@ def _eq1_summary(rows: list[dict[str, Any]], names: list[str], top_n: int, p: in
                               "the audit cannot show a change; lower audit.top_n")
         return summary
     moved = "change with" if cos["min_jaccard_mean"] < INVARIANT_MIN_MEAN else "hardly change with"
+    sample = f" of a seeded sample of {m} of the {p} items" if m < p else ""
     verdict = (f"item-item cosine lists of Eq. 1 {moved} the arbitrary scaling: mean Jaccard@{top_n} "
-               f"{cos['mean_jaccard_mean']:.2f} across {cos['comparisons']} comparisons (lowest "
+               f"{cos['mean_jaccard_mean']:.2f} across {cos['comparisons']} comparisons{sample} (lowest "
                f"{cos['min_jaccard_mean']:.2f}, {cos['lowest'][0]} vs {cos['lowest'][1]}); ")
     if passed:
         verdict += f"model and projected_cosine lists are stable ({inv_mean:.3f})"

@@ -159,8 +159,8 @@ class SvdSection(Section):
     rank: int = Field(64, ge=1)
     solver: Literal["krylov", "subspace", "sklearn"] = "krylov"
     block_size: int = Field(16, ge=1)  # krylov: columns per Krylov block
-    tol: float = Field(1e-6, gt=0)  # krylov: stop when the top-k Ritz values change by less than this (relative)
-    max_blocks: int = Field(40, ge=1)  # krylov: at most this many blocks after the first
+    tol: float = Field(1e-6, gt=0)  # krylov: stop when the estimated relative error of the top-k Ritz values is below
+    max_blocks: int = Field(40, ge=1)  # krylov: at most this many blocks in the space
     warm_start: str | None = None  # krylov: "previous" (LATEST of run.output) or a run's path: start from its V_k
     oversample: int = Field(10, ge=0)  # subspace, sklearn
     power_iterations: int = Field(32, ge=0)  # subspace, sklearn
@@ -208,7 +208,7 @@ class NeighboursSection(Section):
     top_n: int = Field(100, ge=1)
     item_item: list[str] = list(registry.metrics_of("item_item"))
     user_item: list[str] = list(registry.metrics_of("user_item"))
-    user_user: list[str] = list(registry.metrics_of("user_user"))
+    user_user: list[str] = []  # user-user lists cost n^2 k flops and n x N rows: off unless asked for
     users: list[Any] | None = None
     query_chunk: int = Field(2048, ge=1)
     candidate_block: int = Field(4096, ge=1)
@@ -225,6 +225,7 @@ class EvaluationSection(Section):
     holdout: Literal["none", "random", "temporal"] = "random"
     fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
+    max_users: int = Field(50_000, ge=1)  # held-out metrics over a seeded sample of at most this many users
     cutoffs: list[int] = [10, 20, 100]
     item_truth: str | None = None
     truth_cluster_col: str = "cluster"
@@ -246,6 +247,7 @@ class AuditSection(Section):
     spread: float = Field(1.0, gt=0)
     top_n: int | None = Field(None, ge=1)
     seed: int = Field(0, ge=0)
+    max_items: int = Field(20_000, ge=1)  # query items: a seeded sample of at most this many (candidates: all)
     least_stable: int = Field(20, ge=0)
 
 

@@ -8,7 +8,9 @@ many of an item's cosine neighbours share its cluster, for each objective and sc
 1. ``split_block`` / ``split_holdout``: per-user holdout, ``random`` (a hash of (seed, user,
    item) decides the order, so the split depends neither on block boundaries nor on the number of
    workers) or ``temporal`` (each user's latest entries).
-2. ``ranking_metrics`` / ``ranking_sums``: normalized recall@N and NDCG@N (binary relevance).
+2. ``ranking_metrics`` / ``ranking_sums``: normalized recall@N and NDCG@N (binary relevance),
+   with their standard errors; ``held_out_rows`` and ``sample_users``: the users they average
+   over at scale (a seeded sample of ``evaluation.max_users`` of the users with held-out items).
 3. ``cluster_precision`` / ``cluster_sums`` and ``chance_level``.
 4. ``raw_cosine_topn``: the baseline of no factorization at all, item-item cosine of the raw
    columns of X, in chunks of items with sparse products.
@@ -278,27 +280,49 @@ def split_holdout(
 
 
 class MetricSums(NamedTuple):
-    """Per-cutoff sums of per-row metric values over a set of rows, and how many rows."""
+    """Per-cutoff sums of per-row metric values (and of their squares) over a set of rows, and how many rows."""
 
     cutoffs: tuple[int, ...]
     totals: dict[str, np.ndarray]  # metric name -> float64 (len(cutoffs),) sums
     count: int
+    squares: dict[str, np.ndarray] | None = None  # metric name -> sums of the squared values (None: not kept)
 
     def merge(self, other: "MetricSums") -> "MetricSums":
-        """The sums of both chunks (the same metrics and cutoffs)."""
+        """The sums of both chunks (the same metrics and cutoffs); squares only when both kept them."""
         if self.cutoffs != other.cutoffs or set(self.totals) != set(other.totals):
             raise MfsimError(
                 f"only sums of the same metrics and cutoffs add up; received {sorted(self.totals)} at "
                 f"{self.cutoffs} and {sorted(other.totals)} at {other.cutoffs}."
             )
+        squares = None
+        if self.squares is not None and other.squares is not None:
+            squares = {k: v + other.squares[k] for k, v in self.squares.items()}
         return MetricSums(self.cutoffs, {k: v + other.totals[k] for k, v in self.totals.items()},
-                          self.count + other.count)
+                          self.count + other.count, squares)
 
     def finish(self) -> dict[str, dict[int, float]]:
         """Means per metric and cutoff; NaN when no row was evaluated."""
         return {name: {c: (float(t[i] / self.count) if self.count else float("nan"))
                        for i, c in enumerate(self.cutoffs)}
                 for name, t in self.totals.items()}
+
+    def standard_errors(self) -> dict[str, dict[int, float]]:
+        """Standard error of each mean, ``sd / sqrt(n)`` with the sample sd (ddof 1) of the n rows' values.
+
+        ``sd^2 = (sum x^2 - (sum x)^2 / n) / (n - 1)`` from the sums (clipped at 0 against rounding);
+        NaN for n < 2. Needs the squares (``ranking_sums`` keeps them).
+        """
+        if self.squares is None:
+            raise MfsimError("standard errors need the sums of squares; these sums were made without them.")
+        n = self.count
+        out = {}
+        for name, t in self.totals.items():
+            if n < 2:
+                out[name] = {c: float("nan") for c in self.cutoffs}
+                continue
+            var = np.maximum(self.squares[name] - t * t / n, 0.0) / (n - 1)
+            out[name] = {c: float(np.sqrt(var[i] / n)) for i, c in enumerate(self.cutoffs)}
+        return out
 
 
 def merge_sums(parts: Iterable[MetricSums]) -> MetricSums:
@@ -433,11 +457,12 @@ def ranking_sums(
     test_indices: np.ndarray,
     cutoffs: Sequence[int],
 ) -> MetricSums:
-    """Sums of recall@N and NDCG@N over one chunk of users with held-out items (see ``ranking_per_user``)."""
+    """Sums of recall@N and NDCG@N and of their squares over one chunk of users with held-out items
+    (see ``ranking_per_user``)."""
     evaluated, _, recall, ndcg = ranking_per_user(indices, counts, test_indptr, test_indices, cutoffs)
-    return MetricSums(_check_cutoffs(cutoffs),
-                      {"recall": recall[evaluated].sum(axis=0), "ndcg": ndcg[evaluated].sum(axis=0)},
-                      int(evaluated.sum()))
+    r, g = recall[evaluated], ndcg[evaluated]
+    return MetricSums(_check_cutoffs(cutoffs), {"recall": r.sum(axis=0), "ndcg": g.sum(axis=0)},
+                      int(evaluated.sum()), {"recall": (r * r).sum(axis=0), "ndcg": (g * g).sum(axis=0)})
 
 
 def ranking_metrics(
@@ -449,13 +474,51 @@ def ranking_metrics(
 ) -> dict[str, Any]:
     """Mean normalized recall@N and NDCG@N over the users with at least one held-out item.
 
-    Returns ``{"recall": {N: value}, "ndcg": {N: value}, "n_users": int}`` (NaN means when no user
-    has held-out items). Definitions in ``ranking_per_user``; users whose list is empty but who
-    have held-out items count with 0. Same cost as ``ranking_per_user``; for many users, stream
-    ``ranking_sums`` over query chunks, ``merge_sums`` and ``finish``.
+    Returns ``{"recall": {N: value}, "ndcg": {N: value}, "recall_se": ..., "ndcg_se": ...,
+    "n_users": int}`` (NaN means when no user has held-out items; the ``_se`` entries are
+    ``MetricSums.standard_errors``). Definitions in ``ranking_per_user``; users whose list is
+    empty but who have held-out items count with 0. Same cost as ``ranking_per_user``; for many
+    users, stream ``ranking_sums`` over query chunks, ``merge_sums`` and ``finish``.
     """
     sums = ranking_sums(indices, counts, test_indptr, test_indices, cutoffs)
-    return {**sums.finish(), "n_users": sums.count}
+    se = {f"{name}_se": v for name, v in sums.standard_errors().items()}
+    return {**sums.finish(), **se, "n_users": sums.count}
+
+
+def _has_entries(block: CSRBlock) -> np.ndarray:
+    """Per row of the block: True when it holds at least one entry."""
+    return np.diff(block.indptr) > 0
+
+
+def held_out_rows(test: RowBlocks) -> np.ndarray:
+    """Sorted global rows of the users with at least one held-out entry (one small task per block on a client)."""
+    if test.client is None:
+        flags = [_has_entries(b) for b in test.parts]
+    else:
+        flags = test.client.gather([test.client.submit(_has_entries, part, pure=False) for part in test.parts])
+    if not flags:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(np.concatenate(flags)).astype(np.int64)
+
+
+# the stream of evaluation.seed that draws the users' sample (the split uses splitmix64 keys of the seed)
+_USER_SAMPLE_STREAM = 1
+
+
+def sample_users(rows: np.ndarray, max_users: int, seed: int) -> np.ndarray:
+    """The users the held-out metrics average over: all ``rows`` when at most ``max_users``, else a sample.
+
+    The sample is ``max_users`` of ``rows`` (the users with held-out items, ``held_out_rows``)
+    drawn uniformly without replacement by ``default_rng([seed mod 2^64, 1]).choice``, sorted:
+    a function of (rows, max_users, seed) only, the same for every block layout and worker count.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if isinstance(max_users, bool) or not isinstance(max_users, (int, np.integer)) or max_users < 1:
+        raise MfsimError(f"max_users must be an integer >= 1; received {max_users!r}.")
+    if rows.size <= max_users:
+        return rows
+    rng = np.random.default_rng([int(seed) % (1 << 64), _USER_SAMPLE_STREAM])
+    return np.sort(rows[rng.choice(rows.size, size=int(max_users), replace=False)])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ is bounded by the range and the kernel's tiles (see ``topn_blocked``), never O(p
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -33,7 +34,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mfsim.kernels.topn import TopN, topn_blocked
+from mfsim.kernels.topn import (
+    SYMMETRIC_TILE,
+    TopN,
+    finish_symmetric,
+    prepare_symmetric,
+    seeded_state,
+    symmetric_floors,
+    symmetric_pair,
+    topn_blocked,
+    tournament,
+)
 from mfsim.pipeline import outputs
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks
 from mfsim.pipeline.errors import MfsimError
@@ -93,6 +104,19 @@ def plan_lists(pairs: list[tuple[str, str]], item_item: list[str], user_item: li
 def column_norms(B: np.ndarray) -> np.ndarray:
     """``|b_j|`` per column of B (float32): for ``B = V diag(b)`` with orthonormal V these are |b|."""
     return np.sqrt(np.einsum("ij,ij->j", B, B, dtype=np.float64)).astype(np.float32)
+
+
+def gram_factor(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``G`` with ``G G^T = A B^T``: for ``A = V diag(a)``, ``B = V diag(b)`` (orthonormal V, ``a b >= 0`` for both
+    objectives) ``G = V diag(sqrt(a b)) = A diag(sqrt(|b| / |a|))`` (float32; a zero column stays zero).
+
+    Eq. 1: ``G = V W^1/2`` for every scaling; Eq. 2: ``G = V diag((1 - lam/s)_+)^1/2``. The model scores
+    ``(A B^T)_ij`` are then the Gram matrix of G, symmetric, so their lists take half the gemm.
+    """
+    a, b = column_norms(A).astype(np.float64), column_norms(B).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(a > 0, np.sqrt(b / np.where(a > 0, a, 1.0)), 0.0)
+    return np.asarray(A, dtype=np.float32) * ratio.astype(np.float32)
 
 
 def projected(E: np.ndarray, B: np.ndarray) -> np.ndarray:
@@ -204,6 +228,126 @@ def run_topn(client, queries: QuerySet, candidates: Any, n: int, metrics: tuple[
         yield r, result
 
 
+# ---------------------------------------------------------------------------------------------
+# symmetric item-item lists: half the gemm, as tasks over pairs of row blocks
+
+#: Most rows in one block of a symmetric run: its running state (rows x N x 16 bytes for dot and
+#: cosine, 105 MB at N = 100) travels with the pair tasks that update it.
+SYMMETRIC_MAX_BLOCK_ROWS = 65536
+#: Blocks of a symmetric run where the catalog allows (rounds of 4 disjoint pairs; 36 pair tasks) ...
+SYMMETRIC_MIN_BLOCKS = 8
+#: ... with at least this many rows each (8192 x 8192 scores: ~0.1 s of one core per pair task).
+SYMMETRIC_MIN_BLOCK_ROWS = 8192
+
+
+def symmetric_blocks(p: int, max_rows: int = SYMMETRIC_MAX_BLOCK_ROWS) -> list[tuple[int, int]]:
+    """Row blocks of a symmetric run, a function of p alone (the same parts on one worker or many), split evenly:
+    at most ``max_rows`` rows each, and up to ``SYMMETRIC_MIN_BLOCKS`` blocks (a ``tournament`` round then has 4
+    pairs to run at once) while each keeps ``SYMMETRIC_MIN_BLOCK_ROWS`` rows (smaller catalogs take fewer blocks:
+    a pair task's scheduling costs more than its tiles there)."""
+    wanted = min(SYMMETRIC_MIN_BLOCKS, -(-p // SYMMETRIC_MIN_BLOCK_ROWS))
+    n_blocks = max(1, min(p, max(wanted, -(-p // max_rows))))
+    bounds = (np.arange(n_blocks + 1, dtype=np.int64) * p) // n_blocks
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _one_thread(fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` with numba and BLAS on one thread each (a worker thread runs one task's kernels), restored."""
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            return fn(*args)
+    finally:
+        numba.set_num_threads(before)
+
+
+def _prepare_task(embedding: np.ndarray, metrics: tuple[str, ...]):
+    try:
+        return prepare_symmetric(embedding, metrics)
+    except ValueError as exc:  # non-finite or overflowing embeddings: the kernel's message says what to do
+        raise MfsimError(f"neighbour lists: {exc}") from None
+
+
+def _floors_task(prep, block: tuple[int, int], n: int):
+    emb, inv, want = prep
+    return _one_thread(symmetric_floors, emb, inv, block[0], block[1], n, want)
+
+
+def _state_task(prep, block: tuple[int, int], n: int, floors):
+    return seeded_state(block[1] - block[0], n, prep[2], floors)
+
+
+def _pair_task(prep, a: tuple[int, int], b: tuple[int, int], state_a: tuple, state_b: tuple | None, tile: int):
+    """One pair of blocks (``symmetric_pair``) on copies of their states (a rerun task must not see its own offers)."""
+    emb, inv, _ = prep
+    state_a = tuple(x.copy() for x in state_a)
+    state_b = state_a if state_b is None else tuple(x.copy() for x in state_b)
+    buf = np.empty(tile * tile, dtype=np.float32)
+    _one_thread(symmetric_pair, emb, inv, a, b, state_a, state_b, tile, buf)
+    return state_a if a == b else (state_a, state_b)
+
+
+def _finish_task(prep, block: tuple[int, int], n: int, state: tuple, floors, rng: QueryRange, candidate_block: int,
+                 then: Callable | None, then_part: Any):
+    emb, inv, want = prep
+    lists = _one_thread(finish_symmetric, emb, inv, block[0], block[1], n, want, state, floors, candidate_block)
+    return lists if then is None else then(lists, rng, then_part)
+
+
+def run_symmetric(client, embedding: Any, p: int, n: int, metrics: tuple[str, ...], *, candidate_block: int,
+                  then: Callable | None = None, then_part: Any = None, label: str | None = None,
+                  tile: int = SYMMETRIC_TILE, max_block_rows: int = SYMMETRIC_MAX_BLOCK_ROWS,
+                  ) -> Iterator[tuple[QueryRange, Any]]:
+    """Top-N of every row of one embedding (p rows, a future) against all its rows, no self-neighbour, as Dask
+    tasks computing only the score tiles on and above the diagonal; yields ``(range, result)`` per row block.
+
+    The lists equal ``run_topn`` with the embedding as queries and candidates (``kernels.topn.topn_symmetric``
+    is the in-process form). Each row block's running top-N state (seeded from a floor, ``symmetric_floors``)
+    passes through the pair tasks of its ``tournament`` rounds, one after another; a round's pairs touch
+    disjoint blocks and run at once. A block's last task finishes its lists (``finish_symmetric``) and, with
+    ``then``, writes them there (``then(lists, range, then_part)``), so lists never travel to the driver.
+    A lost worker's states are recomputed from their lineage. Memory: the states, O(p N) over the cluster,
+    two blocks' states per task; never O(p^2). ``label``: a progress line over the pair tasks.
+    """
+    from distributed import as_completed
+
+    from mfsim.pipeline.progress import progress
+
+    blocks = symmetric_blocks(p, max_block_rows)
+    prep = client.submit(_prepare_task, embedding, tuple(metrics), pure=False)
+    floors = [client.submit(_floors_task, prep, b, n, pure=False) for b in blocks]
+    states = [client.submit(_state_task, prep, b, n, f, pure=False) for b, f in zip(blocks, floors)]
+    pairs = []
+    for rnd in tournament(len(blocks)):
+        for u, v in rnd:
+            if u == v:
+                states[u] = client.submit(_pair_task, prep, blocks[u], blocks[u], states[u], None, tile, pure=False)
+                pairs.append(states[u])
+            else:
+                both = client.submit(_pair_task, prep, blocks[u], blocks[v], states[u], states[v], tile, pure=False)
+                states[u] = client.submit(operator.getitem, both, 0, pure=False)
+                states[v] = client.submit(operator.getitem, both, 1, pure=False)
+                pairs.append(both)
+    finals = [client.submit(_finish_task, prep, b, n, states[i], floors[i], QueryRange(0, b[0], b[1], b[0], i),
+                            candidate_block, then, then_part, pure=False) for i, b in enumerate(blocks)]
+    del states, floors
+    done = as_completed(pairs)
+    del pairs  # only as_completed holds the pair futures now: each state is freed once its successors ran
+    for fut in progress(done, done.count(), label or "symmetric pairs"):
+        if fut.status == "error":
+            fut.result()  # raises the task's exception
+        del fut
+    for i, fut in enumerate(finals):
+        result = fut.result()
+        fut.release()
+        finals[i] = None
+        yield QueryRange(0, blocks[i][0], blocks[i][1], blocks[i][0], i), result
+
+
 def client_item_lists(client, *, rows_per_task: int, candidate_block: int) -> Callable[..., TopN]:
     """An ``item_lists_fn`` for the audit: ``(queries, candidates, n, metric, exclude_self) -> TopN`` on Dask."""
 
@@ -278,7 +422,7 @@ def group_inputs(client, g: GemmGroup, A: np.ndarray, B: np.ndarray, user_parts:
     ``neighbours.users`` (None: all users). Item-item groups query every item against every item.
     """
     if g.kind == "item_item":
-        emb = {"A": lambda: A, "B": lambda: B, "A_proj": lambda: projected(A, B)}
+        emb = {"A": lambda: A, "B": lambda: B, "A_proj": lambda: projected(A, B), "G": lambda: gram_factor(A, B)}
         cand = share_f32(client, emb[g.candidates](), "candidates")
         q = cand if g.queries == g.candidates else share_f32(client, emb[g.queries](), "queries")
         return GroupInputs(QuerySet.whole(q, len(A), exclude_self=True), cand, item_ids, [item_ids])

@@ -60,7 +60,8 @@ def dataset_of(relative: str) -> str:
 
 EVALUATION_SCHEMA = pa.schema([
     ("objective", pa.string()), ("scaling", pa.string()), ("metric", pa.string()), ("top_n", pa.int32()),
-    ("recall", pa.float64()), ("ndcg", pa.float64()), ("n_users", pa.int64())])
+    ("recall", pa.float64()), ("recall_se", pa.float64()), ("ndcg", pa.float64()), ("ndcg_se", pa.float64()),
+    ("n_users", pa.int64())])  # *_se: sd (ddof 1) of the n_users per-user values / sqrt(n_users)
 CLUSTER_PRECISION_SCHEMA = pa.schema([
     ("objective", pa.string()), ("scaling", pa.string()), ("metric", pa.string()), ("top_n", pa.int32()),
     ("cluster_precision", pa.float64()), ("chance", pa.float64())])

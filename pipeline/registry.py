@@ -8,6 +8,8 @@ solution are ``scaling_invariant`` and are computed once, labelled ``scaling=inv
 The embeddings a list is computed from, by name (``ListSpec.queries`` / ``.candidates``):
 
 - ``A``, ``B``: the factors (p x k), with ``A B^T`` the model of Eq. 1 / Eq. 2;
+- ``G``: ``A diag(sqrt(|b| / |a|))``, with ``G G^T = A B^T`` (``pipeline.neighbours.gram_factor``), so the
+  model scores are one embedding's Gram matrix and their item-item lists are symmetric;
 - ``A_proj``: ``A diag(|b|)``, whose rows have the inner products, hence the cosines, of the rows
   of ``A B^T`` (``pipeline.neighbours.projected``);
 - ``P``: the user embeddings ``P = X A`` (n x k), whose dot product with ``b_i`` is ``(X A B^T)_ui``;
@@ -55,7 +57,7 @@ class ListSpec(NamedTuple):
 LISTS: dict[tuple[str, str], ListSpec] = {
     ("item_item", "cosine"): ListSpec("B", "B", "cosine", False),  # cos(b_i, b_j): changes with D
     ("item_item", "dot"): ListSpec("B", "B", "dot", False),
-    ("item_item", "model"): ListSpec("A", "B", "dot", True),  # a_i . b_j = (A B^T)_ij
+    ("item_item", "model"): ListSpec("G", "G", "dot", True),  # g_i . g_j = (A B^T)_ij
     ("item_item", "projected_cosine"): ListSpec("A_proj", "A_proj", "cosine", True),  # cosine of rows of A B^T
     ("user_item", "dot"): ListSpec("P", "B", "dot", True),  # p_u . b_i = (X A B^T)_ui
     ("user_item", "cosine"): ListSpec("P", "B", "cosine", False),

@@ -191,9 +191,21 @@ def flip_signs(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     column; the first entry wins a tie in magnitude); multiply the paired U columns by it too.
     O(p k).
     """
-    sign = np.sign(v[np.argmax(np.abs(v), axis=0), np.arange(v.shape[1])])
+    a = np.abs(v)
+    first_max = (a == a.max(axis=0, initial=0.0)).argmax(axis=0)  # = argmax(|v|, axis=0), 2x faster for C-order v
+    sign = np.sign(v[first_max, np.arange(v.shape[1])])
     sign[sign == 0] = 1
     return v * sign, sign
+
+
+def _cores() -> int:
+    """CPUs this process may run on."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def on_worker(fn: Callable, *args: Any) -> Any:
@@ -697,7 +709,8 @@ def _krylov(run, blocks, rank, b, tol, max_blocks, seed, c, compute_u, start) ->
     sigma[: len(ritz)] = ritz
     vr = np.zeros((m, rank))
     vr[:, : vecs.shape[1]] = vecs
-    v = store64[:, :m] @ vr
+    with threadpool_limits(limits=_cores(), user_api="blas"):  # no kernel runs beside this one p x W x k product
+        v = (vr.T @ store64[:, :m].T).T  # as V^T = V_r^T Q^T: the column-major basis read by rows, 3x faster
     if vecs.shape[1] < rank:  # a space narrower than k (rank of X or of the matrix below k): complete V
         v[:, vecs.shape[1]:] = _extend_basis(v[:, : vecs.shape[1]], np.zeros((p, rank - vecs.shape[1])), seed, max_blocks + 1)[0]
     v, sign = flip_signs(v)
@@ -705,7 +718,7 @@ def _krylov(run, blocks, rank, b, tol, max_blocks, seed, c, compute_u, start) ->
     u = None
     if compute_u:
         t2 = time.perf_counter()
-        v32 = v.astype(np.float32)
+        v32 = np.ascontiguousarray(v, dtype=np.float32)
         with np.errstate(divide="ignore"):
             inv = np.where(sigma > 0, 1.0 / sigma, 0.0)
         u = run.u(v32, None if c is None else c @ v32.astype(np.float64), np.diag(inv))
@@ -713,8 +726,8 @@ def _krylov(run, blocks, rank, b, tol, max_blocks, seed, c, compute_u, start) ->
         seconds["u"] = time.perf_counter() - t2
     seconds["total"] = time.perf_counter() - t0
     return SvdResult(
-        sigma=sigma, V=v.astype(np.float32), U=u, u_row_offsets=blocks.row_offsets.copy() if compute_u else None,
-        client=blocks.client,
+        sigma=sigma, V=np.ascontiguousarray(v, dtype=np.float32), U=u,
+        u_row_offsets=blocks.row_offsets.copy() if compute_u else None, client=blocks.client,
         diagnostics=dict(
             solver="krylov", block_size=b, blocks=steps, width=int(m), tol=tol,
             estimated_error=estimate, converged=converged, passes=round(columns / (rank + 10), 2), seed=seed,

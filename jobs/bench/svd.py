@@ -202,10 +202,13 @@ def run_bench_svd(
         t = time.perf_counter()
         deep = krylov_svd(RowBlocks.from_scipy(x, block_rows), rank, block_size=d.block_size, tol=1e-10,
                           max_blocks=4 * d.max_blocks, seed=seed + 1)
-        ref = np.max([deep.sigma] + [res["sigma"] for res in results.values()], axis=0)
-        reference = (f"the largest value found per index by any method and by krylov at tol 1e-10 "
-                     f"({deep.diagnostics['passes']} passes, {time.perf_counter() - t:.1f}s; Ritz values never exceed "
-                     "the truth)")
+        # Ritz values never exceed the truth in exact arithmetic, so the per-index maximum is the best known;
+        # only mfsim's solvers (float64 sums) take part: sklearn and dask work in X's float32, and their values
+        # exceed the truth by rounding (on the 1M x 200k matrix sklearn's sigma_2 lies 2.3e-6 above it)
+        ref = np.max([deep.sigma] + [res["sigma"] for name, res in results.items()
+                                     if name in ("krylov", "krylov-dask", "mfsim", "mfsim-dask")], axis=0)
+        reference = (f"krylov at tol 1e-10 ({deep.diagnostics['passes']} passes, {time.perf_counter() - t:.1f}s) and "
+                     "mfsim's other solvers, the largest value per index (Ritz values never exceed the truth)")
     base = results.get("sklearn", {}).get("seconds")
     print(f"accuracy reference: {reference}")
     for name, res in results.items():

@@ -32,6 +32,7 @@ SCALINGS = ["symmetric", "item_orthonormal"]
 CONFIG = {  # a mapping over the defaults, as a YAML file's would be
     "svd": {"rank": RANK, "power_iterations": 8},
     "objectives": {"eq1": {"lambda": 2.0, "scalings": SCALINGS}},
+    "neighbours": {"user_user": ["cosine", "projected_cosine"]},  # off by default
     "evaluation": {"holdout": "none"},
     "report": {"enabled": False},
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -10,13 +11,18 @@ import pytest
 import scipy.sparse as sp
 
 from mfsim.jobs.main_job import run_job
+from mfsim.jobs.stages import holdout_metrics
+from mfsim.pipeline.blocks import RowBlocks
 from mfsim.pipeline.config import load_config
+from mfsim.pipeline.evaluate import split_holdout
+from mfsim.pipeline.fit import fit_model
 from mfsim.pipeline.simulate import simulate, write_simulation
 from tests_support import assert_same_run_tables
 
 TOP_N = 7
 RANK = 5  # = the simulator's cluster count: a clear gap after the top 5 singular values
 EPS32 = np.finfo(np.float32).eps
+AUDIT_ITEMS, EVAL_USERS = 30, 60
 
 
 def _small_config(root, client, run_id):
@@ -29,6 +35,10 @@ def _small_config(root, client, run_id):
         # the 5th and 6th singular values of this small X are within 10%: enough power iterations
         # that the randomized subspace matches the exact one (error ~ (s_16/s_5)^(2q+1) ~ 1e-6)
         "svd.power_iterations=12",
+        "neighbours.user_user=[cosine,projected_cosine]",  # off in conf/default.yaml
+        # samples smaller than the data (40 items; ~100 of the 150 users hold items out), so that the
+        # one-worker run checks that they do not depend on the workers
+        f"audit.max_items={AUDIT_ITEMS}", f"evaluation.max_users={EVAL_USERS}",
     ])
 
 
@@ -202,7 +212,8 @@ def test_user_subset_lists_equal_the_full_run(small_run, client):
         f"cluster.address={client.scheduler.address}", f"svd.rank={RANK}", f"neighbours.top_n={TOP_N}",
         "objectives.eq1.lambda=2.0", "objectives.eq2.lambda=1.5", "preprocess.binarize=true",
         "objectives.eq1.scalings=[symmetric]", "svd.power_iterations=12", "ingest.block_rows=64",
-        "neighbours.item_item=[]", f"neighbours.users={wanted}", "evaluation.holdout=none", "audit.enabled=false",
+        "neighbours.item_item=[]", "neighbours.user_user=[cosine,projected_cosine]", f"neighbours.users={wanted}",
+        "evaluation.holdout=none", "audit.enabled=false",
         "report.enabled=false",
     ])
     sub_dir, _ = run_job(cfg)
@@ -255,3 +266,92 @@ def test_inspect_and_audit_commands(small_run):
     table = pq.read_table(out)
     dot = table.filter(pc.equal(table["metric"], "dot"))
     assert dot.num_rows and min(dot["jaccard_mean"].to_pylist()) == 1.0  # scores unchanged by U D, I D^-1
+
+
+def test_audit_and_evaluation_publish_their_sample_sizes(small_run):
+    """The audit's query items and the evaluated users are seeded samples; the tables and the manifest say how many."""
+    run_dir, manifest, _ = small_run
+    p = manifest["n_items"]
+    a, e = manifest["audit"], manifest["evaluation"]
+    assert (a["n_items"], a["n_items_sampled"], a["sampled"]) == (p, AUDIT_ITEMS, True) and AUDIT_ITEMS < p
+    assert f"of a seeded sample of {AUDIT_ITEMS} of the {p} items" in a["verdict"]
+    stability = pq.read_table(run_dir / "audit/stability.parquet")
+    names = stability.column_names
+    assert names[names.index("jaccard_mean") + 1] == "jaccard_se"
+    assert set(stability["n_items"].to_pylist()) == {AUDIT_ITEMS}
+    detail = pq.read_table(run_dir / "audit/items.parquet").to_pandas()
+    per_comparison = detail.groupby(["metric", "scaling_a", "scaling_b"])["item_id"].apply(lambda x: tuple(sorted(x)))
+    assert len(set(per_comparison)) == 1 and len(per_comparison.iloc[0]) == AUDIT_ITEMS  # one sample for all
+    least = pq.read_table(run_dir / "audit/least_stable.parquet")
+    assert set(least["item_id"].to_pylist()) <= set(per_comparison.iloc[0])
+    assert (e["n_users_evaluated"], e["max_users"], e["sampled"]) == (EVAL_USERS, EVAL_USERS, True)
+    assert e["n_users_held_out"] > EVAL_USERS
+    metrics = pq.read_table(run_dir / "evaluation/metrics.parquet")
+    assert metrics.column_names == ["objective", "scaling", "metric", "top_n", "recall", "recall_se", "ndcg",
+                                    "ndcg_se", "n_users"]
+    assert set(metrics["n_users"].to_pylist()) == {EVAL_USERS}
+    assert all(0 < se < 0.5 for se in metrics["ndcg_se"].to_pylist())
+    report = (run_dir / "report.html").read_text()
+    assert f"Held-out metrics over {EVAL_USERS} of the {e['n_users_held_out']} users" in report
+    assert f"Cosine audit over {AUDIT_ITEMS} of the {p} items" in report
+
+
+def _reference_lists(P, B, train, metric, n):
+    """Dense float64 top-n of each row of P against B, train items excluded; cosine: zero rows excluded."""
+    S = P @ B.T
+    ok = train == 0
+    if metric == "cosine":
+        pn, bn = np.linalg.norm(P, axis=1), np.linalg.norm(B, axis=1)
+        S = S / np.where(pn > 0, pn, 1)[:, None] / np.where(bn > 0, bn, 1)[None, :]
+        ok &= (pn > 0)[:, None] & (bn > 0)[None, :]
+    S = np.where(ok, S, -np.inf)
+    order = np.lexsort((np.broadcast_to(np.arange(S.shape[1]), S.shape), -S), axis=1)[:, :n]
+    return [[j for j in row if ok[u, j]] for u, row in enumerate(order)]
+
+
+def _per_user(lists, test, c):
+    """recall@c = hits / min(c, |test|), NDCG@c = DCG / IDCG over min(c, |test|), per user (a loop)."""
+    rec, nd = [], []
+    for ranked, truth in zip(lists, test):
+        truth = set(np.flatnonzero(truth).tolist())
+        hits = [j for j, i in enumerate(ranked[:c]) if i in truth]
+        rec.append(len(hits) / min(c, len(truth)))
+        nd.append(sum(1 / np.log2(j + 2) for j in hits) / sum(1 / np.log2(j + 2) for j in range(min(c, len(truth)))))
+    return np.array(rec), np.array(nd)
+
+
+@pytest.mark.parametrize("max_users", [25, 1000])
+def test_held_out_metrics_on_the_sampled_users_match_numpy(client, max_users):
+    """Held-out recall and NDCG (and their standard errors) of each user-item list on the users of the seeded
+    sample, against dense NumPy lists from the same train-split factors; 1000 > users: every user with held-out items."""
+    rng = np.random.default_rng(21)
+    n, p = 90, 24
+    X = sp.csr_matrix((rng.random((n, p)) < 0.3) * rng.integers(1, 4, (n, p)), dtype=np.float32)
+    cfg = load_config(None, ["svd.rank=4", "objectives.eq1.scalings=[symmetric,item_orthonormal]",
+                             "objectives.eq1.lambda=2.0", "objectives.eq2.lambda=1.0", "evaluation.cutoffs=[3,8]",
+                             f"evaluation.max_users={max_users}", "evaluation.seed=5", "neighbours.query_chunk=8",
+                             "neighbours.candidate_block=16"])
+    train, test = split_holdout(RowBlocks.from_scipy(X, 16, client=client), "random", 0.3, 5)
+    fit = fit_model(train, cfg)
+    rows, sample = holdout_metrics(client, cfg, fit, train, test, pa.array(np.arange(n) + 500), pa.array(np.arange(p)))
+    tr, te = train.gather().toarray().astype(np.float64), test.gather().toarray()
+    held = np.flatnonzero((te > 0).any(axis=1))
+    if max_users < held.size:  # the documented sample: default_rng([seed, 1]) draws max_users of them, sorted
+        users = np.sort(held[np.random.default_rng([5, 1]).choice(held.size, max_users, replace=False)])
+    else:
+        users = held
+    assert sample == {"n_users_held_out": held.size, "n_users_evaluated": users.size, "max_users": max_users,
+                      "sampled": max_users < held.size}
+    first = cfg.objectives.eq1.scalings[0]
+    labels = set()
+    for r in rows:
+        scaling = first if r["scaling"] == "invariant" else r["scaling"]  # invariant lists come from the first
+        A, B = (x.astype(np.float64) for x in fit.factors[(r["objective"], scaling)])
+        lists = _reference_lists(tr[users] @ A, B, tr[users], r["metric"], max(cfg.evaluation.cutoffs))
+        rec, nd = _per_user(lists, te[users], r["top_n"])
+        assert r["n_users"] == users.size
+        assert r["recall"] == pytest.approx(rec.mean(), rel=1e-12) and r["ndcg"] == pytest.approx(nd.mean(), rel=1e-12)
+        assert r["recall_se"] == pytest.approx(np.std(rec, ddof=1) / np.sqrt(users.size), rel=1e-9)
+        assert r["ndcg_se"] == pytest.approx(np.std(nd, ddof=1) / np.sqrt(users.size), rel=1e-9)
+        labels.add((r["objective"], r["scaling"], r["metric"], r["top_n"]))
+    assert len(labels) == len(rows) == 2 * (2 + 1 + 2)  # cutoffs x (eq1: invariant dot + 2 cosines; eq2: both)

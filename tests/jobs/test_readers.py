@@ -41,6 +41,7 @@ ML100K = SHARED_DATA / "ml-100k" / "interactions.parquet"
 # Fast runs that still write every kind of dataset: item-item, user-item and user-user lists, both
 # embeddings, held-out evaluation, the audit (one random draw) and the report; one worker.
 FAST = ["--set", "svd.power_iterations=4", "--set", "objectives.eq1.scalings=[symmetric,item_orthonormal]",
+        "--set", "neighbours.user_user=[cosine,projected_cosine]",  # off in conf/default.yaml
         "--set", "audit.draws=1", "--set", "evaluation.cutoffs=[5,10]", "--set", "report.heatmap_items=200",
         "--set", "cluster.n_workers=1"]
 SMALL = ["--set", "svd.rank=5", "--set", "neighbours.top_n=10", *FAST]

@@ -34,17 +34,6 @@ from mfsim.kernels.topn import (
 EPS32 = float(np.finfo(np.float32).eps)
 
 
-@pytest.fixture(params=["unseeded", "seeded"])
-def seeding(request, monkeypatch):
-    """Runs a test without and with the sampled floor (forced on small data: every 3rd candidate)."""
-    if request.param == "seeded":
-        monkeypatch.setattr(topn_module, "_SEED_STRIDE", 3)
-        monkeypatch.setattr(topn_module, "_SEED_MIN_SAMPLE", 1)
-    else:
-        monkeypatch.setattr(topn_module, "_SEED_MIN_SAMPLE", 10**12)
-    return request.param
-
-
 BLOCKINGS = [(7, 5), (16, 13), (64, 1000), (2048, 65536)]  # blocks below N, not dividing the counts, one tile
 
 

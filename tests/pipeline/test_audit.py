@@ -30,6 +30,7 @@ from mfsim.pipeline.audit import (
     jaccard_rows,
     random_diagonals,
     sample_rows,
+    without_self,
 )
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.factors import eq1_factors, eq2_factors
@@ -37,7 +38,7 @@ from mfsim.pipeline.outputs import embedding_table
 from mfsim.pipeline.registry import AUDIT_METRICS, EQ1_SCALINGS
 
 STABILITY_COLUMNS = ["objective", "kind", "metric", "scaling_a", "scaling_b", "top_n", "n_items", "draws",
-                     "jaccard_mean", "jaccard_p10", "jaccard_p50", "jaccard_p90", "jaccard_min"]
+                     "jaccard_mean", "jaccard_se", "jaccard_p10", "jaccard_p50", "jaccard_p90", "jaccard_min"]
 SCALINGS = ["symmetric", "item_orthonormal", "user_orthonormal", "eq2_like"]
 N_USERS, P, K, TOP_N, DRAWS, SPREAD, SEED = 300, 400, 16, 20, 3, 1.0, 7
 EPS32 = 2.0**-24
@@ -195,6 +196,11 @@ def test_stability_table_layout(audit):
         assert (r["objective"], r["kind"], r["top_n"], r["n_items"]) == ("eq1", "item_item", TOP_N, P)
         assert r["jaccard_min"] <= r["jaccard_p10"] <= r["jaccard_p50"] <= r["jaccard_p90"] <= 1.0
     assert result.detail.num_rows == result.stability.num_rows * P
+    # jaccard_se: sample sd (ddof 1) of the per-item Jaccards over sqrt(items), beside jaccard_mean
+    for r in result.stability.to_pylist():
+        _, jac = detail_of(result, r["metric"], r["scaling_a"], r["scaling_b"])
+        assert r["jaccard_se"] == pytest.approx(np.std(jac, ddof=1) / np.sqrt(P), rel=1e-12, abs=1e-15)
+    assert min(r["jaccard_se"] for r in rows_of(result, metric="cosine")) > 0
     json.dumps(result.summary)
 
 
@@ -340,6 +346,94 @@ def test_eq1_audit_with_lists_of_every_item_is_flagged_trivial(eq1):
     res = audit_item_lists(small, top_n=11, draws=1, spread=1.0, seed=0)
     assert all(r["jaccard_mean"] == 1.0 for r in res.stability.to_pylist())
     assert res.summary["trivial"] and "cannot show a change" in res.summary["verdict"]
+
+
+def test_sampled_items_have_exactly_the_unsampled_rows(audit, eq1):
+    """max_items < p: a seeded sample of query items against all items as candidates; each sampled
+    item's Jaccard (hence list) is the one the unsampled audit gives it, and the stability rows are
+    the statistics of the sampled rows."""
+    full, _ = audit
+    m = 57
+    res = audit_item_lists(eq1["factors"], top_n=TOP_N, draws=DRAWS, spread=SPREAD, seed=SEED, least_stable=10,
+                           max_items=m)
+    assert res.stability.column_names == STABILITY_COLUMNS
+    assert res.stability.num_rows == full.stability.num_rows
+    sample = None
+    for r in res.stability.to_pylist():
+        idx, jac = detail_of(res, r["metric"], r["scaling_a"], r["scaling_b"])
+        ref_idx, ref_jac = detail_of(full, r["metric"], r["scaling_a"], r["scaling_b"])
+        np.testing.assert_array_equal(ref_idx, np.arange(P))
+        sample = idx if sample is None else sample
+        np.testing.assert_array_equal(idx, sample)  # one sample for every comparison
+        np.testing.assert_array_equal(jac, ref_jac[idx])  # the unsampled rows, bit for bit
+        assert r["n_items"] == m
+        assert r["jaccard_mean"] == pytest.approx(ref_jac[idx].mean(), rel=1e-12)
+        assert r["jaccard_se"] == pytest.approx(np.std(ref_jac[idx], ddof=1) / np.sqrt(m), rel=1e-12, abs=1e-15)
+        if r["draws"] == 1:  # a pair of named scalings: the quantiles are those of the sampled items
+            q = np.quantile(ref_jac[idx], [0.1, 0.5, 0.9])
+            np.testing.assert_allclose([r["jaccard_p10"], r["jaccard_p50"], r["jaccard_p90"], r["jaccard_min"]],
+                                       [*q, ref_jac[idx].min()], rtol=1e-12)
+    assert sample.size == m and (np.diff(sample) > 0).all() and 0 <= sample[0] and sample[-1] < P
+    assert min(r["jaccard_mean"] for r in rows_of(res, metric="cosine")) < 0.9  # the sample still shows the point
+    # least stable: the sampled items only, ranked as in the unsampled rule
+    ls = res.least_stable.to_pandas()
+    assert set(ls["index"]) <= set(sample.tolist())
+    idx, jac = detail_of(res, "cosine", "symmetric", "eq2_like")
+    got = ls[(ls.scaling_a == "symmetric") & (ls.scaling_b == "eq2_like")]
+    np.testing.assert_array_equal(got["index"].to_numpy(), idx[np.lexsort((idx, jac))[:10]])
+    s = res.summary
+    assert (s["n_items"], s["n_items_sampled"], s["sampled"]) == (P, m, True)
+    assert f"of a seeded sample of {m} of the {P} items" in s["verdict"] and s["invariance"]["passed"]
+    # deterministic for a seed, another seed samples other items; max_items >= p is the unsampled audit
+    again = audit_item_lists(eq1["factors"], top_n=TOP_N, draws=DRAWS, spread=SPREAD, seed=SEED, least_stable=10,
+                             max_items=m)
+    assert again.detail.equals(res.detail) and again.stability.equals(res.stability)
+    other = audit_item_lists({"symmetric": eq1["factors"]["symmetric"]}, top_n=TOP_N, draws=1, spread=SPREAD,
+                             seed=SEED + 1, max_items=m)
+    assert not np.array_equal(detail_of(other, "cosine", "symmetric", "random_sd=1.0")[0], sample)
+    whole = audit_item_lists(eq1["factors"], top_n=TOP_N, draws=DRAWS, spread=SPREAD, seed=SEED, least_stable=10,
+                             max_items=P)
+    assert whole.stability.equals(full.stability) and whole.detail.equals(full.detail)
+    assert whole.summary["sampled"] is False and "sample" not in whole.summary["verdict"]
+    with pytest.raises(MfsimError, match="max_items must be an integer >= 1"):
+        audit_item_lists(eq1["factors"], top_n=TOP_N, draws=0, spread=SPREAD, seed=SEED, max_items=0)
+
+
+def test_sampled_lists_exclude_only_the_item_itself(eq1):
+    """A sampled item's list is its top N of the p - 1 other items: the lists the injected function
+    returns for the sampled queries (N + 1 long, the item itself a candidate) without the item, against
+    a dense float64 reference; also when N + 1 exceeds the candidates (12 items, N = 11)."""
+    B = eq1["factors"]["user_orthonormal"][1]
+    calls = []
+
+    def keep(queries, candidates, n, metric, exclude_self=True):
+        top = default_item_lists(queries, candidates, n, metric, exclude_self=exclude_self)
+        calls.append((queries, candidates, n, metric, exclude_self, top))
+        return top
+
+    res = audit_item_lists({"user_orthonormal": eq1["factors"]["user_orthonormal"]}, top_n=TOP_N, draws=1,
+                           spread=SPREAD, seed=SEED, max_items=40, item_lists_fn=keep)
+    sample, _ = detail_of(res, "cosine", "user_orthonormal", "random_sd=1.0")
+    queries, candidates, n, metric, exclude_self, top = calls[0]  # the first list: cosine of the given B
+    assert (n, metric, exclude_self) == (TOP_N + 1, "cosine", False)
+    np.testing.assert_array_equal(queries, B[sample])
+    np.testing.assert_array_equal(candidates, B)  # every item a candidate
+    lists = without_self(top, sample, TOP_N)
+    Bn = B.astype(np.float64) / np.linalg.norm(B.astype(np.float64), axis=1, keepdims=True)
+    S = Bn[sample] @ Bn.T
+    S[np.arange(sample.size), sample] = -np.inf  # the item itself is no neighbour
+    assert lists.indices.shape == (40, TOP_N) and (lists.counts == TOP_N).all()
+    np.testing.assert_array_equal(lists.indices, np.argsort(-S, axis=1, kind="stable")[:, :TOP_N])
+    np.testing.assert_allclose(lists.scores, np.take_along_axis(S, lists.indices.astype(np.int64), 1), atol=1e-6)
+    # 12 items, N = 11: asked for 12, each of the 5 sampled items lists all 11 others
+    small = {"symmetric": tuple(x[:12] for x in eq1["factors"]["symmetric"])}
+    calls.clear()
+    res = audit_item_lists(small, top_n=11, draws=1, spread=SPREAD, seed=SEED, max_items=5, item_lists_fn=keep)
+    sample, _ = detail_of(res, "cosine", "symmetric", "random_sd=1.0")
+    lists = without_self(calls[0][-1], sample, 11)
+    assert (lists.counts == 11).all()
+    assert [sorted(row) for row in lists.indices.tolist()] == [sorted(set(range(12)) - {i}) for i in sample]
+    assert all(r["jaccard_mean"] == 1.0 and r["n_items"] == 5 for r in res.stability.to_pylist())
 
 
 # ---------------------------------------------------------------------------------------------

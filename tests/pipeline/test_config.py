@@ -186,3 +186,21 @@ def test_run_and_tls_keys():
                          ("cluster.heartbeat_s=5", r"unknown config key 'cluster\.heartbeat_s'")):
         with pytest.raises(MfsimError, match=pattern):
             load_config(None, [bad])
+
+
+def test_sample_sizes_and_user_user_defaults():
+    """audit.max_items and evaluation.max_users: integers >= 1; user-user lists are off unless asked for."""
+    default = load_config(None)
+    assert (default.audit.max_items, default.evaluation.max_users) == (20_000, 50_000)
+    assert default.neighbours.user_user == [] and Config().neighbours.user_user == []
+    cfg = load_config(None, ["audit.max_items=7", "evaluation.max_users=1",
+                             "neighbours.user_user=[cosine, projected_cosine]"])
+    assert (cfg.audit.max_items, cfg.evaluation.max_users) == (7, 1)
+    assert cfg.neighbours.user_user == ["cosine", "projected_cosine"]
+    for bad in ("audit.max_items=0", "audit.max_items=true", "audit.max_items=2.5", "audit.max_items=null",
+                "evaluation.max_users=0", "evaluation.max_users=-3", "evaluation.max_users='10'"):
+        with pytest.raises(MfsimError) as e:
+            load_config(None, [bad])
+        msg = str(e.value)
+        assert msg.startswith(f"invalid config key '{bad.split('=')[0]}' in --set {bad}: "), msg
+        assert msg.count("invalid config key") == 1, msg

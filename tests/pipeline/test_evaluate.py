@@ -19,11 +19,13 @@ from mfsim.pipeline.evaluate import (
     chance_level,
     cluster_precision,
     cluster_sums,
+    held_out_rows,
     merge_sums,
     ranking_metrics,
     ranking_per_user,
     ranking_sums,
     raw_cosine_topn,
+    sample_users,
     split_block,
     split_holdout,
 )
@@ -173,22 +175,26 @@ def test_ranking_metrics_hand_computed():
     assert 0.4622 < ndcg2 < 0.4623 and 0.3840 < ndcg5 < 0.3841  # the numbers written out above
 
 
-def loop_reference(indices, counts, test, cutoffs):
-    """Per-user Python loop over the definitions (recall over min(N, |test|), IDCG likewise)."""
-    rec = {c: [] for c in cutoffs}
-    nd = {c: [] for c in cutoffs}
+def loop_per_user(indices, counts, test, cutoffs):
+    """Per-user recall@N and NDCG@N of the users with held-out items, by a Python loop: {N: (values, values)}."""
+    out = {c: ([], []) for c in cutoffs}
     for u in range(indices.shape[0]):
         truth = set(test.indices[test.indptr[u] : test.indptr[u + 1]].tolist())
         if not truth:
             continue
         ranked = indices[u, : counts[u]].tolist()
         for c in cutoffs:
-            top = ranked[:c]
-            hits = [j for j, i in enumerate(top) if i in truth]
-            rec[c].append(len(hits) / min(c, len(truth)))
+            hits = [j for j, i in enumerate(ranked[:c]) if i in truth]
             idcg = sum(1 / math.log2(j + 2) for j in range(min(c, len(truth))))
-            nd[c].append(sum(1 / math.log2(j + 2) for j in hits) / idcg)
-    return {c: np.mean(v) for c, v in rec.items()}, {c: np.mean(v) for c, v in nd.items()}
+            out[c][0].append(len(hits) / min(c, len(truth)))
+            out[c][1].append(sum(1 / math.log2(j + 2) for j in hits) / idcg)
+    return out
+
+
+def loop_reference(indices, counts, test, cutoffs):
+    """Mean recall@N and NDCG@N over the users with held-out items (``loop_per_user``): ({N: recall}, {N: ndcg})."""
+    per_user = loop_per_user(indices, counts, test, cutoffs)
+    return {c: np.mean(v[0]) for c, v in per_user.items()}, {c: np.mean(v[1]) for c, v in per_user.items()}
 
 
 def random_lists(seed, q=60, width=12, p=30):
@@ -218,6 +224,50 @@ def test_ranking_metrics_match_a_loop_and_stream_over_chunks():
     for name in ("recall", "ndcg"):
         for c in cutoffs:
             assert merged.finish()[name][c] == pytest.approx(got[name][c], rel=1e-12)
+
+
+def test_standard_errors_are_sd_over_sqrt_n_and_stream_over_chunks():
+    indices, counts, test = random_lists(8, q=80)
+    cutoffs = [1, 3, 12]
+    ref = loop_per_user(indices, counts, test, cutoffs)
+    got = ranking_metrics(indices, counts, test.indptr, test.indices, cutoffs)
+    parts = merge_sums(ranking_sums(indices[a:b], counts[a:b], test.indptr[a : b + 1], test.indices, cutoffs)
+                       for a, b in ((0, 31), (31, 32), (32, 80))).standard_errors()
+    for c in cutoffs:
+        for k, name in enumerate(("recall", "ndcg")):
+            values = np.array(ref[c][k])
+            se = np.std(values, ddof=1) / np.sqrt(values.size)  # sample sd (ddof 1) / sqrt(n)
+            assert se > 0
+            assert got[f"{name}_se"][c] == pytest.approx(se, rel=1e-10)
+            assert parts[name][c] == pytest.approx(se, rel=1e-10)
+    # one user: no spread to estimate; equal values: 0; cluster sums keep no squares
+    one = ranking_sums(indices[:1], counts[:1], test.indptr[:2], test.indices, cutoffs)
+    assert np.isnan(one.standard_errors()["recall"][1])
+    full = np.tile(np.arange(3, dtype=np.int32), (4, 1))
+    same = sp.csr_matrix(np.tile([1.0, 1.0, 1.0, 0.0], (4, 1)))
+    assert ranking_metrics(full, np.full(4, 3, np.int32), same.indptr, same.indices, [3])["recall_se"] == {3: 0.0}
+    with pytest.raises(MfsimError, match="sums of squares"):
+        cluster_sums(full, np.full(4, 3, np.int32), np.zeros(4, int), np.zeros(4, int), [1]).standard_errors()
+
+
+def test_held_out_rows_and_the_users_sample(client):
+    X = make_x(2)
+    _, test = split_all(X, block_rows=13, fraction=0.4, seed=1)
+    rows = held_out_rows(RowBlocks.from_scipy(test, block_rows=13))
+    np.testing.assert_array_equal(rows, np.flatnonzero(np.diff(test.indptr) > 0))
+    np.testing.assert_array_equal(held_out_rows(RowBlocks.from_scipy(test, block_rows=7, client=client)), rows)
+    assert 40 < rows.size < N_USERS  # some users hold nothing out (0 or 1 items)
+    np.testing.assert_array_equal(sample_users(rows, rows.size, 3), rows)  # all of them when they fit
+    s = sample_users(rows, 25, 3)
+    # the documented draw: 25 of the rows, uniformly without replacement from default_rng([seed, 1]), sorted
+    np.testing.assert_array_equal(s, np.sort(rows[np.random.default_rng([3, 1]).choice(rows.size, 25, replace=False)]))
+    assert s.size == 25 and (np.diff(s) > 0).all() and set(s) <= set(rows)
+    np.testing.assert_array_equal(s, sample_users(rows, 25, 3))
+    assert not np.array_equal(s, sample_users(rows, 25, 4))
+    assert sample_users(rows, 25, -1).size == 25  # negative seeds, as the split takes them
+    for bad in (0, True, 2.0):
+        with pytest.raises(MfsimError, match="max_users"):
+            sample_users(rows, bad, 0)
 
 
 @pytest.mark.filterwarnings("ignore:OpenBLAS is configured:RuntimeWarning")

@@ -182,3 +182,22 @@ def test_warm_start_equals_a_cold_start_in_fewer_passes(simulated):
     start2, matched2 = aligned_start(ids[:10], day1.V[:10], ids)
     assert matched2 == 10 and np.array_equal(start2[:10], day1.V[:10].astype(np.float64))
     assert 0 < np.abs(start2[10:]).mean() < 1
+
+
+def test_error_estimate_on_hand_made_sequences():
+    from mfsim.pipeline.svd import ritz_error_estimate
+
+    # Ritz values rising geometrically to the truth sigma: theta_j = sigma (1 - e rho^j); after j spaces the
+    # error is e rho^j / (1 - e rho^j) of theta_j, which the estimate must bound for every j
+    sigma = np.array([10.0, 5.0, 2.0])
+    e, rho = np.array([1e-2, 3e-2, 1e-1]), np.array([0.3, 0.6, 0.8])
+    history = [sigma * (1 - e * rho**j) for j in range(12)]
+    for j in range(2, 12):
+        truth = np.max((sigma - history[j]) / history[j])
+        est = ritz_error_estimate(history[: j + 1])
+        assert truth <= est <= 20 * truth, (j, truth, est)
+    assert ritz_error_estimate(history[:2]) == np.inf  # two spaces show one change, no ratio
+    # a value that has stopped moving (changes at rounding level) counts as converged; one still jumping
+    # (ratio above 1) is extrapolated with the capped ratio 0.9: ten times its last change
+    flat = [np.array([3.0, 1.0]), np.array([3.0, 1.0 + 1e-4]), np.array([3.0, 1.0 + 3e-4])]
+    assert ritz_error_estimate(flat) == pytest.approx(10 * 2e-4 / (1 + 3e-4))

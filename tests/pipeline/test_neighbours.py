@@ -82,3 +82,23 @@ def test_tasks_give_identical_lists_on_one_and_two_workers(client, client1):
         _, ref_indices, _ = topn_reference(E, E, 10, m, exclude_self=True)  # (counts, indices, scores)
         np.testing.assert_array_equal(two[m][0], ref_indices)
     assert two["cosine"][1][7] == 0 and two["dot"][1][7] == 10
+
+
+@pytest.mark.parametrize("objective", ["eq1", "eq2"])
+def test_gram_factor_gives_the_model_scores(objective):
+    # G G^T = A B^T for the closed forms (V orthonormal; Eq. 1 any diagonal rescaling, Eq. 2 with a column cut to 0)
+    from mfsim.pipeline.neighbours import gram_factor
+
+    rng = np.random.default_rng(3)
+    v = np.linalg.qr(rng.standard_normal((60, 6)))[0]
+    if objective == "eq1":
+        w, d = rng.uniform(0.2, 1, 6), rng.lognormal(0, 1, 6)
+        a, b = w**0.5 * d, w**0.5 / d
+    else:
+        s, lam = np.array([9.0, 5, 3, 2, 1.5, 0.5]), 1.0
+        keep = np.clip(1 - lam / s, 0, None)
+        a, b = np.sqrt(keep / s), np.sqrt(s * keep)
+    A, B = (v * a).astype(np.float32), (v * b).astype(np.float32)
+    G = gram_factor(A, B)
+    dense = A.astype(np.float64) @ B.astype(np.float64).T
+    np.testing.assert_allclose(G.astype(np.float64) @ G.astype(np.float64).T, dense, atol=1e-5 * np.abs(dense).max())

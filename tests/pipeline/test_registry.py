@@ -11,7 +11,7 @@ from mfsim.pipeline.errors import MfsimError
 
 
 def test_every_list_runs_on_a_kernel_metric_and_known_embeddings():
-    embeddings = {"A", "B", "A_proj", "P", "P_proj"}  # the names documented in the registry's docstring
+    embeddings = {"A", "B", "G", "A_proj", "P", "P_proj"}  # the names documented in the registry's docstring
     for (kind, metric), spec in registry.LISTS.items():
         assert kind in registry.KINDS
         assert spec.kernel_metric in KERNEL_METRICS
@@ -22,8 +22,9 @@ def test_every_list_runs_on_a_kernel_metric_and_known_embeddings():
 
 def test_config_defaults_and_validation_come_from_the_registry():
     section = NeighboursSection()
-    for kind in registry.KINDS:
-        assert tuple(getattr(section, kind)) == registry.metrics_of(kind)
+    for kind in registry.KINDS:  # every metric of a kind by default, but user-user lists (n^2 k) only when asked for
+        assert tuple(getattr(section, kind)) == (() if kind == "user_user" else registry.metrics_of(kind))
+    assert NeighboursSection(user_user=list(registry.metrics_of("user_user"))).user_user == ["cosine", "projected_cosine"]
     with pytest.raises(MfsimError, match="unknown metric 'model'; valid: dot, cosine"):
         validate_config({"neighbours": {"user_item": ["model"]}})
     names = [n for n in registry.EQ1_SCALINGS]
