@@ -327,7 +327,7 @@ def bench_ingest(
 
 
 @bench_app.command("pipeline", epilog="Example: mfsim bench pipeline --users 200000 --items 50000 --nnz 5000000 "
-                                       "--set neighbours.user_user=[]")
+                                       "--set evaluation.holdout=none")
 @user_errors
 def bench_pipeline(
     users: int = typer.Option(200_000, help="Distinct users of the synthetic log."),

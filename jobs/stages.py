@@ -125,7 +125,9 @@ def fit_stage(ctx: StageContext) -> StageResult:
         ctx.warnings.append(f"svd: not converged after {svd['blocks']} blocks (estimated error "
                             f"{svd['estimated_error']:.3g} > svd.tol={ctx.cfg.svd.tol:g}); raise svd.max_blocks "
                             f"(now {ctx.cfg.svd.max_blocks}) or svd.tol")
-    log.info("svd: %s, %s passes, estimated error %s", svd["solver"], svd["passes"], svd["estimated_error"])
+    est = svd["estimated_error"]
+    log.info("svd: %s, %s passes, %s blocks, estimated error %s", svd["solver"], svd["passes"], svd["blocks"],
+             "-" if est is None else f"{est:.2g}")
     return StageResult({"preprocess": fit.prep.describe(), "svd": svd, "factors": meta})
 
 
