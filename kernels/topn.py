@@ -685,7 +685,7 @@ def topn_symmetric(
         raise ValueError(f"tile must be an integer >= 1; received {tile!r}.")
     n, tile, p = int(n), int(tile), emb.shape[0]
     workers = _default_threads() if n_threads is None else int(n_threads)
-    blocks = [(s, min(s + tile, p)) for s in range(0, p, tile)]
+    blocks = [(s, min(s + tile, p)) for s in range(0, p, tile)] or [(0, 0)]
     caller_threads = numba.get_num_threads()
     local = threading.local()
 
@@ -721,13 +721,8 @@ def topn_symmetric(
             done = list(pool.map(finish, blocks))
     finally:
         numba.set_num_threads(caller_threads)
-    out = {}
-    for m in METRICS:
-        if want[m]:
-            out[m] = TopN(*(np.concatenate([getattr(d[m], f) for d in done]) if done else
-                            np.zeros((0, n) if f != "counts" else 0, dtype=np.int32 if f != "scores" else np.float32)
-                            for f in TopN._fields))
-    return {m: out[m] for m in metrics if m in out} if not isinstance(metrics, str) else {metrics: out[metrics]}
+    return {m: TopN(*(np.concatenate([getattr(d[m], f) for d in done]) for f in TopN._fields))
+            for m in _check_metrics(metrics)}
 
 
 # ---------------------------------------------------------------------------------------------
