@@ -496,25 +496,38 @@ def _randomized_svd(run, blocks: RowBlocks, rank, oversample, power_iterations, 
     )
 
 
-def _extend_basis(basis: np.ndarray | None, y: np.ndarray, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+def _extend_basis(
+    basis: np.ndarray | None, y: np.ndarray, seed: int, step: int, basis32: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """``(K, H)``: an orthonormal block K (p x b, float64) orthogonal to ``basis`` with span(basis, K) ⊇ span(y),
-    and ``H = basis^T y`` (the coefficients).
+    and ``H = basis^T y`` (the coefficients, for the projected matrix).
 
     Block classical Gram-Schmidt twice ("twice is enough": Giraud et al. 2005; the second pass
     removes what rounding left of the first, so K is orthogonal to the basis to ~1e-16 whatever
-    the angle), then ``_orthonormalize`` within the block. A column that vanishes against the
-    basis (below 1e-10 of its norm: X of rank below the space width) is replaced by a seeded random
-    direction, orthogonalized the same way, so the space keeps its width and its orthonormality.
-    The Krylov solver's first block and the completion of a V narrower than k; its other blocks
-    come from ``_extend_basis32``.
+    the angle), then ``_orthonormalize`` within the block. With ``basis32`` (the basis rounded to
+    float32) the first pass runs in float32 at half the cost: it leaves ~6e-8 ||y|| of the basis in
+    y, which the float64 second pass removes, and H = the sum of both passes' coefficients is exact
+    to ~6e-8 ||y||, the rounding every product over X already carries (Z = X K is float32).
+    A column that vanishes against the basis (below 1e-10 of its norm, 1e-6 after a float32 pass:
+    X of rank below the space width, or an exhausted Krylov space) is replaced by a seeded random
+    direction, orthogonalized the same way, so the space keeps its width and its orthonormality;
+    such directions get zero Ritz values.
     """
     h = np.zeros((0, y.shape[1])) if basis is None else np.zeros((basis.shape[1], y.shape[1]))
     norms = np.linalg.norm(y, axis=0)
     floor = 1e-10
     if basis is not None:
-        for _ in range(2):
+        if basis32 is not None:
+            y32 = y.astype(np.float32)
+            c32 = basis32.T @ y32
+            y32 -= basis32 @ c32
+            y, h = y32.astype(np.float64), h + c32
+            floor = 1e-6
+        else:
             c = basis.T @ y
             y, h = y - basis @ c, h + c
+        c = basis.T @ y
+        y, h = y - basis @ c, h + c
     lost = np.linalg.norm(y, axis=0) <= floor * np.maximum(norms, np.finfo(float).tiny)
     if lost.any():
         rng = np.random.default_rng([seed, 7919, step])
@@ -533,85 +546,23 @@ def _extend_basis(basis: np.ndarray | None, y: np.ndarray, seed: int, step: int)
     return k, h
 
 
-def _block_symmetric(cols: list[np.ndarray]) -> np.ndarray:
-    """The symmetric matrix whose upper block triangle has the column blocks ``cols`` (block i: rows of blocks 0..i);
-    the lower triangle is its mirror, the diagonal blocks symmetrized (they are symmetric only up to rounding)."""
-    m = sum(h.shape[1] for h in cols)
+def _ritz_pairs(t_cols: list[np.ndarray], rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top-``rank`` Ritz values of X (descending) and their eigenvectors in the basis, on the space whose
+    ``T = Q^T X^T X Q`` has the column blocks ``t_cols`` (block i: rows of blocks 0..i, the upper block triangle;
+    the lower triangle is its mirror)."""
+    m = sum(h.shape[1] for h in t_cols)
     upper = np.zeros((m, m))
     owner = np.zeros(m, dtype=np.int64)  # the block of each row/column
     col = 0
-    for i, h in enumerate(cols):
+    for i, h in enumerate(t_cols):
         upper[: h.shape[0], col : col + h.shape[1]] = h
         owner[col : col + h.shape[1]] = i
         col += h.shape[1]
-    full = np.where(owner[:, None] <= owner[None, :], upper, upper.T)
-    return (full + full.T) / 2
-
-
-def _ritz_pairs(t_cols: list[np.ndarray], rank: int, g_cols: list[np.ndarray] | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """The top-``rank`` Ritz values of X (descending) and their coefficient vectors in the basis, on the space with
-    ``T = Q^T X^T X Q`` (and ``G = Q^T Q``, identity when not given): ``T y = theta G y``, ``y^T G y = 1``."""
-    T = _block_symmetric(t_cols)
-    if g_cols is None:
-        lam, vecs = np.linalg.eigh(T)
-    else:
-        import scipy.linalg
-
-        G = _block_symmetric(g_cols)[: T.shape[0], : T.shape[0]]
-        lam, vecs = scipy.linalg.eigh(T, G)
+    T = np.where(owner[:, None] <= owner[None, :], upper, upper.T)
+    T = (T + T.T) / 2  # the diagonal blocks are symmetric only up to rounding
+    lam, vecs = np.linalg.eigh(T)
     top = np.argsort(lam)[::-1][:rank]
     return np.sqrt(np.clip(lam[top], 0, None)), vecs[:, top]
-
-
-#: Rows per chunk of the float64 products with the float32 basis (``_gram64``, ``_times64``): a chunk of a
-#: 640-column basis in float64 is 335 MB at 65536 rows.
-_CHUNK_ROWS = 65536
-
-
-def _gram64(q32: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """``Q^T Y`` in float64 for the float32 basis Q (p x W) and Y (p x w, float32 or float64), by row chunks:
-    float32 x float32 products are exact in float64, so only the float64 sums round (~1e-16 relative)."""
-    out = np.zeros((q32.shape[1], y.shape[1]))
-    for r0 in range(0, q32.shape[0], _CHUNK_ROWS):
-        r1 = min(r0 + _CHUNK_ROWS, q32.shape[0])
-        out += q32[r0:r1].astype(np.float64).T @ y[r0:r1].astype(np.float64, copy=False)
-    return out
-
-
-def _times64(q32: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``Q W`` in float64 (p x k) for the float32 basis Q (p x m) and W (m x k), by row chunks, on every core."""
-    out = np.empty((q32.shape[0], w.shape[1]))
-    with threadpool_limits(limits=_cores(), user_api="blas"):  # no kernel runs beside this product
-        for r0 in range(0, q32.shape[0], _CHUNK_ROWS):
-            r1 = min(r0 + _CHUNK_ROWS, q32.shape[0])
-            out[r0:r1] = q32[r0:r1].astype(np.float64) @ w
-    return out
-
-
-def _extend_basis32(basis32: np.ndarray, y: np.ndarray, seed: int, step: int) -> np.ndarray:
-    """A block K (p x b, float32) orthonormal to ~1e-7 and orthogonal to the float32 ``basis32`` to ~1e-7, with
-    span(basis, K) ⊇ span(y) up to float32 rounding: block Gram-Schmidt twice in float32, then ``_orthonormalize``.
-
-    The Ritz pairs do not need Q orthonormal to more than that: T and G are summed in float64 from the stored
-    float32 Q (``_gram64``). A column that vanishes against the basis (below 1e-5 of its norm after both passes,
-    where float32 leaves ~1e-7) is replaced by a seeded random direction, as in ``_extend_basis``.
-    """
-    norms = np.linalg.norm(y, axis=0)
-    y32 = y.astype(np.float32)
-    for _ in range(2):
-        y32 -= basis32 @ (basis32.T @ y32)
-    lost = np.linalg.norm(y32, axis=0) <= 1e-5 * np.maximum(norms, np.finfo(float).tiny)
-    if lost.any():
-        rng = np.random.default_rng([seed, 7919, step])
-        y32[:, lost] = rng.standard_normal((y32.shape[0], int(lost.sum()))).astype(np.float32)
-        for _ in range(2):
-            y32[:, lost] -= basis32 @ (basis32.T @ y32[:, lost])
-    k = _orthonormalize(y32.astype(np.float64)).astype(np.float32)
-    for _ in range(2 if lost.any() else 1):  # K's own rounding and R^-1 may have left some of the basis in it
-        k -= basis32 @ (basis32.T @ k)
-        k = _orthonormalize(k.astype(np.float64)).astype(np.float32)
-    return k
 
 
 #: Ritz values whose relative change is below this are taken as converged in the error estimate (changes
@@ -660,12 +611,11 @@ def krylov_svd(
 
     The item-side Krylov space ``[K_0, A K_0, A^2 K_0, ...]`` with ``A = X^T X`` and
     ``K_0 = orth(X^T Omega)`` (Musco & Musco 2015, Algorithm 2), each new block orthogonalized
-    against every earlier one (``_extend_basis32``: block Gram-Schmidt twice), and Rayleigh-Ritz on
-    the whole space. The products ``A K_j`` give the projected matrix ``T = Q^T A Q`` with no extra
-    pass over X (its column block j is ``Q^T (A K_j)``, as in block Lanczos), so Rayleigh-Ritz is the
-    eigenproblem ``T y = theta G y`` with ``G = Q^T Q`` (the basis is kept in float32, orthonormal to
-    ~1e-7; T and G are summed in float64 from it, so the Ritz pairs are those of the space Q spans):
-    ``sigma_i = sqrt(theta_i)``, ``V = Q y_i``, and U (on request) ``X V / sigma``, one k-wide product.
+    against every earlier one (``_extend_basis``: block Gram-Schmidt twice), and Rayleigh-Ritz on
+    the whole space. The products ``A K_j`` give the projected matrix ``T = Q^T A Q`` at no extra
+    pass (its columns are the Gram-Schmidt coefficients, as in block Lanczos), so Rayleigh-Ritz is
+    the eigendecomposition of T: ``sigma_i = sqrt(theta_i)``, ``V = Q y_i``, and U (on request)
+    ``X V / sigma``, one k-wide product.
 
     Stopping rule: after each block, ``ritz_error_estimate`` of the top-k Ritz values (their last
     relative change, extrapolated by its ratio to the change before); at or below ``tol`` the space
@@ -676,9 +626,9 @@ def krylov_svd(
     the first block is then ``block_size`` random combinations of its columns (no pass over X).
 
     Parameters as ``randomized_svd``; ``block_size`` defaults to ``max(8, ceil(rank / 2))``.
-    Memory on the driver: the basis in float32, 4 p W bytes for a space of width W <= b max_blocks
-    (at p = 1M and the W = 272 of the 1M x 200k benchmark: 1.1 GB), and one float64 row chunk of
-    it at a time (``_CHUNK_ROWS`` x W); per worker one p x b partial. Cost in passes of a (k + 10)-wide product over X: ``(b + 2 b j) / (k + 10)`` for j
+    Memory on the driver: the basis, p x (blocks b) float64 (at p = 1M, b = 16 and 25 blocks,
+    the 200k x 50k benchmark's need: 3.2 GB), which ``max_blocks`` bounds; per worker one p x b
+    partial. Cost in passes of a (k + 10)-wide product over X: ``(b + 2 b j) / (k + 10)`` for j
     products with ``A`` (``diagnostics["passes"]``), plus ``k / (k + 10)`` for U.
     """
     c = _check(blocks, rank, 0, 0, col_offset)
@@ -716,29 +666,28 @@ def _krylov(run, blocks, rank, b, tol, max_blocks, seed, c, compute_u, start) ->
         g = np.random.default_rng([seed, 15485863]).standard_normal((start.shape[1], b))
         y = np.asarray(start, np.float64) @ g
     first, _ = _extend_basis(None, y[:, : min(y.shape[1], width_cap)], seed, 0)
-    # the basis in float32 only, column-major with room for every block (adding one copies nothing; pages are
-    # touched only as columns are filled): 4 p W bytes. Rayleigh-Ritz solves T y = theta G y with T = Q^T A Q and
-    # G = Q^T Q summed in float64 from the stored float32 Q, so it is exact for the space Q spans whatever Q's
-    # orthogonality (~1e-7 after float32 Gram-Schmidt: G is then I to that, well conditioned)
+    # the basis in float64 and float32 (for the first Gram-Schmidt pass), column-major with room for every block
+    # so that adding one copies nothing; pages are touched only as columns are filled
     cap = min(width_cap, first.shape[1] + b * (max_blocks - 1))
-    store = np.empty((p, cap), np.float32, order="F")
+    store64, store32 = np.empty((p, cap), order="F"), np.empty((p, cap), np.float32, order="F")
     width = first.shape[1]
-    store[:, :width] = first
-    g_cols: list[np.ndarray] = []  # G = Q^T Q, column block by column block
+    store64[:, :width], store32[:, :width] = first, first
     last = slice(0, width)  # the newest block, the next to multiply by A
     t_cols: list[np.ndarray] = []  # T = Q^T A Q, column block by column block
     history: list[np.ndarray] = []  # the top-k Ritz values of each space
     estimate, converged, steps = float("inf"), False, 0
     for step in progress(range(1, max_blocks + 1), max_blocks, "svd krylov blocks"):  # stops early when converged
-        y = product(store[:, last])  # A K_{j-1}
+        y = product(store32[:, last])  # A K_{j-1}
         steps += 1
-        basis = store[:, :width]
-        both = _gram64(basis, np.hstack([y, store[:, last]]))  # one float64 pass over the basis for T and G
-        t_cols.append(both[:, : y.shape[1]])  # basis^T A K_{j-1}: T's column block j-1, rows of blocks 0 .. j-1
-        g_cols.append(both[:, y.shape[1]:])  # basis^T K_{j-1}: G's column block j-1
-        ritz, vecs = _ritz_pairs(t_cols, rank, g_cols)
-        history.append(ritz)
+        basis, basis32 = store64[:, :width], store32[:, :width]
         room = cap - width if step < max_blocks else 0
+        if room > 0:
+            new, h = _extend_basis(basis, y, seed, step, basis32)
+        else:  # the last block, or the basis spans everything: T needs only the coefficients
+            new, h = None, basis.T @ y
+        t_cols.append(h)  # basis^T A K_{j-1}: T's column block j-1, rows of blocks 0 .. j-1
+        ritz, vecs = _ritz_pairs(t_cols, rank)
+        history.append(ritz)
         if width >= width_cap and len(ritz) == min(rank, width_cap):
             estimate, converged = 0.0, True
         elif len(ritz) >= rank:
@@ -746,21 +695,22 @@ def _krylov(run, blocks, rank, b, tol, max_blocks, seed, c, compute_u, start) ->
             converged = estimate <= tol
         if converged or room <= 0:
             break
-        new = _extend_basis32(basis, y, seed, step)[:, :room]
+        new = new[:, :room]
         last = slice(width, width + new.shape[1])
-        store[:, last] = new
+        store64[:, last], store32[:, last] = new, new
         width += new.shape[1]
     seconds["krylov"] = time.perf_counter() - t0
 
     # the Ritz pairs of the last space the estimate judged: T covers every block but the unmultiplied newest
     t1 = time.perf_counter()
     m = vecs.shape[0]
+    del store32
     sigma = np.zeros(rank)
     sigma[: len(ritz)] = ritz
     vr = np.zeros((m, rank))
     vr[:, : vecs.shape[1]] = vecs
-    v = _times64(store[:, :m], vr)
-    del store
+    with threadpool_limits(limits=_cores(), user_api="blas"):  # no kernel runs beside this one p x W x k product
+        v = (vr.T @ store64[:, :m].T).T  # as V^T = V_r^T Q^T: the column-major basis read by rows, 3x faster
     if vecs.shape[1] < rank:  # a space narrower than k (rank of X or of the matrix below k): complete V
         v[:, vecs.shape[1]:] = _extend_basis(v[:, : vecs.shape[1]], np.zeros((p, rank - vecs.shape[1])), seed, max_blocks + 1)[0]
     v, sign = flip_signs(v)
