@@ -36,7 +36,6 @@ import os
 import shutil
 import signal
 import tempfile
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -46,7 +45,7 @@ import pyarrow as pa
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.lock import STATE_DIR, hostname, iso, parse_iso, utc_now
 from mfsim.pipeline.runs import COUNT_KEYS, FAULT_BEFORE_PUBLISH, LATEST, MANIFEST, MOVE_LATEST, RUNS_DIR, DatasetBook, \
-    RunStatus, error_line, is_lost, is_run_id, new_run_id, package_versions, state_record, status_from_manifest, \
+    RunStatus, error_line, is_lost, is_run_id, package_versions, state_record, status_from_manifest, \
     status_from_record, validate_run_id
 from mfsim.pipeline.storage import Location, filesystem, normalize
 
@@ -66,26 +65,11 @@ class ObjectStoreRunWriter(DatasetBook):
 
     def __init__(self, output_root: str, run_id: str | None = None, *, heartbeat_s: float = 10.0,
                  replace: bool = False):
-        if heartbeat_s <= 0:
-            raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s}")
+        self._begin_book(run_id, heartbeat_s, replace)
         self.root = normalize(output_root)
-        self.run_id = validate_run_id(new_run_id() if run_id is None else run_id)
         self.final = f"{self.root}/{self.run_id}"
         self.location = Location(self.final)
-        self.replace = bool(replace)
-        self.heartbeat_s = float(heartbeat_s)
-        self.timings: dict[str, float] = {}
-        self.started = utc_now()
-        self.published = False
-        self.latest_moved = False
-        self.manifest: dict[str, Any] = {}
-        self.counts: dict[str, int] | None = None
-        self.files = {}
-        self._host, self._pid = hostname(), os.getpid()
         self._local = Path(tempfile.mkdtemp(prefix=f"mfsim-{self.run_id}-"))  # the log copy until publish
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._state_written = False
         if not self.replace and _exists(self.final + "/" + MANIFEST):
             shutil.rmtree(self._local, ignore_errors=True)
             raise self._exists_error()
@@ -108,8 +92,7 @@ class ObjectStoreRunWriter(DatasetBook):
         except BaseException as exc:
             self._abort(exc)
             raise
-        self._thread = threading.Thread(target=self._beat, name=f"mfsim-heartbeat-{self.run_id}", daemon=True)
-        self._thread.start()
+        self._start_heartbeat()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -213,20 +196,8 @@ class ObjectStoreRunWriter(DatasetBook):
         except (OSError, ValueError) as exc:
             raise _store_error(exc, url, "record the run's state in", "the run was stopped") from exc
 
-    def _beat(self) -> None:
-        warned = False
-        while not self._stop.wait(self.heartbeat_s):
-            try:
-                self._put_state(self._record("running"))
-            except MfsimError as exc:
-                if not warned:
-                    log.warning("heartbeat of run %s not recorded: %s", self.run_id, exc)
-                    warned = True
-
-    def _stop_heartbeat(self) -> None:
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+    def _heartbeat(self) -> None:
+        self._put_state(self._record("running"))
 
     def _abort(self, exc: BaseException | None) -> None:
         """Remove the run's prefix (nothing of it stays visible); record ``failed``."""

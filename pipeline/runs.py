@@ -164,6 +164,48 @@ class DatasetBook:
     files: dict[str, tuple[int | None, pa.Schema | None]]
     timings: dict[str, float]
 
+    def _begin_book(self, run_id: str | None, heartbeat_s: float, replace: bool) -> None:
+        """The state every writer starts with: its id, the heartbeat period, empty timings, counts and files."""
+        if heartbeat_s <= 0:
+            raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s}")
+        self.run_id = validate_run_id(new_run_id() if run_id is None else run_id)
+        self.replace = bool(replace)
+        self.heartbeat_s = float(heartbeat_s)
+        self.timings = {}
+        self.started = utc_now()
+        self.published = False
+        self.latest_moved = False
+        self.manifest: dict[str, Any] = {}
+        self.counts: dict[str, int] | None = None
+        self.files = {}
+        self._host, self._pid = hostname(), os.getpid()
+        self._state_written = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _heartbeat(self) -> None:
+        """Refresh ``heartbeat_at`` in the run's state record once (each kind of root writes it its own way)."""
+        raise NotImplementedError
+
+    def _start_heartbeat(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name=f"mfsim-heartbeat-{self.run_id}", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        warned = False
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self._heartbeat()
+            except MfsimError as exc:
+                if not warned:
+                    log.warning("heartbeat of run %s not recorded: %s", self.run_id, exc)
+                    warned = True
+
+    def _stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Times a stage; the wall time lands in the manifest under ``timings[name]``."""
@@ -237,30 +279,15 @@ class RunWriter(DatasetBook):
 
     def __init__(self, output_root: str | Path, run_id: str | None = None, *, heartbeat_s: float = 10.0,
                  replace: bool = False):
-        if heartbeat_s <= 0:
-            raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s}")
+        self._begin_book(run_id, heartbeat_s, replace)
         self.root = Path(output_root)
-        self.run_id = validate_run_id(new_run_id() if run_id is None else run_id)
         self.final = self.root / self.run_id
-        self.replace = bool(replace)
         if not self.replace and os.path.lexists(self.final):  # a quick answer; the final rename decides
             raise self._exists_error()
         self.tmp = self.root / _hidden_name(self.run_id, "tmp")
-        self.heartbeat_s = float(heartbeat_s)
-        self.timings: dict[str, float] = {}
-        self.started = utc_now()
-        self.published = False
-        self.latest_moved = False
-        self.manifest: dict[str, Any] = {}
-        self.counts: dict[str, int] | None = None
         self.location = Location.of(self.tmp)  # where workers write their parts while the run runs
-        self.files: dict[str, tuple[int | None, pa.Schema | None]] = {}  # relative path -> (rows, schema) of every table
-        self._host, self._pid = hostname(), os.getpid()
-        self._state_written = False
         self._lost_race = False  # another run published this id first: the state file is the winner's
         self._previous_state: dict[str, Any] | None = None  # replace=True: the replaced run's record
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "RunWriter":
         try:
@@ -278,8 +305,7 @@ class RunWriter(DatasetBook):
         except BaseException as exc:
             self._abort(exc)
             raise
-        self._thread = threading.Thread(target=self._beat, name=f"mfsim-heartbeat-{self.run_id}", daemon=True)
-        self._thread.start()
+        self._start_heartbeat()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -488,21 +514,8 @@ class RunWriter(DatasetBook):
         except OSError as exc:
             raise os_error(exc, path, "record the run's state in", "the run was stopped") from exc
 
-    def _beat(self) -> None:
-        warned = False
-        while not self._stop.wait(self.heartbeat_s):
-            try:
-                self._update_state(lambda cur: {**cur, "heartbeat_at": iso(utc_now())}
-                                   if self._running_mine(cur) else None)
-            except MfsimError as exc:
-                if not warned:
-                    log.warning("heartbeat of run %s not recorded: %s", self.run_id, exc)
-                    warned = True
-
-    def _stop_heartbeat(self) -> None:
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+    def _heartbeat(self) -> None:
+        self._update_state(lambda cur: {**cur, "heartbeat_at": iso(utc_now())} if self._running_mine(cur) else None)
 
     def _abort(self, exc: BaseException | None) -> None:
         """Remove the temporary directory; record ``failed`` (or, when replacing, restore the old record)."""
