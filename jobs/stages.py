@@ -38,7 +38,7 @@ from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.roots import read_latest, read_run_table, resolve_run, run_location
 from mfsim.pipeline.runs import RunWriter
 from mfsim.pipeline.svd import aligned_start
-from mfsim.pipeline.shared import share, share_f32
+from mfsim.pipeline.shared import share
 
 log = logging.getLogger("mfsim.job")
 T = TypeVar("T")
@@ -160,15 +160,16 @@ def warm_start(ctx: StageContext) -> tuple[np.ndarray | None, dict[str, Any] | N
 
 def factors_stage(ctx: StageContext) -> StageResult:
     """``item_embeddings/objective=<o>/scaling=<s>/part-*.parquet`` (B) and ``user_embeddings/...`` (P = X A),
-    each part written by the worker that holds it (P's row blocks; B shared once, ``ITEM_PART_ROWS`` rows a part)."""
+    each part written by the worker that holds it (P's row blocks; B built on a worker from the shared V,
+    ``ITEM_PART_ROWS`` rows a part)."""
     data, fit, client, loc = ctx.data, ctx.fit, ctx.client, ctx.run.location
     offsets = fit.X.row_offsets
     item_ids = share(client, data.item_ids, "item-ids")
     pending = []
-    for (objective, scaling), (_, B) in fit.factors.items():
+    for objective, scaling in fit.factors:
         items_dir = outputs.embeddings_dir("items", objective, scaling)
-        B_shared = share_f32(client, B, "item-embeddings")
-        for part_no, (start, stop) in enumerate(row_ranges(len(B), ITEM_PART_ROWS)):
+        B_shared = fit.factors.on_client(client, (objective, scaling))[1]  # built on the workers
+        for part_no, (start, stop) in enumerate(row_ranges(len(data.item_ids), ITEM_PART_ROWS)):
             pending.append(client.submit(write_embeddings, loc, outputs.part_file(items_dir, part_no), outputs.ITEM_ID,
                                          item_ids, B_shared, start, stop, pure=False))
         users_dir = outputs.embeddings_dir("users", objective, scaling)
@@ -202,7 +203,7 @@ def neighbours_stage(ctx: StageContext) -> StageResult:
     if ctx.scorer is not None:
         cluster = (share(client, ctx.scorer.labels, "cluster-labels"), list(ctx.scorer.cutoffs))
     for g in plan_lists(list(fit.factors), ncfg.item_item, ncfg.user_item, ncfg.user_user):
-        A, B = fit.factors[(g.objective, g.scaling)]
+        A, B = fit.factors.on_client(client, (g.objective, g.scaling))  # futures: built on the workers
         user_parts = fit.users((g.objective, g.scaling)) if g.kind != "item_item" else []
         inputs = group_inputs(client, g, A, B, user_parts, data.X, data.user_ids, data.item_ids, ctx.subset)
         lists = tuple(ListOutput(km, label.kind, label.path,
@@ -213,7 +214,8 @@ def neighbours_stage(ctx: StageContext) -> StageResult:
         sinks = [ListSink(ctx.run.location, lists, cand_ids if g.kind == "item_item" else share(client, ids, "query-ids"),
                           cand_ids, cluster) for ids in inputs.query_id_parts]
         if g.kind == "item_item" and g.queries == g.candidates:  # a Gram matrix: half the gemm
-            results = run_symmetric(client, inputs.candidates, len(A), capped(ncfg.top_n, inputs), tuple(g.outputs),
+            results = run_symmetric(client, inputs.candidates, len(data.item_ids), capped(ncfg.top_n, inputs),
+                                    tuple(g.outputs),
                                     candidate_block=ncfg.candidate_block, then=write_lists, then_part=sinks[0],
                                     label=group_label(g, "neighbours item_item"))
         else:
@@ -227,6 +229,7 @@ def neighbours_stage(ctx: StageContext) -> StageResult:
             for key, s in sums.items():
                 ctx.scorer.add_sums(key, s)
         written.update(out.directory for out in lists)
+        del A, B, inputs  # the group's factors and candidates leave the workers
     log.info("neighbours: %d lists written", len(written))
     return StageResult()
 
@@ -292,7 +295,7 @@ def holdout_metrics(client, cfg: Config, fit: Fit, train: RowBlocks, test: RowBl
     cutoffs = tuple(ecfg.cutoffs)
     rows = []
     for g in plan_lists(list(fit.factors), [], ncfg.user_item or list(metrics_of("user_item")), []):
-        A, B = fit.factors[(g.objective, g.scaling)]
+        A, B = fit.factors.on_client(client, (g.objective, g.scaling))
         inputs = group_inputs(client, g, A, B, fit.users((g.objective, g.scaling)), train, user_ids, item_ids, subset)
         results = [res for _, res in group_progress(run_topn(
             client, inputs.queries, inputs.candidates, capped(max(cutoffs), inputs), tuple(g.outputs),
@@ -328,7 +331,7 @@ def audit_stage(ctx: StageContext) -> StageResult:
     candidates.
     """
     acfg, ncfg = ctx.cfg.audit, ctx.cfg.neighbours
-    eq1 = {scaling: ab for (objective, scaling), ab in ctx.fit.factors.items() if objective == "eq1"}
+    eq1 = ctx.fit.factors.of("eq1")  # each scaling's (A, B) built when the audit reads it
     p = len(ctx.data.item_ids)
     result = audit_item_lists(eq1, top_n=max(1, min(acfg.top_n or ncfg.top_n, p)), draws=acfg.draws, spread=acfg.spread,
                               seed=acfg.seed, least_stable=acfg.least_stable, max_items=acfg.max_items,
@@ -360,7 +363,8 @@ def report_stage(ctx: StageContext) -> StageResult:
 
     # the figures as (name, drawing, caption), drawn below one progress step each
     figures: list[tuple[str, Callable[[], bytes], str]] = []
-    panels = [(f"{objective} / {scaling}", B[items]) for (objective, scaling), (_, B) in fit.factors.items()]
+    panels = [(f"{objective} / {scaling}", fit.factors.b((objective, scaling))[items])
+              for objective, scaling in fit.factors]
     if panels:
         figures.append(("heatmaps", partial(heatmap_grid_png, panels, boundaries),
                         f"Cosine similarity of the item embeddings B, {len(items)} items ({ordering}). "

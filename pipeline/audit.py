@@ -30,6 +30,7 @@ Everything here works on row indices; callers map them to ids.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Any, Callable
@@ -427,9 +428,12 @@ def _metric_digest(rows: list[dict[str, Any]]) -> dict[str, Any]:
 # Eq. 1 audit
 
 
-def _check_factors(factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    if not isinstance(factors, dict) or not factors:
+def _check_factors(factors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> Mapping[str, tuple[np.ndarray, np.ndarray]]:
+    """The factors as float32 pairs, checked; a mapping that builds its pairs on access (``factors.Factors.of``)
+    is checked pair by pair and returned as it is, so its pairs are never all held at once."""
+    if not isinstance(factors, Mapping) or not factors:
         raise MfsimError("factors must map at least one Eq. 1 scaling name to its (A, B); received none.")
+    lazy = not isinstance(factors, dict)
     out = {}
     shape = None
     for name, pair in factors.items():
@@ -452,8 +456,9 @@ def _check_factors(factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[st
         B = np.ascontiguousarray(B, dtype=np.float32)
         if not (np.isfinite(A).all() and np.isfinite(B).all()):
             raise MfsimError(f"factors[{name!r}] contain NaN or infinite values; check the factorisation.")
-        out[str(name)] = (A, B)
-    return out
+        if not lazy:
+            out[str(name)] = (A, B)
+    return factors if lazy else out
 
 
 def _product_deviation(factors: dict[str, tuple[np.ndarray, np.ndarray]], seed: int) -> float:
@@ -469,13 +474,14 @@ def _product_deviation(factors: dict[str, tuple[np.ndarray, np.ndarray]], seed: 
     rng = np.random.default_rng([seed, _STREAM_CHECK])
     rows = np.sort(rng.choice(p, size=min(p, _CHECK_ROWS), replace=False))
     cols = np.sort(rng.choice(p, size=min(p, _CHECK_ROWS), replace=False))
-    A0, B0 = (x.astype(np.float64) for x in factors[names[0]])
-    ref = A0[rows] @ B0[cols].T
-    denom = np.abs(A0[rows]) @ np.abs(B0[cols]).T  # sum_l |a_il b_jl|
+    A0, B0 = factors[names[0]]
+    A0, B0 = A0[rows].astype(np.float64), B0[cols].astype(np.float64)
+    ref = A0 @ B0.T
+    denom = np.abs(A0) @ np.abs(B0).T  # sum_l |a_il b_jl|
     worst = 0.0
     for name in names[1:]:
-        A, B = (x.astype(np.float64) for x in factors[name])
-        diff = np.abs(A[rows] @ B[cols].T - ref)
+        A, B = factors[name]
+        diff = np.abs(A[rows].astype(np.float64) @ B[cols].astype(np.float64).T - ref)
         rel = np.zeros_like(diff)
         np.divide(diff, denom, out=rel, where=denom > 0)
         rel[(denom == 0) & (diff > 0)] = np.inf
@@ -489,7 +495,7 @@ _FAMILY_TOL = 1e-5
 
 
 def audit_item_lists(
-    factors: dict[str, tuple[np.ndarray, np.ndarray]],
+    factors: Mapping[str, tuple[np.ndarray, np.ndarray]],
     *,
     top_n: int,
     draws: int,
@@ -503,9 +509,10 @@ def audit_item_lists(
 
     Parameters
     ----------
-    factors : dict scaling name -> (A, B)
+    factors : mapping scaling name -> (A, B)
         Minimizers of Eq. 1 from one SVD and lambda (``pipeline.factors.eq1_factors``), A and B
-        p x k (float32), all with the same ``A B^T``; checked on a sample of entries.
+        p x k (float32), all with the same ``A B^T``; checked on a sample of entries. A dict is
+        read once; any other mapping (``Factors.of("eq1")``) is read pair by pair as needed.
     top_n : int
         List length N.
     draws : int

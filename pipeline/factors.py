@@ -21,6 +21,7 @@ both A and B (never inf or NaN), for every scaling.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -120,6 +121,13 @@ def eq1_factors(
     -----
     O(p k) time and memory.
     """
+    a_scale, b_scale = eq1_scales(sigma, V, lam, alpha, beta)
+    return scaled_columns(V, a_scale, dtype), scaled_columns(V, b_scale, dtype)
+
+
+def eq1_scales(sigma: np.ndarray, V: np.ndarray, lam: float, alpha: float, beta: float
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """``(a, b)`` (k,) float64 with ``A = V diag(a)``, ``B = V diag(b)`` for ``eq1_factors`` (inputs checked)."""
     s, V = _check_svd(sigma, V, lam)
     w = eq1_weights(s, lam)
     live = w > 0
@@ -128,8 +136,7 @@ def eq1_factors(
     a_scale = np.zeros_like(s)
     b_scale[live] = wl**alpha * sl**beta  # B = V diag(w^alpha s^beta)
     a_scale[live] = wl ** (1.0 - alpha) * sl ** (-beta)  # A = V diag(w^(1-alpha) s^-beta)
-    V64 = V.astype(np.float64, copy=False)
-    return (V64 * a_scale).astype(dtype), (V64 * b_scale).astype(dtype)
+    return a_scale, b_scale
 
 
 def eq2_scales(sigma: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray, int]:
@@ -179,8 +186,7 @@ def eq2_factors(
     """
     s, V = _check_svd(sigma, V, lam)
     a, b, n_active = eq2_scales(s, lam)
-    V64 = V.astype(np.float64, copy=False)
-    return (V64 * a).astype(dtype), (V64 * b).astype(dtype), n_active
+    return scaled_columns(V, a, dtype), scaled_columns(V, b, dtype), n_active
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,9 +206,25 @@ def _block_times(block: CSRBlock, A: np.ndarray, offset_row: np.ndarray | None) 
     return out.astype(np.float32)
 
 
-def user_embeddings_blocks(blocks: RowBlocks, A: np.ndarray, col_offset: np.ndarray | None = None) -> list[Any]:
-    """``P = (X - 1 c^T) A`` per row block: arrays locally, futures on a client."""
+def offset_row_of(col_offset: np.ndarray, A32: np.ndarray) -> np.ndarray:
+    """``c^T A`` (k,) in float64, with the float32 A used for X A."""
+    return np.asarray(col_offset, dtype=np.float64) @ A32.astype(np.float64)
+
+
+def user_embeddings_blocks(blocks: RowBlocks, A: Any, col_offset: np.ndarray | None = None) -> list[Any]:
+    """``P = (X - 1 c^T) A`` per row block: arrays locally, futures on a client.
+
+    A may be a future of a float32 p x k array on the blocks' client (``Factors.on_client``).
+    """
     n, p = blocks.shape
+    if hasattr(A, "key"):  # a future: c^T A on the worker too
+        c = col_offset
+        if c is not None:
+            c = np.asarray(c, dtype=np.float64)
+            if c.shape != (p,):
+                raise MfsimError(f"expected col_offset of shape ({p},), got {c.shape}; pass Preprocessor.col_offset")
+            c = blocks.client.submit(offset_row_of, share(blocks.client, c, "column-offset"), A, pure=False)
+        return blocks.map(_block_times, A, c)
     A = np.asarray(A)
     if A.ndim != 2 or A.shape[0] != p:
         raise MfsimError(f"expected A of shape ({p}, k) for X of shape {blocks.shape}, got {A.shape}")
@@ -212,7 +234,7 @@ def user_embeddings_blocks(blocks: RowBlocks, A: np.ndarray, col_offset: np.ndar
         c = np.asarray(col_offset, dtype=np.float64)
         if c.shape != (p,):
             raise MfsimError(f"expected col_offset of shape ({p},), got {c.shape}; pass Preprocessor.col_offset")
-        offset_row = c @ A32.astype(np.float64)  # c^T A, (k,), with the A used for X A
+        offset_row = offset_row_of(c, A32)
     if blocks.client is not None:  # recomputable with its P blocks when a worker is lost (pipeline.shared)
         A32 = share(blocks.client, A32, "factor-a")
     return blocks.map(_block_times, A32, offset_row)
@@ -250,6 +272,113 @@ def user_embeddings(blocks: RowBlocks, A: np.ndarray, col_offset: np.ndarray | N
 # ---------------------------------------------------------------------------------------------
 # all configured embeddings
 
+#: Rows of V scaled per step by ``scaled_columns`` (16 MiB of float64 at k = 64): bounds its temporaries.
+SCALE_ROWS = 1 << 15
+
+
+def scaled_columns(V: np.ndarray, scale: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+    """``(V diag(scale)).astype(dtype)`` computed in float64, ``SCALE_ROWS`` rows at a time.
+
+    Equal bit for bit to ``(V.astype(float64) * scale).astype(dtype)`` (each entry is one float64
+    product, rounded once), without the two p x k float64 temporaries. O(p k) time.
+    """
+    out = np.empty(V.shape, dtype=dtype)
+    for lo in range(0, len(V), SCALE_ROWS):
+        out[lo : lo + SCALE_ROWS] = V[lo : lo + SCALE_ROWS].astype(np.float64) * scale
+    return out
+
+
+class Factors(Mapping):
+    """``(A, B)`` per ``(objective, scaling)``, made from V when read.
+
+    Every closed-form solution is V with its columns scaled (``A = V diag(a)``, ``B = V diag(b)``),
+    so only V (p x k float32) and the 2k scales are kept; a pair is built on each access
+    (``scaled_columns``: O(p k), a few hundredths of a second per million items at k = 64) and
+    belongs to the caller. Holding every pair of a run at once would take 2 x 5 x p k float32
+    (2.6 GB at p = 1M, k = 64). Solutions that are not column scalings of V can be added as arrays.
+    """
+
+    def __init__(self, V: np.ndarray):
+        self.V = V
+        self._v_future = None  # V shared on a client, once (see ``on_client``)
+        self._scales: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        self._arrays: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        self._order: list[tuple[str, str]] = []
+
+    def add_scaled(self, key: tuple[str, str], a_scale: np.ndarray, b_scale: np.ndarray) -> None:
+        """The solution ``A = V diag(a_scale)``, ``B = V diag(b_scale)`` (scales in float64)."""
+        if key not in self:
+            self._order.append(key)
+        self._scales[key] = (np.asarray(a_scale, np.float64), np.asarray(b_scale, np.float64))
+
+    def add(self, key: tuple[str, str], A: np.ndarray, B: np.ndarray) -> None:
+        """A solution given as its arrays (kept as they are)."""
+        if key not in self:
+            self._order.append(key)
+        self._arrays[key] = (A, B)
+
+    def __getitem__(self, key: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+        if key in self._arrays:
+            return self._arrays[key]
+        a, b = self._scales[key]
+        return scaled_columns(self.V, a), scaled_columns(self.V, b)
+
+    def b(self, key: tuple[str, str]) -> np.ndarray:
+        """B of one solution (the item embeddings) alone."""
+        if key in self._arrays:
+            return self._arrays[key][1]
+        return scaled_columns(self.V, self._scales[key][1])
+
+    def on_client(self, client, key: tuple[str, str]) -> tuple[Any, Any]:
+        """``(A, B)`` of one solution as futures of float32 arrays built on the workers.
+
+        V is shared once (``pipeline.shared.share``: recomputable, one copy in the scheduler) and each
+        factor is a task ``scaled_columns(V, scale)`` on it, so neither the driver nor the scheduler
+        holds a solution's arrays, and a factor lost with its worker is rebuilt from V.
+        """
+        if key in self._arrays:
+            A, B = self._arrays[key]
+            return share(client, np.ascontiguousarray(A, np.float32), "factor-a"), \
+                share(client, np.ascontiguousarray(B, np.float32), "factor-b")
+        if self._v_future is None:
+            self._v_future = share(client, np.ascontiguousarray(self.V), "svd-v")
+        a, b = self._scales[key]
+        return (client.submit(scaled_columns, self._v_future, a, pure=False),
+                client.submit(scaled_columns, self._v_future, b, pure=False))
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._scales or key in self._arrays
+
+    def of(self, objective: str) -> "ObjectiveFactors":
+        """The solutions of one objective, keyed by scaling name (as lazy as this mapping)."""
+        return ObjectiveFactors(self, objective)
+
+
+class ObjectiveFactors(Mapping):
+    """``scaling -> (A, B)`` for one objective of a ``Factors``, each pair built on access."""
+
+    def __init__(self, factors: Factors, objective: str):
+        self.factors, self.objective = factors, objective
+        self._names = [s for o, s in factors if o == objective]
+
+    def __getitem__(self, scaling: str) -> tuple[np.ndarray, np.ndarray]:
+        if scaling not in self._names:
+            raise KeyError(scaling)
+        return self.factors[(self.objective, scaling)]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 
 def build_embeddings(sigma: np.ndarray, V: np.ndarray, cfg: ObjectivesSection) -> dict[str, Any]:
     """Factors for every configured objective and scaling.
@@ -257,13 +386,14 @@ def build_embeddings(sigma: np.ndarray, V: np.ndarray, cfg: ObjectivesSection) -
     Returns
     -------
     dict with
-        ``"factors"``: ``{("eq1", scaling): (A, B), ("eq2", "unique"): (A, B)}`` (float32, p x k);
+        ``"factors"``: a ``Factors`` mapping ``{("eq1", scaling): (A, B), ("eq2", "unique"): (A, B)}``
+        (float32, p x k, each pair built from V when read);
         ``"meta"``: ``{"eq1": {"lambda", "weights", "scalings": {name: (alpha, beta)}},
         "eq2": {"lambda", "n_active", "a_scale", "b_scale"}}`` for the configured objectives.
 
     Logs a warning when Eq. 2 keeps no component (every singular value <= lambda).
     """
-    factors: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+    factors = Factors(V)
     meta: dict[str, Any] = {}
     if cfg.eq1 is not None:
         lam = float(cfg.eq1.lambda_)
@@ -272,13 +402,13 @@ def build_embeddings(sigma: np.ndarray, V: np.ndarray, cfg: ObjectivesSection) -
         for name in cfg.eq1.scalings:
             alpha, beta = scaling_exponents(name, custom)
             used[name] = (alpha, beta)
-            factors[("eq1", name)] = eq1_factors(sigma, V, lam, alpha, beta)
+            factors.add_scaled(("eq1", name), *eq1_scales(sigma, V, lam, alpha, beta))
         meta["eq1"] = {"lambda": lam, "weights": eq1_weights(sigma, lam), "scalings": used}
     if cfg.eq2 is not None:
         lam = float(cfg.eq2.lambda_)
-        A, B, n_active = eq2_factors(sigma, V, lam)
-        a, b, _ = eq2_scales(sigma, lam)
-        factors[("eq2", UNIQUE)] = (A, B)
+        _check_svd(sigma, V, lam)
+        a, b, n_active = eq2_scales(sigma, lam)
+        factors.add_scaled(("eq2", UNIQUE), a, b)
         meta["eq2"] = {"lambda": lam, "n_active": n_active, "a_scale": a, "b_scale": b}
         if n_active == 0:
             s_max = float(np.max(sigma, initial=0.0))

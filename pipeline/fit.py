@@ -14,7 +14,7 @@ import numpy as np
 
 from mfsim.pipeline.blocks import RowBlocks
 from mfsim.pipeline.config import Config
-from mfsim.pipeline.factors import build_embeddings, user_embeddings_blocks
+from mfsim.pipeline.factors import Factors, build_embeddings, user_embeddings_blocks
 from mfsim.pipeline.preprocess import Preprocessor, preprocess
 from mfsim.pipeline.runs import RunWriter
 from mfsim.pipeline.svd import truncated_svd
@@ -28,15 +28,17 @@ class Fit:
     prep: Preprocessor
     sigma: np.ndarray
     V: np.ndarray
-    factors: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]
+    factors: Factors  # (A, B) per (objective, scaling), built from V when read
     meta: dict[str, Any]
     user_parts: dict[tuple[str, str], list] = field(default_factory=dict)  # P = X A per row block, when computed
     svd_info: dict[str, Any] = field(default_factory=dict)  # the solver's diagnostics (passes, convergence)
 
     def users(self, key: tuple[str, str]) -> list:
-        """User embeddings ``P = X_eff A`` of (objective, scaling) per row block (futures), computed once."""
+        """User embeddings ``P = X_eff A`` of (objective, scaling) per row block (futures), computed once;
+        on a client A itself is built on the workers (``Factors.on_client``)."""
         if key not in self.user_parts:
-            self.user_parts[key] = user_embeddings_blocks(self.X, self.factors[key][0], self.prep.col_offset)
+            A = self.factors.on_client(self.X.client, key)[0] if self.X.client is not None else self.factors[key][0]
+            self.user_parts[key] = user_embeddings_blocks(self.X, A, self.prep.col_offset)
         return self.user_parts[key]
 
     def manifest_meta(self) -> dict[str, Any]:

@@ -414,21 +414,27 @@ class GroupInputs:
         return self.query_id_parts[r.part].slice(r.start, r.stop - r.start)
 
 
-def group_inputs(client, g: GemmGroup, A: np.ndarray, B: np.ndarray, user_parts: list, X: RowBlocks,
+def group_inputs(client, g: GemmGroup, A: Any, B: Any, user_parts: list, X: RowBlocks,
                  user_ids: pa.Array, item_ids: pa.Array, subset: np.ndarray | None = None) -> GroupInputs:
     """Queries and candidates of group ``g`` from the factors (A, B) and the user embeddings P = X A.
 
+    A and B: float32 p x k arrays, or futures of them (``Factors.on_client``); the embeddings derived
+    from them (``projected``, ``gram_factor``) are tasks on the workers.
     ``user_parts``: P per row block of X (futures); ``subset``: the user rows of
     ``neighbours.users`` (None: all users). Item-item groups query every item against every item.
     """
+    p = len(item_ids)
+    if not hasattr(A, "key"):  # arrays: shared once each
+        A, B = share_f32(client, A, "factor-a"), share_f32(client, B, "factor-b")
     if g.kind == "item_item":
-        emb = {"A": lambda: A, "B": lambda: B, "A_proj": lambda: projected(A, B), "G": lambda: gram_factor(A, B)}
-        cand = share_f32(client, emb[g.candidates](), "candidates")
-        q = cand if g.queries == g.candidates else share_f32(client, emb[g.queries](), "queries")
-        return GroupInputs(QuerySet.whole(q, len(A), exclude_self=True), cand, item_ids, [item_ids])
-    scale = column_norms(B) if g.queries == "P_proj" else None
+        emb = {"A": lambda: A, "B": lambda: B, "A_proj": lambda: client.submit(projected, A, B, pure=False),
+               "G": lambda: client.submit(gram_factor, A, B, pure=False)}  # on the workers, from A and B
+        cand = emb[g.candidates]()
+        q = cand if g.queries == g.candidates else emb[g.queries]()
+        return GroupInputs(QuerySet.whole(q, p, exclude_self=True), cand, item_ids, [item_ids])
+    scale = client.submit(column_norms, B, pure=False).result() if g.queries == "P_proj" else None
     if g.kind == "user_item":
-        cand, cand_ids = share_f32(client, B, "candidates"), item_ids
+        cand, cand_ids = B, item_ids
     else:  # P stacked on a worker from its row blocks: the candidates keep P's lineage
         cand, cand_ids = client.submit(stack, scale, None, *user_parts, pure=False), user_ids
     if subset is None:

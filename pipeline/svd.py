@@ -36,13 +36,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-from scipy.linalg.blas import dtrsm
 from threadpoolctl import threadpool_limits
 
 from mfsim.kernels.sparse import csr_matmat, csr_t_matmat
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks, tree_reduce
 from mfsim.pipeline.config import SvdSection
 from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.krylov_basis import ChunkedBasis, LocalBasis, extend_basis, flip_signs, orthonormalize
 from mfsim.pipeline.progress import progress
 from mfsim.pipeline.shared import share
 
@@ -183,21 +183,6 @@ def _add_pairs(a: tuple, b: tuple) -> tuple:
     return a[0] + b[0], a[1] + b[1]
 
 
-def flip_signs(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(v * sign, sign)``: each column of v (p x k) times the sign of its largest-magnitude entry.
-
-    Singular vectors are unique only up to sign (``u_j s_j v_j^T = (-u_j) s_j (-v_j)^T``); this
-    makes the sign a function of the vector alone. ``sign`` (k,) holds +1 or -1 (+1 for a zero
-    column; the first entry wins a tie in magnitude); multiply the paired U columns by it too.
-    O(p k).
-    """
-    a = np.abs(v)
-    first_max = (a == a.max(axis=0, initial=0.0)).argmax(axis=0)  # = argmax(|v|, axis=0), 2x faster for C-order v
-    sign = np.sign(v[first_max, np.arange(v.shape[1])])
-    sign[sign == 0] = 1
-    return v * sign, sign
-
-
 def _cores() -> int:
     """CPUs this process may run on."""
     import os
@@ -306,6 +291,16 @@ class _Dask:
         futs = [self._submit(gram_partial, w, idx, [starts[i] for i in idx], qf, cq, l, seed) for w, idx in self.groups]
         return tree_reduce(futs, _add_pairs, client=self.client)  # only p x l partials travel
 
+    def gram_future(self, q, c, l, seed):
+        """``X_eff^T Z`` (p x l float64) as a future on a worker, for Q a future or an array (None: Omega);
+        ``c``, the column offset, a shared future or None. Nothing p-sized comes to this process."""
+        qf = q if q is None or hasattr(q, "key") else self._share(q)
+        cq = None if c is None or qf is None else self.client.submit(offset_product, c, qf, pure=False)
+        starts = [int(s) for s in self.blocks.row_offsets[:-1]]
+        futs = [self._submit(gram_partial, w, idx, [starts[i] for i in idx], qf, cq, l, seed) for w, idx in self.groups]
+        root = tree_reduce(futs, _add_pairs, client=self.client, gather=False)
+        return self.client.submit(centered_sum, root, c, pure=False)
+
     def tsqr(self, q32, cq64):
         """The R factor of ``X_eff Q``: one R per worker's blocks, then the R of their stack."""
         qf = self._share(q32)
@@ -339,36 +334,6 @@ def _check(blocks: RowBlocks, rank: int, oversample: int, power_iterations: int,
     if c.shape != (p,) or not np.all(np.isfinite(c)):
         raise ValueError(f"col_offset must be a finite float vector of shape ({p},) (one value per item), got shape {c.shape}")
     return c
-
-
-def _cholesky_qr(y: np.ndarray) -> np.ndarray | None:
-    """Q = Y R^-1 with R^T R = Y^T Y (Cholesky QR); None when Y^T Y is not numerically positive definite."""
-    try:
-        r = np.linalg.cholesky(y.T @ y).T  # upper triangular R, Y^T Y = R^T R
-    except np.linalg.LinAlgError:
-        return None
-    if not np.all(np.isfinite(r)) or np.any(np.diag(r) <= 0):
-        return None
-    # Q^T = R^-T Y^T: a triangular solve on the (l x p) Fortran-ordered view of Y, no copy
-    return dtrsm(1.0, r, y.T, side=0, lower=0, trans_a=1).T
-
-
-def _orthonormalize(y: np.ndarray) -> np.ndarray:
-    """An orthonormal basis (p x l, float64) of the columns of y.
-
-    CholeskyQR2 (Fukaya et al. 2014: Cholesky QR applied twice) costs two Gram matrices and two
-    triangular solves, O(p l^2) in level-3 BLAS, several times faster than Householder QR for
-    p >> l; it is accurate while cond(y) < ~1e8 (u^-1/2). When the Cholesky factorization fails
-    or the result is not orthonormal to 1e-10 (rank-deficient or ill-conditioned y), Householder
-    QR, whose Q is orthonormal for any y, is used instead. Either gives a basis of the same span,
-    which is all the subspace iteration needs.
-    """
-    q = _cholesky_qr(y)
-    if q is not None:
-        q = _cholesky_qr(q)
-    if q is not None and np.abs(q.T @ q - np.eye(q.shape[1])).max() < 1e-10:
-        return np.ascontiguousarray(q)
-    return np.linalg.qr(y, mode="reduced")[0]
 
 
 def randomized_svd(
@@ -454,13 +419,13 @@ def _randomized_svd(run, blocks: RowBlocks, rank, oversample, power_iterations, 
         return None if c is None else (c @ q32.astype(np.float64))  # c^T Q, (l,)
 
     y, zsum = run.gram(None, None, l, seed)  # Y = X_eff^T Omega
-    q = _orthonormalize(corrected(y, zsum))
+    q = orthonormalize(corrected(y, zsum))
     seconds["sketch"] = time.perf_counter() - t0
     for _ in progress(range(power_iterations), power_iterations, "svd power iterations"):
         q32 = q.astype(np.float32)
         cq = offset_row(q32)
         y, zsum = run.gram(q32, None if cq is None else cq.astype(np.float32), l, seed)  # X_eff^T (X_eff Q)
-        q = _orthonormalize(corrected(y, zsum))
+        q = orthonormalize(corrected(y, zsum))
     seconds["power"] = time.perf_counter() - t0 - seconds["sketch"]
 
     t1 = time.perf_counter()
@@ -494,56 +459,6 @@ def _randomized_svd(run, blocks: RowBlocks, rank, oversample, power_iterations, 
             n_blocks=blocks.n_blocks, executor=run.executor, n_workers=run.n_workers, seconds=seconds,
         ),
     )
-
-
-def _extend_basis(
-    basis: np.ndarray | None, y: np.ndarray, seed: int, step: int, basis32: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(K, H)``: an orthonormal block K (p x b, float64) orthogonal to ``basis`` with span(basis, K) ⊇ span(y),
-    and ``H = basis^T y`` (the coefficients, for the projected matrix).
-
-    Block classical Gram-Schmidt twice ("twice is enough": Giraud et al. 2005; the second pass
-    removes what rounding left of the first, so K is orthogonal to the basis to ~1e-16 whatever
-    the angle), then ``_orthonormalize`` within the block. With ``basis32`` (the basis rounded to
-    float32) the first pass runs in float32 at half the cost: it leaves ~6e-8 ||y|| of the basis in
-    y, which the float64 second pass removes, and H = the sum of both passes' coefficients is exact
-    to ~6e-8 ||y||, the rounding every product over X already carries (Z = X K is float32).
-    A column that vanishes against the basis (below 1e-10 of its norm, 1e-6 after a float32 pass:
-    X of rank below the space width, or an exhausted Krylov space) is replaced by a seeded random
-    direction, orthogonalized the same way, so the space keeps its width and its orthonormality;
-    such directions get zero Ritz values.
-    """
-    h = np.zeros((0, y.shape[1])) if basis is None else np.zeros((basis.shape[1], y.shape[1]))
-    norms = np.linalg.norm(y, axis=0)
-    floor = 1e-10
-    if basis is not None:
-        if basis32 is not None:
-            y32 = y.astype(np.float32)
-            c32 = basis32.T @ y32
-            y32 -= basis32 @ c32
-            y, h = y32.astype(np.float64), h + c32
-            floor = 1e-6
-        else:
-            c = basis.T @ y
-            y, h = y - basis @ c, h + c
-        c = basis.T @ y
-        y, h = y - basis @ c, h + c
-    lost = np.linalg.norm(y, axis=0) <= floor * np.maximum(norms, np.finfo(float).tiny)
-    if lost.any():
-        rng = np.random.default_rng([seed, 7919, step])
-        y[:, lost] = rng.standard_normal((y.shape[0], int(lost.sum())))
-        for _ in range(2):
-            if basis is not None:
-                y[:, lost] -= basis @ (basis.T @ y[:, lost])
-    # K = Y R^-1 keeps Y's orthogonality to the basis up to ~eps cond(Y): one more pass (and re-normalization)
-    # only where that can matter, a replaced column or an ill-conditioned block (eigenvalues of Y^T Y, b x b)
-    ev = np.linalg.eigvalsh(y.T @ y) if y.shape[1] else np.ones(1)
-    ill = ev[0] <= 1e-12 * max(ev[-1], np.finfo(float).tiny)
-    k = _orthonormalize(y)
-    if basis is not None and (lost.any() or ill):
-        k = k - basis @ (basis.T @ k)
-        k = _orthonormalize(k)
-    return k, h
 
 
 def _ritz_pairs(t_cols: list[np.ndarray], rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -648,44 +563,49 @@ def _krylov(run, blocks, rank, b, tol, max_blocks, seed, c, compute_u, start) ->
     seconds: dict[str, float] = {}
     columns = 0  # columns of products over X, summed: passes = columns / (k + 10)
     t0 = time.perf_counter()
+    chunked = run.executor == "dask"  # the basis in row chunks on the workers, else in this process
+    c_shared = share(run.client, c, "svd-offset") if chunked and c is not None else None
 
-    def product(k32: np.ndarray) -> np.ndarray:
-        """``X_eff^T X_eff K`` (p x w float64) for K rounded to float32, as in every product."""
+    def product(k32, width: int):
+        """``X_eff^T X_eff K`` (p x w float64) for K rounded to float32, as in every product (K None: Omega);
+        a future on the workers for a chunked basis."""
         nonlocal columns
-        k32 = np.ascontiguousarray(k32)  # the kernels read K by rows
-        cq = None if c is None else (c @ k32.astype(np.float64)).astype(np.float32)
-        y, zsum = run.gram(k32, cq, k32.shape[1], seed)
-        columns += 2 * k32.shape[1]
+        columns += width if k32 is None else 2 * width
+        if chunked:
+            return run.gram_future(k32, c_shared, width, seed)
+        cq = None if c is None or k32 is None else (c @ k32.astype(np.float64)).astype(np.float32)
+        y, zsum = run.gram(k32, cq, width, seed)
         return y - np.outer(c, zsum) if c is not None else y
 
     if start is None:
-        y, zsum = run.gram(None, None, b, seed)  # X_eff^T Omega
-        columns += b
-        y = y - np.outer(c, zsum) if c is not None else y
+        y = product(None, b)  # X_eff^T Omega
     else:  # b random combinations of the start's columns: a first block inside the previous top-k subspace
         g = np.random.default_rng([seed, 15485863]).standard_normal((start.shape[1], b))
         y = np.asarray(start, np.float64) @ g
-    first, _ = _extend_basis(None, y[:, : min(y.shape[1], width_cap)], seed, 0)
-    # the basis in float64 and float32 (for the first Gram-Schmidt pass), column-major with room for every block
-    # so that adding one copies nothing; pages are touched only as columns are filled
-    cap = min(width_cap, first.shape[1] + b * (max_blocks - 1))
-    store64, store32 = np.empty((p, cap), order="F"), np.empty((p, cap), np.float32, order="F")
-    width = first.shape[1]
-    store64[:, :width], store32[:, :width] = first, first
-    last = slice(0, width)  # the newest block, the next to multiply by A
+    first_width = min(b, width_cap)
+    # the space's cap, the first block included; every block but the last has room for b columns
+    if chunked:
+        basis = ChunkedBasis(run.client, p, [w for w, _ in run.groups])
+        basis.start(y, seed) if first_width == b else basis.start(_first_columns(run.client, y, first_width), seed)
+        cap = min(width_cap, basis.width + b * (max_blocks - 1))
+    else:
+        first, _ = extend_basis(None, y[:, :first_width], seed, 0)
+        cap = min(width_cap, first.shape[1] + b * (max_blocks - 1))
+        basis = LocalBasis(p, cap, first)
+    del y
     t_cols: list[np.ndarray] = []  # T = Q^T A Q, column block by column block
     history: list[np.ndarray] = []  # the top-k Ritz values of each space
     estimate, converged, steps = float("inf"), False, 0
     for step in progress(range(1, max_blocks + 1), max_blocks, "svd krylov blocks"):  # stops early when converged
-        y = product(store32[:, last])  # A K_{j-1}
+        last = basis.last32()
+        y = product(last, basis.widths[-1] if chunked else last.shape[1])  # A K_{j-1}
+        del last
         steps += 1
-        basis, basis32 = store64[:, :width], store32[:, :width]
+        width = basis.width
         room = cap - width if step < max_blocks else 0
-        if room > 0:
-            new, h = _extend_basis(basis, y, seed, step, basis32)
-        else:  # the last block, or the basis spans everything: T needs only the coefficients
-            new, h = None, basis.T @ y
-        t_cols.append(h)  # basis^T A K_{j-1}: T's column block j-1, rows of blocks 0 .. j-1
+        # basis^T A K_{j-1}: T's column block j-1, rows of blocks 0 .. j-1; the new block when there is room
+        t_cols.append(basis.extend(y, seed, step, room))
+        del y
         ritz, vecs = _ritz_pairs(t_cols, rank)
         history.append(ritz)
         if width >= width_cap and len(ritz) == min(rank, width_cap):
@@ -695,30 +615,35 @@ def _krylov(run, blocks, rank, b, tol, max_blocks, seed, c, compute_u, start) ->
             converged = estimate <= tol
         if converged or room <= 0:
             break
-        new = new[:, :room]
-        last = slice(width, width + new.shape[1])
-        store64[:, last], store32[:, last] = new, new
-        width += new.shape[1]
     seconds["krylov"] = time.perf_counter() - t0
 
     # the Ritz pairs of the last space the estimate judged: T covers every block but the unmultiplied newest
     t1 = time.perf_counter()
     m = vecs.shape[0]
-    del store32
     sigma = np.zeros(rank)
     sigma[: len(ritz)] = ritz
     vr = np.zeros((m, rank))
     vr[:, : vecs.shape[1]] = vecs
-    with threadpool_limits(limits=_cores(), user_api="blas"):  # no kernel runs beside this one p x W x k product
-        v = (vr.T @ store64[:, :m].T).T  # as V^T = V_r^T Q^T: the column-major basis read by rows, 3x faster
-    if vecs.shape[1] < rank:  # a space narrower than k (rank of X or of the matrix below k): complete V
-        v[:, vecs.shape[1]:] = _extend_basis(v[:, : vecs.shape[1]], np.zeros((p, rank - vecs.shape[1])), seed, max_blocks + 1)[0]
-    v, sign = flip_signs(v)
+    if chunked and vecs.shape[1] == rank:
+        v32, sign = basis.combine_signed(vr)
+    else:
+        if chunked:  # a space narrower than k: small X, the basis fits the driver
+            v = basis.gather64()[:, :m] @ vr
+        else:
+            v = basis.combine(vr, _cores())
+        if vecs.shape[1] < rank:  # a space narrower than k (rank of X or of the matrix below k): complete V
+            v[:, vecs.shape[1]:] = extend_basis(v[:, : vecs.shape[1]], np.zeros((p, rank - vecs.shape[1])), seed,
+                                                max_blocks + 1)[0]
+        v, sign = flip_signs(v)
+        v32 = np.ascontiguousarray(v, dtype=np.float32)
+        del v
+    if chunked:
+        basis.release()
+    del basis
     seconds["final"] = time.perf_counter() - t1
     u = None
     if compute_u:
         t2 = time.perf_counter()
-        v32 = np.ascontiguousarray(v, dtype=np.float32)
         with np.errstate(divide="ignore"):
             inv = np.where(sigma > 0, 1.0 / sigma, 0.0)
         u = run.u(v32, None if c is None else c @ v32.astype(np.float64), np.diag(inv))
@@ -726,14 +651,37 @@ def _krylov(run, blocks, rank, b, tol, max_blocks, seed, c, compute_u, start) ->
         seconds["u"] = time.perf_counter() - t2
     seconds["total"] = time.perf_counter() - t0
     return SvdResult(
-        sigma=sigma, V=np.ascontiguousarray(v, dtype=np.float32), U=u,
+        sigma=sigma, V=v32, U=u,
         u_row_offsets=blocks.row_offsets.copy() if compute_u else None, client=blocks.client,
         diagnostics=dict(
             solver="krylov", block_size=b, blocks=steps, width=int(m), tol=tol,
             estimated_error=estimate, converged=converged, passes=round(columns / (rank + 10), 2), seed=seed,
             n_blocks=blocks.n_blocks, executor=run.executor, n_workers=run.n_workers, seconds=seconds,
+            basis="chunked" if chunked else "local",
         ),
     )
+
+
+def _first_columns(client, y, width: int):
+    """The first ``width`` columns of y (a future or an array): a first block capped by min(n, p)."""
+    if hasattr(y, "key"):
+        return client.submit(_columns, y, width, pure=False)
+    return y[:, :width]
+
+
+def _columns(y: np.ndarray, width: int) -> np.ndarray:
+    return np.ascontiguousarray(y[:, :width])
+
+
+def centered_sum(pair: tuple, c: np.ndarray | None) -> np.ndarray:
+    """``X^T Z - c (1^T Z)`` from a ``gram_partial`` sum ``(X^T Z, 1^T Z)`` (the offset term added once)."""
+    y, zsum = pair
+    return y - np.outer(c, zsum) if c is not None else y
+
+
+def offset_product(c: np.ndarray | None, k32: np.ndarray) -> np.ndarray | None:
+    """``c^T K`` in float32 (the offset row of ``X_eff K``), None without an offset."""
+    return None if c is None else (c @ k32.astype(np.float64)).astype(np.float32)
 
 
 def sklearn_svd(

@@ -42,9 +42,10 @@ def run_bench_pipeline(users: int = 200_000, items: int = 50_000, nnz: int = 5_0
         with get_client(cfg.cluster) as client:
             run = timed(lambda: run_job(cfg, client=client), client)
         run_dir, manifest = run.result
-        print(f"{'stage':<22}{'seconds':>10}")
+        print(f"{'stage':<22}{'seconds':>10}{'driver peak MiB':>17}")
+        peaks = manifest.get("driver_peak_rss_mib", {})  # per stage of the runner (fit: preprocess, svd, factors)
         for stage, seconds in manifest["timings"].items():
-            print(f"{stage:<22}{seconds:>10.2f}")
+            print(f"{stage:<22}{seconds:>10.2f}{peaks.get(stage, peaks.get('fit', 0)):>17}")
         print(f"{'total':<22}{run.seconds:>10.2f}")
         print(f"driver peak RSS {run.peak / MiB:.0f} MiB (+{run.extra_rss / MiB:.0f} MiB during the run)")
         for addr, peak in sorted(run.worker_peaks.items()):

@@ -24,6 +24,8 @@ from mfsim.pipeline.blocks import RowBlocks
 from mfsim.pipeline.config import ObjectivesSection
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.factors import (
+    Factors,
+    scaled_columns,
     build_embeddings,
     eq1_factors,
     eq1_weights,
@@ -384,3 +386,34 @@ def test_build_embeddings(svd, caplog):
         out = build_embeddings(s, V, only_eq2)
     assert list(out["factors"]) == [("eq2", "unique")] and out["meta"]["eq2"]["n_active"] == 0
     assert "all Eq. 2 embeddings are zero" in caplog.text
+
+
+def test_factors_are_built_from_v_on_access_equal_to_the_closed_forms(svd, monkeypatch):
+    """``Factors`` keeps V and the scales only; each read equals ``eq1_factors`` / ``eq2_factors`` bit for bit,
+    also when ``scaled_columns`` works in several row steps."""
+    import mfsim.pipeline.factors as factors_module
+
+    X, s, V = svd
+    monkeypatch.setattr(factors_module, "SCALE_ROWS", 3)  # P = 8 rows: steps of 3, 3 and 2
+    V32 = V.astype(np.float32)
+    cfg = ObjectivesSection.model_validate({"eq1": {"lambda": LAM1, "scalings": ["symmetric", "user_orthonormal"]},
+                                            "eq2": {"lambda": lam2(s)}})
+    f = build_embeddings(s, V32, cfg)["factors"]
+    assert isinstance(f, Factors) and list(f) == [("eq1", "symmetric"), ("eq1", "user_orthonormal"), ("eq2", "unique")]
+    for name in ("symmetric", "user_orthonormal"):
+        A, B = eq1_factors(s, V32, LAM1, *EQ1_SCALINGS[name])
+        A2, B2 = f[("eq1", name)]
+        assert np.array_equal(A, A2) and np.array_equal(B, B2) and np.array_equal(f.b(("eq1", name)), B)
+        assert A2 is not f[("eq1", name)][0]  # a fresh pair per read: the mapping holds none
+    A, B, _ = eq2_factors(s, V32, lam2(s))
+    assert all(np.array_equal(x, y) for x, y in zip(f[("eq2", "unique")], (A, B)))
+    naive = (V32.astype(np.float64) * np.linspace(-2, 3, V.shape[1])).astype(np.float32)
+    assert np.array_equal(scaled_columns(V32, np.linspace(-2, 3, V.shape[1])), naive)
+    eq1 = f.of("eq1")
+    assert list(eq1) == ["symmetric", "user_orthonormal"] and len(eq1) == 2 and "eq2" not in list(eq1)
+    assert np.array_equal(eq1["symmetric"][1], f[("eq1", "symmetric")][1])
+    with pytest.raises(KeyError):
+        eq1["unique"]
+    extra = np.ones_like(V32)
+    f.add(("cos", "unique"), extra, extra)
+    assert f[("cos", "unique")][0] is extra and ("cos", "unique") in f and len(f) == 4

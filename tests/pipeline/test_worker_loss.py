@@ -34,10 +34,10 @@ from tests_support import assert_same_run_tables, end_process
 DASK = Path(sys.executable).parent / "dask"
 RUN_TIMEOUT_S = 120  # a clean run takes a few seconds here; a run still going after 2 minutes hangs
 # the Krylov SVD (the default solver) held to a tolerance it cannot reach, so it builds all MAX_BLOCKS blocks
-# and lasts long enough (~1 s here) for a kill to land inside; each block orthonormalizes twice
+# and lasts long enough (~1 s here) for a kill to land inside; each block's product ends in one Rayleigh-Ritz
 MAX_BLOCKS = 16
-MAIN_FIT_CALLS = 1 + 2 * MAX_BLOCKS  # _orthonormalize calls of the main fit's SVD (then the evaluation's fit)
-KILL_AT_CALL = 5  # the SVD goes on for 28 more calls after the kill
+MAIN_FIT_CALLS = MAX_BLOCKS  # _ritz_pairs calls of the main fit's SVD (then the evaluation's fit)
+KILL_AT_CALL = 3  # the SVD goes on for 13 more products after the kill, its basis chunks on both workers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,19 +211,19 @@ class Killer:
 
 @contextmanager
 def kill_in_svd(killer: Killer, monkeypatch):
-    """Fire ``killer`` at the KILL_AT_CALL-th orthonormalization of the SVD; yields the count of calls after it."""
+    """Fire ``killer`` at the KILL_AT_CALL-th Rayleigh-Ritz of the SVD; yields the count of calls after it."""
     calls = {"n": 0, "after_kill": 0}
-    orthonormalize = svd_module._orthonormalize
+    ritz_pairs = svd_module._ritz_pairs
 
-    def counting(y):
+    def counting(*args):
         calls["n"] += 1
         if killer.done.is_set() and calls["n"] <= MAIN_FIT_CALLS:  # the main fit's SVD only (not evaluation's)
             calls["after_kill"] += 1
-        if calls["n"] == KILL_AT_CALL:  # the first block's QR is call 1
+        if calls["n"] == KILL_AT_CALL:  # after the first product's
             killer.fire()
-        return orthonormalize(y)
+        return ritz_pairs(*args)
 
-    monkeypatch.setattr(svd_module, "_orthonormalize", counting)
+    monkeypatch.setattr(svd_module, "_ritz_pairs", counting)
     yield calls
 
 

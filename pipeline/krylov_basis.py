@@ -1,0 +1,467 @@
+"""The Krylov SVD's basis Q (p x W): in this process, or in row chunks on the Dask workers.
+
+``krylov_svd`` grows an orthonormal basis of the item-side Krylov space block by block; each new
+block is orthogonalized against every earlier one (block Gram-Schmidt twice, ``extend_basis``)
+and at the end ``V = Q y`` combines it with the Ritz vectors. The basis is the largest thing the
+SVD holds: 12 p W bytes (float64, and a float32 copy for the first Gram-Schmidt pass), 3.3 GB at
+p = 1M and W = 272.
+
+``LocalBasis`` keeps it in this process, column-major and preallocated (no copy per block).
+``ChunkedBasis`` keeps it on the Dask workers, in row chunks (``chunk_bounds``: about p / 8 rows
+each, fixed by p alone), every block of a chunk a future beside the chunk's earlier blocks.
+Each Gram-Schmidt pass is one task per chunk over the rows it holds; only W x b coefficients
+and b x b Gram matrices come to the driver, which sums them in chunk order (so the result does
+not depend on how many workers hold the chunks) and holds no p-sized array while the space
+grows. The orthonormalization within a block is CholeskyQR2 on the summed Gram matrices.
+Futures keep their lineage, so a chunk lost with its worker is recomputed (back to the
+products that made it) like any other task.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import numpy as np
+from scipy.linalg.blas import dtrsm
+
+from mfsim.pipeline.shared import share
+
+#: Row chunks of a ``ChunkedBasis``: ``CHUNKS`` of them, none below ``MIN_CHUNK_ROWS`` rows.
+CHUNKS = 8
+MIN_CHUNK_ROWS = 8192
+#: A column whose norm after Gram-Schmidt is below this fraction of its norm before has vanished
+#: against the basis (1e-6 after a float32 first pass: that pass leaves ~6e-8 of the basis).
+LOST_FLOOR = 1e-10
+LOST_FLOOR_F32 = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# dense steps shared by both bases
+
+
+def cholesky_qr(y: np.ndarray) -> np.ndarray | None:
+    """Q = Y R^-1 with R^T R = Y^T Y (Cholesky QR); None when Y^T Y is not numerically positive definite."""
+    r = cholesky_r(y.T @ y)
+    return None if r is None else r_inverse(y, r)
+
+
+def cholesky_r(gram: np.ndarray) -> np.ndarray | None:
+    """Upper triangular R with ``R^T R = gram``; None when gram is not numerically positive definite."""
+    try:
+        r = np.linalg.cholesky(gram).T
+    except np.linalg.LinAlgError:
+        return None
+    if not np.all(np.isfinite(r)) or np.any(np.diag(r) <= 0):
+        return None
+    return r
+
+
+def r_inverse(y: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """``Y R^-1`` for upper triangular R: a triangular solve on the (l x p) Fortran view of C-ordered Y, no copy."""
+    return dtrsm(1.0, r, np.ascontiguousarray(y).T, side=0, lower=0, trans_a=1).T
+
+
+def orthonormalize(y: np.ndarray) -> np.ndarray:
+    """An orthonormal basis (p x l, float64) of the columns of y.
+
+    CholeskyQR2 (Fukaya et al. 2014: Cholesky QR applied twice) costs two Gram matrices and two
+    triangular solves, O(p l^2) in level-3 BLAS, several times faster than Householder QR for
+    p >> l; it is accurate while cond(y) < ~1e8 (u^-1/2). When the Cholesky factorization fails
+    or the result is not orthonormal to 1e-10 (rank-deficient or ill-conditioned y), Householder
+    QR, whose Q is orthonormal for any y, is used instead. Either gives a basis of the same span,
+    which is all the subspace iteration needs.
+    """
+    q = cholesky_qr(y)
+    if q is not None:
+        q = cholesky_qr(q)
+    if q is not None and np.abs(q.T @ q - np.eye(q.shape[1])).max() < 1e-10:
+        return np.ascontiguousarray(q)
+    return np.linalg.qr(y, mode="reduced")[0]
+
+
+def flip_signs(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(v * sign, sign)``: each column of v (p x k) times the sign of its largest-magnitude entry.
+
+    Singular vectors are unique only up to sign (``u_j s_j v_j^T = (-u_j) s_j (-v_j)^T``); this
+    makes the sign a function of the vector alone. ``sign`` (k,) holds +1 or -1 (+1 for a zero
+    column; the first entry wins a tie in magnitude); multiply the paired U columns by it too.
+    O(p k).
+    """
+    peak, signed = column_peaks(v)
+    sign = np.sign(signed)
+    sign[sign == 0] = 1
+    return v * sign, sign
+
+
+def column_peaks(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of v: the largest magnitude and the (signed) value of its first entry of that magnitude."""
+    a = np.abs(v)
+    peak = a.max(axis=0, initial=0.0)
+    first_max = (a == peak).argmax(axis=0)  # = argmax(|v|, axis=0), 2x faster for C-order v
+    return peak, v[first_max, np.arange(v.shape[1])] if len(v) else np.zeros(v.shape[1])
+
+
+def ill_conditioned(gram: np.ndarray) -> bool:
+    """Whether Y^T Y (b x b) is so ill-conditioned that K = Y R^-1 may lose Y's orthogonality to the basis."""
+    ev = np.linalg.eigvalsh(gram) if gram.shape[0] else np.ones(1)
+    return bool(ev[0] <= 1e-12 * max(ev[-1], np.finfo(float).tiny))
+
+
+def extend_basis(
+    basis: np.ndarray | None, y: np.ndarray, seed: int, step: int, basis32: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(K, H)``: an orthonormal block K (p x b, float64) orthogonal to ``basis`` with span(basis, K) ⊇ span(y),
+    and ``H = basis^T y`` (the coefficients, for the projected matrix).
+
+    Block classical Gram-Schmidt twice ("twice is enough": Giraud et al. 2005; the second pass
+    removes what rounding left of the first, so K is orthogonal to the basis to ~1e-16 whatever
+    the angle), then ``orthonormalize`` within the block. With ``basis32`` (the basis rounded to
+    float32) the first pass runs in float32 at half the cost: it leaves ~6e-8 ||y|| of the basis in
+    y, which the float64 second pass removes, and H = the sum of both passes' coefficients is exact
+    to ~6e-8 ||y||, the rounding every product over X already carries (Z = X K is float32).
+    A column that vanishes against the basis (below ``LOST_FLOOR`` of its norm, ``LOST_FLOOR_F32``
+    after a float32 pass: X of rank below the space width, or an exhausted Krylov space) is
+    replaced by a seeded random direction, orthogonalized the same way, so the space keeps its
+    width and its orthonormality; such directions get zero Ritz values.
+    """
+    h = np.zeros((0, y.shape[1])) if basis is None else np.zeros((basis.shape[1], y.shape[1]))
+    norms = np.linalg.norm(y, axis=0)
+    floor = LOST_FLOOR
+    if basis is not None:
+        if basis32 is not None:
+            y32 = y.astype(np.float32)
+            c32 = basis32.T @ y32
+            y32 -= basis32 @ c32
+            y, h = y32.astype(np.float64), h + c32
+            floor = LOST_FLOOR_F32
+        else:
+            c = basis.T @ y
+            y, h = y - basis @ c, h + c
+        c = basis.T @ y
+        y, h = y - basis @ c, h + c
+    lost = np.linalg.norm(y, axis=0) <= floor * np.maximum(norms, np.finfo(float).tiny)
+    if lost.any():
+        rng = np.random.default_rng([seed, 7919, step])
+        y[:, lost] = rng.standard_normal((y.shape[0], int(lost.sum())))
+        for _ in range(2):
+            if basis is not None:
+                y[:, lost] -= basis @ (basis.T @ y[:, lost])
+    # K = Y R^-1 keeps Y's orthogonality to the basis up to ~eps cond(Y): one more pass (and re-normalization)
+    # only where that can matter, a replaced column or an ill-conditioned block (eigenvalues of Y^T Y, b x b)
+    ill = ill_conditioned(y.T @ y) if y.shape[1] else False
+    k = orthonormalize(y)
+    if basis is not None and (lost.any() or ill):
+        k = k - basis @ (basis.T @ k)
+        k = orthonormalize(k)
+    return k, h
+
+
+# ---------------------------------------------------------------------------------------------
+# the basis in this process
+
+
+class LocalBasis:
+    """The basis in this process: float64 and float32 copies, column-major, with room for ``cap`` columns.
+
+    Adding a block copies nothing (pages are touched only as columns are filled); the first
+    Gram-Schmidt pass reads the float32 copy, the second the float64 one.
+    """
+
+    def __init__(self, p: int, cap: int, first: np.ndarray):
+        self.p, self.cap = p, cap
+        self.store64 = np.empty((p, cap), order="F")
+        self.store32 = np.empty((p, cap), np.float32, order="F")
+        self.width = 0
+        self._add(first)
+
+    def _add(self, k: np.ndarray) -> None:
+        last = slice(self.width, self.width + k.shape[1])
+        self.store64[:, last], self.store32[:, last] = k, k
+        self.last = last
+        self.width += k.shape[1]
+
+    def last32(self) -> np.ndarray:
+        """The newest block in float32, C-ordered (the kernels read it by rows)."""
+        return np.ascontiguousarray(self.store32[:, self.last])
+
+    def extend(self, y: np.ndarray, seed: int, step: int, room: int) -> np.ndarray:
+        """``basis^T y``; and, when ``room`` > 0, the block ``extend_basis`` makes of y (at most ``room`` columns)."""
+        basis = self.store64[:, : self.width]
+        if room <= 0:
+            return basis.T @ y
+        new, h = extend_basis(basis, y, seed, step, self.store32[:, : self.width])
+        self._add(new[:, :room])
+        return h
+
+    def combine(self, vr: np.ndarray, threads: int) -> np.ndarray:
+        """``Q vr`` (p x k, float64) over the first ``len(vr)`` columns; frees the float32 copy first."""
+        from threadpoolctl import threadpool_limits
+
+        self.store32 = None
+        m = vr.shape[0]
+        with threadpool_limits(limits=threads, user_api="blas"):  # no kernel runs beside this one p x W x k product
+            return (vr.T @ self.store64[:, :m].T).T  # as V^T = V_r^T Q^T: the column-major basis read by rows, 3x faster
+
+
+# ---------------------------------------------------------------------------------------------
+# the basis in row chunks on the workers: the tasks
+
+
+def chunk_bounds(p: int) -> np.ndarray:
+    """Row bounds of the basis' chunks (int64, ``n_chunks + 1``): ``CHUNKS`` chunks of at least ``MIN_CHUNK_ROWS``."""
+    rows = max(MIN_CHUNK_ROWS, -(-p // CHUNKS))
+    n = max(1, -(-p // rows))
+    return np.minimum(np.arange(n + 1, dtype=np.int64) * rows, p)
+
+
+def rows_of(y: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Rows ``lo:hi`` of y, a copy (a view would keep all of y alive on the worker)."""
+    return np.array(y[lo:hi])
+
+
+def gs_first(y: np.ndarray, *blocks: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """``(Q32_c^T y_c, column sums of y_c^2)`` for one chunk c (float32 coefficients, W x b)."""
+    y32 = y.astype(np.float32)
+    c = np.concatenate([q32.T @ y32 for _, q32 in blocks]) if blocks else np.zeros((0, y.shape[1]), np.float32)
+    return c, np.einsum("ij,ij->j", y, y)
+
+
+def _subtract(y: np.ndarray, c: np.ndarray, blocks: tuple, which: int) -> np.ndarray:
+    """``y -= Q c`` in place, Q the blocks' float64 (which = 0) or float32 (1) copies."""
+    row = 0
+    for pair in blocks:
+        q = pair[which]
+        y -= q @ c[row : row + q.shape[1]]
+        row += q.shape[1]
+    return y
+
+
+def gs_second(y: np.ndarray, c32: np.ndarray, *blocks: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """The float32 pass's ``y - Q32 c32`` (in float64), and its float64 coefficients ``Q^T y`` (W x b)."""
+    y32 = _subtract(y.astype(np.float32), c32, blocks, 1)
+    y = y32.astype(np.float64)
+    return y, gs_coefficients(y, *blocks)
+
+
+def gs_coefficients(y: np.ndarray, *blocks: tuple) -> np.ndarray:
+    """``Q_c^T y_c`` in float64 (W x b) for one chunk."""
+    return np.concatenate([q.T @ y for q, _ in blocks]) if blocks else np.zeros((0, y.shape[1]))
+
+
+def gs_subtract(y: np.ndarray, c: np.ndarray, *blocks: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """``(y - Q c, its Gram matrix)`` for one chunk, float64 (y is a task input: copied, not changed)."""
+    y = _subtract(np.array(y, dtype=np.float64), c, blocks, 0)
+    return y, y.T @ y
+
+
+def gram_of(y: np.ndarray) -> np.ndarray:
+    """``y^T y`` of one chunk."""
+    return y.T @ y
+
+
+def replace_columns(y: np.ndarray, lost: np.ndarray, seed: int, step: int, chunk: int) -> np.ndarray:
+    """y with its ``lost`` columns replaced by seeded Gaussian rows (stream ``[seed, 7919, step, chunk]``)."""
+    y = np.array(y, dtype=np.float64)
+    y[:, lost] = np.random.default_rng([seed, 7919, step, chunk]).standard_normal((y.shape[0], int(lost.sum())))
+    return y
+
+
+def times_r_inverse(y: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(y R^-1, its Gram matrix)`` for one chunk (a CholeskyQR step)."""
+    k = r_inverse(y, r)
+    return k, k.T @ k
+
+
+def stored_block(k: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """One chunk's new basis block: its first ``width`` columns in float64 and float32, C-ordered."""
+    k = np.ascontiguousarray(k[:, :width])
+    return k, k.astype(np.float32)
+
+
+def stacked32(*pairs: tuple) -> np.ndarray:
+    """The float32 copies of one block's chunks, stacked (p x b): the next product's K."""
+    return np.ascontiguousarray(np.concatenate([q32 for _, q32 in pairs]))
+
+
+def combined_rows(vr: np.ndarray, *blocks: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One chunk of ``V = Q vr``: its rows in float32, and the float64 rows' ``column_peaks``."""
+    rows = blocks[0][0].shape[0]
+    v = np.zeros((rows, vr.shape[1]))
+    col = 0
+    for q, _ in blocks:
+        if col >= vr.shape[0]:
+            break
+        w = min(q.shape[1], vr.shape[0] - col)
+        v += q[:, :w] @ vr[col : col + w]
+        col += w
+    return (v.astype(np.float32), *column_peaks(v))
+
+
+def chunk_of(y: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Rows ``lo:hi`` of a driver-side array, copied (a chunk shared from the driver)."""
+    return np.ascontiguousarray(y[lo:hi], dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# the basis in row chunks on the workers: the driver's side
+
+
+class ChunkedBasis:
+    """The basis on the Dask workers, in row chunks (``chunk_bounds``); one future per (chunk, block).
+
+    Chunk c's tasks go to worker ``c mod n_workers`` of the workers given (loosely:
+    ``allow_other_workers``), so the chunks and their Gram-Schmidt work spread over the workers.
+    ``y`` arguments are futures of p x b float64 arrays (the products' results); the driver
+    sees only coefficients and Gram matrices.
+    """
+
+    def __init__(self, client, p: int, workers: list[str | None]):
+        self.client, self.p = client, p
+        self.bounds = chunk_bounds(p)
+        self.n_chunks = len(self.bounds) - 1
+        self.workers = workers or [None]
+        self.blocks: list[list[Any]] = [[] for _ in range(self.n_chunks)]
+        self.widths: list[int] = []
+        self.width = 0
+
+    # -- plumbing
+
+    def _submit(self, c: int, fn, *args):
+        w = self.workers[c % len(self.workers)]
+        kw = dict(pure=False) if w is None else dict(pure=False, workers=[w], allow_other_workers=True)
+        return self.client.submit(fn, *args, **kw)
+
+    def _each(self, fn, per_chunk, *args):
+        """``fn(per_chunk[c], *args, *blocks of c)`` per chunk c, as futures."""
+        return [self._submit(c, fn, per_chunk[c], *args, *self.blocks[c]) for c in range(self.n_chunks)]
+
+    def _sum(self, futures, index: int | None = None) -> np.ndarray:
+        """The float64 sum, in chunk order, of the futures' results (or of item ``index`` of each)."""
+        if index is not None:
+            futures = [self._submit(c, operator.itemgetter(index), f) for c, f in enumerate(futures)]
+        total = None
+        for part in self.client.gather(futures):
+            part = np.asarray(part, np.float64)
+            total = part.copy() if total is None else total + part
+        return total
+
+    def _chunks(self, y) -> list:
+        """The row chunks of y: a future (a product's result) or a driver-side array."""
+        if not hasattr(y, "key"):
+            y = share(self.client, np.ascontiguousarray(y, np.float64), "svd-y")
+        return [self._submit(c, rows_of, y, int(self.bounds[c]), int(self.bounds[c + 1]))
+                for c in range(self.n_chunks)]
+
+    def _items(self, futures, index: int) -> list:
+        return [self._submit(c, operator.itemgetter(index), f) for c, f in enumerate(futures)]
+
+    # -- the basis
+
+    def start(self, y, seed: int) -> None:
+        """The first block: an orthonormal basis of y's columns (lost columns replaced)."""
+        ys = self._chunks(y)
+        gram = self._gram(ys)
+        self._finish_block(ys, np.sqrt(np.clip(np.diag(gram), 0, None)), LOST_FLOOR, seed, 0, len(gram), gram=gram,
+                           first=True)
+
+    def _gram(self, ys: list) -> np.ndarray:
+        """``y^T y`` summed over the chunks."""
+        return self._sum([self._submit(c, gram_of, ys[c]) for c in range(self.n_chunks)])
+
+    def extend(self, y, seed: int, step: int, room: int) -> np.ndarray:
+        """``basis^T y``; and, when ``room`` > 0, y's new orthonormal block (at most ``room`` columns) appended.
+
+        The same steps as ``extend_basis``: a float32 and a float64 Gram-Schmidt pass, lost columns
+        replaced, then CholeskyQR2 (one more float64 pass when a column was replaced or Y is
+        ill-conditioned); the coefficients of both passes are H.
+        """
+        ys = self._chunks(y)
+        if room <= 0:
+            return self._sum(self._each(gs_coefficients, ys))
+        first = self._each(gs_first, ys)
+        c32 = self._sum(first, 0).astype(np.float32)
+        norms = np.sqrt(self._sum(first, 1))
+        second = self._each(gs_second, ys, c32)
+        c64 = self._sum(second, 1)
+        third = self._each(gs_subtract, self._items(second, 0), c64)
+        self._finish_block(self._items(third, 0), norms, LOST_FLOOR_F32, seed, step, room,
+                           gram=self._sum(third, 1))
+        return c32.astype(np.float64) + c64
+
+    def _project_out(self, ys: list) -> tuple[list, np.ndarray]:
+        """ys minus their projection on the basis (one float64 pass), and the result's Gram matrix."""
+        c = self._sum(self._each(gs_coefficients, ys))
+        out = self._each(gs_subtract, ys, c)
+        return self._items(out, 0), self._sum(out, 1)
+
+    def _finish_block(self, ys: list, norms: np.ndarray, floor: float, seed: int, step: int, room: int,
+                      gram: np.ndarray, first: bool = False) -> None:
+        """Lost columns replaced, CholeskyQR2, the block's first ``room`` columns stored (``extend_basis``'s end)."""
+        lost = np.sqrt(np.clip(np.diag(gram), 0, None)) <= floor * np.maximum(norms, np.finfo(float).tiny)
+        if lost.any():
+            ys = [self._submit(c, replace_columns, ys[c], lost, seed, step, c) for c in range(self.n_chunks)]
+            for _ in range(0 if first else 2):
+                ys, gram = self._project_out(ys)
+            if first:
+                gram = self._gram(ys)
+        again = not first and (lost.any() or ill_conditioned(gram))
+        ks = self._orthonormalize(ys, gram)
+        if again:
+            ks, gram = self._project_out(ks)
+            ks = self._orthonormalize(ks, gram)
+        width = min(room, len(norms))
+        for c in range(self.n_chunks):
+            self.blocks[c].append(self._submit(c, stored_block, ks[c], width))
+        self.widths.append(width)
+        self.width += width
+
+    def _orthonormalize(self, ys: list, gram: np.ndarray) -> list:
+        """CholeskyQR2 over the chunks (``orthonormalize``'s first choice); Householder QR of y on the driver
+        (p x b, once) when it fails or leaves the block not orthonormal to 1e-10."""
+        r = cholesky_r(gram)
+        if r is not None:
+            once = [self._submit(c, times_r_inverse, ys[c], r) for c in range(self.n_chunks)]
+            r2 = cholesky_r(self._sum(once, 1))
+            if r2 is not None:
+                twice = [self._submit(c, times_r_inverse, f, r2) for c, f in enumerate(self._items(once, 0))]
+                if np.abs(self._sum(twice, 1) - np.eye(len(gram))).max() < 1e-10:
+                    return self._items(twice, 0)
+        y = np.concatenate(self.client.gather(ys))
+        q = share(self.client, np.linalg.qr(y, mode="reduced")[0], "svd-k")
+        return [self._submit(c, chunk_of, q, int(self.bounds[c]), int(self.bounds[c + 1]))
+                for c in range(self.n_chunks)]
+
+    def last32(self):
+        """The newest block in float32, p x b, as a future."""
+        return self._submit(0, stacked32, *[blocks[-1] for blocks in self.blocks])
+
+    def combine_signed(self, vr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``flip_signs(Q vr)`` as float32 (p x k) and the signs: each chunk's rows gathered and released in
+        turn, so the driver holds V in float32 and one chunk."""
+        futs = [self._submit(c, combined_rows, vr, *self.blocks[c]) for c in range(self.n_chunks)]
+        k = vr.shape[1]
+        v = np.empty((self.p, k), np.float32)
+        peak, signed = np.full(k, -1.0), np.zeros(k)
+        for c, f in enumerate(futs):
+            rows, chunk_peak, chunk_signed = f.result()
+            f.release()
+            v[self.bounds[c] : self.bounds[c + 1]] = rows
+            better = chunk_peak > peak  # strictly: the first chunk wins a tie, as the first entry in flip_signs
+            peak[better], signed[better] = chunk_peak[better], chunk_signed[better]
+        sign = np.sign(signed)
+        sign[sign == 0] = 1
+        v *= sign.astype(np.float32)
+        return v, sign
+
+    def gather64(self) -> np.ndarray:
+        """The whole basis in float64 on the driver (p x W): only for spaces narrower than k (small X)."""
+        rows = [np.concatenate([q for q, _ in self.client.gather(blocks)], axis=1) for blocks in self.blocks]
+        return np.concatenate(rows)
+
+    def release(self) -> None:
+        """Forget every chunk (their memory on the workers goes with the futures)."""
+        for blocks in self.blocks:
+            for f in blocks:
+                f.release()
+        self.blocks = [[] for _ in range(self.n_chunks)]
