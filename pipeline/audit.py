@@ -318,18 +318,28 @@ def _rescale(A: np.ndarray, B: np.ndarray, d: np.ndarray, names: tuple[str, str]
     ``finfo(float32).tiny``, where the rounding is no longer 2^-24 relative and the invariant
     scores would change).
     """
-    tiny = np.finfo(np.float32).tiny
-    out = []
-    for x, scale, name in ((A, d, names[0]), (B, 1.0 / d, names[1])):
-        x64 = x * scale  # float64: A D, B D^-1
+    return _rescaled(A, d, names[0], d), _rescaled(B, 1.0 / d, names[1], d)
+
+
+#: Rows rescaled per step by ``_rescaled`` (its float64 temporaries: 16 MiB at k = 64).
+_RESCALE_ROWS = 1 << 15
+
+
+def _rescaled(x: np.ndarray, scale: np.ndarray, name: str, d: np.ndarray) -> np.ndarray:
+    """``x diag(scale)`` in float32 (one rounding of the float64 product), ``_RESCALE_ROWS`` rows at a time;
+    ``_rescale``'s range check."""
+    tiny, big = np.finfo(np.float32).tiny, np.finfo(np.float32).max
+    out = np.empty(x.shape, np.float32)
+    for lo in range(0, len(x), _RESCALE_ROWS):
+        x64 = x[lo : lo + _RESCALE_ROWS] * scale  # float64: A D, B D^-1
         mag = np.abs(x64)
-        if mag.max(initial=0.0) >= np.finfo(np.float32).max or ((mag < tiny) & (mag > 0)).any():
+        if mag.max(initial=0.0) >= big or ((mag < tiny) & (mag > 0)).any():
             raise MfsimError(
                 f"rescaling {name} by a random diagonal (entries from {d.min():.3g} to {d.max():.3g}) leaves the "
                 "float32 range. Lower audit.spread (the sd of log d), e.g. to 1.0."
             )
-        out.append(x64.astype(np.float32))
-    return out[0], out[1]
+        out[lo : lo + _RESCALE_ROWS] = x64
+    return out
 
 
 # Every partial sum of a float32 dot product q . c is at most |q| |c| in magnitude: keeping the
@@ -589,13 +599,24 @@ def audit_item_lists(
     sampled = index.size < p
     bar = Progress(len(AUDIT_METRICS) * len(names) * (1 + diags.shape[0]), PROGRESS_LABEL)
 
-    def lists(A: np.ndarray, B: np.ndarray, metric: str) -> TopN:
-        spec = LISTS[("item_item", metric)]
+    def matrices(pair: Callable[[], tuple[np.ndarray, np.ndarray]], spec) -> dict[str, np.ndarray]:
+        """The query and candidate matrices of one list from ``pair()``'s (A, B), which are then let go:
+        at p = 1M, k = 64 each p x k array is 256 MB, so a list holds only what it reads."""
+        A, B = pair()
         build = {"A": lambda: A, "B": lambda: B,
                  "A_proj": lambda: projected(A, B),  # rows with the cosines of the rows of A B^T
                  "G": lambda: gram_factor(A, B)}  # G G^T = A B^T
         with np.errstate(over="ignore"):  # an overflow shows as an infinite norm in _lists
-            mats = {name: build[name]() for name in {spec.queries, spec.candidates}}
+            return {name: build[name]() for name in {spec.queries, spec.candidates}}
+
+    def rescaled(s: str, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        A, B = factors[s]
+        A = _rescaled(A, d, f"A of {s!r}", d)  # one side at a time: at most three p x k arrays at once
+        return A, _rescaled(B, 1.0 / d, f"B of {s!r}", d)
+
+    def lists(pair: Callable[[], tuple[np.ndarray, np.ndarray]], metric: str) -> TopN:
+        spec = LISTS[("item_item", metric)]
+        mats = matrices(pair, spec)
         if not sampled:
             return _lists(fn, mats[spec.queries], mats[spec.candidates], top_n, spec.kernel_metric, True,
                           f"{metric} lists", bar)
@@ -608,14 +629,12 @@ def audit_item_lists(
 
     with bar:
         for metric in AUDIT_METRICS:
-            base = {s: lists(*factors[s], metric) for s in names}  # reused by every pair and draw
+            base = {s: lists(lambda s=s: factors[s], metric) for s in names}  # reused by every pair and draw
             for a, b in combinations(names, 2):
                 collect.add("eq1", "item_item", metric, a, b, index, [compare(base[a], base[b])])
             if diags.shape[0]:
                 for s in names:
-                    A, B = factors[s]
-                    js = [compare(base[s], lists(*_rescale(A, B, d, (f"A of {s!r}", f"B of {s!r}")), metric))
-                          for d in diags]
+                    js = [compare(base[s], lists(lambda s=s, d=d: rescaled(s, d), metric)) for d in diags]
                     collect.add("eq1", "item_item", metric, s, label_random, index, js)
             del base
     stability, detail, least = collect.tables()
