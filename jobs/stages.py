@@ -331,7 +331,7 @@ def audit_stage(ctx: StageContext) -> StageResult:
     candidates.
     """
     acfg, ncfg = ctx.cfg.audit, ctx.cfg.neighbours
-    eq1 = ctx.fit.factors.of("eq1")  # each scaling's (A, B) built when the audit reads it
+    eq1 = ctx.fit.factors.of("eq1", ctx.client)  # each scaling's (A, B) built on the workers when the audit reads it
     p = len(ctx.data.item_ids)
     result = audit_item_lists(eq1, top_n=max(1, min(acfg.top_n or ncfg.top_n, p)), draws=acfg.draws, spread=acfg.spread,
                               seed=acfg.seed, least_stable=acfg.least_stable, max_items=acfg.max_items,

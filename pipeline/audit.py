@@ -342,6 +342,32 @@ def _rescaled(x: np.ndarray, scale: np.ndarray, name: str, d: np.ndarray) -> np.
     return out
 
 
+def _on(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` here, or as a task beside its inputs when one of them is a future (factors built on
+    the workers: ``factors.ObjectiveFactors`` on a client); errors come back when the result is read."""
+    future = next((a for a in args if hasattr(a, "key") and hasattr(a, "client")), None)
+    if future is None:
+        return fn(*args)
+    return future.client.submit(fn, *args, pure=False)
+
+
+def _value(x: Any) -> Any:
+    """A task's result (a future), or the value itself."""
+    return x.result() if hasattr(x, "key") and hasattr(x, "result") else x
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(_value(_on(np.shape, x)))
+
+
+def _take_rows(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x[rows])
+
+
+def _max_row_norm(x: np.ndarray) -> float:
+    return float(np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64)).max(initial=0.0))
+
+
 # Every partial sum of a float32 dot product q . c is at most |q| |c| in magnitude: keeping the
 # largest such product below 1e38 (float32 max 3.4e38) keeps every score finite.
 _SCORE_LIMIT = 1e38
@@ -354,8 +380,7 @@ PROGRESS_LABEL = "audit lists"
 def _lists(fn: ItemListsFn, queries: np.ndarray, candidates: np.ndarray, n: int, metric: str,
            exclude_self: bool, what: str, bar: Progress) -> TopN:
     """Call the list function after checking that no score can overflow float32; one step of ``bar``."""
-    norms = [float(np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64)).max(initial=0.0))
-             for x in (queries, candidates)]
+    norms = [_value(_on(_max_row_norm, x)) for x in (queries, candidates)]
     if not norms[0] * norms[1] < _SCORE_LIMIT:
         raise MfsimError(
             f"scores of {what} would overflow float32 (largest row norms {norms[0]:.3g} and {norms[1]:.3g}). "
@@ -444,6 +469,8 @@ def _check_factors(factors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> Mapp
     if not isinstance(factors, Mapping) or not factors:
         raise MfsimError("factors must map at least one Eq. 1 scaling name to its (A, B); received none.")
     lazy = not isinstance(factors, dict)
+    if lazy and getattr(factors, "client", None) is not None:
+        return factors  # futures of factors built on the workers from the SVD's V (finite, p x k, float32)
     out = {}
     shape = None
     for name, pair in factors.items():
@@ -480,18 +507,19 @@ def _product_deviation(factors: dict[str, tuple[np.ndarray, np.ndarray]], seed: 
     family, since ``|a_il b_jl| = |v_il w_l v_jl|``).
     """
     names = list(factors)
-    p = factors[names[0]][0].shape[0]
+    p = _shape(factors[names[0]][0])[0]
     rng = np.random.default_rng([seed, _STREAM_CHECK])
     rows = np.sort(rng.choice(p, size=min(p, _CHECK_ROWS), replace=False))
     cols = np.sort(rng.choice(p, size=min(p, _CHECK_ROWS), replace=False))
     A0, B0 = factors[names[0]]
-    A0, B0 = A0[rows].astype(np.float64), B0[cols].astype(np.float64)
+    A0, B0 = _value(_on(_take_rows, A0, rows)).astype(np.float64), _value(_on(_take_rows, B0, cols)).astype(np.float64)
     ref = A0 @ B0.T
     denom = np.abs(A0) @ np.abs(B0).T  # sum_l |a_il b_jl|
     worst = 0.0
     for name in names[1:]:
         A, B = factors[name]
-        diff = np.abs(A[rows].astype(np.float64) @ B[cols].astype(np.float64).T - ref)
+        A, B = _value(_on(_take_rows, A, rows)), _value(_on(_take_rows, B, cols))
+        diff = np.abs(A.astype(np.float64) @ B.astype(np.float64).T - ref)
         rel = np.zeros_like(diff)
         np.divide(diff, denom, out=rel, where=denom > 0)
         rel[(denom == 0) & (diff > 0)] = np.inf
@@ -580,10 +608,10 @@ def audit_item_lists(
     factors = _check_factors(factors)
     _check_int(top_n, "top_n", 1)
     _check_int(least_stable, "least_stable", 0)
-    diags = random_diagonals(next(iter(factors.values()))[0].shape[1], draws, spread, seed)
-    fn = item_lists_fn or default_item_lists
     names = list(factors)
-    p = factors[names[0]][0].shape[0]
+    p, k = _shape(factors[names[0]][0])
+    diags = random_diagonals(k, draws, spread, seed)
+    fn = item_lists_fn or default_item_lists
     top_n = int(top_n)
     deviation = _product_deviation(factors, int(seed))
     if deviation > _FAMILY_TOL:
@@ -604,15 +632,15 @@ def audit_item_lists(
         at p = 1M, k = 64 each p x k array is 256 MB, so a list holds only what it reads."""
         A, B = pair()
         build = {"A": lambda: A, "B": lambda: B,
-                 "A_proj": lambda: projected(A, B),  # rows with the cosines of the rows of A B^T
-                 "G": lambda: gram_factor(A, B)}  # G G^T = A B^T
+                 "A_proj": lambda: _on(projected, A, B),  # rows with the cosines of the rows of A B^T
+                 "G": lambda: _on(gram_factor, A, B)}  # G G^T = A B^T
         with np.errstate(over="ignore"):  # an overflow shows as an infinite norm in _lists
             return {name: build[name]() for name in {spec.queries, spec.candidates}}
 
     def rescaled(s: str, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         A, B = factors[s]
-        A = _rescaled(A, d, f"A of {s!r}", d)  # one side at a time: at most three p x k arrays at once
-        return A, _rescaled(B, 1.0 / d, f"B of {s!r}", d)
+        A = _on(_rescaled, A, d, f"A of {s!r}", d)  # one side at a time: at most three p x k arrays at once
+        return A, _on(_rescaled, B, 1.0 / d, f"B of {s!r}", d)
 
     def lists(pair: Callable[[], tuple[np.ndarray, np.ndarray]], metric: str) -> TopN:
         spec = LISTS[("item_item", metric)]
@@ -620,7 +648,8 @@ def audit_item_lists(
         if not sampled:
             return _lists(fn, mats[spec.queries], mats[spec.candidates], top_n, spec.kernel_metric, True,
                           f"{metric} lists", bar)
-        top = _lists(fn, mats[spec.queries][index], mats[spec.candidates], top_n + 1, spec.kernel_metric, False,
+        top = _lists(fn, _on(_take_rows, mats[spec.queries], index), mats[spec.candidates], top_n + 1,
+                     spec.kernel_metric, False,
                      f"{metric} lists", bar)
         return without_self(top, index, top_n)
 

@@ -298,9 +298,9 @@ class Factors(Mapping):
     (2.6 GB at p = 1M, k = 64). Solutions that are not column scalings of V can be added as arrays.
     """
 
-    def __init__(self, V: np.ndarray):
+    def __init__(self, V: np.ndarray, v_future: Any = None):
         self.V = V
-        self._v_future = None  # V shared on a client, once (see ``on_client``)
+        self._v_future = v_future  # V on the workers: the SVD's, or shared from here once (see ``on_client``)
         self._scales: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         self._arrays: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         self._order: list[tuple[str, str]] = []
@@ -332,9 +332,10 @@ class Factors(Mapping):
     def on_client(self, client, key: tuple[str, str]) -> tuple[Any, Any]:
         """``(A, B)`` of one solution as futures of float32 arrays built on the workers.
 
-        V is shared once (``pipeline.shared.share``: recomputable, one copy in the scheduler) and each
-        factor is a task ``scaled_columns(V, scale)`` on it, so neither the driver nor the scheduler
-        holds a solution's arrays, and a factor lost with its worker is rebuilt from V.
+        V is the SVD's future when it built V on the workers, else shared once (``pipeline.shared.share``:
+        recomputable, one copy in the scheduler); each factor is a task ``scaled_columns(V, scale)`` on
+        it, so neither the driver nor the scheduler holds a solution's arrays, and a factor lost with
+        its worker is rebuilt from V.
         """
         if key in self._arrays:
             A, B = self._arrays[key]
@@ -355,21 +356,25 @@ class Factors(Mapping):
     def __contains__(self, key: object) -> bool:
         return key in self._scales or key in self._arrays
 
-    def of(self, objective: str) -> "ObjectiveFactors":
-        """The solutions of one objective, keyed by scaling name (as lazy as this mapping)."""
-        return ObjectiveFactors(self, objective)
+    def of(self, objective: str, client: Any = None) -> "ObjectiveFactors":
+        """The solutions of one objective, keyed by scaling name (as lazy as this mapping); with ``client``
+        each pair is a pair of futures built on the workers (``on_client``)."""
+        return ObjectiveFactors(self, objective, client)
 
 
 class ObjectiveFactors(Mapping):
-    """``scaling -> (A, B)`` for one objective of a ``Factors``, each pair built on access."""
+    """``scaling -> (A, B)`` for one objective of a ``Factors``, each pair built on access (on the workers of
+    ``client``, as futures, when it is given)."""
 
-    def __init__(self, factors: Factors, objective: str):
-        self.factors, self.objective = factors, objective
+    def __init__(self, factors: Factors, objective: str, client: Any = None):
+        self.factors, self.objective, self.client = factors, objective, client
         self._names = [s for o, s in factors if o == objective]
 
-    def __getitem__(self, scaling: str) -> tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, scaling: str) -> tuple[Any, Any]:
         if scaling not in self._names:
             raise KeyError(scaling)
+        if self.client is not None:
+            return self.factors.on_client(self.client, (self.objective, scaling))
         return self.factors[(self.objective, scaling)]
 
     def __iter__(self) -> Iterator[str]:
@@ -380,8 +385,8 @@ class ObjectiveFactors(Mapping):
 
 
 
-def build_embeddings(sigma: np.ndarray, V: np.ndarray, cfg: ObjectivesSection) -> dict[str, Any]:
-    """Factors for every configured objective and scaling.
+def build_embeddings(sigma: np.ndarray, V: np.ndarray, cfg: ObjectivesSection, v_future: Any = None) -> dict[str, Any]:
+    """Factors for every configured objective and scaling (``v_future``: the same V on the workers, if there).
 
     Returns
     -------
@@ -393,7 +398,7 @@ def build_embeddings(sigma: np.ndarray, V: np.ndarray, cfg: ObjectivesSection) -
 
     Logs a warning when Eq. 2 keeps no component (every singular value <= lambda).
     """
-    factors = Factors(V)
+    factors = Factors(V, v_future)
     meta: dict[str, Any] = {}
     if cfg.eq1 is not None:
         lam = float(cfg.eq1.lambda_)

@@ -68,6 +68,6 @@ def fit_model(X_raw: RowBlocks, cfg: Config, run: RunWriter | None = None, prefi
     with stage("svd"):
         svd = truncated_svd(X, cfg.svd, col_offset=prep.col_offset, start=start)
     with stage("factors"):
-        emb = build_embeddings(svd.sigma, svd.V, cfg.objectives)
+        emb = build_embeddings(svd.sigma, svd.V, cfg.objectives, svd.V_future)
     return Fit(X, prep, np.asarray(svd.sigma), np.asarray(svd.V), emb["factors"], emb["meta"],
                svd_info=dict(svd.diagnostics))

@@ -298,6 +298,13 @@ def combined_rows(vr: np.ndarray, *blocks: tuple) -> tuple[np.ndarray, np.ndarra
     return (v.astype(np.float32), *column_peaks(v))
 
 
+def signed_stack(sign: np.ndarray, *chunks: tuple) -> np.ndarray:
+    """V from its chunks' float32 rows (``combined_rows``), each column times its sign (exact in float32)."""
+    v = np.concatenate([rows for rows, _, _ in chunks])
+    v *= sign.astype(np.float32)
+    return v
+
+
 def chunk_of(y: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """Rows ``lo:hi`` of a driver-side array, copied (a chunk shared from the driver)."""
     return np.ascontiguousarray(y[lo:hi], dtype=np.float64)
@@ -436,23 +443,19 @@ class ChunkedBasis:
         """The newest block in float32, p x b, as a future."""
         return self._submit(0, stacked32, *[blocks[-1] for blocks in self.blocks])
 
-    def combine_signed(self, vr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``flip_signs(Q vr)`` as float32 (p x k) and the signs: each chunk's rows gathered and released in
-        turn, so the driver holds V in float32 and one chunk."""
+    def combine_signed(self, vr: np.ndarray) -> tuple[Any, np.ndarray]:
+        """``flip_signs(Q vr)`` in float32 (p x k) as a future on a worker, and the signs: each chunk's rows
+        are combined where the chunk lives, only their column peaks come to the driver."""
         futs = [self._submit(c, combined_rows, vr, *self.blocks[c]) for c in range(self.n_chunks)]
         k = vr.shape[1]
-        v = np.empty((self.p, k), np.float32)
         peak, signed = np.full(k, -1.0), np.zeros(k)
-        for c, f in enumerate(futs):
-            rows, chunk_peak, chunk_signed = f.result()
-            f.release()
-            v[self.bounds[c] : self.bounds[c + 1]] = rows
+        for chunk_peak, chunk_signed in self.client.gather([self._submit(c, operator.itemgetter(1, 2), f)
+                                                            for c, f in enumerate(futs)]):
             better = chunk_peak > peak  # strictly: the first chunk wins a tie, as the first entry in flip_signs
             peak[better], signed[better] = chunk_peak[better], chunk_signed[better]
         sign = np.sign(signed)
         sign[sign == 0] = 1
-        v *= sign.astype(np.float32)
-        return v, sign
+        return self._submit(0, signed_stack, sign, *futs), sign
 
     def gather64(self) -> np.ndarray:
         """The whole basis in float64 on the driver (p x W): only for spaces narrower than k (small X)."""

@@ -351,10 +351,15 @@ def run_symmetric(client, embedding: Any, p: int, n: int, metrics: tuple[str, ..
 def client_item_lists(client, *, rows_per_task: int, candidate_block: int) -> Callable[..., TopN]:
     """An ``item_lists_fn`` for the audit: ``(queries, candidates, n, metric, exclude_self) -> TopN`` on Dask."""
 
-    def item_lists(queries: np.ndarray, candidates: np.ndarray, n: int, metric: str, exclude_self: bool = True) -> TopN:
-        cand = share_f32(client, candidates, "audit-candidates")
-        q = cand if queries is candidates else share_f32(client, queries, "audit-queries")
-        parts = [lists[metric] for _, lists in run_topn(client, QuerySet.whole(q, len(queries), exclude_self=exclude_self),
+    def as_future(x: Any, name: str) -> Any:
+        return x if hasattr(x, "key") else share_f32(client, x, name)
+
+    def item_lists(queries: Any, candidates: Any, n: int, metric: str, exclude_self: bool = True) -> TopN:
+        """Arrays (shared here) or futures of float32 arrays on the workers."""
+        cand = as_future(candidates, "audit-candidates")
+        q = cand if queries is candidates else as_future(queries, "audit-queries")
+        n_queries = client.submit(len, q, pure=False).result() if hasattr(queries, "key") else len(queries)
+        parts = [lists[metric] for _, lists in run_topn(client, QuerySet.whole(q, n_queries, exclude_self=exclude_self),
                                                         cand, n, (metric,), rows_per_task=rows_per_task,
                                                         candidate_block=candidate_block)]
         return TopN(*(np.concatenate([getattr(p, f) for p in parts]) for f in TopN._fields))

@@ -18,7 +18,8 @@ enters every product as a rank-one correction: ``X_eff M = X M - 1 (c^T M)`` and
 
 The same code runs in-process (blocks are ``CSRBlock``s, the numba kernels use every thread)
 and on a Dask client (blocks are futures; one task per worker walks that worker's blocks, so
-every product runs where its rows live and only p x l partial sums travel).
+every product runs where its rows live and only p x l partial sums travel). The Krylov solver's
+basis, the largest thing it holds, stays on the workers too (``pipeline.krylov_basis``).
 
 Precision: the big products run on float32 inputs (X's values and ``Q`` rounded to float32,
 relative error 6e-8, far below the 1e-3 the stage is held to) with float64 accumulation of
@@ -76,6 +77,9 @@ class SvdResult:
     diagnostics : dict
         ``solver``, ``l`` (sketch width), ``power_iterations``, ``n_blocks``, ``executor``,
         ``seconds`` per phase.
+    V_future : future or None
+        The same V on the workers (the Krylov solver on a client builds it there): the factors are
+        built from it without sending V back through the scheduler.
     """
 
     sigma: np.ndarray
@@ -84,6 +88,7 @@ class SvdResult:
     u_row_offsets: np.ndarray | None = None
     client: Any = None
     diagnostics: dict = field(default_factory=dict)
+    V_future: Any = None  # V (float32) as a future on the workers, where the solver built it there
 
     def gather_u(self) -> np.ndarray:
         """U_k as one (n x k) float32 array in this process (for small data and tests)."""
@@ -526,7 +531,7 @@ def krylov_svd(
 
     The item-side Krylov space ``[K_0, A K_0, A^2 K_0, ...]`` with ``A = X^T X`` and
     ``K_0 = orth(X^T Omega)`` (Musco & Musco 2015, Algorithm 2), each new block orthogonalized
-    against every earlier one (``_extend_basis``: block Gram-Schmidt twice), and Rayleigh-Ritz on
+    against every earlier one (``krylov_basis.extend_basis``: block Gram-Schmidt twice), and Rayleigh-Ritz on
     the whole space. The products ``A K_j`` give the projected matrix ``T = Q^T A Q`` at no extra
     pass (its columns are the Gram-Schmidt coefficients, as in block Lanczos), so Rayleigh-Ritz is
     the eigendecomposition of T: ``sigma_i = sqrt(theta_i)``, ``V = Q y_i``, and U (on request)
@@ -541,9 +546,10 @@ def krylov_svd(
     the first block is then ``block_size`` random combinations of its columns (no pass over X).
 
     Parameters as ``randomized_svd``; ``block_size`` defaults to ``max(8, ceil(rank / 2))``.
-    Memory on the driver: the basis, p x (blocks b) float64 (at p = 1M, b = 16 and 25 blocks,
-    the 200k x 50k benchmark's need: 3.2 GB), which ``max_blocks`` bounds; per worker one p x b
-    partial. Cost in passes of a (k + 10)-wide product over X: ``(b + 2 b j) / (k + 10)`` for j
+    Memory: the basis, 12 p W bytes (float64 and a float32 copy; W = b x blocks, which
+    ``max_blocks`` bounds; at p = 1M and W = 272, 3.3 GB): in this process without a client, in
+    row chunks over the workers on one (``krylov_basis.ChunkedBasis``), where the driver holds
+    only W x b coefficients and finally V; per worker one p x b partial of each product. Cost in passes of a (k + 10)-wide product over X: ``(b + 2 b j) / (k + 10)`` for j
     products with ``A`` (``diagnostics["passes"]``), plus ``k / (k + 10)`` for U.
     """
     c = _check(blocks, rank, 0, 0, col_offset)
@@ -624,8 +630,10 @@ def _krylov(run, blocks, rank, b, tol, max_blocks, seed, c, compute_u, start) ->
     sigma[: len(ritz)] = ritz
     vr = np.zeros((m, rank))
     vr[:, : vecs.shape[1]] = vecs
-    if chunked and vecs.shape[1] == rank:
-        v32, sign = basis.combine_signed(vr)
+    v_future = None
+    if chunked and vecs.shape[1] == rank:  # V built on a worker (kept there for the factors), then fetched
+        v_future, sign = basis.combine_signed(vr)
+        v32 = v_future.result()
     else:
         if chunked:  # a space narrower than k: small X, the basis fits the driver
             v = basis.gather64()[:, :m] @ vr
@@ -652,7 +660,7 @@ def _krylov(run, blocks, rank, b, tol, max_blocks, seed, c, compute_u, start) ->
     seconds["total"] = time.perf_counter() - t0
     return SvdResult(
         sigma=sigma, V=v32, U=u,
-        u_row_offsets=blocks.row_offsets.copy() if compute_u else None, client=blocks.client,
+        u_row_offsets=blocks.row_offsets.copy() if compute_u else None, client=blocks.client, V_future=v_future,
         diagnostics=dict(
             solver="krylov", block_size=b, blocks=steps, width=int(m), tol=tol,
             estimated_error=estimate, converged=converged, passes=round(columns / (rank + 10), 2), seed=seed,

@@ -612,3 +612,26 @@ def test_both_audits_report_one_progress_step_per_list(eq1, pair, caplog, monkey
                       if r.getMessage().startswith("audit lists: ")]
             last.append((counts[-1], len(calls)))
     assert last == [(f"{3 * 2 * 3}/{3 * 2 * 3}", 3 * 2 * 3), ("9/9", 9)]
+
+
+@pytest.mark.parametrize("max_items", [None, 57], ids=["all-items", "sampled"])
+def test_audit_of_factors_built_on_the_workers_equals_the_in_process_audit(eq1, client, max_items):
+    """The pipeline's audit reads each scaling's (A, B) as futures built on the workers from V
+    (``Factors.of("eq1", client)``), derives G, A_proj and the rescalings there too, and gets the
+    same tables, bit for bit, as the audit of the same factors as arrays in process."""
+    from mfsim.pipeline.config import ObjectivesSection
+    from mfsim.pipeline.factors import build_embeddings
+    from mfsim.pipeline.neighbours import client_item_lists
+
+    cfg = ObjectivesSection.model_validate({"eq1": {"lambda": eq1["lam"], "scalings": SCALINGS}, "eq2": None})
+    factors = build_embeddings(eq1["s"], eq1["V"].astype(np.float32), cfg)["factors"]
+    kw = dict(top_n=TOP_N, draws=DRAWS, spread=SPREAD, seed=SEED, least_stable=10, max_items=max_items)
+    local = audit_item_lists({s: factors[("eq1", s)] for s in SCALINGS}, **kw)
+    remote = audit_item_lists(factors.of("eq1", client), **kw,
+                              item_lists_fn=client_item_lists(client, rows_per_task=64, candidate_block=128))
+    assert remote.stability.equals(local.stability)
+    assert remote.detail.equals(local.detail) and remote.least_stable.equals(local.least_stable)
+    assert remote.summary == local.summary
+    with pytest.raises(MfsimError, match="leaves the float32 range"):  # raised in a task, reported here
+        audit_item_lists(factors.of("eq1", client), **{**kw, "spread": 200.0},
+                         item_lists_fn=client_item_lists(client, rows_per_task=64, candidate_block=128))

@@ -201,3 +201,45 @@ def test_error_estimate_on_hand_made_sequences():
     # (ratio above 1) is extrapolated with the capped ratio 0.9: ten times its last change
     flat = [np.array([3.0, 1.0]), np.array([3.0, 1.0 + 1e-4]), np.array([3.0, 1.0 + 3e-4])]
     assert ritz_error_estimate(flat) == pytest.approx(10 * 2e-4 / (1 + 3e-4))
+
+
+@pytest.mark.parametrize("min_rows", [100, 8192], ids=["8-chunks", "1-chunk"])
+def test_basis_in_chunks_on_the_workers_equals_the_local_basis(power_law, client, monkeypatch, min_rows):
+    """On a client the basis lives in row chunks on the workers (``krylov_basis.ChunkedBasis``): the same space
+    as the in-process basis up to the order of the sums (~1e-16), hence the same blocks, sigma and V."""
+    from mfsim.pipeline import krylov_basis
+
+    monkeypatch.setattr(krylov_basis, "MIN_CHUNK_ROWS", min_rows)  # 1000 items: 8 chunks of 125 rows, or one
+    kw = dict(block_size=8, tol=1e-6, seed=2)
+    local = krylov_svd(RowBlocks.from_scipy(power_law, 500), 20, **kw)
+    chunked = krylov_svd(RowBlocks.from_scipy(power_law, 500, client), 20, compute_u=True, **kw)
+    assert (local.diagnostics["basis"], chunked.diagnostics["basis"]) == ("local", "chunked")
+    assert chunked.diagnostics["blocks"] == local.diagnostics["blocks"]
+    np.testing.assert_allclose(chunked.sigma, local.sigma, rtol=1e-6)
+    np.testing.assert_allclose(np.abs(np.sum(chunked.V * local.V, axis=0)), 1.0, atol=1e-5)
+    v = chunked.V.astype(np.float64)
+    np.testing.assert_allclose(v.T @ v, np.eye(20), atol=1e-6)
+    s_ref, _ = _svds(power_law, 20)
+    np.testing.assert_allclose(chunked.sigma, s_ref, rtol=1e-6)
+    # the signs: each column's largest-magnitude entry positive, as flip_signs makes them in process
+    assert np.all(v[np.abs(v).argmax(axis=0), np.arange(20)] > 0)
+    np.testing.assert_allclose(power_law @ v, chunked.gather_u() * chunked.sigma, atol=1e-4 * s_ref[0])
+    warm = krylov_svd(RowBlocks.from_scipy(power_law, 500, client), 20, start=local.V, **kw)  # a start from the driver
+    np.testing.assert_allclose(warm.sigma, s_ref, rtol=1e-6)
+
+
+def test_basis_in_chunks_for_rank_below_k_and_the_zero_matrix(client, monkeypatch):
+    """Columns lost against the basis are replaced chunk by chunk, and a space narrower than k completes V."""
+    from mfsim.pipeline import krylov_basis
+
+    monkeypatch.setattr(krylov_basis, "MIN_CHUNK_ROWS", 2)  # 80 items: 8 chunks of 10 rows
+    rng = np.random.default_rng(5)
+    x = sp.csr_matrix((rng.random((300, 4)) @ rng.random((4, 80))).astype(np.float32))  # rank 4
+    res = krylov_svd(RowBlocks.from_scipy(x, 100, client), 10, block_size=8, compute_u=True)
+    s_ref = np.linalg.svd(x.toarray().astype(np.float64), compute_uv=False)
+    np.testing.assert_allclose(res.sigma[:4], s_ref[:4], rtol=1e-6)
+    assert np.all(res.sigma[4:] <= 1e-5 * s_ref[0])
+    np.testing.assert_allclose(res.V.T.astype(np.float64) @ res.V, np.eye(10), atol=1e-6)
+    zero = krylov_svd(RowBlocks.from_scipy(sp.csr_matrix((20, 9), dtype=np.float32), 7, client), 3, block_size=2)
+    np.testing.assert_array_equal(zero.sigma, 0.0)
+    np.testing.assert_allclose(zero.V.T @ zero.V, np.eye(3), atol=1e-6)
