@@ -159,6 +159,7 @@ def run_bench_svd(
             dg = r.result.diagnostics
             record("krylov-dask", r, r.result.sigma, f"{dg['n_workers']} workers; phases {_phases(r.result)}",
                    dg["passes"])
+            r.result = None  # its V on the workers first: cancelling blocks that a wanted V depends on trips the scheduler
             client.cancel(blocks.parts)
             del blocks
         if "mfsim-dask" in methods:
