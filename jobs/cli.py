@@ -315,13 +315,15 @@ def bench_ingest(
     users: Optional[int] = typer.Option(None, help="Distinct users (default rows/50)."),
     items: Optional[int] = typer.Option(None, help="Distinct items (default rows/250)."),
     workdir: Optional[Path] = typer.Option(None, help="Where to write the log (default: a temp dir)."),
+    repeat: int = typer.Option(1, min=1, help="Also ingest the log's interactions repeated this many times "
+                               "(the same X) and print both runs' worker peak RSS."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the measured numbers to this JSON file."),
 ) -> None:
     """Time mfsim's ingest against a single-process pyarrow read + scipy coo->csr build."""
     from mfsim.jobs.bench.ingest import run_bench_ingest
     from mfsim.jobs.bench.measure import write_json
 
-    out = run_bench_ingest(rows=rows, users=users, items=items, workdir=workdir)
+    out = run_bench_ingest(rows=rows, users=users, items=items, workdir=workdir, repeat=repeat)
     if json_out is not None:
         write_json(json_out, out)
 

@@ -1,19 +1,27 @@
 """Ingest: a Parquet interaction log -> contiguous id maps + X as CSR row blocks on the workers.
 
 The log is split into pieces (groups of Parquet row groups, about ``ingest.partition_rows`` rows
-each). Every step is a Dask task on the run's client, and no raw row ever travels to the client:
+each). Every step is a Dask task on the run's client, no raw row ever travels to the client, and
+a worker's memory is bounded by X's blocks and ``ingest.partition_rows``, not by the log's length
+(a log of the same interactions repeated 4 times needs the same worker memory). The log is read
+twice, and each read of a piece is the same deterministic ``read_clean``: the time window, then
+invalid rows (null ids, null/NaN/inf/negative weight, null timestamp) counted by reason and dropped.
 
-1. ``scan_piece``: read the needed columns of one piece with pyarrow, apply the time window,
-   count invalid rows by reason (null ids, null/NaN/inf/negative weight, null timestamp), drop
-   them, and keep the clean columns on the worker; its sorted unique user and item ids are
-   reduced by ``blocks.tree_reduce`` (set unions, fan-in 8) into the sorted id maps (index =
-   position in the sorted ids).
-2. ``encode_piece``: map ids to indices and bucket the entries by row block
-   (``row // ingest.block_rows``).
-3. ``build_block``: concatenate one block's buckets from every piece, in piece order, and build
-   its CSR with duplicates summed (``coo -> csr``), so the result does not depend on how many
-   workers ran it.
-4. minimum support (``min_user_interactions``, ``min_item_interactions``), iterated on the blocks
+1. Pass 1, ``scan_ids``: each piece's row counts and sorted unique user and item ids, keeping no
+   row; the results are reduced as they arrive by ``union_scans`` (set unions, fan-in 8) into the
+   sorted id maps (index = position in the sorted ids) and every piece's counts, which the client
+   checks (invalid rows, nothing left) before pass 2.
+2. Pass 2, ``encode_piece``: read the piece again, map ids to indices (``IdIndex``) and bucket the
+   entries by row block (``row // ingest.block_rows``), the blocks grouped by worker thread
+   (``assign_groups``: about as many of the log's rows per group, by pass 1's rows per user).
+   ``fold_piece`` folds a piece's bucket into its group's running blocks, piece after piece in
+   piece order, on the group's worker: the buckets are kept until a few pieces' worth are
+   pending, then merged into each block's CSR (``csr_add_coo``).
+   Each (user, item) is summed one entry at a time in log order, in float32, whenever the merges
+   happen, so the blocks are the same bits on any number of workers, and the same as one
+   ``coo_to_csr_sum`` of all the log's entries. The client keeps at most ``fold_window`` pieces
+   read and not yet folded; ``finish_blocks`` drops entries that sum to zero at the end.
+3. minimum support (``min_user_interactions``, ``min_item_interactions``), iterated on the blocks
    until stable, then rows and columns are re-indexed to stay contiguous.
 
 Before any task, the files' footers are checked on the client (``inspect_files``): every file
@@ -23,8 +31,9 @@ no part). A file whose footer reads but whose data does not decode fails its sca
 worker and comes back as one error naming the file and the column.
 
 Futures over pyarrow pieces are used rather than a ``dask.dataframe`` groupby: building the CSR
-blocks needs only a partition by row block and a sum of duplicates, which the block build does
-in one pass without a pandas shuffle. Only ``ingest`` reads the input log.
+blocks needs only a partition by row block and a sum of duplicates in log order, which the fold
+does without a pandas shuffle. A block lost with its worker is rebuilt from its group's chain of
+tasks, back to the Parquet pieces. Only ``ingest`` reads the input log.
 """
 
 from __future__ import annotations
@@ -35,16 +44,18 @@ import glob as globlib
 import logging
 import operator
 import time
+from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mfsim.kernels.coo import bucket_order, coo_to_csr_sum
-from mfsim.pipeline.blocks import CSRBlock, RowBlocks, tree_reduce
+from mfsim.kernels.coo import bucket_entries, count_ids, csr_add_coo, lookup
+from mfsim.pipeline.blocks import CSRBlock, RowBlocks
 from mfsim.pipeline.config import Config, IngestSection, InputSection
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.inputs import load_item_truth
@@ -53,6 +64,10 @@ from mfsim.pipeline.shared import share
 log = logging.getLogger("mfsim.ingest")
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
+# pyarrow decodes a piece in the task's own thread: the workers' threads are the parallelism, and
+# pyarrow's pool would compete with the other workers for the same cores (measured on 2 cores and
+# 2 workers: more CPU time for the same ingest)
+READ_THREADS = False
 INVALID_REASONS = ("null_user", "null_item", "null_weight", "nan_weight", "inf_weight", "negative_weight", "null_ts")
 
 
@@ -321,6 +336,18 @@ def _as_plain(arr: pa.ChunkedArray, to: pa.DataType | None = None) -> pa.Array:
     return arr
 
 
+@contextmanager
+def _open_parquet(fs, path: str) -> Iterator[pq.ParquetFile]:
+    """``path`` on ``fs`` as a ``ParquetFile`` that verifies page checksums; a local file through pyarrow's own
+    reader (no Python file object between it and the disk: a few percent of a piece's decode time)."""
+    if "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol):
+        with pq.ParquetFile(path, page_checksum_verification=True) as pf:
+            yield pf
+    else:
+        with fs.open(path, "rb") as fh:
+            yield pq.ParquetFile(fh, page_checksum_verification=True)
+
+
 def _read_piece(piece: Piece, spec: ScanSpec) -> pa.Table:
     """The piece's columns; a file that fails to decode is one ``MfsimError`` naming it and the column.
 
@@ -331,8 +358,8 @@ def _read_piece(piece: Piece, spec: ScanSpec) -> pa.Table:
     cols = [c for c in (spec.user_col, spec.item_col, spec.weight_col, spec.ts_col) if c]
     rgs = list(piece.row_groups)
     try:
-        with fs.open(piece.path, "rb") as fh:
-            return pq.ParquetFile(fh, page_checksum_verification=True).read_row_groups(rgs, columns=cols)
+        with _open_parquet(fs, piece.path) as pf:
+            return pf.read_row_groups(rgs, columns=cols, use_threads=READ_THREADS)
     except (pa.ArrowException, OSError) as exc:
         where = _failing_column(fs, piece.path, rgs, cols)
         raise MfsimError(f"{piece.path} is corrupt: {where}cannot be decoded ({_one_line(exc)}); "
@@ -345,8 +372,7 @@ def _failing_column(fs, path: str, row_groups: list[int], cols: list[str]) -> st
     Runs only after a read failed, to say which column chunk is corrupt; reads one chunk at a time.
     """
     try:
-        with fs.open(path, "rb") as fh:
-            pf = pq.ParquetFile(fh, page_checksum_verification=True)
+        with _open_parquet(fs, path) as pf:
             for col in cols:
                 for rg in row_groups:
                     try:
@@ -358,19 +384,34 @@ def _failing_column(fs, path: str, row_groups: list[int], cols: list[str]) -> st
     return ""
 
 
-def scan_piece(piece: Piece, spec: ScanSpec) -> dict[str, Any]:
-    """Read, window and validate one piece; return its clean columns, counts and unique ids.
+@dataclass
+class CleanRows:
+    """One piece after the time window and the invalid-row filters: its kept rows and what was dropped."""
 
-    A piece that cannot be read returns ``{"error": message}`` instead of raising, so the client
-    reports it as one line (a raising task would also print a worker traceback). Weights are read
-    via float64 into float32, so large integers round instead of failing the cast and values beyond
-    the float32 range become inf and are counted as ``inf_weight``, as they would be stored. The
-    piece's ids come sorted and unique (``sorted_unique``), ready for ``union_ids``.
+    users: pa.Array
+    items: pa.Array
+    weights: np.ndarray  # float32
+    ts: np.ndarray | None  # int64 microseconds, when the spec reads a timestamp column
+    n_read: int
+    outside_window: int
+    invalid: dict[str, int]
+
+    def summary(self) -> dict[str, Any]:
+        """Row counts by outcome, for the client; ``n_nonzero`` counts the kept rows whose weight is not zero
+        (X stores only those)."""
+        return {"n_read": self.n_read, "outside_window": self.outside_window, "invalid": self.invalid,
+                "n_kept": len(self.weights), "n_nonzero": int(np.count_nonzero(self.weights))}
+
+
+def read_clean(piece: Piece, spec: ScanSpec) -> CleanRows:
+    """Read, window and validate one piece (raises ``MfsimError`` when it cannot be read).
+
+    Deterministic: both passes of ``ingest`` call it and keep the same rows. Weights are read via
+    float64 into float32 (float32 columns without nulls as they are: the same values), so large
+    integers round instead of failing the cast and values beyond the float32 range become inf and
+    are counted as ``inf_weight``, as they would be stored.
     """
-    try:
-        t = _read_piece(piece, spec)
-    except MfsimError as exc:
-        return {"error": str(exc), "n_read": 0, "outside_window": 0, "invalid": {}, "weights": np.zeros(0, np.float32)}
+    t = _read_piece(piece, spec)
     n_read = t.num_rows
     counts = dict.fromkeys(INVALID_REASONS, 0)
     users = _as_plain(t.column(spec.user_col), spec.user_type)
@@ -400,8 +441,11 @@ def scan_piece(piece: Piece, spec: ScanSpec) -> dict[str, Any]:
             keep &= ~bad
     if spec.weight_col:
         w_arr = t.column(spec.weight_col).combine_chunks()
-        with np.errstate(over="ignore"):
-            weights = w_arr.cast(pa.float64()).fill_null(0.0).to_numpy().astype(np.float32)
+        if w_arr.type == pa.float32() and not w_arr.null_count:
+            weights = w_arr.to_numpy()  # what the float64 round trip gives, without it
+        else:
+            with np.errstate(over="ignore"):
+                weights = w_arr.cast(pa.float64()).fill_null(0.0).to_numpy().astype(np.float32)
         if w_arr.null_count or not (np.isfinite(weights).all() and (weights >= 0).all()):
             w = weights
             for reason, bad in (("null_weight", w_arr.is_null().to_numpy(zero_copy_only=False)),
@@ -415,17 +459,37 @@ def scan_piece(piece: Piece, spec: ScanSpec) -> dict[str, Any]:
         users, items = users.filter(mask), items.filter(mask)
         weights = weights[keep]
         ts_s = ts_s[keep] if ts_s is not None else None
-    return {
-        "users": users,
-        "items": items,
-        "weights": weights,
-        "ts": ts_s if spec.keep_ts else None,
-        "n_read": n_read,
-        "outside_window": outside,
-        "invalid": counts,
-        "user_ids": sorted_unique(users),
-        "item_ids": sorted_unique(items),
-    }
+    return CleanRows(users, items, weights, ts_s, n_read, outside, counts)
+
+
+def scan_ids(index: int, piece: Piece, spec: ScanSpec) -> dict[str, Any]:
+    """Pass 1 on one piece: ``{"summaries": [(index, summary)], "user_ids": ..., "item_ids": ...}``, keeping no row.
+
+    The ids come sorted and unique (``id_counts``), ready for ``union_scans``, the users with their
+    kept rows (``"user_rows"``, int64: what pass 2 balances the workers' blocks by). A piece that
+    cannot be read has ``{"error": message}`` as its summary and no ids (``None``) instead of
+    raising, so the client reports it as one line (a raising task would also print a worker
+    traceback).
+    """
+    try:
+        rows = read_clean(piece, spec)
+    except MfsimError as exc:
+        return {"summaries": [(index, {"error": str(exc)})], "user_ids": None, "user_rows": None, "item_ids": None}
+    user_ids, user_rows = id_counts(rows.users)
+    return {"summaries": [(index, rows.summary())], "user_ids": user_ids, "user_rows": user_rows,
+            "item_ids": sorted_unique(rows.items)}
+
+
+def union_scans(*nodes: dict[str, Any]) -> dict[str, Any]:
+    """Pass-1 results of several pieces as one: their summaries, and the unions of their ids (``None`` for none),
+    the users' rows summed."""
+    out: dict[str, Any] = {"summaries": [s for n in nodes for s in n["summaries"]]}
+    users = [n for n in nodes if n["user_ids"] is not None]
+    out["user_ids"], out["user_rows"] = (None, None) if not users else id_counts(
+        pa.concat_arrays([n["user_ids"] for n in users]), np.concatenate([n["user_rows"] for n in users]))
+    items = [n["item_ids"] for n in nodes if n["item_ids"] is not None]
+    out["item_ids"] = union_ids(*items) if items else None
+    return out
 
 
 def _to_us(t: dt.datetime) -> int:
@@ -434,21 +498,28 @@ def _to_us(t: dt.datetime) -> int:
     return int(round(t.timestamp() * 1_000_000))
 
 
-def piece_summary(scanned: dict[str, Any]) -> dict[str, Any]:
-    """The small part of a scan result for the client: row counts by outcome, and the error if any.
+def id_counts(ids: pa.Array, weights: np.ndarray | None = None) -> tuple[pa.Array, np.ndarray]:
+    """The distinct values of ``ids``, sorted, and how often each occurs (int64; with ``weights``, their sums).
 
-    ``n_nonzero`` counts the kept rows whose weight is not zero (X stores only those).
+    Integer ids without nulls whose range is at most about 4 times their number are counted in an
+    array over the range (O(n + range), no hash table, no sort); others are grouped by pyarrow and
+    sorted.
     """
-    w = scanned["weights"]
-    out = {k: scanned[k] for k in ("n_read", "outside_window", "invalid")}
-    out |= {"n_kept": len(w), "n_nonzero": int(np.count_nonzero(w))}
-    return out | ({"error": scanned["error"]} if "error" in scanned else {})
+    if pa.types.is_integer(ids.type) and len(ids) and not ids.null_count:
+        v = ids.to_numpy()
+        lo, hi = v.min(), v.max()
+        if int(hi) - int(lo) <= 4 * len(v) + 1_000_000:
+            present, n = count_ids(v, lo, int(hi) - int(lo) + 1, np.zeros(0, np.int32) if weights is None else weights)
+            return pa.array(present.astype(v.dtype) + lo, type=ids.type), n
+    w = np.ones(len(ids), np.int64) if weights is None else weights
+    g = pa.table({"id": ids, "n": w}).group_by("id").aggregate([("n", "sum")])
+    g = g.take(pc.sort_indices(g["id"]))
+    return g["id"].combine_chunks(), g["n_sum"].to_numpy()
 
 
 def sorted_unique(ids: pa.Array) -> pa.Array:
-    """The distinct values of ``ids``, sorted."""
-    u = pc.unique(ids)
-    return u.take(pc.sort_indices(u))
+    """The distinct values of ``ids``, sorted (``id_counts`` without the counts)."""
+    return id_counts(ids)[0]
 
 
 def union_ids(*arrays: pa.Array) -> pa.Array:
@@ -459,7 +530,7 @@ def union_ids(*arrays: pa.Array) -> pa.Array:
 def max_ts(piece: Piece, spec: ScanSpec) -> dict[str, Any]:
     """``{"max_ts": v}``: the largest timestamp of a piece in microseconds (None if all null), for a default ``as_of``.
 
-    A piece that cannot be read gives ``{"error": message}``, as in ``scan_piece``.
+    A piece that cannot be read gives ``{"error": message}``, as in ``scan_ids``.
     """
     try:
         t = _read_piece(piece, dataclasses.replace(spec, user_col="", item_col="", weight_col=None))
@@ -484,7 +555,10 @@ def raise_piece_errors(results: list[dict[str, Any]]) -> None:
 
 
 class IdIndex:
-    """Maps original ids to positions in a sorted id array (a lookup table for compact integer ids)."""
+    """Maps original ids to positions in a sorted id array (a lookup table for compact integer ids).
+
+    Positions are int32 (int64 beyond 2**31 - 1 ids).
+    """
 
     def __init__(self, sorted_ids: pa.Array):
         self.ids = sorted_ids
@@ -493,41 +567,187 @@ class IdIndex:
             vals = sorted_ids.to_numpy()
             lo, hi = int(vals[0]), int(vals[-1])
             if hi - lo <= 4 * len(vals) + 1_000_000:
-                self.lo = lo
-                self.lut = np.full(hi - lo + 1, -1, dtype=np.int64)
-                self.lut[vals - lo] = np.arange(len(vals), dtype=np.int64)
+                self.lo = vals[0]
+                self.lut = np.full(hi - lo + 1, -1, dtype=self.dtype)
+                self.lut[vals - self.lo] = np.arange(len(vals), dtype=self.dtype)
 
-    def positions(self, values: pa.Array) -> np.ndarray:
-        """int64 position of each value in the sorted ids (every value must be present)."""
+    @property
+    def dtype(self) -> type:
+        """The positions' dtype."""
+        return np.int32 if len(self.ids) < 2**31 else np.int64
+
+    def positions(self, values: pa.Array) -> np.ndarray | None:
+        """Position of each value in the sorted ids; ``None`` when a value is not among them."""
+        if not len(values):
+            return np.zeros(0, self.dtype)
         if self.lut is not None:
-            return self.lut[values.to_numpy() - self.lo]
-        return pc.index_in(values, value_set=self.ids).to_numpy(zero_copy_only=False).astype(np.int64)
+            pos, known = lookup(values.to_numpy(), self.lo, self.lut)
+            return pos if known else None
+        pos = pc.index_in(values, value_set=self.ids)
+        return None if pos.null_count else pos.to_numpy().astype(self.dtype, copy=False)
 
 
-def encode_piece(scanned: dict[str, Any], user_index: IdIndex, item_index: IdIndex, block_rows: int,
-                 n_blocks: int) -> list[tuple[np.ndarray, ...]]:
-    """Entries of one piece as (row, col, weight, ts) buckets, one per row block (ts empty when not kept)."""
-    rows = user_index.positions(scanned["users"])
-    cols = item_index.positions(scanned["items"]).astype(np.int32)
-    w = scanned["weights"]
-    ts = scanned["ts"] if scanned.get("ts") is not None else np.zeros(0, np.int64)
-    if n_blocks == 1:
-        return [(rows, cols, w, ts)]
-    order, bounds = bucket_order(rows, block_rows, n_blocks)
-    rows, cols, w = rows[order], cols[order], w[order]
-    ts = ts[order] if len(ts) else ts
-    return [(rows[lo:hi], cols[lo:hi], w[lo:hi], ts[lo:hi] if len(ts) else ts)
-            for lo, hi in zip(bounds[:-1], bounds[1:])]
+def id_index(scanned: dict[str, Any], key: str) -> IdIndex:
+    """The ``IdIndex`` of the ids ``scanned[key]`` (the root of pass 1, ``"user_ids"`` or ``"item_ids"``)."""
+    return IdIndex(scanned[key])
 
 
-def build_block(row_start: int, n_rows: int, n_cols: int, *buckets) -> CSRBlock:
-    """CSR of one row block from its buckets (in piece order); duplicate (user, item) entries are summed."""
-    rows = np.concatenate([b[0] for b in buckets]) - row_start if buckets else np.zeros(0, np.int64)
-    cols = np.concatenate([b[1] for b in buckets]) if buckets else np.zeros(0, np.int32)
-    vals = np.concatenate([b[2] for b in buckets]) if buckets else np.zeros(0, np.float32)
-    ts = np.concatenate([b[3] for b in buckets]) if buckets else np.zeros(0, np.int64)
-    indptr, indices, data, ts = coo_to_csr_sum(rows, cols, vals, n_rows, ts)
-    return CSRBlock(indptr, indices, data, n_cols, ts if len(ts) == len(data) and len(ts) else None)
+# pass 2: each piece's entries, bucketed by row block, folded into running blocks, piece after piece
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """X's row blocks and how pass 2 groups them: block ``b`` holds rows ``offsets[b]:offsets[b + 1]`` and
+    belongs to group ``group_of[b]`` (one group of running blocks per worker thread)."""
+
+    offsets: np.ndarray  # int64 (n_blocks + 1,)
+    block_rows: int
+    n_cols: int
+    group_of: np.ndarray  # int64 (n_blocks,), each in [0, n_groups)
+    n_groups: int
+    pending_min: int  # a group merges its unmerged entries into its blocks once it holds more than
+    pending_max: int  # pending_limit(its blocks' entries) of them: see there
+    keep_ts: bool
+
+    @property
+    def n_blocks(self) -> int:
+        """Number of row blocks."""
+        return len(self.offsets) - 1
+
+    def pending_limit(self, nnz: int) -> int:
+        """How many unmerged entries a group with ``nnz`` entries in its blocks may hold: a quarter of ``nnz``
+        (each merge copies the blocks, so merges come no more often than every quarter of them), but at
+        least ``pending_min`` (a piece's share: few merges of small blocks) and at most ``pending_max``."""
+        return min(self.pending_max, max(self.pending_min, nnz // 4))
+
+    def blocks_of(self, group: int) -> list[int]:
+        """The blocks of ``group``, in order."""
+        return np.flatnonzero(self.group_of == group).tolist()
+
+    def slots(self) -> tuple[np.ndarray, np.ndarray]:
+        """(slot of each block, first slot of each group + the end): the blocks ordered group by group."""
+        slot_of_block = np.empty(self.n_blocks, np.int64)
+        slot_of_block[np.argsort(self.group_of, kind="stable")] = np.arange(self.n_blocks)
+        starts = np.zeros(self.n_groups + 1, np.int64)
+        np.cumsum(np.bincount(self.group_of, minlength=self.n_groups), out=starts[1:])
+        return slot_of_block, starts
+
+
+def encode_piece(piece: Piece, spec: ScanSpec, user_index: IdIndex, item_index: IdIndex,
+                 layout: BlockLayout) -> list[tuple[np.ndarray, ...]]:
+    """Pass 2 on one piece: read and validate it again (``read_clean``), map ids to indices, bucket by block.
+
+    Returns one bucket per group: ``(rows, cols, vals, ts, bounds)``, its entries sorted by block
+    (the group's blocks in order, stably: the piece's order within a block), ``rows`` local to
+    their block (int32), ``ts`` empty when not kept, and the entries of the group's ``j``-th block
+    at ``bounds[j]:bounds[j + 1]``. An id not seen by pass 1 (the file changed in between) is an
+    ``MfsimError``.
+    """
+    rows = read_clean(piece, spec)
+    users = user_index.positions(rows.users)
+    items = item_index.positions(rows.items)
+    if users is None or items is None:
+        raise MfsimError(f"{piece.path} changed while it was read (ids that its first read did not have); "
+                         "ingest a log whose files do not change")
+    weights, ts = rows.weights, rows.ts if layout.keep_ts and rows.ts is not None else np.zeros(0, np.int64)
+    del rows  # the piece's id columns, before the buckets are allocated
+    slot_of_block, starts = layout.slots()
+    *entries, bounds = bucket_entries(users, items, weights, ts, layout.block_rows, slot_of_block)
+    del users, items
+    out = []
+    for g in range(layout.n_groups):
+        lo, hi = bounds[starts[g]], bounds[starts[g + 1]]
+        out.append((*(a[lo:hi] if len(a) else a for a in entries), bounds[starts[g] : starts[g + 1] + 1] - lo))
+    return out
+
+
+def group_bucket(encoded: list[tuple[np.ndarray, ...]], group: int) -> tuple[np.ndarray, ...]:
+    """One group's bucket of an ``encode_piece`` result, copied out of the piece's arrays (a task of its own, so
+    only it travels, and the piece's arrays are freed once every group has its bucket)."""
+    return tuple(np.array(a) for a in encoded[group])
+
+
+class RunningBlocks:
+    """The running blocks of one group in pass 2: each a CSR of the entries folded so far (duplicates
+    summed, in piece order), plus the buckets not merged into them yet.
+
+    It lives on one worker and is folded in place: ``fold_piece`` hands on the object it was given
+    (its previous key has no other reader), so a worker holds each of its blocks once, plus at most
+    ``pending_limit`` unmerged entries, plus one block being merged.
+    """
+
+    def __init__(self, layout: BlockLayout, group: int):
+        self.layout = layout
+        self.group = group
+        self.blocks = list(layout.blocks_of(group))
+        n_rows = np.diff(layout.offsets)
+        ts0 = np.zeros(0, np.int64)
+        self.csr = [(np.zeros(n_rows[b] + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32), ts0)
+                    for b in self.blocks]
+        self.pending: list[tuple[np.ndarray, ...]] = []
+        self.n_pending = 0
+        self.nnz = 0  # entries in the blocks (merged)
+        self.last_piece = -1
+        self.final: list[CSRBlock] | None = None
+
+    def __sizeof__(self) -> int:  # what Dask counts for this object
+        arrays = [a for t in (*self.csr, *self.pending) for a in t]
+        arrays += [a for blk in self.final or [] for a in (blk.indptr, blk.indices, blk.data, blk.ts) if a is not None]
+        return 200 + sum(a.nbytes for a in arrays)
+
+    def merge(self, final: bool) -> None:
+        """Merge the pending buckets into the blocks, one block at a time; ``final``: drop the entries that sum
+        to zero and size every block's arrays to its entries (a running block may keep some slack)."""
+        for j in range(len(self.blocks)):
+            parts = [[p[i][p[4][j] : p[4][j + 1]] for p in self.pending] for i in range(4)]
+            new = [np.concatenate(a) if len(a) > 1 else a[0] for a in parts] if self.pending else None
+            if new is None or not len(new[0]):
+                if not final:
+                    continue  # nothing to add: the block as it is
+                new = [np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.int64)]
+            self.csr[j] = csr_add_coo(*self.csr[j], *new, final, final)
+        self.pending, self.n_pending = [], 0
+        self.nnz = sum(len(c[1]) for c in self.csr)
+
+
+def fold_piece(state: RunningBlocks | None, bucket: tuple[np.ndarray, ...], piece_index: int, layout: BlockLayout,
+               group: int) -> RunningBlocks:
+    """Fold piece ``piece_index``'s bucket into a group's running blocks (``None``: a new group, for piece 0).
+
+    The bucket is kept pending; once the group holds more than ``layout.pending_limit`` pending
+    entries, they are merged into its blocks (``csr_add_coo``). When they are merged does not change
+    a bit of the result: every position is summed one entry at a time in piece order. Pieces must
+    come in order; a piece already folded (a task run twice) leaves the state as it is.
+    """
+    if state is None:
+        state = RunningBlocks(layout, group)
+    if piece_index <= state.last_piece:
+        return state
+    if piece_index != state.last_piece + 1:
+        raise RuntimeError(f"ingest: piece {piece_index} folded after piece {state.last_piece}")
+    state.pending.append(bucket)
+    state.n_pending += len(bucket[0])
+    state.last_piece = piece_index
+    if state.n_pending > layout.pending_limit(state.nnz):
+        state.merge(final=False)
+    return state
+
+
+def finish_blocks(state: RunningBlocks) -> RunningBlocks:
+    """The group's final blocks: pending entries merged, entries that sum to zero dropped, as ``CSRBlock``."""
+    if state.final is None:
+        state.merge(final=True)
+        keep_ts = state.layout.keep_ts
+        state.final = [CSRBlock(indptr, indices, data, state.layout.n_cols,
+                                ts if keep_ts and len(ts) == len(data) and len(ts) else None)
+                       for indptr, indices, data, ts in state.csr]
+        state.csr = []
+    return state
+
+
+def block_of(state: RunningBlocks, block: int) -> CSRBlock:
+    """Block ``block`` of a finished group (the same arrays: nothing is copied)."""
+    return state.final[state.blocks.index(block)]
 
 
 def block_counts(block: CSRBlock) -> tuple[np.ndarray, np.ndarray]:
@@ -567,6 +787,119 @@ class _PhaseClock:
 # the stage
 
 
+# how much of the log is on the workers at once (see ``_scan_pass`` and ``_fold_pass``)
+SCAN_FAN_IN = 8  # pass-1 results per union task
+PIECES_IN_FLIGHT_PER_THREAD = 2  # pass 2: pieces read but not yet folded, per worker thread
+PENDING_PIECES = 4  # pass 2: at most this many pieces' entries (over all groups) are kept unmerged
+
+
+def _worker_slots(client) -> list[str | None]:
+    """One worker address per worker thread (sorted; a worker with t threads t times); ``[None]`` without workers."""
+    nthreads = client.nthreads()
+    return [addr for addr in sorted(nthreads) for _ in range(nthreads[addr])] or [None]
+
+
+def _on(address: str | None) -> dict[str, Any]:
+    """``client.submit`` keywords that run a task on ``address`` while it lives, anywhere after."""
+    return {"workers": [address], "allow_other_workers": True} if address else {}
+
+
+def _wait_for(futures: list[Any]) -> None:
+    """Wait until ``futures`` are done; raise the error of the first that failed."""
+    from distributed import wait
+
+    wait(futures)
+    for f in futures:
+        if f.status == "error":
+            f.result()
+
+
+def _scan_pass(client, pieces: list[Piece], spec: ScanSpec):
+    """Pass 1: ``scan_ids`` of every piece, reduced by ``union_scans`` into one root future (``None``: no piece).
+
+    The union tree is built as the pieces are submitted, ``SCAN_FAN_IN`` results per union at every
+    level, and the client submits a batch of ``SCAN_FAN_IN`` pieces only once the union of the batch
+    two before it is done: at most ``2 * SCAN_FAN_IN`` pieces' results are waiting for a union, and
+    ``SCAN_FAN_IN - 1`` per level above, whatever the length of the log.
+    """
+    levels: list[list[Any]] = [[]]
+    batches: deque = deque()  # unions of the leaf batches not yet waited for
+
+    def push(level: int, future) -> None:
+        if len(levels) == level:
+            levels.append([])
+        levels[level].append(future)
+        if len(levels[level]) == SCAN_FAN_IN:
+            node = client.submit(union_scans, *levels[level], pure=False)
+            levels[level] = []
+            if level == 0:
+                batches.append(node)
+            push(level + 1, node)
+
+    for k, piece in enumerate(pieces):
+        if k % SCAN_FAN_IN == 0 and len(batches) >= 2:
+            _wait_for([batches.popleft()])
+        push(0, client.submit(scan_ids, k, piece, spec, pure=False))
+    rest = [f for level in reversed(levels) for f in level]
+    if len(rest) <= 1:
+        return rest[0] if rest else None
+    return client.submit(union_scans, *rest, pure=False)
+
+
+def assign_groups(weights: np.ndarray, n_groups: int) -> np.ndarray:
+    """Each block's group: heaviest block first, each to the group with the least weight so far (the first
+    such group on a tie), so that the groups' weights (the blocks' rows in the log) come out about even."""
+    group_of = np.zeros(len(weights), np.int64)
+    load = np.zeros(n_groups)
+    for b in np.argsort(-np.asarray(weights, np.float64), kind="stable"):
+        g = int(np.argmin(load))
+        group_of[b] = g
+        load[g] += weights[b]
+    return group_of
+
+
+def fold_window(n_slots: int) -> int:
+    """Pass 2's window: the most pieces read (or being read) and not yet folded into every group."""
+    return PIECES_IN_FLIGHT_PER_THREAD * n_slots
+
+
+def _fold_pass(client, pieces: list[Piece], spec: ScanSpec, uidx, iidx, offsets: np.ndarray, n_cols: int,
+               block_weights: np.ndarray, cfg: IngestSection) -> list[Any]:
+    """Pass 2: ``encode_piece`` of every piece, folded piece by piece into running blocks; X's block futures.
+
+    One group of blocks per worker thread (``assign_groups`` by ``block_weights``, the blocks' rows
+    in the log), each a chain of ``fold_piece`` tasks in piece order on its worker, so the blocks
+    are spread over the workers and a worker folds only its own; ``finish_blocks`` and
+    ``block_of`` end each chain. Before
+    submitting piece ``k`` the client waits until piece ``k - fold_window`` is folded into every
+    group, so at most that many pieces' buckets are on the workers unfolded, and each group holds
+    at most ``PENDING_PIECES`` pieces' share of entries unmerged, and no more than a quarter of its
+    blocks' entries once that is more than a piece's share (``BlockLayout.pending_limit``): a
+    worker's memory is its blocks plus what ``ingest.partition_rows`` bounds, whatever the length
+    of the log. The chains keep the lineage: a block lost with its worker is rebuilt by rerunning
+    its group's chain from the Parquet pieces.
+    """
+    slots = _worker_slots(client)
+    n_groups = len(slots)
+    share = max(1, cfg.partition_rows // n_groups)  # a piece's entries per group, at most
+    layout = BlockLayout(offsets, cfg.block_rows, n_cols, assign_groups(block_weights, n_groups), n_groups, share,
+                         PENDING_PIECES * share, spec.keep_ts)
+    window = fold_window(n_groups)
+    states: list[Any] = [None] * n_groups
+    in_flight: deque = deque()  # per piece not yet waited for: its fold futures (the states, folded in place)
+    for k, piece in enumerate(pieces):
+        if len(in_flight) >= window:
+            _wait_for(in_flight.popleft())
+        encoded = client.submit(encode_piece, piece, spec, uidx, iidx, layout, pure=False)
+        for g in range(n_groups):
+            bucket = client.submit(group_bucket, encoded, g)
+            states[g] = client.submit(fold_piece, states[g], bucket, k, layout, g, pure=False, **_on(slots[g]))
+        in_flight.append(list(states))
+    in_flight.clear()
+    finished = [client.submit(finish_blocks, s, pure=False, **_on(slots[g])) for g, s in enumerate(states)]
+    return [client.submit(block_of, finished[g], b, **_on(slots[g])) for b, g in enumerate(layout.group_of.tolist())]
+
+
 def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None = None, *,
            keep_ts: bool = False) -> IngestResult:
     """Read the log at ``path`` (default ``input_cfg.path``) into id maps and X's CSR row blocks.
@@ -604,8 +937,9 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
         spec = dataclasses.replace(spec, window_start=start, window_end=end)
 
     clock = _PhaseClock()
-    scanned = [client.submit(scan_piece, p, spec, pure=False) for p in pieces]
-    summaries = client.gather([client.submit(piece_summary, s) for s in scanned])
+    root = _scan_pass(client, pieces, spec)
+    scanned = client.gather(root) if root is not None else {"summaries": [], "user_ids": None, "item_ids": None}
+    summaries = [s for _, s in sorted(scanned["summaries"], key=operator.itemgetter(0))]
     raise_piece_errors(summaries)
     invalid = {k: sum(s["invalid"][k] for s in summaries) for k in INVALID_REASONS}
     if spec.on_invalid == "error" and any(invalid.values()):
@@ -629,28 +963,23 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
         where = _files_where(pieces, summaries, lambda s: s["n_kept"] > 0)
         raise MfsimError(f"all {n_kept} valid rows of {where} have weight 0 in column '{input_cfg.weight_col}', so X "
                          "has no non-zero entry; check input.weight_col (null: every row weighs 1.0) and the data")
-
-    clock.lap("scan")
-    roots = [tree_reduce([client.submit(operator.itemgetter(key), s) for s in scanned], union_ids, client=client,
-                         fan_in=8, gather=False) for key in ("user_ids", "item_ids")]
-    user_ids, item_ids = client.gather(roots)
+    user_ids, item_ids = scanned["user_ids"], scanned["item_ids"]
     n_users, n_items = len(user_ids), len(item_ids)
     n_blocks = max(1, -(-n_users // cfg.block_rows))
-    # the id maps as tasks on the unions, not scattered: X's blocks keep their lineage back to the
-    # Parquet pieces, so a block lost with its worker is rebuilt (pipeline.shared)
-    uidx, iidx = (client.submit(IdIndex, r, pure=False) for r in roots)
-    encoded = [client.submit(encode_piece, s, uidx, iidx, cfg.block_rows, n_blocks) for s in scanned]
     offsets = np.minimum(np.arange(n_blocks + 1, dtype=np.int64) * cfg.block_rows, n_users)
-    blocks = []
-    for b in range(n_blocks):
-        buckets = [client.submit(operator.itemgetter(b), e) for e in encoded]
-        blocks.append(client.submit(build_block, int(offsets[b]), int(offsets[b + 1] - offsets[b]), n_items, *buckets))
-    del scanned, encoded
+    block_weights = np.add.reduceat(scanned["user_rows"], offsets[:-1])
+    del scanned
+    clock.lap("scan and id maps")
+    # the id maps as tasks on the root, not scattered: X's blocks keep their lineage back to the
+    # Parquet pieces, so a block lost with its worker is rebuilt (pipeline.shared)
+    uidx, iidx = (client.submit(id_index, root, key, pure=False) for key in ("user_ids", "item_ids"))
+    blocks = _fold_pass(client, pieces, spec, uidx, iidx, offsets, n_items, block_weights, cfg)
     X = RowBlocks(blocks, offsets, n_items, client)
-    clock.lap("id maps")
+    _wait_for(blocks)
+    clock.lap("blocks")
     X, user_ids, item_ids, user_counts, item_counts, support = _minimum_support(
         client, X, user_ids, item_ids, cfg.min_user_interactions, cfg.min_item_interactions)
-    clock.lap("blocks and minimum support")
+    clock.lap("minimum support")
     counts.update(support)
     nnz = int(user_counts.sum())
     X.nnz = nnz

@@ -361,3 +361,157 @@ def test_validate_before_cluster_fails_fast_without_a_client(tmp_path):
     with pytest.raises(MfsimError, match=r"evaluation\.item_truth .*truth\.parquet does not exist"):
         validate_before_cluster(no_truth)
     assert time.perf_counter() - t0 < 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# the streaming ingest: blocks folded piece by piece, a bounded part of the log on the workers
+
+
+def _write_float_log(root: Path, rng: np.random.Generator, n_files: int = 5, rows: int = 600) -> list[tuple]:
+    """Integer users, string items, float32 weights whose sums depend on their order, zeros, many duplicates."""
+    out = []
+    root.mkdir(parents=True)
+    for f in range(n_files):
+        u = rng.integers(0, 50, rows)
+        i = np.array([f"it{k:02d}" for k in rng.integers(0, 25, rows)])
+        w = (rng.random(rows) * 10.0 ** rng.integers(-3, 7, rows)).astype(np.float32)
+        w[rng.random(rows) < 0.05] = 0.0
+        pq.write_table(pa.table({"user_id": u, "item_id": i, "weight": w}), root / f"part-{f}.parquet",
+                       row_group_size=37)
+        out += list(zip(u.tolist(), i.tolist(), w.tolist()))
+    return out
+
+
+def _log_order_reference(rows: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dense float32 X with duplicates summed one at a time in log order (file order, then row order)."""
+    users = np.array(sorted({u for u, _, _ in rows}))
+    items = np.array(sorted({i for _, i, _ in rows}))
+    r = np.searchsorted(users, [u for u, _, _ in rows])
+    c = np.searchsorted(items, [i for _, i, _ in rows])
+    dense = np.zeros((len(users), len(items)), np.float32)
+    np.add.at(dense, (r, c), np.array([w for _, _, w in rows], np.float32))  # unbuffered: in order, in float32
+    return dense, users, items
+
+
+def _same_blocks(a, b) -> None:
+    assert np.array_equal(a.X.row_offsets, b.X.row_offsets)
+    for pa_, pb in zip(a.X.local_parts(), b.X.local_parts()):
+        for name in ("indptr", "indices", "data"):
+            x, y = getattr(pa_, name), getattr(pb, name)
+            assert x.dtype == y.dtype and np.array_equal(x, y), name
+
+
+def test_blocks_are_the_log_order_sums_bit_for_bit_on_one_and_two_workers(tmp_path, client, client1):
+    import scipy.sparse as sp
+
+    rows = _write_float_log(tmp_path / "log", np.random.default_rng(11))
+    kw = dict(ts_col=None, partition_rows=80, block_rows=6)  # 40 pieces, 9 blocks, a merge every few pieces
+    res2 = _ingest(client, tmp_path / "log", **kw)
+    res1 = _ingest(client1, tmp_path / "log", **kw)
+    dense, users, items = _log_order_reference(rows)
+    keep_u, keep_i = dense.any(axis=1), dense.any(axis=0)  # a user or item whose weights are all 0 has no entry
+    _assert_matches(res2, (dense[np.ix_(keep_u, keep_i)], users[keep_u], items[keep_i]))
+    _same_blocks(res1, res2)
+    # the same X as scipy's duplicate sum (in float64, then rounded): equal up to float32 rounding, same pattern
+    r, c = np.searchsorted(users, [u for u, _, _ in rows]), np.searchsorted(items, [i for _, i, _ in rows])
+    ref = sp.coo_matrix((np.array([w for _, _, w in rows]), (r, c)), shape=dense.shape).tocsr()
+    ref.eliminate_zeros()
+    got = res2.X.gather()
+    assert got.nnz == ref.nnz == res2.counts["nnz"] == np.count_nonzero(dense)
+    np.testing.assert_allclose(got.toarray(), ref[np.ix_(keep_u, keep_i)].toarray(), rtol=2e-6)
+    assert res2.counts["duplicates_merged"] == len(rows) - int(np.count_nonzero(dense))  # zero-weight rows too
+    # X's blocks are spread over both workers (each group of blocks folded on its own worker)
+    assert len({w for ws in client.who_has(res2.X.parts).values() for w in ws}) == 2
+
+
+def test_a_log_repeated_has_the_same_pattern_and_the_log_order_sums(tmp_path, client):
+    rows = _write_float_log(tmp_path / "base", np.random.default_rng(12), n_files=2, rows=300)
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    for r in range(3):
+        for f in sorted((tmp_path / "base").iterdir()):
+            (rep / f"r{r}-{f.name}").write_bytes(f.read_bytes())
+    kw = dict(ts_col=None, partition_rows=80, block_rows=6)
+    base, res = _ingest(client, tmp_path / "base", **kw), _ingest(client, rep, **kw)
+    dense, users, items = _log_order_reference(rows * 3)
+    keep_u, keep_i = dense.any(axis=1), dense.any(axis=0)
+    _assert_matches(res, (dense[np.ix_(keep_u, keep_i)], users[keep_u], items[keep_i]))
+    assert res.counts["rows_read"] == 3 * base.counts["rows_read"] and res.counts["nnz"] == base.counts["nnz"]
+    for pb, pr in zip(base.X.local_parts(), res.X.local_parts()):
+        assert np.array_equal(pb.indptr, pr.indptr) and np.array_equal(pb.indices, pr.indices)
+
+
+class _Resident:
+    """A scheduler plugin: the most keys of each watched prefix in memory at once."""
+
+    name = "mfsim-test-resident"
+
+    def __init__(self, prefixes: tuple[str, ...]):
+        self.prefixes = prefixes
+        self.now = dict.fromkeys(prefixes, 0)
+        self.most = dict.fromkeys(prefixes, 0)
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        prefix = str(key).split("-")[0]
+        if prefix in self.now and "memory" in (start, finish) and start != finish:
+            self.now[prefix] += 1 if finish == "memory" else -1
+            self.most[prefix] = max(self.most[prefix], self.now[prefix])
+
+
+def test_the_pieces_on_the_workers_are_bounded_whatever_the_log_length(tmp_path, client):
+    """Counted by the scheduler, not timed: pass 1's results waiting for their union, pass 2's encoded pieces and
+    buckets waiting to be folded."""
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    from mfsim.pipeline import ingest as ingest_module
+
+    class Resident(_Resident, SchedulerPlugin):
+        pass
+
+    d = tmp_path / "log"
+    d.mkdir()
+    rng = np.random.default_rng(13)
+    for f in range(6):
+        pq.write_table(pa.table({"user_id": rng.integers(0, 300, 200), "item_id": rng.integers(0, 40, 200),
+                                 "weight": np.ones(200, np.float32)}), d / f"p{f}.parquet", row_group_size=20)
+    n_slots = sum(client.nthreads().values())
+    window = ingest_module.fold_window(n_slots)
+    client.register_plugin(Resident(("scan_ids", "encode_piece", "group_bucket")))
+    try:
+        res = _ingest(client, d, ts_col=None, partition_rows=20, block_rows=16)  # 60 pieces of 20 rows
+        most = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins[_Resident.name].most)
+    finally:
+        client.unregister_scheduler_plugin(_Resident.name)
+    assert res.counts["rows_read"] == 1200 and res.X.n_blocks == 19
+    assert 60 >= 4 * window
+    assert 0 < most["encode_piece"] <= window
+    assert 0 < most["group_bucket"] <= window * n_slots
+    assert 0 < most["scan_ids"] <= 2 * ingest_module.SCAN_FAN_IN
+
+
+def test_an_id_the_first_pass_did_not_see_is_no_position():
+    from mfsim.pipeline.ingest import IdIndex
+
+    ints = IdIndex(pa.array([3, 5, 9]))
+    np.testing.assert_array_equal(ints.positions(pa.array([9, 3, 5, 3])), [2, 0, 1, 0])
+    assert ints.positions(pa.array([3, 4])) is None and ints.positions(pa.array([3, 10])) is None
+    assert ints.positions(pa.array([2])) is None
+    strings = IdIndex(pa.array(["a", "c"]))
+    np.testing.assert_array_equal(strings.positions(pa.array(["c", "a"])), [1, 0])
+    assert strings.positions(pa.array(["b"])) is None
+
+
+def test_id_counts_and_the_groups_of_blocks():
+    from mfsim.pipeline.ingest import assign_groups, id_counts
+
+    ids, n = id_counts(pa.array([5, 3, 5, 9, 5]))
+    assert ids.to_pylist() == [3, 5, 9] and n.tolist() == [1, 3, 1] and ids.type == pa.int64()
+    ids, n = id_counts(pa.array([2**40, 1, 1]))  # a sparse range: counted by pyarrow
+    assert ids.to_pylist() == [1, 2**40] and n.tolist() == [2, 1]
+    ids, n = id_counts(pa.array(["b", "a", "b"]), np.array([2, 1, 4]))  # a union sums the pieces' counts
+    assert ids.to_pylist() == ["a", "b"] and n.tolist() == [1, 6]
+    weights = np.array([25, 11, 8, 7, 6, 6, 5, 5])
+    group_of = assign_groups(weights, 2)
+    loads = np.bincount(group_of, weights=weights)
+    assert group_of[0] == 0 and abs(loads[0] - loads[1]) <= 5
+    assert assign_groups(weights, 1).tolist() == [0] * 8
