@@ -172,7 +172,7 @@ def clean_run(sim_dir, tmp_path_factory) -> Path:
 
 
 class Killer:
-    """SIGKILLs one worker process from a thread, once, as soon as it has a task of the stage (or after 3 s).
+    """SIGKILLs one worker process from a thread, once, as soon as one has a task of the stage (or after 3 s).
 
     ``task``: the prefix of the keys of the stage's own tasks (``on_worker`` for the SVD's
     products, ``topn_task`` for the neighbour lists); the test checks that the kill found one.
@@ -197,10 +197,16 @@ class Killer:
         pids = self.c.pids()
         self.c.worker_pids.update(pids.values())
         held = {w: len(keys) for w, keys in client.has_what().items()}
-        addr = max(sorted(pids), key=lambda w: held.get(w, 0))  # the worker holding the most data
+        # the worker holding the most data among those running a task of the stage (where the scheduler puts
+        # a stage's tasks follows its inputs, so it may not be the one holding the most data overall)
+        order = sorted(sorted(pids), key=lambda w: -held.get(w, 0))
+        addr = order[0]
         deadline = time.monotonic() + 3.0
         while time.monotonic() < deadline:
-            self.busy = [k for k in client.processing([addr]).get(addr, ()) if str(k).startswith(self.task)]
+            processing = client.processing(order)
+            busy = {w: [k for k in processing.get(w, ()) if str(k).startswith(self.task)] for w in order}
+            addr = next((w for w in order if busy[w]), addr)
+            self.busy = busy.get(addr, [])
             if self.busy:
                 break
             time.sleep(0.002)
