@@ -125,6 +125,17 @@ def run_summary(run_dir: Path | str, manifest: dict) -> str:
     ):
         if path in datasets:
             lines += ["", title, format_table(read_run_table(run_dir, path), values)]
+    factors = manifest.get("factors", {})
+    chosen = [f"{name} lambda = {f['lambda']:.4g} (chosen by {f['lambda_chosen']['by']} on the held-out split, "
+              f"{len(f['lambda_chosen']['grid'])} lambdas tried)"
+              for name, f in factors.items() if "lambda_chosen" in f]
+    if chosen:
+        lines += ["", "Lambda sweep (" + outputs.LAMBDA_SWEEP + "):", *("  " + c for c in chosen)]
+    if "cosine" in factors:
+        c = factors["cosine"]
+        lines += ["", f"Cosine-trained model: {c['iterations']} L-BFGS iterations in {c['seconds']:.1f}s, loss "
+                      f"{c['start_loss']:.6g} -> {c['loss']:.6g}, gamma {c['gamma']:.4g}"
+                      + ("" if c["converged"] else " (iteration limit reached)")]
     if "audit" in manifest:
         lines += ["", f"Cosine audit: {manifest['audit'].get('verdict', '')}"]
     lines += ["", f"run directory: {run_dir}"]

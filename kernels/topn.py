@@ -27,7 +27,8 @@ Order and rules, identical in the kernel and in ``topn_reference``:
 * a query is never its own neighbour when ``exclude_self`` is set (query row ``r`` is candidate
   ``query_offset + r``);
 * zero-norm rows have no cosine: a zero-norm query gets an empty cosine list and a zero-norm
-  candidate is never a cosine neighbour (no NaN is ever produced);
+  candidate is never a cosine neighbour (no NaN is ever produced); with ``cosine_min_norm`` the
+  same holds for every row whose L2 norm is below that floor (its direction is rounding noise);
 * an optional exclusion mask (CSR over query rows, candidate ids as indices) removes candidates per
   query, e.g. the items a user already has;
 * rows with fewer than N admissible candidates keep ``-1`` / ``-inf`` padding after their ``count``
@@ -117,6 +118,27 @@ def _check_finite(sumsq: np.ndarray, name: str) -> None:
         )
 
 
+def _check_min_norms(min_norms) -> tuple[float, float]:
+    """``cosine_min_norm`` as two finite floats >= 0 (queries, candidates)."""
+    try:
+        q_min, c_min = (float(v) for v in min_norms)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"cosine_min_norm must be a pair (query floor, candidate floor) of numbers; received {min_norms!r}."
+        ) from None
+    if not (np.isfinite(q_min) and np.isfinite(c_min) and q_min >= 0 and c_min >= 0):
+        raise ValueError(f"cosine_min_norm must hold finite numbers >= 0; received {min_norms!r}.")
+    return q_min, c_min
+
+
+def _cosine_inverse_norms(x: np.ndarray, sumsq: np.ndarray, min_norm: float) -> np.ndarray:
+    """``inverse_norms`` with 0 (the kernel's mark of a row without cosine) for rows whose norm is below ``min_norm``."""
+    inv = inverse_norms(x, sumsq)
+    if min_norm > 0:
+        inv[np.sqrt(sumsq) < min_norm] = 0
+    return inv
+
+
 def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
     """The wanted metric names as a tuple (one name may be passed as a string)."""
     if isinstance(metrics, str):
@@ -186,6 +208,7 @@ def topn_blocked(
     query_chunk: int = 2048,
     candidate_block: int = 65536,
     n_threads: int | None = None,
+    cosine_min_norm: tuple[float, float] = (0.0, 0.0),
 ) -> dict[str, TopN]:
     """Exact top-N candidates of every query row by dot product and/or cosine, in bounded memory.
 
@@ -223,6 +246,11 @@ def topn_blocked(
         count (1 inside a Dask worker, whose nanny sets ``OPENBLAS_NUM_THREADS=1``). Each thread
         runs its own query rows through single-threaded gemm and selection, so BLAS is limited to
         one thread during the call (restored after).
+    cosine_min_norm : (float, float), default (0, 0)
+        Absolute L2 norms below which a query row, resp. a candidate row, takes no part in the
+        cosine lists, exactly as a zero row: the query's cosine list is empty and the candidate is
+        nobody's cosine neighbour. Dot lists are unaffected. The pipeline sets them relative to the
+        largest row norm of each embedding (``neighbours.cosine_norm_floor``).
 
     Returns
     -------
@@ -298,8 +326,9 @@ def topn_blocked(
     _check_finite(q_sumsq, "queries")
     _check_finite(c_sumsq, "candidates")
     _check_no_overflow(q_sumsq, c_sumsq)
-    qinv = inverse_norms(q_mat, q_sumsq) if want["cosine"] else np.zeros(nq, dtype=np.float32)
-    cinv = inverse_norms(c_mat, c_sumsq) if want["cosine"] else np.zeros(p, dtype=np.float32)
+    q_min, c_min = _check_min_norms(cosine_min_norm)
+    qinv = _cosine_inverse_norms(q_mat, q_sumsq, q_min) if want["cosine"] else np.zeros(nq, dtype=np.float32)
+    cinv = _cosine_inverse_norms(c_mat, c_sumsq, c_min) if want["cosine"] else np.zeros(p, dtype=np.float32)
     self_ids = np.arange(offset, offset + nq, dtype=np.int64) if exclude_self else np.full(nq, -1, dtype=np.int64)
     cb = min(int(candidate_block), max(p, 1))
     full = _Candidates(c_mat, cinv, cb)
@@ -641,9 +670,11 @@ def finish_symmetric(emb: np.ndarray, inv: np.ndarray, lo: int, hi: int, n: int,
     return {m: TopN(ids, scores, counts) for m, (counts, ids, scores) in results.items()}
 
 
-def prepare_symmetric(embeddings: np.ndarray, metrics: Sequence[str]) -> tuple[np.ndarray, np.ndarray, dict]:
-    """``(E, inv, want)``: the embedding as C-contiguous float32, its inverse norms (zeros without cosine) and the
-    wanted metrics; the same checks as ``topn_blocked`` (finite values, scores that cannot overflow)."""
+def prepare_symmetric(embeddings: np.ndarray, metrics: Sequence[str], cosine_min_norm: float = 0.0
+                      ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``(E, inv, want)``: the embedding as C-contiguous float32, its inverse norms (zeros without cosine, and for
+    rows whose norm is below ``cosine_min_norm``) and the wanted metrics; the same checks as ``topn_blocked``
+    (finite values, scores that cannot overflow)."""
     emb = _as_float32_matrix(embeddings, "embeddings")
     metrics = _check_metrics(metrics)
     if emb.shape[0] > _INT32_MAX:
@@ -652,7 +683,8 @@ def prepare_symmetric(embeddings: np.ndarray, metrics: Sequence[str]) -> tuple[n
     _check_finite(sumsq, "embeddings")
     _check_no_overflow(sumsq, sumsq)
     want = {m: m in metrics for m in METRICS}
-    inv = inverse_norms(emb, sumsq) if want["cosine"] else np.zeros(emb.shape[0], dtype=np.float32)
+    min_norm, _ = _check_min_norms((cosine_min_norm, 0.0))
+    inv = _cosine_inverse_norms(emb, sumsq, min_norm) if want["cosine"] else np.zeros(emb.shape[0], dtype=np.float32)
     return emb, inv, want
 
 
@@ -663,10 +695,12 @@ def topn_symmetric(
     metrics: Sequence[str] = ("dot", "cosine"),
     tile: int = SYMMETRIC_TILE,
     n_threads: int | None = None,
+    cosine_min_norm: float = 0.0,
 ) -> dict[str, TopN]:
     """Item-item top-N of every row of one embedding against all its rows (no self-neighbour), from half the gemm.
 
-    Equal to ``topn_blocked(E, E, n, exclude_self=True)`` (same order, ties, zero-norm rules): the
+    Equal to ``topn_blocked(E, E, n, exclude_self=True, cosine_min_norm=(m, m))`` for ``m = cosine_min_norm``
+    (same order, ties, zero-norm and norm-floor rules): the
     scores ``E E^T`` are symmetric, so only the tiles on and above the diagonal are computed
     (``symmetric_pair``) and each feeds the running top-N of both its row block and its column
     block. Blocks of ``tile`` rows are paired in ``tournament`` rounds; the pairs of a round touch
@@ -678,7 +712,7 @@ def topn_symmetric(
     scans, a ``1/32`` seeding gemm. Memory: the states ``p x N x 8`` bytes per metric (O(p N)), one
     ``tile x tile`` float32 buffer per thread; never O(p^2).
     """
-    emb, inv, want = prepare_symmetric(embeddings, metrics)
+    emb, inv, want = prepare_symmetric(embeddings, metrics, cosine_min_norm)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n (the list length) must be an integer >= 1; received {n!r}.")
     if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 1:
@@ -739,6 +773,7 @@ def topn_reference(
     exclude_self: bool = False,
     exclude_indptr: np.ndarray | None = None,
     exclude_indices: np.ndarray | None = None,
+    cosine_min_norm: tuple[float, float] = (0.0, 0.0),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Dense NumPy top-N for small data: all q x p scores, then a stable sort per row.
 
@@ -764,7 +799,8 @@ def topn_reference(
         qinv = np.where(qn > 0, 1.0 / np.where(qn > 0, qn, 1.0), 0.0).astype(np.float32)
         cinv = np.where(cn > 0, 1.0 / np.where(cn > 0, cn, 1.0), 0.0).astype(np.float32)
         scores = scores * qinv[:, None] * cinv[None, :]
-        valid &= (qn > 0)[:, None] & (cn > 0)[None, :]
+        q_min, c_min = cosine_min_norm
+        valid &= ((qn > 0) & (qn >= q_min))[:, None] & ((cn > 0) & (cn >= c_min))[None, :]
     elif metric != "dot":
         raise ValueError(f"metric must be one of {', '.join(METRICS)}; received {metric!r}.")
     if exclude_self:

@@ -14,8 +14,20 @@ solutions of the same family:
 Three item-item lists are compared (``registry.AUDIT_METRICS``): ``cosine`` of the rows of B, which moves;
 ``model``, the score ``a_i . b_j = (A B^T)_ij``, and ``projected_cosine``, the cosine of the rows
 of ``A B^T`` (computed in k dimensions by ``pipeline.neighbours.projected``), which are the same
-for every solution. The two invariant lists must come out at Jaccard 1: that is the check that the
-audit measures the scaling and nothing else.
+for every solution. The two invariant lists are computed once, from one canonical form of the
+family: ``G = V W^1/2`` and ``A_proj = V W``, read off the first scaling's (A, B)
+(``gram_factor``, ``projected``); a solution has these lists when its ``A B^T`` equals the
+canonical one, which the audit checks for every solution it compares (``product_deviation``).
+They come out at Jaccard 1, and the cosine lists are measured against the same standard.
+
+Lists are compared tie-aware (``tie_aware_jaccard``): two top-N lists agree when they differ only
+by candidates whose score lies within float32 rounding of the best candidate left out (the
+(N+1)-th), for such a candidate could as well have been left out. Items that are copies of each
+other (the same users, so the same row of V; common in sparse catalogs) tie exactly, and which of
+them makes a list is rounding. Such swaps count as agreement and are reported as
+``boundary_ties``. Rows whose norm is below ``cosine_norm_floor`` times the largest row norm of
+their embedding have no cosine list and are nobody's cosine neighbour, as in the published lists
+(``neighbours.cosine_norm_floor``).
 
 At catalog scale the query items are a seeded sample of ``max_items`` (``sample_rows``); the
 candidates stay all items, so each sampled item's list, and its Jaccard, is exactly what the
@@ -40,15 +52,17 @@ import pyarrow as pa
 
 from mfsim.kernels.topn import TopN, topn_blocked
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.neighbours import gram_factor, projected
+from mfsim.pipeline.neighbours import cosine_floor, gram_factor, max_row_norm, projected
 from mfsim.pipeline.progress import Progress
 from mfsim.pipeline.registry import AUDIT_METRICS, INVARIANT_METRICS, LISTS
 
-ItemListsFn = Callable[..., TopN]  # (queries, candidates, n, metric, exclude_self=...) -> TopN
+ItemListsFn = Callable[..., TopN]  # (queries, candidates, n, metric, exclude_self=..., cosine_min_norm=...) -> TopN
 
-# Mean Jaccard of an invariant list below which the audit's self-check fails (float32 near-ties
-# alone keep it above 0.999; see ``audit_item_lists``, Notes).
+# Mean Jaccard of the cosine lists below which the verdict says they change with the scaling.
 INVARIANT_MIN_MEAN = 0.99
+
+#: Unit roundoff of float32.
+EPS32 = 2.0**-24
 
 # Named streams of the audit's seed, so that the diagonals and the samples do not share draws.
 _STREAM_USERS = 1
@@ -75,12 +89,15 @@ STABILITY_SCHEMA = pa.schema([
     ("jaccard_p50", pa.float64()),
     ("jaccard_p90", pa.float64()),
     ("jaccard_min", pa.float64()),
+    ("boundary_ties", pa.int64()),  # swaps at a float32 tie with the (N+1)-th score, counted as agreement (all rows, draws)
+    ("product_deviation", pa.float64()),  # max |P_a - P_b| / sum_l |a_il b_jl| of the two solutions' scores, sampled
 ])
 _LABEL = pa.dictionary(pa.int32(), pa.string())
 DETAIL_SCHEMA = pa.schema([
     ("objective", _LABEL), ("kind", _LABEL), ("metric", _LABEL), ("scaling_a", _LABEL), ("scaling_b", _LABEL),
     ("index", pa.int64()),  # query row: item index (item_item) or user index (user_item)
-    ("jaccard", pa.float64()),  # for random D: the mean over the draws
+    ("jaccard", pa.float64()),  # tie-aware; for random D: the mean over the draws
+    ("boundary_ties", pa.float64()),  # the row's boundary ties; for random D: the mean over the draws
 ])
 LEAST_STABLE_SCHEMA = pa.schema([
     ("objective", pa.string()), ("kind", pa.string()), ("metric", pa.string()), ("scaling_a", pa.string()),
@@ -100,7 +117,11 @@ class AuditResult:
         is the mean over draws and items, the quantiles (linear interpolation) are those of the
         pooled values. ``jaccard_se = sd(j) / sqrt(n_items)`` over the per-row values j of
         ``detail`` (sd with ddof 1; NaN below 2 rows): the standard error of ``jaccard_mean``
-        when the rows are a random sample, for the draws drawn.
+        when the rows are a random sample, for the draws drawn. Jaccards are tie-aware
+        (``tie_aware_jaccard``); ``boundary_ties`` counts the swaps that this counted as
+        agreement, over all rows and draws; ``product_deviation`` is the largest relative
+        difference between the two solutions' scores on a sample of entries (for random
+        rescalings, over the draws): float32 rounding, below ~2^-22, for equally good solutions.
     detail : pyarrow.Table, ``DETAIL_SCHEMA``
         Per query row and comparison; for random rescalings the row's mean over the draws.
     least_stable : pyarrow.Table, ``LEAST_STABLE_SCHEMA``
@@ -227,6 +248,126 @@ def _count_common(ka: np.ndarray, kb: np.ndarray, stride: int, n_rows: int) -> n
     return np.bincount(ka[kb[pos] == ka] // stride, minlength=n_rows)
 
 
+def score_bound(metric: str, k: int) -> float:
+    """The float32 error bound of one kernel score, relative: ``(k + 8) 2^-24`` for a cosine, ``(k + 4) 2^-24``
+    for a dot product (times ``|q| |c|``).
+
+    Dot: the sgemm's float32 sum of k products is within ``gamma_k sum_l |q_l c_l| <= ~k 2^-24 |q| |c|``
+    of the exact sum (any summation order; Cauchy-Schwarz); each entry of both factors carries one
+    rounding from float64 and, when rescaled by D, one more: ``2 x 2`` roundings of 2^-24 relative.
+    Cosine: that dot relative to ``|q| |c|``, plus the float32 rounding of the two inverse norms and
+    of the two products by them (``cos = (s qinv) cinv``, ``kernels.select.select_tile``).
+    """
+    if metric not in ("dot", "cosine"):
+        raise MfsimError(f"metric must be 'dot' or 'cosine' (a kernel metric); received {metric!r}.")
+    return float((int(k) + (8 if metric == "cosine" else 4)) * EPS32)
+
+
+def tie_aware_jaccard(x: TopN, y: TopN, n: int, bound: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the Jaccard@n of two top-n lists with swaps at a float32 tie counted as agreement, and those swaps.
+
+    Parameters
+    ----------
+    x, y : TopN with at least n + 1 columns
+        Lists of the same query rows, score descending, ids distinct within a row (``topn_blocked``
+        asked for ``n + 1``). A row's top-n set is its first ``min(count, n)`` entries; entry n
+        (0-based) is the best candidate left out, the cut. A row without it (count <= n: every
+        admissible candidate listed) has no ties.
+    n : int
+        The list length N compared, >= 1.
+    bound : float or (q,) array
+        The float32 error bound ``d`` of one score of either list: ``score_bound("cosine", k)``, or
+        for dot products per row ``score_bound("dot", k) |q| max_j |c_j|``.
+
+    Returns
+    -------
+    jaccard : (q,) float64
+        ``(|X & Y| + t) / (|X | Y| - t)`` for the top-n sets X, Y and the row's boundary ties t;
+        1.0 where both sets are empty.
+    ties : (q,) int64
+        ``t = min(t_x, t_y)``: t_x counts the entries of X - Y whose score in x is within ``4 d`` of
+        x's cut, t_y those of Y - X in y. Each of the t pairs is a swap rounding alone can explain.
+
+    Notes
+    -----
+    Why ``4 d``: let x and y rank the same exact scores f, each score computed within d. If c is in
+    X but not in Y, y lists n candidates at least as high as c, so each has ``f >= f(c) - 2 d``;
+    X holds at most n - 1 of them besides c, so one of them is left out of x and scores at most x's
+    cut there, which is then ``>= f(c) - 3 d >=`` (x's score of c) ``- 4 d``. So when two lists of
+    the same scores differ, every candidate in one and not the other is within ``4 d`` of that list's
+    cut, and they agree here (Jaccard 1). Lists of different scores (the cosines of two scalings) get
+    the same rule: a candidate that close to the cut is tied, within rounding, with one left out,
+    and which of the two is listed says nothing about the scaling.
+    Vectorised like ``jaccard_rows``: keys ``row * stride + id``, sorted, one binary search per entry;
+    O(q n log(q n)) time, O(c n) memory for chunks of c = 65536 rows.
+    """
+    _check_int(n, "n", 1)
+    n = int(n)
+    ix, sx, cx = _cut_lists(x, n, "x")
+    iy, sy, cy = _cut_lists(y, n, "y")
+    q = ix.shape[0]
+    if iy.shape[0] != q:
+        raise MfsimError(
+            f"both lists must have the same rows; received {q} and {iy.shape[0]} rows. "
+            "Compare lists of the same query rows."
+        )
+    bound = np.broadcast_to(np.asarray(bound, dtype=np.float64), (q,))
+    if not (np.isfinite(bound).all() and (bound >= 0).all()):
+        raise MfsimError("bound (the float32 error of one score) must be finite and >= 0; see score_bound.")
+    jac, ties = np.empty(q, dtype=np.float64), np.empty(q, dtype=np.int64)
+    for r0 in range(0, q, _JACCARD_CHUNK):
+        r1 = min(r0 + _JACCARD_CHUNK, q)
+        ax, bx = ix[r0:r1, :n], np.minimum(cx[r0:r1], n)
+        ay, by = iy[r0:r1, :n], np.minimum(cy[r0:r1], n)
+        stride = 1 + max(_max_valid(ax, bx), _max_valid(ay, by))  # ids < 2^31, rows < 2^16: no overflow
+        in_y, in_x = _members(ax, bx, ay, by, stride), _members(ay, by, ax, bx, stride)
+        vx, vy = _valid_mask(ax, bx), _valid_mask(ay, by)
+        common = (vx & in_y).sum(axis=1)
+        b = bound[r0:r1]
+        t_x = (vx & ~in_y & _near_cut(sx[r0:r1], cx[r0:r1], n, b)).sum(axis=1)
+        t_y = (vy & ~in_x & _near_cut(sy[r0:r1], cy[r0:r1], n, b)).sum(axis=1)
+        t = np.minimum(t_x, t_y)
+        union = bx + by - common - t
+        res = np.ones(r1 - r0, dtype=np.float64)
+        np.divide(common + t, union, out=res, where=union > 0)
+        jac[r0:r1], ties[r0:r1] = res, t
+    return jac, ties
+
+
+def _cut_lists(top: TopN, n: int, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indices, scores, counts) of a list with its cut: at least n + 1 columns, distinct ids per row."""
+    idx, cnt = _check_lists(top.indices, top.counts, name)
+    scores = np.asarray(top.scores)
+    if idx.shape[1] < n + 1 or scores.shape != idx.shape:
+        raise MfsimError(
+            f"{name} must have at least n + 1 = {n + 1} columns (the top n and the best candidate left out) and "
+            f"scores of the same shape; received indices {idx.shape}, scores {scores.shape}. Ask the top-N for n + 1."
+        )
+    stride = 1 + _max_valid(idx, cnt)
+    valid = _valid_mask(idx, cnt)
+    vals = np.sort(np.where(valid, idx.astype(np.int64), np.int64(stride)), axis=1)
+    if (valid[:, 1:] & (vals[:, 1:] == vals[:, :-1])).any():
+        raise MfsimError(f"{name} lists a candidate twice in one row; pass top-N lists (distinct ids per row).")
+    return idx, scores, cnt
+
+
+def _members(ia: np.ndarray, ca: np.ndarray, ib: np.ndarray, cb: np.ndarray, stride: int) -> np.ndarray:
+    """Per entry of a (the first ``ca`` of each row), whether its id is among the first ``cb`` of b's row."""
+    kb = _row_keys(ib, cb, stride)
+    if kb.size == 0:
+        return np.zeros(ia.shape, dtype=bool)
+    ka = np.arange(ia.shape[0], dtype=np.int64)[:, None] * stride + ia.astype(np.int64)
+    pos = np.minimum(np.searchsorted(kb, ka), kb.size - 1)
+    return (kb[pos] == ka) & _valid_mask(ia, ca)
+
+
+def _near_cut(scores: np.ndarray, counts: np.ndarray, n: int, bound: np.ndarray) -> np.ndarray:
+    """Per top-n entry, whether its score is within ``4 bound`` of the row's cut (entry n); False without a cut."""
+    cut = np.where(counts > n, scores[:, n].astype(np.float64), np.nan)  # no cut: NaN, near nothing
+    with np.errstate(invalid="ignore"):  # -inf padding (masked by the caller) and NaN compare False
+        return scores[:, :n].astype(np.float64) - cut[:, None] <= 4.0 * bound[:, None]
+
+
 def random_diagonals(k: int, draws: int, spread: float, seed: int) -> np.ndarray:
     """Diagonals of ``draws`` random invertible D: ``d = exp(spread z)``, ``z ~ N(0, 1)`` i.i.d.
 
@@ -284,9 +425,11 @@ def _check_int(value: Any, name: str, low: int) -> None:
 
 
 def default_item_lists(queries: np.ndarray, candidates: np.ndarray, n: int, metric: str,
-                       exclude_self: bool = True) -> TopN:
-    """Top-N lists in this process with ``kernels.topn.topn_blocked`` (bounded memory, exact)."""
-    return topn_blocked(queries, candidates, n, metrics=(metric,), exclude_self=exclude_self)[metric]
+                       exclude_self: bool = True, cosine_min_norm: tuple[float, float] = (0.0, 0.0)) -> TopN:
+    """Top-N lists in this process with ``kernels.topn.topn_blocked`` (bounded memory, exact); ``cosine_min_norm``:
+    the absolute norms below which a query, resp. a candidate, takes no part in cosine lists."""
+    return topn_blocked(queries, candidates, n, metrics=(metric,), exclude_self=exclude_self,
+                        cosine_min_norm=cosine_min_norm)[metric]
 
 
 def without_self(top: TopN, self_ids: np.ndarray, n: int) -> TopN:
@@ -364,10 +507,6 @@ def _take_rows(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x[rows])
 
 
-def _max_row_norm(x: np.ndarray) -> float:
-    return float(np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64)).max(initial=0.0))
-
-
 # Every partial sum of a float32 dot product q . c is at most |q| |c| in magnitude: keeping the
 # largest such product below 1e38 (float32 max 3.4e38) keeps every score finite.
 _SCORE_LIMIT = 1e38
@@ -378,15 +517,24 @@ PROGRESS_LABEL = "audit lists"
 
 
 def _lists(fn: ItemListsFn, queries: np.ndarray, candidates: np.ndarray, n: int, metric: str,
-           exclude_self: bool, what: str, bar: Progress) -> TopN:
-    """Call the list function after checking that no score can overflow float32; one step of ``bar``."""
-    norms = [_value(_on(_max_row_norm, x)) for x in (queries, candidates)]
+           exclude_self: bool, what: str, bar: Progress, cosine_norm_floor: float = 0.0,
+           queries_of_candidates: bool = True) -> TopN:
+    """Call the list function after checking that no score can overflow float32; one step of ``bar``.
+
+    Cosine lists get the norm floor ``cosine_norm_floor`` relative to the largest row norm of each side's
+    embedding: the candidates', also for the queries when they are rows of the candidates (item-item, sampled
+    or not), else the queries' own."""
+    norms = [_value(_on(max_row_norm, x)) for x in (queries, candidates)]
     if not norms[0] * norms[1] < _SCORE_LIMIT:
         raise MfsimError(
             f"scores of {what} would overflow float32 (largest row norms {norms[0]:.3g} and {norms[1]:.3g}). "
             "Scale the embeddings down (any common factor leaves every list unchanged) or lower audit.spread."
         )
-    top = fn(queries, candidates, n, metric, exclude_self=exclude_self)
+    floors = (0.0, 0.0)
+    if metric == "cosine" and cosine_norm_floor > 0:
+        q_ref = norms[1] if queries_of_candidates else norms[0]
+        floors = (cosine_floor(q_ref, cosine_norm_floor), cosine_floor(norms[1], cosine_norm_floor))
+    top = fn(queries, candidates, n, metric, exclude_self=exclude_self, cosine_min_norm=floors)
     bar.step()
     return top
 
@@ -406,10 +554,14 @@ class _Collector:
         self.least: list[dict[str, Any]] = []
 
     def add(self, objective: str, kind: str, metric: str, scaling_a: str, scaling_b: str, index: np.ndarray,
-            jaccards: list[np.ndarray]) -> None:
-        """Add one comparison: per-row Jaccards of each draw (pooled into one stability row)."""
+            compared: list[tuple[np.ndarray, np.ndarray]], deviation: float) -> None:
+        """Add one comparison: per draw the per-row (Jaccard, boundary ties) of ``tie_aware_jaccard``, pooled into
+        one stability row; ``deviation``: the two solutions' ``product_deviation``."""
+        jaccards = [j for j, _ in compared]
+        ties = [t for _, t in compared]
         pooled = np.concatenate(jaccards) if jaccards else np.zeros(0)
         per_row = np.mean(jaccards, axis=0) if jaccards else np.zeros(0)
+        ties_per_row = np.mean(ties, axis=0) if ties else np.zeros(0)
         if pooled.size:
             p10, p50, p90 = np.quantile(pooled, [0.1, 0.5, 0.9])
             stats = (float(pooled.mean()), float(p10), float(p50), float(p90), float(pooled.min()))
@@ -421,13 +573,15 @@ class _Collector:
             objective=objective, kind=kind, metric=metric, scaling_a=scaling_a, scaling_b=scaling_b,
             top_n=self.top_n, n_items=int(per_row.size), draws=len(jaccards), jaccard_mean=stats[0],
             jaccard_se=se, jaccard_p10=stats[1], jaccard_p50=stats[2], jaccard_p90=stats[3], jaccard_min=stats[4],
+            boundary_ties=int(sum(int(t.sum()) for t in ties)), product_deviation=float(deviation),
         ))
         n = per_row.size
         labels = [objective, kind, metric, scaling_a, scaling_b]
         cols = [pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array([v], pa.string()))
                 for v in labels]
         self.detail.append(pa.Table.from_arrays(
-            cols + [pa.array(np.asarray(index, dtype=np.int64)), pa.array(per_row)], schema=DETAIL_SCHEMA))
+            cols + [pa.array(np.asarray(index, dtype=np.int64)), pa.array(per_row, pa.float64()),
+                    pa.array(ties_per_row, pa.float64())], schema=DETAIL_SCHEMA))
         if metric == "cosine" and self.least_stable > 0 and n:
             order = np.lexsort((index, per_row))[: self.least_stable]  # lowest Jaccard, then smaller index
             for rank, r in enumerate(order, start=1):
@@ -444,7 +598,8 @@ class _Collector:
 
 
 def _metric_digest(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per (kind, metric): min and mean of jaccard_mean over comparisons, and the lowest comparison."""
+    """Per (kind, metric): min and mean of jaccard_mean over comparisons, the lowest comparison, the smallest
+    jaccard_min and the boundary ties of all comparisons."""
     out: dict[str, Any] = {}
     for r in rows:
         key = r["metric"] if r["objective"] == "eq1" else f"{r['kind']}/{r['metric']}"
@@ -455,6 +610,8 @@ def _metric_digest(rows: list[dict[str, Any]]) -> dict[str, Any]:
         low = rs[int(np.argmin(means))]
         digest[key] = {"min_jaccard_mean": float(means.min()), "mean_jaccard_mean": float(means.mean()),
                        "min_jaccard_p50": float(min(r["jaccard_p50"] for r in rs)),
+                       "min_jaccard_min": float(min(r["jaccard_min"] for r in rs)),
+                       "boundary_ties": int(sum(r["boundary_ties"] for r in rs)),
                        "lowest": [low["scaling_a"], low["scaling_b"]], "comparisons": len(rs)}
     return digest
 
@@ -498,38 +655,62 @@ def _check_factors(factors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> Mapp
     return factors if lazy else out
 
 
-def _product_deviation(factors: dict[str, tuple[np.ndarray, np.ndarray]], seed: int) -> float:
-    """Largest ``|A_s B_s^T - A_0 B_0^T| / sum_l |a_il b_jl|`` over the scalings, on a sample of entries.
+def _product_deviations(factors: Mapping[str, tuple[np.ndarray, np.ndarray]], names: list[str], diags: np.ndarray,
+                        seed: int) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
+    """``product_deviation`` of every compared pair of solutions, on a sample of the entries of ``A B^T``.
 
-    Products in float64 of the float32 factors, so the only error is the float32 rounding of the
-    factors themselves: each product term is off by at most 2^-23 relative, so a solution differs
-    from the first by at most ~2^-22 ``sum_l |a_il b_jl|`` (the same sum for every solution of the
-    family, since ``|a_il b_jl| = |v_il w_l v_jl|``).
+    The largest ``|P_x - P_y| / sum_l |a_il b_jl|`` over ``_CHECK_ROWS`` seeded rows and columns, products in
+    float64 of the float32 factors: for each pair of named scalings, and for each scaling the largest over its
+    random rescalings ``(A D, B D^-1)`` (the sampled rows rescaled by ``_rescaled``, as all rows are for the
+    lists). The only error is then the float32 rounding of the factors: one rounding of 2^-24 per entry, two
+    for a rescaled one, so equally good solutions differ by at most ``~6 x 2^-24 sum_l |a_il b_jl|`` (the same
+    sum for every solution: ``|a_il b_jl| = |v_il w_l v_jl|``).
     """
-    names = list(factors)
     p = _shape(factors[names[0]][0])[0]
     rng = np.random.default_rng([seed, _STREAM_CHECK])
     rows = np.sort(rng.choice(p, size=min(p, _CHECK_ROWS), replace=False))
     cols = np.sort(rng.choice(p, size=min(p, _CHECK_ROWS), replace=False))
-    A0, B0 = factors[names[0]]
-    A0, B0 = _value(_on(_take_rows, A0, rows)).astype(np.float64), _value(_on(_take_rows, B0, cols)).astype(np.float64)
-    ref = A0 @ B0.T
-    denom = np.abs(A0) @ np.abs(B0).T  # sum_l |a_il b_jl|
-    worst = 0.0
-    for name in names[1:]:
-        A, B = factors[name]
-        A, B = _value(_on(_take_rows, A, rows)), _value(_on(_take_rows, B, cols))
-        diff = np.abs(A.astype(np.float64) @ B.astype(np.float64).T - ref)
-        rel = np.zeros_like(diff)
-        np.divide(diff, denom, out=rel, where=denom > 0)
-        rel[(denom == 0) & (diff > 0)] = np.inf
-        worst = max(worst, float(rel.max(initial=0.0)))
-    return worst
+    sample = {}
+    for s in names:
+        A, B = factors[s]
+        sample[s] = (_value(_on(_take_rows, A, rows)), _value(_on(_take_rows, B, cols)))
+    a0, b0 = (x.astype(np.float64) for x in sample[names[0]])
+    denom = np.abs(a0) @ np.abs(b0).T  # sum_l |a_il b_jl|
+    product = {s: a.astype(np.float64) @ b.astype(np.float64).T for s, (a, b) in sample.items()}
+    pairs = {(x, y): _relative_max(product[x] - product[y], denom) for x, y in combinations(names, 2)}
+    rescaled = {}
+    for s in names:
+        a, b = sample[s]
+        rescaled[s] = max((_relative_max(_rescaled(a, d, f"A of {s!r}", d).astype(np.float64)
+                                         @ _rescaled(b, 1.0 / d, f"B of {s!r}", d).astype(np.float64).T
+                                         - product[s], denom) for d in diags), default=0.0)
+    return pairs, rescaled
+
+
+def _relative_max(diff: np.ndarray, denom: np.ndarray) -> float:
+    """``max |diff| / denom``, inf where denom is 0 and diff is not."""
+    diff = np.abs(diff)
+    rel = np.zeros_like(diff)
+    np.divide(diff, denom, out=rel, where=denom > 0)
+    rel[(denom == 0) & (diff > 0)] = np.inf
+    return float(rel.max(initial=0.0))
 
 
 # A product that differs by more than this (relative to sum_l |a_il b_jl|) is not float32 rounding
-# of one solution (at most ~2^-22 = 2.4e-7, see _product_deviation) but another model.
+# of one solution (at most ~6 x 2^-24 = 3.6e-7, see _product_deviations) but another model.
 _FAMILY_TOL = 1e-5
+
+
+def _row_norms(x: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+
+
+def _score_bounds(metric: str, queries: Any, candidates: Any, k: int) -> float | np.ndarray:
+    """``tie_aware_jaccard``'s bound for lists of ``queries`` against ``candidates`` (arrays or futures): the
+    cosine's ``score_bound``, or for dot products per query row ``score_bound("dot", k) |q| max_j |c_j|``."""
+    if metric == "cosine":
+        return score_bound("cosine", k)
+    return score_bound("dot", k) * _value(_on(_row_norms, queries)) * _value(_on(max_row_norm, candidates))
 
 
 def audit_item_lists(
@@ -541,6 +722,7 @@ def audit_item_lists(
     seed: int,
     least_stable: int = 20,
     max_items: int | None = None,
+    cosine_norm_floor: float = 0.0,
     item_lists_fn: ItemListsFn | None = None,
 ) -> AuditResult:
     """Jaccard@N of item-item lists between equally good Eq. 1 solutions.
@@ -550,7 +732,8 @@ def audit_item_lists(
     factors : mapping scaling name -> (A, B)
         Minimizers of Eq. 1 from one SVD and lambda (``pipeline.factors.eq1_factors``), A and B
         p x k (float32), all with the same ``A B^T``; checked on a sample of entries. A dict is
-        read once; any other mapping (``Factors.of("eq1")``) is read pair by pair as needed.
+        read once; any other mapping (``Factors.of("eq1")``) is read pair by pair as needed. The
+        first scaling's pair gives the canonical form of the invariant lists.
     top_n : int
         List length N.
     draws : int
@@ -565,11 +748,15 @@ def audit_item_lists(
     max_items : int, optional
         Query items: ``sample_rows(p, max_items, seed, stream=3)``, all when p <= max_items (and
         when None). Candidates are always all p items: a sampled item's list is the top N of the
-        p - 1 others (``without_self`` of a top N + 1), the same list as unsampled.
+        p - 1 others (``without_self`` of a top N + 2), the same list as unsampled.
+    cosine_norm_floor : float, default 0
+        Rows whose norm is below this times the largest row norm of their embedding (B of each
+        solution, A_proj) have no cosine list and are no one's cosine neighbour
+        (``neighbours.cosine_norm_floor``; 0: only zero rows).
     item_lists_fn : callable, optional
-        ``(queries, candidates, n, metric, exclude_self=True) -> TopN`` with metric ``"dot"`` or
-        ``"cosine"``; default ``default_item_lists`` (in process). The pipeline passes a Dask-backed
-        one.
+        ``(queries, candidates, n, metric, exclude_self=True, cosine_min_norm=(0, 0)) -> TopN`` with
+        metric ``"dot"`` or ``"cosine"`` and absolute norm floors; default ``default_item_lists``
+        (in process). The pipeline passes a Dask-backed one.
 
     Returns
     -------
@@ -588,52 +775,59 @@ def audit_item_lists(
 
     Notes
     -----
-    Each distinct list (solution, metric) is computed once: the base lists of every scaling are
-    reused by all its pairs and draws. Lists are computed metric by metric, so at most s + 1 lists
-    are held at once (``m x N x 8`` bytes each, m audited items) besides the per-item Jaccards.
-    Time: ``3 s (1 + draws)`` list computations of ``O(m p k)`` each (``topn_blocked``); never
-    O(p^2) memory.
-    Each computed list is a step of the progress ``audit lists`` (``pipeline.progress``).
+    The invariant lists (``model``: ``G = V W^1/2``, ``projected_cosine``: ``A_proj = V W``) do not
+    depend on the solution, so they are computed once, from the canonical form ``gram_factor`` and
+    ``projected`` read off the first scaling's (A, B). Computing them from each solution's factors
+    instead gives, for every solution, other float32 roundings of the same scores, and where
+    items tie exactly (copies: items with the same users have the same row of V) the lists then
+    differ by which copies make the cut. Every compared solution's ``A B^T`` is checked against
+    the others' on a sample (``product_deviation``, an error beyond ``_FAMILY_TOL``); with that,
+    its invariant lists are the canonical ones: Jaccard 1, no boundary ties. The summary counts the
+    entries of the canonical lists within float32 rounding of their cut (``tied_at_cut``): the
+    entries that a computation from another solution's factors could swap.
 
-    How close to 1 the invariant lists come: in exact arithmetic their scores are the same for
-    every solution. In float32 each entry of ``A D``, ``B D^-1`` is one rounding (2^-24 relative)
-    and the sgemm adds its own, so a model score moves by up to about ``(k + 4) 2^-24 sum_l
-    |a_il b_jl|``, a projected cosine by about ``(k + 8) 2^-24``. Item i's lists can differ only
-    when its exact N-th and (N+1)-th scores lie within a few such margins; each swap lowers its
-    Jaccard to ``(N - 1)/(N + 1)``. With continuous scores the median stays 1 and the mean above
-    0.999; near-duplicate items (1 in 2 a copy up to 1e-7) measure a mean of ~0.97 in the tests.
-    Below ``INVARIANT_MIN_MEAN`` (or a median below 1) the summary flags the check as failed and
-    the verdict names near-ties as the likely reason.
+    The cosine lists are computed for every solution, N + 1 long, and compared by
+    ``tie_aware_jaccard`` with the bound ``score_bound("cosine", k)``. Each distinct list is
+    computed once: the base lists of every scaling are reused by all its pairs and draws. At most
+    s + 1 lists are held at once (``m x (N + 1) x 8`` bytes each, m audited items) besides the
+    per-item Jaccards. Time: ``s (1 + draws) + 2`` list computations of ``O(m p k)`` each
+    (``topn_blocked``); never O(p^2) memory. Each computed list is a step of the progress
+    ``audit lists`` (``pipeline.progress``).
     """
     factors = _check_factors(factors)
     _check_int(top_n, "top_n", 1)
     _check_int(least_stable, "least_stable", 0)
+    if not (np.isfinite(cosine_norm_floor) and 0 <= cosine_norm_floor < 1):
+        raise MfsimError(f"cosine_norm_floor must be a number in [0, 1); received {cosine_norm_floor!r}.")
     names = list(factors)
     p, k = _shape(factors[names[0]][0])
     diags = random_diagonals(k, draws, spread, seed)
     fn = item_lists_fn or default_item_lists
     top_n = int(top_n)
-    deviation = _product_deviation(factors, int(seed))
+    pair_dev, draw_dev = _product_deviations(factors, names, diags, int(seed))
+    deviation = max([*pair_dev.values(), *draw_dev.values()], default=0.0)
     if deviation > _FAMILY_TOL:
         raise MfsimError(
             f"the audited factors must be solutions of one Eq. 1 problem (the same A B^T); the products of "
-            f"scalings {names} differ by up to {deviation:.3g} relative (float32 rounding gives < {_FAMILY_TOL:g}). "
-            "Pass only eq1 scalings of one SVD and lambda."
+            f"scalings {names} and their rescalings differ by up to {deviation:.3g} relative (float32 rounding gives "
+            f"< {_FAMILY_TOL:g}). Pass only eq1 scalings of one SVD and lambda."
         )
     label_random = f"random_sd={float(spread)}"
     collect = _Collector(top_n, int(least_stable))
     index = (np.arange(p, dtype=np.int64) if max_items is None
              else sample_rows(p, max_items, int(seed), stream=_STREAM_ITEMS, name="max_items"))
     sampled = index.size < p
-    bar = Progress(len(AUDIT_METRICS) * len(names) * (1 + diags.shape[0]), PROGRESS_LABEL)
+    varying = [m for m in AUDIT_METRICS if m not in INVARIANT_METRICS]
+    bar = Progress(len(varying) * len(names) * (1 + diags.shape[0]) + len(AUDIT_METRICS) - len(varying),
+                   PROGRESS_LABEL)
 
     def matrices(pair: Callable[[], tuple[np.ndarray, np.ndarray]], spec) -> dict[str, np.ndarray]:
         """The query and candidate matrices of one list from ``pair()``'s (A, B), which are then let go:
         at p = 1M, k = 64 each p x k array is 256 MB, so a list holds only what it reads."""
         A, B = pair()
         build = {"A": lambda: A, "B": lambda: B,
-                 "A_proj": lambda: _on(projected, A, B),  # rows with the cosines of the rows of A B^T
-                 "G": lambda: _on(gram_factor, A, B)}  # G G^T = A B^T
+                 "A_proj": lambda: _on(projected, A, B),  # rows with the cosines of the rows of A B^T: V W
+                 "G": lambda: _on(gram_factor, A, B)}  # G G^T = A B^T: V W^1/2
         with np.errstate(over="ignore"):  # an overflow shows as an infinite norm in _lists
             return {name: build[name]() for name in {spec.queries, spec.candidates}}
 
@@ -642,52 +836,79 @@ def audit_item_lists(
         A = _on(_rescaled, A, d, f"A of {s!r}", d)  # one side at a time: at most three p x k arrays at once
         return A, _on(_rescaled, B, 1.0 / d, f"B of {s!r}", d)
 
-    def lists(pair: Callable[[], tuple[np.ndarray, np.ndarray]], metric: str) -> TopN:
+    def lists(pair: Callable[[], tuple[np.ndarray, np.ndarray]], metric: str) -> tuple[TopN, Any]:
+        """Every query item's N + 1 best of the p - 1 other items, and the lists' ``tie_aware_jaccard`` bound."""
         spec = LISTS[("item_item", metric)]
         mats = matrices(pair, spec)
+        queries = mats[spec.queries] if not sampled else _on(_take_rows, mats[spec.queries], index)
+        bound = _score_bounds(spec.kernel_metric, queries, mats[spec.candidates], k)
         if not sampled:
-            return _lists(fn, mats[spec.queries], mats[spec.candidates], top_n, spec.kernel_metric, True,
-                          f"{metric} lists", bar)
-        top = _lists(fn, _on(_take_rows, mats[spec.queries], index), mats[spec.candidates], top_n + 1,
-                     spec.kernel_metric, False,
-                     f"{metric} lists", bar)
-        return without_self(top, index, top_n)
+            return _lists(fn, queries, mats[spec.candidates], top_n + 1, spec.kernel_metric, True,
+                          f"{metric} lists", bar, cosine_norm_floor), bound
+        top = _lists(fn, queries, mats[spec.candidates], top_n + 2, spec.kernel_metric, False,
+                     f"{metric} lists", bar, cosine_norm_floor)
+        return without_self(top, index, top_n + 1), bound
 
-    def compare(x: TopN, y: TopN) -> np.ndarray:
-        return jaccard_rows(x.indices, x.counts, y.indices, y.counts)
-
+    # a solution with the canonical product has the canonical invariant lists: Jaccard 1, no ties, per draw
+    same = [(np.ones(index.size), np.zeros(index.size, dtype=np.int64))]
+    tied: dict[str, int] = {}
+    no_list: dict[str, int] = {}  # audited items without a cosine list (norm below the floor, or zero), per list
     with bar:
         for metric in AUDIT_METRICS:
+            if metric in INVARIANT_METRICS:
+                canonical, bound = lists(lambda: factors[names[0]], metric)
+                valid = _valid_mask(canonical.indices[:, :top_n], np.minimum(canonical.counts, top_n))
+                near = _near_cut(canonical.scores, canonical.counts, top_n,
+                                 np.broadcast_to(np.asarray(bound, np.float64), (index.size,)))
+                tied[metric] = int((valid & near).sum())
+                if LISTS[("item_item", metric)].kernel_metric == "cosine":
+                    no_list[metric] = int((canonical.counts == 0).sum())
+                del canonical
+                for a, b in combinations(names, 2):
+                    collect.add("eq1", "item_item", metric, a, b, index, same, pair_dev[(a, b)])
+                if diags.shape[0]:
+                    for s in names:
+                        collect.add("eq1", "item_item", metric, s, label_random, index, same * diags.shape[0],
+                                    draw_dev[s])
+                continue
             base = {s: lists(lambda s=s: factors[s], metric) for s in names}  # reused by every pair and draw
+            no_list.update({f"{metric} {s}": int((base[s][0].counts == 0).sum()) for s in names})
             for a, b in combinations(names, 2):
-                collect.add("eq1", "item_item", metric, a, b, index, [compare(base[a], base[b])])
+                collect.add("eq1", "item_item", metric, a, b, index,
+                            [tie_aware_jaccard(base[a][0], base[b][0], top_n, base[a][1])], pair_dev[(a, b)])
             if diags.shape[0]:
                 for s in names:
-                    js = [compare(base[s], lists(lambda s=s, d=d: rescaled(s, d), metric)) for d in diags]
-                    collect.add("eq1", "item_item", metric, s, label_random, index, js)
+                    compared = [tie_aware_jaccard(base[s][0], lists(lambda s=s, d=d: rescaled(s, d), metric)[0],
+                                                  top_n, base[s][1]) for d in diags]
+                    collect.add("eq1", "item_item", metric, s, label_random, index, compared, draw_dev[s])
             del base
     stability, detail, least = collect.tables()
     summary = _eq1_summary(collect.rows, names, top_n, p, int(index.size), int(draws), float(spread), int(seed),
-                           deviation)
+                           deviation, tied, float(cosine_norm_floor), no_list)
     return AuditResult(stability, detail, least, summary)
 
 
 def _eq1_summary(rows: list[dict[str, Any]], names: list[str], top_n: int, p: int, m: int, draws: int,
-                 spread: float, seed: int, deviation: float) -> dict[str, Any]:
+                 spread: float, seed: int, deviation: float, tied: dict[str, int], floor: float,
+                 no_list: dict[str, int]) -> dict[str, Any]:
     digest = _metric_digest(rows)
     trivial = top_n >= p - 1
     summary: dict[str, Any] = {
         "objective": "eq1", "top_n": top_n, "n_items": p, "n_items_sampled": m, "sampled": m < p,
         "scalings": names, "draws": draws, "spread": spread,
         "seed": seed, "comparisons": len(rows) // len(AUDIT_METRICS), "metrics": digest,
-        "product_max_rel_deviation": deviation, "trivial": trivial,
+        "product_max_rel_deviation": deviation, "trivial": trivial, "cosine_norm_floor": floor,
+        "without_cosine_list": no_list,
+        "boundary_ties": {metric: d["boundary_ties"] for metric, d in digest.items()},
     }
     inv = [digest[m] for m in INVARIANT_METRICS if m in digest]
     inv_mean = min((d["min_jaccard_mean"] for d in inv), default=float("nan"))
     inv_p50 = min((d["min_jaccard_p50"] for d in inv), default=float("nan"))
-    passed = bool(inv) and inv_mean >= INVARIANT_MIN_MEAN and inv_p50 == 1.0
-    summary["invariance"] = {"metrics": list(INVARIANT_METRICS), "min_jaccard_mean": inv_mean,
-                             "min_jaccard_p50": inv_p50, "passed": passed}
+    inv_min = min((d["min_jaccard_min"] for d in inv), default=float("nan"))
+    passed = bool(inv) and inv_min == 1.0
+    summary["invariance"] = {"metrics": list(INVARIANT_METRICS), "canonical": names[0], "min_jaccard_mean": inv_mean,
+                             "min_jaccard_p50": inv_p50, "min_jaccard_min": inv_min, "passed": passed,
+                             "tied_at_cut": tied}
     if "cosine" not in digest:
         summary["verdict"] = "nothing to compare: one eq1 scaling and audit.draws = 0"
         return summary
@@ -700,13 +921,21 @@ def _eq1_summary(rows: list[dict[str, Any]], names: list[str], top_n: int, p: in
     sample = f" of a seeded sample of {m} of the {p} items" if m < p else ""
     verdict = (f"item-item cosine lists of Eq. 1 {moved} the arbitrary scaling: mean Jaccard@{top_n} "
                f"{cos['mean_jaccard_mean']:.2f} across {cos['comparisons']} comparisons{sample} (lowest "
-               f"{cos['min_jaccard_mean']:.2f}, {cos['lowest'][0]} vs {cos['lowest'][1]}); ")
+               f"{cos['min_jaccard_mean']:.2f}, {cos['lowest'][0]} vs {cos['lowest'][1]}; {cos['boundary_ties']} "
+               "boundary ties, swaps within float32 rounding of the cut, count as agreement); ")
+    scaled = {key: v for key, v in no_list.items() if key.startswith("cosine ")}
+    if any(scaled.values()):
+        low, high = min(scaled.values()), max(scaled.values())
+        verdict += (f"{low if low == high else f'{low}-{high}'} of the {m} items have no cosine list under a named "
+                    f"scaling (row norm below cosine_norm_floor {floor:g} of the largest; two empty lists agree); ")
     if passed:
-        verdict += f"model and projected_cosine lists are stable ({inv_mean:.3f})"
+        verdict += (f"model and projected_cosine lists are identical ({inv_mean:.3f}, lowest {inv_min:.3f}): "
+                    f"computed once from the canonical form, with every solution's A B^T equal to it within "
+                    f"float32 rounding (largest relative deviation {deviation:.1e}); "
+                    f"{sum(tied.values())} of their entries lie within float32 rounding of the cut")
     else:
-        verdict += (f"model and projected_cosine lists moved too ({inv_mean:.3f}, median {inv_p50:.3f}): "
-                    "their scores do not depend on the scaling, so items whose N-th and (N+1)-th scores "
-                    "are tied within float32 rounding (e.g. near-duplicate items) swap them")
+        verdict += (f"model and projected_cosine lists moved ({inv_mean:.3f}, lowest {inv_min:.3f}) although "
+                    "their scores do not depend on the scaling: the audit's self-check failed")
     summary["verdict"] = verdict
     return summary
 
@@ -759,6 +988,7 @@ def audit_embedding_pair(
     least_stable: int = 20,
     max_users: int = 10_000,
     user_index: np.ndarray | None = None,
+    cosine_norm_floor: float = 0.0,
     item_lists_fn: ItemListsFn | None = None,
 ) -> AuditResult:
     """Audit any (user, item) embeddings whose dot product is the model: ``U D``, ``I D^-1`` score the same.
@@ -781,6 +1011,9 @@ def audit_embedding_pair(
         ``O(max_users p k)`` per draw, independent of n).
     user_index : (n,) int array, optional
         Original row numbers of U's rows, used in the output tables (when U is already a sample).
+    cosine_norm_floor : float, default 0
+        As for ``audit_item_lists``: relative to the largest row norm of the item embeddings, and of
+        the sampled users' rows.
     item_lists_fn : callable, optional
         As for ``audit_item_lists``.
 
@@ -791,10 +1024,15 @@ def audit_embedding_pair(
         ``random_sd=<spread>``, draws pooled: (``item_item``, ``cosine``) over all items,
         (``user_item``, ``cosine``) and the invariant check (``user_item``, ``dot``) over the
         sampled users. ``summary`` reports the largest score change under D on a sample of at
-        most 1000 x 1000 (user, item) pairs (``score_change_max_abs``, ``score_change_max_rel``).
+        most 1000 x 1000 (user, item) pairs (``score_change_max_abs``, ``score_change_max_rel``,
+        also each row's ``product_deviation``).
 
     Notes
     -----
+    Lists are N + 1 long and compared by ``tie_aware_jaccard``: cosines with the bound
+    ``score_bound("cosine", k)``, dot products per user with ``score_bound("dot", k) |u| max_i |i|``
+    of the given embeddings (the rescaled ones have the same ``sum_l |u_l i_l|``, which bounds the
+    rounding of either computation). The dot lists rank the same scores, so they agree: Jaccard 1.
     Item-item lists exclude the item itself; user-item lists exclude nothing (the interactions
     are not known here). Lists: ``3 (1 + draws)`` computations, item-item ``O(p^2 k)``, user-item
     ``O(m p k)`` for m sampled users; memory O((p + m) N) per list, never O(p^2). Each is a step
@@ -810,6 +1048,8 @@ def audit_embedding_pair(
     _check_int(top_n, "top_n", 1)
     _check_int(draws, "draws", 1)
     _check_int(least_stable, "least_stable", 0)
+    if not (np.isfinite(cosine_norm_floor) and 0 <= cosine_norm_floor < 1):
+        raise MfsimError(f"cosine_norm_floor must be a number in [0, 1); received {cosine_norm_floor!r}.")
     diags = random_diagonals(U.shape[1], draws, spread, seed)
     n_users, p = U.shape[0], I.shape[0]
     if user_index is None:
@@ -826,15 +1066,19 @@ def audit_embedding_pair(
     bar = Progress(3 * (1 + diags.shape[0]), PROGRESS_LABEL)  # the 3 lists of ``lists`` per solution
 
     def lists(Ux: np.ndarray, Ix: np.ndarray) -> dict[tuple[str, str], TopN]:
+        n, floor = top_n + 1, float(cosine_norm_floor)
         return {
-            ("item_item", "cosine"): _lists(fn, Ix, Ix, top_n, "cosine", True, "item-item lists", bar),
-            ("user_item", "cosine"): _lists(fn, Ux, Ix, top_n, "cosine", False, "user-item lists", bar),
-            ("user_item", "dot"): _lists(fn, Ux, Ix, top_n, "dot", False, "user-item lists", bar),  # invariant check
+            ("item_item", "cosine"): _lists(fn, Ix, Ix, n, "cosine", True, "item-item lists", bar, floor),
+            ("user_item", "cosine"): _lists(fn, Ux, Ix, n, "cosine", False, "user-item lists", bar, floor, False),
+            ("user_item", "dot"): _lists(fn, Ux, Ix, n, "dot", False, "user-item lists", bar),  # invariant check
         }
 
+    k = U.shape[1]
+    bounds = {("item_item", "cosine"): score_bound("cosine", k), ("user_item", "cosine"): score_bound("cosine", k),
+              ("user_item", "dot"): score_bound("dot", k) * _row_norms(Us) * max_row_norm(I)}
     with bar:
         base = lists(Us, I)
-        js: dict[tuple[str, str], list[np.ndarray]] = {key: [] for key in base}
+        js: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {key: [] for key in base}
         rng = np.random.default_rng([int(seed), _STREAM_CHECK])
         check_u = np.sort(rng.choice(Us.shape[0], size=min(Us.shape[0], _CHECK_ROWS), replace=False))
         check_i = np.sort(rng.choice(p, size=min(p, _CHECK_ROWS), replace=False))
@@ -844,11 +1088,11 @@ def audit_embedding_pair(
             a, r = _score_change(Us, I, UD, ID, check_u, check_i)
             max_abs, max_rel = max(max_abs, a), max(max_rel, r)
             for key, other in lists(UD, ID).items():
-                js[key].append(jaccard_rows(base[key].indices, base[key].counts, other.indices, other.counts))
+                js[key].append(tie_aware_jaccard(base[key], other, top_n, bounds[key]))
     collect = _Collector(top_n, int(least_stable))
     for (kind, metric), values in js.items():
         index = np.arange(p, dtype=np.int64) if kind == "item_item" else uidx
-        collect.add("external", kind, metric, "given", label_random, index, values)
+        collect.add("external", kind, metric, "given", label_random, index, values, max_rel)
     stability, detail, least = collect.tables()
     digest = _metric_digest(collect.rows)
     unchanged = max_rel <= _SCORE_TOL
@@ -856,12 +1100,15 @@ def audit_embedding_pair(
         "objective": "external", "top_n": top_n, "n_items": p, "n_users": n_users, "n_users_sampled": len(rows),
         "draws": int(draws), "spread": float(spread), "seed": int(seed), "metrics": digest,
         "score_change_max_abs": max_abs, "score_change_max_rel": max_rel, "scores_unchanged": unchanged,
-        "trivial": top_n >= p - 1,
+        "trivial": top_n >= p - 1, "cosine_norm_floor": float(cosine_norm_floor),
+        "boundary_ties": {key: d["boundary_ties"] for key, d in digest.items()},
     }
     ii, uc, ud = (digest[k]["mean_jaccard_mean"] for k in ("item_item/cosine", "user_item/cosine", "user_item/dot"))
+    ud_min = digest["user_item/dot"]["min_jaccard_min"]
     verdict = (f"a rescaling (U D, I D^-1) that leaves every score unchanged (max relative change {max_rel:.1e}) "
                f"moves cosine lists: mean Jaccard@{top_n} {ii:.2f} item-item, {uc:.2f} user-item; "
-               f"user-item dot lists {'are stable' if ud >= INVARIANT_MIN_MEAN else 'moved'} ({ud:.3f})")
+               f"user-item dot lists {'are stable' if ud_min == 1.0 else 'moved'} ({ud:.3f}, lowest {ud_min:.3f}; "
+               f"{digest['user_item/dot']['boundary_ties']} boundary ties)")
     if not unchanged:
         verdict += "; the scores changed beyond float32 rounding: check the embeddings for subnormal values"
     if summary["trivial"]:

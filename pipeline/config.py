@@ -167,6 +167,15 @@ class SvdSection(Section):
     seed: int = 0
 
 
+def _check_lambda(v: Any) -> float | str:
+    """``auto`` or a finite number >= 0 (as a float); one error naming both otherwise."""
+    if v == "auto" and isinstance(v, str):
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < float("inf")):
+        raise ValueError("lambda must be auto or a finite number >= 0")
+    return float(v)
+
+
 class CustomScaling(Section):
     """``objectives.eq1.custom``: the exponents (alpha, beta) of the ``custom`` Eq. 1 scaling."""
 
@@ -177,9 +186,11 @@ class CustomScaling(Section):
 class Eq1Section(Section):
     """``objectives.eq1``: lambda of Eq. 1 and the scalings (choices of D) to produce."""
 
-    lambda_: float = Field(10.0, alias="lambda", ge=0)
+    lambda_: Any = Field("auto", alias="lambda")  # float or "auto" (``_check_lambda``)
     scalings: list[str] = ["symmetric", "item_orthonormal", "user_orthonormal", "eq2_like"]
     custom: CustomScaling = CustomScaling()
+
+    _lambda = field_validator("lambda_")(classmethod(lambda cls, v: _check_lambda(v)))
 
     @field_validator("scalings")
     @classmethod
@@ -192,14 +203,43 @@ class Eq1Section(Section):
 class Eq2Section(Section):
     """``objectives.eq2``: lambda of Eq. 2."""
 
-    lambda_: float = Field(10.0, alias="lambda", ge=0)
+    lambda_: Any = Field("auto", alias="lambda")  # float or "auto" (``_check_lambda``)
+
+    _lambda = field_validator("lambda_")(classmethod(lambda cls, v: _check_lambda(v)))
+
+
+class CosineSection(Section):
+    """``objectives.cosine``: the model trained with cosine similarity (``pipeline.cosine_model``)."""
+
+    lambda_: float = Field(1.0, alias="lambda", ge=0)
+    max_iterations: int = Field(200, ge=0)
+    tol: float = Field(1e-6, gt=0)
 
 
 class ObjectivesSection(Section):
-    """``objectives``: which of Eq. 1 and Eq. 2 to fit (null skips one)."""
+    """``objectives``: which of Eq. 1, Eq. 2 and the cosine-trained model to fit (null skips one), and the
+    lambda grid of ``lambda: auto``."""
 
     eq1: Eq1Section | None = Eq1Section()
     eq2: Eq2Section | None = Eq2Section()
+    cosine: CosineSection | None = CosineSection()
+    lambda_grid: int | list[float] = 13
+
+    @field_validator("lambda_grid")
+    @classmethod
+    def _grid(cls, v: int | list[float]) -> int | list[float]:
+        if isinstance(v, int):
+            if v < 2:
+                raise ValueError(f"objectives.lambda_grid must be a number of points >= 2 or a list of lambdas, got {v}")
+            return v
+        if not v or any(not (x >= 0 and x < float("inf")) for x in v):
+            raise ValueError(f"objectives.lambda_grid must be a non-empty list of finite lambdas >= 0, got {v}")
+        return sorted(set(float(x) for x in v))
+
+    def auto(self) -> list[str]:
+        """The objectives whose lambda is ``auto``."""
+        return [name for name in ("eq1", "eq2")
+                if getattr(self, name) is not None and getattr(self, name).lambda_ == "auto"]
 
 
 class NeighboursSection(Section):
@@ -212,6 +252,9 @@ class NeighboursSection(Section):
     users: list[Any] | None = None
     query_chunk: int = Field(2048, ge=1)
     candidate_block: int = Field(4096, ge=1)
+    # rows below this times the largest row norm of their embedding get no cosine lists and are no cosine
+    # neighbour (their direction is float32 noise); measured in conf/default.yaml's comment
+    cosine_norm_floor: float = Field(1.0e-4, ge=0, lt=1)
 
     @field_validator("item_item", "user_item", "user_user")
     @classmethod
@@ -230,6 +273,15 @@ class EvaluationSection(Section):
     item_truth: str | None = None
     truth_cluster_col: str = "cluster"
     truth_popularity_col: str | None = "popularity"
+    select_metric: str = "ndcg@20"  # recall@N or ndcg@N: the held-out metric that picks lambda: auto
+
+    @field_validator("select_metric")
+    @classmethod
+    def _select(cls, v: str) -> str:
+        name, _, cut = v.partition("@")
+        if name not in ("recall", "ndcg") or not cut.isdigit() or int(cut) < 1:
+            raise ValueError(f"evaluation.select_metric must be recall@N or ndcg@N (N >= 1), e.g. ndcg@20; got {v!r}")
+        return v
 
     @field_validator("cutoffs")
     @classmethod
@@ -252,10 +304,13 @@ class AuditSection(Section):
 
 
 class ReportSection(Section):
-    """``report``: whether to draw the run report and how many items its heatmaps show."""
+    """``report``: whether to draw the run report, how many items its heatmaps show, and its samples."""
 
     enabled: bool = True
     heatmap_items: int = Field(1000, ge=2)
+    pairs: int = Field(5000, ge=1)  # item pairs of the cosine / model score scatter
+    rank_items: int = Field(500, ge=1)  # query items of the rank displacement under a random rescaling
+    seed: int = Field(0, ge=0)  # seed of both samples and of the heatmaps' k-means
 
 
 class Config(Section):
@@ -273,6 +328,15 @@ class Config(Section):
     evaluation: EvaluationSection = EvaluationSection()
     audit: AuditSection = AuditSection()
     report: ReportSection = ReportSection()
+
+    @model_validator(mode="after")
+    def _auto_needs_holdout(self) -> "Config":
+        auto = self.objectives.auto()
+        if auto and self.evaluation.holdout == "none":
+            keys = " and ".join(f"objectives.{name}.lambda" for name in auto)
+            raise ValueError(f"{keys}: auto picks lambda on held-out data, but evaluation.holdout is none; set "
+                             "evaluation.holdout to random or temporal, or set the lambda to a number")
+        return self
 
     def resolved(self) -> dict[str, Any]:
         """The configuration as plain JSON-able data, with the YAML key names."""
@@ -366,7 +430,10 @@ def format_validation_error(err: ValidationError, source: str | ConfigSource) ->
             msg = e["msg"].removeprefix("Value error, ")
             got = e.get("input")  # a whole section (a check across its keys) is not repeated in the message
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"invalid config key '{key}' in {where}: {msg}{shown}")
+            if not loc:  # a check across sections: its message names the keys
+                lines.append(f"invalid config: {msg}")
+            else:
+                lines.append(f"invalid config key '{key}' in {where}: {msg}{shown}")
     return "; ".join(lines)
 
 

@@ -193,8 +193,10 @@ def eq2_factors(
 # user embeddings P = X_eff A, block-wise
 
 
-def _block_times(block: CSRBlock, A: np.ndarray, offset_row: np.ndarray | None) -> np.ndarray:
-    """Rows of ``X A - 1 (c^T A)`` for one block, float32.
+def _block_times(block: CSRBlock, A: np.ndarray, offset_row: np.ndarray | None,
+                 unit_rows: float | None = None) -> np.ndarray:
+    """Rows of ``X A - 1 (c^T A)`` for one block, float32; with ``unit_rows`` each non-zero row scaled to
+    that length (the cosine-trained model's ``gamma^1/2 N(X A)``).
 
     Sums are accumulated in float64 (a heavy user's row sums thousands of terms) and rounded
     once. O(nnz k) time, O(n_rows k) memory.
@@ -203,6 +205,11 @@ def _block_times(block: CSRBlock, A: np.ndarray, offset_row: np.ndarray | None) 
     csr_matmat(block.indptr, block.indices, block.data, A, out)  # X A
     if offset_row is not None:
         out -= offset_row  # X_eff A = X A - 1 (c^T A)
+    if unit_rows is not None:
+        norms = np.sqrt(np.einsum("ij,ij->i", out, out))
+        scale = np.zeros_like(norms)
+        np.divide(float(unit_rows), norms, out=scale, where=norms > 0)
+        out *= scale[:, None]
     return out.astype(np.float32)
 
 
@@ -211,10 +218,12 @@ def offset_row_of(col_offset: np.ndarray, A32: np.ndarray) -> np.ndarray:
     return np.asarray(col_offset, dtype=np.float64) @ A32.astype(np.float64)
 
 
-def user_embeddings_blocks(blocks: RowBlocks, A: Any, col_offset: np.ndarray | None = None) -> list[Any]:
+def user_embeddings_blocks(blocks: RowBlocks, A: Any, col_offset: np.ndarray | None = None,
+                           unit_rows: float | None = None) -> list[Any]:
     """``P = (X - 1 c^T) A`` per row block: arrays locally, futures on a client.
 
     A may be a future of a float32 p x k array on the blocks' client (``Factors.on_client``).
+    ``unit_rows``: every non-zero row of P scaled to this length (``Factors.user_scale``).
     """
     n, p = blocks.shape
     if hasattr(A, "key"):  # a future: c^T A on the worker too
@@ -224,7 +233,7 @@ def user_embeddings_blocks(blocks: RowBlocks, A: Any, col_offset: np.ndarray | N
             if c.shape != (p,):
                 raise MfsimError(f"expected col_offset of shape ({p},), got {c.shape}; pass Preprocessor.col_offset")
             c = blocks.client.submit(offset_row_of, share(blocks.client, c, "column-offset"), A, pure=False)
-        return blocks.map(_block_times, A, c)
+        return blocks.map(_block_times, A, c, unit_rows)
     A = np.asarray(A)
     if A.ndim != 2 or A.shape[0] != p:
         raise MfsimError(f"expected A of shape ({p}, k) for X of shape {blocks.shape}, got {A.shape}")
@@ -237,7 +246,7 @@ def user_embeddings_blocks(blocks: RowBlocks, A: Any, col_offset: np.ndarray | N
         offset_row = offset_row_of(c, A32)
     if blocks.client is not None:  # recomputable with its P blocks when a worker is lost (pipeline.shared)
         A32 = share(blocks.client, A32, "factor-a")
-    return blocks.map(_block_times, A32, offset_row)
+    return blocks.map(_block_times, A32, offset_row, unit_rows)
 
 
 def user_embeddings(blocks: RowBlocks, A: np.ndarray, col_offset: np.ndarray | None = None) -> np.ndarray:
@@ -304,6 +313,7 @@ class Factors(Mapping):
         self._scales: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         self._arrays: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         self._order: list[tuple[str, str]] = []
+        self.user_scales: dict[tuple[str, str], float] = {}  # solutions whose user embeddings are unit rows x scale
 
     def add_scaled(self, key: tuple[str, str], a_scale: np.ndarray, b_scale: np.ndarray) -> None:
         """The solution ``A = V diag(a_scale)``, ``B = V diag(b_scale)`` (scales in float64)."""
@@ -311,11 +321,14 @@ class Factors(Mapping):
             self._order.append(key)
         self._scales[key] = (np.asarray(a_scale, np.float64), np.asarray(b_scale, np.float64))
 
-    def add(self, key: tuple[str, str], A: np.ndarray, B: np.ndarray) -> None:
-        """A solution given as its arrays (kept as they are)."""
+    def add(self, key: tuple[str, str], A: np.ndarray, B: np.ndarray, user_scale: float | None = None) -> None:
+        """A solution given as its arrays (kept as they are); ``user_scale``: its user embeddings are the rows of
+        ``X A`` scaled to this length (the cosine-trained model), else ``X A``."""
         if key not in self:
             self._order.append(key)
         self._arrays[key] = (A, B)
+        if user_scale is not None:
+            self.user_scales[key] = float(user_scale)
 
     def __getitem__(self, key: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
         if key in self._arrays:
@@ -385,7 +398,8 @@ class ObjectiveFactors(Mapping):
 
 
 
-def build_embeddings(sigma: np.ndarray, V: np.ndarray, cfg: ObjectivesSection, v_future: Any = None) -> dict[str, Any]:
+def build_embeddings(sigma: np.ndarray, V: np.ndarray, cfg: ObjectivesSection, v_future: Any = None,
+                     warn: bool = True) -> dict[str, Any]:
     """Factors for every configured objective and scaling (``v_future``: the same V on the workers, if there).
 
     Returns
@@ -396,7 +410,8 @@ def build_embeddings(sigma: np.ndarray, V: np.ndarray, cfg: ObjectivesSection, v
         ``"meta"``: ``{"eq1": {"lambda", "weights", "scalings": {name: (alpha, beta)}},
         "eq2": {"lambda", "n_active", "a_scale", "b_scale"}}`` for the configured objectives.
 
-    Logs a warning when Eq. 2 keeps no component (every singular value <= lambda).
+    Logs a warning when Eq. 2 keeps no component (every singular value <= lambda), unless ``warn`` is false
+    (a lambda sweep's grid reaches that end on purpose).
     """
     factors = Factors(V, v_future)
     meta: dict[str, Any] = {}
@@ -415,7 +430,7 @@ def build_embeddings(sigma: np.ndarray, V: np.ndarray, cfg: ObjectivesSection, v
         a, b, n_active = eq2_scales(sigma, lam)
         factors.add_scaled(("eq2", UNIQUE), a, b)
         meta["eq2"] = {"lambda": lam, "n_active": n_active, "a_scale": a, "b_scale": b}
-        if n_active == 0:
+        if n_active == 0 and warn:
             s_max = float(np.max(sigma, initial=0.0))
             log.warning(
                 "eq2: lambda=%g is >= every singular value (largest %g): all Eq. 2 embeddings are zero; "

@@ -1,7 +1,10 @@
-"""One fit of both objectives: preprocess X, its truncated SVD, the closed forms of Eq. 1 and Eq. 2.
+"""One fit of every objective: preprocess X, its truncated SVD, the closed forms of Eq. 1 and Eq. 2, and the
+model trained with cosine similarity.
 
 The main job fits once on all data (the published factors and lists) and the held-out
-evaluation fits again on its train split, with the same config and the same code.
+evaluation fits again on its train split, with the same config and the same code. ``lambda: auto``
+splits the fit in two: ``fit_spectrum`` (preprocess and SVD, once per split) and ``fit_factors``
+(cheap, per lambda; ``pipeline.lambda_sweep``).
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ from typing import Any
 import numpy as np
 
 from mfsim.pipeline.blocks import RowBlocks
-from mfsim.pipeline.config import Config
-from mfsim.pipeline.factors import Factors, build_embeddings, user_embeddings_blocks
+from mfsim.pipeline.config import Config, ObjectivesSection
+from mfsim.pipeline.cosine_model import normalize_rows, train_cosine
+from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.factors import Factors, build_embeddings, eq2_scales, user_embeddings_blocks
 from mfsim.pipeline.preprocess import Preprocessor, preprocess
+from mfsim.pipeline.registry import UNIQUE
 from mfsim.pipeline.runs import RunWriter
 from mfsim.pipeline.svd import truncated_svd
 
@@ -38,7 +44,8 @@ class Fit:
         on a client A itself is built on the workers (``Factors.on_client``)."""
         if key not in self.user_parts:
             A = self.factors.on_client(self.X.client, key)[0] if self.X.client is not None else self.factors[key][0]
-            self.user_parts[key] = user_embeddings_blocks(self.X, A, self.prep.col_offset)
+            self.user_parts[key] = user_embeddings_blocks(self.X, A, self.prep.col_offset,
+                                                          self.factors.user_scales.get(key))
         return self.user_parts[key]
 
     def manifest_meta(self) -> dict[str, Any]:
@@ -50,24 +57,71 @@ class Fit:
                           "scalings": {k: {"alpha": a, "beta": b} for k, (a, b) in eq1["scalings"].items()}}
         if "eq2" in self.meta:
             out["eq2"] = {"lambda": self.meta["eq2"]["lambda"], "n_active": int(self.meta["eq2"]["n_active"])}
+        if "cosine" in self.meta:
+            out["cosine"] = dict(self.meta["cosine"])
         return out
+
+
+@dataclass
+class Spectrum:
+    """Preprocessed X and its truncated SVD: everything a fit needs before lambda is known."""
+
+    X: RowBlocks
+    prep: Preprocessor
+    svd: Any  # SvdResult
+
+
+def fit_spectrum(X_raw: RowBlocks, cfg: Config, run: RunWriter | None = None, prefix: str = "",
+                 start: np.ndarray | None = None) -> Spectrum:
+    """Preprocess X and its truncated SVD (timed as ``<prefix>preprocess``, ``<prefix>svd`` when ``run`` is given).
+
+    ``start``: a warm start for the Krylov SVD (p x m, e.g. the previous run's V_k aligned to these items).
+    """
+    with _stage(run, prefix + "preprocess"):
+        X, prep = preprocess(X_raw, cfg.preprocess)
+    with _stage(run, prefix + "svd"):
+        svd = truncated_svd(X, cfg.svd, col_offset=prep.col_offset, start=start)
+    return Spectrum(X, prep, svd)
+
+
+def fit_factors(spec: Spectrum, objectives: ObjectivesSection, run: RunWriter | None = None,
+                prefix: str = "", warn: bool = True) -> Fit:
+    """The closed forms of Eq. 1 and Eq. 2 from the SVD (numeric lambdas), then the cosine-trained model
+    (``pipeline.cosine_model``, from Eq. 2's solution), timed as ``<prefix>factors`` and ``<prefix>cosine``."""
+    if objectives.auto():
+        raise MfsimError(f"fit_factors needs numeric lambdas; {objectives.auto()} are auto (resolve them first)")
+    svd = spec.svd
+    with _stage(run, prefix + "factors"):
+        emb = build_embeddings(svd.sigma, svd.V, objectives, svd.V_future, warn=warn)
+    fit = Fit(spec.X, spec.prep, np.asarray(svd.sigma), np.asarray(svd.V), emb["factors"], emb["meta"],
+              svd_info=dict(svd.diagnostics))
+    if objectives.cosine is not None:
+        ccfg = objectives.cosine
+        lam2 = float(objectives.eq2.lambda_) if objectives.eq2 is not None else 0.0
+        a, b, _ = eq2_scales(fit.sigma, lam2)
+        if not np.any(a > 0):  # Eq. 2 kept nothing: start from its lambda = 0 solution
+            a, b, _ = eq2_scales(fit.sigma, 0.0)
+        V = fit.V.astype(np.float64)
+        # The loss does not change with the scale of A or of a row of B; the start is scaled so that the rows
+        # of X A have unit RMS length (||X V diag(a)||_F^2 = sum (s a)^2) and the rows of B unit length, which
+        # puts the gradients of both on one scale (measured on conf/paper.yaml: loss 258.6k after 200
+        # iterations against 263.5k from the unscaled Eq. 2 solution).
+        rms = float(np.sqrt(np.sum((fit.sigma * a) ** 2) / max(1, fit.X.n_rows)))
+        with _stage(run, prefix + "cosine"):
+            trained = train_cosine(fit.X, V * (a / rms), normalize_rows(V * b)[0], lam=ccfg.lambda_,
+                                   max_iterations=ccfg.max_iterations, tol=ccfg.tol, col_offset=fit.prep.col_offset)
+        A, B = trained.factors()
+        fit.factors.add(("cosine", UNIQUE), A, B, user_scale=trained.user_scale)
+        fit.meta["cosine"] = {"lambda": float(ccfg.lambda_), "start": f"eq2 lambda={lam2:g}", **trained.describe()}
+    return fit
 
 
 def fit_model(X_raw: RowBlocks, cfg: Config, run: RunWriter | None = None, prefix: str = "",
               start: np.ndarray | None = None) -> Fit:
-    """Preprocess, truncated SVD and the closed forms of Eq. 1 and Eq. 2 (each timed when ``run`` is given).
+    """Preprocess, truncated SVD, the closed forms of Eq. 1 and Eq. 2 and the cosine-trained model (each timed
+    when ``run`` is given); the lambdas of ``cfg`` must be numbers (``jobs.stages`` resolves ``auto``)."""
+    return fit_factors(fit_spectrum(X_raw, cfg, run, prefix, start), cfg.objectives, run, prefix)
 
-    ``start``: a warm start for the Krylov SVD (p x m, e.g. the previous run's V_k aligned to these items).
-    """
 
-    def stage(name: str):
-        return run.stage(prefix + name) if run is not None else nullcontext()
-
-    with stage("preprocess"):
-        X, prep = preprocess(X_raw, cfg.preprocess)
-    with stage("svd"):
-        svd = truncated_svd(X, cfg.svd, col_offset=prep.col_offset, start=start)
-    with stage("factors"):
-        emb = build_embeddings(svd.sigma, svd.V, cfg.objectives, svd.V_future)
-    return Fit(X, prep, np.asarray(svd.sigma), np.asarray(svd.V), emb["factors"], emb["meta"],
-               svd_info=dict(svd.diagnostics))
+def _stage(run: RunWriter | None, name: str):
+    return run.stage(name) if run is not None else nullcontext()

@@ -16,6 +16,9 @@ What is listed (Steck et al. 2024, Section 2 and the remedies of Section 3):
 Scores that do not depend on the Eq. 1 scaling are computed once, from the first scaling, and
 labelled ``scaling=invariant``; Eq. 2 has one solution, labelled ``scaling=unique``.
 
+Rows whose norm is below ``neighbours.cosine_norm_floor`` times the largest row norm of their
+embedding take no part in cosine lists (``cosine_floor``): their direction is float32 noise.
+
 Query rows go in ranges as Dask tasks on the run's client (``run_topn``, the one way every stage
 submits top-N work); the candidate embeddings reach the workers once per list group, as a shared
 future (``pipeline.shared``: recomputed, not lost, when a worker dies) or, for user embeddings, as
@@ -48,7 +51,7 @@ from mfsim.kernels.topn import (
 from mfsim.pipeline import outputs
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.registry import INVARIANT, LISTS
+from mfsim.pipeline.registry import INVARIANT, LISTS, list_defined
 from mfsim.pipeline.shared import share, share_f32, stack
 
 
@@ -88,6 +91,8 @@ def plan_lists(pairs: list[tuple[str, str]], item_item: list[str], user_item: li
     done_invariant: set[tuple[str, str, str]] = set()
     for objective, scaling in pairs:
         for kind, metric in wanted:
+            if not list_defined(objective, kind, metric):
+                continue
             spec = LISTS[(kind, metric)]
             label_scaling = scaling
             if objective == "eq1" and spec.scaling_invariant:
@@ -124,6 +129,25 @@ def projected(E: np.ndarray, B: np.ndarray) -> np.ndarray:
     return np.asarray(E, dtype=np.float32) * column_norms(B)
 
 
+def max_row_norm(x: np.ndarray, scale: np.ndarray | None = None) -> float:
+    """The largest L2 norm of the rows of ``x`` (of ``x diag(scale)`` when given), accumulated in float64; 0 when
+    x has no rows."""
+    x = np.asarray(x)
+    if scale is not None:
+        x = x * np.asarray(scale, dtype=np.float32)
+    return float(np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64).max(initial=0.0)))
+
+
+def cosine_floor(max_norm: float, relative: float) -> float:
+    """The absolute norm below which a row takes no cosine part: ``relative`` times the embedding's largest row norm.
+
+    Relative to the largest row because the float32 errors of a factorisation's rows are absolute, at the scale of
+    its largest entries, so a row of relative norm r has its direction wrong by about (that error) / r (measured in
+    ``neighbours.cosine_norm_floor``'s comment). Scale-free: a common factor on the embedding moves the floor with it.
+    """
+    return float(relative) * float(max_norm)
+
+
 # ---------------------------------------------------------------------------------------------
 # tasks
 
@@ -154,7 +178,9 @@ class QuerySet:
 
     ``firsts[b]`` is the global row of part b's first row (the candidate id of that row when
     ``exclude_self``); ``exclude[b]``, when given, is a CSR over part b's rows of the candidates
-    each row must not list (a user's own items).
+    each row must not list (a user's own items). ``cosine_min_norm``: the absolute norms below which a
+    query row (of ``queries diag(scale)``), resp. a candidate row, takes no part in the cosine lists
+    (``cosine_floor``; ``kernels.topn.topn_blocked``).
     """
 
     parts: list
@@ -162,6 +188,7 @@ class QuerySet:
     firsts: list[int]
     exclude: list | None = None
     exclude_self: bool = False
+    cosine_min_norm: tuple[float, float] = (0.0, 0.0)  # (queries, candidates): below these, no part in cosine lists
 
     @classmethod
     def whole(cls, queries: Any, n_rows: int, **kwargs: Any) -> "QuerySet":
@@ -171,7 +198,8 @@ class QuerySet:
 
 def topn_task(queries: np.ndarray, scale: np.ndarray | None, rng: QueryRange, candidates: np.ndarray, n: int,
               metrics: tuple[str, ...], exclude_self: bool, exclude: CSRBlock | None, candidate_block: int,
-              then: Callable | None = None, then_part: Any = None) -> Any:
+              then: Callable | None = None, then_part: Any = None,
+              cosine_min_norm: tuple[float, float] = (0.0, 0.0)) -> Any:
     """Top-N lists ``{metric: TopN}`` of query rows ``rng`` (a Dask task), or ``then(lists, rng, then_part)``.
 
     ``scale`` multiplies the query columns (``P diag(|b|)`` for projected cosines); ``exclude``
@@ -189,7 +217,8 @@ def topn_task(queries: np.ndarray, scale: np.ndarray | None, rng: QueryRange, ca
     try:
         lists = topn_blocked(q, candidates, n, metrics=metrics, query_offset=rng.first_id, exclude_self=exclude_self,
                              exclude_indptr=ex_indptr, exclude_indices=ex_indices,
-                             query_chunk=max(1, rng.stop - rng.start), candidate_block=candidate_block)
+                             query_chunk=max(1, rng.stop - rng.start), candidate_block=candidate_block,
+                             cosine_min_norm=cosine_min_norm)
     except ValueError as exc:  # non-finite or overflowing embeddings: the kernel's message says what to do
         raise MfsimError(f"neighbour lists: {exc}") from None
     return lists if then is None else then(lists, rng, then_part)
@@ -214,7 +243,8 @@ def run_topn(client, queries: QuerySet, candidates: Any, n: int, metrics: tuple[
     def submit(r: QueryRange):
         return client.submit(topn_task, queries.parts[r.part], scale, r, candidates, n, metrics, queries.exclude_self,
                              queries.exclude[r.part] if queries.exclude is not None else None, candidate_block,
-                             then, then_parts[r.part] if then_parts is not None else None, pure=False)
+                             then, then_parts[r.part] if then_parts is not None else None, queries.cosine_min_norm,
+                             pure=False)
 
     # a bounded window of ranges in flight: results wait on the workers only until this loop takes them
     window = max(2, 2 * sum(client.nthreads().values()))
@@ -265,9 +295,9 @@ def _one_thread(fn: Callable, *args: Any) -> Any:
         numba.set_num_threads(before)
 
 
-def _prepare_task(embedding: np.ndarray, metrics: tuple[str, ...]):
+def _prepare_task(embedding: np.ndarray, metrics: tuple[str, ...], cosine_norm_floor: float = 0.0):
     try:
-        return prepare_symmetric(embedding, metrics)
+        return prepare_symmetric(embedding, metrics, cosine_floor(max_row_norm(embedding), cosine_norm_floor))
     except ValueError as exc:  # non-finite or overflowing embeddings: the kernel's message says what to do
         raise MfsimError(f"neighbour lists: {exc}") from None
 
@@ -301,7 +331,7 @@ def _finish_task(prep, block: tuple[int, int], n: int, state: tuple, floors, rng
 def run_symmetric(client, embedding: Any, p: int, n: int, metrics: tuple[str, ...], *, candidate_block: int,
                   then: Callable | None = None, then_part: Any = None, label: str | None = None,
                   tile: int = SYMMETRIC_TILE, max_block_rows: int = SYMMETRIC_MAX_BLOCK_ROWS,
-                  ) -> Iterator[tuple[QueryRange, Any]]:
+                  cosine_norm_floor: float = 0.0) -> Iterator[tuple[QueryRange, Any]]:
     """Top-N of every row of one embedding (p rows, a future) against all its rows, no self-neighbour, as Dask
     tasks computing only the score tiles on and above the diagonal; yields ``(range, result)`` per row block.
 
@@ -312,13 +342,15 @@ def run_symmetric(client, embedding: Any, p: int, n: int, metrics: tuple[str, ..
     ``then``, writes them there (``then(lists, range, then_part)``), so lists never travel to the driver.
     A lost worker's states are recomputed from their lineage. Memory: the states, O(p N) over the cluster,
     two blocks' states per task; never O(p^2). ``label``: a progress line over the pair tasks.
+    ``cosine_norm_floor``: rows whose norm is below this times the largest row norm take no part in the cosine
+    lists (``cosine_floor``; ``neighbours.cosine_norm_floor``).
     """
     from distributed import as_completed
 
     from mfsim.pipeline.progress import progress
 
     blocks = symmetric_blocks(p, max_block_rows)
-    prep = client.submit(_prepare_task, embedding, tuple(metrics), pure=False)
+    prep = client.submit(_prepare_task, embedding, tuple(metrics), cosine_norm_floor, pure=False)
     floors = [client.submit(_floors_task, prep, b, n, pure=False) for b in blocks]
     states = [client.submit(_state_task, prep, b, n, f, pure=False) for b, f in zip(blocks, floors)]
     pairs = []
@@ -349,19 +381,22 @@ def run_symmetric(client, embedding: Any, p: int, n: int, metrics: tuple[str, ..
 
 
 def client_item_lists(client, *, rows_per_task: int, candidate_block: int) -> Callable[..., TopN]:
-    """An ``item_lists_fn`` for the audit: ``(queries, candidates, n, metric, exclude_self) -> TopN`` on Dask."""
+    """An ``item_lists_fn`` for the audit: ``(queries, candidates, n, metric, exclude_self, cosine_min_norm) -> TopN``
+    on Dask (``cosine_min_norm``: absolute norm floors of the queries and the candidates, as in ``QuerySet``)."""
 
     def as_future(x: Any, name: str) -> Any:
         return x if hasattr(x, "key") else share_f32(client, x, name)
 
-    def item_lists(queries: Any, candidates: Any, n: int, metric: str, exclude_self: bool = True) -> TopN:
+    def item_lists(queries: Any, candidates: Any, n: int, metric: str, exclude_self: bool = True,
+                   cosine_min_norm: tuple[float, float] = (0.0, 0.0)) -> TopN:
         """Arrays (shared here) or futures of float32 arrays on the workers."""
         cand = as_future(candidates, "audit-candidates")
         q = cand if queries is candidates else as_future(queries, "audit-queries")
         n_queries = client.submit(len, q, pure=False).result() if hasattr(queries, "key") else len(queries)
-        parts = [lists[metric] for _, lists in run_topn(client, QuerySet.whole(q, n_queries, exclude_self=exclude_self),
-                                                        cand, n, (metric,), rows_per_task=rows_per_task,
-                                                        candidate_block=candidate_block)]
+        query_set = QuerySet.whole(q, n_queries, exclude_self=exclude_self,
+                                   cosine_min_norm=tuple(float(v) for v in cosine_min_norm))
+        parts = [lists[metric] for _, lists in run_topn(client, query_set, cand, n, (metric,),
+                                                        rows_per_task=rows_per_task, candidate_block=candidate_block)]
         return TopN(*(np.concatenate([getattr(p, f) for p in parts]) for f in TopN._fields))
 
     return item_lists
@@ -419,14 +454,32 @@ class GroupInputs:
         return self.query_id_parts[r.part].slice(r.start, r.stop - r.start)
 
 
+def group_cosine_min_norms(client, g: GemmGroup, candidates: Any, user_parts: list, scale: np.ndarray | None,
+                           relative: float) -> tuple[float, float]:
+    """``QuerySet.cosine_min_norm`` of group ``g``: ``cosine_floor`` of the largest row norm of the query embedding
+    (every row of P, ``diag(scale)`` applied, also when only a subset of users is queried) and of the candidates;
+    ``(0, 0)`` when the group has no cosine list or the floor is 0. One small task per row block of P."""
+    if relative <= 0 or "cosine" not in g.outputs:
+        return 0.0, 0.0
+    c_max = client.submit(max_row_norm, candidates, pure=False).result()
+    if g.kind == "item_item":  # queries are the candidates
+        return cosine_floor(c_max, relative), cosine_floor(c_max, relative)
+    q_max = max(client.gather([client.submit(max_row_norm, part, scale, pure=False) for part in user_parts]),
+                default=0.0)
+    return cosine_floor(q_max, relative), cosine_floor(c_max, relative)
+
+
 def group_inputs(client, g: GemmGroup, A: Any, B: Any, user_parts: list, X: RowBlocks,
-                 user_ids: pa.Array, item_ids: pa.Array, subset: np.ndarray | None = None) -> GroupInputs:
+                 user_ids: pa.Array, item_ids: pa.Array, subset: np.ndarray | None = None,
+                 cosine_norm_floor: float = 0.0) -> GroupInputs:
     """Queries and candidates of group ``g`` from the factors (A, B) and the user embeddings P = X A.
 
     A and B: float32 p x k arrays, or futures of them (``Factors.on_client``); the embeddings derived
     from them (``projected``, ``gram_factor``) are tasks on the workers.
     ``user_parts``: P per row block of X (futures); ``subset``: the user rows of
     ``neighbours.users`` (None: all users). Item-item groups query every item against every item.
+    ``cosine_norm_floor``: ``neighbours.cosine_norm_floor``, set in ``queries.cosine_min_norm``
+    (``group_cosine_min_norms``).
     """
     p = len(item_ids)
     if not hasattr(A, "key"):  # arrays: shared once each
@@ -436,15 +489,18 @@ def group_inputs(client, g: GemmGroup, A: Any, B: Any, user_parts: list, X: RowB
                "G": lambda: client.submit(gram_factor, A, B, pure=False)}  # on the workers, from A and B
         cand = emb[g.candidates]()
         q = cand if g.queries == g.candidates else emb[g.queries]()
-        return GroupInputs(QuerySet.whole(q, p, exclude_self=True), cand, item_ids, [item_ids])
+        floors = group_cosine_min_norms(client, g, cand, [], None, cosine_norm_floor)
+        return GroupInputs(QuerySet.whole(q, p, exclude_self=True, cosine_min_norm=floors), cand, item_ids, [item_ids])
     scale = client.submit(column_norms, B, pure=False).result() if g.queries == "P_proj" else None
     if g.kind == "user_item":
         cand, cand_ids = B, item_ids
     else:  # P stacked on a worker from its row blocks: the candidates keep P's lineage
         cand, cand_ids = client.submit(stack, scale, None, *user_parts, pure=False), user_ids
+    floors = group_cosine_min_norms(client, g, cand, user_parts, scale, cosine_norm_floor)
     if subset is None:
         queries = QuerySet(user_parts, np.diff(X.row_offsets).tolist(), X.row_offsets[:-1].tolist(),
-                           exclude=X.parts if g.kind == "user_item" else None, exclude_self=g.kind == "user_user")
+                           exclude=X.parts if g.kind == "user_item" else None, exclude_self=g.kind == "user_user",
+                           cosine_min_norm=floors)
         offsets = X.row_offsets
         id_parts = [user_ids.slice(int(offsets[b]), int(offsets[b + 1] - offsets[b])) for b in range(len(X.parts))]
         return GroupInputs(queries, cand, cand_ids, id_parts, scale)
@@ -458,5 +514,5 @@ def group_inputs(client, g: GemmGroup, A: Any, B: Any, user_parts: list, X: RowB
         excl = share(client, CSRBlock(np.arange(len(subset) + 1, dtype=np.int64), subset.astype(np.int32),
                                       np.ones(len(subset), np.float32), X.n_rows), "exclude")
     ids = user_ids.take(pa.array(subset))
-    queries = QuerySet.whole(P_sub, len(subset), exclude=[excl])
+    queries = QuerySet.whole(P_sub, len(subset), exclude=[excl], cosine_min_norm=floors)
     return GroupInputs(queries, cand, cand_ids, [ids], scale)

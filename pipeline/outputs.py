@@ -14,6 +14,7 @@ SINGULAR_VALUES = "svd/singular_values.parquet"
 SVD_BASIS = "svd/basis.parquet"  # item_id + V_k (embedding): what the next run's svd.warm_start reads
 EVALUATION_METRICS = "evaluation/metrics.parquet"
 CLUSTER_PRECISION = "evaluation/cluster_precision.parquet"
+LAMBDA_SWEEP = "evaluation/lambda_sweep.parquet"
 AUDIT_STABILITY = "audit/stability.parquet"
 AUDIT_ITEMS = "audit/items.parquet"
 AUDIT_LEAST_STABLE = "audit/least_stable.parquet"

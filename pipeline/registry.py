@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-OBJECTIVES = ("eq1", "eq2")
+OBJECTIVES = ("eq1", "eq2", "cosine")
 
 #: Label of the lists of Eq. 1 that are the same for every scaling (computed once).
 INVARIANT = "invariant"
@@ -64,6 +64,20 @@ LISTS: dict[tuple[str, str], ListSpec] = {
     ("user_user", "cosine"): ListSpec("P", "P", "cosine", False),
     ("user_user", "projected_cosine"): ListSpec("P_proj", "P_proj", "cosine", True),  # cosine of rows of X A B^T
 }
+
+
+#: Lists that an objective does not have. The cosine-trained model (``pipeline.cosine_model``) scores with
+#: ``gamma cos(x_u A, b_i)``, which is not a product ``A B^T`` linear in X: it has no item-item score matrix, so
+#: no ``model`` and ``projected_cosine`` lists (its cosine lists are its own scores, unique by construction).
+UNDEFINED_LISTS: dict[str, frozenset[tuple[str, str]]] = {
+    "cosine": frozenset({("item_item", "model"), ("item_item", "projected_cosine"),
+                         ("user_user", "projected_cosine")}),
+}
+
+
+def list_defined(objective: str, kind: str, metric: str) -> bool:
+    """Whether ``objective`` has the (kind, metric) list (see ``UNDEFINED_LISTS``)."""
+    return (kind, metric) not in UNDEFINED_LISTS.get(objective, frozenset())
 
 
 def metrics_of(kind: str) -> tuple[str, ...]:

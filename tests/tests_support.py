@@ -6,7 +6,9 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+import scipy.sparse as sp
 import pyarrow.types as pa_types
 import pytest
 
@@ -79,3 +81,56 @@ def assert_same_run_tables(a_dir: Path, b_dir: Path) -> list[Path]:
             else:
                 assert x.equals(y), f"{rel}:{name}"
     return files
+
+
+# ---------------------------------------------------------------------------------------------
+# a published run against dense NumPy (tests/jobs)
+
+
+def run_factor(run_dir, objective, scaling, side):
+    dataset = {"items": "item_embeddings", "users": "user_embeddings"}[side]
+    t = ds.dataset(run_dir / f"{dataset}/objective={objective}/scaling={scaling}", format="parquet").to_table()
+    emb = t["embedding"]
+    return np.asarray(emb.combine_chunks().flatten().to_numpy(), np.float64).reshape(len(t), -1)
+
+
+def dense_x(run_dir, sim_dir):
+    files = sorted(str(f) for f in sim_dir.glob("dt=*/*.parquet"))
+    log = ds.dataset(files, format="parquet").to_table(columns=["user_id", "item_id"])
+    users = pq.read_table(run_dir / "ids/users.parquet")["user_id"].to_numpy()
+    items = pq.read_table(run_dir / "ids/items.parquet")["item_id"].to_numpy()
+    r = np.searchsorted(users, log["user_id"].to_numpy())
+    c = np.searchsorted(items, log["item_id"].to_numpy())
+    X = sp.coo_matrix((np.ones(len(r)), (r, c)), shape=(len(users), len(items))).toarray()
+    return (X > 0).astype(np.float64), users, items  # binarized, as configured
+
+
+def cosine_rows(M):
+    norms = np.linalg.norm(M, axis=1)
+    inv = np.where(norms > 0, 1 / np.where(norms > 0, norms, 1), 0)
+    return M * inv[:, None], norms > 0
+
+
+def check_lists(table, q_col, n_col, q_ids, n_ids, scores_ref, admissible, tol, what="", top_n=7):
+    """Every query's list (``top_n`` long): the top-N of the reference (up to near-ties) with the reference's scores."""
+    q = np.searchsorted(q_ids, table[q_col].to_numpy())
+    nb = np.searchsorted(n_ids, table[n_col].to_numpy())
+    rank = table["rank"].to_numpy()
+    score = table["score"].to_numpy().astype(np.float64)
+    order = np.lexsort((rank, q))
+    assert (order == np.arange(len(q))).all(), "rows are sorted by query then rank"
+    for i in range(scores_ref.shape[0]):
+        ok = admissible[i]
+        ref = np.where(ok, scores_ref[i], -np.inf)
+        expect_count = min(top_n, int(ok.sum()))
+        mine = q == i
+        assert mine.sum() == expect_count, (i, mine.sum(), expect_count)
+        if expect_count == 0:
+            continue
+        assert (rank[mine] == np.arange(1, expect_count + 1)).all()
+        got_nb, got_score = nb[mine], score[mine]
+        assert ok[got_nb].all(), "an excluded candidate (self, seen item, zero row) was listed"
+        np.testing.assert_allclose(got_score, ref[got_nb], atol=tol, err_msg=f"{what} query {i}")  # reported = reference
+        best = np.sort(ref)[::-1][:expect_count]
+        np.testing.assert_allclose(got_score, best, atol=tol, err_msg=f"{what} query {i}")  # and the N best
+        assert (np.diff(got_score) <= 0).all()

@@ -31,7 +31,7 @@ RANK, TOP_N = 5, 6
 SCALINGS = ["symmetric", "item_orthonormal"]
 CONFIG = {  # a mapping over the defaults, as a YAML file's would be
     "svd": {"rank": RANK, "power_iterations": 8},
-    "objectives": {"eq1": {"lambda": 2.0, "scalings": SCALINGS}},
+    "objectives": {"eq1": {"lambda": 2.0, "scalings": SCALINGS}, "eq2": {"lambda": 10.0}, "cosine": None},
     "neighbours": {"user_user": ["cosine", "projected_cosine"]},  # off by default
     "evaluation": {"holdout": "none"},
     "report": {"enabled": False},
@@ -207,7 +207,8 @@ def test_latest_is_the_newest_run_and_urls_read_the_same(api_run):
 
     run, root = api_run
     overrides = {"cluster.n_workers": 1, "cluster.dashboard_address": None, "svd.rank": RANK,
-                 "svd.power_iterations": 8, "objectives.eq1.lambda": 2.0, "neighbours.top_n": TOP_N,
+                 "svd.power_iterations": 8, "objectives.eq1.lambda": 2.0, "objectives.eq2.lambda": 10.0,
+                 "objectives.cosine": None, "neighbours.top_n": TOP_N,
                  "neighbours.user_user": [], "audit.enabled": False, "report.enabled": False,
                  "evaluation.holdout": "none"}
     second = mfsim.run_pipeline(README.parent / "conf" / "default.yaml", input=root / "sim", output=root / "runs",

@@ -17,7 +17,8 @@ from mfsim.pipeline.config import load_config
 from mfsim.pipeline.evaluate import split_holdout
 from mfsim.pipeline.fit import fit_model
 from mfsim.pipeline.simulate import simulate, write_simulation
-from tests_support import assert_same_run_tables
+from tests_support import assert_same_run_tables, check_lists as _check_lists, cosine_rows as _cos, \
+    dense_x as _dense_x, run_factor as _factor
 
 TOP_N = 7
 RANK = 5  # = the simulator's cluster count: a clear gap after the top 5 singular values
@@ -29,7 +30,7 @@ def _small_config(root, client, run_id):
     return load_config(None, [
         f"input.path={root / 'sim'}", f"run.output={root / 'runs'}", f"run.run_id={run_id}",
         f"cluster.address={client.scheduler.address}", f"svd.rank={RANK}", f"neighbours.top_n={TOP_N}",
-        "objectives.eq1.lambda=2.0", "objectives.eq2.lambda=1.5", "preprocess.binarize=true",
+        "objectives.eq1.lambda=2.0", "objectives.eq2.lambda=1.5", "objectives.cosine=null", "preprocess.binarize=true",
         "objectives.eq1.scalings=[symmetric,item_orthonormal,eq2_like]", "neighbours.query_chunk=64",
         "neighbours.candidate_block=16", "ingest.block_rows=64",  # several row blocks
         # the 5th and 6th singular values of this small X are within 10%: enough power iterations
@@ -63,55 +64,6 @@ def test_one_worker_gives_the_same_run(small_run, client1):
     one_dir, _ = run_job(_small_config(sim_dir.parent, client1, "one-worker"))
     files = assert_same_run_tables(run_dir, one_dir)
     assert len(files) > 40
-
-
-def _factor(run_dir, objective, scaling, side):
-    dataset = {"items": "item_embeddings", "users": "user_embeddings"}[side]
-    t = ds.dataset(run_dir / f"{dataset}/objective={objective}/scaling={scaling}", format="parquet").to_table()
-    emb = t["embedding"]
-    return np.asarray(emb.combine_chunks().flatten().to_numpy(), np.float64).reshape(len(t), -1)
-
-
-def _dense_x(run_dir, sim_dir):
-    files = sorted(str(f) for f in sim_dir.glob("dt=*/*.parquet"))
-    log = ds.dataset(files, format="parquet").to_table(columns=["user_id", "item_id"])
-    users = pq.read_table(run_dir / "ids/users.parquet")["user_id"].to_numpy()
-    items = pq.read_table(run_dir / "ids/items.parquet")["item_id"].to_numpy()
-    r = np.searchsorted(users, log["user_id"].to_numpy())
-    c = np.searchsorted(items, log["item_id"].to_numpy())
-    X = sp.coo_matrix((np.ones(len(r)), (r, c)), shape=(len(users), len(items))).toarray()
-    return (X > 0).astype(np.float64), users, items  # binarized, as configured
-
-
-def _cos(M):
-    norms = np.linalg.norm(M, axis=1)
-    inv = np.where(norms > 0, 1 / np.where(norms > 0, norms, 1), 0)
-    return M * inv[:, None], norms > 0
-
-
-def _check_lists(table, q_col, n_col, q_ids, n_ids, scores_ref, admissible, tol, what=""):
-    """Every query's list: the top-N of the reference (up to near-ties) with the reference's scores."""
-    q = np.searchsorted(q_ids, table[q_col].to_numpy())
-    nb = np.searchsorted(n_ids, table[n_col].to_numpy())
-    rank = table["rank"].to_numpy()
-    score = table["score"].to_numpy().astype(np.float64)
-    order = np.lexsort((rank, q))
-    assert (order == np.arange(len(q))).all(), "rows are sorted by query then rank"
-    for i in range(scores_ref.shape[0]):
-        ok = admissible[i]
-        ref = np.where(ok, scores_ref[i], -np.inf)
-        expect_count = min(TOP_N, int(ok.sum()))
-        mine = q == i
-        assert mine.sum() == expect_count, (i, mine.sum(), expect_count)
-        if expect_count == 0:
-            continue
-        assert (rank[mine] == np.arange(1, expect_count + 1)).all()
-        got_nb, got_score = nb[mine], score[mine]
-        assert ok[got_nb].all(), "an excluded candidate (self, seen item, zero row) was listed"
-        np.testing.assert_allclose(got_score, ref[got_nb], atol=tol, err_msg=f"{what} query {i}")  # reported = reference
-        best = np.sort(ref)[::-1][:expect_count]
-        np.testing.assert_allclose(got_score, best, atol=tol, err_msg=f"{what} query {i}")  # and the N best
-        assert (np.diff(got_score) <= 0).all()
 
 
 def test_every_list_matches_numpy(small_run):
@@ -172,7 +124,7 @@ def test_every_list_matches_numpy(small_run):
                             "user_user": ("user_id", "neighbour_id")}[kind]
             q_ids = items if kind == "item_item" else users
             n_ids = users if kind == "user_user" else items
-            _check_lists(table, q_col, n_col, q_ids, n_ids, ref, ok, tol_, what=str(path))
+            _check_lists(table, q_col, n_col, q_ids, n_ids, ref, ok, tol_, what=str(path), top_n=TOP_N)
             checked += 1
     assert checked == 4 * 4 + 2 * 4
 
@@ -210,7 +162,7 @@ def test_user_subset_lists_equal_the_full_run(small_run, client):
     cfg = load_config(None, [
         f"input.path={sim_dir}", f"run.output={run_dir.parent}", "run.run_id=sub",
         f"cluster.address={client.scheduler.address}", f"svd.rank={RANK}", f"neighbours.top_n={TOP_N}",
-        "objectives.eq1.lambda=2.0", "objectives.eq2.lambda=1.5", "preprocess.binarize=true",
+        "objectives.eq1.lambda=2.0", "objectives.eq2.lambda=1.5", "objectives.cosine=null", "preprocess.binarize=true",
         "objectives.eq1.scalings=[symmetric]", "svd.power_iterations=12", "ingest.block_rows=64",
         "neighbours.item_item=[]", "neighbours.user_user=[cosine,projected_cosine]", f"neighbours.users={wanted}",
         "evaluation.holdout=none", "audit.enabled=false",
@@ -328,7 +280,8 @@ def test_held_out_metrics_on_the_sampled_users_match_numpy(client, max_users):
     n, p = 90, 24
     X = sp.csr_matrix((rng.random((n, p)) < 0.3) * rng.integers(1, 4, (n, p)), dtype=np.float32)
     cfg = load_config(None, ["svd.rank=4", "objectives.eq1.scalings=[symmetric,item_orthonormal]",
-                             "objectives.eq1.lambda=2.0", "objectives.eq2.lambda=1.0", "evaluation.cutoffs=[3,8]",
+                             "objectives.eq1.lambda=2.0", "objectives.eq2.lambda=1.0", "objectives.cosine=null",
+                             "evaluation.cutoffs=[3,8]",
                              f"evaluation.max_users={max_users}", "evaluation.seed=5", "neighbours.query_chunk=8",
                              "neighbours.candidate_block=16"])
     train, test = split_holdout(RowBlocks.from_scipy(X, 16, client=client), "random", 0.3, 5)

@@ -32,7 +32,8 @@ from tests_support import assert_same_run_tables, end_process
 BIN = Path(sys.executable).parent
 MFSIM = str(BIN / "mfsim")
 REPO = Path(__file__).resolve().parents[2]
-QUICK = ["--set", "svd.rank=4", "--set", "neighbours.top_n=5", "--set", "evaluation.holdout=none",
+QUICK = ["--set", "objectives.eq1.lambda=10", "--set", "objectives.eq2.lambda=10", "--set", "objectives.cosine=null",
+         "--set", "svd.rank=4", "--set", "neighbours.top_n=5", "--set", "evaluation.holdout=none",
          "--set", "audit.draws=1", "--set", "report.enabled=true", "--set", "cluster.n_workers=1",
          "--set", "neighbours.user_user=[cosine]"]
 BUCKET = "mfsim-test"

@@ -21,7 +21,8 @@ import pytest
 MFSIM = str(Path(sys.executable).parent / "mfsim")
 REPO = Path(__file__).resolve().parents[2]
 # a small, fast run: rank 4, short lists, no held-out fit, no audit, no report, one worker
-QUICK = ["--set", "svd.rank=4", "--set", "neighbours.top_n=5", "--set", "evaluation.holdout=none",
+QUICK = ["--set", "objectives.eq1.lambda=10", "--set", "objectives.eq2.lambda=10", "--set", "objectives.cosine=null",
+         "--set", "svd.rank=4", "--set", "neighbours.top_n=5", "--set", "evaluation.holdout=none",
          "--set", "audit.enabled=false", "--set", "report.enabled=false", "--set", "cluster.n_workers=1"]
 DAY0 = dt.date(2026, 11, 1)
 

@@ -74,14 +74,17 @@ def test_long_stages_of_a_run_log_quarter_lines(tmp_path, client, caplog, monkey
         f"cluster.address={client.scheduler.address}", "svd.rank=4", "svd.solver=subspace", "svd.power_iterations=8",
         "neighbours.top_n=5", "objectives.eq1.scalings=[symmetric,eq2_like]", "audit.draws=1",
         "ingest.block_rows=64", "neighbours.query_chunk=32",  # 150 users: 5 query ranges per list group
+        "objectives.lambda_grid=4", "objectives.cosine=null",  # lambda: auto, a 4-point sweep per objective
     ])
     with caplog.at_level(logging.INFO, logger="mfsim.progress"):
         run_job(cfg)
     lines = progress_lines(caplog)
     totals = {label: seen[0][1] for label, seen in lines.items()}
     assert totals["svd power iterations"] == 8
-    assert totals["audit lists"] == 3 * 2 * (1 + 1)  # 3 metrics x 2 scalings x (the base + 1 draw)
-    assert totals["report figures"] == 3  # heatmaps, spectrum, audit Jaccards
+    # cosine lists per scaling and draw (the base + 1), model and projected_cosine once from the canonical form
+    assert totals["audit lists"] == 2 * (1 + 1) + 2
+    assert totals["report figures"] == 6  # pair scatter, rank displacement, audit Jaccards, heatmaps, spectrum, sweep
+    assert totals["lambda sweep eq1"] == totals["lambda sweep eq2"] == 4
     assert [label for label in lines if label.startswith("evaluation eq1/")]
     assert [label for label in lines if label.startswith("neighbours item_item eq1/")]
     for label, seen in lines.items():

@@ -188,6 +188,67 @@ def test_zero_rows(metric, n, seeding):
         np.testing.assert_array_equal(got.indices[0], np.arange(n))
 
 
+def _tiny_rows(x: np.ndarray, rows: list[int]) -> np.ndarray:
+    """``x`` with ``rows`` scaled by 2^-12: exact in float32, so every gemm stays exact (multiples of 2^-24)."""
+    x = x.copy()
+    x[rows] *= np.float32(2.0**-12)
+    return x
+
+
+@pytest.mark.parametrize("blocking", BLOCKINGS)
+@pytest.mark.parametrize("n", [12, 100])
+def test_cosine_norm_floor(blocking, n, seeding):
+    """Rows whose norm is below ``cosine_min_norm`` take no part in cosine lists, exactly as zero rows; dot lists
+    are unaffected. Against the dense reference and by hand: integer rows have norm >= 1, the scaled rows at most
+    sqrt(4 x 9) 2^-12 < 1.5e-3, so a floor of 0.01 removes exactly the scaled rows."""
+    small_q, small_c = [1, 8, 29], [2, 5, 71, 148]
+    queries = _tiny_rows(_integers((30, 4), seed=23), small_q)
+    candidates = _tiny_rows(_integers((150, 4), seed=24), small_c)
+    floors = (0.01, 0.01)
+    got = topn_blocked(queries, candidates, n, query_chunk=blocking[0], candidate_block=blocking[1],
+                       cosine_min_norm=floors)
+    _assert_exact(got["cosine"], topn_reference(queries, candidates, n, "cosine", cosine_min_norm=floors))
+    nonzero = np.linalg.norm(queries, axis=1) > 0
+    assert np.all(got["cosine"].counts[small_q] == 0)
+    assert not np.isin(got["cosine"].indices, small_c).any()
+    kept = np.setdiff1d(np.flatnonzero(nonzero), small_q)
+    expected = min(n, 150 - len(small_c) - int((np.linalg.norm(candidates, axis=1) == 0).sum()))
+    assert np.all(got["cosine"].counts[kept] == expected)
+    # the same lists as a cosine with those rows zeroed; the dot lists as without a floor
+    q0, c0 = queries.copy(), candidates.copy()
+    q0[small_q], c0[small_c] = 0, 0
+    zeroed = topn_blocked(q0, c0, n, metrics=("cosine",))["cosine"]
+    _assert_exact(got["cosine"], (zeroed.counts, zeroed.indices, zeroed.scores))
+    plain = topn_blocked(queries, candidates, n, query_chunk=blocking[0], candidate_block=blocking[1])
+    for a, b in zip(got["dot"], plain["dot"]):
+        np.testing.assert_array_equal(a, b)
+    # one floor per side: only the candidates' floor leaves the small queries their lists
+    cand_only = topn_blocked(queries, candidates, n, metrics=("cosine",), cosine_min_norm=(0.0, 0.01))["cosine"]
+    _assert_exact(cand_only, topn_reference(queries, candidates, n, "cosine", cosine_min_norm=(0.0, 0.01)))
+    assert np.all(cand_only.counts[small_q] == expected)
+
+
+def test_cosine_norm_floor_of_the_symmetric_driver(seeding):
+    """``topn_symmetric(E, cosine_min_norm=m)`` equals ``topn_blocked(E, E, exclude_self, (m, m))`` bit for bit."""
+    from mfsim.kernels.topn import topn_symmetric
+
+    e = _tiny_rows(_integers((300, 5), seed=25), [0, 7, 150, 299])
+    got = topn_symmetric(e, 20, tile=64, n_threads=2, cosine_min_norm=0.01)
+    ref = topn_blocked(e, e, 20, exclude_self=True, cosine_min_norm=(0.01, 0.01))
+    for m in ("dot", "cosine"):
+        for a, b in zip(got[m], ref[m]):
+            np.testing.assert_array_equal(a, b)
+    assert np.all(got["cosine"].counts[[0, 7, 150, 299]] == 0)
+    assert not np.isin(got["cosine"].indices, [0, 7, 150, 299]).any()
+
+
+@pytest.mark.parametrize("bad", [(-1.0, 0.0), (0.0, np.nan), (0.1,), "x"])
+def test_cosine_norm_floor_errors(bad):
+    x = _integers((6, 3), seed=26)
+    with pytest.raises(ValueError, match="cosine_min_norm"):
+        topn_blocked(x, x, 3, cosine_min_norm=bad)
+
+
 @pytest.mark.parametrize("metric", ["dot", "cosine"])
 def test_exclusion_mask(metric, seeding):
     rng = np.random.default_rng(8)

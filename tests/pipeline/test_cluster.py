@@ -246,7 +246,7 @@ def test_a_job_through_a_tls_cluster(tmp_path):
             f"cluster.address={address}", *(f"cluster.tls.{key}={path}" for key, path in tls.items()),
             # a small, fast run (test_ops.QUICK): rank 4, short lists, no held-out fit, no audit, no report
             "svd.rank=4", "neighbours.top_n=5", "evaluation.holdout=none", "audit.enabled=false",
-            "report.enabled=false",
+            "report.enabled=false", "objectives.eq1.lambda=10", "objectives.eq2.lambda=10", "objectives.cosine=null",
         ])
         run_dir, manifest = run_job(cfg, scheduler=None)
     assert run_dir == tmp_path / "runs" / "over-tls"

@@ -102,3 +102,77 @@ def test_gram_factor_gives_the_model_scores(objective):
     G = gram_factor(A, B)
     dense = A.astype(np.float64) @ B.astype(np.float64).T
     np.testing.assert_allclose(G.astype(np.float64) @ G.astype(np.float64).T, dense, atol=1e-5 * np.abs(dense).max())
+
+
+@pytest.mark.parametrize("subset", [None, np.array([0, 3, 4, 20, 39])], ids=["all-users", "subset"])
+def test_cosine_norm_floor_reaches_every_cosine_list(client, subset):
+    """``cosine_norm_floor`` on every list group, as the neighbours stage runs them (``group_inputs``, then
+    ``run_symmetric`` for item-item and ``run_topn`` otherwise), against dense NumPy lists of the same embeddings:
+    rows whose norm is below the floor times the largest row norm of their embedding have no cosine list and are
+    nobody's cosine neighbour; dot lists do not change."""
+    import scipy.sparse as sp
+
+    from mfsim.pipeline.blocks import RowBlocks
+    from mfsim.pipeline.factors import user_embeddings_blocks
+    from mfsim.pipeline.neighbours import gram_factor, group_inputs, run_symmetric
+    import pyarrow as pa
+
+    rng = np.random.default_rng(4)
+    n, p, k, top, floor = 40, 60, 5, 7, 1e-4
+    tiny = [2, 11, 30, 59]  # items whose rows of V are 1e-6 of the others: below the floor in A, B and A B^T
+    V = np.linalg.qr(rng.standard_normal((p, k)))[0]
+    V[tiny] *= 1e-6
+    w, d = rng.uniform(0.3, 1.0, k), rng.lognormal(0, 0.5, k)
+    A, B = (V * (w**0.5 * d)).astype(np.float32), (V * (w**0.5 / d)).astype(np.float32)
+    dense_x = (rng.random((n, p)) < 0.15).astype(np.float32)
+    dense_x[0] = 0
+    dense_x[0, tiny[:2]] = 1  # user 0 has only tiny items: its row of P = X A is below the floor too
+    X = sp.csr_matrix(dense_x)
+    blocks = RowBlocks.from_scipy(X, 16, client=client)
+    user_parts = user_embeddings_blocks(blocks, A)
+    P = np.concatenate(client.gather(user_parts))
+    queries_of = np.arange(n) if subset is None else subset
+    mats = {"B": B, "G": gram_factor(A, B), "A_proj": projected(A, B), "P": P, "P_proj": projected(P, B)}
+    user_ids, item_ids = pa.array(np.arange(n) + 1000), pa.array(np.arange(p) + 5000)
+
+    def dense(kind, qname, cname, metric):
+        Q, C = mats[qname], mats[cname]
+        mins = (floor * np.linalg.norm(Q.astype(np.float64), axis=1).max(),
+                floor * np.linalg.norm(C.astype(np.float64), axis=1).max())
+        rows = np.arange(len(Q)) if kind == "item_item" else queries_of
+        kw = {"cosine_min_norm": mins, "exclude_self": kind == "item_item"}
+        if kind == "user_item":
+            kw.update(exclude_indptr=X[rows].indptr, exclude_indices=X[rows].indices)
+        if kind == "user_user":  # each user's own row, as an exclusion mask
+            kw.update(exclude_indptr=np.arange(len(rows) + 1), exclude_indices=rows.astype(np.int32))
+        return topn_reference(Q[rows], C, top, metric, **kw)
+
+    groups = plan_lists([("eq1", "symmetric")], ["cosine", "dot", "model", "projected_cosine"], ["dot", "cosine"],
+                        ["cosine", "projected_cosine"])
+    floored_queries = {"item_item": tiny, "user_item": [0], "user_user": [0]}
+    floored_candidates = {"item_item": tiny, "user_item": tiny, "user_user": [0]}
+    checked = 0
+    for g in groups:
+        inputs = group_inputs(client, g, A, B, user_parts, blocks, user_ids, item_ids, subset,
+                              cosine_norm_floor=floor)
+        if g.kind == "item_item":
+            parts = [res for _, res in run_symmetric(client, inputs.candidates, p, top, tuple(g.outputs),
+                                                     candidate_block=16, cosine_norm_floor=floor)]
+        else:
+            parts = [res for _, res in run_topn(client, inputs.queries, inputs.candidates, top, tuple(g.outputs),
+                                                rows_per_task=9, candidate_block=16, scale=inputs.scale)]
+        for metric in g.outputs:
+            counts = np.concatenate([r[metric].counts for r in parts])
+            indices = np.concatenate([r[metric].indices for r in parts])
+            ref_counts, ref_indices, _ = dense(g.kind, g.queries, g.candidates, metric)
+            np.testing.assert_array_equal(counts, ref_counts)
+            np.testing.assert_array_equal(indices, ref_indices)
+            rows = np.arange(p) if g.kind == "item_item" else queries_of
+            low = np.isin(rows, floored_queries[g.kind])
+            if metric == "cosine":  # by hand: the floored rows, and only they, have no list and no place in one
+                assert (counts[low] == 0).all() and (counts[~low] > 0).all()
+                assert not np.isin(indices, floored_candidates[g.kind]).any()
+            else:
+                assert (counts > 0).all()
+            checked += 1
+    assert checked == 8  # item_item cosine, dot, model, projected_cosine; user_item dot, cosine; user_user both

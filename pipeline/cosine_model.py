@@ -1,0 +1,322 @@
+"""A model trained with cosine similarity itself: Steck, Ekanadham & Kallus (2024), Section 3, first remedy.
+
+Objective ``cosine``, over A (p x k), B (p x k) and a scale gamma >= 0::
+
+    L(A, B, gamma) = ||X - gamma N(X A) N(B)^T||_F^2 + lam gamma (n_+ + p_+)
+
+where N(.) scales each row to unit length (a zero row stays zero) and n_+, p_+ count the non-zero
+rows of X A and B. The model scores user u and item i by ``gamma cos(x_u A, b_i)``, so the cosine
+of its item embeddings is exactly what it was trained for, and nothing about it is arbitrary.
+
+The penalty is Eq. 2's ``lam (||P||^2 + ||Q||^2)`` on the embeddings the model scores with,
+``P = gamma^1/2 N(X A)`` and ``Q = gamma^1/2 N(B)``: ``||P||^2 + ||Q||^2 = gamma (n_+ + p_+)``. On the raw A
+and B it would have no minimizer: the data term does not change when A, or any row of B, is scaled,
+so ``lam (||A||^2 + ||B||^2)`` would only pull them towards 0, where N is undefined.
+
+Exact and full batch, X never dense. With ``P = N(X A)``, ``Q = N(B)``, ``Z = X Q`` and the k x k Gram
+matrices ``G_P = P^T P``, ``G_Q = Q^T Q``::
+
+    ||X - gamma P Q^T||^2 = ||X||^2 - 2 gamma <P, Z> + gamma^2 trace(G_P G_Q)
+
+(``||P Q^T||_F^2 = trace(G_P G_Q)``; ``<X, P Q^T> = <P, X Q>`` is a sum over X's non-zeros). For fixed A, B
+the best gamma is ``max(0, (<P, Z> - lam (n_+ + p_+) / 2) / trace(G_P G_Q))``; the optimizer works on
+``L(A, B) = min_gamma L(A, B, gamma)``, whose gradient is that of L at the best gamma (the derivative in
+gamma is zero there). With ``g_P = -2 gamma Z + 2 gamma^2 P G_Q`` and ``g_Q = -2 gamma X^T P + 2 gamma^2 Q G_P``::
+
+    dL/dA = X^T N'(X A)[g_P],   dL/dB = N'(B)[g_Q],   N'(y)[g] = (g - (g . N(y)) N(y)) / |y|
+
+per row. One loss and gradient: four products with X's row blocks (X A, X Q, X^T g, X^T P), O(nnz k),
+plus O((n + p) k^2) for the Gram matrices, over the row blocks on the Dask client (two rounds of
+tasks: the blocks' sums, then their gradients once gamma is known). Sums over blocks run in a fixed
+tree (``blocks.tree_reduce``), so the result is the same bit for bit on any number of workers.
+Centred preprocessing (``X_eff = X - 1 c^T``) is applied implicitly.
+
+L-BFGS (``scipy.optimize``, float64), started from the Eq. 2 solution; each iteration's loss and
+gradient norm are logged. Memory on the driver: the L-BFGS state, about ``(2 m + 8) 2 p k`` float64
+(m = 10 correction pairs; 90 MB at p = 20,000, k = 64).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import Any
+
+import numpy as np
+from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
+
+from mfsim.kernels.rows import ordered_sum, row_dots, row_norms
+from mfsim.kernels.sparse import csr_matmat, csr_t_matmat
+from mfsim.pipeline.blocks import CSRBlock, RowBlocks, tree_reduce
+from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.shared import share
+
+log = logging.getLogger("mfsim.cosine")
+
+
+@dataclass
+class CosineFit:
+    """The trained model: ``A`` (user side: the user embeddings are ``gamma^1/2 N(X A)``), ``Q = N(B)``, gamma,
+    and the optimizer's record (``history``: loss and gradient norm at each accepted iterate, the start first)."""
+
+    A: np.ndarray  # float64 p x k
+    Q: np.ndarray  # float64 p x k, unit (or zero) rows
+    gamma: float
+    loss: float
+    iterations: int
+    evaluations: int
+    converged: bool
+    message: str
+    seconds: float
+    history: list[tuple[float, float]] = field(default_factory=list)
+
+    def factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """The published pair: ``A`` and ``B = gamma^1/2 N(B)`` (float32); the user embeddings ``gamma^1/2
+        N(X A)`` come with ``user_scale`` (``factors.user_embeddings_blocks(..., unit_rows=...)``)."""
+        return (np.ascontiguousarray(self.A, np.float32),
+                np.ascontiguousarray(self.Q * np.sqrt(self.gamma), np.float32))
+
+    @property
+    def user_scale(self) -> float:
+        """The length of every non-zero user embedding, ``gamma^1/2``."""
+        return float(np.sqrt(self.gamma))
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's account: gamma, final loss, iterations, convergence, time."""
+        return {"gamma": self.gamma, "loss": self.loss, "iterations": self.iterations,
+                "evaluations": self.evaluations, "converged": self.converged, "message": self.message,
+                "seconds": round(self.seconds, 3),
+                "start_loss": self.history[0][0] if self.history else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# row normalization and its derivative
+
+
+def normalize_rows(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(N(Y), |y|)``: rows scaled to unit length, zero rows left zero; the row norms (float64)."""
+    r = row_norms(Y)
+    inv = np.zeros_like(r)
+    np.divide(1.0, r, out=inv, where=r > 0)
+    return Y * inv[:, None], r
+
+
+def normalize_rows_backward(g: np.ndarray, N: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """The gradient with respect to Y from the gradient ``g`` with respect to ``N = N(Y)``:
+    ``(g - (g . n) n) / |y|`` per row; 0 for a zero row (N is constant there)."""
+    inv = np.zeros_like(r)
+    np.divide(1.0, r, out=inv, where=r > 0)
+    return (g - row_dots(g, N)[:, None] * N) * inv[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# the tasks over X's row blocks
+
+
+def _times(block: CSRBlock, M: np.ndarray, offset_row: np.ndarray | None) -> np.ndarray:
+    """``X_b M - 1 (c^T M)`` in float64."""
+    out = np.empty((block.n_rows, M.shape[1]), np.float64)
+    csr_matmat(block.indptr, block.indices, block.data, M, out)
+    if offset_row is not None:
+        out -= offset_row
+    return out
+
+
+def _t_times(block: CSRBlock, M: np.ndarray, col_offset: np.ndarray | None) -> np.ndarray:
+    """``X_b^T M - c (1^T M)`` in float64 (p x l)."""
+    out = np.zeros((block.n_cols, M.shape[1]), np.float64)
+    csr_t_matmat(block.indptr, block.indices, block.data, np.ascontiguousarray(M), out,
+                 column_cumsum=block.column_cumsum())
+    if col_offset is not None:
+        out -= np.outer(col_offset, M.sum(axis=0))
+    return out
+
+
+def _one_blas_thread(fn):
+    """Run ``fn`` with BLAS on one thread: a multi-threaded gemm splits its sums (``P^T P`` over the rows) by
+    thread count, and the blocks' sums must round the same in this process and on any worker."""
+    def wrapped(*args):
+        with threadpool_limits(1, user_api="blas"):
+            return fn(*args)
+    wrapped.__name__, wrapped.__qualname__, wrapped.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    wrapped.__module__ = fn.__module__
+    return wrapped
+
+
+@_one_blas_thread
+def block_forward(block: CSRBlock, A: np.ndarray, Q: np.ndarray, col_offset: np.ndarray | None
+                  ) -> tuple[tuple[np.ndarray, ...], tuple[float, np.ndarray, int]]:
+    """One block's state ``(P, |X_b A|, Z)`` and sums ``(<P, Z>, G_P, rows with X_b A != 0)``.
+
+    ``X_b A`` and ``Z = X_b Q`` are one product with ``[A | Q]`` (one pass over the block's non-zeros)."""
+    k = A.shape[1]
+    AQ = np.ascontiguousarray(np.hstack([A, Q]))
+    XAQ = _times(block, AQ, None if col_offset is None else col_offset @ AQ)
+    P, r = normalize_rows(XAQ[:, :k])
+    Z = XAQ[:, k:]
+    return (P, r, Z), (ordered_sum(row_dots(P, Z)), P.T @ P, int(np.count_nonzero(r)))
+
+
+@_one_blas_thread
+def block_backward(block: CSRBlock, state: tuple[np.ndarray, ...], G_Q: np.ndarray, gamma: float,
+                   col_offset: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """One block's ``(X_b^T N'(X_b A)[g_P], X_b^T P)``, with ``g_P = -2 gamma Z + 2 gamma^2 P G_Q``."""
+    P, r, Z = state
+    k = P.shape[1]
+    g_P = -2.0 * gamma * Z + 2.0 * gamma * gamma * (P @ G_Q)
+    both = _t_times(block, np.hstack([normalize_rows_backward(g_P, P, r), P]), col_offset)  # one pass: [g | P]
+    return both[:, :k], both[:, k:]
+
+
+def _sum_sums(*parts: tuple[float, np.ndarray, int]) -> tuple[float, np.ndarray, int]:
+    s1, G, rows = parts[0][0], parts[0][1].copy(), parts[0][2]
+    for a, g, r in parts[1:]:
+        s1, rows = s1 + a, rows + r
+        G += g
+    return s1, G, rows
+
+
+def _sum_pairs(*parts: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    first = parts[0]
+    a, b = first[0].copy(), first[1].copy()
+    for x, y in parts[1:]:
+        a += x
+        b += y
+    return a, b
+
+
+def _sum_squares(block: CSRBlock, col_offset: np.ndarray | None) -> float:
+    """``||X_b - 1 c^T||_F^2`` (float64), from the non-zeros and the column sums."""
+    data = block.data.astype(np.float64)
+    total = ordered_sum(data * data)
+    if col_offset is not None:
+        col_sums = np.bincount(block.indices, weights=data, minlength=block.n_cols)
+        total += -2.0 * float(col_offset @ col_sums) + block.n_rows * float(col_offset @ col_offset)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# loss and gradient
+
+
+class CosineLoss:
+    """``L(A, B)`` and its gradient over X's row blocks (in this process, or tasks on X's client)."""
+
+    def __init__(self, X: RowBlocks, lam: float, col_offset: np.ndarray | None = None):
+        if not np.isfinite(lam) or lam < 0:
+            raise MfsimError(f"objectives.cosine.lambda must be a finite number >= 0, got {lam!r}")
+        self.X, self.lam = X, float(lam)
+        self.n, self.p = X.shape
+        self.col_offset = None if col_offset is None else np.asarray(col_offset, np.float64)
+        self.client = X.client
+        c = self._shared(self.col_offset, "cosine-offset") if self.col_offset is not None else None
+        self._c = c
+        self.xx = float(self._reduce(X.map(_sum_squares, c), lambda *v: sum(v)))
+        self.evaluations = 0
+        self.gamma = 0.0
+
+    def _shared(self, value: Any, name: str) -> Any:
+        return value if self.client is None else share(self.client, value, name)
+
+    def _reduce(self, parts: list[Any], combine) -> Any:
+        return tree_reduce(parts, combine, client=self.client)
+
+    def __call__(self, A: np.ndarray, B: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, float]:
+        """``(L, dL/dA, dL/dB, gamma)`` at the best gamma for (A, B)."""
+        self.evaluations += 1
+        A = np.ascontiguousarray(A, np.float64)
+        Q, r_B = normalize_rows(np.asarray(B, np.float64))
+        Q = np.ascontiguousarray(Q)
+        G_Q = Q.T @ Q
+        A_s, Q_s = self._shared(A, "cosine-a"), self._shared(Q, "cosine-q")
+        outs = self.X.map(block_forward, A_s, Q_s, self._c)
+        if self.client is None:
+            states, sums = [o[0] for o in outs], [o[1] for o in outs]
+        else:
+            states = [self.client.submit(itemgetter(0), o, pure=False) for o in outs]
+            sums = [self.client.submit(itemgetter(1), o, pure=False) for o in outs]
+        s1, G_P, n_plus = self._reduce(sums, _sum_sums)
+        s2 = ordered_sum(row_dots(G_P, G_Q.T))  # trace(G_P G_Q) = ||P Q^T||_F^2
+        rows = n_plus + int(np.count_nonzero(r_B))
+        gamma = max(0.0, (s1 - 0.5 * self.lam * rows) / s2) if s2 > 0 else 0.0
+        loss = self.xx - 2.0 * gamma * s1 + gamma * gamma * s2 + self.lam * gamma * rows
+        if self.client is None:
+            grads = [block_backward(part, st, G_Q, gamma, self.col_offset) for part, st in zip(self.X.parts, states)]
+        else:
+            G_Q_s = share(self.client, G_Q, "cosine-gq")
+            grads = [self.client.submit(block_backward, part, st, G_Q_s, gamma, self._c, pure=False)
+                     for part, st in zip(self.X.parts, states)]
+        g_A, XtP = self._reduce(grads, _sum_pairs)
+        g_Q = -2.0 * gamma * XtP + 2.0 * gamma * gamma * (Q @ G_P)
+        g_B = normalize_rows_backward(g_Q, Q, r_B)
+        self.gamma = gamma
+        return float(loss), g_A, g_B, gamma
+
+
+def dense_loss(X: np.ndarray, A: np.ndarray, B: np.ndarray, gamma: float, lam: float) -> float:
+    """The objective straight from its definition on a dense X (a reference for small data)."""
+    P, _ = normalize_rows(np.asarray(X, np.float64) @ A)
+    Q, r_B = normalize_rows(np.asarray(B, np.float64))
+    rows = np.count_nonzero(np.linalg.norm(P, axis=1)) + np.count_nonzero(r_B)
+    return float(np.sum((X - gamma * P @ Q.T) ** 2) + lam * gamma * rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# the optimization
+
+
+def train_cosine(X: RowBlocks, A0: np.ndarray, B0: np.ndarray, *, lam: float, max_iterations: int, tol: float,
+                 col_offset: np.ndarray | None = None) -> CosineFit:
+    """L-BFGS on ``L(A, B)`` from ``(A0, B0)`` (e.g. the Eq. 2 solution).
+
+    Stops when the relative decrease of the loss in a step is below ``tol``
+    (scipy's ``ftol``), when the largest gradient entry is below ``tol`` times the start's, or after
+    ``max_iterations`` iterations. Each accepted iterate's loss and gradient norm is logged and kept
+    in ``history``; L-BFGS's line search (strong Wolfe) accepts only steps that lower the loss.
+    """
+    p, k = np.shape(A0)
+    if np.shape(B0) != (p, k) or X.n_cols != p:
+        raise MfsimError(f"cosine model: A0, B0 must be {X.n_cols} x k, got {np.shape(A0)} and {np.shape(B0)}")
+    t0 = time.perf_counter()
+    fn = CosineLoss(X, lam, col_offset)
+    size = p * k
+    last: dict[str, Any] = {}
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        A, B = theta[:size].reshape(p, k), theta[size:].reshape(p, k)
+        loss, g_A, g_B, gamma = fn(A, B)
+        grad = np.concatenate([g_A.ravel(), g_B.ravel()])
+        last.update(theta=theta.copy(), loss=loss, grad_norm=float(np.linalg.norm(grad)), gamma=gamma)
+        return loss, grad
+
+    theta0 = np.concatenate([np.asarray(A0, np.float64).ravel(), np.asarray(B0, np.float64).ravel()])
+    loss0, grad0 = objective(theta0)
+    history = [(loss0, last["grad_norm"])]
+    log.info("cosine model: start loss %.6g, |grad| %.3g (lambda %g, %d x %d)", loss0, last["grad_norm"], lam, p, k)
+    gtol = float(tol) * float(np.abs(grad0).max(initial=0.0))
+
+    def callback(intermediate_result) -> None:
+        x, loss = intermediate_result.x, float(intermediate_result.fun)
+        # the gradient norm of the accepted iterate: the line search's last evaluation, else one more
+        grad_norm = last["grad_norm"] if np.array_equal(last["theta"], x) else float(np.linalg.norm(objective(x)[1]))
+        history.append((loss, grad_norm))
+        log.info("cosine model: iteration %d, loss %.6g, |grad| %.3g", len(history) - 1, loss, grad_norm)
+
+    if max_iterations > 0 and np.isfinite(loss0):
+        res = minimize(objective, theta0, jac=True, method="L-BFGS-B", callback=callback,
+                       options={"maxiter": int(max_iterations), "ftol": float(tol), "gtol": gtol, "maxcor": 10})
+        theta, loss, iterations = res.x, float(res.fun), int(res.nit)
+        converged, message = bool(res.success), str(res.message)
+    else:
+        theta, loss, iterations, converged, message = theta0, loss0, 0, True, "no iterations asked"
+    A, B = theta[:size].reshape(p, k), theta[size:].reshape(p, k)
+    final_loss, _, _, gamma = fn(A, B)  # gamma of the returned point (its loss is res.fun)
+    Q, _ = normalize_rows(B)
+    seconds = time.perf_counter() - t0
+    log.info("cosine model: %d iterations, loss %.6g -> %.6g, gamma %.4g, %.1f s (%s)", iterations, loss0,
+             final_loss, gamma, seconds, message)
+    return CosineFit(A, Q, float(gamma), float(final_loss), iterations, fn.evaluations, converged, message,
+                     seconds, history)

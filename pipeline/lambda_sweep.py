@@ -1,0 +1,76 @@
+"""Lambda chosen on held-out data from one SVD (``objectives.eq*.lambda: auto``).
+
+Both closed forms depend on lambda only through the singular values (Steck et al. 2024, Eq. 1:
+``w_i = s_i^2 / (s_i^2 + lam)``; Eq. 2: soft-thresholding ``(s_i - lam)_+``), so once the train
+split's SVD exists, each lambda of a grid costs only its k-column factors and the held-out users'
+top-N lists: no refit. The grid is log-spaced over the range where lambda changes anything:
+``[s_k^2, s_1^2]`` for Eq. 1 (w_i from ~1/2 to ~1) and ``[s_k, s_1]`` for Eq. 2 (from every
+component kept to none), or a list given in ``objectives.lambda_grid``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from mfsim.pipeline.errors import MfsimError
+
+
+def lambda_grid(sigma: np.ndarray, objective: str, grid: int | list[float]) -> np.ndarray:
+    """The lambdas to try for ``objective`` (float64, ascending): ``grid`` points log-spaced from s_k^2 to s_1^2
+    (``eq1``) or from s_k to s_1 (``eq2``), s_k the smallest positive singular value; or the given list."""
+    if not isinstance(grid, (int, np.integer)):
+        return np.asarray(sorted(set(float(x) for x in grid)), np.float64)
+    s = np.asarray(sigma, np.float64)
+    s = s[s > 0]
+    if s.size == 0:
+        raise MfsimError("lambda: auto needs a positive singular value; X has none (every entry zero?)")
+    power = {"eq1": 2.0, "eq2": 1.0}[objective]
+    lo, hi = float(s.min()) ** power, float(s.max()) ** power
+    if hi <= lo:
+        return np.asarray([lo])
+    return np.geomspace(lo, hi, int(grid))
+
+
+def parse_select_metric(name: str) -> tuple[str, int]:
+    """``"ndcg@20"`` -> ``("ndcg", 20)``."""
+    metric, _, cut = name.partition("@")
+    return metric, int(cut)
+
+
+def sweep_rows(objective: str, lam: float, rows: list[dict[str, Any]], metric_name: str = "dot") -> dict[str, Any]:
+    """One row of ``evaluation/lambda_sweep.parquet`` from ``holdout_metrics`` rows of one lambda: the
+    user-item ``metric_name`` (the model score) list's recall@N and NDCG@N at each cutoff."""
+    out: dict[str, Any] = {"objective": objective, "lambda": float(lam)}
+    n_users = 0
+    for r in rows:
+        if r["metric"] != metric_name:
+            continue
+        out[f"recall@{r['top_n']}"] = float(r["recall"])
+        out[f"ndcg@{r['top_n']}"] = float(r["ndcg"])
+        n_users = int(r["n_users"])
+    out["n_users"] = n_users
+    return out
+
+
+def choose(rows: list[dict[str, Any]], objective: str, select_metric: str) -> float:
+    """The lambda of ``objective`` with the largest ``select_metric``; ties: the smallest such lambda."""
+    mine = [r for r in rows if r["objective"] == objective]
+    if not mine:
+        raise MfsimError(f"lambda sweep of {objective}: no grid point was scored")
+    if select_metric not in mine[0]:
+        raise MfsimError(f"evaluation.select_metric {select_metric!r} is not a column of the sweep "
+                         f"({', '.join(k for k in mine[0] if '@' in k)}); pick one of evaluation.cutoffs")
+    best = max(r[select_metric] for r in mine)
+    return min(r["lambda"] for r in mine if r[select_metric] == best)
+
+
+def sweep_table(rows: list[dict[str, Any]], chosen: dict[str, float], cutoffs: list[int]) -> pa.Table:
+    """``objective``, ``lambda``, ``chosen``, ``n_users``, then ``recall@N`` and ``ndcg@N`` per cutoff."""
+    fields = [("objective", pa.string()), ("lambda", pa.float64()), ("chosen", pa.bool_()), ("n_users", pa.int64())]
+    fields += [(f"{m}@{c}", pa.float64()) for c in cutoffs for m in ("recall", "ndcg")]
+    schema = pa.schema(fields)
+    data = [{**r, "chosen": chosen.get(r["objective"]) == r["lambda"]} for r in rows]
+    return pa.Table.from_pylist([{f.name: d.get(f.name) for f in schema} for d in data], schema=schema)

@@ -1,0 +1,137 @@
+"""The paper's remedies in a run: lambda chosen on held-out data from one SVD, and the cosine-trained model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import scipy.sparse as sp
+
+from mfsim.jobs.main_job import run_job
+from mfsim.jobs.stages import holdout_metrics
+from mfsim.pipeline.blocks import RowBlocks
+from mfsim.pipeline.config import load_config
+from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.evaluate import split_holdout
+from mfsim.pipeline.fit import fit_model
+from mfsim.pipeline.simulate import simulate, write_simulation
+from tests_support import check_lists, cosine_rows, dense_x, run_factor
+
+RANK, TOP_N, GRID = 5, 7, 5
+EPS32 = np.finfo(np.float32).eps
+
+
+def _config(root, client, run_id, *extra):
+    return load_config(None, [
+        f"input.path={root / 'sim'}", f"run.output={root / 'runs'}", f"run.run_id={run_id}",
+        f"cluster.address={client.scheduler.address}", f"svd.rank={RANK}", f"neighbours.top_n={TOP_N}",
+        "preprocess.binarize=true", "objectives.eq1.scalings=[symmetric,item_orthonormal]", "svd.power_iterations=12",
+        f"objectives.lambda_grid={GRID}", "objectives.cosine.max_iterations=40", "ingest.block_rows=64",
+        "neighbours.user_user=[cosine,projected_cosine]", "audit.draws=1", "report.enabled=false", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def auto_run(tmp_path_factory, client):
+    root = tmp_path_factory.mktemp("remedies")
+    cfg = load_config(None, ["simulate.n_users=200", "simulate.n_items=40", "simulate.seed=4"])
+    write_simulation(simulate(cfg.simulate), root / "sim", cfg.simulate)
+    run_dir, manifest = run_job(_config(root, client, "auto"))
+    return run_dir, manifest, root
+
+
+def test_lambda_auto_without_a_held_out_split_is_a_config_error():
+    with pytest.raises(MfsimError) as e:
+        load_config(None, ["evaluation.holdout=none"])
+    msg = str(e.value)
+    assert "objectives.eq1.lambda" in msg and "objectives.eq2.lambda" in msg and "evaluation.holdout" in msg
+    load_config(None, ["evaluation.holdout=none", "objectives.eq1.lambda=3", "objectives.eq2.lambda=1"])  # fine
+
+
+def test_the_sweep_picks_the_best_lambda_and_the_run_uses_it(auto_run):
+    run_dir, manifest, _ = auto_run
+    sweep = pq.read_table(run_dir / "evaluation/lambda_sweep.parquet")
+    assert {"objective", "lambda", "chosen", "n_users", "recall@20", "ndcg@20", "ndcg@10"} <= set(sweep.column_names)
+    sigma = pq.read_table(run_dir / "svd/singular_values.parquet")
+    for objective, power in (("eq1", 2), ("eq2", 1)):
+        rows = sweep.filter(pc.equal(sweep["objective"], objective)).to_pylist()
+        lams = [r["lambda"] for r in rows]
+        assert len(rows) == GRID and lams == sorted(lams)
+        ratio = lams[-1] / lams[0]  # the grid spans s_1^p / s_k^p of the train split's SVD
+        s_all = sigma["sigma"].to_numpy() if "sigma" in sigma.column_names else None
+        if s_all is not None:  # the published SVD is of all data: its ratio is close, not equal
+            assert 0.5 < ratio / (s_all[0] / s_all[-1]) ** power < 2
+        best = max(r["ndcg@20"] for r in rows)
+        chosen = [r for r in rows if r["chosen"]]
+        assert len(chosen) == 1 and chosen[0]["ndcg@20"] == best
+        f = manifest["factors"][objective]
+        assert f["lambda"] == chosen[0]["lambda"] and f["lambda_chosen"]["by"] == "ndcg@20"
+        assert manifest["config"]["objectives"][objective]["lambda"] == "auto"
+
+
+def test_the_sweep_scores_equal_a_refit_at_the_chosen_lambda(auto_run, client):
+    """The sweep's metrics of the chosen lambda (factors from the one SVD) equal those of a fresh fit with that
+    lambda given as a number (its own preprocess and SVD of the train split), and the evaluation table's."""
+    run_dir, manifest, root = auto_run
+    sweep = pq.read_table(run_dir / "evaluation/lambda_sweep.parquet").to_pylist()
+    lam1, lam2 = manifest["factors"]["eq1"]["lambda"], manifest["factors"]["eq2"]["lambda"]
+    cfg = _config(root, client, "refit", f"objectives.eq1.lambda={lam1}", f"objectives.eq2.lambda={lam2}",
+                  "objectives.cosine=null", "neighbours.user_item=[dot]")
+    ev = pq.read_table(run_dir / "evaluation/metrics.parquet").to_pylist()
+    X, _, _ = dense_x(run_dir, root / "sim")
+    blocks = RowBlocks.from_scipy(sp.csr_matrix(X.astype(np.float32)), 64, client)
+    train, test = split_holdout(blocks, cfg.evaluation.holdout, cfg.evaluation.fraction, cfg.evaluation.seed)
+    refit = fit_model(train, cfg)
+    item_ids = pq.read_table(run_dir / "ids/items.parquet")["item_id"]
+    user_ids = pq.read_table(run_dir / "ids/users.parquet")["user_id"]
+    rows, _ = holdout_metrics(client, cfg, refit, train, test, user_ids, item_ids)
+    for objective, label in (("eq1", "invariant"), ("eq2", "unique")):
+        swept = next(r for r in sweep if r["objective"] == objective and r["chosen"])
+        for c in cfg.evaluation.cutoffs:
+            ref = next(r for r in rows if (r["objective"], r["scaling"], r["metric"], r["top_n"]) ==
+                       (objective, label, "dot", c))
+            pub = next(r for r in ev if (r["objective"], r["scaling"], r["metric"], r["top_n"]) ==
+                       (objective, label, "dot", c))
+            # float32 lists from two SVDs of the same matrix: equal up to near-ties, 1e-6 in these means
+            assert abs(swept[f"ndcg@{c}"] - ref["ndcg"]) < 1e-6, (objective, c)
+            assert abs(swept[f"recall@{c}"] - ref["recall"]) < 1e-6, (objective, c)
+            assert swept[f"ndcg@{c}"] == pub["ndcg"] and swept[f"recall@{c}"] == pub["recall"]
+
+
+def test_the_cosine_model_lists_are_its_own_cosines(auto_run):
+    run_dir, manifest, root = auto_run
+    c = manifest["factors"]["cosine"]
+    assert c["iterations"] > 0 and c["loss"] < c["start_loss"] and c["gamma"] > 0
+    X, users, items = dense_x(run_dir, root / "sim")
+    n, p = X.shape
+    B = run_factor(run_dir, "cosine", "unique", "items")
+    P = run_factor(run_dir, "cosine", "unique", "users")
+    # every embedding of the model has length gamma^1/2 (a user with no item: zero)
+    np.testing.assert_allclose(np.linalg.norm(B, axis=1), np.sqrt(c["gamma"]), rtol=1e-6)
+    pn = np.linalg.norm(P, axis=1)
+    np.testing.assert_allclose(pn[pn > 0], np.sqrt(c["gamma"]), rtol=1e-6)
+    Bn, b_ok = cosine_rows(B)
+    Pn, p_ok = cosine_rows(P)
+    tol = 8 * RANK * EPS32 * max(1.0, c["gamma"])
+    lists = {
+        ("similar_items", "cosine"): (Bn @ Bn.T, ~np.eye(p, dtype=bool), "item_id", "neighbour_id", items, items),
+        ("similar_items", "dot"): (B @ B.T, ~np.eye(p, dtype=bool), "item_id", "neighbour_id", items, items),
+        ("recommendations", "dot"): (P @ B.T, X == 0, "user_id", "item_id", users, items),  # gamma cos(x_u A, b_i)
+        ("recommendations", "cosine"): (Pn @ Bn.T, (X == 0) & p_ok[:, None], "user_id", "item_id", users, items),
+        ("similar_users", "cosine"): (Pn @ Pn.T, ~np.eye(n, dtype=bool) & p_ok[:, None] & p_ok[None, :],
+                                      "user_id", "neighbour_id", users, users),
+    }
+    for (dataset, metric), (ref, ok, q_col, n_col, q_ids, n_ids) in lists.items():
+        path = run_dir / f"{dataset}/objective=cosine/scaling=unique/metric={metric}"
+        check_lists(ds.dataset(path, format="parquet").to_table(), q_col, n_col, q_ids, n_ids, ref, ok, tol,
+                    what=str(path), top_n=TOP_N)
+    # no item-item score matrix: no model / projected_cosine lists for this objective
+    assert not (run_dir / "similar_items/objective=cosine/scaling=unique/metric=model").exists()
+    assert not (run_dir / "similar_items/objective=cosine/scaling=unique/metric=projected_cosine").exists()
+    # it has held-out metrics and cluster precision like the others
+    ev = pq.read_table(run_dir / "evaluation/metrics.parquet")
+    assert "cosine" in ev["objective"].to_pylist()
+    cp = pq.read_table(run_dir / "evaluation/cluster_precision.parquet")
+    assert {"cosine", "dot"} <= set(cp.filter(pc.equal(cp["objective"], "cosine"))["metric"].to_pylist())

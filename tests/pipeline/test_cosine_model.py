@@ -1,0 +1,121 @@
+"""The model trained with cosine similarity (pipeline.cosine_model) against dense NumPy on small data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from mfsim.pipeline.blocks import RowBlocks
+from mfsim.pipeline.cosine_model import CosineLoss, normalize_rows, train_cosine
+
+
+def _small(n=40, p=15, density=0.3, seed=1, empty_rows=(3, 17)):
+    X = sp.random(n, p, density=density, random_state=seed, dtype=np.float32, format="csr")
+    X.data = np.ceil(X.data * 5).astype(np.float32)  # ratings 1..5
+    X = X.tolil()
+    for r in empty_rows:  # users with no interaction: their X A row is zero
+        X[r, :] = 0
+    return sp.csr_matrix(X)
+
+
+def _start(X: sp.csr_matrix, k: int, seed: int = 0):
+    _, _, Vt = np.linalg.svd(X.toarray().astype(np.float64), full_matrices=False)
+    rng = np.random.default_rng(seed)
+    V = Vt[:k].T
+    return V + 0.05 * rng.standard_normal(V.shape), V * 3.0 + 0.05 * rng.standard_normal(V.shape)
+
+
+def _dense_loss(X: np.ndarray, A: np.ndarray, B: np.ndarray, gamma: float, lam: float) -> float:
+    """||X - gamma N(X A) N(B)^T||_F^2 + lam gamma (n+ + p+), straight from the definition."""
+    XA = X @ A
+    rn, bn = np.linalg.norm(XA, axis=1), np.linalg.norm(B, axis=1)
+    P = np.where(rn[:, None] > 0, XA / np.where(rn > 0, rn, 1)[:, None], 0.0)
+    Q = np.where(bn[:, None] > 0, B / np.where(bn > 0, bn, 1)[:, None], 0.0)
+    return float(np.sum((X - gamma * P @ Q.T) ** 2) + lam * gamma * (np.count_nonzero(rn) + np.count_nonzero(bn)))
+
+
+@pytest.mark.parametrize("centred", [False, True])
+def test_loss_is_the_dense_formula_at_the_best_gamma(centred):
+    X = _small()
+    A, B = _start(X, 4)
+    c = np.random.default_rng(2).uniform(0, 0.5, X.shape[1]) if centred else None
+    fn = CosineLoss(RowBlocks.from_scipy(X, 9), 0.7, c)
+    loss, _, _, gamma = fn(A, B)
+    Xe = X.toarray().astype(np.float64) - (0.0 if c is None else c[None, :])
+    assert gamma > 0
+    np.testing.assert_allclose(loss, _dense_loss(Xe, A, B, gamma, 0.7), rtol=1e-12)
+    # gamma minimizes the dense loss over gamma (a parabola: its neighbours are higher)
+    for step in (1e-3, -1e-3):
+        assert _dense_loss(Xe, A, B, gamma * (1 + step), 0.7) > loss
+
+
+@pytest.mark.parametrize("centred", [False, True])
+def test_gradient_matches_finite_differences(centred):
+    X = _small()
+    A, B = _start(X, 3)
+    c = np.random.default_rng(3).uniform(0, 0.5, X.shape[1]) if centred else None
+    Xe = X.toarray().astype(np.float64) - (0.0 if c is None else c[None, :])
+    fn = CosineLoss(RowBlocks.from_scipy(X, 11), 0.3, c)
+    _, g_A, g_B, _ = fn(A, B)
+
+    def profile(A_, B_):  # min over gamma of the dense loss: the parabola's vertex, clipped at 0
+        XA = Xe @ A_
+        rn, bn = np.linalg.norm(XA, axis=1), np.linalg.norm(B_, axis=1)
+        P, Q = XA / np.where(rn > 0, rn, 1)[:, None], B_ / bn[:, None]
+        M = P @ Q.T
+        rows = np.count_nonzero(rn) + np.count_nonzero(bn)
+        gamma = max(0.0, (np.sum(Xe * M) - 0.3 * rows / 2) / np.sum(M * M))
+        return _dense_loss(Xe, A_, B_, gamma, 0.3)
+
+    eps = 1e-6  # central differences: truncation O(eps^2 |L'''|) and rounding O(1e-16 |L| / eps) ~ 1e-8
+    for name, M, g in (("A", A, g_A), ("B", B, g_B)):
+        num = np.zeros_like(M)
+        for idx in np.ndindex(M.shape):
+            up, down = M.copy(), M.copy()
+            up[idx] += eps
+            down[idx] -= eps
+            args_up = (up, B) if name == "A" else (A, up)
+            args_down = (down, B) if name == "A" else (A, down)
+            num[idx] = (profile(*args_up) - profile(*args_down)) / (2 * eps)
+        np.testing.assert_allclose(g, num, rtol=1e-5, atol=1e-6 * np.abs(num).max(), err_msg=f"dL/d{name}")
+
+
+def test_the_loss_does_not_change_with_the_scale_of_a_or_of_a_row_of_b():
+    X = _small()
+    A, B = _start(X, 4)
+    fn = CosineLoss(RowBlocks.from_scipy(X, 16), 1.0)
+    scaled_B = B * np.random.default_rng(4).uniform(0.1, 10, (B.shape[0], 1))
+    loss = fn(A, B)[0]
+    np.testing.assert_allclose(fn(7.0 * A, scaled_B)[0], loss, rtol=1e-12)
+
+
+def test_lbfgs_never_accepts_a_step_that_raises_the_loss():
+    X = _small(n=80, p=20)
+    A, B = _start(X, 4)
+    fit = train_cosine(RowBlocks.from_scipy(X, 32), A, B, lam=0.5, max_iterations=60, tol=1e-10)
+    losses = np.array([h[0] for h in fit.history])
+    assert len(losses) == fit.iterations + 1 and fit.iterations > 5
+    assert np.all(np.diff(losses) <= 0), losses
+    assert losses[-1] < 0.9 * losses[0]  # it learns something
+    # the published pair: B's rows have length gamma^1/2 and the cosine of B is the model's Q
+    _, B_pub = fit.factors()
+    nb = np.linalg.norm(B_pub.astype(np.float64), axis=1)
+    np.testing.assert_allclose(nb, np.sqrt(fit.gamma), rtol=1e-6)
+    Q, _ = normalize_rows(B_pub.astype(np.float64))
+    np.testing.assert_allclose(Q, fit.Q, atol=1e-6)
+    # the reported loss is the dense objective at the returned point
+    np.testing.assert_allclose(fit.loss, _dense_loss(X.toarray().astype(np.float64), fit.A, fit.Q, fit.gamma, 0.5),
+                               rtol=1e-10)
+
+
+def test_the_same_result_in_process_and_on_one_and_two_workers(client, client1):
+    X = _small(n=200, p=30, density=0.15)
+    A, B = _start(X, 5)
+    fits = [train_cosine(RowBlocks.from_scipy(X, 48, c), A, B, lam=0.5, max_iterations=25, tol=1e-12)
+            for c in (None, client1, client)]
+    for other in fits[1:]:
+        assert other.iterations == fits[0].iterations
+        np.testing.assert_array_equal(other.A, fits[0].A)
+        np.testing.assert_array_equal(other.Q, fits[0].Q)
+        assert other.gamma == fits[0].gamma
