@@ -43,7 +43,8 @@ ML100K = SHARED_DATA / "ml-100k" / "interactions.parquet"
 FAST = ["--set", "svd.power_iterations=4", "--set", "objectives.eq1.scalings=[symmetric,item_orthonormal]",
         "--set", "neighbours.user_user=[cosine,projected_cosine]",  # off in conf/default.yaml
         "--set", "audit.draws=1", "--set", "evaluation.cutoffs=[5,10]", "--set", "report.heatmap_items=200",
-        "--set", "cluster.n_workers=1"]
+        "--set", "cluster.n_workers=1",
+        "--set", "objectives.lambda_grid=4", "--set", "objectives.cosine.max_iterations=20"]  # the remedies, short
 SMALL = ["--set", "svd.rank=5", "--set", "neighbours.top_n=10", *FAST]
 ML = ["--set", "svd.rank=16", "--set", "neighbours.top_n=20", *FAST]
 
@@ -59,6 +60,7 @@ ID_COLUMNS = {
     "recommendations": ("user_id", "item_id"),
     "similar_users": ("user_id", "neighbour_id"),
     "evaluation/metrics.parquet": (),
+    "evaluation/lambda_sweep.parquet": (),  # with objectives.eq*.lambda: auto (the default)
     "evaluation/cluster_precision.parquet": (),  # only when the item truth is known
     "audit/stability.parquet": (),
     "audit/items.parquet": ("item_id",),

@@ -129,7 +129,7 @@ def job_config(sim: Path, out: Path, run_id: str):
     return load_config(None, [
         f"input.path={sim}", f"run.output={out}", f"run.run_id={run_id}", "run.heartbeat_s=1",
         "preprocess.binarize=true", "svd.rank=8", "svd.solver=krylov", "svd.block_size=4", "svd.tol=1e-12", f"svd.max_blocks={MAX_BLOCKS}", "neighbours.top_n=10",
-        "objectives.eq1.lambda=2.0", "objectives.eq2.lambda=1.5",
+        "objectives.eq1.lambda=2.0", "objectives.eq2.lambda=1.5", "objectives.cosine=null",
         "objectives.eq1.scalings=[symmetric,item_orthonormal]", "neighbours.user_user=[cosine]",
         "ingest.block_rows=128",  # 12 row blocks, on both workers
         "neighbours.query_chunk=32", "neighbours.candidate_block=64",  # many top-N tasks per list
