@@ -256,14 +256,6 @@ class CosineLoss:
         return float(loss), g_A, g_B, gamma
 
 
-def dense_loss(X: np.ndarray, A: np.ndarray, B: np.ndarray, gamma: float, lam: float) -> float:
-    """The objective straight from its definition on a dense X (a reference for small data)."""
-    P, _ = normalize_rows(np.asarray(X, np.float64) @ A)
-    Q, r_B = normalize_rows(np.asarray(B, np.float64))
-    rows = np.count_nonzero(np.linalg.norm(P, axis=1)) + np.count_nonzero(r_B)
-    return float(np.sum((X - gamma * P @ Q.T) ** 2) + lam * gamma * rows)
-
-
 # ---------------------------------------------------------------------------------------------
 # the optimization
 
@@ -313,7 +305,10 @@ def train_cosine(X: RowBlocks, A0: np.ndarray, B0: np.ndarray, *, lam: float, ma
     else:
         theta, loss, iterations, converged, message = theta0, loss0, 0, True, "no iterations asked"
     A, B = theta[:size].reshape(p, k), theta[size:].reshape(p, k)
-    final_loss, _, _, gamma = fn(A, B)  # gamma of the returned point (its loss is res.fun)
+    if np.array_equal(last["theta"], theta):  # the last evaluation was at the returned point (as a rule)
+        final_loss, gamma = last["loss"], last["gamma"]
+    else:
+        final_loss, _, _, gamma = fn(A, B)
     Q, _ = normalize_rows(B)
     seconds = time.perf_counter() - t0
     log.info("cosine model: %d iterations, loss %.6g -> %.6g, gamma %.4g, %.1f s (%s)", iterations, loss0,
