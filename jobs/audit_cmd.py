@@ -40,14 +40,14 @@ def format_result(result: AuditResult, item_ids: pa.Array | None = None, show_it
 
 def run_audit_command(users_path: str | Path, items_path: str | Path, *, top_n: int = 100, draws: int = 5,
                       spread: float = 1.0, seed: int = 0, out: str | Path | None = None,
-                      max_users: int = 10_000) -> int:
+                      max_users: int = 10_000, cosine_norm_floor: float = 0.0) -> int:
     """Audit a stored (user, item) embedding pair; print the table and the verdict; return 0.
 
     Parameters
     ----------
     users_path, items_path : path
         Parquet files with an id column and an ``embedding`` column of the same k.
-    top_n, draws, spread, seed, max_users
+    top_n, draws, spread, seed, max_users, cosine_norm_floor
         As for ``pipeline.audit.audit_embedding_pair``.
     out : path, optional
         Where to write the stability table as Parquet (parent folders are created).
@@ -66,7 +66,7 @@ def run_audit_command(users_path: str | Path, items_path: str | Path, *, top_n: 
         raise MfsimError(f"the embeddings of {users_path} have k = {U.shape[1]} and those of {items_path} "
                          f"k = {I.shape[1]}; audit users and items of the same model.")
     result = audit_embedding_pair(U, I, top_n=top_n, draws=draws, spread=spread, seed=seed,
-                                  max_users=max_users, user_index=rows)
+                                  max_users=max_users, user_index=rows, cosine_norm_floor=cosine_norm_floor)
     result.summary["n_users"] = users_pf.metadata.num_rows  # the file's users, of which rows were sampled
     print(format_result(result, item_ids))
     if out is not None:

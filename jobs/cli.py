@@ -429,11 +429,15 @@ def audit(
     spread: float = typer.Option(1.0, "--spread", help="Standard deviation of log D."),
     seed: int = typer.Option(0, "--seed", help="Seed of the rescalings and the user sample."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the stability table here (Parquet)."),
+    cosine_norm_floor: float = typer.Option(1e-4, "--cosine-norm-floor", help="Rows whose norm is below this times "
+                                            "the largest row norm get no cosine list (as neighbours.cosine_norm_floor); "
+                                            "0: only zero rows."),
 ) -> None:
     """Audit any (user, item) embedding pair whose dot product is the model: do cosine lists survive U D, I D^-1?"""
     from mfsim.jobs.audit_cmd import run_audit_command
 
-    run_audit_command(users, items, top_n=top_n, draws=draws, spread=spread, seed=seed, out=out)
+    run_audit_command(users, items, top_n=top_n, draws=draws, spread=spread, seed=seed, out=out,
+                      cosine_norm_floor=cosine_norm_floor)
 
 
 @app.command(epilog="Example: mfsim neighbours runs/LATEST --item 50 --metric cosine --metric model; "

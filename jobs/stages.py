@@ -271,7 +271,8 @@ def neighbours_stage(ctx: StageContext) -> StageResult:
     for g in plan_lists(list(fit.factors), ncfg.item_item, ncfg.user_item, ncfg.user_user):
         A, B = fit.factors.on_client(client, (g.objective, g.scaling))  # futures: built on the workers
         user_parts = fit.users((g.objective, g.scaling)) if g.kind != "item_item" else []
-        inputs = group_inputs(client, g, A, B, user_parts, data.X, data.user_ids, data.item_ids, ctx.subset)
+        inputs = group_inputs(client, g, A, B, user_parts, data.X, data.user_ids, data.item_ids, ctx.subset,
+                              cosine_norm_floor=ncfg.cosine_norm_floor)
         lists = tuple(ListOutput(km, label.kind, label.path,
                                  (label.objective, label.scaling, label.metric)
                                  if cluster is not None and label.kind == "item_item" else None)
@@ -282,7 +283,8 @@ def neighbours_stage(ctx: StageContext) -> StageResult:
         if g.kind == "item_item" and g.queries == g.candidates:  # a Gram matrix: half the gemm
             results = run_symmetric(client, inputs.candidates, len(data.item_ids), capped(ncfg.top_n, inputs),
                                     tuple(g.outputs),
-                                    candidate_block=ncfg.candidate_block, then=write_lists, then_part=sinks[0],
+                                    candidate_block=ncfg.candidate_block, cosine_norm_floor=ncfg.cosine_norm_floor,
+                                    then=write_lists, then_part=sinks[0],
                                     label=group_label(g, "neighbours item_item"))
         else:
             results = group_progress(run_topn(
@@ -366,7 +368,8 @@ def holdout_metrics(client, cfg: Config, fit: Fit, train: RowBlocks, test: RowBl
     rows = []
     for g in plan_lists(list(fit.factors), [], ncfg.user_item or list(metrics_of("user_item")), []):
         A, B = fit.factors.on_client(client, (g.objective, g.scaling))
-        inputs = group_inputs(client, g, A, B, fit.users((g.objective, g.scaling)), train, user_ids, item_ids, subset)
+        inputs = group_inputs(client, g, A, B, fit.users((g.objective, g.scaling)), train, user_ids, item_ids, subset,
+                              cosine_norm_floor=ncfg.cosine_norm_floor)
         results = run_topn(
             client, inputs.queries, inputs.candidates, capped(max(cutoffs), inputs), tuple(g.outputs),
             rows_per_task=ncfg.query_chunk,

@@ -43,8 +43,8 @@ from typing import NamedTuple, Sequence
 
 import numba
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
+from mfsim.kernels.threads import blas_controller, blas_limit
 from mfsim.kernels.select import (
     TopN,
     _row_sumsq,
@@ -360,7 +360,7 @@ def topn_blocked(
     starts = range(0, nq, rows_per_task)
     caller_threads = numba.get_num_threads()
     try:
-        with _blas_limit(1):
+        with blas_limit(1):
             if workers == 1 or len(starts) <= 1:
                 for a in starts:
                     task(a)
@@ -389,25 +389,10 @@ def tile_rows(n_queries: int, query_chunk: int, candidate_block: int, n_threads:
     return max(1, min(-(-int(query_chunk) // n_threads), -(-int(n_queries) // n_threads), cache_rows))
 
 
-_BLAS_CONTROLLER = None
-
-
-def _blas() -> ThreadpoolController:
-    global _BLAS_CONTROLLER
-    if _BLAS_CONTROLLER is None:
-        _BLAS_CONTROLLER = ThreadpoolController()  # inspects the loaded libraries once
-    return _BLAS_CONTROLLER
-
-
-def _blas_limit(n_threads: int):
-    """Context limiting BLAS to ``n_threads`` threads (threadpoolctl), restored on exit."""
-    return _blas().limit(limits=n_threads, user_api="blas")
-
-
 def _default_threads() -> int:
     """The smaller of numba's and BLAS's thread counts: both are ways to say how many cores to use
     (a Dask worker's nanny sets OPENBLAS_NUM_THREADS=1 by default, numba's count stays all cores)."""
-    blas = [lib["num_threads"] for lib in _blas().select(user_api="blas").info()]
+    blas = [lib["num_threads"] for lib in blas_controller().select(user_api="blas").info()]
     return max(1, min([numba.get_num_threads(), *blas]))
 
 
@@ -595,7 +580,11 @@ def symmetric_pair(emb: np.ndarray, inv: np.ndarray, a: tuple[int, int], b: tupl
         for v0 in range(u0 if same else b0, b1, tile):
             v1 = min(v0 + tile, b1)
             t = buf[: (u1 - u0) * (v1 - v0)].reshape(u1 - u0, v1 - v0)
-            np.matmul(emb[u0:u1], emb[v0:v1].T, out=t)  # S_uv, one sgemm
+            # S_uv, one sgemm. A diagonal tile's operands are one buffer, for which numpy calls ssyrk, and
+            # OpenBLAS's ssyrk rounds differently from its sgemm (0.3.31): the copy keeps every score one
+            # sgemm result, whichever tile it falls in
+            right = emb[v0:v1].copy() if u0 == v0 else emb[v0:v1]
+            np.matmul(emb[u0:u1], right.T, out=t)
             if same and u0 == v0:
                 self_ids = np.arange(u0, u1, dtype=np.int64)
                 select_tile(t, v0, self_ids, inv[u0:u1], inv[v0:v1], no_ptr, no_idx, *su)
@@ -733,7 +722,7 @@ def topn_symmetric(
         return symmetric_floors(emb, inv, *block, n, want, buffer())
 
     try:
-        with _blas_limit(1), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        with blas_limit(1), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             parts = list(pool.map(floors_of, blocks))
             floors = None if not parts or parts[0] is None else {
                 m: np.concatenate([f[m] for f in parts]) for m in parts[0]}

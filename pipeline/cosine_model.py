@@ -25,10 +25,11 @@ gamma is zero there). With ``g_P = -2 gamma Z + 2 gamma^2 P G_Q`` and ``g_Q = -2
 
     dL/dA = X^T N'(X A)[g_P],   dL/dB = N'(B)[g_Q],   N'(y)[g] = (g - (g . N(y)) N(y)) / |y|
 
-per row. One loss and gradient: four products with X's row blocks (X A, X Q, X^T g, X^T P), O(nnz k),
-plus O((n + p) k^2) for the Gram matrices, over the row blocks on the Dask client (two rounds of
-tasks: the blocks' sums, then their gradients once gamma is known). Sums over blocks run in a fixed
-tree (``blocks.tree_reduce``), so the result is the same bit for bit on any number of workers.
+per row. One loss and gradient: two products with each of X's row blocks (``X_b [A | Q]`` and
+``X_b^T [N'[Z] | N'[P G_Q] | P]``: ``g_P`` is linear in its two terms, so gamma is applied after the sums),
+O(nnz k), plus O((n + p) k^2) for the Gram matrices; one round of tasks over the row blocks on the Dask
+client per evaluation. Sums over blocks run in a fixed tree (``blocks.tree_reduce``), so the result is the
+same bit for bit on any number of workers.
 Centred preprocessing (``X_eff = X - 1 c^T``) is applied implicitly.
 
 L-BFGS (``scipy.optimize``, float64), started from the Eq. 2 solution; each iteration's loss and
@@ -41,13 +42,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from operator import itemgetter
 from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize
-from threadpoolctl import threadpool_limits
 
+from mfsim.kernels.threads import blas_limit, on_one_thread
 from mfsim.kernels.rows import ordered_sum, row_dots, row_norms
 from mfsim.kernels.sparse import csr_matmat, csr_t_matmat
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks, tree_reduce
@@ -135,57 +135,64 @@ def _t_times(block: CSRBlock, M: np.ndarray, col_offset: np.ndarray | None) -> n
     return out
 
 
-def _one_blas_thread(fn):
-    """Run ``fn`` with BLAS on one thread: a multi-threaded gemm splits its sums (``P^T P`` over the rows) by
-    thread count, and the blocks' sums must round the same in this process and on any worker."""
+def _one_thread(fn):
+    """``fn`` run by ``kernels.threads.on_one_thread``. A worker thread runs one piece; on ``make run``'s data a
+    20,000-row piece took 50-250 ms on a worker with numba on 2 threads, 40 ms on 1. And the pieces' sums
+    (``P^T P`` over the rows) must round the same in this process and on any worker."""
     def wrapped(*args):
-        with threadpool_limits(1, user_api="blas"):
-            return fn(*args)
+        return on_one_thread(fn, *args)
     wrapped.__name__, wrapped.__qualname__, wrapped.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
     wrapped.__module__ = fn.__module__
     return wrapped
 
 
-@_one_blas_thread
-def block_forward(block: CSRBlock, A: np.ndarray, Q: np.ndarray, col_offset: np.ndarray | None
-                  ) -> tuple[tuple[np.ndarray, ...], tuple[float, np.ndarray, int]]:
-    """One block's state ``(P, |X_b A|, Z)`` and sums ``(<P, Z>, G_P, rows with X_b A != 0)``.
+#: Pieces of X's row blocks, one task each per loss evaluation: each block (``ingest.block_rows``, 65,536 rows
+#: by default) is cut into up to ``ceil(MIN_TASKS / n_blocks)`` pieces of at least ``PIECE_ROWS`` rows, so that
+#: an X of one block still keeps two workers busy. Fixed by X's shape alone, so the sums' order does not depend
+#: on the workers. Measured on ``make run``'s data (one block, 2 workers on this 2-core machine): 1 piece 0.15 s
+#: per evaluation, 2 pieces 0.12 s, 4 pieces 0.14 s.
+PIECE_ROWS, MIN_TASKS = 4096, 2
 
-    ``X_b A`` and ``Z = X_b Q`` are one product with ``[A | Q]`` (one pass over the block's non-zeros)."""
+
+def row_pieces(row_offsets: np.ndarray) -> list[tuple[int, int, int]]:
+    """``(block, lo, hi)``: the rows of each block in ``max(1, min(rows // PIECE_ROWS, ceil(MIN_TASKS / n_blocks)))``
+    consecutive pieces of near-equal size."""
+    sizes = np.diff(np.asarray(row_offsets, np.int64))
+    per_block = -(-MIN_TASKS // max(1, len(sizes)))
+    pieces = []
+    for b, n_b in enumerate(sizes.tolist()):
+        m = max(1, min(n_b // PIECE_ROWS, per_block))
+        bounds = (np.arange(m + 1) * n_b) // m
+        pieces += [(b, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return pieces
+
+
+@_one_thread
+def block_pass(block: CSRBlock, lo: int, hi: int, A: np.ndarray, Q: np.ndarray, G_Q: np.ndarray,
+               col_offset: np.ndarray | None) -> tuple[float, np.ndarray, int, np.ndarray]:
+    """Rows ``[lo, hi)`` of a block: their sums ``(<P, Z>, G_P, rows with X_b A != 0, T)`` with ``P = N(X_b A)``, ``Z = X_b Q`` and
+    ``T = X_b^T [N'(X_b A)[Z] | N'(X_b A)[P G_Q] | P]`` (p x 3k).
+
+    ``g_P = -2 gamma Z + 2 gamma^2 P G_Q`` is linear in its two parts, so ``dL/dA = -2 gamma T_1 + 2 gamma^2 T_2``
+    once gamma is known from all blocks' sums: one pass over the blocks per evaluation, nothing kept on the
+    workers. ``X_b A`` and ``Z`` are one product with ``[A | Q]``, T one with the three parts."""
+    block = block.row_range(lo, hi)
     k = A.shape[1]
     AQ = np.ascontiguousarray(np.hstack([A, Q]))
     XAQ = _times(block, AQ, None if col_offset is None else col_offset @ AQ)
     P, r = normalize_rows(XAQ[:, :k])
     Z = XAQ[:, k:]
-    return (P, r, Z), (ordered_sum(row_dots(P, Z)), P.T @ P, int(np.count_nonzero(r)))
+    parts = np.hstack([normalize_rows_backward(Z, P, r), normalize_rows_backward(P @ G_Q, P, r), P])
+    return ordered_sum(row_dots(P, Z)), P.T @ P, int(np.count_nonzero(r)), _t_times(block, parts, col_offset)
 
 
-@_one_blas_thread
-def block_backward(block: CSRBlock, state: tuple[np.ndarray, ...], G_Q: np.ndarray, gamma: float,
-                   col_offset: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """One block's ``(X_b^T N'(X_b A)[g_P], X_b^T P)``, with ``g_P = -2 gamma Z + 2 gamma^2 P G_Q``."""
-    P, r, Z = state
-    k = P.shape[1]
-    g_P = -2.0 * gamma * Z + 2.0 * gamma * gamma * (P @ G_Q)
-    both = _t_times(block, np.hstack([normalize_rows_backward(g_P, P, r), P]), col_offset)  # one pass: [g | P]
-    return both[:, :k], both[:, k:]
-
-
-def _sum_sums(*parts: tuple[float, np.ndarray, int]) -> tuple[float, np.ndarray, int]:
-    s1, G, rows = parts[0][0], parts[0][1].copy(), parts[0][2]
-    for a, g, r in parts[1:]:
+def _sum_passes(*parts: tuple[float, np.ndarray, int, np.ndarray]) -> tuple[float, np.ndarray, int, np.ndarray]:
+    s1, G, rows, T = parts[0][0], parts[0][1].copy(), parts[0][2], parts[0][3].copy()
+    for a, g, r, t in parts[1:]:
         s1, rows = s1 + a, rows + r
         G += g
-    return s1, G, rows
-
-
-def _sum_pairs(*parts: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    first = parts[0]
-    a, b = first[0].copy(), first[1].copy()
-    for x, y in parts[1:]:
-        a += x
-        b += y
-    return a, b
+        T += t
+    return s1, G, rows, T
 
 
 def _sum_squares(block: CSRBlock, col_offset: np.ndarray | None) -> float:
@@ -210,11 +217,10 @@ class CosineLoss:
             raise MfsimError(f"objectives.cosine.lambda must be a finite number >= 0, got {lam!r}")
         self.X, self.lam = X, float(lam)
         self.n, self.p = X.shape
-        self.col_offset = None if col_offset is None else np.asarray(col_offset, np.float64)
         self.client = X.client
-        c = self._shared(self.col_offset, "cosine-offset") if self.col_offset is not None else None
-        self._c = c
-        self.xx = float(self._reduce(X.map(_sum_squares, c), lambda *v: sum(v)))
+        self._c = None if col_offset is None else self._shared(np.asarray(col_offset, np.float64), "cosine-offset")
+        self.xx = float(self._reduce(X.map(_sum_squares, self._c), lambda *v: sum(v)))
+        self.pieces = row_pieces(X.row_offsets)
         self.evaluations = 0
         self.gamma = 0.0
 
@@ -225,31 +231,34 @@ class CosineLoss:
         return tree_reduce(parts, combine, client=self.client)
 
     def __call__(self, A: np.ndarray, B: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, float]:
-        """``(L, dL/dA, dL/dB, gamma)`` at the best gamma for (A, B)."""
+        """``(L, dL/dA, dL/dB, gamma)`` at the best gamma for (A, B).
+
+        BLAS on one thread here too: the products are p x k, and idle BLAS threads spinning beside numba's
+        (``kernels.threads``) made an evaluation on ``make run``'s data 2.4x slower in process."""
+        with blas_limit(1):
+            return self._evaluate(A, B)
+
+    def _evaluate(self, A: np.ndarray, B: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, float]:
         self.evaluations += 1
         A = np.ascontiguousarray(A, np.float64)
         Q, r_B = normalize_rows(np.asarray(B, np.float64))
         Q = np.ascontiguousarray(Q)
         G_Q = Q.T @ Q
-        A_s, Q_s = self._shared(A, "cosine-a"), self._shared(Q, "cosine-q")
-        outs = self.X.map(block_forward, A_s, Q_s, self._c)
+        A_s, Q_s, G_Q_s = self._shared(A, "cosine-a"), self._shared(Q, "cosine-q"), self._shared(G_Q, "cosine-gq")
+        parts = self.X.parts
         if self.client is None:
-            states, sums = [o[0] for o in outs], [o[1] for o in outs]
+            passes = [block_pass(parts[b], lo, hi, A_s, Q_s, G_Q_s, self._c) for b, lo, hi in self.pieces]
         else:
-            states = [self.client.submit(itemgetter(0), o, pure=False) for o in outs]
-            sums = [self.client.submit(itemgetter(1), o, pure=False) for o in outs]
-        s1, G_P, n_plus = self._reduce(sums, _sum_sums)
+            passes = [self.client.submit(block_pass, parts[b], lo, hi, A_s, Q_s, G_Q_s, self._c, pure=False)
+                      for b, lo, hi in self.pieces]
+        s1, G_P, n_plus, T = self._reduce(passes, _sum_passes)
         s2 = ordered_sum(row_dots(G_P, G_Q.T))  # trace(G_P G_Q) = ||P Q^T||_F^2
         rows = n_plus + int(np.count_nonzero(r_B))
         gamma = max(0.0, (s1 - 0.5 * self.lam * rows) / s2) if s2 > 0 else 0.0
         loss = self.xx - 2.0 * gamma * s1 + gamma * gamma * s2 + self.lam * gamma * rows
-        if self.client is None:
-            grads = [block_backward(part, st, G_Q, gamma, self.col_offset) for part, st in zip(self.X.parts, states)]
-        else:
-            G_Q_s = share(self.client, G_Q, "cosine-gq")
-            grads = [self.client.submit(block_backward, part, st, G_Q_s, gamma, self._c, pure=False)
-                     for part, st in zip(self.X.parts, states)]
-        g_A, XtP = self._reduce(grads, _sum_pairs)
+        k = A.shape[1]
+        g_A = -2.0 * gamma * T[:, :k] + 2.0 * gamma * gamma * T[:, k:2 * k]
+        XtP = T[:, 2 * k:]
         g_Q = -2.0 * gamma * XtP + 2.0 * gamma * gamma * (Q @ G_P)
         g_B = normalize_rows_backward(g_Q, Q, r_B)
         self.gamma = gamma

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from scipy.linalg.blas import dtrsm
 
+from mfsim.kernels.threads import blas_limit
 from mfsim.pipeline.shared import share
 
 #: Row chunks of a ``ChunkedBasis``: ``CHUNKS`` of them, none below ``MIN_CHUNK_ROWS`` rows (each chunk costs
@@ -197,11 +198,9 @@ class LocalBasis:
 
     def combine(self, vr: np.ndarray, threads: int) -> np.ndarray:
         """``Q vr`` (p x k, float64) over the first ``len(vr)`` columns; frees the float32 copy first."""
-        from threadpoolctl import threadpool_limits
-
         self.store32 = None
         m = vr.shape[0]
-        with threadpool_limits(limits=threads, user_api="blas"):  # no kernel runs beside this one p x W x k product
+        with blas_limit(threads):  # no kernel runs beside this one p x W x k product
             return (vr.T @ self.store64[:, :m].T).T  # as V^T = V_r^T Q^T: the column-major basis read by rows, 3x faster
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mfsim.kernels.threads import on_one_thread
 from mfsim.kernels.topn import (
     SYMMETRIC_TILE,
     TopN,
@@ -281,20 +282,6 @@ def symmetric_blocks(p: int, max_rows: int = SYMMETRIC_MAX_BLOCK_ROWS) -> list[t
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _one_thread(fn: Callable, *args: Any) -> Any:
-    """``fn(*args)`` with numba and BLAS on one thread each (a worker thread runs one task's kernels), restored."""
-    import numba
-    from threadpoolctl import threadpool_limits
-
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1, user_api="blas"):
-            return fn(*args)
-    finally:
-        numba.set_num_threads(before)
-
-
 def _prepare_task(embedding: np.ndarray, metrics: tuple[str, ...], cosine_norm_floor: float = 0.0):
     try:
         return prepare_symmetric(embedding, metrics, cosine_floor(max_row_norm(embedding), cosine_norm_floor))
@@ -304,7 +291,7 @@ def _prepare_task(embedding: np.ndarray, metrics: tuple[str, ...], cosine_norm_f
 
 def _floors_task(prep, block: tuple[int, int], n: int):
     emb, inv, want = prep
-    return _one_thread(symmetric_floors, emb, inv, block[0], block[1], n, want)
+    return on_one_thread(symmetric_floors, emb, inv, block[0], block[1], n, want)
 
 
 def _state_task(prep, block: tuple[int, int], n: int, floors):
@@ -317,14 +304,14 @@ def _pair_task(prep, a: tuple[int, int], b: tuple[int, int], state_a: tuple, sta
     state_a = tuple(x.copy() for x in state_a)
     state_b = state_a if state_b is None else tuple(x.copy() for x in state_b)
     buf = np.empty(tile * tile, dtype=np.float32)
-    _one_thread(symmetric_pair, emb, inv, a, b, state_a, state_b, tile, buf)
+    on_one_thread(symmetric_pair, emb, inv, a, b, state_a, state_b, tile, buf)
     return state_a if a == b else (state_a, state_b)
 
 
 def _finish_task(prep, block: tuple[int, int], n: int, state: tuple, floors, rng: QueryRange, candidate_block: int,
                  then: Callable | None, then_part: Any):
     emb, inv, want = prep
-    lists = _one_thread(finish_symmetric, emb, inv, block[0], block[1], n, want, state, floors, candidate_block)
+    lists = on_one_thread(finish_symmetric, emb, inv, block[0], block[1], n, want, state, floors, candidate_block)
     return lists if then is None else then(lists, rng, then_part)
 
 

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
+from mfsim.kernels.threads import blas_limit
 from mfsim.kernels.sparse import csr_matmat, csr_t_matmat
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks, tree_reduce
 from mfsim.pipeline.config import SvdSection
@@ -405,7 +405,7 @@ def randomized_svd(
     """
     c = _check(blocks, rank, oversample, power_iterations, col_offset)
     run = _Dask(blocks) if blocks.client is not None else _Local(blocks)
-    with threadpool_limits(limits=1, user_api="blas"):
+    with blas_limit(1):
         return _randomized_svd(run, blocks, rank, oversample, power_iterations, seed, c, compute_u)
 
 
@@ -559,7 +559,7 @@ def krylov_svd(
         raise MfsimError(f"svd.block_size, svd.max_blocks and svd.tol must be positive, got {block_size}, "
                          f"{max_blocks} and {tol}")
     run = _Dask(blocks) if blocks.client is not None else _Local(blocks)
-    with threadpool_limits(limits=1, user_api="blas"):
+    with blas_limit(1):
         return _krylov(run, blocks, rank, b, float(tol), int(max_blocks), seed, c, compute_u, start)
 
 

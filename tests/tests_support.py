@@ -105,10 +105,13 @@ def dense_x(run_dir, sim_dir):
     return (X > 0).astype(np.float64), users, items  # binarized, as configured
 
 
-def cosine_rows(M):
+def cosine_rows(M, norm_floor=0.0):
+    """Rows of M at unit length, and which rows take part in cosine lists: a non-zero norm of at least
+    ``norm_floor`` times the largest row norm (``neighbours.cosine_norm_floor``)."""
     norms = np.linalg.norm(M, axis=1)
-    inv = np.where(norms > 0, 1 / np.where(norms > 0, norms, 1), 0)
-    return M * inv[:, None], norms > 0
+    ok = (norms > 0) & (norms >= norm_floor * norms.max(initial=0.0))
+    inv = np.where(ok, 1 / np.where(ok, norms, 1), 0)
+    return M * inv[:, None], ok
 
 
 def check_lists(table, q_col, n_col, q_ids, n_ids, scores_ref, admissible, tol, what="", top_n=7):

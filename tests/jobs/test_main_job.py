@@ -24,6 +24,9 @@ TOP_N = 7
 RANK = 5  # = the simulator's cluster count: a clear gap after the top 5 singular values
 EPS32 = np.finfo(np.float32).eps
 AUDIT_ITEMS, EVAL_USERS = 30, 60
+# neighbours.cosine_norm_floor of these runs: it drops 2-4 rows of each embedding (relative norms 0.11-0.14)
+# from the cosine lists, and no row's relative norm lies within 1% of it (measured on a dense SVD of this X)
+NORM_FLOOR = 0.14
 
 
 def _small_config(root, client, run_id):
@@ -37,6 +40,7 @@ def _small_config(root, client, run_id):
         # that the randomized subspace matches the exact one (error ~ (s_16/s_5)^(2q+1) ~ 1e-6)
         "svd.power_iterations=12",
         "neighbours.user_user=[cosine,projected_cosine]",  # off in conf/default.yaml
+        f"neighbours.cosine_norm_floor={NORM_FLOOR}",
         # samples smaller than the data (40 items; ~100 of the 150 users hold items out), so that the
         # one-worker run checks that they do not depend on the workers
         f"audit.max_items={AUDIT_ITEMS}", f"evaluation.max_users={EVAL_USERS}",
@@ -85,8 +89,8 @@ def test_every_list_matches_numpy(small_run):
     for objective, scaling in pairs:
         P = _factor(run_dir, objective, scaling, "users")  # user embeddings P = X A
         B = _factor(run_dir, objective, scaling, "items")
-        Bn, b_ok = _cos(B)
-        Pn, p_ok = _cos(P)
+        Bn, b_ok = _cos(B, NORM_FLOOR)
+        Pn, p_ok = _cos(P, NORM_FLOOR)
 
         def tol(M1, M2):
             return 8 * RANK * EPS32 * np.linalg.norm(M1, axis=1).max() * np.linalg.norm(M2, axis=1).max() + 1e-6
@@ -103,8 +107,8 @@ def test_every_list_matches_numpy(small_run):
         if objective == "eq2" or scaling == "symmetric":  # the scaling-invariant lists come from the first
             AB = products[objective]
             XAB = X @ AB
-            ABn, ab_ok = _cos(AB)
-            XABn, xab_ok = _cos(XAB)
+            ABn, ab_ok = _cos(AB, NORM_FLOOR)
+            XABn, xab_ok = _cos(XAB, NORM_FLOOR)
             # these references come from another SVD: add its error, about 1e-5 relative here (rank 5
             # sits before a clear spectral gap, and q=12 power iterations make the subspace accurate)
             svd_tol = 1e-4

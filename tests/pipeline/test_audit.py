@@ -746,6 +746,18 @@ def test_audit_command_round_trip(tmp_path, pair, capsys, list_type):
     assert text.count("random_sd=1.0") == 3 and "least stable items" in text
 
 
+def test_audit_command_passes_the_norm_floor_on(tmp_path, pair):
+    U, I = pair
+    I = I.copy()
+    I[:6] *= 1e-6  # six items far below a floor of 1e-4 of the largest row norm
+    users, items = write_pair(tmp_path, U, I)
+    out = tmp_path / "floor.parquet"
+    run_audit_command(users, items, top_n=5, draws=1, seed=2, out=out, cosine_norm_floor=1e-4)
+    expected = audit_embedding_pair(U, I, top_n=5, draws=1, spread=1.0, seed=2, cosine_norm_floor=1e-4)
+    assert pq.read_table(out).equals(expected.stability)
+    assert not expected.stability.equals(audit_embedding_pair(U, I, top_n=5, draws=1, spread=1.0, seed=2).stability)
+
+
 def test_audit_command_samples_users_like_the_library(tmp_path, pair, capsys):
     U, I = pair
     users, items = write_pair(tmp_path, U, I)
