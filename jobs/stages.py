@@ -27,7 +27,8 @@ from mfsim.pipeline.evaluate import ClusterScorer, cluster_cutoffs, held_out_row
     sample_users, split_holdout
 from mfsim.pipeline.config import Eq1Section, Eq2Section, ObjectivesSection
 from mfsim.pipeline.fit import Fit, fit_factors, fit_model, fit_spectrum
-from mfsim.pipeline.lambda_sweep import choose, lambda_grid, parse_select_metric, sweep_rows, sweep_table
+from mfsim.pipeline.lambda_sweep import choose, grid_end_warning, lambda_grid, parse_select_metric, sweep_rows, \
+    sweep_table
 from mfsim.pipeline.factors import scaled_columns
 from mfsim.pipeline.ingest import IngestResult, ingest
 from mfsim.pipeline.inputs import ItemTruth
@@ -187,6 +188,9 @@ def lambda_sweep(ctx: StageContext) -> tuple[pa.Table, dict[str, float]]:
                                     show_progress=False)
             rows.append(sweep_rows(objective, float(lam), ev))
         chosen[objective] = choose(rows, objective, ecfg.select_metric)
+        edge = grid_end_warning(objective, grid, chosen[objective])
+        if edge:
+            ctx.warnings.append(edge)
         log.info("lambda sweep %s: %d lambdas from %.4g to %.4g; chosen %.4g (%s %.4f)", objective, len(grid),
                  grid[0], grid[-1], chosen[objective], ecfg.select_metric,
                  max(r[ecfg.select_metric] for r in rows if r["objective"] == objective))

@@ -72,6 +72,7 @@ class CosineFit:
     message: str
     seconds: float
     history: list[tuple[float, float]] = field(default_factory=list)
+    users_without_embedding: int = 0  # rows of X A that are zero or below DIRECTION_FLOOR: no embedding, no score
 
     def factors(self) -> tuple[np.ndarray, np.ndarray]:
         """The published pair: ``A`` and ``B = gamma^1/2 N(B)`` (float32); the user embeddings ``gamma^1/2
@@ -88,7 +89,7 @@ class CosineFit:
         """The manifest's account: gamma, final loss, iterations, convergence, time."""
         return {"gamma": self.gamma, "loss": self.loss, "iterations": self.iterations,
                 "evaluations": self.evaluations, "converged": self.converged, "message": self.message,
-                "seconds": round(self.seconds, 3),
+                "seconds": round(self.seconds, 3), "users_without_embedding": self.users_without_embedding,
                 "start_loss": self.history[0][0] if self.history else None}
 
 
@@ -96,9 +97,35 @@ class CosineFit:
 # row normalization and its derivative
 
 
-def normalize_rows(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(N(Y), |y|)``: rows scaled to unit length, zero rows left zero; the row norms (float64)."""
+#: A row ``x_u A`` whose norm is below this times ``(|x_u| + |c|) ||A||_F`` (an upper bound of its norm) has no
+#: direction: the user is all but orthogonal to the model's space, and is treated as a zero row, in the loss and
+#: in the published user embeddings (no embedding, no score). The gradient through a row scales with
+#: 1 / |x_u A|, so such rows also ruin L-BFGS's steps. On lastfm-hetrec2011 (raw play counts, k = 64) seven users
+#: lie at 1e-27..1e-17 of the bound (rounding noise: their items are outside the top-k space), the next ones at
+#: 1e-6..1e-4: with a floor of 1e-12 the gradient was 1.8e16 and the first line search failed; with 1e-4 it
+#: runs (the manifest's ``factors.cosine.users_without_embedding`` counts the users without one).
+DIRECTION_FLOOR = 1e-4
+
+
+def direction_floors(block: CSRBlock, c_norm: float, a_norm: float) -> np.ndarray:
+    """``DIRECTION_FLOOR (|x_u| + |c|) ||A||_F`` per row of the block (float64)."""
+    data = block.data.astype(np.float64)
+    rows = np.repeat(np.arange(block.n_rows), np.diff(block.indptr))
+    x_norms = np.sqrt(np.bincount(rows, weights=data * data, minlength=block.n_rows))
+    return DIRECTION_FLOOR * (x_norms + float(c_norm)) * float(a_norm)
+
+
+def frobenius(A: np.ndarray) -> float:
+    """``||A||_F`` in float64, summed in one fixed order."""
+    return float(np.sqrt(ordered_sum(row_dots(A, A))))
+
+
+def normalize_rows(Y: np.ndarray, min_norms: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(N(Y), |y|)``: rows scaled to unit length, zero rows left zero; the row norms (float64). With
+    ``min_norms`` a row whose norm is below its entry counts as zero (norm 0, row 0: no direction)."""
     r = row_norms(Y)
+    if min_norms is not None:
+        r[r < min_norms] = 0.0
     inv = np.zeros_like(r)
     np.divide(1.0, r, out=inv, where=r > 0)
     return Y * inv[:, None], r
@@ -169,7 +196,7 @@ def row_pieces(row_offsets: np.ndarray) -> list[tuple[int, int, int]]:
 
 @_one_thread
 def block_pass(block: CSRBlock, lo: int, hi: int, A: np.ndarray, Q: np.ndarray, G_Q: np.ndarray,
-               col_offset: np.ndarray | None) -> tuple[float, np.ndarray, int, np.ndarray]:
+               col_offset: np.ndarray | None, norms: tuple[float, float]) -> tuple[float, np.ndarray, int, np.ndarray]:
     """Rows ``[lo, hi)`` of a block: their sums ``(<P, Z>, G_P, rows with X_b A != 0, T)`` with ``P = N(X_b A)``, ``Z = X_b Q`` and
     ``T = X_b^T [N'(X_b A)[Z] | N'(X_b A)[P G_Q] | P]`` (p x 3k).
 
@@ -180,7 +207,7 @@ def block_pass(block: CSRBlock, lo: int, hi: int, A: np.ndarray, Q: np.ndarray, 
     k = A.shape[1]
     AQ = np.ascontiguousarray(np.hstack([A, Q]))
     XAQ = _times(block, AQ, None if col_offset is None else col_offset @ AQ)
-    P, r = normalize_rows(XAQ[:, :k])
+    P, r = normalize_rows(XAQ[:, :k], direction_floors(block, *norms))  # norms: |c|, ||A||_F
     Z = XAQ[:, k:]
     parts = np.hstack([normalize_rows_backward(Z, P, r), normalize_rows_backward(P @ G_Q, P, r), P])
     return ordered_sum(row_dots(P, Z)), P.T @ P, int(np.count_nonzero(r)), _t_times(block, parts, col_offset)
@@ -219,6 +246,7 @@ class CosineLoss:
         self.n, self.p = X.shape
         self.client = X.client
         self._c = None if col_offset is None else self._shared(np.asarray(col_offset, np.float64), "cosine-offset")
+        self.c_norm = 0.0 if col_offset is None else frobenius(np.asarray(col_offset, np.float64)[None, :])
         self.xx = float(self._reduce(X.map(_sum_squares, self._c), lambda *v: sum(v)))
         self.pieces = row_pieces(X.row_offsets)
         self.evaluations = 0
@@ -245,11 +273,11 @@ class CosineLoss:
         Q = np.ascontiguousarray(Q)
         G_Q = Q.T @ Q
         A_s, Q_s, G_Q_s = self._shared(A, "cosine-a"), self._shared(Q, "cosine-q"), self._shared(G_Q, "cosine-gq")
-        parts = self.X.parts
+        parts, norms = self.X.parts, (self.c_norm, frobenius(A))
         if self.client is None:
-            passes = [block_pass(parts[b], lo, hi, A_s, Q_s, G_Q_s, self._c) for b, lo, hi in self.pieces]
+            passes = [block_pass(parts[b], lo, hi, A_s, Q_s, G_Q_s, self._c, norms) for b, lo, hi in self.pieces]
         else:
-            passes = [self.client.submit(block_pass, parts[b], lo, hi, A_s, Q_s, G_Q_s, self._c, pure=False)
+            passes = [self.client.submit(block_pass, parts[b], lo, hi, A_s, Q_s, G_Q_s, self._c, norms, pure=False)
                       for b, lo, hi in self.pieces]
         s1, G_P, n_plus, T = self._reduce(passes, _sum_passes)
         s2 = ordered_sum(row_dots(G_P, G_Q.T))  # trace(G_P G_Q) = ||P Q^T||_F^2
@@ -261,7 +289,7 @@ class CosineLoss:
         XtP = T[:, 2 * k:]
         g_Q = -2.0 * gamma * XtP + 2.0 * gamma * gamma * (Q @ G_P)
         g_B = normalize_rows_backward(g_Q, Q, r_B)
-        self.gamma = gamma
+        self.gamma, self.rows_with_direction = gamma, n_plus
         return float(loss), g_A, g_B, gamma
 
 
@@ -273,8 +301,9 @@ def train_cosine(X: RowBlocks, A0: np.ndarray, B0: np.ndarray, *, lam: float, ma
                  col_offset: np.ndarray | None = None) -> CosineFit:
     """L-BFGS on ``L(A, B)`` from ``(A0, B0)`` (e.g. the Eq. 2 solution).
 
-    Stops when the relative decrease of the loss in a step is below ``tol``
-    (scipy's ``ftol``), when the largest gradient entry is below ``tol`` times the start's, or after
+    The optimizer sees ``L - ||X||^2``, the part of the loss that A and B change, so that ``tol`` bounds the
+    relative decrease of that part in a step (scipy's ``ftol``): measured against the whole loss, a heavy X
+    (lastfm-hetrec2011's raw play counts: ``||X||^2`` 1.36e12) stopped it after 9 iterations. It stops then, when the largest gradient entry is below ``tol`` times the start's, or after
     ``max_iterations`` iterations. Each accepted iterate's loss and gradient norm is logged and kept
     in ``history``; L-BFGS's line search (strong Wolfe) accepts only steps that lower the loss.
     """
@@ -291,16 +320,17 @@ def train_cosine(X: RowBlocks, A0: np.ndarray, B0: np.ndarray, *, lam: float, ma
         loss, g_A, g_B, gamma = fn(A, B)
         grad = np.concatenate([g_A.ravel(), g_B.ravel()])
         last.update(theta=theta.copy(), loss=loss, grad_norm=float(np.linalg.norm(grad)), gamma=gamma)
-        return loss, grad
+        return loss - fn.xx, grad
 
     theta0 = np.concatenate([np.asarray(A0, np.float64).ravel(), np.asarray(B0, np.float64).ravel()])
-    loss0, grad0 = objective(theta0)
+    _, grad0 = objective(theta0)
+    loss0 = last["loss"]
     history = [(loss0, last["grad_norm"])]
     log.info("cosine model: start loss %.6g, |grad| %.3g (lambda %g, %d x %d)", loss0, last["grad_norm"], lam, p, k)
     gtol = float(tol) * float(np.abs(grad0).max(initial=0.0))
 
     def callback(intermediate_result) -> None:
-        x, loss = intermediate_result.x, float(intermediate_result.fun)
+        x, loss = intermediate_result.x, float(intermediate_result.fun) + fn.xx
         # the gradient norm of the accepted iterate: the line search's last evaluation, else one more
         grad_norm = last["grad_norm"] if np.array_equal(last["theta"], x) else float(np.linalg.norm(objective(x)[1]))
         history.append((loss, grad_norm))
@@ -309,7 +339,7 @@ def train_cosine(X: RowBlocks, A0: np.ndarray, B0: np.ndarray, *, lam: float, ma
     if max_iterations > 0 and np.isfinite(loss0):
         res = minimize(objective, theta0, jac=True, method="L-BFGS-B", callback=callback,
                        options={"maxiter": int(max_iterations), "ftol": float(tol), "gtol": gtol, "maxcor": 10})
-        theta, loss, iterations = res.x, float(res.fun), int(res.nit)
+        theta, loss, iterations = res.x, float(res.fun) + fn.xx, int(res.nit)
         converged, message = bool(res.success), str(res.message)
     else:
         theta, loss, iterations, converged, message = theta0, loss0, 0, True, "no iterations asked"
@@ -323,4 +353,4 @@ def train_cosine(X: RowBlocks, A0: np.ndarray, B0: np.ndarray, *, lam: float, ma
     log.info("cosine model: %d iterations, loss %.6g -> %.6g, gamma %.4g, %.1f s (%s)", iterations, loss0,
              final_loss, gamma, seconds, message)
     return CosineFit(A, Q, float(gamma), float(final_loss), iterations, fn.evaluations, converged, message,
-                     seconds, history)
+                     seconds, history, fn.n - fn.rows_with_direction)

@@ -28,6 +28,7 @@ import numpy as np
 
 from mfsim.kernels.sparse import csr_matmat
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks
+from mfsim.pipeline.cosine_model import direction_floors, frobenius
 from mfsim.pipeline.config import ObjectivesSection
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.registry import EQ1_SCALINGS, UNIQUE
@@ -194,9 +195,10 @@ def eq2_factors(
 
 
 def _block_times(block: CSRBlock, A: np.ndarray, offset_row: np.ndarray | None,
-                 unit_rows: float | None = None) -> np.ndarray:
+                 unit_rows: float | None = None, c_norm: float = 0.0) -> np.ndarray:
     """Rows of ``X A - 1 (c^T A)`` for one block, float32; with ``unit_rows`` each non-zero row scaled to
-    that length (the cosine-trained model's ``gamma^1/2 N(X A)``).
+    that length (the cosine-trained model's ``gamma^1/2 N(X A)``), rows without a direction
+    (``cosine_model.direction_floors``; ``c_norm`` = |c|) left zero as in its training.
 
     Sums are accumulated in float64 (a heavy user's row sums thousands of terms) and rounded
     once. O(nnz k) time, O(n_rows k) memory.
@@ -207,6 +209,7 @@ def _block_times(block: CSRBlock, A: np.ndarray, offset_row: np.ndarray | None,
         out -= offset_row  # X_eff A = X A - 1 (c^T A)
     if unit_rows is not None:
         norms = np.sqrt(np.einsum("ij,ij->i", out, out))
+        norms[norms < direction_floors(block, c_norm, frobenius(np.asarray(A, np.float64)))] = 0.0
         scale = np.zeros_like(norms)
         np.divide(float(unit_rows), norms, out=scale, where=norms > 0)
         out *= scale[:, None]
@@ -226,6 +229,7 @@ def user_embeddings_blocks(blocks: RowBlocks, A: Any, col_offset: np.ndarray | N
     ``unit_rows``: every non-zero row of P scaled to this length (``Factors.user_scale``).
     """
     n, p = blocks.shape
+    c_norm = 0.0 if col_offset is None else float(np.linalg.norm(np.asarray(col_offset, np.float64)))
     if hasattr(A, "key"):  # a future: c^T A on the worker too
         c = col_offset
         if c is not None:
@@ -233,7 +237,7 @@ def user_embeddings_blocks(blocks: RowBlocks, A: Any, col_offset: np.ndarray | N
             if c.shape != (p,):
                 raise MfsimError(f"expected col_offset of shape ({p},), got {c.shape}; pass Preprocessor.col_offset")
             c = blocks.client.submit(offset_row_of, share(blocks.client, c, "column-offset"), A, pure=False)
-        return blocks.map(_block_times, A, c, unit_rows)
+        return blocks.map(_block_times, A, c, unit_rows, c_norm)
     A = np.asarray(A)
     if A.ndim != 2 or A.shape[0] != p:
         raise MfsimError(f"expected A of shape ({p}, k) for X of shape {blocks.shape}, got {A.shape}")
@@ -246,7 +250,7 @@ def user_embeddings_blocks(blocks: RowBlocks, A: Any, col_offset: np.ndarray | N
         offset_row = offset_row_of(c, A32)
     if blocks.client is not None:  # recomputable with its P blocks when a worker is lost (pipeline.shared)
         A32 = share(blocks.client, A32, "factor-a")
-    return blocks.map(_block_times, A32, offset_row, unit_rows)
+    return blocks.map(_block_times, A32, offset_row, unit_rows, c_norm)
 
 
 def user_embeddings(blocks: RowBlocks, A: np.ndarray, col_offset: np.ndarray | None = None) -> np.ndarray:

@@ -67,6 +67,17 @@ def choose(rows: list[dict[str, Any]], objective: str, select_metric: str) -> fl
     return min(r["lambda"] for r in mine if r[select_metric] == best)
 
 
+def grid_end_warning(objective: str, grid: np.ndarray, chosen: float) -> str | None:
+    """A warning when the chosen lambda is the grid's first or last point (of three or more): the best lambda may
+    lie beyond it. None otherwise."""
+    if len(grid) < 3 or chosen not in (grid[0], grid[-1]):
+        return None
+    end, beyond = ("smallest", "below") if chosen == grid[0] else ("largest", "above")
+    return (f"lambda sweep {objective}: the chosen lambda {chosen:.4g} is the {end} of the grid "
+            f"({grid[0]:.4g} .. {grid[-1]:.4g}); the best may lie {beyond} it: give objectives.lambda_grid as a "
+            f"list that reaches further")
+
+
 def sweep_table(rows: list[dict[str, Any]], chosen: dict[str, float], cutoffs: list[int]) -> pa.Table:
     """``objective``, ``lambda``, ``chosen``, ``n_users``, then ``recall@N`` and ``ndcg@N`` per cutoff."""
     fields = [("objective", pa.string()), ("lambda", pa.float64()), ("chosen", pa.bool_()), ("n_users", pa.int64())]

@@ -16,6 +16,7 @@ from mfsim.pipeline.config import load_config
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.evaluate import split_holdout
 from mfsim.pipeline.fit import fit_model
+from mfsim.pipeline.lambda_sweep import grid_end_warning
 from mfsim.pipeline.simulate import simulate, write_simulation
 from tests_support import check_lists, cosine_rows, dense_x, run_factor
 
@@ -40,6 +41,15 @@ def auto_run(tmp_path_factory, client):
     write_simulation(simulate(cfg.simulate), root / "sim", cfg.simulate)
     run_dir, manifest = run_job(_config(root, client, "auto"))
     return run_dir, manifest, root
+
+
+def test_a_lambda_at_the_end_of_the_grid_is_a_warning():
+    grid = np.geomspace(2.0, 50.0, 5)
+    low, high = grid_end_warning("eq2", grid, grid[0]), grid_end_warning("eq1", grid, grid[-1])
+    assert "eq2" in low and "smallest" in low and "below" in low and "objectives.lambda_grid" in low
+    assert "eq1" in high and "largest" in high and "above" in high
+    assert grid_end_warning("eq2", grid, grid[2]) is None
+    assert grid_end_warning("eq2", grid[:2], grid[0]) is None  # two points: every choice is an end
 
 
 def test_lambda_auto_without_a_held_out_split_is_a_config_error():

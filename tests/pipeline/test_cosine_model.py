@@ -27,9 +27,11 @@ def _start(X: sp.csr_matrix, k: int, seed: int = 0):
     return V + 0.05 * rng.standard_normal(V.shape), V * 3.0 + 0.05 * rng.standard_normal(V.shape)
 
 
-def _dense_loss(X: np.ndarray, A: np.ndarray, B: np.ndarray, gamma: float, lam: float) -> float:
-    """||X - gamma N(X A) N(B)^T||_F^2 + lam gamma (n+ + p+), straight from the definition."""
+def _dense_loss(X: np.ndarray, A: np.ndarray, B: np.ndarray, gamma: float, lam: float, zero_rows=()) -> float:
+    """||X - gamma N(X A) N(B)^T||_F^2 + lam gamma (n+ + p+), straight from the definition; ``zero_rows`` of X A
+    taken as zero (no direction)."""
     XA = X @ A
+    XA[list(zero_rows)] = 0
     rn, bn = np.linalg.norm(XA, axis=1), np.linalg.norm(B, axis=1)
     P = np.where(rn[:, None] > 0, XA / np.where(rn > 0, rn, 1)[:, None], 0.0)
     Q = np.where(bn[:, None] > 0, B / np.where(bn > 0, bn, 1)[:, None], 0.0)
@@ -49,6 +51,22 @@ def test_loss_is_the_dense_formula_at_the_best_gamma(centred):
     # gamma minimizes the dense loss over gamma (a parabola: its neighbours are higher)
     for step in (1e-3, -1e-3):
         assert _dense_loss(Xe, A, B, gamma * (1 + step), 0.7) > loss
+
+
+def test_a_user_all_but_orthogonal_to_a_has_no_direction():
+    X = _small().tolil()
+    X[5, :] = 0
+    X[5, 2] = 4.0  # user 5 holds item 2 only
+    X = sp.csr_matrix(X)
+    A, B = _start(X, 4)
+    A[2] *= 1e-6  # |x_5 A| = 4e-6 |a_2|, far below DIRECTION_FLOOR (1e-4) of |x_5| ||A||_F
+    fn = CosineLoss(RowBlocks.from_scipy(X, 9), 0.7)
+    loss, g_A, _, gamma = fn(A, B)
+    Xd = X.toarray().astype(np.float64)
+    assert fn.rows_with_direction == np.count_nonzero(np.linalg.norm(Xd @ A, axis=1)) - 1
+    np.testing.assert_allclose(loss, _dense_loss(Xd, A, B, gamma, 0.7, zero_rows=[5]), rtol=1e-12)
+    assert loss != pytest.approx(_dense_loss(Xd, A, B, gamma, 0.7), rel=1e-9)  # the row would count otherwise
+    assert np.isfinite(g_A).all() and np.abs(g_A).max() < 1e6  # no 1 / |x_5 A| in the gradient
 
 
 @pytest.mark.parametrize("centred", [False, True])
