@@ -175,10 +175,10 @@ def _one_thread(fn):
 
 #: Pieces of X's row blocks, one task each per loss evaluation: each block (``ingest.block_rows``, 65,536 rows
 #: by default) is cut into up to ``ceil(MIN_TASKS / n_blocks)`` pieces of at least ``PIECE_ROWS`` rows, so that
-#: an X of one block still keeps two workers busy. Fixed by X's shape alone, so the sums' order does not depend
-#: on the workers. Measured on ``make run``'s data (one block, 2 workers on this 2-core machine): 1 piece 0.15 s
-#: per evaluation, 2 pieces 0.12 s, 4 pieces 0.14 s.
-PIECE_ROWS, MIN_TASKS = 4096, 2
+#: an X of few blocks can keep more workers busy. Fixed by X's shape alone, so the sums' order does not depend
+#: on the workers. On this 2-core machine it does not pay: ``make run``'s data (one block, 2 workers), 25
+#: evaluations each, 0.112 s per evaluation in 1 piece, 0.120-0.123 s in 2; raise MIN_TASKS on a larger cluster.
+PIECE_ROWS, MIN_TASKS = 4096, 1
 
 
 def row_pieces(row_offsets: np.ndarray) -> list[tuple[int, int, int]]:
@@ -195,15 +195,16 @@ def row_pieces(row_offsets: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 @_one_thread
-def block_pass(block: CSRBlock, lo: int, hi: int, A: np.ndarray, Q: np.ndarray, G_Q: np.ndarray,
+def block_pass(block: CSRBlock, lo: int, hi: int, point: tuple[np.ndarray, np.ndarray, np.ndarray],
                col_offset: np.ndarray | None, norms: tuple[float, float]) -> tuple[float, np.ndarray, int, np.ndarray]:
-    """Rows ``[lo, hi)`` of a block: their sums ``(<P, Z>, G_P, rows with X_b A != 0, T)`` with ``P = N(X_b A)``, ``Z = X_b Q`` and
-    ``T = X_b^T [N'(X_b A)[Z] | N'(X_b A)[P G_Q] | P]`` (p x 3k).
+    """Rows ``[lo, hi)`` of a block at ``point = (A, Q, G_Q)``: their sums ``(<P, Z>, G_P, rows with X_b A != 0, T)``
+    with ``P = N(X_b A)``, ``Z = X_b Q`` and ``T = X_b^T [N'(X_b A)[Z] | N'(X_b A)[P G_Q] | P]`` (p x 3k).
 
     ``g_P = -2 gamma Z + 2 gamma^2 P G_Q`` is linear in its two parts, so ``dL/dA = -2 gamma T_1 + 2 gamma^2 T_2``
     once gamma is known from all blocks' sums: one pass over the blocks per evaluation, nothing kept on the
     workers. ``X_b A`` and ``Z`` are one product with ``[A | Q]``, T one with the three parts."""
     block = block.row_range(lo, hi)
+    A, Q, G_Q = point
     k = A.shape[1]
     AQ = np.ascontiguousarray(np.hstack([A, Q]))
     XAQ = _times(block, AQ, None if col_offset is None else col_offset @ AQ)
@@ -272,12 +273,12 @@ class CosineLoss:
         Q, r_B = normalize_rows(np.asarray(B, np.float64))
         Q = np.ascontiguousarray(Q)
         G_Q = Q.T @ Q
-        A_s, Q_s, G_Q_s = self._shared(A, "cosine-a"), self._shared(Q, "cosine-q"), self._shared(G_Q, "cosine-gq")
+        point = self._shared((A, Q, G_Q), "cosine-point")  # one transfer per evaluation
         parts, norms = self.X.parts, (self.c_norm, frobenius(A))
         if self.client is None:
-            passes = [block_pass(parts[b], lo, hi, A_s, Q_s, G_Q_s, self._c, norms) for b, lo, hi in self.pieces]
+            passes = [block_pass(parts[b], lo, hi, point, self._c, norms) for b, lo, hi in self.pieces]
         else:
-            passes = [self.client.submit(block_pass, parts[b], lo, hi, A_s, Q_s, G_Q_s, self._c, norms, pure=False)
+            passes = [self.client.submit(block_pass, parts[b], lo, hi, point, self._c, norms, pure=False)
                       for b, lo, hi in self.pieces]
         s1, G_P, n_plus, T = self._reduce(passes, _sum_passes)
         s2 = ordered_sum(row_dots(G_P, G_Q.T))  # trace(G_P G_Q) = ||P Q^T||_F^2

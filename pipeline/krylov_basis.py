@@ -90,7 +90,7 @@ def flip_signs(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     column; the first entry wins a tie in magnitude); multiply the paired U columns by it too.
     O(p k).
     """
-    peak, signed = column_peaks(v)
+    _, signed = column_peaks(v)
     sign = np.sign(signed)
     sign[sign == 0] = 1
     return v * sign, sign

@@ -154,7 +154,9 @@ def test_pieces_of_one_block_give_the_blocks_loss_and_gradient(monkeypatch):
 def test_the_same_result_in_process_and_on_one_and_two_workers(client, client1, monkeypatch, block_rows, piece_rows):
     """Several blocks; and one block cut in pieces (2 of 100 rows), which the two workers share."""
     monkeypatch.setattr(cosine_model, "PIECE_ROWS", piece_rows)
+    monkeypatch.setattr(cosine_model, "MIN_TASKS", 2)
     X = _small(n=200, p=30, density=0.15)
+    assert len(cosine_model.row_pieces(RowBlocks.from_scipy(X, block_rows).row_offsets)) == (5 if block_rows == 48 else 2)
     A, B = _start(X, 5)
     fits = [train_cosine(RowBlocks.from_scipy(X, block_rows, c), A, B, lam=0.5, max_iterations=25, tol=1e-12)
             for c in (None, client1, client)]
