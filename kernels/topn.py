@@ -581,8 +581,8 @@ def symmetric_pair(emb: np.ndarray, inv: np.ndarray, a: tuple[int, int], b: tupl
             v1 = min(v0 + tile, b1)
             t = buf[: (u1 - u0) * (v1 - v0)].reshape(u1 - u0, v1 - v0)
             # S_uv, one sgemm. A diagonal tile's operands are one buffer, for which numpy calls ssyrk, and
-            # OpenBLAS's ssyrk rounds differently from its sgemm (0.3.31): the copy keeps every score one
-            # sgemm result, whichever tile it falls in
+            # OpenBLAS's ssyrk rounds differently from its sgemm (0.3.30 and 0.3.31, Haswell kernels on AMD
+            # EPYC): the copy keeps every score an sgemm result, whichever tile it falls in
             right = emb[v0:v1].copy() if u0 == v0 else emb[v0:v1]
             np.matmul(emb[u0:u1], right.T, out=t)
             if same and u0 == v0:

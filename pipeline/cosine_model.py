@@ -197,7 +197,7 @@ def row_pieces(row_offsets: np.ndarray) -> list[tuple[int, int, int]]:
 @_one_thread
 def block_pass(block: CSRBlock, lo: int, hi: int, point: tuple[np.ndarray, np.ndarray, np.ndarray],
                col_offset: np.ndarray | None, norms: tuple[float, float]) -> tuple[float, np.ndarray, int, np.ndarray]:
-    """Rows ``[lo, hi)`` of a block at ``point = (A, Q, G_Q)``: their sums ``(<P, Z>, G_P, rows with X_b A != 0, T)``
+    """Rows ``[lo, hi)`` of a block at ``point = (A, Q, G_Q)``: their sums ``(<P, Z>, G_P, rows with a direction, T)``
     with ``P = N(X_b A)``, ``Z = X_b Q`` and ``T = X_b^T [N'(X_b A)[Z] | N'(X_b A)[P G_Q] | P]`` (p x 3k).
 
     ``g_P = -2 gamma Z + 2 gamma^2 P G_Q`` is linear in its two parts, so ``dL/dA = -2 gamma T_1 + 2 gamma^2 T_2``
@@ -251,7 +251,7 @@ class CosineLoss:
         self.xx = float(self._reduce(X.map(_sum_squares, self._c), lambda *v: sum(v)))
         self.pieces = row_pieces(X.row_offsets)
         self.evaluations = 0
-        self.gamma = 0.0
+        self.gamma, self.rows_with_direction = 0.0, 0
 
     def _shared(self, value: Any, name: str) -> Any:
         return value if self.client is None else share(self.client, value, name)
@@ -304,9 +304,10 @@ def train_cosine(X: RowBlocks, A0: np.ndarray, B0: np.ndarray, *, lam: float, ma
 
     The optimizer sees ``L - ||X||^2``, the part of the loss that A and B change, so that ``tol`` bounds the
     relative decrease of that part in a step (scipy's ``ftol``): measured against the whole loss, a heavy X
-    (lastfm-hetrec2011's raw play counts: ``||X||^2`` 1.36e12) stopped it after 9 iterations. It stops then, when the largest gradient entry is below ``tol`` times the start's, or after
-    ``max_iterations`` iterations. Each accepted iterate's loss and gradient norm is logged and kept
-    in ``history``; L-BFGS's line search (strong Wolfe) accepts only steps that lower the loss.
+    (lastfm-hetrec2011's raw play counts: ``||X||^2`` 1.36e12) stopped it after 9 iterations. It stops then,
+    when the largest gradient entry is below ``tol`` times the start's, or after ``max_iterations`` iterations.
+    Each accepted iterate's loss and gradient norm is logged and kept in ``history``; L-BFGS's line search
+    (strong Wolfe) accepts only steps that lower the loss.
     """
     p, k = np.shape(A0)
     if np.shape(B0) != (p, k) or X.n_cols != p:

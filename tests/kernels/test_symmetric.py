@@ -100,6 +100,7 @@ def test_threads_and_tiles_give_the_same_lists(n_threads, seeding):
             near_tie = np.zeros_like(differ)
             near_tie[:, 1:] |= gaps <= 2 * tol
             near_tie[:, :-1] |= gaps <= 2 * tol
+            near_tie[:, -1] = True  # the last place may go to the first candidate left out; its score is checked above
             assert not (differ & ~near_tie).any(), (tile, m)
 
 
