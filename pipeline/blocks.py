@@ -69,15 +69,6 @@ class CSRBlock:
             n_cols=int(m.shape[1]),
         )
 
-    def row_range(self, lo: int, hi: int) -> "CSRBlock":
-        """Rows ``[lo, hi)`` of the block as a block of views of its arrays (no copy of the entries); all rows: the
-        block itself."""
-        if lo == 0 and hi == self.n_rows:
-            return self
-        a, b = int(self.indptr[lo]), int(self.indptr[hi])
-        return CSRBlock(self.indptr[lo:hi + 1] - a, self.indices[a:b], self.data[a:b], self.n_cols,
-                        None if self.ts is None else self.ts[a:b])
-
     def with_data(self, data: np.ndarray) -> "CSRBlock":
         """Same sparsity pattern, new values (used by preprocessing)."""
         return CSRBlock(self.indptr, self.indices, np.ascontiguousarray(data, dtype=np.float32), self.n_cols, self.ts)

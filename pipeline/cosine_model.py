@@ -39,6 +39,7 @@ gradient norm are logged. Memory on the driver: the L-BFGS state, about ``(2 m +
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -163,47 +164,24 @@ def _t_times(block: CSRBlock, M: np.ndarray, col_offset: np.ndarray | None) -> n
 
 
 def _one_thread(fn):
-    """``fn`` run by ``kernels.threads.on_one_thread``. A worker thread runs one piece; on ``make run``'s data a
-    20,000-row piece took 50-250 ms on a worker with numba on 2 threads, 40 ms on 1. And the pieces' sums
+    """``fn`` run by ``kernels.threads.on_one_thread``. A worker thread runs one block; on ``make run``'s data a
+    20,000-row block took 50-250 ms on a worker with numba on 2 threads, 40 ms on 1. And the blocks' sums
     (``P^T P`` over the rows) must round the same in this process and on any worker."""
+    @functools.wraps(fn)
     def wrapped(*args):
         return on_one_thread(fn, *args)
-    wrapped.__name__, wrapped.__qualname__, wrapped.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
-    wrapped.__module__ = fn.__module__
     return wrapped
 
 
-#: Pieces of X's row blocks, one task each per loss evaluation: each block (``ingest.block_rows``, 65,536 rows
-#: by default) is cut into up to ``ceil(MIN_TASKS / n_blocks)`` pieces of at least ``PIECE_ROWS`` rows, so that
-#: an X of few blocks can keep more workers busy. Fixed by X's shape alone, so the sums' order does not depend
-#: on the workers. On this 2-core machine it does not pay: ``make run``'s data (one block, 2 workers), 25
-#: evaluations each, 0.112 s per evaluation in 1 piece, 0.120-0.123 s in 2; raise MIN_TASKS on a larger cluster.
-PIECE_ROWS, MIN_TASKS = 4096, 1
-
-
-def row_pieces(row_offsets: np.ndarray) -> list[tuple[int, int, int]]:
-    """``(block, lo, hi)``: the rows of each block in ``max(1, min(rows // PIECE_ROWS, ceil(MIN_TASKS / n_blocks)))``
-    consecutive pieces of near-equal size."""
-    sizes = np.diff(np.asarray(row_offsets, np.int64))
-    per_block = -(-MIN_TASKS // max(1, len(sizes)))
-    pieces = []
-    for b, n_b in enumerate(sizes.tolist()):
-        m = max(1, min(n_b // PIECE_ROWS, per_block))
-        bounds = (np.arange(m + 1) * n_b) // m
-        pieces += [(b, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    return pieces
-
-
 @_one_thread
-def block_pass(block: CSRBlock, lo: int, hi: int, point: tuple[np.ndarray, np.ndarray, np.ndarray],
-               col_offset: np.ndarray | None, norms: tuple[float, float]) -> tuple[float, np.ndarray, int, np.ndarray]:
-    """Rows ``[lo, hi)`` of a block at ``point = (A, Q, G_Q)``: their sums ``(<P, Z>, G_P, rows with a direction, T)``
+def block_pass(block: CSRBlock, point: tuple[np.ndarray, np.ndarray, np.ndarray], col_offset: np.ndarray | None,
+               norms: tuple[float, float]) -> tuple[float, np.ndarray, int, np.ndarray]:
+    """One block at ``point = (A, Q, G_Q)``: its sums ``(<P, Z>, G_P, rows with a direction, T)``
     with ``P = N(X_b A)``, ``Z = X_b Q`` and ``T = X_b^T [N'(X_b A)[Z] | N'(X_b A)[P G_Q] | P]`` (p x 3k).
 
     ``g_P = -2 gamma Z + 2 gamma^2 P G_Q`` is linear in its two parts, so ``dL/dA = -2 gamma T_1 + 2 gamma^2 T_2``
     once gamma is known from all blocks' sums: one pass over the blocks per evaluation, nothing kept on the
     workers. ``X_b A`` and ``Z`` are one product with ``[A | Q]``, T one with the three parts."""
-    block = block.row_range(lo, hi)
     A, Q, G_Q = point
     k = A.shape[1]
     AQ = np.ascontiguousarray(np.hstack([A, Q]))
@@ -249,7 +227,6 @@ class CosineLoss:
         self._c = None if col_offset is None else self._shared(np.asarray(col_offset, np.float64), "cosine-offset")
         self.c_norm = 0.0 if col_offset is None else frobenius(np.asarray(col_offset, np.float64)[None, :])
         self.xx = float(self._reduce(X.map(_sum_squares, self._c), lambda *v: sum(v)))
-        self.pieces = row_pieces(X.row_offsets)
         self.evaluations = 0
         self.gamma, self.rows_with_direction = 0.0, 0
 
@@ -274,12 +251,7 @@ class CosineLoss:
         Q = np.ascontiguousarray(Q)
         G_Q = Q.T @ Q
         point = self._shared((A, Q, G_Q), "cosine-point")  # one transfer per evaluation
-        parts, norms = self.X.parts, (self.c_norm, frobenius(A))
-        if self.client is None:
-            passes = [block_pass(parts[b], lo, hi, point, self._c, norms) for b, lo, hi in self.pieces]
-        else:
-            passes = [self.client.submit(block_pass, parts[b], lo, hi, point, self._c, norms, pure=False)
-                      for b, lo, hi in self.pieces]
+        passes = self.X.map(block_pass, point, self._c, (self.c_norm, frobenius(A)))
         s1, G_P, n_plus, T = self._reduce(passes, _sum_passes)
         s2 = ordered_sum(row_dots(G_P, G_Q.T))  # trace(G_P G_Q) = ||P Q^T||_F^2
         rows = n_plus + int(np.count_nonzero(r_B))

@@ -229,7 +229,7 @@ def user_embeddings_blocks(blocks: RowBlocks, A: Any, col_offset: np.ndarray | N
     ``unit_rows``: every non-zero row of P scaled to this length (``Factors.user_scale``).
     """
     n, p = blocks.shape
-    c_norm = 0.0 if col_offset is None else float(np.linalg.norm(np.asarray(col_offset, np.float64)))
+    c_norm = 0.0 if col_offset is None else frobenius(np.asarray(col_offset, np.float64)[None, :])  # as in training
     if hasattr(A, "key"):  # a future: c^T A on the worker too
         c = col_offset
         if c is not None:

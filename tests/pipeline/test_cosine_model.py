@@ -7,8 +7,7 @@ import pytest
 import scipy.sparse as sp
 
 from mfsim.pipeline.blocks import RowBlocks
-from mfsim.pipeline import cosine_model
-from mfsim.pipeline.cosine_model import CosineLoss, normalize_rows, row_pieces, train_cosine
+from mfsim.pipeline.cosine_model import CosineLoss, normalize_rows, train_cosine
 
 
 def _small(n=40, p=15, density=0.3, seed=1, empty_rows=(3, 17)):
@@ -128,37 +127,10 @@ def test_lbfgs_never_accepts_a_step_that_raises_the_loss():
                                rtol=1e-10)
 
 
-def test_row_pieces_cut_each_block_by_the_data_alone(monkeypatch):
-    monkeypatch.setattr(cosine_model, "PIECE_ROWS", 4)
-    monkeypatch.setattr(cosine_model, "MIN_TASKS", 4)
-    # blocks of 10, 3 and 0 rows: ceil(4 / 3) = 2 pieces at most, none below 4 rows (a smaller block is one piece)
-    assert row_pieces(np.array([0, 10, 13, 13])) == [(0, 0, 5), (0, 5, 10), (1, 0, 3), (2, 0, 0)]
-    assert row_pieces(np.array([0, 10])) == [(0, 0, 5), (0, 5, 10)]  # one block: 10 // 4 = 2 pieces
-    assert row_pieces(np.array([0, 9, 18, 27, 36, 45])) == [(b, 0, 9) for b in range(5)]  # enough blocks
-
-
-def test_pieces_of_one_block_give_the_blocks_loss_and_gradient(monkeypatch):
-    X = _small()
-    A, B = _start(X, 4)
-    c = np.random.default_rng(4).uniform(0, 0.5, X.shape[1])
-    blocks = CosineLoss(RowBlocks.from_scipy(X, 11), 0.7, c)(A, B)
-    monkeypatch.setattr(cosine_model, "PIECE_ROWS", 8)
-    monkeypatch.setattr(cosine_model, "MIN_TASKS", 5)
-    fn = CosineLoss(RowBlocks.from_scipy(X, 40), 0.7, c)
-    assert len(fn.pieces) == 5
-    for a, b in zip(fn(A, B), blocks):  # the same sums in another grouping: equal to float64 rounding
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * np.abs(b).max())
-
-
-@pytest.mark.parametrize("block_rows, piece_rows", [(48, 4096), (200, 32)])
-def test_the_same_result_in_process_and_on_one_and_two_workers(client, client1, monkeypatch, block_rows, piece_rows):
-    """Several blocks; and one block cut in pieces (2 of 100 rows), which the two workers share."""
-    monkeypatch.setattr(cosine_model, "PIECE_ROWS", piece_rows)
-    monkeypatch.setattr(cosine_model, "MIN_TASKS", 2)
+def test_the_same_result_in_process_and_on_one_and_two_workers(client, client1):
     X = _small(n=200, p=30, density=0.15)
-    assert len(cosine_model.row_pieces(RowBlocks.from_scipy(X, block_rows).row_offsets)) == (5 if block_rows == 48 else 2)
     A, B = _start(X, 5)
-    fits = [train_cosine(RowBlocks.from_scipy(X, block_rows, c), A, B, lam=0.5, max_iterations=25, tol=1e-12)
+    fits = [train_cosine(RowBlocks.from_scipy(X, 48, c), A, B, lam=0.5, max_iterations=25, tol=1e-12)
             for c in (None, client1, client)]
     for other in fits[1:]:
         assert other.iterations == fits[0].iterations
