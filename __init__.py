@@ -21,8 +21,8 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
 
 # public name -> the module that defines it, imported on first attribute access (PEP 562)
 _LAZY = {
-    "open_run": "mfsim.pipeline.results",
-    "Run": "mfsim.pipeline.results",
+    "open_run": "mfsim.pipeline.runs.results",
+    "Run": "mfsim.pipeline.runs.results",
     "run_pipeline": "mfsim.jobs.api",
     "MfsimError": "mfsim.pipeline.errors",
 }

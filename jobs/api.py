@@ -17,7 +17,7 @@ from typing import Any
 
 from mfsim.pipeline.config import load_config
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.results import Run, open_run
+from mfsim.pipeline.runs.results import Run, open_run
 
 LABEL = "run_pipeline override"  # how an override is named in a config error
 CONVENIENCE_KEYS = {"input": "input.path", "output": "run.output", "run_id": "run.run_id"}

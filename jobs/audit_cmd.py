@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mfsim.pipeline.audit import AuditResult, audit_embedding_pair, sample_rows
+from mfsim.pipeline.lists.audit import AuditResult, audit_embedding_pair, sample_rows
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.inputs import open_embeddings, read_embeddings
 

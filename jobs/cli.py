@@ -113,7 +113,7 @@ def run(
 def run_summary(run_dir: Path | str, manifest: dict) -> str:
     """The terminal summary of a published run: its tables, the audit's verdict, where it lies."""
     from mfsim.pipeline import outputs
-    from mfsim.pipeline.roots import read_run_table
+    from mfsim.pipeline.runs.roots import read_run_table
 
     lines = []
     datasets = manifest.get("datasets", {})
@@ -173,8 +173,8 @@ def submit(
     """Start a run and print its id at once; it goes on when this process or terminal goes away."""
     from mfsim.jobs import submit as sub
     from mfsim.pipeline.ingest import validate_before_cluster
-    from mfsim.pipeline.roots import record_submitted
-    from mfsim.pipeline.runs import new_run_id, validate_run_id
+    from mfsim.pipeline.runs.roots import record_submitted
+    from mfsim.pipeline.runs.posix import new_run_id, validate_run_id
 
     cfg = _load(config, set_, **{"input.path": input, "run.output": output, "run.run_id": run_id})
     cfg.run.run_id = validate_run_id(cfg.run.run_id or new_run_id())
@@ -210,7 +210,7 @@ def runs_(
 ) -> None:
     """One line per run: run id, state, start, duration, n_users, n_items, nnz."""
     from mfsim.jobs.runs_cmd import format_runs
-    from mfsim.pipeline.roots import list_runs
+    from mfsim.pipeline.runs.roots import list_runs
 
     typer.echo(format_runs(list_runs(output), format))
 
@@ -223,7 +223,7 @@ def status(
 ) -> None:
     """The state of one run; exit code 0 succeeded, 1 failed or lost, 3 running."""
     from mfsim.jobs.runs_cmd import STATUS_EXIT, format_runs
-    from mfsim.pipeline.roots import run_status
+    from mfsim.pipeline.runs.roots import run_status
 
     st = run_status(output, run_id)
     typer.echo(format_runs([st], "table"))
@@ -237,7 +237,7 @@ def status(
 def show(run: str = typer.Argument(..., help="A run directory or URL, or <output>/LATEST.")) -> None:
     """The manifest summary of a published run: counts, timings, the audit's verdict, warnings."""
     from mfsim.jobs.runs_cmd import format_manifest
-    from mfsim.pipeline.roots import read_manifest, resolve_run
+    from mfsim.pipeline.runs.roots import read_manifest, resolve_run
 
     run_dir = resolve_run(run)
     typer.echo(format_manifest(run_dir, read_manifest(run_dir)))
@@ -457,7 +457,7 @@ def neighbours(
     """Print one item's item-item lists (--item) or one user's recommendations (--user), one column per
     (objective, scaling, metric), or their rows as CSV or JSON."""
     from mfsim.jobs.inspect_cmd import show_lists
-    from mfsim.pipeline.results import open_run
+    from mfsim.pipeline.runs.results import open_run
 
     if (item is None) == (user is None):
         raise MfsimError("pass --item ID (its similar items) or --user ID (its recommendations), one of them")

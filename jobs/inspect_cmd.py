@@ -12,7 +12,7 @@ from typing import Any
 
 from mfsim.pipeline import outputs
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.results import Run
+from mfsim.pipeline.runs.results import Run
 
 FORMATS = ("table", "csv", "json")
 NOUNS = {"item_item": "neighbours", "user_item": "recommendations", "user_user": "neighbours"}

@@ -22,8 +22,8 @@ from mfsim.pipeline.cluster import get_client
 from mfsim.pipeline.config import Config
 from mfsim.pipeline.ingest import validate_before_cluster
 from mfsim.pipeline.inputs import load_item_truth
-from mfsim.pipeline.roots import run_writer
-from mfsim.pipeline.runs import validate_run_id
+from mfsim.pipeline.runs.roots import run_writer
+from mfsim.pipeline.runs.posix import validate_run_id
 
 log = logging.getLogger("mfsim.job")
 

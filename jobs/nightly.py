@@ -19,8 +19,8 @@ from mfsim.pipeline.cluster import get_client
 from mfsim.pipeline.config import Config
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.ingest import validate_before_cluster
-from mfsim.pipeline.roots import lock_dir, prune_runs, read_manifest, run_location
-from mfsim.pipeline.runs import OutputLock
+from mfsim.pipeline.runs.roots import lock_dir, prune_runs, read_manifest, run_location
+from mfsim.pipeline.runs.posix import OutputLock
 
 log = logging.getLogger("mfsim.nightly")
 

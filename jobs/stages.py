@@ -20,19 +20,19 @@ import pyarrow.compute as pc
 
 from mfsim.jobs.progress import progress
 from mfsim.pipeline import outputs
-from mfsim.pipeline.audit import audit_item_lists, random_diagonals
+from mfsim.pipeline.lists.audit import audit_item_lists, random_diagonals
 from mfsim.pipeline.config import Config
 from mfsim.pipeline.blocks import RowBlocks
-from mfsim.pipeline.evaluate import ClusterScorer, cluster_cutoffs, held_out_rows, holdout_sums, merge_sums, \
+from mfsim.pipeline.lists.evaluate import ClusterScorer, cluster_cutoffs, held_out_rows, holdout_sums, merge_sums, \
     sample_users, split_holdout
 from mfsim.pipeline.config import Eq1Section, Eq2Section, ObjectivesSection
-from mfsim.pipeline.fit import Fit, fit_factors, fit_model, fit_spectrum
-from mfsim.pipeline.lambda_sweep import choose, grid_end_warning, lambda_grid, parse_select_metric, sweep_rows, \
+from mfsim.pipeline.model.fit import Fit, fit_factors, fit_model, fit_spectrum
+from mfsim.pipeline.model.lambda_sweep import choose, grid_end_warning, lambda_grid, parse_select_metric, sweep_rows, \
     sweep_table
-from mfsim.pipeline.factors import scaled_columns
+from mfsim.pipeline.model.factors import scaled_columns
 from mfsim.pipeline.ingest import IngestResult, ingest
 from mfsim.pipeline.inputs import ItemTruth
-from mfsim.pipeline.neighbours import GemmGroup, GroupInputs, client_item_lists, csr_rows, group_inputs, plan_lists, \
+from mfsim.pipeline.lists.neighbours import GemmGroup, GroupInputs, client_item_lists, csr_rows, group_inputs, plan_lists, \
     query_ranges, run_symmetric, run_topn, user_rows
 from mfsim.pipeline.registry import metrics_of
 from mfsim.pipeline.report import HEATMAP_CLUSTERS, audit_jaccards, cluster_boundaries, cluster_order, cosine_matrix, \
@@ -41,9 +41,9 @@ from mfsim.pipeline.report import HEATMAP_CLUSTERS, audit_jaccards, cluster_boun
     render_report, rescaling_displacement, select_items, spectrum_png
 from mfsim.pipeline.parts import ListOutput, ListSink, row_ranges, write_embeddings, write_lists
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.roots import read_latest, read_run_table, resolve_run, run_location
-from mfsim.pipeline.runs import RunWriter, package_versions
-from mfsim.pipeline.svd import aligned_start
+from mfsim.pipeline.runs.roots import read_latest, read_run_table, resolve_run, run_location
+from mfsim.pipeline.runs.posix import RunWriter, package_versions
+from mfsim.pipeline.model.svd import aligned_start
 from mfsim.pipeline.shared import share
 
 log = logging.getLogger("mfsim.job")
@@ -122,7 +122,7 @@ def fit_stage(ctx: StageContext) -> StageResult:
         with ctx.run.stage("lambda_sweep"):
             sweep = lambda_sweep(ctx)
     start, warm = warm_start(ctx)
-    fit = ctx.fit = fit_model(ctx.data.X, ctx.cfg, ctx.run, start=start)
+    fit = ctx.fit = fit_model(ctx.data.X, ctx.cfg, ctx.run.stage, start=start)
     ctx.run.write_table(outputs.SINGULAR_VALUES, outputs.singular_values_table(fit.sigma))
     ctx.run.write_table(outputs.SVD_BASIS, outputs.embedding_table(ctx.data.item_ids, outputs.ITEM_ID, fit.V))
     log.info("svd: rank %d, sigma %.4g .. %.4g", len(fit.sigma), fit.sigma[0], fit.sigma[-1])

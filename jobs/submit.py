@@ -23,8 +23,8 @@ from typing import Any, Callable, TextIO
 
 from mfsim.pipeline.config import Config, validate_config
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.runs import STATE_DIR
-from mfsim.pipeline.storage import is_remote, local_path
+from mfsim.pipeline.runs.posix import STATE_DIR
+from mfsim.pipeline.runs.storage import is_remote, local_path
 
 LOG_DIR = f"{STATE_DIR}/logs"
 

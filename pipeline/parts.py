@@ -17,8 +17,8 @@ import pyarrow as pa
 
 from mfsim.kernels.topn import TopN
 from mfsim.pipeline import outputs
-from mfsim.pipeline.evaluate import MetricSums, cluster_range_sums
-from mfsim.pipeline.storage import Location, Written, write_part
+from mfsim.pipeline.lists.evaluate import MetricSums, cluster_range_sums
+from mfsim.pipeline.runs.storage import Location, Written, write_part
 
 
 class ListOutput(NamedTuple):

@@ -36,10 +36,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from mfsim.kernels.topn import TopN, topn_blocked
-from mfsim.pipeline.audit import sample_rows, without_self
+from mfsim.pipeline.lists.audit import sample_rows, without_self
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.factors import scaled_columns
-from mfsim.pipeline.svd import flip_signs
+from mfsim.pipeline.model.factors import scaled_columns
+from mfsim.pipeline.model.svd import flip_signs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DPI = 110  # ~440 px per 4-inch heatmap panel: a 1,000-item panel is downsampled ~2.3x, still readable

@@ -100,7 +100,7 @@ def run_bench_svd(
     """
     from mfsim.pipeline.blocks import RowBlocks
     from mfsim.pipeline.config import IngestSection, SvdSection
-    from mfsim.pipeline.svd import krylov_svd, randomized_svd
+    from mfsim.pipeline.model.svd import krylov_svd, randomized_svd
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:

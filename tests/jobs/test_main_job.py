@@ -14,8 +14,8 @@ from mfsim.jobs.main_job import run_job
 from mfsim.jobs.stages import holdout_metrics
 from mfsim.pipeline.blocks import RowBlocks
 from mfsim.pipeline.config import load_config
-from mfsim.pipeline.evaluate import split_holdout
-from mfsim.pipeline.fit import fit_model
+from mfsim.pipeline.lists.evaluate import split_holdout
+from mfsim.pipeline.model.fit import fit_model
 from mfsim.pipeline.simulate import simulate, write_simulation
 from tests_support import assert_same_run_tables, check_lists as _check_lists, cosine_rows as _cos, \
     dense_x as _dense_x, run_factor as _factor

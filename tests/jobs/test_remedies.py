@@ -14,9 +14,9 @@ from mfsim.jobs.stages import holdout_metrics
 from mfsim.pipeline.blocks import RowBlocks
 from mfsim.pipeline.config import load_config
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.evaluate import split_holdout
-from mfsim.pipeline.fit import fit_model
-from mfsim.pipeline.lambda_sweep import grid_end_warning
+from mfsim.pipeline.lists.evaluate import split_holdout
+from mfsim.pipeline.model.fit import fit_model
+from mfsim.pipeline.model.lambda_sweep import grid_end_warning
 from mfsim.pipeline.simulate import simulate, write_simulation
 from tests_support import check_lists, cosine_rows, dense_x, run_factor
 

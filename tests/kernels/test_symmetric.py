@@ -14,7 +14,7 @@ import pytest
 
 from mfsim.kernels.select import empty_state, finalize_state, inverse_norms, select_tile, select_tile_columns
 from mfsim.kernels.topn import topn_blocked, topn_reference, topn_symmetric, tournament
-from mfsim.pipeline.neighbours import run_symmetric, symmetric_blocks
+from mfsim.pipeline.lists.neighbours import run_symmetric, symmetric_blocks
 
 
 def _integers(p: int, k: int, seed: int, zero_rows=(3, 17)) -> np.ndarray:

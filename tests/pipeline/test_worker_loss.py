@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-import mfsim.pipeline.svd as svd_module
+import mfsim.pipeline.model.svd as svd_module
 from mfsim.jobs.main_job import run_job
 from mfsim.pipeline.config import load_config
 from mfsim.pipeline.simulate import simulate, write_simulation

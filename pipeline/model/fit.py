@@ -9,21 +9,22 @@ splits the fit in two: ``fit_spectrum`` (preprocess and SVD, once per split) and
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from mfsim.pipeline.blocks import RowBlocks
 from mfsim.pipeline.config import Config, ObjectivesSection
-from mfsim.pipeline.cosine_model import normalize_rows, train_cosine
+from mfsim.pipeline.model.cosine_model import normalize_rows, train_cosine
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.factors import Factors, build_embeddings, eq2_scales, user_embeddings_blocks
-from mfsim.pipeline.preprocess import Preprocessor, preprocess
+from mfsim.pipeline.model.factors import Factors, build_embeddings, eq2_scales, user_embeddings_blocks
+from mfsim.pipeline.model.preprocess import Preprocessor, preprocess
 from mfsim.pipeline.registry import UNIQUE
-from mfsim.pipeline.runs import RunWriter
-from mfsim.pipeline.svd import truncated_svd
+from mfsim.pipeline.model.svd import truncated_svd
+
+Timer = Callable[[str], AbstractContextManager]  # a stage name -> a context that times it (``RunWriter.stage``)
 
 
 @dataclass
@@ -71,27 +72,27 @@ class Spectrum:
     svd: Any  # SvdResult
 
 
-def fit_spectrum(X_raw: RowBlocks, cfg: Config, run: RunWriter | None = None, prefix: str = "",
+def fit_spectrum(X_raw: RowBlocks, cfg: Config, timer: Timer | None = None, prefix: str = "",
                  start: np.ndarray | None = None) -> Spectrum:
-    """Preprocess X and its truncated SVD (timed as ``<prefix>preprocess``, ``<prefix>svd`` when ``run`` is given).
+    """Preprocess X and its truncated SVD (timed as ``<prefix>preprocess``, ``<prefix>svd`` when ``timer`` is given).
 
     ``start``: a warm start for the Krylov SVD (p x m, e.g. the previous run's V_k aligned to these items).
     """
-    with _stage(run, prefix + "preprocess"):
+    with _stage(timer, prefix + "preprocess"):
         X, prep = preprocess(X_raw, cfg.preprocess)
-    with _stage(run, prefix + "svd"):
+    with _stage(timer, prefix + "svd"):
         svd = truncated_svd(X, cfg.svd, col_offset=prep.col_offset, start=start)
     return Spectrum(X, prep, svd)
 
 
-def fit_factors(spec: Spectrum, objectives: ObjectivesSection, run: RunWriter | None = None,
+def fit_factors(spec: Spectrum, objectives: ObjectivesSection, timer: Timer | None = None,
                 prefix: str = "", warn: bool = True) -> Fit:
     """The closed forms of Eq. 1 and Eq. 2 from the SVD (numeric lambdas), then the cosine-trained model
     (``pipeline.cosine_model``, from Eq. 2's solution), timed as ``<prefix>factors`` and ``<prefix>cosine``."""
     if objectives.auto():
         raise MfsimError(f"fit_factors needs numeric lambdas; {objectives.auto()} are auto (resolve them first)")
     svd = spec.svd
-    with _stage(run, prefix + "factors"):
+    with _stage(timer, prefix + "factors"):
         emb = build_embeddings(svd.sigma, svd.V, objectives, svd.V_future, warn=warn)
     fit = Fit(spec.X, spec.prep, np.asarray(svd.sigma), np.asarray(svd.V), emb["factors"], emb["meta"],
               svd_info=dict(svd.diagnostics))
@@ -107,7 +108,7 @@ def fit_factors(spec: Spectrum, objectives: ObjectivesSection, run: RunWriter | 
         # puts the gradients of both on one scale (measured on conf/paper.yaml: loss 258.6k after 200
         # iterations against 263.5k from the unscaled Eq. 2 solution).
         rms = float(np.sqrt(np.sum((fit.sigma * a) ** 2) / max(1, fit.X.n_rows)))
-        with _stage(run, prefix + "cosine"):
+        with _stage(timer, prefix + "cosine"):
             trained = train_cosine(fit.X, V * (a / rms), normalize_rows(V * b)[0], lam=ccfg.lambda_,
                                    max_iterations=ccfg.max_iterations, tol=ccfg.tol, col_offset=fit.prep.col_offset)
         A, B = trained.factors()
@@ -116,12 +117,12 @@ def fit_factors(spec: Spectrum, objectives: ObjectivesSection, run: RunWriter | 
     return fit
 
 
-def fit_model(X_raw: RowBlocks, cfg: Config, run: RunWriter | None = None, prefix: str = "",
+def fit_model(X_raw: RowBlocks, cfg: Config, timer: Timer | None = None, prefix: str = "",
               start: np.ndarray | None = None) -> Fit:
     """Preprocess, truncated SVD, the closed forms of Eq. 1 and Eq. 2 and the cosine-trained model (each timed
-    when ``run`` is given); the lambdas of ``cfg`` must be numbers (``jobs.stages`` resolves ``auto``)."""
-    return fit_factors(fit_spectrum(X_raw, cfg, run, prefix, start), cfg.objectives, run, prefix)
+    when ``timer`` is given); the lambdas of ``cfg`` must be numbers (``jobs.stages`` resolves ``auto``)."""
+    return fit_factors(fit_spectrum(X_raw, cfg, timer, prefix, start), cfg.objectives, timer, prefix)
 
 
-def _stage(run: RunWriter | None, name: str):
-    return run.stage(name) if run is not None else nullcontext()
+def _stage(timer: Timer | None, name: str) -> AbstractContextManager:
+    return timer(name) if timer is not None else nullcontext()

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 from mfsim.pipeline.blocks import RowBlocks
 from mfsim.pipeline.config import ObjectivesSection
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.factors import (
+from mfsim.pipeline.model.factors import (
     Factors,
     scaled_columns,
     build_embeddings,
@@ -391,7 +391,7 @@ def test_build_embeddings(svd, caplog):
 def test_factors_are_built_from_v_on_access_equal_to_the_closed_forms(svd, monkeypatch):
     """``Factors`` keeps V and the scales only; each read equals ``eq1_factors`` / ``eq2_factors`` bit for bit,
     also when ``scaled_columns`` works in several row steps."""
-    import mfsim.pipeline.factors as factors_module
+    import mfsim.pipeline.model.factors as factors_module
 
     X, s, V = svd
     monkeypatch.setattr(factors_module, "SCALE_ROWS", 3)  # P = 8 rows: steps of 3, 3 and 2

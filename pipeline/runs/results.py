@@ -24,9 +24,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from mfsim.pipeline import outputs, registry, roots
+from mfsim.pipeline import outputs, registry
+
+from mfsim.pipeline.runs import roots
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.storage import filesystem, is_remote
+from mfsim.pipeline.runs.storage import filesystem, is_remote
 
 #: The query side of each list kind: the ids file and id column a query id is looked up in.
 QUERY_SIDE = {"item_item": "items", "user_item": "users", "user_user": "users"}

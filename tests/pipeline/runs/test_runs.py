@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mfsim.pipeline import runs
+from mfsim.pipeline.runs import posix as runs
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.runs import (LockHeld, OutputLock, RunWriter, list_runs, prune_runs, read_latest, read_manifest,
+from mfsim.pipeline.runs.posix import (LockHeld, OutputLock, RunWriter, list_runs, prune_runs, read_latest, read_manifest,
                                  resolve_run_dir, run_status, write_latest)
 
 HOST = socket.gethostname()
@@ -333,7 +333,7 @@ def test_kill_between_rename_and_latest(tmp_path):
     proc = _python("""
         import os, sys
         import pyarrow as pa
-        from mfsim.pipeline import runs
+        from mfsim.pipeline.runs import posix as runs
         runs.write_latest = lambda *a, **k: os._exit(9)   # die right after the rename
         with runs.RunWriter(sys.argv[1], "r2") as run:
             run.write_table("t/x.parquet", pa.table({"x": [2]}))
@@ -352,7 +352,7 @@ RACER = """
     import os, sys, time, pathlib
     import pyarrow as pa
     from mfsim.pipeline.errors import MfsimError
-    from mfsim.pipeline.runs import RunWriter
+    from mfsim.pipeline.runs.posix import RunWriter
     root, run_id, barrier, name = sys.argv[1:5]
     with RunWriter(root, run_id) as run:
         run.write_table("who.parquet", pa.table({"who": [name]}))
@@ -558,7 +558,7 @@ def test_crash_between_the_replace_renames_is_restored(tmp_path, caplog):
     proc = _python("""
         import os, sys
         import pyarrow as pa
-        from mfsim.pipeline import runs
+        from mfsim.pipeline.runs import posix as runs
         real = os.rename
         def rename(src, dst):
             real(src, dst)

@@ -16,7 +16,7 @@ from mfsim.pipeline.blocks import CSRBlock, RowBlocks
 from mfsim.pipeline.config import SvdSection
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.simulate import power_law_matrix
-from mfsim.pipeline.svd import flip_signs, omega_rows, randomized_svd, truncated_svd
+from mfsim.pipeline.model.svd import flip_signs, omega_rows, randomized_svd, truncated_svd
 from tests_support import ml100k_csr
 
 

@@ -43,11 +43,11 @@ from typing import Any, Iterator, Mapping
 import pyarrow as pa
 
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.lock import STATE_DIR, hostname, iso, parse_iso, utc_now
-from mfsim.pipeline.runs import COUNT_KEYS, FAULT_BEFORE_PUBLISH, LATEST, MANIFEST, MOVE_LATEST, RUNS_DIR, DatasetBook, \
+from mfsim.pipeline.runs.lock import STATE_DIR, hostname, iso, parse_iso, utc_now
+from mfsim.pipeline.runs.posix import COUNT_KEYS, FAULT_BEFORE_PUBLISH, LATEST, MANIFEST, MOVE_LATEST, RUNS_DIR, DatasetBook, \
     RunStatus, error_line, is_lost, is_run_id, package_versions, state_record, status_from_manifest, \
     status_from_record, validate_run_id
-from mfsim.pipeline.storage import Location, filesystem, normalize
+from mfsim.pipeline.runs.storage import Location, filesystem, normalize
 
 log = logging.getLogger("mfsim.runs")
 _NOT_PUBLISHED = "nothing was published; earlier runs are untouched"

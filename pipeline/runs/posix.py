@@ -75,8 +75,8 @@ import pyarrow.parquet as pq
 
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.outputs import dataset_of, schema_json
-from mfsim.pipeline.storage import Location, Written
-from mfsim.pipeline.lock import STATE_DIR, LockHeld, OutputLock, host_tag, hostname, iso, os_error, parse_iso, \
+from mfsim.pipeline.runs.storage import Location, Written
+from mfsim.pipeline.runs.lock import STATE_DIR, LockHeld, OutputLock, host_tag, hostname, iso, os_error, parse_iso, \
     pid_alive, root_mutex, utc_now
 
 __all__ = [

@@ -12,8 +12,8 @@ import scipy.sparse as sp
 from mfsim.pipeline.blocks import RowBlocks, tree_reduce
 from mfsim.pipeline.config import PreprocessSection
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.factors import user_embeddings
-from mfsim.pipeline.preprocess import apply_preprocess, fit_preprocess, idf_weights, preprocess
+from mfsim.pipeline.model.factors import user_embeddings
+from mfsim.pipeline.model.preprocess import apply_preprocess, fit_preprocess, idf_weights, preprocess
 
 N, P = 41, 13
 EMPTY_ROW, EMPTY_COL, FULL_COL = 7, 4, 9

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 
 from mfsim.jobs.audit_cmd import run_audit_command
 from mfsim.kernels.topn import TopN, topn_reference
-from mfsim.pipeline.audit import (
+from mfsim.pipeline.lists.audit import (
     audit_embedding_pair,
     audit_item_lists,
     default_item_lists,
@@ -35,8 +35,8 @@ from mfsim.pipeline.audit import (
     without_self,
 )
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.factors import eq1_factors, eq2_factors
-from mfsim.pipeline.neighbours import gram_factor, projected
+from mfsim.pipeline.model.factors import eq1_factors, eq2_factors
+from mfsim.pipeline.lists.neighbours import gram_factor, projected
 from mfsim.pipeline.outputs import embedding_table
 from mfsim.pipeline.registry import AUDIT_METRICS, EQ1_SCALINGS, INVARIANT_METRICS
 
@@ -843,8 +843,8 @@ def test_audit_of_factors_built_on_the_workers_equals_the_in_process_audit(eq1, 
     same tables, bit for bit, as the audit of the same factors as arrays in process; with a norm floor
     (0.2 of the largest row: 5-10% of the rows of B here) that reaches the list tasks."""
     from mfsim.pipeline.config import ObjectivesSection
-    from mfsim.pipeline.factors import build_embeddings
-    from mfsim.pipeline.neighbours import client_item_lists
+    from mfsim.pipeline.model.factors import build_embeddings
+    from mfsim.pipeline.lists.neighbours import client_item_lists
 
     cfg = ObjectivesSection.model_validate({"eq1": {"lambda": eq1["lam"], "scalings": SCALINGS}, "eq2": None})
     factors = build_embeddings(eq1["s"], eq1["V"].astype(np.float32), cfg)["factors"]

@@ -28,7 +28,7 @@ import numpy as np
 
 from mfsim.kernels.sparse import csr_matmat
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks
-from mfsim.pipeline.cosine_model import direction_floors, frobenius
+from mfsim.pipeline.model.cosine_model import direction_floors, frobenius
 from mfsim.pipeline.config import ObjectivesSection
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.registry import EQ1_SCALINGS, UNIQUE

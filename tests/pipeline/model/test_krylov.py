@@ -12,7 +12,7 @@ from mfsim.pipeline.blocks import RowBlocks
 from mfsim.pipeline.config import SvdSection
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.simulate import power_law_matrix
-from mfsim.pipeline.svd import krylov_svd, truncated_svd
+from mfsim.pipeline.model.svd import krylov_svd, truncated_svd
 from tests_support import ml100k_csr
 
 DEFAULTS = SvdSection()
@@ -162,7 +162,7 @@ def test_not_converged_is_reported_and_bad_settings_are_errors(power_law):
 def test_warm_start_equals_a_cold_start_in_fewer_passes(simulated):
     # the next day's matrix: 3% of the interactions moved to random (user, item) pairs; the start is the
     # first day's V_k, aligned by item (all items are known here; aligned_start gives new ones random rows)
-    from mfsim.pipeline.svd import aligned_start
+    from mfsim.pipeline.model.svd import aligned_start
 
     k, rng = 50, np.random.default_rng(0)
     x = simulated.tocoo()
@@ -185,7 +185,7 @@ def test_warm_start_equals_a_cold_start_in_fewer_passes(simulated):
 
 
 def test_error_estimate_on_hand_made_sequences():
-    from mfsim.pipeline.svd import ritz_error_estimate
+    from mfsim.pipeline.model.svd import ritz_error_estimate
 
     # Ritz values rising geometrically to the truth sigma: theta_j = sigma (1 - e rho^j); after j spaces the
     # error is e rho^j / (1 - e rho^j) of theta_j, which the estimate must bound for every j
@@ -207,8 +207,7 @@ def test_error_estimate_on_hand_made_sequences():
 def test_basis_in_chunks_on_the_workers_equals_the_local_basis(power_law, client, monkeypatch, min_rows):
     """On a client the basis lives in row chunks on the workers (``krylov_basis.ChunkedBasis``): the same space
     as the in-process basis up to the order of the sums (~1e-16), hence the same blocks, sigma and V."""
-    from mfsim.pipeline import krylov_basis
-
+    from mfsim.pipeline.model import krylov_basis
     monkeypatch.setattr(krylov_basis, "MIN_CHUNK_ROWS", min_rows)  # 1000 items: 8 chunks of 125 rows, or one
     kw = dict(block_size=8, tol=1e-6, seed=2)
     local = krylov_svd(RowBlocks.from_scipy(power_law, 500), 20, **kw)
@@ -230,8 +229,7 @@ def test_basis_in_chunks_on_the_workers_equals_the_local_basis(power_law, client
 
 def test_basis_in_chunks_for_rank_below_k_and_the_zero_matrix(client, monkeypatch):
     """Columns lost against the basis are replaced chunk by chunk, and a space narrower than k completes V."""
-    from mfsim.pipeline import krylov_basis
-
+    from mfsim.pipeline.model import krylov_basis
     monkeypatch.setattr(krylov_basis, "MIN_CHUNK_ROWS", 2)  # 80 items: 8 chunks of 10 rows
     rng = np.random.default_rng(5)
     x = sp.csr_matrix((rng.random((300, 4)) @ rng.random((4, 80))).astype(np.float32))  # rank 4

@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mfsim.pipeline import object_runs, runs
-from mfsim.pipeline.storage import is_remote, local_path, normalize
+from mfsim.pipeline.runs import object_store as object_runs
+
+from mfsim.pipeline.runs import posix as runs
+from mfsim.pipeline.runs.storage import is_remote, local_path, normalize
 
 
 def run_writer(root: str | Path, run_id: str | None = None, *, heartbeat_s: float = 10.0, replace: bool = False):
@@ -62,7 +64,7 @@ def read_run_table(run: str | Path, relative: str):
 
     if not is_remote(run):
         return pq.read_table(local_path(run) / relative)
-    from mfsim.pipeline.storage import filesystem
+    from mfsim.pipeline.runs.storage import filesystem
 
     fs, path = filesystem(f"{normalize(run)}/{relative}")
     with fs.open(path, "rb") as fh:

@@ -52,7 +52,7 @@ import pyarrow as pa
 
 from mfsim.kernels.topn import TopN, topn_blocked
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.neighbours import cosine_floor, gram_factor, max_row_norm, projected
+from mfsim.pipeline.lists.neighbours import cosine_floor, gram_factor, max_row_norm, projected
 from mfsim.pipeline.progress import Progress
 from mfsim.pipeline.registry import AUDIT_METRICS, INVARIANT_METRICS, LISTS
 

@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 
 from mfsim.pipeline.blocks import RowBlocks
-from mfsim.pipeline.cosine_model import CosineLoss, normalize_rows, train_cosine
+from mfsim.pipeline.model.cosine_model import CosineLoss, normalize_rows, train_cosine
 
 
 def _small(n=40, p=15, density=0.3, seed=1, empty_rows=(3, 17)):

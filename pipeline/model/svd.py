@@ -43,7 +43,7 @@ from mfsim.kernels.sparse import csr_matmat, csr_t_matmat
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks, tree_reduce
 from mfsim.pipeline.config import SvdSection
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.krylov_basis import ChunkedBasis, LocalBasis, extend_basis, flip_signs, orthonormalize
+from mfsim.pipeline.model.krylov_basis import ChunkedBasis, LocalBasis, extend_basis, flip_signs, orthonormalize
 from mfsim.pipeline.progress import progress
 from mfsim.pipeline.shared import share
 

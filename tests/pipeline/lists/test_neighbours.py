@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from mfsim.kernels.topn import topn_reference
-from mfsim.pipeline.factors import eq1_factors, eq2_factors
+from mfsim.pipeline.model.factors import eq1_factors, eq2_factors
 from mfsim.pipeline.registry import EQ1_SCALINGS, INVARIANT
-from mfsim.pipeline.neighbours import QuerySet, plan_lists, projected, query_ranges, run_topn
+from mfsim.pipeline.lists.neighbours import QuerySet, plan_lists, projected, query_ranges, run_topn
 
 
 def _cos_rows(M: np.ndarray) -> np.ndarray:
@@ -87,7 +87,7 @@ def test_tasks_give_identical_lists_on_one_and_two_workers(client, client1):
 @pytest.mark.parametrize("objective", ["eq1", "eq2"])
 def test_gram_factor_gives_the_model_scores(objective):
     # G G^T = A B^T for the closed forms (V orthonormal; Eq. 1 any diagonal rescaling, Eq. 2 with a column cut to 0)
-    from mfsim.pipeline.neighbours import gram_factor
+    from mfsim.pipeline.lists.neighbours import gram_factor
 
     rng = np.random.default_rng(3)
     v = np.linalg.qr(rng.standard_normal((60, 6)))[0]
@@ -113,8 +113,8 @@ def test_cosine_norm_floor_reaches_every_cosine_list(client, subset):
     import scipy.sparse as sp
 
     from mfsim.pipeline.blocks import RowBlocks
-    from mfsim.pipeline.factors import user_embeddings_blocks
-    from mfsim.pipeline.neighbours import gram_factor, group_inputs, run_symmetric
+    from mfsim.pipeline.model.factors import user_embeddings_blocks
+    from mfsim.pipeline.lists.neighbours import gram_factor, group_inputs, run_symmetric
     import pyarrow as pa
 
     rng = np.random.default_rng(4)

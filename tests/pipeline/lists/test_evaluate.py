@@ -15,7 +15,7 @@ import scipy.sparse as sp
 from mfsim.kernels.topn import topn_blocked
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.evaluate import (
+from mfsim.pipeline.lists.evaluate import (
     chance_level,
     cluster_precision,
     cluster_sums,
@@ -108,7 +108,7 @@ def test_random_split_holds_out_every_entry_equally_often():
 
 @pytest.mark.parametrize("pack_bits", [64, 0])  # 0: the lexsort path for keys that do not pack
 def test_temporal_split_holds_out_the_latest(pack_bits, monkeypatch):
-    monkeypatch.setattr("mfsim.pipeline.evaluate._PACK_BITS", pack_bits)
+    monkeypatch.setattr("mfsim.pipeline.lists.evaluate._PACK_BITS", pack_bits)
     X = make_x(2)
     rng = np.random.default_rng(3)
     ts = rng.integers(0, 6, size=X.nnz).astype(np.int64) * 1_000_000  # few values: many ties
