@@ -6,7 +6,7 @@ The installed import name is ``mfsim``; its subpackages live in the repository's
 folders: ``mfsim.pipeline`` (``pipeline/``, the stages), ``mfsim.kernels`` (``kernels/``, numba
 kernels on plain arrays) and ``mfsim.jobs`` (``jobs/``, the command line and the orchestration).
 
-The Python API: ``mfsim.open_run(path)`` reads a published run (``pipeline/results.py``) and
+The Python API: ``mfsim.open_run(path)`` reads a published run (``pipeline/runs/results.py``) and
 ``mfsim.run_pipeline(config, **overrides)`` runs the job (``jobs/api.py``). Both are imported on
 first use, so ``import mfsim`` stays cheap (no Dask, no pyarrow).
 """

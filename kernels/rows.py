@@ -1,6 +1,6 @@
 """Row-wise reductions of dense float64 matrices in one fixed order: row norms and row-by-row dot products.
 
-The cosine-trained model (``pipeline/cosine_model.py``) normalizes rows and sums ``<P, Z>`` over X's row
+The cosine-trained model (``pipeline/model/cosine_model.py``) normalizes rows and sums ``<P, Z>`` over X's row
 blocks; its result must be the same bit for bit in any process. NumPy's own reductions (``einsum``,
 ``sum``) use SIMD loops whose rounding can depend on the arrays' memory alignment, which differs from
 one process to another; these kernels add each row's terms left to right, and rows in order. Each has

@@ -10,7 +10,7 @@ lists come from the same tile, ``cos_ij = s_ij * qinv_i * cinv_j`` with the inve
 The rules (score descending, ties by candidate index ascending; self and exclusion masks; no
 cosine for zero-norm rows; ``-1`` / ``-inf`` padding) are those listed in ``kernels.topn``, whose
 ``topn_blocked`` drives this kernel tile by tile and whose ``topn_reference`` is its NumPy
-reference. The held-out evaluation (``pipeline/evaluate.py``) calls ``select_tile`` directly.
+reference. The held-out evaluation (``pipeline/lists/evaluate.py``) calls ``select_tile`` directly.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Sparse x dense products on raw CSR arrays: ``X @ M`` and ``X^T @ M``.
 
-These are the two products of the randomized SVD (``pipeline/svd.py``) that finds the top-k
+These are the two products of the randomized SVD (``pipeline/model/svd.py``) that finds the top-k
 singular triplets behind Steck et al.'s (2024) closed forms (Eq. 1 and Eq. 2 need ``V_k`` and
 ``s``). Kernels take plain arrays (int64 ``indptr``, int32 ``indices`` sorted within each row,
 float32 ``data``), a dense C-contiguous ``M`` and a preallocated ``out``.

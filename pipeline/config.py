@@ -209,7 +209,7 @@ class Eq2Section(Section):
 
 
 class CosineSection(Section):
-    """``objectives.cosine``: the model trained with cosine similarity (``pipeline.cosine_model``)."""
+    """``objectives.cosine``: the model trained with cosine similarity (``pipeline.model.cosine_model``)."""
 
     lambda_: float = Field(1.0, alias="lambda", ge=0)
     max_iterations: int = Field(200, ge=0)

@@ -8,15 +8,15 @@ solution are ``scaling_invariant`` and are computed once, labelled ``scaling=inv
 The embeddings a list is computed from, by name (``ListSpec.queries`` / ``.candidates``):
 
 - ``A``, ``B``: the factors (p x k), with ``A B^T`` the model of Eq. 1 / Eq. 2;
-- ``G``: ``A diag(sqrt(|b| / |a|))``, with ``G G^T = A B^T`` (``pipeline.neighbours.gram_factor``), so the
+- ``G``: ``A diag(sqrt(|b| / |a|))``, with ``G G^T = A B^T`` (``pipeline.lists.neighbours.gram_factor``), so the
   model scores are one embedding's Gram matrix and their item-item lists are symmetric;
 - ``A_proj``: ``A diag(|b|)``, whose rows have the inner products, hence the cosines, of the rows
-  of ``A B^T`` (``pipeline.neighbours.projected``);
+  of ``A B^T`` (``pipeline.lists.neighbours.projected``);
 - ``P``: the user embeddings ``P = X A`` (n x k), whose dot product with ``b_i`` is ``(X A B^T)_ui``;
 - ``P_proj``: ``P diag(|b|)``, with the cosines of the rows of ``X A B^T``.
 
-Config validation (``pipeline.config``), the list planner (``pipeline.neighbours``), the audit
-(``pipeline.audit``) and the factors (``pipeline.factors``) take their names from here;
+Config validation (``pipeline.config``), the list planner (``pipeline.lists.neighbours``), the audit
+(``pipeline.lists.audit``) and the factors (``pipeline.model.factors``) take their names from here;
 ``ListSpec.kernel_metric`` is one of the top-N kernel's own metrics (``kernels.topn.METRICS``).
 """
 
@@ -66,7 +66,7 @@ LISTS: dict[tuple[str, str], ListSpec] = {
 }
 
 
-#: Lists that an objective does not have. The cosine-trained model (``pipeline.cosine_model``) scores with
+#: Lists that an objective does not have. The cosine-trained model (``pipeline.model.cosine_model``) scores with
 #: ``gamma cos(x_u A, b_i)``, which is not a product ``A B^T`` linear in X: it has no item-item score matrix, so
 #: no ``model`` and ``projected_cosine`` lists (its cosine lists are its own scores, unique by construction).
 UNDEFINED_LISTS: dict[str, frozenset[tuple[str, str]]] = {

@@ -60,6 +60,35 @@ def test_layers_import_only_downwards():
             assert LAYERS.index(dep.split(".")[1]) <= layer, f"{module} imports {dep}"
 
 
+# Within ``pipeline``: the run bookkeeping (``runs/``) stands on the vocabulary and the runtime helpers only, and
+# the math (``model/``) and the lists (``lists/``) never reach the bookkeeping: they take a timer or a callable.
+VOCABULARY = {"mfsim.pipeline.config", "mfsim.pipeline.registry", "mfsim.pipeline.errors", "mfsim.pipeline.outputs"}
+RUNTIME = {"mfsim.pipeline.logs", "mfsim.pipeline.progress"}
+
+
+def _in(package: str, module: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_runs_import_only_the_vocabulary_and_runtime_helpers():
+    graph = import_graph()
+    runs = [m for m in graph if _in("mfsim.pipeline.runs", m)]
+    assert len(runs) >= 5  # the walk found the package's modules
+    for module in runs:
+        for dep in graph[module]:
+            if _in("mfsim.pipeline", dep) and dep != "mfsim.pipeline":
+                assert _in("mfsim.pipeline.runs", dep) or dep in VOCABULARY | RUNTIME, f"{module} imports {dep}"
+
+
+def test_math_and_lists_never_import_the_run_bookkeeping():
+    graph = import_graph()
+    checked = [m for m in graph if _in("mfsim.pipeline.model", m) or _in("mfsim.pipeline.lists", m)]
+    assert len(checked) >= 8
+    for module in checked:
+        for dep in graph[module]:
+            assert not _in("mfsim.pipeline.runs", dep), f"{module} imports {dep}"
+
+
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """A cycle of the graph as a path ``[m, ..., m]``, or None (depth-first search)."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done

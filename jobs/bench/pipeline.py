@@ -24,7 +24,7 @@ def _size(path: Path) -> int:
 
 #: What the benchmark sets before the caller's ``--set``s: fixed lambdas (a catalog-scale run is timed without the
 #: held-out sweep, ``evaluation.holdout=none``) and no cosine-trained model (its L-BFGS state is O(p k) on the
-#: driver: ``pipeline.cosine_model``). Any of them can be set back, e.g. ``--set objectives.eq1.lambda=auto``.
+#: driver: ``pipeline.model.cosine_model``). Any of them can be set back, e.g. ``--set objectives.eq1.lambda=auto``.
 BENCH_DEFAULTS = ("objectives.eq1.lambda=10", "objectives.eq2.lambda=10", "objectives.cosine=null")
 
 
