@@ -173,8 +173,8 @@ def submit(
     """Start a run and print its id at once; it goes on when this process or terminal goes away."""
     from mfsim.jobs import submit as sub
     from mfsim.pipeline.ingest import validate_before_cluster
-    from mfsim.pipeline.runs.roots import record_submitted
-    from mfsim.pipeline.runs.posix import new_run_id, validate_run_id
+    from mfsim.pipeline.runs.records import new_run_id, validate_run_id
+    from mfsim.pipeline.runs.roots import open_root
 
     cfg = _load(config, set_, **{"input.path": input, "run.output": output, "run.run_id": run_id})
     cfg.run.run_id = validate_run_id(cfg.run.run_id or new_run_id())
@@ -196,7 +196,7 @@ def submit(
     for kv in set_:
         argv += ["--set", kv]
     proc = sub.start_local(argv, cfg.run.output, cfg.run.run_id)
-    record_submitted(cfg.run.output, cfg.run.run_id, proc.pid)
+    open_root(cfg.run.output).record_submitted(cfg.run.run_id, proc.pid)
     typer.echo(cfg.run.run_id)
     if wait:
         raise typer.Exit(sub.wait_local(proc, cfg.run.output, cfg.run.run_id, sys.stderr))
@@ -210,9 +210,9 @@ def runs_(
 ) -> None:
     """One line per run: run id, state, start, duration, n_users, n_items, nnz."""
     from mfsim.jobs.runs_cmd import format_runs
-    from mfsim.pipeline.runs.roots import list_runs
+    from mfsim.pipeline.runs.roots import open_root
 
-    typer.echo(format_runs(list_runs(output), format))
+    typer.echo(format_runs(open_root(output).list_runs(), format))
 
 
 @app.command(epilog="Example: mfsim status 2026-11-30 --output runs")
@@ -223,9 +223,9 @@ def status(
 ) -> None:
     """The state of one run; exit code 0 succeeded, 1 failed or lost, 3 running."""
     from mfsim.jobs.runs_cmd import STATUS_EXIT, format_runs
-    from mfsim.pipeline.runs.roots import run_status
+    from mfsim.pipeline.runs.roots import open_root
 
-    st = run_status(output, run_id)
+    st = open_root(output).run_status(run_id)
     typer.echo(format_runs([st], "table"))
     if st.error:
         typer.echo(f"error: {st.error}")

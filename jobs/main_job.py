@@ -2,9 +2,9 @@
 
 Each stage is timed under ``timings`` in the manifest (``fit`` as its parts: preprocess, svd,
 factors) and logs its start and end. The run's state (running with a heartbeat, succeeded,
-failed) is kept in the output root by ``pipeline.runs.RunWriter``; a copy of the run's log lines
-is published inside the run as ``_log.txt``. ``mfsim run``, ``mfsim submit`` and ``mfsim nightly``
-all come here.
+failed) is kept in the output root by its run writer (``pipeline.runs.writer.RunWriter``); a copy
+of the run's log lines is published inside the run as ``_log.txt``. ``mfsim run``, ``mfsim submit``
+and ``mfsim nightly`` all come here.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from mfsim.pipeline.cluster import get_client
 from mfsim.pipeline.config import Config
 from mfsim.pipeline.ingest import validate_before_cluster
 from mfsim.pipeline.inputs import load_item_truth
-from mfsim.pipeline.runs.roots import run_writer
-from mfsim.pipeline.runs.posix import validate_run_id
+from mfsim.pipeline.runs.records import validate_run_id
+from mfsim.pipeline.runs.roots import open_root
 
 log = logging.getLogger("mfsim.job")
 
@@ -61,14 +61,14 @@ def run_job(cfg: Config, *, scheduler: str | None = None, client: Any = None, mo
     ``client``: an existing Dask client to run on (a backfill's, or the driver's own inside the
     cluster); otherwise one from ``get_client`` (``scheduler`` or an embedded cluster), started
     only after the config and the input have been checked. ``move_latest`` and ``replace`` go to
-    ``RunWriter``/``publish`` (nightly: ``"if_newer"``; ``--force``: replace).
+    the run writer and ``publish`` (nightly: ``"if_newer"``; ``--force``: replace).
     """
     t0 = time.perf_counter()
     if cfg.run.run_id is not None:
         validate_run_id(cfg.run.run_id)
     validate_before_cluster(cfg)  # a missing input fails in milliseconds, not after a cluster start
     truth = load_item_truth(cfg)
-    with run_writer(cfg.run.output, cfg.run.run_id, heartbeat_s=cfg.run.heartbeat_s, replace=replace) as run:
+    with open_root(cfg.run.output).writer(cfg.run.run_id, heartbeat_s=cfg.run.heartbeat_s, replace=replace) as run:
         try:
             with tee_to_file(run.path(RUN_LOG)):
                 log.info("run %s: start (output %s)", run.run_id, cfg.run.output)

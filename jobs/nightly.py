@@ -19,8 +19,9 @@ from mfsim.pipeline.cluster import get_client
 from mfsim.pipeline.config import Config
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.ingest import validate_before_cluster
-from mfsim.pipeline.runs.roots import lock_dir, prune_runs, read_manifest, run_location
-from mfsim.pipeline.runs.posix import OutputLock
+from mfsim.pipeline.runs.lock import OutputLock
+from mfsim.pipeline.runs.root import Root
+from mfsim.pipeline.runs.roots import open_root
 
 log = logging.getLogger("mfsim.nightly")
 
@@ -52,10 +53,10 @@ def day_config(cfg: Config, day: dt.date) -> Config:
     return out
 
 
-def succeeded(root: str, day: dt.date) -> bool:
+def succeeded(root: Root, day: dt.date) -> bool:
     """Whether run D is published (its manifest says succeeded)."""
     try:
-        return read_manifest(run_location(root, day.isoformat())).get("status") == "succeeded"
+        return root.read_manifest(day.isoformat()).get("status") == "succeeded"
     except MfsimError:  # no manifest: not published
         return False
 
@@ -68,17 +69,17 @@ def run_nightly(cfg: Config, days: list[dt.date], *, force: bool = False, lock_t
     output root's lock past ``lock_timeout_s``, ``DayFailed`` (exit 1) naming the first day that
     failed at run time, or the ``MfsimError`` of bad input (exit 2).
     """
-    root = cfg.run.output
+    root = open_root(cfg.run.output)
     todo = [d for d in days if force or not succeeded(root, d)]
     for d in days:
         if d not in todo:
             log.info("nightly %s: already succeeded in %s; nothing to do (--force recomputes it)", d,
-                     run_location(root, d.isoformat()))
+                     root.run_location(d.isoformat()))
     if not todo:
         return []
     validate_before_cluster(day_config(cfg, todo[0]))
     published = []
-    lock_root = lock_dir(root)
+    lock_root = root.lock_dir()
     lock_root.mkdir(parents=True, exist_ok=True)
     with OutputLock(lock_root, timeout_s=lock_timeout_s):
         todo = [d for d in todo if force or not succeeded(root, d)]  # another nightly may have run them meanwhile
@@ -98,7 +99,7 @@ def run_nightly(cfg: Config, days: list[dt.date], *, force: bool = False, lock_t
                                     "days before it stay published") from exc
                 published.append(d.isoformat())
                 if cfg.run.keep_last is not None:
-                    removed = prune_runs(root, cfg.run.keep_last)
+                    removed = root.prune_runs(cfg.run.keep_last)
                     if removed:
                         log.info("retention run.keep_last=%d: removed %s", cfg.run.keep_last, ", ".join(removed))
     return published

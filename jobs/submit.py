@@ -23,18 +23,14 @@ from typing import Any, Callable, TextIO
 
 from mfsim.pipeline.config import Config, validate_config
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.runs.posix import STATE_DIR
-from mfsim.pipeline.runs.storage import is_remote, local_path
-
-LOG_DIR = f"{STATE_DIR}/logs"
+from mfsim.pipeline.runs.roots import open_root
 
 
 def log_path(output: str | Path, run_id: str) -> Path:
     """Where a submitted run's log lines go: ``<output>/.mfsim/logs/<id>.log``, or for an object-store output
-    a local ``~/.cache/mfsim/logs/<id>.log`` (the run's own ``_log.txt`` is published in the run either way)."""
-    if is_remote(output):
-        return Path.home() / ".cache" / "mfsim" / "logs" / f"{run_id}.log"
-    return local_path(output) / LOG_DIR / f"{run_id}.log"
+    a local ``~/.cache/mfsim/logs/<id>.log`` (``Root.log_dir``; the run's own ``_log.txt`` is published in the run
+    either way)."""
+    return open_root(output).log_dir() / f"{run_id}.log"
 
 
 def start_local(run_argv: list[str], output: str, run_id: str) -> subprocess.Popen:

@@ -10,7 +10,7 @@ stale from here (its pid means nothing on this host): remove the file by hand if
 
 Checking, taking over and releasing the lock happen under ``root_mutex``, an ``flock`` on
 ``<root>/.mfsim/mutex``, so two processes that find the same stale lock cannot both take it, and a
-release never removes a lock that someone else has taken since. ``pipeline.runs`` uses the same
+release never removes a lock that someone else has taken since. ``posix.PosixRoot`` uses the same
 mutex around every update of a run's state file.
 
 Also here, for both: this host's name and a short tag of it (for hidden names), whether a pid is

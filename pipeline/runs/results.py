@@ -8,8 +8,8 @@ lookup reads every list into memory. The layout is ``pipeline.outputs``'s; the v
 ``pipeline.registry``'s, and an error lists the names this run actually has.
 
 A run is a local directory or an fsspec URL (``s3://bucket/root/<run_id>``), or ``<root>/LATEST``
-for the newest run (``pipeline.roots.resolve_run``); URLs are read through the filesystem of
-``fsspec.core.url_to_fs`` passed to pyarrow.
+for the newest run (``roots.resolve_run``); each file is read through its root (``Root.arrow_source``): a
+local path, or for a URL the filesystem of ``fsspec.core.url_to_fs`` passed to pyarrow.
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ import pyarrow.parquet as pq
 
 from mfsim.pipeline import outputs, registry
 
-from mfsim.pipeline.runs import roots
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.runs.storage import filesystem, is_remote
+from mfsim.pipeline.runs.roots import locate_run, read_manifest, resolve_run
 
 #: The query side of each list kind: the ids file and id column a query id is looked up in.
 QUERY_SIDE = {"item_item": "items", "user_item": "users", "user_user": "users"}
@@ -44,8 +43,8 @@ def open_run(path: str | Path) -> "Run":
 
     Raises ``MfsimError`` when ``path`` is not a published run (no ``_manifest.json``).
     """
-    run = roots.resolve_run(path)
-    return Run(run, roots.read_manifest(run))
+    run = resolve_run(path)
+    return Run(run, read_manifest(run))
 
 
 class Run:
@@ -58,6 +57,7 @@ class Run:
     def __init__(self, path: str | Path, manifest: dict[str, Any]):
         self.path = path
         self.manifest = manifest
+        self._root, self._name = locate_run(path)
         self._datasets: dict[str, ds.Dataset] = {}
 
     @property
@@ -187,10 +187,7 @@ class Run:
     def _source(self, relative: str) -> tuple[str, Any]:
         """(path, filesystem) of a file or directory of the run for pyarrow: a local path and None, or
         the path inside the URL's fsspec filesystem and that filesystem."""
-        if is_remote(self.path):
-            fs, path = filesystem(f"{self.path}/{relative}")
-            return path, fs
-        return str(Path(self.path) / relative), None
+        return self._root.arrow_source(f"{self._name}/{relative}")
 
     def _read_table(self, relative: str, columns: list[str] | None = None) -> pa.Table:
         path, fs = self._source(relative)

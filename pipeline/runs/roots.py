@@ -1,7 +1,9 @@
-"""One way in to an output root of either kind: a POSIX directory (``pipeline.runs``: runs built out of sight
-and renamed into place) or an object-store URL (``pipeline.object_runs``: runs published by their manifest).
+"""The one way in to an output root of either kind: ``open_root`` gives a ``posix.PosixRoot`` for a directory
+(runs built out of sight and renamed into place) or an ``object_store.ObjectStoreRoot`` for an fsspec URL
+(runs published by their manifest); both are ``root.Root``s, with the same calls.
 
-The jobs call these, never the two modules' own functions, so every command takes both kinds.
+A few calls start from a run's path rather than its root's: ``resolve_run`` (a run directory or URL, or
+``<root>/LATEST``), ``read_manifest`` and ``read_run_table``.
 """
 
 from __future__ import annotations
@@ -9,90 +11,54 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mfsim.pipeline.runs import object_store as object_runs
+import pyarrow as pa
 
-from mfsim.pipeline.runs import posix as runs
-from mfsim.pipeline.runs.storage import is_remote, local_path, normalize
+from mfsim.pipeline.runs.object_store import ObjectStoreRoot
+from mfsim.pipeline.runs.posix import PosixRoot
+from mfsim.pipeline.runs.root import Root
+from mfsim.pipeline.runs.storage import is_remote
 
-
-def run_writer(root: str | Path, run_id: str | None = None, *, heartbeat_s: float = 10.0, replace: bool = False):
-    """The run writer for ``root``: ``runs.RunWriter`` or ``object_runs.ObjectStoreRunWriter`` (same calls)."""
-    if is_remote(root):
-        return object_runs.ObjectStoreRunWriter(str(root), run_id, heartbeat_s=heartbeat_s, replace=replace)
-    return runs.RunWriter(local_path(root), run_id, heartbeat_s=heartbeat_s, replace=replace)
+__all__ = ["locate_run", "open_root", "read_latest", "read_manifest", "read_run_table", "resolve_run", "run_location"]
 
 
-def list_runs(root: str | Path, *, lost_after_s: float = 120.0) -> list[runs.RunStatus]:
-    if is_remote(root):
-        return object_runs.list_runs(str(root), lost_after_s=lost_after_s)
-    return runs.list_runs(local_path(root), lost_after_s=lost_after_s)
+def _kind(path: str | Path) -> type[Root]:
+    return ObjectStoreRoot if is_remote(path) else PosixRoot
 
 
-def run_status(root: str | Path, run_id: str, *, lost_after_s: float = 120.0) -> runs.RunStatus:
-    if is_remote(root):
-        return object_runs.run_status(str(root), run_id, lost_after_s=lost_after_s)
-    return runs.run_status(local_path(root), run_id, lost_after_s=lost_after_s)
+def open_root(path: str | Path) -> Root:
+    """The output root at ``path``: a local path or ``file://`` URL, or any other fsspec URL (``s3://...``)."""
+    return _kind(path)(path)
 
 
-def resolve_run(path: str | Path) -> str | Path:
-    """A published run from a run directory or URL, or ``<root>/LATEST``; ``MfsimError`` otherwise."""
-    if is_remote(path):
-        return object_runs.resolve_run_url(str(path))
-    return runs.resolve_run_dir(local_path(path))
+def locate_run(run: str | Path) -> tuple[Root, str]:
+    """The root that a run directory or URL (or ``<root>/LATEST``) lies in, and its name there."""
+    return _kind(run).locate(run)
+
+
+def resolve_run(path: str | Path) -> Any:
+    """A published run from a run directory or URL, or ``<root>/LATEST``: its ``Path`` or URL; ``MfsimError``
+    otherwise (``Root.resolve``)."""
+    root, name = locate_run(path)
+    return root.resolve(name)
 
 
 def read_manifest(run: str | Path) -> dict[str, Any]:
-    if is_remote(run):
-        return object_runs.read_manifest(str(run))
-    return runs.read_manifest(local_path(run))
+    """The ``_manifest.json`` of the published run at ``run``; an ``MfsimError`` when there is none."""
+    root, name = locate_run(run)
+    return root.read_manifest(name)
+
+
+def read_run_table(run: str | Path, relative: str) -> pa.Table:
+    """One single-file table of a published run (``evaluation/metrics.parquet``), local or on a store."""
+    root, name = locate_run(run)
+    return root.read_table(f"{name}/{relative}")
 
 
 def read_latest(root: str | Path) -> str | None:
-    if is_remote(root):
-        return object_runs.read_latest(str(root))
-    return runs.read_latest(local_path(root))
+    """The run id in ``<root>/LATEST``, or None (``Root.read_latest``)."""
+    return open_root(root).read_latest()
 
 
 def run_location(root: str | Path, run_id: str) -> str:
     """Where run ``run_id`` of ``root`` is (published or not): ``<root>/<run_id>`` as a path or URL."""
-    return f"{normalize(root)}/{runs.validate_run_id(run_id)}"
-
-
-def read_run_table(run: str | Path, relative: str):
-    """One single-file table of a published run (``evaluation/metrics.parquet``), local or on a store."""
-    import pyarrow.parquet as pq
-
-    if not is_remote(run):
-        return pq.read_table(local_path(run) / relative)
-    from mfsim.pipeline.runs.storage import filesystem
-
-    fs, path = filesystem(f"{normalize(run)}/{relative}")
-    with fs.open(path, "rb") as fh:
-        return pq.read_table(fh)
-
-
-def record_submitted(root: str | Path, run_id: str, pid: int) -> None:
-    if is_remote(root):
-        object_runs.record_submitted(str(root), run_id, pid)
-    else:
-        runs.record_submitted(local_path(root), run_id, pid)
-
-
-def prune_runs(root: str | Path, keep_last: int) -> list[str]:
-    """Retention of nightly runs (``run.keep_last``) on either kind of root."""
-    if is_remote(root):
-        runs.check_keep_last(keep_last)
-        return object_runs.prune_runs(str(root), keep_last, pattern=runs.NIGHTLY_ID)
-    return runs.prune_runs(local_path(root), keep_last)
-
-
-def lock_dir(root: str | Path) -> Path:
-    """Where the nightly lock of ``root`` lives: the root itself, or for an object store (no exclusive create)
-    a local directory named after its URL (``~/.cache/mfsim/locks/...``): it stops overlapping runs of this
-    host, not of two hosts."""
-    if not is_remote(root):
-        return local_path(root)
-    import hashlib
-
-    name = hashlib.sha256(normalize(root).encode()).hexdigest()[:16]
-    return Path.home() / ".cache" / "mfsim" / "locks" / name
+    return open_root(root).run_location(run_id)

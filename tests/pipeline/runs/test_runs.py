@@ -25,10 +25,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mfsim.pipeline.runs import posix as runs
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.runs.posix import (LockHeld, OutputLock, RunWriter, list_runs, prune_runs, read_latest, read_manifest,
-                                 resolve_run_dir, run_status, write_latest)
+from mfsim.pipeline.runs import posix as runs
+from mfsim.pipeline.runs import records
+from mfsim.pipeline.runs.lock import LockHeld, OutputLock
+from mfsim.pipeline.runs.posix import PosixRoot, PosixRunWriter
+from mfsim.pipeline.runs.roots import open_root, read_manifest, resolve_run
 
 HOST = socket.gethostname()
 STATE_KEYS = {"run_id", "state", "host", "pid", "started_at", "heartbeat_at", "finished_at", "error", "counts",
@@ -37,7 +39,7 @@ STATE_KEYS = {"run_id", "state", "host", "pid", "started_at", "heartbeat_at", "f
 
 def _publish(root, run_id, value=1, **options):
     move_latest = options.pop("move_latest", "always")
-    with RunWriter(root, run_id, **options) as run:
+    with PosixRunWriter(root, run_id, **options) as run:
         with run.stage("work"):
             run.write_table("t/x.parquet", pa.table({"x": [value]}))
         return run.publish({"counts": {"n": value}}, move_latest=move_latest)
@@ -95,9 +97,9 @@ def test_publish_writes_manifest_last_and_latest(tmp_path):
     m = read_manifest(run_dir)
     assert m["run_id"] == "r1" and m["status"] == "succeeded" and "work" in m["timings"]
     assert m["versions"]["numpy"] != "not installed"
-    assert read_latest(tmp_path) == "r1"
+    assert open_root(tmp_path).read_latest() == "r1"
     _publish(tmp_path, "r2", 2)
-    assert read_latest(tmp_path) == "r2"
+    assert open_root(tmp_path).read_latest() == "r2"
     assert _visible(tmp_path) == ["LATEST", "r1", "r2"]
 
 
@@ -117,29 +119,29 @@ def test_crash_leaves_nothing_visible(tmp_path, monkeypatch, where):
             _publish(tmp_path, "bad")
     else:
         with pytest.raises(Crash):
-            with RunWriter(tmp_path, "bad") as run:
+            with PosixRunWriter(tmp_path, "bad") as run:
                 run.write_table("a.parquet", pa.table({"x": [1]}))
                 raise Crash("stage failed")
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run, no temporary directory
-    assert read_latest(tmp_path) == "good"
+    assert open_root(tmp_path).read_latest() == "good"
     assert json.loads((tmp_path / "good" / "_manifest.json").read_text())["counts"] == {"n": 1}
 
 
 def test_manifest_written_last(tmp_path, monkeypatch):
     order = []
-    real = RunWriter.write_json
+    real = PosixRunWriter.write_json
 
     def spy(self, rel, obj):
         order.append(sorted(p.relative_to(self.tmp).as_posix() for p in self.tmp.rglob("*") if p.is_file()))
         return real(self, rel, obj)
 
-    monkeypatch.setattr(RunWriter, "write_json", spy)
+    monkeypatch.setattr(PosixRunWriter, "write_json", spy)
     _publish(tmp_path, "r")
     assert order == [["t/x.parquet"]]
 
 
 def test_write_bytes_and_json_land_inside_the_run(tmp_path):
-    with RunWriter(tmp_path, "r") as run:
+    with PosixRunWriter(tmp_path, "r") as run:
         run.write_bytes("report/a.png", b"\x89PNG")
         run.write_json("extra/x.json", {"a": 1})
         with pytest.raises(ValueError, match="inside the run"):
@@ -154,31 +156,31 @@ def test_write_bytes_and_json_land_inside_the_run(tmp_path):
 @pytest.mark.parametrize("bad", ["../x", "a/b", "..", ".hidden", "", "a" * 200, "x y", "abc\n", "abc\r", "\nabc"])
 def test_run_id_validated(tmp_path, bad):
     with pytest.raises(MfsimError, match="run id"):
-        RunWriter(tmp_path, bad)
+        PosixRunWriter(tmp_path, bad)
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("reserved", ["LATEST", "latest", "Latest", ".mfsim"])
 def test_reserved_names_are_not_run_ids(tmp_path, reserved):
     with pytest.raises(MfsimError, match="run id"):
-        runs.validate_run_id(reserved)
+        records.validate_run_id(reserved)
     with pytest.raises(MfsimError, match="reserved"):
-        RunWriter(tmp_path, reserved)
+        PosixRunWriter(tmp_path, reserved)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_run_is_never_overwritten(tmp_path):
     _publish(tmp_path, "same")
     with pytest.raises(MfsimError, match="already exists"):
-        RunWriter(tmp_path, "same")
+        PosixRunWriter(tmp_path, "same")
     assert read_manifest(tmp_path / "same")["counts"] == {"n": 1}
 
 
 def test_new_run_ids_are_unique_and_valid():
-    ids = {runs.new_run_id() for _ in range(50)}
+    ids = {records.new_run_id() for _ in range(50)}
     assert len(ids) == 50
     for i in ids:
-        assert runs.validate_run_id(i) == i
+        assert records.validate_run_id(i) == i
     assert not any(os.sep in i for i in ids)
 
 
@@ -197,7 +199,7 @@ def test_latest_never_follows_a_planted_symlink(tmp_path):
 
 # -- run states ---------------------------------------------------------------------------------
 def test_state_running_then_succeeded(tmp_path):
-    with RunWriter(tmp_path, "r", heartbeat_s=60) as run:
+    with PosixRunWriter(tmp_path, "r", heartbeat_s=60) as run:
         s = _state(tmp_path, "r")
         assert set(s) == STATE_KEYS
         assert (s["run_id"], s["state"], s["host"], s["pid"]) == ("r", "running", HOST, os.getpid())
@@ -211,13 +213,13 @@ def test_state_running_then_succeeded(tmp_path):
     s = _state(tmp_path, "r")
     assert s["state"] == "succeeded" and s["error"] is None and s["counts"] == {"n_users": 3, "n_items": 2, "nnz": 4}
     assert dt.datetime.fromisoformat(s["finished_at"]) >= dt.datetime.fromisoformat(s["started_at"])
-    st = run_status(tmp_path, "r")
+    st = open_root(tmp_path).run_status("r")
     assert (st.state, st.n_users, st.n_items, st.nnz, st.run_dir) == ("succeeded", 3, 2, 4, str(tmp_path / "r"))
     assert st.duration_s >= 0
 
 
 def test_counts_come_from_the_manifest_when_not_set(tmp_path):
-    with RunWriter(tmp_path, "r") as run:
+    with PosixRunWriter(tmp_path, "r") as run:
         run.publish({"counts": {"n_users": 5, "n_items": 6, "nnz": 7, "rows_dropped": {}}})
     assert _state(tmp_path, "r")["counts"] == {"n_users": 5, "n_items": 6, "nnz": 7}
 
@@ -230,18 +232,18 @@ def test_counts_come_from_the_manifest_when_not_set(tmp_path):
 ])
 def test_state_failed_with_the_error_line(tmp_path, exc, line):
     with pytest.raises(type(exc)):
-        with RunWriter(tmp_path, "bad") as run:
+        with PosixRunWriter(tmp_path, "bad") as run:
             run.write_table("x.parquet", pa.table({"x": [1]}))
             raise exc
     s = _state(tmp_path, "bad")
     assert (s["state"], s["error"]) == ("failed", line)
     assert s["finished_at"] is not None
     assert _visible(tmp_path) == [] and _hidden(tmp_path) == [".mfsim"]
-    assert run_status(tmp_path, "bad").state == "failed"
+    assert open_root(tmp_path).run_status("bad").state == "failed"
 
 
 def test_heartbeat_advances_and_stops(tmp_path):
-    with RunWriter(tmp_path, "r", heartbeat_s=0.05) as run:
+    with PosixRunWriter(tmp_path, "r", heartbeat_s=0.05) as run:
         first = _state(tmp_path, "r")["heartbeat_at"]
         deadline = time.monotonic() + 10
         while _state(tmp_path, "r")["heartbeat_at"] == first and time.monotonic() < deadline:
@@ -258,18 +260,18 @@ def test_lost_when_the_pid_is_gone(tmp_path):
     _write_state(tmp_path, "dead", pid=dead)
     _write_state(tmp_path, "alive", pid=os.getpid())
     _write_state(tmp_path, "elsewhere", host=HOST + "-other", pid=dead)  # a pid on another host means nothing here
-    assert run_status(tmp_path, "dead").state == "lost"
-    assert run_status(tmp_path, "dead", lost_after_s=1e9).state == "lost"
-    assert run_status(tmp_path, "alive").state == "running"
-    assert run_status(tmp_path, "elsewhere").state == "running"
+    assert open_root(tmp_path).run_status("dead").state == "lost"
+    assert open_root(tmp_path).run_status("dead", lost_after_s=1e9).state == "lost"
+    assert open_root(tmp_path).run_status("alive").state == "running"
+    assert open_root(tmp_path).run_status("elsewhere").state == "running"
 
 
 def test_lost_when_the_heartbeat_is_stale(tmp_path):
     _write_state(tmp_path, "r", pid=os.getpid(), started_at=_ago(400), heartbeat_at=_ago(300))
-    st = run_status(tmp_path, "r")
+    st = open_root(tmp_path).run_status("r")
     assert st.state == "lost"
     assert st.duration_s == pytest.approx(100.0, abs=0.5)  # lost: from the start to the last heartbeat
-    assert run_status(tmp_path, "r", lost_after_s=600).state == "running"
+    assert open_root(tmp_path).run_status("r", lost_after_s=600).state == "running"
 
 
 def test_list_runs_sorted_with_older_runs_from_their_manifest(tmp_path):
@@ -285,7 +287,7 @@ def test_list_runs_sorted_with_older_runs_from_their_manifest(tmp_path):
         "run_id": "old", "started_at": "2026-01-01T09:00:00+00:00", "finished_at": "2026-01-01T09:01:00+00:00",
         "counts": {"n_users": 7, "n_items": 8, "nnz": 9, "dropped": {}}, "status": "succeeded"}))
     (tmp_path / "not-a-run").mkdir()
-    got = list_runs(tmp_path)
+    got = open_root(tmp_path).list_runs()
     assert [(s.run_id, s.state) for s in got] == [("old", "succeeded"), ("b", "failed"), ("c", "failed"),
                                                   ("a", "succeeded")]
     o, b, c, a = got
@@ -293,15 +295,15 @@ def test_list_runs_sorted_with_older_runs_from_their_manifest(tmp_path):
     assert o.run_dir == str(old)
     assert (b.error, b.duration_s, b.run_dir) == ("boom", 30.0, None)
     assert (a.n_users, a.n_items, a.nnz, a.duration_s) == (1, 2, 3, 120.0)
-    assert run_status(tmp_path, "old").nnz == 9
+    assert open_root(tmp_path).run_status("old").nnz == 9
 
 
 def test_unknown_run_and_missing_root(tmp_path):
     _publish(tmp_path, "r1")
     with pytest.raises(MfsimError, match=f"no run 'nope' in the output root {tmp_path}"):
-        run_status(tmp_path, "nope")
+        open_root(tmp_path).run_status("nope")
     with pytest.raises(MfsimError, match="does not exist"):
-        list_runs(tmp_path / "missing")
+        open_root(tmp_path / "missing").list_runs()
 
 
 # -- cleanup ------------------------------------------------------------------------------------
@@ -317,7 +319,7 @@ def test_stale_tmp_of_a_dead_pid_is_removed_with_a_log_line(tmp_path, caplog):
         (d / "sub").mkdir(parents=True)
         (d / "sub" / "x.parquet").write_bytes(b"x" * 1000)
     with caplog.at_level(logging.INFO, logger="mfsim.runs"):
-        with RunWriter(tmp_path, "new") as run:
+        with PosixRunWriter(tmp_path, "new") as run:
             assert not stale.exists() and mine.exists() and foreign.exists()
             run.publish({})
     removals = [r for r in caplog.records if r.name == "mfsim.runs" and "stale" in r.getMessage()]
@@ -334,17 +336,17 @@ def test_kill_between_rename_and_latest(tmp_path):
         import os, sys
         import pyarrow as pa
         from mfsim.pipeline.runs import posix as runs
-        runs.write_latest = lambda *a, **k: os._exit(9)   # die right after the rename
-        with runs.RunWriter(sys.argv[1], "r2") as run:
+        runs.PosixRoot.write_latest = lambda *a, **k: os._exit(9)   # die right after the rename
+        with runs.PosixRunWriter(sys.argv[1], "r2") as run:
             run.write_table("t/x.parquet", pa.table({"x": [2]}))
             run.publish({"counts": {"n": 2}})
     """, tmp_path)
     assert proc.returncode == 9, proc.stderr
-    assert read_latest(tmp_path) == "r1"
+    assert open_root(tmp_path).read_latest() == "r1"
     assert read_manifest(tmp_path / "r2")["counts"] == {"n": 2}
     assert pq.read_table(tmp_path / "r2" / "t" / "x.parquet").column("x").to_pylist() == [2]
     assert _state(tmp_path, "r2")["state"] == "running"
-    assert run_status(tmp_path, "r2").state == "lost"  # its pid is gone
+    assert open_root(tmp_path).run_status("r2").state == "lost"  # its pid is gone
 
 
 # -- two runs at once ---------------------------------------------------------------------------
@@ -352,9 +354,9 @@ RACER = """
     import os, sys, time, pathlib
     import pyarrow as pa
     from mfsim.pipeline.errors import MfsimError
-    from mfsim.pipeline.runs.posix import RunWriter
+    from mfsim.pipeline.runs.posix import PosixRunWriter
     root, run_id, barrier, name = sys.argv[1:5]
-    with RunWriter(root, run_id) as run:
+    with PosixRunWriter(root, run_id) as run:
         run.write_table("who.parquet", pa.table({"who": [name]}))
         pathlib.Path(barrier, name).touch()
         deadline = time.monotonic() + 60
@@ -405,8 +407,8 @@ def test_different_run_ids_at_once_both_publish(tmp_path):
     for name, run_id in (("p1", "a"), ("p2", "b")):
         assert read_manifest(root / run_id)["who"] == name
         assert pq.read_table(root / run_id / "who.parquet").column("who").to_pylist() == [name]
-    assert read_latest(root) in {"a", "b"}
-    assert [(s.run_id, s.state) for s in sorted(list_runs(root), key=lambda s: s.run_id)] == [
+    assert open_root(root).read_latest() in {"a", "b"}
+    assert [(s.run_id, s.state) for s in sorted(open_root(root).list_runs(), key=lambda s: s.run_id)] == [
         ("a", "succeeded"), ("b", "succeeded")]
 
 
@@ -415,7 +417,7 @@ def test_root_under_a_regular_file(tmp_path):
     f = tmp_path / "file"
     f.write_text("keep\n")
     with pytest.raises(MfsimError, match=r"cannot create the output root .*file/out: Not a directory \(ENOTDIR\)"):
-        with RunWriter(f / "out", "r"):
+        with PosixRunWriter(f / "out", "r"):
             pass
     assert f.read_text() == "keep\n"
 
@@ -424,7 +426,7 @@ def test_root_is_a_regular_file(tmp_path):
     f = tmp_path / "file"
     f.write_text("keep\n")
     with pytest.raises(MfsimError, match=r"output root .*file: File exists \(EEXIST\).*not a directory"):
-        with RunWriter(f, "r"):
+        with PosixRunWriter(f, "r"):
             pass
     assert f.read_text() == "keep\n" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
@@ -476,7 +478,7 @@ def test_disk_full_mid_write(small_fs, how):
     _publish(small_fs, "good")
     before, latest = _tree_bytes(small_fs / "good"), (small_fs / "LATEST").read_bytes()
     with pytest.raises(MfsimError, match=r"cannot write .*big.*: No space left on device \(ENOSPC\)") as info:
-        with RunWriter(small_fs, "big") as run:
+        with PosixRunWriter(small_fs, "big") as run:
             _too_big(run, how)
     assert "\n" not in str(info.value)
     assert _visible(small_fs) == ["LATEST", "good"] and _hidden(small_fs) == [".mfsim"]
@@ -494,7 +496,7 @@ def test_read_only_filesystem(small_fs):
     with pytest.raises(MfsimError, match=r"Read-only file system \(EROFS\)"):
         _publish(small_fs, "bad")
     assert _visible(small_fs) == ["LATEST", "good"] and _tree_bytes(small_fs / "good") == before
-    assert read_latest(small_fs) == "good"
+    assert open_root(small_fs).read_latest() == "good"
 
 
 def test_failed_latest_update_takes_the_run_back(tmp_path, monkeypatch):
@@ -504,11 +506,11 @@ def test_failed_latest_update_takes_the_run_back(tmp_path, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(runs, "write_latest", full)
+    monkeypatch.setattr(PosixRoot, "write_latest", full)
     with pytest.raises(MfsimError, match=r"cannot update .*LATEST: No space left on device .*taken back"):
         _publish(tmp_path, "bad")
     assert _visible(tmp_path) == ["LATEST", "good"] and _hidden(tmp_path) == [".mfsim"]
-    assert read_latest(tmp_path) == "good" and _tree_bytes(tmp_path / "good") == before
+    assert open_root(tmp_path).read_latest() == "good" and _tree_bytes(tmp_path / "good") == before
     assert _state(tmp_path, "bad")["state"] == "failed"
 
 
@@ -524,7 +526,7 @@ def test_replace_keeps_the_old_run_readable_until_the_swap(tmp_path, monkeypatch
         seen.append((os.path.basename(src), os.path.basename(dst), dirs))
         return real_rename(src, dst)
 
-    with RunWriter(tmp_path, "r", replace=True) as run:
+    with PosixRunWriter(tmp_path, "r", replace=True) as run:
         run.write_table("t/x.parquet", pa.table({"x": [2]}))
         assert _tree_bytes(tmp_path / "r") == old  # the old run is readable while the new one is built
         monkeypatch.setattr(runs.os, "rename", spy)
@@ -538,14 +540,14 @@ def test_replace_keeps_the_old_run_readable_until_the_swap(tmp_path, monkeypatch
     assert _visible(tmp_path) == ["LATEST", "r"] and _hidden(tmp_path) == [".mfsim"]
     assert read_manifest(tmp_path / "r")["counts"] == {"n": 2}
     assert pq.read_table(tmp_path / "r" / "t" / "x.parquet").column("x").to_pylist() == [2]
-    assert [(s.run_id, s.state) for s in list_runs(tmp_path)] == [("r", "succeeded")]
+    assert [(s.run_id, s.state) for s in open_root(tmp_path).list_runs()] == [("r", "succeeded")]
 
 
 def test_replace_that_fails_keeps_the_old_run_and_its_state(tmp_path):
     _publish(tmp_path, "r", 1)
     old, old_state = _tree_bytes(tmp_path / "r"), _state(tmp_path, "r")
     with pytest.raises(RuntimeError):
-        with RunWriter(tmp_path, "r", replace=True) as run:
+        with PosixRunWriter(tmp_path, "r", replace=True) as run:
             assert _state(tmp_path, "r")["state"] == "running" and run.tmp.is_dir()
             raise RuntimeError("stage failed")
     assert _tree_bytes(tmp_path / "r") == old and _state(tmp_path, "r") == old_state
@@ -565,7 +567,7 @@ def test_crash_between_the_replace_renames_is_restored(tmp_path, caplog):
             if ".old-" in os.fspath(dst):
                 os._exit(9)   # die with the old run aside and the new one not yet in place
         os.rename = rename
-        with runs.RunWriter(sys.argv[1], "r", replace=True) as run:
+        with runs.PosixRunWriter(sys.argv[1], "r", replace=True) as run:
             run.write_table("t/x.parquet", pa.table({"x": [2]}))
             run.publish({"counts": {"n": 2}})
     """, tmp_path)
@@ -574,12 +576,12 @@ def test_crash_between_the_replace_renames_is_restored(tmp_path, caplog):
     hidden = _hidden(tmp_path)
     assert [h.split("-")[0] for h in hidden] == [".mfsim", ".r.old", ".r.tmp"]
     with caplog.at_level(logging.INFO, logger="mfsim.runs"):
-        with RunWriter(tmp_path, "next"):
+        with PosixRunWriter(tmp_path, "next"):
             pass
     assert _tree_bytes(tmp_path / "r") == old
     assert _visible(tmp_path) == ["LATEST", "r"] and _hidden(tmp_path) == [".mfsim"]
     assert any("restored run r" in r.getMessage() for r in caplog.records)
-    assert run_status(tmp_path, "r").state == "succeeded"
+    assert open_root(tmp_path).run_status("r").state == "succeeded"
 
 
 def test_leftover_old_copy_after_the_swap_is_removed(tmp_path):
@@ -588,41 +590,41 @@ def test_leftover_old_copy_after_the_swap_is_removed(tmp_path):
     left = tmp_path / f".r.old-{_dead_pid()}-abcdef"  # a forced run died after swapping the new one in
     left.mkdir()
     (left / "_manifest.json").write_text("{}")
-    with RunWriter(tmp_path, "next"):
+    with PosixRunWriter(tmp_path, "next"):
         pass
     assert not left.exists() and _tree_bytes(tmp_path / "r") == new
 
 
 def test_if_newer_never_moves_latest_back(tmp_path):
     def publish(run_id, mode):
-        with RunWriter(tmp_path, run_id) as run:
+        with PosixRunWriter(tmp_path, run_id) as run:
             run.publish({}, move_latest=mode)
         return run.latest_moved
 
     assert publish("2026-01-05", "if_newer") is True  # no LATEST yet
-    assert publish("2026-01-03", "if_newer") is False and read_latest(tmp_path) == "2026-01-05"
-    assert publish("2026-01-07", "if_newer") is True and read_latest(tmp_path) == "2026-01-07"
-    assert publish("2026-01-09", "never") is False and read_latest(tmp_path) == "2026-01-07"
-    assert publish("2026-01-01", "always") is True and read_latest(tmp_path) == "2026-01-01"
+    assert publish("2026-01-03", "if_newer") is False and open_root(tmp_path).read_latest() == "2026-01-05"
+    assert publish("2026-01-07", "if_newer") is True and open_root(tmp_path).read_latest() == "2026-01-07"
+    assert publish("2026-01-09", "never") is False and open_root(tmp_path).read_latest() == "2026-01-07"
+    assert publish("2026-01-01", "always") is True and open_root(tmp_path).read_latest() == "2026-01-01"
     with pytest.raises(ValueError, match="move_latest"):
-        with RunWriter(tmp_path, "x") as run:
+        with PosixRunWriter(tmp_path, "x") as run:
             run.publish({}, move_latest="sometimes")
 
 
 def test_resolve_run_dir(tmp_path):
     _publish(tmp_path, "r1")
     _publish(tmp_path, "r2")
-    assert resolve_run_dir(tmp_path / "r1") == tmp_path / "r1"
-    assert resolve_run_dir(tmp_path / "LATEST") == tmp_path / "r2"
+    assert resolve_run(tmp_path / "r1") == tmp_path / "r1"
+    assert resolve_run(tmp_path / "LATEST") == tmp_path / "r2"
     with pytest.raises(MfsimError, match="is an output root, not a run"):
-        resolve_run_dir(tmp_path)
+        resolve_run(tmp_path)
     with pytest.raises(MfsimError, match="neither a run directory"):
-        resolve_run_dir(tmp_path / "missing")
-    write_latest(tmp_path, "gone")
+        resolve_run(tmp_path / "missing")
+    open_root(tmp_path).write_latest("gone")
     with pytest.raises(MfsimError, match="names run 'gone'"):
-        resolve_run_dir(tmp_path / "LATEST")
+        resolve_run(tmp_path / "LATEST")
     with pytest.raises(MfsimError, match="no run has succeeded"):
-        resolve_run_dir(tmp_path / "empty" / "LATEST")
+        resolve_run(tmp_path / "empty" / "LATEST")
 
 
 # -- the lock -----------------------------------------------------------------------------------
@@ -695,19 +697,19 @@ def test_prune_keeps_the_newest_nightly_runs(tmp_path, caplog):
     days = [f"2026-01-0{d}" for d in range(1, 8)]
     for day in days + ["adhoc", "nightly-2026-01-01"]:
         _publish(tmp_path, day)
-    write_latest(tmp_path, "2026-01-02")
+    open_root(tmp_path).write_latest("2026-01-02")
     _write_state(tmp_path, "2026-01-03", pid=os.getpid())  # a forced rerun of that day is running
     with caplog.at_level(logging.INFO, logger="mfsim.runs"):
-        removed = prune_runs(tmp_path, 2)
+        removed = open_root(tmp_path).prune_runs(2)
     # newest two succeeded nightly runs: 07, 06; LATEST (02) and the running 03 stay; others go
     assert removed == ["2026-01-01", "2026-01-04", "2026-01-05"]
     assert _visible(tmp_path) == ["2026-01-02", "2026-01-03", "2026-01-06", "2026-01-07", "LATEST", "adhoc",
                                   "nightly-2026-01-01"]
     assert _hidden(tmp_path) == [".mfsim"]
-    assert sorted(s.run_id for s in list_runs(tmp_path)) == ["2026-01-02", "2026-01-03", "2026-01-06", "2026-01-07",
-                                                             "adhoc", "nightly-2026-01-01"]
+    assert sorted(s.run_id for s in open_root(tmp_path).list_runs()) == [
+        "2026-01-02", "2026-01-03", "2026-01-06", "2026-01-07", "adhoc", "nightly-2026-01-01"]
     logged = [r.getMessage() for r in caplog.records if "removed run" in r.getMessage()]
     assert len(logged) == 3 and all(day in " ".join(logged) for day in removed)
-    assert prune_runs(tmp_path, 2) == []
+    assert open_root(tmp_path).prune_runs(2) == []
     with pytest.raises(MfsimError, match="keep_last"):
-        prune_runs(tmp_path, -1)
+        open_root(tmp_path).prune_runs(-1)
