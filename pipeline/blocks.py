@@ -15,6 +15,8 @@ from typing import Any, Callable
 import numpy as np
 import scipy.sparse as sp
 
+from mfsim.pipeline.shared import runner
+
 
 @dataclass(frozen=True)
 class CSRBlock:
@@ -104,14 +106,14 @@ class RowBlocks:
         return len(self.parts)
 
     def map(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
-        """``[fn(block, *args) for block in blocks]``: futures on the client, values locally.
+        """``[fn(block, *args) for block in blocks]``: futures on the client (pure tasks: the same call, the same
+        key), values locally.
 
         Large ``args`` should be shared first (``pipeline.shared.share``) so that they travel to
         each worker once and are recomputed, not lost, with a worker.
         """
-        if self.client is None:
-            return [fn(part, *args, **kwargs) for part in self.parts]
-        return [self.client.submit(fn, part, *args, **kwargs) for part in self.parts]
+        run = runner(self.client)
+        return [run.submit(fn, part, *args, pure=True, **kwargs) for part in self.parts]
 
     def map_blocks(self, fn: Callable[..., CSRBlock], *args: Any) -> "RowBlocks":
         """A new RowBlocks with ``fn`` applied to each block (same rows, same columns)."""
@@ -190,11 +192,11 @@ def tree_reduce(parts: list[Any], combine: Callable[..., Any], *, client: Any = 
     if fan_in < 2:
         raise ValueError(f"tree_reduce needs fan_in >= 2, got {fan_in}")
 
+    run = runner(client)
+
     def apply(group: list[Any]) -> Any:
-        if len(group) == 1:
-            return group[0]
-        return combine(*group) if client is None else client.submit(combine, *group, pure=False)
+        return group[0] if len(group) == 1 else run.submit(combine, *group)
 
     while len(parts) > 1:
         parts = [apply(parts[i : i + fan_in]) for i in range(0, len(parts), fan_in)]
-    return parts[0] if client is None or not gather else client.gather(parts[0])
+    return run.gather(parts[0]) if gather else parts[0]

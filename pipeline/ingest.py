@@ -59,7 +59,7 @@ from mfsim.pipeline.blocks import CSRBlock, RowBlocks
 from mfsim.pipeline.config import Config, IngestSection, InputSection
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.inputs import load_item_truth
-from mfsim.pipeline.shared import share
+from mfsim.pipeline.shared import near, share
 
 log = logging.getLogger("mfsim.ingest")
 
@@ -459,7 +459,8 @@ def read_clean(piece: Piece, spec: ScanSpec) -> CleanRows:
         users, items = users.filter(mask), items.filter(mask)
         weights = weights[keep]
         ts_s = ts_s[keep] if ts_s is not None else None
-    return CleanRows(users, items, weights, ts_s, n_read, outside, counts)
+    return CleanRows(users=users, items=items, weights=weights, ts=ts_s, n_read=n_read, outside_window=outside,
+                     invalid=counts)
 
 
 def scan_ids(index: int, piece: Piece, spec: ScanSpec) -> dict[str, Any]:
@@ -799,11 +800,6 @@ def _worker_slots(client) -> list[str | None]:
     return [addr for addr in sorted(nthreads) for _ in range(nthreads[addr])] or [None]
 
 
-def _on(address: str | None) -> dict[str, Any]:
-    """``client.submit`` keywords that run a task on ``address`` while it lives, anywhere after."""
-    return {"workers": [address], "allow_other_workers": True} if address else {}
-
-
 def _wait_for(futures: list[Any]) -> None:
     """Wait until ``futures`` are done; raise the error of the first that failed."""
     from distributed import wait
@@ -863,7 +859,7 @@ def fold_window(n_slots: int) -> int:
     return PIECES_IN_FLIGHT_PER_THREAD * n_slots
 
 
-def _fold_pass(client, pieces: list[Piece], spec: ScanSpec, uidx, iidx, offsets: np.ndarray, n_cols: int,
+def _fold_pass(client, pieces: list[Piece], spec: ScanSpec, *, uidx, iidx, offsets: np.ndarray, n_cols: int,
                block_weights: np.ndarray, cfg: IngestSection) -> list[Any]:
     """Pass 2: ``encode_piece`` of every piece, folded piece by piece into running blocks; X's block futures.
 
@@ -882,8 +878,9 @@ def _fold_pass(client, pieces: list[Piece], spec: ScanSpec, uidx, iidx, offsets:
     slots = _worker_slots(client)
     n_groups = len(slots)
     share = max(1, cfg.partition_rows // n_groups)  # a piece's entries per group, at most
-    layout = BlockLayout(offsets, cfg.block_rows, n_cols, assign_groups(block_weights, n_groups), n_groups, share,
-                         PENDING_PIECES * share, spec.keep_ts)
+    layout = BlockLayout(offsets=offsets, block_rows=cfg.block_rows, n_cols=n_cols,
+                         group_of=assign_groups(block_weights, n_groups), n_groups=n_groups, pending_min=share,
+                         pending_max=PENDING_PIECES * share, keep_ts=spec.keep_ts)
     window = fold_window(n_groups)
     states: list[Any] = [None] * n_groups
     in_flight: deque = deque()  # per piece not yet waited for: its fold futures (the states, folded in place)
@@ -893,11 +890,11 @@ def _fold_pass(client, pieces: list[Piece], spec: ScanSpec, uidx, iidx, offsets:
         encoded = client.submit(encode_piece, piece, spec, uidx, iidx, layout, pure=False)
         for g in range(n_groups):
             bucket = client.submit(group_bucket, encoded, g)
-            states[g] = client.submit(fold_piece, states[g], bucket, k, layout, g, pure=False, **_on(slots[g]))
+            states[g] = client.submit(fold_piece, states[g], bucket, k, layout, g, pure=False, **near(slots[g]))
         in_flight.append(list(states))
     in_flight.clear()
-    finished = [client.submit(finish_blocks, s, pure=False, **_on(slots[g])) for g, s in enumerate(states)]
-    return [client.submit(block_of, finished[g], b, **_on(slots[g])) for b, g in enumerate(layout.group_of.tolist())]
+    finished = [client.submit(finish_blocks, s, pure=False, **near(slots[g])) for g, s in enumerate(states)]
+    return [client.submit(block_of, finished[g], b, **near(slots[g])) for b, g in enumerate(layout.group_of.tolist())]
 
 
 def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None = None, *,
@@ -922,9 +919,10 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
     total_rows = sum(p.n_rows for p in pieces)
     log.info("ingest: %d files, %d pieces, %d rows", len(files), len(pieces), total_rows)
 
-    spec = ScanSpec(input_cfg.user_col, input_cfg.item_col, input_cfg.weight_col,
-                    input_cfg.ts_col if (use_window or keep_ts) else None, None, None, cfg.on_invalid, url, keep_ts,
-                    id_types.get("user"), id_types.get("item"))
+    spec = ScanSpec(user_col=input_cfg.user_col, item_col=input_cfg.item_col, weight_col=input_cfg.weight_col,
+                    ts_col=input_cfg.ts_col if (use_window or keep_ts) else None, window_start=None, window_end=None,
+                    on_invalid=cfg.on_invalid, url=url, keep_ts=keep_ts, user_type=id_types.get("user"),
+                    item_type=id_types.get("item"))
     if use_window:
         end = cfg.as_of
         if end is None:
@@ -973,7 +971,8 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
     # the id maps as tasks on the root, not scattered: X's blocks keep their lineage back to the
     # Parquet pieces, so a block lost with its worker is rebuilt (pipeline.shared)
     uidx, iidx = (client.submit(id_index, root, key, pure=False) for key in ("user_ids", "item_ids"))
-    blocks = _fold_pass(client, pieces, spec, uidx, iidx, offsets, n_items, block_weights, cfg)
+    blocks = _fold_pass(client, pieces, spec, uidx=uidx, iidx=iidx, offsets=offsets, n_cols=n_items,
+                        block_weights=block_weights, cfg=cfg)
     X = RowBlocks(blocks, offsets, n_items, client)
     _wait_for(blocks)
     clock.lap("blocks")
@@ -990,7 +989,8 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
                          f"(ingest.min_user_interactions={cfg.min_user_interactions}, "
                          f"ingest.min_item_interactions={cfg.min_item_interactions}); lower them")
     file_info = [{"path": f.path, "size": f.size, "rows": int(sum(f.row_groups))} for f in files]
-    return IngestResult(X, user_ids, item_ids, user_counts, item_counts, file_info, counts)
+    return IngestResult(X=X, user_ids=user_ids, item_ids=item_ids, user_counts=user_counts, item_counts=item_counts,
+                        files=file_info, counts=counts)
 
 
 def _files_where(pieces: list[Piece], summaries: list[dict[str, Any]], pick) -> str:

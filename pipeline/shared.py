@@ -36,13 +36,22 @@ factors; p int64 column maps. The largest for ``conf/paper.yaml`` is Q, 240 KB; 
 ``mfsim bench svd`` (p = 200,000, l = 74) 59 MB. Values above
 ``distributed.admin.large-graph-warning-threshold`` (10 MB by default) are shared with that
 warning silenced: one large task, sent once, is the point here, not a graph built by mistake.
+
+Here or on the cluster: ``runner(client)`` is the one way code that runs in process and on a Dask client
+says where a call runs. It gives ``HERE`` (no client: every call runs at once in this process, a "shared"
+value is the value itself, a gathered value is itself) or an ``OnCluster`` (each call a task, ``pure=False``; values
+shared with ``share``; results gathered), with the same methods, chosen once where the client is known;
+``runner_of(*args)`` chooses by the arguments (beside the first future among them, else here; ``beside(fn,
+*args)`` runs one call so, ``value`` reads what it gave). ``is_future`` is the one test of whether a value is
+a future.
 """
 
 from __future__ import annotations
 
+import sys
 import uuid
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -81,3 +90,108 @@ def stack(scale: np.ndarray | None, rows: np.ndarray | None, *parts: np.ndarray)
     if scale is not None:
         out = out * scale
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# here or on the cluster
+
+
+def is_future(x: Any) -> bool:
+    """Whether ``x`` is a Dask future (``distributed.Future``; nothing is, before distributed is imported)."""
+    distributed = sys.modules.get("distributed")
+    return distributed is not None and isinstance(x, distributed.Future)
+
+
+def near(worker: str | None) -> dict[str, Any]:
+    """``client.submit`` keywords that run a task on ``worker`` while it lives, on any worker after (none for None)."""
+    return {"workers": [worker], "allow_other_workers": True} if worker else {}
+
+
+class Here:
+    """Runs every call at once in this process: ``submit`` calls, ``share`` and ``gather`` return what they get."""
+
+    client = None
+    name = "local"
+
+    def submit(self, fn: Callable[..., Any], *args: Any, worker: str | None = None, pure: bool = False,
+               **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` (``worker`` and ``pure`` are a task's placement and naming: ignored here)."""
+        return fn(*args, **kwargs)
+
+    def share(self, value: Any, name: str = "value") -> Any:
+        """The value itself (nothing is sent)."""
+        return value
+
+    def share_f32(self, x: Any, name: str = "array") -> Any:
+        """The array itself, as it is (nothing is sent, so nothing is converted)."""
+        return x
+
+    def gather(self, x: Any) -> Any:
+        """``x`` itself (a value, or a list of values)."""
+        return x
+
+    def holders(self, values: list) -> list[str | None]:
+        """Where each value lives: None (this process) for each."""
+        return [None] * len(values)
+
+
+HERE = Here()
+
+
+class OnCluster:
+    """Runs every call as a task on ``client``: ``submit`` returns a future, ``share`` shares (``share``), ``gather``
+    brings values to this process."""
+
+    name = "dask"
+
+    def __init__(self, client):
+        self.client = client
+
+    def submit(self, fn: Callable[..., Any], *args: Any, worker: str | None = None, pure: bool = False,
+               **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` as a task (``pure=False`` unless asked: a fresh key per call), on ``worker``
+        while it lives (``near``); its arguments may be futures."""
+        return self.client.submit(fn, *args, pure=pure, **near(worker), **kwargs)
+
+    def share(self, value: Any, name: str = "value") -> Any:
+        """``share(client, value, name)``."""
+        return share(self.client, value, name)
+
+    def share_f32(self, x: Any, name: str = "array") -> Any:
+        """``share_f32(client, x, name)``."""
+        return share_f32(self.client, x, name)
+
+    def gather(self, x: Any) -> Any:
+        """The value of a future, or the values of a list of futures."""
+        return self.client.gather(x)
+
+    def holders(self, futures: list) -> list[str | None]:
+        """Where each future's value lives once computed (waits for them): the first of its workers by address,
+        None when none holds it."""
+        from distributed import wait
+
+        wait(futures)
+        who = self.client.who_has(futures)
+        return [min(who.get(f.key, ()), default=None) for f in futures]
+
+
+def runner(client) -> Here | OnCluster:
+    """Where calls run: ``HERE`` without a client, else tasks on ``client``."""
+    return HERE if client is None else OnCluster(client)
+
+
+def runner_of(*args: Any) -> Here | OnCluster:
+    """Where a call on ``args`` runs: as a task on the client of the first future among them, else here."""
+    future = next((a for a in args if is_future(a)), None)
+    return HERE if future is None else OnCluster(future.client)
+
+
+def beside(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` where its arguments are (``runner_of``): at once here, or a task on the client of the first
+    future among them, whose errors come back when its result is read (``value``)."""
+    return runner_of(*args).submit(fn, *args)
+
+
+def value(x: Any) -> Any:
+    """The value of ``x``: a future's result, anything else as it is."""
+    return x.result() if is_future(x) else x

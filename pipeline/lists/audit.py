@@ -20,7 +20,7 @@ family: ``G = V W^1/2`` and ``A_proj = V W``, read off the first scaling's (A, B
 canonical one, which the audit checks for every solution it compares (``product_deviation``).
 They come out at Jaccard 1, and the cosine lists are measured against the same standard.
 
-Lists are compared tie-aware (``tie_aware_jaccard``): two top-N lists agree when they differ only
+Lists are compared tie-aware (``jaccard.tie_aware_jaccard``): two top-N lists agree when they differ only
 by candidates whose score lies within float32 rounding of the best candidate left out (the
 (N+1)-th), for such a candidate could as well have been left out. Items that are copies of each
 other (the same users, so the same row of V; common in sparse catalogs) tie exactly, and which of
@@ -52,25 +52,22 @@ import pyarrow as pa
 
 from mfsim.kernels.topn import TopN, topn_blocked
 from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.lists.jaccard import check_int, near_cut, score_bound, tie_aware_jaccard, valid_mask
 from mfsim.pipeline.lists.neighbours import cosine_floor, gram_factor, max_row_norm, projected
 from mfsim.pipeline.progress import Progress
 from mfsim.pipeline.registry import AUDIT_METRICS, INVARIANT_METRICS, LISTS
+from mfsim.pipeline.shared import beside, value
 
 ItemListsFn = Callable[..., TopN]  # (queries, candidates, n, metric, exclude_self=..., cosine_min_norm=...) -> TopN
 
 # Mean Jaccard of the cosine lists below which the verdict says they change with the scaling.
 INVARIANT_MIN_MEAN = 0.99
 
-#: Unit roundoff of float32.
-EPS32 = 2.0**-24
-
 # Named streams of the audit's seed, so that the diagonals and the samples do not share draws.
 _STREAM_USERS = 1
 _STREAM_CHECK = 2
 _STREAM_ITEMS = 3
 
-# Rows compared at once by ``jaccard_rows``: keys of 65536 rows x N = 100 ids take 52 MB per side.
-_JACCARD_CHUNK = 65536
 # Sample sizes of the score-invariance check (rows x columns of U I^T in float64: 8 MB).
 _CHECK_ROWS = 1000
 
@@ -141,233 +138,6 @@ class AuditResult:
 # building blocks
 
 
-def jaccard_rows(idx_a: np.ndarray, cnt_a: np.ndarray, idx_b: np.ndarray, cnt_b: np.ndarray) -> np.ndarray:
-    """Per row, the Jaccard index ``|A ∩ B| / |A ∪ B|`` of two top-N sets.
-
-    Parameters
-    ----------
-    idx_a, idx_b : int (q, N_a), (q, N_b)
-        Candidate ids per row (``TopN.indices``); only the first ``cnt`` entries of a row count,
-        whatever follows them is ignored. Repeated ids count once (set semantics).
-    cnt_a, cnt_b : int (q,)
-        Valid entries per row (``TopN.counts``), ``0 <= cnt <= N``.
-
-    Returns
-    -------
-    (q,) float64
-        1.0 where both sets are empty.
-
-    Notes
-    -----
-    Vectorised over rows: each row's valid ids are sorted within the row and made unique, and
-    become keys ``row * stride + id``, sorted overall; the intersection is found by a binary
-    search of one side's keys in the other's (``np.searchsorted``); per-row sizes are bincounts
-    of the key's row. Time O(q N log N) for the row sorts plus O(q N log(q N)) for the search
-    (1-2 s per 100k rows at N = 100 on 2 cores); memory O(c N) int64 for chunks of c = 65536 rows
-    (52 MB per array at N = 100), never O(q p).
-    """
-    idx_a, cnt_a = _check_lists(idx_a, cnt_a, "a")
-    idx_b, cnt_b = _check_lists(idx_b, cnt_b, "b")
-    q = idx_a.shape[0]
-    if idx_b.shape[0] != q:
-        raise MfsimError(
-            f"both lists must have the same rows; received {q} and {idx_b.shape[0]} rows. "
-            "Compare lists of the same query rows."
-        )
-    out = np.empty(q, dtype=np.float64)
-    for r0 in range(0, q, _JACCARD_CHUNK):
-        r1 = min(r0 + _JACCARD_CHUNK, q)
-        ia, ca, ib, cb = idx_a[r0:r1], cnt_a[r0:r1], idx_b[r0:r1], cnt_b[r0:r1]
-        stride = 1 + max(_max_valid(ia, ca), _max_valid(ib, cb))  # ids < 2^31, rows < 2^16: no overflow
-        ka, kb = _row_keys(ia, ca, stride), _row_keys(ib, cb, stride)
-        nr = r1 - r0
-        na = np.bincount(ka // stride, minlength=nr)
-        nb = np.bincount(kb // stride, minlength=nr)
-        ni = _count_common(ka, kb, stride, nr)
-        union = na + nb - ni  # |A ∪ B| = |A| + |B| - |A ∩ B|
-        res = np.ones(nr, dtype=np.float64)
-        np.divide(ni, union, out=res, where=union > 0)
-        out[r0:r1] = res
-    return out
-
-
-def _check_lists(idx: np.ndarray, cnt: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-    idx = np.asarray(idx)
-    cnt = np.asarray(cnt)
-    if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
-        raise MfsimError(f"idx_{name} must be a 2-D integer array (rows x N); received {idx.dtype} {idx.shape}.")
-    if cnt.shape != (idx.shape[0],) or not np.issubdtype(cnt.dtype, np.integer):
-        raise MfsimError(
-            f"cnt_{name} must be an integer array with one count per row ({idx.shape[0]}); received "
-            f"{cnt.dtype} {cnt.shape}. Pass TopN.counts with TopN.indices."
-        )
-    if cnt.size and (cnt.min() < 0 or cnt.max() > idx.shape[1]):
-        raise MfsimError(
-            f"cnt_{name} must lie in [0, {idx.shape[1]}] (the list width); received values from "
-            f"{cnt.min()} to {cnt.max()}."
-        )
-    return idx, cnt.astype(np.int64)
-
-
-def _valid_mask(idx: np.ndarray, cnt: np.ndarray) -> np.ndarray:
-    return np.arange(idx.shape[1])[None, :] < cnt[:, None]
-
-
-def _max_valid(idx: np.ndarray, cnt: np.ndarray) -> int:
-    vals = idx[_valid_mask(idx, cnt)]
-    if vals.size == 0:
-        return 0
-    if vals.min() < 0:
-        raise MfsimError(
-            f"list entries within the counts must be candidate ids >= 0; received {int(vals.min())}. "
-            "Check that the counts match the lists (-1 marks padding after the count)."
-        )
-    return int(vals.max())
-
-
-def _row_keys(idx: np.ndarray, cnt: np.ndarray, stride: int) -> np.ndarray:
-    """Sorted unique ``row * stride + id`` of the valid entries.
-
-    Each row is sorted on its own with the padding replaced by ``stride`` (larger than any id, so
-    it sorts last); repeated ids are dropped; the keys then come out sorted in row-major order.
-    """
-    valid = _valid_mask(idx, cnt)
-    vals = np.where(valid, idx.astype(np.int64), np.int64(stride))
-    vals.sort(axis=1)
-    keep = valid.copy()  # the first cnt entries of a sorted row are its valid ids
-    keep[:, 1:] &= vals[:, 1:] != vals[:, :-1]  # set semantics: a repeated id counts once
-    rows = np.nonzero(keep)[0].astype(np.int64)
-    return rows * stride + vals[keep]
-
-
-def _count_common(ka: np.ndarray, kb: np.ndarray, stride: int, n_rows: int) -> np.ndarray:
-    """Per row, the keys present in both sorted unique key arrays (a binary search of each key of ka)."""
-    if ka.size == 0 or kb.size == 0:
-        return np.zeros(n_rows, dtype=np.int64)
-    pos = np.minimum(np.searchsorted(kb, ka), kb.size - 1)
-    return np.bincount(ka[kb[pos] == ka] // stride, minlength=n_rows)
-
-
-def score_bound(metric: str, k: int) -> float:
-    """The float32 error bound of one kernel score, relative: ``(k + 8) 2^-24`` for a cosine, ``(k + 4) 2^-24``
-    for a dot product (times ``|q| |c|``).
-
-    Dot: the sgemm's float32 sum of k products is within ``gamma_k sum_l |q_l c_l| <= ~k 2^-24 |q| |c|``
-    of the exact sum (any summation order; Cauchy-Schwarz); each entry of both factors carries one
-    rounding from float64 and, when rescaled by D, one more: ``2 x 2`` roundings of 2^-24 relative.
-    Cosine: that dot relative to ``|q| |c|``, plus the float32 rounding of the two inverse norms and
-    of the two products by them (``cos = (s qinv) cinv``, ``kernels.select.select_tile``).
-    """
-    if metric not in ("dot", "cosine"):
-        raise MfsimError(f"metric must be 'dot' or 'cosine' (a kernel metric); received {metric!r}.")
-    return float((int(k) + (8 if metric == "cosine" else 4)) * EPS32)
-
-
-def tie_aware_jaccard(x: TopN, y: TopN, n: int, bound: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the Jaccard@n of two top-n lists with swaps at a float32 tie counted as agreement, and those swaps.
-
-    Parameters
-    ----------
-    x, y : TopN with at least n + 1 columns
-        Lists of the same query rows, score descending, ids distinct within a row (``topn_blocked``
-        asked for ``n + 1``). A row's top-n set is its first ``min(count, n)`` entries; entry n
-        (0-based) is the best candidate left out, the cut. A row without it (count <= n: every
-        admissible candidate listed) has no ties.
-    n : int
-        The list length N compared, >= 1.
-    bound : float or (q,) array
-        The float32 error bound ``d`` of one score of either list: ``score_bound("cosine", k)``, or
-        for dot products per row ``score_bound("dot", k) |q| max_j |c_j|``.
-
-    Returns
-    -------
-    jaccard : (q,) float64
-        ``(|X & Y| + t) / (|X | Y| - t)`` for the top-n sets X, Y and the row's boundary ties t;
-        1.0 where both sets are empty.
-    ties : (q,) int64
-        ``t = min(t_x, t_y)``: t_x counts the entries of X - Y whose score in x is within ``4 d`` of
-        x's cut, t_y those of Y - X in y. Each of the t pairs is a swap rounding alone can explain.
-
-    Notes
-    -----
-    Why ``4 d``: let x and y rank the same exact scores f, each score computed within d. If c is in
-    X but not in Y, y lists n candidates at least as high as c, so each has ``f >= f(c) - 2 d``;
-    X holds at most n - 1 of them besides c, so one of them is left out of x and scores at most x's
-    cut there, which is then ``>= f(c) - 3 d >=`` (x's score of c) ``- 4 d``. So when two lists of
-    the same scores differ, every candidate in one and not the other is within ``4 d`` of that list's
-    cut, and they agree here (Jaccard 1). Lists of different scores (the cosines of two scalings) get
-    the same rule: a candidate that close to the cut is tied, within rounding, with one left out,
-    and which of the two is listed says nothing about the scaling.
-    Vectorised like ``jaccard_rows``: keys ``row * stride + id``, sorted, one binary search per entry;
-    O(q n log(q n)) time, O(c n) memory for chunks of c = 65536 rows.
-    """
-    _check_int(n, "n", 1)
-    n = int(n)
-    ix, sx, cx = _cut_lists(x, n, "x")
-    iy, sy, cy = _cut_lists(y, n, "y")
-    q = ix.shape[0]
-    if iy.shape[0] != q:
-        raise MfsimError(
-            f"both lists must have the same rows; received {q} and {iy.shape[0]} rows. "
-            "Compare lists of the same query rows."
-        )
-    bound = np.broadcast_to(np.asarray(bound, dtype=np.float64), (q,))
-    if not (np.isfinite(bound).all() and (bound >= 0).all()):
-        raise MfsimError("bound (the float32 error of one score) must be finite and >= 0; see score_bound.")
-    jac, ties = np.empty(q, dtype=np.float64), np.empty(q, dtype=np.int64)
-    for r0 in range(0, q, _JACCARD_CHUNK):
-        r1 = min(r0 + _JACCARD_CHUNK, q)
-        ax, bx = ix[r0:r1, :n], np.minimum(cx[r0:r1], n)
-        ay, by = iy[r0:r1, :n], np.minimum(cy[r0:r1], n)
-        stride = 1 + max(_max_valid(ax, bx), _max_valid(ay, by))  # ids < 2^31, rows < 2^16: no overflow
-        in_y, in_x = _members(ax, bx, ay, by, stride), _members(ay, by, ax, bx, stride)
-        vx, vy = _valid_mask(ax, bx), _valid_mask(ay, by)
-        common = (vx & in_y).sum(axis=1)
-        b = bound[r0:r1]
-        t_x = (vx & ~in_y & _near_cut(sx[r0:r1], cx[r0:r1], n, b)).sum(axis=1)
-        t_y = (vy & ~in_x & _near_cut(sy[r0:r1], cy[r0:r1], n, b)).sum(axis=1)
-        t = np.minimum(t_x, t_y)
-        union = bx + by - common - t
-        res = np.ones(r1 - r0, dtype=np.float64)
-        np.divide(common + t, union, out=res, where=union > 0)
-        jac[r0:r1], ties[r0:r1] = res, t
-    return jac, ties
-
-
-def _cut_lists(top: TopN, n: int, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(indices, scores, counts) of a list with its cut: at least n + 1 columns, distinct ids per row."""
-    idx, cnt = _check_lists(top.indices, top.counts, name)
-    scores = np.asarray(top.scores)
-    if idx.shape[1] < n + 1 or scores.shape != idx.shape:
-        raise MfsimError(
-            f"{name} must have at least n + 1 = {n + 1} columns (the top n and the best candidate left out) and "
-            f"scores of the same shape; received indices {idx.shape}, scores {scores.shape}. Ask the top-N for n + 1."
-        )
-    stride = 1 + _max_valid(idx, cnt)
-    valid = _valid_mask(idx, cnt)
-    vals = np.sort(np.where(valid, idx.astype(np.int64), np.int64(stride)), axis=1)
-    if (valid[:, 1:] & (vals[:, 1:] == vals[:, :-1])).any():
-        raise MfsimError(f"{name} lists a candidate twice in one row; pass top-N lists (distinct ids per row).")
-    return idx, scores, cnt
-
-
-def _members(ia: np.ndarray, ca: np.ndarray, ib: np.ndarray, cb: np.ndarray, stride: int) -> np.ndarray:
-    """Per entry of a (the first ``ca`` of each row), whether its id is among the first ``cb`` of b's row."""
-    kb = _row_keys(ib, cb, stride)
-    if kb.size == 0:
-        return np.zeros(ia.shape, dtype=bool)
-    ka = np.arange(ia.shape[0], dtype=np.int64)[:, None] * stride + ia.astype(np.int64)
-    pos = np.minimum(np.searchsorted(kb, ka), kb.size - 1)
-    return (kb[pos] == ka) & _valid_mask(ia, ca)
-
-
-def _near_cut(scores: np.ndarray, counts: np.ndarray, n: int, bound: np.ndarray) -> np.ndarray:
-    """Per top-n entry, whether its score is within ``4 bound`` of the row's cut (entry n); False without a cut."""
-    cut = np.where(counts > n, scores[:, n].astype(np.float64), np.nan)  # no cut: NaN, near nothing
-    with np.errstate(invalid="ignore"):  # -inf padding (masked by the caller) and NaN compare False
-        return scores[:, :n].astype(np.float64) - cut[:, None] <= 4.0 * bound[:, None]
-
-
 def random_diagonals(k: int, draws: int, spread: float, seed: int) -> np.ndarray:
     """Diagonals of ``draws`` random invertible D: ``d = exp(spread z)``, ``z ~ N(0, 1)`` i.i.d.
 
@@ -392,9 +162,9 @@ def random_diagonals(k: int, draws: int, spread: float, seed: int) -> np.ndarray
     which items are close) and symmetric in ``log d``: D and D^-1 are equally likely.
     O(draws k) time and memory.
     """
-    _check_int(k, "k", 1)
-    _check_int(draws, "draws", 0)
-    _check_int(seed, "seed", 0)
+    check_int(k, "k", 1)
+    check_int(draws, "draws", 0)
+    check_int(seed, "seed", 0)
     if not np.isfinite(spread) or spread <= 0:
         raise MfsimError(f"spread (the sd of log d) must be a finite number > 0; received {spread!r}.")
     z = np.random.default_rng(int(seed)).standard_normal((int(draws), int(k)))
@@ -410,18 +180,13 @@ def sample_rows(n: int, max_rows: int, seed: int, *, stream: int = _STREAM_USERS
     only these rows of a users file and gets the same sample as ``audit_embedding_pair`` on the
     whole matrix), the Eq. 1 audit its query items (stream 3). ``name`` names ``max_rows`` in errors.
     """
-    _check_int(n, "n", 0)
-    _check_int(max_rows, name, 1)
-    _check_int(seed, "seed", 0)
+    check_int(n, "n", 0)
+    check_int(max_rows, name, 1)
+    check_int(seed, "seed", 0)
     if n <= max_rows:
         return np.arange(n, dtype=np.int64)
     rng = np.random.default_rng([int(seed), int(stream)])
     return np.sort(rng.choice(n, size=int(max_rows), replace=False)).astype(np.int64)
-
-
-def _check_int(value: Any, name: str, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise MfsimError(f"{name} must be an integer >= {low}; received {value!r}.")
 
 
 def default_item_lists(queries: np.ndarray, candidates: np.ndarray, n: int, metric: str,
@@ -485,22 +250,12 @@ def _rescaled(x: np.ndarray, scale: np.ndarray, name: str, d: np.ndarray) -> np.
     return out
 
 
-def _on(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` here, or as a task beside its inputs when one of them is a future (factors built on
-    the workers: ``factors.ObjectiveFactors`` on a client); errors come back when the result is read."""
-    future = next((a for a in args if hasattr(a, "key") and hasattr(a, "client")), None)
-    if future is None:
-        return fn(*args)
-    return future.client.submit(fn, *args, pure=False)
-
-
-def _value(x: Any) -> Any:
-    """A task's result (a future), or the value itself."""
-    return x.result() if hasattr(x, "key") and hasattr(x, "result") else x
+# Factors may be futures (built on the workers: ``factors.ObjectiveFactors`` on a client): every step on them
+# runs ``beside`` them (``pipeline.shared``), here or as a task, and ``value`` reads its result.
 
 
 def _shape(x: Any) -> tuple[int, ...]:
-    return tuple(_value(_on(np.shape, x)))
+    return tuple(value(beside(np.shape, x)))
 
 
 def _take_rows(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -516,7 +271,7 @@ _SCORE_LIMIT = 1e38
 PROGRESS_LABEL = "audit lists"
 
 
-def _lists(fn: ItemListsFn, queries: np.ndarray, candidates: np.ndarray, n: int, metric: str,
+def _lists(fn: ItemListsFn, queries: np.ndarray, candidates: np.ndarray, n: int, metric: str, *,
            exclude_self: bool, what: str, bar: Progress, cosine_norm_floor: float = 0.0,
            queries_of_candidates: bool = True) -> TopN:
     """Call the list function after checking that no score can overflow float32; one step of ``bar``.
@@ -524,7 +279,7 @@ def _lists(fn: ItemListsFn, queries: np.ndarray, candidates: np.ndarray, n: int,
     Cosine lists get the norm floor ``cosine_norm_floor`` relative to the largest row norm of each side's
     embedding: the candidates', also for the queries when they are rows of the candidates (item-item, sampled
     or not), else the queries' own."""
-    norms = [_value(_on(max_row_norm, x)) for x in (queries, candidates)]
+    norms = [value(beside(max_row_norm, x)) for x in (queries, candidates)]
     if not norms[0] * norms[1] < _SCORE_LIMIT:
         raise MfsimError(
             f"scores of {what} would overflow float32 (largest row norms {norms[0]:.3g} and {norms[1]:.3g}). "
@@ -553,10 +308,11 @@ class _Collector:
         self.detail: list[pa.Table] = []
         self.least: list[dict[str, Any]] = []
 
-    def add(self, objective: str, kind: str, metric: str, scaling_a: str, scaling_b: str, index: np.ndarray,
+    def add(self, objective: str, kind: str, metric: str, scaling_a: str, scaling_b: str, *, index: np.ndarray,
             compared: list[tuple[np.ndarray, np.ndarray]], deviation: float) -> None:
-        """Add one comparison: per draw the per-row (Jaccard, boundary ties) of ``tie_aware_jaccard``, pooled into
-        one stability row; ``deviation``: the two solutions' ``product_deviation``."""
+        """Add one comparison of the query rows ``index``: per draw the per-row (Jaccard, boundary ties) of
+        ``tie_aware_jaccard``, pooled into one stability row; ``deviation``: the two solutions'
+        ``product_deviation``."""
         jaccards = [j for j, _ in compared]
         ties = [t for _, t in compared]
         pooled = np.concatenate(jaccards) if jaccards else np.zeros(0)
@@ -673,7 +429,7 @@ def _product_deviations(factors: Mapping[str, tuple[np.ndarray, np.ndarray]], na
     sample = {}
     for s in names:
         A, B = factors[s]
-        sample[s] = (_value(_on(_take_rows, A, rows)), _value(_on(_take_rows, B, cols)))
+        sample[s] = (value(beside(_take_rows, A, rows)), value(beside(_take_rows, B, cols)))
     a0, b0 = (x.astype(np.float64) for x in sample[names[0]])
     denom = np.abs(a0) @ np.abs(b0).T  # sum_l |a_il b_jl|
     product = {s: a.astype(np.float64) @ b.astype(np.float64).T for s, (a, b) in sample.items()}
@@ -710,7 +466,7 @@ def _score_bounds(metric: str, queries: Any, candidates: Any, k: int) -> float |
     cosine's ``score_bound``, or for dot products per query row ``score_bound("dot", k) |q| max_j |c_j|``."""
     if metric == "cosine":
         return score_bound("cosine", k)
-    return score_bound("dot", k) * _value(_on(_row_norms, queries)) * _value(_on(max_row_norm, candidates))
+    return score_bound("dot", k) * value(beside(_row_norms, queries)) * value(beside(max_row_norm, candidates))
 
 
 def audit_item_lists(
@@ -795,8 +551,8 @@ def audit_item_lists(
     ``audit lists`` (``pipeline.progress``).
     """
     factors = _check_factors(factors)
-    _check_int(top_n, "top_n", 1)
-    _check_int(least_stable, "least_stable", 0)
+    check_int(top_n, "top_n", 1)
+    check_int(least_stable, "least_stable", 0)
     if not (np.isfinite(cosine_norm_floor) and 0 <= cosine_norm_floor < 1):
         raise MfsimError(f"cosine_norm_floor must be a number in [0, 1); received {cosine_norm_floor!r}.")
     names = list(factors)
@@ -826,27 +582,27 @@ def audit_item_lists(
         at p = 1M, k = 64 each p x k array is 256 MB, so a list holds only what it reads."""
         A, B = pair()
         build = {"A": lambda: A, "B": lambda: B,
-                 "A_proj": lambda: _on(projected, A, B),  # rows with the cosines of the rows of A B^T: V W
-                 "G": lambda: _on(gram_factor, A, B)}  # G G^T = A B^T: V W^1/2
+                 "A_proj": lambda: beside(projected, A, B),  # rows with the cosines of the rows of A B^T: V W
+                 "G": lambda: beside(gram_factor, A, B)}  # G G^T = A B^T: V W^1/2
         with np.errstate(over="ignore"):  # an overflow shows as an infinite norm in _lists
             return {name: build[name]() for name in {spec.queries, spec.candidates}}
 
     def rescaled(s: str, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         A, B = factors[s]
-        A = _on(_rescaled, A, d, f"A of {s!r}", d)  # one side at a time: at most three p x k arrays at once
-        return A, _on(_rescaled, B, 1.0 / d, f"B of {s!r}", d)
+        A = beside(_rescaled, A, d, f"A of {s!r}", d)  # one side at a time: at most three p x k arrays at once
+        return A, beside(_rescaled, B, 1.0 / d, f"B of {s!r}", d)
 
     def lists(pair: Callable[[], tuple[np.ndarray, np.ndarray]], metric: str) -> tuple[TopN, Any]:
         """Every query item's N + 1 best of the p - 1 other items, and the lists' ``tie_aware_jaccard`` bound."""
         spec = LISTS[("item_item", metric)]
         mats = matrices(pair, spec)
-        queries = mats[spec.queries] if not sampled else _on(_take_rows, mats[spec.queries], index)
+        queries = mats[spec.queries] if not sampled else beside(_take_rows, mats[spec.queries], index)
         bound = _score_bounds(spec.kernel_metric, queries, mats[spec.candidates], k)
         if not sampled:
-            return _lists(fn, queries, mats[spec.candidates], top_n + 1, spec.kernel_metric, True,
-                          f"{metric} lists", bar, cosine_norm_floor), bound
-        top = _lists(fn, queries, mats[spec.candidates], top_n + 2, spec.kernel_metric, False,
-                     f"{metric} lists", bar, cosine_norm_floor)
+            return _lists(fn, queries, mats[spec.candidates], top_n + 1, spec.kernel_metric, exclude_self=True,
+                          what=f"{metric} lists", bar=bar, cosine_norm_floor=cosine_norm_floor), bound
+        top = _lists(fn, queries, mats[spec.candidates], top_n + 2, spec.kernel_metric, exclude_self=False,
+                     what=f"{metric} lists", bar=bar, cosine_norm_floor=cosine_norm_floor)
         return without_self(top, index, top_n + 1), bound
 
     # a solution with the canonical product has the canonical invariant lists: Jaccard 1, no ties, per draw
@@ -857,40 +613,48 @@ def audit_item_lists(
         for metric in AUDIT_METRICS:
             if metric in INVARIANT_METRICS:
                 canonical, bound = lists(lambda: factors[names[0]], metric)
-                valid = _valid_mask(canonical.indices[:, :top_n], np.minimum(canonical.counts, top_n))
-                near = _near_cut(canonical.scores, canonical.counts, top_n,
+                valid = valid_mask(canonical.indices[:, :top_n], np.minimum(canonical.counts, top_n))
+                near = near_cut(canonical.scores, canonical.counts, top_n,
                                  np.broadcast_to(np.asarray(bound, np.float64), (index.size,)))
                 tied[metric] = int((valid & near).sum())
                 if LISTS[("item_item", metric)].kernel_metric == "cosine":
                     no_list[metric] = int((canonical.counts == 0).sum())
                 del canonical
                 for a, b in combinations(names, 2):
-                    collect.add("eq1", "item_item", metric, a, b, index, same, pair_dev[(a, b)])
+                    collect.add("eq1", "item_item", metric, a, b, index=index, compared=same,
+                                deviation=pair_dev[(a, b)])
                 if diags.shape[0]:
                     for s in names:
-                        collect.add("eq1", "item_item", metric, s, label_random, index, same * diags.shape[0],
-                                    draw_dev[s])
+                        collect.add("eq1", "item_item", metric, s, label_random, index=index,
+                                    compared=same * diags.shape[0], deviation=draw_dev[s])
                 continue
             base = {s: lists(lambda s=s: factors[s], metric) for s in names}  # reused by every pair and draw
             no_list.update({f"{metric} {s}": int((base[s][0].counts == 0).sum()) for s in names})
             for a, b in combinations(names, 2):
-                collect.add("eq1", "item_item", metric, a, b, index,
-                            [tie_aware_jaccard(base[a][0], base[b][0], top_n, base[a][1])], pair_dev[(a, b)])
+                collect.add("eq1", "item_item", metric, a, b, index=index,
+                            compared=[tie_aware_jaccard(base[a][0], base[b][0], top_n, base[a][1])],
+                            deviation=pair_dev[(a, b)])
             if diags.shape[0]:
                 for s in names:
                     compared = [tie_aware_jaccard(base[s][0], lists(lambda s=s, d=d: rescaled(s, d), metric)[0],
                                                   top_n, base[s][1]) for d in diags]
-                    collect.add("eq1", "item_item", metric, s, label_random, index, compared, draw_dev[s])
+                    collect.add("eq1", "item_item", metric, s, label_random, index=index, compared=compared,
+                                deviation=draw_dev[s])
             del base
     stability, detail, least = collect.tables()
-    summary = _eq1_summary(collect.rows, names, top_n, p, int(index.size), int(draws), float(spread), int(seed),
-                           deviation, tied, float(cosine_norm_floor), no_list)
+    summary = _eq1_summary(collect.rows, names=names, top_n=top_n, p=p, m=int(index.size), draws=int(draws),
+                           spread=float(spread), seed=int(seed), deviation=deviation, tied=tied,
+                           floor=float(cosine_norm_floor), no_list=no_list)
     return AuditResult(stability, detail, least, summary)
 
 
-def _eq1_summary(rows: list[dict[str, Any]], names: list[str], top_n: int, p: int, m: int, draws: int,
+def _eq1_summary(rows: list[dict[str, Any]], *, names: list[str], top_n: int, p: int, m: int, draws: int,
                  spread: float, seed: int, deviation: float, tied: dict[str, int], floor: float,
                  no_list: dict[str, int]) -> dict[str, Any]:
+    """The Eq. 1 audit's manifest digest and verdict: ``rows`` the stability rows, ``names`` the scalings (the
+    first the canonical one), m of the p items audited, ``deviation`` the largest ``product_deviation``,
+    ``tied`` the invariant lists' entries within rounding of their cut, ``no_list`` the items without a cosine
+    list per list, ``floor`` the ``cosine_norm_floor``."""
     digest = _metric_digest(rows)
     trivial = top_n >= p - 1
     summary: dict[str, Any] = {
@@ -1045,9 +809,9 @@ def audit_embedding_pair(
             f"user and item embeddings must have the same k; received {U.shape[1]} and {I.shape[1]} columns. "
             "Pass both embeddings of one model."
         )
-    _check_int(top_n, "top_n", 1)
-    _check_int(draws, "draws", 1)
-    _check_int(least_stable, "least_stable", 0)
+    check_int(top_n, "top_n", 1)
+    check_int(draws, "draws", 1)
+    check_int(least_stable, "least_stable", 0)
     if not (np.isfinite(cosine_norm_floor) and 0 <= cosine_norm_floor < 1):
         raise MfsimError(f"cosine_norm_floor must be a number in [0, 1); received {cosine_norm_floor!r}.")
     diags = random_diagonals(U.shape[1], draws, spread, seed)
@@ -1068,9 +832,12 @@ def audit_embedding_pair(
     def lists(Ux: np.ndarray, Ix: np.ndarray) -> dict[tuple[str, str], TopN]:
         n, floor = top_n + 1, float(cosine_norm_floor)
         return {
-            ("item_item", "cosine"): _lists(fn, Ix, Ix, n, "cosine", True, "item-item lists", bar, floor),
-            ("user_item", "cosine"): _lists(fn, Ux, Ix, n, "cosine", False, "user-item lists", bar, floor, False),
-            ("user_item", "dot"): _lists(fn, Ux, Ix, n, "dot", False, "user-item lists", bar),  # invariant check
+            ("item_item", "cosine"): _lists(fn, Ix, Ix, n, "cosine", exclude_self=True, what="item-item lists",
+                                            bar=bar, cosine_norm_floor=floor),
+            ("user_item", "cosine"): _lists(fn, Ux, Ix, n, "cosine", exclude_self=False, what="user-item lists",
+                                            bar=bar, cosine_norm_floor=floor, queries_of_candidates=False),
+            ("user_item", "dot"): _lists(fn, Ux, Ix, n, "dot", exclude_self=False, what="user-item lists",
+                                         bar=bar),  # the invariant check
         }
 
     k = U.shape[1]
@@ -1092,7 +859,7 @@ def audit_embedding_pair(
     collect = _Collector(top_n, int(least_stable))
     for (kind, metric), values in js.items():
         index = np.arange(p, dtype=np.int64) if kind == "item_item" else uidx
-        collect.add("external", kind, metric, "given", label_random, index, values, max_rel)
+        collect.add("external", kind, metric, "given", label_random, index=index, compared=values, deviation=max_rel)
     stability, detail, least = collect.tables()
     digest = _metric_digest(collect.rows)
     unchanged = max_rel <= _SCORE_TOL

@@ -725,6 +725,12 @@ def cluster_cutoffs(cutoffs: list[int], top_n: int) -> list[int]:
     return usable
 
 
+def list_length(asked: int, candidates: int) -> int:
+    """The length of a top-N list: ``asked`` (``neighbours.top_n``, ``audit.top_n``, a largest cutoff), at most the
+    ``candidates`` a row can have, at least 1 (top_n = 100000 on 1,682 items allocates 1,682 per row, not 1e5)."""
+    return max(1, min(int(asked), int(candidates)))
+
+
 def cluster_range_sums(labels: np.ndarray, cutoffs: list[int], first_row: int, indices: np.ndarray,
                        counts: np.ndarray) -> "MetricSums | None":
     """Cluster-precision sums of the item-item lists of query rows ``first_row ..`` (None: no labelled query)."""

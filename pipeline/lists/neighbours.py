@@ -53,7 +53,7 @@ from mfsim.pipeline import outputs
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.registry import INVARIANT, LISTS, list_defined
-from mfsim.pipeline.shared import share, share_f32, stack
+from mfsim.pipeline.shared import is_future, share, share_f32, stack
 
 
 @dataclass(frozen=True)
@@ -197,9 +197,9 @@ class QuerySet:
         return cls([queries], [n_rows], [0], **kwargs)
 
 
-def topn_task(queries: np.ndarray, scale: np.ndarray | None, rng: QueryRange, candidates: np.ndarray, n: int,
-              metrics: tuple[str, ...], exclude_self: bool, exclude: CSRBlock | None, candidate_block: int,
-              then: Callable | None = None, then_part: Any = None,
+def topn_task(queries: np.ndarray, rng: QueryRange, candidates: np.ndarray, *, n: int, metrics: tuple[str, ...],
+              candidate_block: int, scale: np.ndarray | None = None, exclude_self: bool = False,
+              exclude: CSRBlock | None = None, then: Callable | None = None, then_part: Any = None,
               cosine_min_norm: tuple[float, float] = (0.0, 0.0)) -> Any:
     """Top-N lists ``{metric: TopN}`` of query rows ``rng`` (a Dask task), or ``then(lists, rng, then_part)``.
 
@@ -242,10 +242,11 @@ def run_topn(client, queries: QuerySet, candidates: Any, n: int, metrics: tuple[
     ranges = query_ranges(queries.sizes, queries.firsts, rows_per_task)
 
     def submit(r: QueryRange):
-        return client.submit(topn_task, queries.parts[r.part], scale, r, candidates, n, metrics, queries.exclude_self,
-                             queries.exclude[r.part] if queries.exclude is not None else None, candidate_block,
-                             then, then_parts[r.part] if then_parts is not None else None, queries.cosine_min_norm,
-                             pure=False)
+        return client.submit(topn_task, queries.parts[r.part], r, candidates, n=n, metrics=metrics,
+                             candidate_block=candidate_block, scale=scale, exclude_self=queries.exclude_self,
+                             exclude=queries.exclude[r.part] if queries.exclude is not None else None,
+                             then=then, then_part=then_parts[r.part] if then_parts is not None else None,
+                             cosine_min_norm=queries.cosine_min_norm, pure=False)
 
     # a bounded window of ranges in flight: results wait on the workers only until this loop takes them
     window = max(2, 2 * sum(client.nthreads().values()))
@@ -298,20 +299,23 @@ def _state_task(prep, block: tuple[int, int], n: int, floors):
     return seeded_state(block[1] - block[0], n, prep[2], floors)
 
 
-def _pair_task(prep, a: tuple[int, int], b: tuple[int, int], state_a: tuple, state_b: tuple | None, tile: int):
-    """One pair of blocks (``symmetric_pair``) on copies of their states (a rerun task must not see its own offers)."""
+def _pair_task(prep, a: tuple[int, int], b: tuple[int, int], state_a: tuple, state_b: tuple | None = None, *,
+               tile: int):
+    """One pair of blocks (``symmetric_pair``) on copies of their states (a rerun task must not see its own offers);
+    ``state_b`` None: a block with itself (a == b)."""
     emb, inv, _ = prep
     state_a = tuple(x.copy() for x in state_a)
     state_b = state_a if state_b is None else tuple(x.copy() for x in state_b)
     buf = np.empty(tile * tile, dtype=np.float32)
-    on_one_thread(symmetric_pair, emb, inv, a, b, state_a, state_b, tile, buf)
+    on_one_thread(symmetric_pair, emb, inv, a, b, states_a=state_a, states_b=state_b, tile=tile, buf=buf)
     return state_a if a == b else (state_a, state_b)
 
 
-def _finish_task(prep, block: tuple[int, int], n: int, state: tuple, floors, rng: QueryRange, candidate_block: int,
+def _finish_task(prep, block: tuple[int, int], state: tuple, floors, *, n: int, rng: QueryRange, candidate_block: int,
                  then: Callable | None, then_part: Any):
     emb, inv, want = prep
-    lists = on_one_thread(finish_symmetric, emb, inv, block[0], block[1], n, want, state, floors, candidate_block)
+    lists = on_one_thread(finish_symmetric, emb, inv, block[0], block[1], n=n, want=want, states=state, floors=floors,
+                          candidate_block=candidate_block)
     return lists if then is None else then(lists, rng, then_part)
 
 
@@ -344,15 +348,17 @@ def run_symmetric(client, embedding: Any, p: int, n: int, metrics: tuple[str, ..
     for rnd in tournament(len(blocks)):
         for u, v in rnd:
             if u == v:
-                states[u] = client.submit(_pair_task, prep, blocks[u], blocks[u], states[u], None, tile, pure=False)
+                states[u] = client.submit(_pair_task, prep, blocks[u], blocks[u], states[u], tile=tile, pure=False)
                 pairs.append(states[u])
             else:
-                both = client.submit(_pair_task, prep, blocks[u], blocks[v], states[u], states[v], tile, pure=False)
+                both = client.submit(_pair_task, prep, blocks[u], blocks[v], states[u], states[v], tile=tile,
+                                     pure=False)
                 states[u] = client.submit(operator.getitem, both, 0, pure=False)
                 states[v] = client.submit(operator.getitem, both, 1, pure=False)
                 pairs.append(both)
-    finals = [client.submit(_finish_task, prep, b, n, states[i], floors[i], QueryRange(0, b[0], b[1], b[0], i),
-                            candidate_block, then, then_part, pure=False) for i, b in enumerate(blocks)]
+    finals = [client.submit(_finish_task, prep, b, states[i], floors[i], n=n, rng=QueryRange(0, b[0], b[1], b[0], i),
+                            candidate_block=candidate_block, then=then, then_part=then_part, pure=False)
+              for i, b in enumerate(blocks)]
     del states, floors
     done = as_completed(pairs)
     del pairs  # only as_completed holds the pair futures now: each state is freed once its successors ran
@@ -372,14 +378,14 @@ def client_item_lists(client, *, rows_per_task: int, candidate_block: int) -> Ca
     on Dask (``cosine_min_norm``: absolute norm floors of the queries and the candidates, as in ``QuerySet``)."""
 
     def as_future(x: Any, name: str) -> Any:
-        return x if hasattr(x, "key") else share_f32(client, x, name)
+        return x if is_future(x) else share_f32(client, x, name)
 
     def item_lists(queries: Any, candidates: Any, n: int, metric: str, exclude_self: bool = True,
                    cosine_min_norm: tuple[float, float] = (0.0, 0.0)) -> TopN:
         """Arrays (shared here) or futures of float32 arrays on the workers."""
         cand = as_future(candidates, "audit-candidates")
         q = cand if queries is candidates else as_future(queries, "audit-queries")
-        n_queries = client.submit(len, q, pure=False).result() if hasattr(queries, "key") else len(queries)
+        n_queries = client.submit(len, q, pure=False).result() if is_future(queries) else len(queries)
         query_set = QuerySet.whole(q, n_queries, exclude_self=exclude_self,
                                    cosine_min_norm=tuple(float(v) for v in cosine_min_norm))
         parts = [lists[metric] for _, lists in run_topn(client, query_set, cand, n, (metric,),
@@ -461,7 +467,7 @@ def group_inputs(client, g: GemmGroup, A: Any, B: Any, user_parts: list, X: RowB
                  cosine_norm_floor: float = 0.0) -> GroupInputs:
     """Queries and candidates of group ``g`` from the factors (A, B) and the user embeddings P = X A.
 
-    A and B: float32 p x k arrays, or futures of them (``Factors.on_client``); the embeddings derived
+    A and B: float32 p x k arrays, or futures of them (``Factors.pair``); the embeddings derived
     from them (``projected``, ``gram_factor``) are tasks on the workers.
     ``user_parts``: P per row block of X (futures); ``subset``: the user rows of
     ``neighbours.users`` (None: all users). Item-item groups query every item against every item.
@@ -469,7 +475,7 @@ def group_inputs(client, g: GemmGroup, A: Any, B: Any, user_parts: list, X: RowB
     (``group_cosine_min_norms``).
     """
     p = len(item_ids)
-    if not hasattr(A, "key"):  # arrays: shared once each
+    if not is_future(A):  # arrays: shared once each
         A, B = share_f32(client, A, "factor-a"), share_f32(client, B, "factor-b")
     if g.kind == "item_item":
         emb = {"A": lambda: A, "B": lambda: B, "A_proj": lambda: client.submit(projected, A, B, pure=False),

@@ -39,7 +39,6 @@ gradient norm are logged. Memory on the driver: the L-BFGS state, about ``(2 m +
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -48,12 +47,12 @@ from typing import Any
 import numpy as np
 from scipy.optimize import minimize
 
-from mfsim.kernels.threads import blas_limit, on_one_thread
+from mfsim.kernels.threads import blas_limit, one_thread
 from mfsim.kernels.rows import ordered_sum, row_dots, row_norms
 from mfsim.kernels.sparse import csr_matmat, csr_t_matmat
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks, tree_reduce
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.shared import share
+from mfsim.pipeline.shared import runner
 
 log = logging.getLogger("mfsim.cosine")
 
@@ -163,17 +162,10 @@ def _t_times(block: CSRBlock, M: np.ndarray, col_offset: np.ndarray | None) -> n
     return out
 
 
-def _one_thread(fn):
-    """``fn`` run by ``kernels.threads.on_one_thread``. A worker thread runs one block; on ``make run``'s data a
-    20,000-row block took 50-250 ms on a worker with numba on 2 threads, 40 ms on 1. And the blocks' sums
-    (``P^T P`` over the rows) must round the same in this process and on any worker."""
-    @functools.wraps(fn)
-    def wrapped(*args):
-        return on_one_thread(fn, *args)
-    return wrapped
-
-
-@_one_thread
+# ``block_pass`` runs on one thread (``kernels.threads.one_thread``). A worker thread runs one block; on ``make
+# run``'s data a 20,000-row block took 50-250 ms on a worker with numba on 2 threads, 40 ms on 1. And the blocks'
+# sums (``P^T P`` over the rows) must round the same in this process and on any worker.
+@one_thread
 def block_pass(block: CSRBlock, point: tuple[np.ndarray, np.ndarray, np.ndarray], col_offset: np.ndarray | None,
                norms: tuple[float, float]) -> tuple[float, np.ndarray, int, np.ndarray]:
     """One block at ``point = (A, Q, G_Q)``: its sums ``(<P, Z>, G_P, rows with a direction, T)``
@@ -224,6 +216,7 @@ class CosineLoss:
         self.X, self.lam = X, float(lam)
         self.n, self.p = X.shape
         self.client = X.client
+        self.run = runner(X.client)
         self._c = None if col_offset is None else self._shared(np.asarray(col_offset, np.float64), "cosine-offset")
         self.c_norm = 0.0 if col_offset is None else frobenius(np.asarray(col_offset, np.float64)[None, :])
         self.xx = float(self._reduce(X.map(_sum_squares, self._c), lambda *v: sum(v)))
@@ -231,7 +224,7 @@ class CosineLoss:
         self.gamma, self.rows_with_direction = 0.0, 0
 
     def _shared(self, value: Any, name: str) -> Any:
-        return value if self.client is None else share(self.client, value, name)
+        return self.run.share(value, name)
 
     def _reduce(self, parts: list[Any], combine) -> Any:
         return tree_reduce(parts, combine, client=self.client)
@@ -326,5 +319,6 @@ def train_cosine(X: RowBlocks, A0: np.ndarray, B0: np.ndarray, *, lam: float, ma
     seconds = time.perf_counter() - t0
     log.info("cosine model: %d iterations, loss %.6g -> %.6g, gamma %.4g, %.1f s (%s)", iterations, loss0,
              final_loss, gamma, seconds, message)
-    return CosineFit(A, Q, float(gamma), float(final_loss), iterations, fn.evaluations, converged, message,
-                     seconds, history, fn.n - fn.rows_with_direction)
+    return CosineFit(A=A, Q=Q, gamma=float(gamma), loss=float(final_loss), iterations=iterations,
+                     evaluations=fn.evaluations, converged=converged, message=message, seconds=seconds,
+                     history=history, users_without_embedding=fn.n - fn.rows_with_direction)

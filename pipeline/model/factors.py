@@ -32,7 +32,7 @@ from mfsim.pipeline.model.cosine_model import direction_floors, frobenius
 from mfsim.pipeline.config import ObjectivesSection
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.registry import EQ1_SCALINGS, UNIQUE
-from mfsim.pipeline.shared import share
+from mfsim.pipeline.shared import is_future, runner
 
 log = logging.getLogger("mfsim.factors")
 
@@ -225,18 +225,19 @@ def user_embeddings_blocks(blocks: RowBlocks, A: Any, col_offset: np.ndarray | N
                            unit_rows: float | None = None) -> list[Any]:
     """``P = (X - 1 c^T) A`` per row block: arrays locally, futures on a client.
 
-    A may be a future of a float32 p x k array on the blocks' client (``Factors.on_client``).
+    A may be a future of a float32 p x k array on the blocks' client (``Factors.pair``).
     ``unit_rows``: every non-zero row of P scaled to this length (``Factors.user_scale``).
     """
     n, p = blocks.shape
     c_norm = 0.0 if col_offset is None else frobenius(np.asarray(col_offset, np.float64)[None, :])  # as in training
-    if hasattr(A, "key"):  # a future: c^T A on the worker too
+    run = runner(blocks.client)
+    if is_future(A):  # c^T A on the worker too
         c = col_offset
         if c is not None:
             c = np.asarray(c, dtype=np.float64)
             if c.shape != (p,):
                 raise MfsimError(f"expected col_offset of shape ({p},), got {c.shape}; pass Preprocessor.col_offset")
-            c = blocks.client.submit(offset_row_of, share(blocks.client, c, "column-offset"), A, pure=False)
+            c = run.submit(offset_row_of, run.share(c, "column-offset"), A)
         return blocks.map(_block_times, A, c, unit_rows, c_norm)
     A = np.asarray(A)
     if A.ndim != 2 or A.shape[0] != p:
@@ -248,8 +249,7 @@ def user_embeddings_blocks(blocks: RowBlocks, A: Any, col_offset: np.ndarray | N
         if c.shape != (p,):
             raise MfsimError(f"expected col_offset of shape ({p},), got {c.shape}; pass Preprocessor.col_offset")
         offset_row = offset_row_of(c, A32)
-    if blocks.client is not None:  # recomputable with its P blocks when a worker is lost (pipeline.shared)
-        A32 = share(blocks.client, A32, "factor-a")
+    A32 = run.share(A32, "factor-a")  # on a client: recomputable with its P blocks when a worker is lost
     return blocks.map(_block_times, A32, offset_row, unit_rows, c_norm)
 
 
@@ -313,7 +313,7 @@ class Factors(Mapping):
 
     def __init__(self, V: np.ndarray, v_future: Any = None):
         self.V = V
-        self._v_future = v_future  # V on the workers: the SVD's, or shared from here once (see ``on_client``)
+        self._v_future = v_future  # V on the workers: the SVD's, or shared from here once (see ``pair``)
         self._scales: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         self._arrays: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         self._order: list[tuple[str, str]] = []
@@ -335,34 +335,39 @@ class Factors(Mapping):
             self.user_scales[key] = float(user_scale)
 
     def __getitem__(self, key: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+        return self.pair(key)
+
+    def pair(self, key: tuple[str, str], client: Any = None) -> tuple[Any, Any]:
+        """``(A, B)`` of one solution where ``client`` runs its tasks (``pipeline.shared.runner``): arrays in this
+        process without one; with one, futures of float32 arrays built on the workers.
+
+        Each factor is ``scaled_columns(V, scale)``, run here on V or as a task on V on the workers: the SVD's
+        future when it built V there, else V shared once (``pipeline.shared.share``: recomputable, one copy in
+        the scheduler). So neither the driver nor the scheduler holds a client's solution arrays, and a factor
+        lost with its worker is rebuilt from V. A solution added as arrays is returned as it is here, shared as
+        float32 on a client.
+        """
+        run = runner(client)
         if key in self._arrays:
-            return self._arrays[key]
+            A, B = self._arrays[key]
+            return run.share_f32(A, "factor-a"), run.share_f32(B, "factor-b")
         a, b = self._scales[key]
-        return scaled_columns(self.V, a), scaled_columns(self.V, b)
+        v = self._v_where(run)
+        return run.submit(scaled_columns, v, a), run.submit(scaled_columns, v, b)
+
+    def _v_where(self, run) -> Any:
+        """V where ``run`` runs: this process's V, or V on the workers (the SVD's future, else shared once, kept)."""
+        if run.client is None:
+            return self.V
+        if self._v_future is None:
+            self._v_future = run.share(np.ascontiguousarray(self.V), "svd-v")
+        return self._v_future
 
     def b(self, key: tuple[str, str]) -> np.ndarray:
         """B of one solution (the item embeddings) alone."""
         if key in self._arrays:
             return self._arrays[key][1]
         return scaled_columns(self.V, self._scales[key][1])
-
-    def on_client(self, client, key: tuple[str, str]) -> tuple[Any, Any]:
-        """``(A, B)`` of one solution as futures of float32 arrays built on the workers.
-
-        V is the SVD's future when it built V on the workers, else shared once (``pipeline.shared.share``:
-        recomputable, one copy in the scheduler); each factor is a task ``scaled_columns(V, scale)`` on
-        it, so neither the driver nor the scheduler holds a solution's arrays, and a factor lost with
-        its worker is rebuilt from V.
-        """
-        if key in self._arrays:
-            A, B = self._arrays[key]
-            return share(client, np.ascontiguousarray(A, np.float32), "factor-a"), \
-                share(client, np.ascontiguousarray(B, np.float32), "factor-b")
-        if self._v_future is None:
-            self._v_future = share(client, np.ascontiguousarray(self.V), "svd-v")
-        a, b = self._scales[key]
-        return (client.submit(scaled_columns, self._v_future, a, pure=False),
-                client.submit(scaled_columns, self._v_future, b, pure=False))
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(self._order)
@@ -375,7 +380,7 @@ class Factors(Mapping):
 
     def of(self, objective: str, client: Any = None) -> "ObjectiveFactors":
         """The solutions of one objective, keyed by scaling name (as lazy as this mapping); with ``client``
-        each pair is a pair of futures built on the workers (``on_client``)."""
+        each pair is a pair of futures built on the workers (``pair``)."""
         return ObjectiveFactors(self, objective, client)
 
 
@@ -390,9 +395,7 @@ class ObjectiveFactors(Mapping):
     def __getitem__(self, scaling: str) -> tuple[Any, Any]:
         if scaling not in self._names:
             raise KeyError(scaling)
-        if self.client is not None:
-            return self.factors.on_client(self.client, (self.objective, scaling))
-        return self.factors[(self.objective, scaling)]
+        return self.factors.pair((self.objective, scaling), self.client)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)

@@ -42,9 +42,9 @@ class Fit:
 
     def users(self, key: tuple[str, str]) -> list:
         """User embeddings ``P = X_eff A`` of (objective, scaling) per row block (futures), computed once;
-        on a client A itself is built on the workers (``Factors.on_client``)."""
+        on a client A itself is built on the workers (``Factors.pair``)."""
         if key not in self.user_parts:
-            A = self.factors.on_client(self.X.client, key)[0] if self.X.client is not None else self.factors[key][0]
+            A = self.factors.pair(key, self.X.client)[0]
             self.user_parts[key] = user_embeddings_blocks(self.X, A, self.prep.col_offset,
                                                           self.factors.user_scales.get(key))
         return self.user_parts[key]

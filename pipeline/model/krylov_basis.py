@@ -6,6 +6,8 @@ and at the end ``V = Q y`` combines it with the Ritz vectors. The basis is the l
 SVD holds: 12 p W bytes (float64, and a float32 copy for the first Gram-Schmidt pass), 3.3 GB at
 p = 1M and W = 272.
 
+Both bases have one interface (``KrylovBasis``: ``start``, ``last32``, ``extend``, ``combine``,
+``release``), and ``new_basis`` picks one for where the SVD runs (``pipeline.shared.runner``).
 ``LocalBasis`` keeps it in this process, column-major and preallocated (no copy per block).
 ``ChunkedBasis`` keeps it on the Dask workers, in row chunks (``chunk_bounds``: about p / 8 rows
 each, fixed by p alone), every block of a chunk a future beside the chunk's earlier blocks.
@@ -20,13 +22,14 @@ products that made it) like any other task.
 from __future__ import annotations
 
 import operator
+from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
 from scipy.linalg.blas import dtrsm
 
-from mfsim.kernels.threads import blas_limit
-from mfsim.pipeline.shared import share
+from mfsim.kernels.threads import available_cores, blas_limit
+from mfsim.pipeline.shared import Here, OnCluster, is_future
 
 #: Row chunks of a ``ChunkedBasis``: ``CHUNKS`` of them, none below ``MIN_CHUNK_ROWS`` rows (each chunk costs
 #: ~10 small tasks per block, a few ms each: fewer, larger chunks below p = 512k).
@@ -159,29 +162,93 @@ def extend_basis(
     return k, h
 
 
+def signed_v32(v: np.ndarray, live: int, seed: int, step: int) -> np.ndarray:
+    """``flip_signs(V)`` in float32 from ``v = Q vr`` (p x k, float64, changed in place), its columns from ``live`` on
+    (zero where vr is: a space narrower than k) first completed to an orthonormal set by ``extend_basis``."""
+    p, k = v.shape
+    if live < k:
+        v[:, live:] = extend_basis(v[:, :live], np.zeros((p, k - live)), seed, step)[0]
+    v, _ = flip_signs(v)
+    return np.ascontiguousarray(v, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# the interface
+
+
+class KrylovBasis(ABC):
+    """The orthonormal basis Q of the Krylov space, grown block by block (``krylov_svd``).
+
+    ``width``: its columns so far; ``widths``: each block's; ``kind``: where it lives ("local" or "chunked",
+    the SVD's ``diagnostics["basis"]``). A ``y`` is p x b float64: an array, or on a client also a future of one
+    (a product's result).
+    """
+
+    kind: str
+    width: int
+    widths: list[int]
+
+    @abstractmethod
+    def start(self, y: Any, seed: int) -> None:
+        """The first block: an orthonormal basis of y's columns (lost columns replaced, ``extend_basis``)."""
+
+    @abstractmethod
+    def last32(self) -> Any:
+        """The newest block in float32, C-ordered (p x ``widths[-1]``; the kernels read it by rows): an array, or
+        a future where the basis lives on the workers."""
+
+    @abstractmethod
+    def extend(self, y: Any, seed: int, step: int, room: int) -> np.ndarray:
+        """``basis^T y`` (float64, ``width`` x b); and, when ``room`` > 0, y's new orthonormal block (at most
+        ``room`` columns) appended, as ``extend_basis`` makes it."""
+
+    @abstractmethod
+    def combine(self, vr: np.ndarray, live: int, seed: int, step: int) -> tuple[np.ndarray, Any]:
+        """``(V, V on the workers)``: ``V = signed_v32(Q vr, live, seed, step)`` (p x k float32) over the first
+        ``len(vr)`` columns of the basis, and the same V as a future where the basis built it on the workers (None
+        otherwise). The basis may not be extended after."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Forget the basis (its memory, here or on the workers)."""
+
+
+def new_basis(run: Here | OnCluster, p: int, cap: int, workers: list[str | None]) -> KrylovBasis:
+    """A basis of p rows with room for ``cap`` columns where ``run`` runs its calls: a ``LocalBasis`` in this
+    process, a ``ChunkedBasis`` on a client's workers (its chunks spread over ``workers``)."""
+    return LocalBasis(p, cap) if run.client is None else ChunkedBasis(run, p, workers)
+
+
 # ---------------------------------------------------------------------------------------------
 # the basis in this process
 
 
-class LocalBasis:
+class LocalBasis(KrylovBasis):
     """The basis in this process: float64 and float32 copies, column-major, with room for ``cap`` columns.
 
     Adding a block copies nothing (pages are touched only as columns are filled); the first
     Gram-Schmidt pass reads the float32 copy, the second the float64 one.
     """
 
-    def __init__(self, p: int, cap: int, first: np.ndarray):
+    kind = "local"
+
+    def __init__(self, p: int, cap: int):
         self.p, self.cap = p, cap
         self.store64 = np.empty((p, cap), order="F")
         self.store32 = np.empty((p, cap), np.float32, order="F")
         self.width = 0
-        self._add(first)
+        self.widths: list[int] = []
 
     def _add(self, k: np.ndarray) -> None:
         last = slice(self.width, self.width + k.shape[1])
         self.store64[:, last], self.store32[:, last] = k, k
         self.last = last
         self.width += k.shape[1]
+        self.widths.append(k.shape[1])
+
+    def start(self, y: np.ndarray, seed: int) -> None:
+        """The first block: ``extend_basis`` of y against nothing."""
+        self._add(extend_basis(None, y, seed, 0)[0])
 
     def last32(self) -> np.ndarray:
         """The newest block in float32, C-ordered (the kernels read it by rows)."""
@@ -196,12 +263,18 @@ class LocalBasis:
         self._add(new[:, :room])
         return h
 
-    def combine(self, vr: np.ndarray, threads: int) -> np.ndarray:
-        """``Q vr`` (p x k, float64) over the first ``len(vr)`` columns; frees the float32 copy first."""
+    def combine(self, vr: np.ndarray, live: int, seed: int, step: int) -> tuple[np.ndarray, None]:
+        """``Q vr`` with BLAS on every core (no kernel runs beside this one p x W x k product), after freeing the
+        float32 copy; then ``signed_v32``."""
         self.store32 = None
         m = vr.shape[0]
-        with blas_limit(threads):  # no kernel runs beside this one p x W x k product
-            return (vr.T @ self.store64[:, :m].T).T  # as V^T = V_r^T Q^T: the column-major basis read by rows, 3x faster
+        with blas_limit(available_cores()):
+            v = (vr.T @ self.store64[:, :m].T).T  # as V^T = V_r^T Q^T: the column-major basis read by rows, 3x faster
+        return signed_v32(v, live, seed, step), None
+
+    def release(self) -> None:
+        """Drop both copies."""
+        self.store64 = self.store32 = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +387,7 @@ def chunk_of(y: np.ndarray, lo: int, hi: int) -> np.ndarray:
 # the basis in row chunks on the workers: the driver's side
 
 
-class ChunkedBasis:
+class ChunkedBasis(KrylovBasis):
     """The basis on the Dask workers, in row chunks (``chunk_bounds``); one future per (chunk, block).
 
     Chunk c's tasks go to worker ``c mod n_workers`` of the workers given (loosely:
@@ -323,8 +396,10 @@ class ChunkedBasis:
     sees only coefficients and Gram matrices.
     """
 
-    def __init__(self, client, p: int, workers: list[str | None]):
-        self.client, self.p = client, p
+    kind = "chunked"
+
+    def __init__(self, run: OnCluster, p: int, workers: list[str | None]):
+        self.run, self.p = run, p
         self.bounds = chunk_bounds(p)
         self.n_chunks = len(self.bounds) - 1
         self.workers = workers or [None]
@@ -335,9 +410,7 @@ class ChunkedBasis:
     # -- plumbing
 
     def _submit(self, c: int, fn, *args):
-        w = self.workers[c % len(self.workers)]
-        kw = dict(pure=False) if w is None else dict(pure=False, workers=[w], allow_other_workers=True)
-        return self.client.submit(fn, *args, **kw)
+        return self.run.submit(fn, *args, worker=self.workers[c % len(self.workers)])
 
     def _each(self, fn, per_chunk, *args):
         """``fn(per_chunk[c], *args, *blocks of c)`` per chunk c, as futures."""
@@ -348,15 +421,15 @@ class ChunkedBasis:
         if index is not None:
             futures = [self._submit(c, operator.itemgetter(index), f) for c, f in enumerate(futures)]
         total = None
-        for part in self.client.gather(futures):
+        for part in self.run.gather(futures):
             part = np.asarray(part, np.float64)
             total = part.copy() if total is None else total + part
         return total
 
     def _chunks(self, y) -> list:
         """The row chunks of y: a future (a product's result) or a driver-side array."""
-        if not hasattr(y, "key"):
-            y = share(self.client, np.ascontiguousarray(y, np.float64), "svd-y")
+        if not is_future(y):
+            y = self.run.share(np.ascontiguousarray(y, np.float64), "svd-y")
         return [self._submit(c, rows_of, y, int(self.bounds[c]), int(self.bounds[c + 1]))
                 for c in range(self.n_chunks)]
 
@@ -440,8 +513,8 @@ class ChunkedBasis:
                 twice = [self._submit(c, times_r_inverse, f, r2) for c, f in enumerate(self._items(once, 0))]
                 if not check or np.abs(self._sum(twice, 1) - np.eye(len(gram))).max() < 1e-10:
                     return self._items(twice, 0)
-        y = np.concatenate(self.client.gather(ys))
-        q = share(self.client, np.linalg.qr(y, mode="reduced")[0], "svd-k")
+        y = np.concatenate(self.run.gather(ys))
+        q = self.run.share(np.linalg.qr(y, mode="reduced")[0], "svd-k")
         return [self._submit(c, chunk_of, q, int(self.bounds[c]), int(self.bounds[c + 1]))
                 for c in range(self.n_chunks)]
 
@@ -455,8 +528,8 @@ class ChunkedBasis:
         futs = [self._submit(c, combined_rows, vr, *self.blocks[c]) for c in range(self.n_chunks)]
         k = vr.shape[1]
         peak, signed = np.full(k, -1.0), np.zeros(k)
-        for chunk_peak, chunk_signed in self.client.gather([self._submit(c, operator.itemgetter(1, 2), f)
-                                                            for c, f in enumerate(futs)]):
+        for chunk_peak, chunk_signed in self.run.gather([self._submit(c, operator.itemgetter(1, 2), f)
+                                                         for c, f in enumerate(futs)]):
             better = chunk_peak > peak  # strictly: the first chunk wins a tie, as the first entry in flip_signs
             peak[better], signed[better] = chunk_peak[better], chunk_signed[better]
         sign = np.sign(signed)
@@ -465,8 +538,16 @@ class ChunkedBasis:
 
     def gather64(self) -> np.ndarray:
         """The whole basis in float64 on the driver (p x W): only for spaces narrower than k (small X)."""
-        rows = [np.concatenate([q for q, _ in self.client.gather(blocks)], axis=1) for blocks in self.blocks]
+        rows = [np.concatenate([q for q, _ in self.run.gather(blocks)], axis=1) for blocks in self.blocks]
         return np.concatenate(rows)
+
+    def combine(self, vr: np.ndarray, live: int, seed: int, step: int) -> tuple[np.ndarray, Any]:
+        """V built on a worker (``combine_signed``) and fetched; a space narrower than k (small X) on the driver,
+        from the gathered basis."""
+        if live == vr.shape[1]:
+            v_future, _ = self.combine_signed(vr)
+            return v_future.result(), v_future
+        return signed_v32(self.gather64()[:, : vr.shape[0]] @ vr, live, seed, step), None
 
     def release(self) -> None:
         """Forget every chunk (their memory on the workers goes with the futures)."""

@@ -6,16 +6,28 @@ split's SVD exists, each lambda of a grid costs only its k-column factors and th
 top-N lists: no refit. The grid is log-spaced over the range where lambda changes anything:
 ``[s_k^2, s_1^2]`` for Eq. 1 (w_i from ~1/2 to ~1) and ``[s_k, s_1]`` for Eq. 2 (from every
 component kept to none), or a list given in ``objectives.lambda_grid``.
+
+``sweep_lambdas`` runs the sweep: for each objective with ``lambda: auto``, each grid point's
+factors (``fit_factors`` on the one spectrum) scored by a callable the caller passes in (the
+held-out metrics of their user-item ``dot`` lists), then the best ``evaluation.select_metric``.
+It returns the table and the chosen lambdas; ``with_lambdas`` is the config that uses them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 
+from mfsim.pipeline.config import Config, Eq1Section, Eq2Section, ObjectivesSection
 from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.model.fit import Fit, Spectrum, fit_factors
+from mfsim.pipeline.progress import progress
+
+log = logging.getLogger("mfsim.job")
 
 
 def lambda_grid(sigma: np.ndarray, objective: str, grid: int | list[float]) -> np.ndarray:
@@ -85,3 +97,63 @@ def sweep_table(rows: list[dict[str, Any]], chosen: dict[str, float], cutoffs: l
     schema = pa.schema(fields)
     data = [{**r, "chosen": chosen.get(r["objective"]) == r["lambda"]} for r in rows]
     return pa.Table.from_pylist([{f.name: d.get(f.name) for f in schema} for d in data], schema=schema)
+
+
+def sweep_cutoffs(cutoffs: list[int], select_metric: str) -> list[int]:
+    """The cutoffs the sweep scores: ``evaluation.cutoffs`` and the one of ``select_metric``, ascending."""
+    return sorted(set(cutoffs) | {parse_select_metric(select_metric)[1]})
+
+
+def one_objective(objective: str, lam: float) -> ObjectivesSection:
+    """The objectives of one grid point: ``objective`` alone at ``lam`` (Eq. 1 with its symmetric scaling only)."""
+    objectives = ObjectivesSection(eq1=None, eq2=None, cosine=None)
+    if objective == "eq1":
+        objectives.eq1 = Eq1Section(**{"lambda": float(lam), "scalings": ["symmetric"]})
+    else:
+        objectives.eq2 = Eq2Section(**{"lambda": float(lam)})
+    return objectives
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The sweep's outcome: ``evaluation/lambda_sweep.parquet``, the chosen lambda and the grid per objective, and
+    the warnings of choices at a grid's end."""
+
+    table: pa.Table
+    chosen: dict[str, float]
+    grids: dict[str, list[float]]
+    warnings: list[str]
+
+
+def sweep_lambdas(spectrum: Spectrum, objectives: ObjectivesSection, *, select_metric: str, cutoffs: list[int],
+                  score: Callable[[Fit], list[dict[str, Any]]]) -> Sweep:
+    """For each objective with ``lambda: auto``, every lambda of its grid (``lambda_grid`` of the spectrum's
+    singular values): the factors of Eq. 1 (``w_i = s_i^2 / (s_i^2 + lam)``) or Eq. 2 (``(s_i - lam)_+``) from the
+    one SVD, ``score(fit)`` (rows as ``holdout_metrics`` gives them, the ``dot`` list among them), and the lambda
+    with the best ``select_metric`` (``choose``). ``cutoffs``: the columns of the table (``sweep_cutoffs``)."""
+    rows: list[dict[str, Any]] = []
+    chosen: dict[str, float] = {}
+    grids: dict[str, list[float]] = {}
+    warnings: list[str] = []
+    for objective in objectives.auto():
+        grid = lambda_grid(spectrum.svd.sigma, objective, objectives.lambda_grid)
+        for lam in progress(grid, len(grid), f"lambda sweep {objective}"):
+            fit = fit_factors(spectrum, one_objective(objective, lam), warn=False)
+            rows.append(sweep_rows(objective, float(lam), score(fit)))
+        chosen[objective] = choose(rows, objective, select_metric)
+        grids[objective] = [float(lam) for lam in grid]
+        edge = grid_end_warning(objective, grid, chosen[objective])
+        if edge:
+            warnings.append(edge)
+        log.info("lambda sweep %s: %d lambdas from %.4g to %.4g; chosen %.4g (%s %.4f)", objective, len(grid),
+                 grid[0], grid[-1], chosen[objective], select_metric,
+                 max(r[select_metric] for r in rows if r["objective"] == objective))
+    return Sweep(sweep_table(rows, chosen, cutoffs), chosen, grids, warnings)
+
+
+def with_lambdas(cfg: Config, chosen: dict[str, float]) -> Config:
+    """A copy of ``cfg`` whose ``objectives.<objective>.lambda`` is the chosen lambda, for each one in ``chosen``."""
+    resolved = cfg.model_copy(deep=True)
+    for objective, lam in chosen.items():
+        getattr(resolved.objectives, objective).lambda_ = lam
+    return resolved

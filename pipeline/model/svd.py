@@ -18,8 +18,9 @@ enters every product as a rank-one correction: ``X_eff M = X M - 1 (c^T M)`` and
 
 The same code runs in-process (blocks are ``CSRBlock``s, the numba kernels use every thread)
 and on a Dask client (blocks are futures; one task per worker walks that worker's blocks, so
-every product runs where its rows live and only p x l partial sums travel). The Krylov solver's
-basis, the largest thing it holds, stays on the workers too (``pipeline.krylov_basis``).
+every product runs where its rows live and only p x l partial sums travel): ``_BlockTasks`` runs
+its calls through ``pipeline.shared.runner``. The Krylov solver's basis, the largest thing it
+holds, stays on the workers too (``krylov_basis.new_basis``: one interface in both places).
 
 Precision: the big products run on float32 inputs (X's values and ``Q`` rounded to float32,
 relative error 6e-8, far below the 1e-3 the stage is held to) with float64 accumulation of
@@ -38,14 +39,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mfsim.kernels.threads import blas_limit
+from mfsim.kernels.threads import blas_limit, on_worker
 from mfsim.kernels.sparse import csr_matmat, csr_t_matmat
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks, tree_reduce
 from mfsim.pipeline.config import SvdSection
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.model.krylov_basis import ChunkedBasis, LocalBasis, extend_basis, flip_signs, orthonormalize
+from mfsim.pipeline.model.krylov_basis import flip_signs, new_basis, orthonormalize
 from mfsim.pipeline.progress import progress
-from mfsim.pipeline.shared import share
+from mfsim.pipeline.shared import is_future, runner
 
 #: Rows per chunk of the Gaussian test matrix Omega (n x l): chunk j is drawn from
 #: ``default_rng([seed, j])``, so Omega's rows depend only on their global index, never on how
@@ -188,134 +189,81 @@ def _add_pairs(a: tuple, b: tuple) -> tuple:
     return a[0] + b[0], a[1] + b[1]
 
 
-def _cores() -> int:
-    """CPUs this process may run on."""
-    import os
-
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def on_worker(fn: Callable, *args: Any) -> Any:
-    """``fn(*args)`` inside a Dask task, with numba using as many threads as the worker has.
-
-    A worker with t threads runs t tasks at once; numba's pool (sized at import, often to every
-    core, e.g. when the worker process imported numba before its environment was set) would
-    otherwise run t x cores threads. ``numba.set_num_threads`` applies to the calling thread
-    only, and is restored afterwards.
-    """
-    import numba
-    from distributed import get_worker
-
-    try:
-        threads = get_worker().state.nthreads
-    except ValueError:  # not in a worker
-        return fn(*args)
-    before = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-    try:
-        return fn(*args)
-    finally:
-        numba.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------
 # where the blocks live
 
 
-class _Local:
-    """Blocks in this process: one call over all of them, the kernels parallel over threads."""
+class _BlockTasks:
+    """X's blocks where they live, and the products over them: one call per group of blocks, partials tree-summed.
 
-    executor = "local"
-
-    def __init__(self, blocks: RowBlocks):
-        self.blocks = blocks
-        self.starts = [int(s) for s in blocks.row_offsets[:-1]]
-        self.n_workers = 1
-        self.out = None
-
-    def gram(self, q32, cq, l, seed):
-        """``(X^T Z, 1^T Z)`` over every block in this process."""
-        if self.out is None or self.out.shape[1] != l:  # once per SVD and width: first-touching p x l pages costs
-            self.out = np.zeros((self.blocks.n_cols, l), np.float64)
-        return gram_partial(self.blocks.parts, self.starts, q32, cq, l, seed, self.out)
-
-    def tsqr(self, q32, cq64):
-        """The R factor of ``X_eff Q`` over every block in this process."""
-        return tsqr_partial(self.blocks.parts, q32, cq64)
-
-    def u(self, q32, cq64, w):
-        """U per block, in this process."""
-        return [u_block(b, q32, cq64, w) for b in self.blocks.parts]
-
-
-class _Dask:
-    """Blocks as futures: one task per worker over the blocks it holds; partials tree-summed.
-
-    The groups of blocks (one per worker that held blocks when the SVD started) are fixed for the
-    whole SVD: a group's task is pinned to its worker only loosely (``allow_other_workers``), so
-    when that worker is lost the same group runs elsewhere, after the scheduler has recomputed
-    the lost blocks from their lineage. The sums are therefore grouped and ordered the same
-    whichever worker ends up running a group, and a run that loses a worker mid-SVD gets the
-    same sigma and V as one that does not (bit for bit, given the same groups). Q reaches the
-    tasks as a shared future (``pipeline.shared``), recomputable on loss, never a broadcast.
+    Where the calls run is ``pipeline.shared.runner(blocks.client)``'s: in this process the blocks are
+    ``CSRBlock``s and one group, one call over all of them with the kernels parallel over threads; on a Dask
+    client they are futures, grouped by the worker that held them when the SVD started, one task per group.
+    The groups are fixed for the whole SVD: a group's task is pinned to its worker only loosely
+    (``allow_other_workers``), so when that worker is lost the same group runs elsewhere, after the scheduler
+    has recomputed the lost blocks from their lineage. The sums are therefore grouped and ordered the same
+    whichever worker ends up running a group, and a run that loses a worker mid-SVD gets the same sigma and V
+    as one that does not (bit for bit, given the same groups). Q reaches the tasks as a shared value
+    (``pipeline.shared``), recomputable on loss, never a broadcast. Each task runs ``kernels.threads.on_worker``.
     """
 
-    executor = "dask"
-
     def __init__(self, blocks: RowBlocks):
-        from distributed import wait
-
         self.blocks = blocks
         self.client = blocks.client
-        wait(blocks.parts)
-        who = self.client.who_has(blocks.parts)
+        self.run = runner(blocks.client)
+        self.executor = self.run.name
+        self.starts = [int(s) for s in blocks.row_offsets[:-1]]
         groups: dict[str, list[int]] = {}
-        for i, f in enumerate(blocks.parts):
-            holders = sorted(who.get(f.key, ()))
-            groups.setdefault(holders[0] if holders else "", []).append(i)
+        for i, holder in enumerate(self.run.holders(blocks.parts)):
+            groups.setdefault(holder or "", []).append(i)
         self.groups = [(w or None, idx) for w, idx in sorted(groups.items())]
+        self.workers = [w for w, _ in self.groups]
         self.n_workers = len(self.groups)
+        self._out = None
 
-    def _submit(self, fn: Callable, worker, idx: list[int], *args):
-        parts = [self.blocks.parts[i] for i in idx]
-        kw = dict(pure=False)
-        if worker is not None:
-            kw.update(workers=[worker], allow_other_workers=True)
-        return self.client.submit(on_worker, fn, parts, *args, **kw)
+    def _task(self, fn: Callable, worker, idx: list[int], *args, **kwargs):
+        """``fn(blocks idx, *args, **kwargs)`` for one group, on its worker."""
+        return self.run.submit(on_worker, fn, [self.blocks.parts[i] for i in idx], *args, worker=worker, **kwargs)
 
     def _share(self, q32):
-        return None if q32 is None else share(self.client, q32, "svd-q")
+        return None if q32 is None else self.run.share(q32, "svd-q")
+
+    def _scratch(self, l: int) -> np.ndarray | None:
+        """The p x l float64 sum of a product in this process, kept for the products of one width (first-touching
+        p x l pages costs); None on a client, where each task makes its own."""
+        if self.client is not None:
+            return None
+        if self._out is None or self._out.shape[1] != l:
+            self._out = np.zeros((self.blocks.n_cols, l), np.float64)
+        return self._out
+
+    def _grams(self, qf, cq, l: int, seed: int) -> list:
+        return [self._task(gram_partial, w, idx, [self.starts[i] for i in idx], q32=qf, cq=cq, l=l, seed=seed,
+                           out=self._scratch(l)) for w, idx in self.groups]
 
     def gram(self, q32, cq, l, seed):
-        """``(X^T Z, 1^T Z)``: one ``gram_partial`` per worker, tree-summed pairwise on the workers."""
-        qf = self._share(q32)
-        starts = [int(s) for s in self.blocks.row_offsets[:-1]]
-        futs = [self._submit(gram_partial, w, idx, [starts[i] for i in idx], qf, cq, l, seed) for w, idx in self.groups]
-        return tree_reduce(futs, _add_pairs, client=self.client)  # only p x l partials travel
+        """``(X^T Z, 1^T Z)`` in this process: one ``gram_partial`` per group, tree-summed pairwise where they run."""
+        return tree_reduce(self._grams(self._share(q32), cq, l, seed), _add_pairs, client=self.client)
 
-    def gram_future(self, q, c, l, seed):
-        """``X_eff^T Z`` (p x l float64) as a future on a worker, for Q a future or an array (None: Omega);
-        ``c``, the column offset, a shared future or None. Nothing p-sized comes to this process."""
-        qf = q if q is None or hasattr(q, "key") else self._share(q)
-        cq = None if c is None or qf is None else self.client.submit(offset_product, c, qf, pure=False)
-        starts = [int(s) for s in self.blocks.row_offsets[:-1]]
-        futs = [self._submit(gram_partial, w, idx, [starts[i] for i in idx], qf, cq, l, seed) for w, idx in self.groups]
-        root = tree_reduce(futs, _add_pairs, client=self.client, gather=False)
-        return self.client.submit(centered_sum, root, c, pure=False)
+    def product(self, k, c, l, seed):
+        """``X_eff^T X_eff K`` (p x l float64) for K rounded to float32 (an array, or a future; None: Omega) and
+        ``c``, the column offset (``run.share``d) or None: an array here, a future on a worker on a client (nothing
+        p-sized comes to this process)."""
+        qf = k if k is None or is_future(k) else self._share(k)
+        cq = None if c is None or qf is None else self.run.submit(offset_product, c, qf)
+        root = tree_reduce(self._grams(qf, cq, l, seed), _add_pairs, client=self.client, gather=False)
+        return self.run.submit(centered_sum, root, c)
 
     def tsqr(self, q32, cq64):
-        """The R factor of ``X_eff Q``: one R per worker's blocks, then the R of their stack."""
+        """The R factor of ``X_eff Q``: one R per group's blocks, then the R of their stack."""
         qf = self._share(q32)
-        rs = self.client.gather([self._submit(tsqr_partial, w, idx, qf, cq64) for w, idx in self.groups])
+        rs = self.run.gather([self._task(tsqr_partial, w, idx, qf, cq64) for w, idx in self.groups])
         return _r_factor(np.vstack(rs))
 
     def u(self, q32, cq64, w):
-        """U per block, as futures beside their rows of X."""
+        """U per block, beside its rows of X (futures on a client)."""
         qf = self._share(q32)
-        return [self.client.submit(on_worker, u_block, part, qf, cq64, w, pure=False) for part in self.blocks.parts]
+        return [self.run.submit(on_worker, u_block, part, qf, cq64, w) for part in self.blocks.parts]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,12 +352,13 @@ def randomized_svd(
     (error bounds). TSQR: Demmel, Grigori, Hoemmen, Langou (2012), SIAM J. Sci. Comput. 34(1).
     """
     c = _check(blocks, rank, oversample, power_iterations, col_offset)
-    run = _Dask(blocks) if blocks.client is not None else _Local(blocks)
     with blas_limit(1):
-        return _randomized_svd(run, blocks, rank, oversample, power_iterations, seed, c, compute_u)
+        return _randomized_svd(_BlockTasks(blocks), blocks, rank, oversample=oversample,
+                               power_iterations=power_iterations, seed=seed, c=c, compute_u=compute_u)
 
 
-def _randomized_svd(run, blocks: RowBlocks, rank, oversample, power_iterations, seed, c, compute_u) -> SvdResult:
+def _randomized_svd(tasks: _BlockTasks, blocks: RowBlocks, rank: int, *, oversample: int, power_iterations: int,
+                    seed: int, c: np.ndarray | None, compute_u: bool) -> SvdResult:
     n, p = blocks.shape
     l = min(rank + oversample, n, p)
     seconds: dict[str, float] = {}
@@ -423,20 +372,20 @@ def _randomized_svd(run, blocks: RowBlocks, rank, oversample, power_iterations, 
     def offset_row(q32):
         return None if c is None else (c @ q32.astype(np.float64))  # c^T Q, (l,)
 
-    y, zsum = run.gram(None, None, l, seed)  # Y = X_eff^T Omega
+    y, zsum = tasks.gram(q32=None, cq=None, l=l, seed=seed)  # Y = X_eff^T Omega
     q = orthonormalize(corrected(y, zsum))
     seconds["sketch"] = time.perf_counter() - t0
     for _ in progress(range(power_iterations), power_iterations, "svd power iterations"):
         q32 = q.astype(np.float32)
         cq = offset_row(q32)
-        y, zsum = run.gram(q32, None if cq is None else cq.astype(np.float32), l, seed)  # X_eff^T (X_eff Q)
+        y, zsum = tasks.gram(q32, None if cq is None else cq.astype(np.float32), l, seed)  # X_eff^T (X_eff Q)
         q = orthonormalize(corrected(y, zsum))
     seconds["power"] = time.perf_counter() - t0 - seconds["sketch"]
 
     t1 = time.perf_counter()
     q32 = q.astype(np.float32)
     cq64 = offset_row(q32)
-    r = run.tsqr(q32, cq64)  # X_eff Q = Q_C R
+    r = tasks.tsqr(q32, cq64)  # X_eff Q = Q_C R
     u_r, s, vt_r = np.linalg.svd(r, full_matrices=False)  # R = U_r S V_r^T
     vr = vt_r[:rank].T  # (l, k)
     sigma = s[:rank].astype(np.float64)
@@ -448,7 +397,7 @@ def _randomized_svd(run, blocks: RowBlocks, rank, oversample, power_iterations, 
         t2 = time.perf_counter()
         with np.errstate(divide="ignore"):
             inv = np.where(sigma > 0, 1.0 / sigma, 0.0)  # a zero singular value gets a zero U column
-        u = run.u(q32, cq64, vr * sign * inv)  # U = X_eff Q V_r S^-1 = Q_C U_r
+        u = tasks.u(q32, cq64, vr * sign * inv)  # U = X_eff Q V_r S^-1 = Q_C U_r
         seconds["u"] = time.perf_counter() - t2
     seconds["total"] = time.perf_counter() - t0
     return SvdResult(
@@ -461,7 +410,7 @@ def _randomized_svd(run, blocks: RowBlocks, rank, oversample, power_iterations, 
             solver="subspace", l=l, power_iterations=power_iterations, oversample=oversample, seed=seed,
             passes=round(l * (2 * power_iterations + 2 + int(compute_u)) / (rank + 10), 2), block_size=l,
             blocks=power_iterations + 1, estimated_error=None, converged=None,
-            n_blocks=blocks.n_blocks, executor=run.executor, n_workers=run.n_workers, seconds=seconds,
+            n_blocks=blocks.n_blocks, executor=tasks.executor, n_workers=tasks.n_workers, seconds=seconds,
         ),
     )
 
@@ -558,30 +507,27 @@ def krylov_svd(
     if b < 1 or max_blocks < 1 or not tol > 0:
         raise MfsimError(f"svd.block_size, svd.max_blocks and svd.tol must be positive, got {block_size}, "
                          f"{max_blocks} and {tol}")
-    run = _Dask(blocks) if blocks.client is not None else _Local(blocks)
     with blas_limit(1):
-        return _krylov(run, blocks, rank, b, float(tol), int(max_blocks), seed, c, compute_u, start)
+        return _krylov(_BlockTasks(blocks), blocks, rank, block_size=b, tol=float(tol), max_blocks=int(max_blocks),
+                       seed=seed, c=c, compute_u=compute_u, start=start)
 
 
-def _krylov(run, blocks, rank, b, tol, max_blocks, seed, c, compute_u, start) -> SvdResult:
+def _krylov(tasks: _BlockTasks, blocks: RowBlocks, rank: int, *, block_size: int, tol: float, max_blocks: int,
+            seed: int, c: np.ndarray | None, compute_u: bool, start: np.ndarray | None) -> SvdResult:
     n, p = blocks.shape
+    b = block_size
     width_cap = min(n, p)
     seconds: dict[str, float] = {}
     columns = 0  # columns of products over X, summed: passes = columns / (k + 10)
     t0 = time.perf_counter()
-    chunked = run.executor == "dask"  # the basis in row chunks on the workers, else in this process
-    c_shared = share(run.client, c, "svd-offset") if chunked and c is not None else None
+    c_task = None if c is None else tasks.run.share(c, "svd-offset")  # the offset where the products run
 
     def product(k32, width: int):
-        """``X_eff^T X_eff K`` (p x w float64) for K rounded to float32, as in every product (K None: Omega);
-        a future on the workers for a chunked basis."""
+        """``X_eff^T X_eff K`` (p x w float64) for K rounded to float32, as in every product (K None: Omega):
+        an array in this process, a future on the workers on a client (``_BlockTasks.product``)."""
         nonlocal columns
         columns += width if k32 is None else 2 * width
-        if chunked:
-            return run.gram_future(k32, c_shared, width, seed)
-        cq = None if c is None or k32 is None else (c @ k32.astype(np.float64)).astype(np.float32)
-        y, zsum = run.gram(k32, cq, width, seed)
-        return y - np.outer(c, zsum) if c is not None else y
+        return tasks.product(k32, c_task, width, seed)
 
     if start is None:
         y = product(None, b)  # X_eff^T Omega
@@ -589,22 +535,19 @@ def _krylov(run, blocks, rank, b, tol, max_blocks, seed, c, compute_u, start) ->
         g = np.random.default_rng([seed, 15485863]).standard_normal((start.shape[1], b))
         y = np.asarray(start, np.float64) @ g
     first_width = min(b, width_cap)
+    if first_width < b:  # a first block capped by min(n, p)
+        y = _first_columns(tasks.run, y, first_width)
     # the space's cap, the first block included; every block but the last has room for b columns
-    if chunked:
-        basis = ChunkedBasis(run.client, p, [w for w, _ in run.groups])
-        basis.start(y, seed) if first_width == b else basis.start(_first_columns(run.client, y, first_width), seed)
-        cap = min(width_cap, basis.width + b * (max_blocks - 1))
-    else:
-        first, _ = extend_basis(None, y[:, :first_width], seed, 0)
-        cap = min(width_cap, first.shape[1] + b * (max_blocks - 1))
-        basis = LocalBasis(p, cap, first)
+    cap = min(width_cap, first_width + b * (max_blocks - 1))
+    basis = new_basis(tasks.run, p, cap, tasks.workers)  # in this process, or in row chunks on the workers
+    basis.start(y, seed)
     del y
     t_cols: list[np.ndarray] = []  # T = Q^T A Q, column block by column block
     history: list[np.ndarray] = []  # the top-k Ritz values of each space
     estimate, converged, steps = float("inf"), False, 0
     for step in progress(range(1, max_blocks + 1), max_blocks, "svd krylov blocks"):  # stops early when converged
         last = basis.last32()
-        y = product(last, basis.widths[-1] if chunked else last.shape[1])  # A K_{j-1}
+        y = product(last, basis.widths[-1])  # A K_{j-1}
         del last
         steps += 1
         width = basis.width
@@ -630,23 +573,11 @@ def _krylov(run, blocks, rank, b, tol, max_blocks, seed, c, compute_u, start) ->
     sigma[: len(ritz)] = ritz
     vr = np.zeros((m, rank))
     vr[:, : vecs.shape[1]] = vecs
-    v_future = None
-    if chunked and vecs.shape[1] == rank:  # V built on a worker (kept there for the factors), then fetched
-        v_future, sign = basis.combine_signed(vr)
-        v32 = v_future.result()
-    else:
-        if chunked:  # a space narrower than k: small X, the basis fits the driver
-            v = basis.gather64()[:, :m] @ vr
-        else:
-            v = basis.combine(vr, _cores())
-        if vecs.shape[1] < rank:  # a space narrower than k (rank of X or of the matrix below k): complete V
-            v[:, vecs.shape[1]:] = extend_basis(v[:, : vecs.shape[1]], np.zeros((p, rank - vecs.shape[1])), seed,
-                                                max_blocks + 1)[0]
-        v, sign = flip_signs(v)
-        v32 = np.ascontiguousarray(v, dtype=np.float32)
-        del v
-    if chunked:
-        basis.release()
+    # V = Q vr (a space narrower than k, from the rank of X or of the matrix below k, completed), and V where the
+    # basis built it on the workers (kept there for the factors)
+    v32, v_future = basis.combine(vr, vecs.shape[1], seed, max_blocks + 1)
+    basis_kind = basis.kind
+    basis.release()
     del basis
     seconds["final"] = time.perf_counter() - t1
     u = None
@@ -654,7 +585,7 @@ def _krylov(run, blocks, rank, b, tol, max_blocks, seed, c, compute_u, start) ->
         t2 = time.perf_counter()
         with np.errstate(divide="ignore"):
             inv = np.where(sigma > 0, 1.0 / sigma, 0.0)
-        u = run.u(v32, None if c is None else c @ v32.astype(np.float64), np.diag(inv))
+        u = tasks.u(v32, None if c is None else c @ v32.astype(np.float64), np.diag(inv))
         columns += rank
         seconds["u"] = time.perf_counter() - t2
     seconds["total"] = time.perf_counter() - t0
@@ -664,16 +595,16 @@ def _krylov(run, blocks, rank, b, tol, max_blocks, seed, c, compute_u, start) ->
         diagnostics=dict(
             solver="krylov", block_size=b, blocks=steps, width=int(m), tol=tol,
             estimated_error=estimate, converged=converged, passes=round(columns / (rank + 10), 2), seed=seed,
-            n_blocks=blocks.n_blocks, executor=run.executor, n_workers=run.n_workers, seconds=seconds,
-            basis="chunked" if chunked else "local",
+            n_blocks=blocks.n_blocks, executor=tasks.executor, n_workers=tasks.n_workers, seconds=seconds,
+            basis=basis_kind,
         ),
     )
 
 
-def _first_columns(client, y, width: int):
-    """The first ``width`` columns of y (a future or an array): a first block capped by min(n, p)."""
-    if hasattr(y, "key"):
-        return client.submit(_columns, y, width, pure=False)
+def _first_columns(run, y, width: int):
+    """The first ``width`` columns of y: a task on a future (``run``'s), a view of an array."""
+    if is_future(y):
+        return run.submit(_columns, y, width)
     return y[:, :width]
 
 
@@ -744,26 +675,37 @@ def sklearn_svd(
     )
 
 
-SOLVERS: dict[str, Callable[..., SvdResult]] = {"krylov": krylov_svd, "subspace": randomized_svd,
-                                                "sklearn": sklearn_svd}
+@dataclass(frozen=True)
+class Solver:
+    """One ``svd.solver``: its function, the ``SvdSection`` fields it takes (as keywords of the same name), and
+    whether it takes a warm start (``start``; the others ignore ``svd.warm_start``)."""
+
+    fn: Callable[..., SvdResult]
+    options: tuple[str, ...]
+    warm_start: bool = False
+
+
+SOLVERS: dict[str, Solver] = {
+    "krylov": Solver(krylov_svd, ("block_size", "tol", "max_blocks"), warm_start=True),
+    "subspace": Solver(randomized_svd, ("oversample", "power_iterations")),
+    "sklearn": Solver(sklearn_svd, ("oversample", "power_iterations")),
+}
 
 
 def truncated_svd(
     blocks: RowBlocks, cfg: SvdSection, col_offset: np.ndarray | None = None, *, compute_u: bool = False,
     start: np.ndarray | None = None,
 ) -> SvdResult:
-    """The SVD stage: ``cfg.solver`` ("krylov", the default: ``krylov_svd`` with ``block_size``, ``tol`` and
-    ``max_blocks``; "subspace": ``randomized_svd`` with ``oversample`` and ``power_iterations``; "sklearn")."""
+    """The SVD stage: ``cfg.solver`` from ``SOLVERS`` ("krylov", the default: ``krylov_svd`` with ``block_size``,
+    ``tol`` and ``max_blocks``; "subspace": ``randomized_svd`` with ``oversample`` and ``power_iterations``;
+    "sklearn"), with ``rank`` and ``seed``."""
     solver = SOLVERS.get(cfg.solver)
     if solver is None:
         raise MfsimError(f"unknown svd.solver {cfg.solver!r}; valid: {', '.join(SOLVERS)}")
-    if cfg.solver == "krylov":
-        return krylov_svd(blocks, cfg.rank, block_size=cfg.block_size, tol=cfg.tol, max_blocks=cfg.max_blocks,
-                          seed=cfg.seed, col_offset=col_offset, compute_u=compute_u, start=start)
-    return solver(
-        blocks, cfg.rank, oversample=cfg.oversample, power_iterations=cfg.power_iterations, seed=cfg.seed,
-        col_offset=col_offset, compute_u=compute_u,
-    )
+    options = {name: getattr(cfg, name) for name in solver.options}
+    if solver.warm_start:
+        options["start"] = start
+    return solver.fn(blocks, cfg.rank, seed=cfg.seed, col_offset=col_offset, compute_u=compute_u, **options)
 
 
 def aligned_start(prev_ids, prev_v: np.ndarray, item_ids, seed: int = 0) -> tuple[np.ndarray, int]:
@@ -782,3 +724,11 @@ def aligned_start(prev_ids, prev_v: np.ndarray, item_ids, seed: int = 0) -> tupl
     start = np.random.default_rng([seed, 104729]).standard_normal((p, k)) / np.sqrt(max(p, 1))
     start[found] = np.asarray(prev_v, np.float64)[pos.drop_null().to_numpy()]
     return start, int(found.sum())
+
+
+def basis_start(basis, item_ids, seed: int = 0, *, id_col: str = "item_id") -> tuple[np.ndarray, int]:
+    """``aligned_start`` from a table of V_k as a run publishes it (``svd/basis.parquet``: ``id_col`` and
+    ``embedding``, one fixed-size list of k floats per item); returns (start, items matched)."""
+    v = np.asarray(basis["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                   np.float64).reshape(basis.num_rows, -1)
+    return aligned_start(basis[id_col], v, item_ids, seed)

@@ -70,9 +70,9 @@ from mfsim.pipeline.runs.lock import STATE_DIR, host_tag, hostname, os_error, pi
 from mfsim.pipeline.runs.records import MANIFEST
 from mfsim.pipeline.runs.root import Root, state_relative
 from mfsim.pipeline.runs.storage import Location, local_path
-from mfsim.pipeline.runs.writer import NOT_PUBLISHED, RunWriter, package_versions  # noqa: F401  (re-exported)
+from mfsim.pipeline.runs.writer import NOT_PUBLISHED, RunWriter
 
-__all__ = ["PosixRoot", "PosixRunWriter", "RunWriter", "package_versions"]
+__all__ = ["PosixRoot", "PosixRunWriter"]
 
 _HIDDEN = re.compile(r"\.(?P<run_id>[A-Za-z0-9][A-Za-z0-9._-]*)\.(?P<kind>tmp|old|del)-(?P<pid>\d+)-(?P<tag>[0-9a-f]+)")
 

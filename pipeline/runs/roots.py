@@ -18,7 +18,7 @@ from mfsim.pipeline.runs.posix import PosixRoot
 from mfsim.pipeline.runs.root import Root
 from mfsim.pipeline.runs.storage import is_remote
 
-__all__ = ["locate_run", "open_root", "read_latest", "read_manifest", "read_run_table", "resolve_run", "run_location"]
+__all__ = ["locate_run", "open_root", "read_manifest", "read_run_table", "resolve_run"]
 
 
 def _kind(path: str | Path) -> type[Root]:
@@ -52,13 +52,3 @@ def read_run_table(run: str | Path, relative: str) -> pa.Table:
     """One single-file table of a published run (``evaluation/metrics.parquet``), local or on a store."""
     root, name = locate_run(run)
     return root.read_table(f"{name}/{relative}")
-
-
-def read_latest(root: str | Path) -> str | None:
-    """The run id in ``<root>/LATEST``, or None (``Root.read_latest``)."""
-    return open_root(root).read_latest()
-
-
-def run_location(root: str | Path, run_id: str) -> str:
-    """Where run ``run_id`` of ``root`` is (published or not): ``<root>/<run_id>`` as a path or URL."""
-    return open_root(root).run_location(run_id)

@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 
 from mfsim.jobs.main_job import run_job
-from mfsim.jobs.stages import holdout_metrics
+from mfsim.pipeline.lists.holdout import holdout_metrics
 from mfsim.pipeline.blocks import RowBlocks
 from mfsim.pipeline.config import load_config
 from mfsim.pipeline.errors import MfsimError

@@ -1,4 +1,4 @@
-"""Shared values: futures whose task holds the data, so that the scheduler can recompute them.
+"""Shared values: futures whose task holds the data, so that the scheduler can recompute them; where calls run.
 
 Losing a worker for real is ``test_worker_loss.py``; here, what makes that possible: unlike a
 scattered value, a shared one stays known to the scheduler (with its run_spec) after the client
@@ -12,7 +12,8 @@ import warnings
 import numpy as np
 from distributed import wait
 
-from mfsim.pipeline.shared import share, share_f32, stack
+from mfsim.kernels.threads import on_one_thread, on_worker, threads
+from mfsim.pipeline.shared import HERE, beside, is_future, near, runner, runner_of, share, share_f32, stack, value
 
 
 def _state(client, key):
@@ -52,3 +53,82 @@ def test_stack_takes_rows_then_scales():
     np.testing.assert_array_equal(stack(None, None, *parts), whole)
     np.testing.assert_array_equal(stack(scale, np.array([3, 0]), *parts), whole[[3, 0]] * scale)
     assert stack(scale, None, *parts).flags.c_contiguous
+
+
+# ---------------------------------------------------------------------------------------------
+# here or on the cluster
+
+
+class _Keyed:
+    key = "not-a-future"
+    client = None
+
+
+def test_is_future_only_for_dask_futures(client):
+    fut = client.submit(int, 1, pure=False)
+    assert is_future(fut)
+    assert not any(is_future(x) for x in (np.zeros(3), None, 3, _Keyed(), [fut]))
+
+
+def test_here_runs_every_call_at_once_and_hands_values_back():
+    run = runner(None)
+    assert run is HERE and run.client is None and run.name == "local"
+    x = np.arange(4.0)
+    assert run.submit(np.multiply, x, 2, worker="tcp://nowhere:1", pure=True).tolist() == [0, 2, 4, 6]
+    assert run.submit(np.sum, x, axis=0) == 6.0  # keywords reach the function
+    assert run.share(x, "x") is x and run.share_f32(x, "x") is x  # nothing sent, nothing converted
+    assert run.gather([x])[0] is x and run.holders([x, x]) == [None, None]
+    assert runner_of(x, 2) is HERE and beside(np.sum, x) == 6.0 and value(x) is x
+
+
+def test_on_cluster_runs_tasks_where_asked_and_gathers(client):
+    run = runner(client)
+    assert run.client is client and run.name == "dask"
+    workers = sorted(client.nthreads())
+    x = np.arange(6, dtype=np.float64)
+    shared = run.share(x, "test")
+    assert shared.key.startswith("shared-test-")
+    futs = [run.submit(_worker_address, shared, worker=w) for w in workers]
+    assert all(is_future(f) for f in futs) and futs[0].key != run.submit(_worker_address, shared).key
+    assert run.gather(futs) == workers  # each ran on the worker asked for, while it lives
+    assert run.holders(futs) == workers and value(futs[0]) == workers[0] and value(3) == 3
+    assert run.gather(run.submit(np.sum, shared, axis=0)) == x.sum()
+    f32 = run.share_f32(x[::2], "test").result()
+    assert f32.dtype == np.float32 and f32.flags.c_contiguous
+    assert near(None) == {} and near(workers[0]) == {"workers": [workers[0]], "allow_other_workers": True}
+
+
+def test_beside_runs_a_call_where_its_future_arguments_are(client):
+    x = np.arange(5.0)
+    fut = client.submit(np.multiply, x, 3, pure=False)
+    assert runner_of(x, fut).client is client
+    out = beside(np.add, x, fut)
+    assert is_future(out)
+    np.testing.assert_array_equal(value(out), x * 4)
+    np.testing.assert_array_equal(value(beside(np.add, x, x)), x * 2)  # no future: here, at once
+
+
+def _worker_address(_):
+    from distributed import get_worker
+
+    return get_worker().address
+
+
+def _numba_threads_on_worker():
+    import numba
+
+    before = numba.get_num_threads()
+    return on_worker(numba.get_num_threads), before == numba.get_num_threads()
+
+
+def test_thread_policies_restore_what_they_change(client):
+    import numba
+
+    before = numba.get_num_threads()
+    assert on_one_thread(numba.get_num_threads) == 1 and numba.get_num_threads() == before
+    with threads(numba=1):
+        assert numba.get_num_threads() == 1
+    assert numba.get_num_threads() == before
+    assert on_worker(numba.get_num_threads) == before  # outside a worker: the call as it is
+    inside, restored = client.submit(_numba_threads_on_worker, pure=False).result()
+    assert inside == 1 and restored  # the test workers have one thread each

@@ -27,13 +27,11 @@ from mfsim.pipeline.lists.audit import (
     audit_embedding_pair,
     audit_item_lists,
     default_item_lists,
-    jaccard_rows,
     random_diagonals,
     sample_rows,
-    score_bound,
-    tie_aware_jaccard,
     without_self,
 )
+from mfsim.pipeline.lists.jaccard import jaccard_rows, score_bound, tie_aware_jaccard
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.model.factors import eq1_factors, eq2_factors
 from mfsim.pipeline.lists.neighbours import gram_factor, projected

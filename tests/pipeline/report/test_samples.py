@@ -1,74 +1,38 @@
-"""The report: item order and subset, pair samples, rank displacement, k-means order, quantile limits and the
-lambda sweep against brute-force or NumPy references; figures decoded back from their PNG bytes; the HTML page
-parsed back (escaping, references, no external resources, the order of its sections)."""
+"""The report's samples and statistics: item order and subset, pair samples, rank displacement, k-means order,
+quantile limits and the lambda sweep against brute-force or NumPy references; the headline sentence."""
 
 from __future__ import annotations
 
-import base64
-
-import io
-import re
-from html.parser import HTMLParser
-
-import matplotlib
 import numpy as np
 import pyarrow as pa
 import pytest
-from matplotlib.image import imread
 from sklearn.metrics.pairwise import cosine_similarity
 
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.report import (
-    HEATMAP_CMAP,
-    PNG_MAGIC,
+from mfsim.pipeline.report.samples import (
     audit_jaccards,
     cluster_boundaries,
     cluster_order,
-    cosine_heatmap_png,
     cosine_matrix,
     displacement_bins,
     displacement_counts,
-    displacement_png,
-    flatten_config,
     headline,
-    heatmap_grid_png,
-    histogram_png,
     item_order,
-    lambda_sweep_png,
     most_different,
     off_diagonal,
     pair_cosine,
     pair_model,
     pair_sample,
-    pair_scatter_png,
     pair_scores,
     quantile_limits,
     rank_displacement,
     rank_sample,
-    render_report,
     rescaling_displacement,
     sampled_item_lists,
     select_items,
     shrinkage_weights,
-    spectrum_png,
     sweep_series,
 )
-
-
-def decode(png: bytes) -> np.ndarray:
-    """The RGBA pixels of a PNG (floats in [0, 1]), after checking the signature."""
-    assert isinstance(png, bytes) and png[:8] == PNG_MAGIC
-    img = imread(io.BytesIO(png), format="png")
-    assert img.ndim == 3 and img.shape[2] in (3, 4)
-    assert img.shape[0] > 100 and img.shape[1] > 100
-    # a drawn figure, not a blank canvas: many distinct colours
-    assert len(np.unique(img[..., :3].reshape(-1, 3), axis=0)) > 20
-    return img
-
-
-def count_colour(img: np.ndarray, rgb, tol: float = 0.03) -> int:
-    """Pixels within tol (per channel; PNG quantises to 1/255) of one colour."""
-    return int(np.sum(np.all(np.abs(img[..., :3] - np.asarray(rgb)[:3]) <= tol, axis=-1)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,157 +155,6 @@ def test_shrinkage_weights_closed_forms():
         shrinkage_weights(s, {"eq3": 1.0})
     with pytest.raises(MfsimError, match=">= 0"):
         shrinkage_weights(s, {"eq1": -1.0})
-
-
-# ---------------------------------------------------------------------------------------------
-# figures
-
-
-def test_cosine_heatmap_png_draws_the_signs_with_fixed_colour_scale():
-    cmap = matplotlib.colormaps[HEATMAP_CMAP]
-    e1 = np.array([[1.0, 0.0]])
-    same = decode(cosine_heatmap_png(np.vstack([e1, e1]), "all +1"))  # C = [[1, 1], [1, 1]]
-    anti = decode(cosine_heatmap_png(np.vstack([e1, -e1]), "+1 and -1"))  # C = [[1, -1], [-1, 1]]
-    weak = decode(cosine_heatmap_png(np.vstack([e1, 0.1 * e1 - 0.995 * np.array([[0, 1]])]), "near 0"))
-    blue, red = cmap(0.0), cmap(1.0)  # the colours of -1 and +1 on the fixed [-1, 1] scale
-    # off-diagonal quadrants (half the panel) are -1 only in `anti`; `same` has -1 only at the
-    # bottom of the colour bar
-    assert count_colour(anti, blue) > 10 * count_colour(same, blue) + 1000
-    assert count_colour(same, red) > 1.5 * count_colour(anti, red)
-    # cosine 0.1 is drawn near white, not stretched to the ends of the scale
-    assert count_colour(weak, blue) < count_colour(anti, blue) / 10
-    assert same.shape == anti.shape  # same figure size whatever the data
-
-
-def test_heatmap_png_boundaries_and_determinism():
-    rng = np.random.default_rng(4)
-    cluster = np.repeat(np.arange(5), 12)
-    B = rng.standard_normal((5, 8))[cluster] + 0.3 * rng.standard_normal((60, 8))
-    bnd = cluster_boundaries(cluster)
-    png = cosine_heatmap_png(B, "Eq. 1, symmetric", bnd)
-    decode(png)
-    assert png == cosine_heatmap_png(B, "Eq. 1, symmetric", bnd)  # same input, same bytes
-    with pytest.raises(MfsimError, match="boundaries must lie in 1..59"):
-        cosine_heatmap_png(B, "t", [0, 12])
-
-
-def test_heatmap_grid_png_panels_side_by_side():
-    rng = np.random.default_rng(5)
-    B = rng.standard_normal((50, 6))
-    D = np.exp(rng.standard_normal(6))
-    one = decode(heatmap_grid_png([("Eq. 1", B)]))
-    three = decode(heatmap_grid_png([("Eq. 1", B), ("Eq. 1, B D^-1", B / D), ("Eq. 2", B[:, :4])],
-                                    boundaries=[10, 30]))
-    assert three.shape[1] > 2 * one.shape[1]  # three panels in one row
-    assert three.shape[0] < 1.5 * one.shape[0]
-    with pytest.raises(MfsimError, match="same displayed items"):
-        heatmap_grid_png([("a", B), ("b", B[:40])])
-    with pytest.raises(MfsimError, match="at least one"):
-        heatmap_grid_png([])
-
-
-def test_spectrum_png():
-    rng = np.random.default_rng(6)
-    sigma = np.sort(rng.exponential(10, 40))[::-1]
-    decode(spectrum_png(sigma, {"eq1": 25.0, "eq2": 5.0}))
-    decode(spectrum_png(np.array([3.0, 1.0, 0.0]), {"eq1": 0.0}))  # zero s and lambda: no log of 0
-    with pytest.raises(MfsimError, match="finite and >= 0"):
-        spectrum_png(np.array([1.0, -1.0]), {})
-
-
-def test_histogram_png():
-    rng = np.random.default_rng(7)
-    img = decode(histogram_png({"eq1/symmetric vs D": rng.beta(2, 3, 200), "eq2": rng.beta(8, 1, 200),
-                                "empty": np.array([])}, "Jaccard@10", "Jaccard@10"))
-    one = decode(histogram_png({"a": rng.uniform(size=10)}, "t", "x"))
-    assert img.shape[1] > 2 * one.shape[1]  # small multiples in one row
-    with pytest.raises(MfsimError, match=r"in \[0, 1\]"):
-        histogram_png({"a": np.array([0.5, 1.5])}, "t", "x")
-
-
-# ---------------------------------------------------------------------------------------------
-# the page
-
-
-class _Page(HTMLParser):
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.starts: list[tuple[str, dict]] = []
-        self.cells: list[str] = []
-        self._in_cell = False
-
-    def handle_starttag(self, tag, attrs):
-        self.starts.append((tag, dict(attrs)))
-        if tag in ("td", "th"):
-            self._in_cell = True
-            self.cells.append("")
-
-    def handle_endtag(self, tag):
-        if tag in ("td", "th"):
-            self._in_cell = False
-
-    def handle_data(self, data):
-        if self._in_cell:
-            self.cells[-1] += data
-
-
-@pytest.fixture(scope="module")
-def pngs():
-    rng = np.random.default_rng(8)
-    return {"heat": cosine_heatmap_png(rng.standard_normal((20, 3)), "h"),
-            "jaccard.png": histogram_png({"a": rng.uniform(size=30)}, "j", "x")}
-
-
-def test_render_report_references_escaping_and_no_network(pngs):
-    evil = "<script>alert('x')</script>"
-    tables = {
-        "metrics": pa.table({"objective": ["eq1/symmetric", evil], "recall@10": [0.123456, 123456.7],
-                             "n": pa.array([1, 2], pa.int64())}),
-        "rows & <cols>": [{"a": 1 / 3, "b": "x"}, {"c": [1.5, 2.0 / 3.0], "a": None}],
-    }
-    out = render_report(title="Run <1>", summary_lines=["k = 20 & lambda = 10", evil], tables=tables,
-                        images=pngs, captions={"heat": "Fig. 1 <analogue>", "metrics": "per objective"})
-    assert isinstance(out, bytes)
-    page = out.decode("utf-8")
-    assert "http://" not in page and "https://" not in page
-    assert "<script" not in page.lower() and "&lt;script&gt;" in page
-    parser = _Page()
-    parser.feed(page)
-    tags = [t for t, _ in parser.starts]
-    assert "script" not in tags and "link" not in tags and "iframe" not in tags
-    # self-contained: every resource is an inline data URI holding the very PNG bytes given
-    refs = [a[k] for _, a in parser.starts for k in ("src", "href") if k in a]
-    assert len(refs) == 2 and all(r.startswith("data:image/png;base64,") for r in refs)
-    assert sorted(base64.b64decode(r.split(",", 1)[1]) for r in refs) == sorted([pngs["heat"], pngs["jaccard.png"]])
-    assert tags.count("img") == 2
-    # cells, after the browser's unescaping, show the text as given; floats with 4 significant digits
-    cells = parser.cells
-    assert evil in cells
-    assert ["objective", "recall@10", "n"] == cells[:3]
-    assert "0.1235" in cells and "1.235e+05" in cells
-    assert ["a", "b", "c"] == cells[cells.index("a"):cells.index("a") + 3]  # union of row keys
-    assert "0.3333" in cells and "[1.5, 0.6667]" in cells
-    text = re.sub(r"<[^>]+>", "", page)
-    assert "Run <1>" not in page and "Run &lt;1&gt;" in page
-    assert "Fig. 1 &lt;analogue&gt;" in page and "per objective" in text
-
-
-def test_render_report_row_limit_and_errors(pngs):
-    t = pa.table({"x": np.arange(30, dtype=np.float64) / 7})
-    out = render_report(title="t", summary_lines=[], tables={"big": t}, images={}, max_table_rows=5)
-    page = out.decode()
-    parser = _Page()
-    parser.feed(page)
-    assert len(parser.cells) == 1 + 5 and "First 5 of 30 rows" in page
-    assert "<img" not in page
-    with pytest.raises(MfsimError, match="plain file name"):
-        render_report(title="t", summary_lines=[], tables={}, images={"../x": pngs["heat"]})
-    with pytest.raises(MfsimError, match="not PNG"):
-        render_report(title="t", summary_lines=[], tables={}, images={"x": b"GIF89a"})
-    with pytest.raises(MfsimError, match="captions for unknown"):
-        render_report(title="t", summary_lines=[], tables={}, images=pngs, captions={"nope": "c"})
-    with pytest.raises(MfsimError, match="distinct names"):
-        render_report(title="t", summary_lines=[], tables={}, images={"a": pngs["heat"], "a.png": pngs["heat"]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,71 +448,3 @@ def test_headline_states_the_finding_with_its_number():
     assert "Jaccard 0.930 (the audit's self-check failed" in headline(failed)
     assert headline({**summary, "trivial": True}) is None
     assert headline({"top_n": 10, "metrics": {}}) is None and headline(None) is None
-
-
-def test_flatten_config():
-    cfg = {"svd": {"rank": 64, "seed": 0}, "objectives": {"eq1": {"lambda": "auto", "scalings": ["a", "b"]},
-                                                          "eq2": None}, "empty": {}}
-    assert flatten_config(cfg) == {"svd.rank": 64, "svd.seed": 0, "objectives.eq1.lambda": "auto",
-                                   "objectives.eq1.scalings": ["a", "b"], "objectives.eq2": None, "empty": {}}
-
-
-# ---------------------------------------------------------------------------------------------
-# the figures of data without cluster truth
-
-
-def test_heatmap_grid_png_limits_and_difference_panel():
-    cmap = matplotlib.colormaps[HEATMAP_CMAP]
-    e1, e2 = np.array([1.0, 0.0]), np.array([0.0, 1.0])
-    B = np.vstack([e1, 0.995 * e2 + 0.0999 * e1])  # off-diagonal cosine ~0.1
-    red = cmap(1.0)
-    full = decode(heatmap_grid_png([("a", B)]))
-    tight = decode(heatmap_grid_png([("a", B)], limits=(-0.1, 0.1)))
-    # cosine 0.1 is near white on [-1, 1] but the end colour on [-0.1, 0.1]: the off-diagonal half turns red
-    assert count_colour(tight, red) > count_colour(full, red) + 10_000
-    rng = np.random.default_rng(18)
-    X = rng.standard_normal((40, 4))
-    d = np.exp(rng.standard_normal(4))
-    two = decode(heatmap_grid_png([("a", X), ("b", X / d)]))
-    three = decode(heatmap_grid_png([("a", X), ("b", X / d)], difference=("a minus b", X, X / d)))
-    assert three.shape[1] > 1.3 * two.shape[1]  # one more panel, with its own colour bar
-    with pytest.raises(MfsimError, match="vmin < vmax"):
-        heatmap_grid_png([("a", X)], limits=(0.5, 0.5))
-    with pytest.raises(MfsimError, match="same 40 displayed items"):
-        heatmap_grid_png([("a", X)], difference=("d", X, X[:30]))
-
-
-def test_pair_scatter_and_displacement_and_sweep_pngs():
-    rng = np.random.default_rng(19)
-    x = rng.uniform(-1, 1, 500)
-    decode(pair_scatter_png(x, np.clip(x + 0.3 * rng.standard_normal(500), -1, 1), x, x, ("eq1 / a", "eq1 / b")))
-    with pytest.raises(MfsimError, match="same non-zero length"):
-        pair_scatter_png(x, x[:10], x, x, ("a", "b"))
-    disp = np.where(rng.uniform(size=(30, 10)) < 0.4, np.inf, rng.integers(-9, 10, (30, 10)).astype(float))
-    one = decode(displacement_png({"cosine": disp}, 10, "t"))
-    two = decode(displacement_png({"cosine": disp, "model": np.zeros((30, 10))}, 10, "t"))
-    assert two.shape[1] > 1.7 * one.shape[1]
-    decode(lambda_sweep_png(_sweep_table(), "ndcg@20"))  # eq2 has a lambda 0: left off the log axis
-    with pytest.raises(MfsimError, match="select_metric"):
-        lambda_sweep_png(_sweep_table(), "recall@5")
-
-
-def test_render_report_headline_skipped_and_run_sections(pngs):
-    out = render_report(
-        title="t", headline="Top-100 cosine lists share 56% <of> their items", summary_lines=["line"],
-        tables={"metrics": [{"a": 1}]}, images=pngs, captions={"heat": "cap", "Versions": "installed"},
-        skipped={"cluster precision": "no item truth"},
-        run_info={"Versions": [{"package": "numpy", "version": "2.0"}], "Stage timings (s)": [{"stage": "svd",
-                                                                                               "seconds": 1.5}]},
-        config={"svd": {"rank": 64}, "audit": {"top_n": None}})
-    page = out.decode()
-    assert '<p class="headline">Top-100 cosine lists share 56% &lt;of&gt; their items</p>' in page
-    # headline, summary, skipped, figures, tables, then the run
-    marks = [page.index(s) for s in ('class="headline"', "<li>line</li>", "no item truth", 'id="figures"',
-                                     'id="table-0"', 'id="run"', "<details>")]
-    assert marks == sorted(marks)
-    assert "<b>Figure 1</b> (heat.png). cap" in page and "<b>Figure 2</b> (jaccard.png)" in page
-    parser = _Page()
-    parser.feed(page)
-    assert "svd.rank" in parser.cells and "64" in parser.cells and "null" in parser.cells
-    assert "numpy" in parser.cells and "1.5" in parser.cells and "installed" in page

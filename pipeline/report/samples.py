@@ -1,39 +1,26 @@
-"""The run report: item-item cosine heatmaps (the paper's Fig. 1), the spectrum, audit histograms.
+"""The numbers behind the run report's figures: item orders and subsets, seeded samples, statistics.
 
-Steck, Ekanadham & Kallus (2024), "Is Cosine-Similarity of Embeddings Really About Similarity?",
-Fig. 1: on simulated data with item clusters, the item-item cosine similarity of the item
-embeddings B of Eq. 1 shows a different block structure for each of its equally good solutions
-``(A D, B D^-1)``, while the unique solution of Eq. 2 gives one picture. This module draws those
-pictures for a run and assembles them, with the run's tables, into one HTML page.
+Steck, Ekanadham & Kallus (2024), "Is Cosine-Similarity of Embeddings Really About Similarity?":
+Eq. 1 has the equally good solutions ``(A D, B D^-1)`` for every diagonal D, which share the
+model score ``A B^T`` but not the cosines of their embeddings. This module measures that on
+samples: item-item cosines (``cosine_matrix``), the shrinkage of Eq. 1 and Eq. 2 per component
+(``shrinkage_weights``), seeded item pairs and their scores, the rank displacement of top-N lists
+under a random rescaling, the audit's Jaccards per group, the k-means order of items without
+cluster truth, colour limits, the lambda sweep per objective, and the audit's finding in one
+sentence (``headline``).
 
-Every function is pure: arrays in, ``bytes`` out (PNG images, or the page). Nothing here writes
-files; the caller stores the page as ``report.html`` in the run.
-
-Figures are drawn with matplotlib's object API (``Figure`` + ``FigureCanvasAgg``): no pyplot, no
-global backend state, safe inside worker threads. PNGs carry no timestamp or version metadata, so
-the same input gives the same bytes.
-
-The page (:func:`render_report`) is self-contained: inline CSS, no scripts, no external fonts or
-style sheets, and each figure inline as a ``data:image/png;base64`` URI, so ``report.html`` sent
-alone shows everything.
+Every function is pure: nothing here draws or writes; samples of ``report.pairs`` and
+``report.rank_items`` keep every figure O(sample x p k), never p x p.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import math
-import re
-import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from mfsim.kernels.topn import TopN, topn_blocked
 from mfsim.pipeline.lists.audit import sample_rows, without_self
@@ -41,23 +28,13 @@ from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.model.factors import scaled_columns
 from mfsim.pipeline.model.svd import flip_signs
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-DPI = 110  # ~440 px per 4-inch heatmap panel: a 1,000-item panel is downsampled ~2.3x, still readable
-HEATMAP_CMAP = "RdBu_r"  # diverging: -1 blue, 0 white, +1 red; [-1, 1] unless limits are given
-DIFF_CMAP = "PuOr_r"  # diverging, unlike HEATMAP_CMAP: a difference panel is not read as a cosine
 # Dense m x m cosine matrices are drawn in full; 4,096 items cost 4096^2 * 8 B = 128 MiB per
 # panel, far more pixels than a panel has. Beyond that the caller must subsample (select_items).
 MAX_HEATMAP_ITEMS = 4096
-HIST_BINS = 20  # width 0.05 on [0, 1]
-MAX_GRID_COLS = 4  # heatmap panels and histogram small multiples per row, at most
 LAMBDA_KEYS = ("eq1", "eq2")  # keys of the lambdas of spectrum_png, as in objectives.*
-# k-means clusters that order the heatmaps without cluster truth: 8 groups of ~125 of 1,000 items
-# are large enough to show as blocks and few enough that their boundary lines do not crowd a panel
-HEATMAP_CLUSTERS = 8
 # Named streams of report.seed, so that the pairs and the rank sample do not share draws
 _STREAM_PAIRS = 1
 _STREAM_RANK_ITEMS = 2
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,8 +222,8 @@ def shrinkage_weights(sigma: np.ndarray, lambdas: Mapping[str, float]) -> dict[s
     -------
     dict with the keys of ``lambdas``, each a (k,) float64 array in [0, 1].
     """
-    s = _check_sigma(sigma)
-    lams = _check_lambdas(lambdas)
+    s = check_sigma(sigma)
+    lams = check_lambdas(lambdas)
     out: dict[str, np.ndarray] = {}
     live = s > 0
     for key, lam in lams.items():
@@ -730,622 +707,8 @@ def headline(audit_summary: Mapping[str, Any] | None) -> str | None:
             f"{inv_mean:.3f} (the audit's self-check failed: see its verdict).")
 
 
-def flatten_config(resolved: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested configuration as ``{"section.key": value}`` (lists kept whole), in the given order."""
-    out: dict[str, Any] = {}
-    for key, value in resolved.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(flatten_config(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Figures
-
-
-def cosine_heatmap_png(
-    B_sub: np.ndarray,
-    title: str,
-    boundaries: Sequence[int] | np.ndarray | None = None,
-    *,
-    axis_label: str = "item (display order)",
-) -> bytes:
-    """PNG of the item-item cosine similarity of the rows of ``B_sub`` (one panel of Fig. 1).
-
-    Parameters
-    ----------
-    B_sub : (m, k) array
-        Item embeddings of the displayed items, rows in display order
-        (``B[select_items(item_order(...), max_items)]``).
-    title : str
-        Panel title, e.g. ``"Eq. 1, symmetric"``.
-    boundaries : sequence of int, optional
-        Positions 1..m-1 at which to draw cluster boundary lines (:func:`cluster_boundaries`).
-    axis_label : str
-        Label of both axes.
-
-    Returns
-    -------
-    bytes of a PNG: heatmap with a diverging colour map fixed to [-1, 1] and a colour bar.
-
-    Notes
-    -----
-    O(m^2 k) time and O(m^2) memory for the cosine matrix (m <= MAX_HEATMAP_ITEMS), plus the
-    rendering, ~0.1-0.5 s.
-    """
-    C = cosine_matrix(B_sub)
-    b = _check_boundaries(boundaries, C.shape[0])
-    fig = Figure(figsize=(5.6, 4.8), layout="constrained")
-    ax = fig.add_subplot()
-    im = _draw_heatmap(ax, C, title, b, axis_label)
-    cb = fig.colorbar(im, ax=ax, shrink=0.9)
-    cb.set_label("cosine similarity")
-    return _png(fig)
-
-
-def heatmap_grid_png(
-    panels: Sequence[tuple[str, np.ndarray]],
-    boundaries: Sequence[int] | np.ndarray | None = None,
-    *,
-    axis_label: str = "item (display order)",
-    limits: tuple[float, float] = (-1.0, 1.0),
-    difference: tuple[str, np.ndarray, np.ndarray] | None = None,
-) -> bytes:
-    """PNG of several cosine heatmaps side by side, one per (objective, scaling), as in Fig. 1.
-
-    Parameters
-    ----------
-    panels : list of (title, B_sub)
-        B_sub (m, k_j) item embeddings of the same m items in the same display order for every
-        panel (k_j may differ). Up to MAX_GRID_COLS panels per row; more wrap into balanced rows.
-    boundaries : sequence of int, optional
-        Cluster boundary positions shared by all panels (:func:`cluster_boundaries`).
-    axis_label : str
-        Label of the axes of the bottom-left panel.
-    limits : (vmin, vmax), default (-1, 1)
-        Colour limits shared by the panels (values outside take the end colours), e.g.
-        :func:`quantile_limits` of the off-diagonal cosines with ``center=0``.
-    difference : (title, B_a, B_b), optional
-        Adds a last panel with the difference ``C_a - C_b`` of the cosines of two embeddings of the
-        same displayed items (two of the panels, or a solution not shown, such as a random
-        rescaling), with its own colour bar symmetric about 0 at the 1st / 99th percentile of its
-        off-diagonal entries (:func:`quantile_limits`).
-
-    Returns
-    -------
-    bytes of a PNG with one shared colour bar (and one for the difference panel).
-
-    Notes
-    -----
-    O(P m^2 k) time and O(P m^2) memory for P panels (each cosine matrix is kept as float32
-    until the figure is rendered: 4 MB per 1,000-item panel).
-    """
-    panels = list(panels)
-    if not panels:
-        raise MfsimError("heatmap_grid_png needs at least one (title, embeddings) panel, got none")
-    vmin, vmax = (float(x) for x in limits)
-    if not (math.isfinite(vmin) and math.isfinite(vmax) and vmin < vmax):
-        raise MfsimError(f"limits must be finite with vmin < vmax, got {limits}")
-    m = None
-    mats = []
-    for title, B in panels:
-        C = cosine_matrix(B)
-        if m is None:
-            m = C.shape[0]
-        elif C.shape[0] != m:
-            raise MfsimError(
-                f"panel {title!r} has {C.shape[0]} items but the first panel has {m}; "
-                "pass the embeddings of the same displayed items to every panel"
-            )
-        mats.append((str(title), C.astype(np.float32)))
-    diff = None
-    if difference is not None:
-        d_title, B_a, B_b = difference
-        C_a, C_b = cosine_matrix(B_a), cosine_matrix(B_b)
-        if not C_a.shape == C_b.shape == (m, m):
-            raise MfsimError(f"the difference panel needs embeddings of the same {m} displayed items, got "
-                             f"{C_a.shape[0]} and {C_b.shape[0]} rows")
-        D = (C_a - C_b).astype(np.float32)  # C_a - C_b
-        lo, hi = quantile_limits(off_diagonal(D), center=0.0)
-        diff = (str(d_title), D, lo, hi)
-    b = _check_boundaries(boundaries, m)
-    n = len(mats)
-    nrows = math.ceil(n / MAX_GRID_COLS)
-    ncols = math.ceil(n / nrows)  # balanced rows: 5 panels -> 3 + 2, not 4 + 1
-    width = 3.7 * ncols + 0.9
-    fig = Figure(figsize=(width + 4.6 * (diff is not None), 3.7 * nrows + 0.2), layout="constrained")
-    grid = fig
-    if diff is not None:  # the difference in a column of its own, right of the grid, with its own colour bar
-        grid, side = fig.subfigures(1, 2, width_ratios=(width, 4.6), wspace=0.02)
-        ax_d = side.subplots(1, 1)
-        title, D, lo, hi = diff
-        im_d = _draw_heatmap(ax_d, D, title, b, axis_label, lo, hi, cmap=DIFF_CMAP)
-        side.colorbar(im_d, ax=ax_d, shrink=0.85 if nrows == 1 else 0.5).set_label("difference of cosines")
-    axes = grid.subplots(nrows, ncols, squeeze=False)
-    im = None
-    for idx, ax in enumerate(axes.ravel()):
-        if idx >= n:
-            ax.set_axis_off()
-            continue
-        r, c = divmod(idx, ncols)
-        label = axis_label if (r == nrows - 1 or idx + ncols >= n) and c == 0 else None
-        title, C = mats[idx]
-        im = _draw_heatmap(ax, C, title, b, label, vmin, vmax)
-    cb = grid.colorbar(im, ax=axes.ravel().tolist(), shrink=0.85 if nrows == 1 else 0.6)
-    cb.set_label("cosine similarity" if (vmin, vmax) == (-1.0, 1.0)
-                 else f"cosine similarity (limits {vmin:.2g} .. {vmax:.2g})")
-    return _png(fig)
-
-
-def spectrum_png(sigma: np.ndarray, lambdas: Mapping[str, float]) -> bytes:
-    """PNG of the singular values of X with the thresholds of Eq. 1 and Eq. 2, and the weights.
-
-    Top panel: ``s_i`` against the component index on a log axis, with a horizontal line at
-    ``lambda_2`` (Eq. 2 keeps the components with ``s_i > lambda_2``) and one at
-    ``sqrt(lambda_1)`` (Eq. 1's weight ``w_i = s_i^2 / (s_i^2 + lambda_1)`` is 1/2 there).
-    Bottom panel: the weights of :func:`shrinkage_weights` per component.
-
-    Parameters
-    ----------
-    sigma : (k,) array
-        Singular values of X (finite, >= 0), in SVD order. Zeros are not drawn on the log axis.
-    lambdas : dict
-        ``{"eq1": lambda_1, "eq2": lambda_2}``, either key optional (skipped objectives).
-
-    Returns
-    -------
-    bytes of a PNG.
-    """
-    s = _check_sigma(sigma)
-    weights = shrinkage_weights(s, lambdas)
-    lams = _check_lambdas(lambdas)
-    idx = np.arange(1, s.shape[0] + 1)
-    fig = Figure(figsize=(7.5, 6.0), layout="constrained")
-    ax, axw = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
-    pos = s > 0
-    marker = "o" if s.shape[0] <= 60 else None
-    ax.plot(idx[pos], s[pos], color="0.15", marker=marker, ms=3, lw=1.2, label=r"singular value $s_i$")
-    if np.any(pos):
-        ax.set_yscale("log")
-    styles = {"eq1": dict(color="tab:orange", ls="--"), "eq2": dict(color="tab:blue", ls="-.")}
-    if "eq2" in lams:
-        lam2 = lams["eq2"]
-        kept = int(np.sum(s > lam2))
-        if lam2 > 0:
-            ax.axhline(lam2, lw=1.2, **styles["eq2"],
-                       label=rf"Eq. 2: $\lambda_2$ = {lam2:.4g} (keeps $s_i > \lambda_2$: {kept} of {s.size})")
-    if "eq1" in lams:
-        lam1 = lams["eq1"]
-        if lam1 > 0:
-            ax.axhline(math.sqrt(lam1), lw=1.2, **styles["eq1"],
-                       label=rf"Eq. 1: $\sqrt{{\lambda_1}}$ = {math.sqrt(lam1):.4g} ($w_i$ = 1/2)")
-    ax.set_ylabel(r"$s_i$")
-    ax.set_title("Spectrum of X and the shrinkage of Eq. 1 and Eq. 2")
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
-    names = {"eq1": r"Eq. 1: $w_i = s_i^2/(s_i^2+\lambda_1)$", "eq2": r"Eq. 2: $w_i = (1-\lambda_2/s_i)_+$"}
-    for key, w in weights.items():
-        axw.plot(idx, w, marker=marker, ms=3, lw=1.2, label=names[key], **styles[key])
-    axw.axhline(0.5, color="0.5", lw=0.8, ls=":")
-    axw.set_ylim(-0.03, 1.03)
-    axw.set_xlabel("component i")
-    axw.set_ylabel(r"weight $w_i$")
-    axw.set_title(r"weights of $A B^T = V_k\,\mathrm{diag}(w)\,V_k^T$", fontsize=9)
-    axw.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axw.grid(True, alpha=0.3)
-    if weights:
-        axw.legend(loc="upper right", fontsize=8, framealpha=0.9)
-    return _png(fig)
-
-
-def histogram_png(values_by_label: Mapping[str, np.ndarray], title: str, xlabel: str) -> bytes:
-    """PNG of one histogram on [0, 1] per label (small multiples), e.g. per-item Jaccard@N.
-
-    Each panel has HIST_BINS bins of equal width on [0, 1], a dashed line at the median, and
-    notes the number of values, their mean and median in its title. Panels share the x range; the y axis counts items.
-
-    Parameters
-    ----------
-    values_by_label : dict of label -> (n,) array
-        Values in [0, 1] (NaN not allowed), one comparison per label.
-    title : str
-        Figure title.
-    xlabel : str
-        Label of the x axes, e.g. ``"Jaccard@100 of the item's cosine neighbours"``.
-
-    Returns
-    -------
-    bytes of a PNG.
-    """
-    items = list(values_by_label.items())
-    if not items:
-        raise MfsimError("histogram_png needs at least one labelled array of values, got none")
-    data = []
-    for label, vals in items:
-        v = np.asarray(vals, dtype=np.float64).ravel()
-        if not np.all(np.isfinite(v)) or np.any((v < 0) | (v > 1)):
-            raise MfsimError(
-                f"values of {label!r} must be finite and in [0, 1], got range "
-                f"[{np.nanmin(v) if v.size else 0:g}, {np.nanmax(v) if v.size else 0:g}]; "
-                "pass Jaccard similarities (or another measure on [0, 1])"
-            )
-        data.append((str(label), v))
-    n = len(data)
-    nrows = math.ceil(n / MAX_GRID_COLS)
-    ncols = math.ceil(n / nrows)
-    fig = Figure(figsize=(3.6 * ncols + 0.4, 2.9 * nrows + 0.5), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True)
-    bins = np.linspace(0.0, 1.0, HIST_BINS + 1)
-    for idx, ax in enumerate(axes.ravel()):
-        if idx >= n:
-            ax.set_axis_off()
-            continue
-        label, v = data[idx]
-        ax.hist(v, bins=bins, color="tab:blue", edgecolor="white", linewidth=0.5)
-        ax.set_xlim(0.0, 1.0)
-        if v.size:  # statistics in the title, where they cannot cover a bar
-            stats = f"n = {v.size}, mean {v.mean():.3f}, median {np.median(v):.3f}"
-            ax.axvline(float(np.median(v)), color="tab:red", lw=1.0, ls="--")
-        else:
-            stats = "n = 0"
-        ax.set_title(textwrap.fill(label, 48) + "\n" + stats, fontsize=9)
-        ax.grid(True, axis="y", alpha=0.3)
-        r, c = divmod(idx, ncols)
-        if c == 0:
-            ax.set_ylabel("items")
-        if r == nrows - 1 or idx + ncols >= n:
-            ax.set_xlabel(xlabel, fontsize=9)
-            ax.tick_params(labelbottom=True)
-    fig.suptitle(title)
-    return _png(fig)
-
-
-def pair_scatter_png(cos_a: np.ndarray, cos_b: np.ndarray, model_a: np.ndarray, model_b: np.ndarray,
-                     names: tuple[str, str]) -> bytes:
-    """PNG of two scatter plots of the same item pairs under two solutions: cosine (left), model score (right).
-
-    Left: ``cos(b_i, b_j)`` under solution ``names[0]`` (x) against ``names[1]`` (y); right: the model
-    score ``a_i . b_j`` under the same two. Both panels have equal x and y ranges and the diagonal
-    y = x; their titles give the Pearson correlation and the mean and largest ``|y - x|``. For two
-    equally good solutions of Eq. 1 the model scores lie on the diagonal, the cosines do not.
-
-    Parameters
-    ----------
-    cos_a, cos_b, model_a, model_b : (n,) arrays
-        Per pair: cosine and model score under each solution (:func:`pair_cosine`, :func:`pair_model`).
-    names : (str, str)
-        Labels of the two solutions, e.g. ``("eq1 / symmetric", "eq1 / eq2_like")``.
-
-    Returns
-    -------
-    bytes of a PNG.
-    """
-    series = [np.asarray(x, np.float64).ravel() for x in (cos_a, cos_b, model_a, model_b)]
-    n = series[0].size
-    if n == 0 or any(x.size != n for x in series):
-        raise MfsimError(f"expected four arrays of the same non-zero length (one value per pair), got lengths "
-                         f"{[x.size for x in series]}")
-    if not all(np.all(np.isfinite(x)) for x in series):
-        raise MfsimError("pair scores contain NaN or inf; check the factors")
-    fig = Figure(figsize=(10.0, 4.9), layout="constrained")
-    axes = fig.subplots(1, 2)
-    size = 4 if n <= 2000 else 2
-    for ax, (x, y), what in zip(axes, ((series[0], series[1]), (series[2], series[3])),
-                                ("cosine $\\cos(b_i, b_j)$", "model score $a_i \\cdot b_j = (AB^T)_{ij}$")):
-        lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
-        pad = 0.04 * (hi - lo) if hi > lo else 1.0
-        lo, hi = lo - pad, hi + pad
-        ax.plot([lo, hi], [lo, hi], color="0.5", lw=0.8, ls="--", zorder=1)
-        ax.scatter(x, y, s=size, alpha=0.35, color="tab:blue", linewidths=0, rasterized=True, zorder=2)
-        ax.set_xlim(lo, hi)
-        ax.set_ylim(lo, hi)
-        ax.set_aspect("equal")
-        gap = np.abs(y - x)
-        r = float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else float("nan")
-        ax.set_title(f"{what}\nr = {r:.3f}, mean |diff| {gap.mean():.3g}, max {gap.max():.3g}", fontsize=10)
-        ax.set_xlabel(f"under {names[0]}", fontsize=9)
-        ax.set_ylabel(f"under {names[1]}", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.tick_params(labelsize=8)
-    fig.suptitle(f"{n} random item pairs under two equally good solutions")
-    return _png(fig)
-
-
-def displacement_png(panels: Mapping[str, np.ndarray], n: int, title: str) -> bytes:
-    """PNG of bar charts of rank displacement (:func:`rank_displacement`), one panel per label.
-
-    Each bar is the share of list entries whose ``|rank_b - rank_a|`` falls in a bin of
-    :func:`displacement_bins`; the last (red) bar is the share that left the top n. Panels share
-    the y axis (0 to 1); titles give how many entries kept their rank exactly and how many left.
-
-    Parameters
-    ----------
-    panels : dict label -> (q, n) array
-        Displacements per list entry (+inf: left the list; NaN: no entry).
-    n : int
-        List length.
-    title : str
-        Figure title.
-    """
-    items = list(panels.items())
-    if not items:
-        raise MfsimError("displacement_png needs at least one labelled array of displacements, got none")
-    fig = Figure(figsize=(5.2 * len(items) + 0.4, 4.0), layout="constrained")
-    axes = fig.subplots(1, len(items), squeeze=False, sharey=True)[0]
-    for ax, (label, disp) in zip(axes, items):
-        labels, counts = displacement_counts(disp, n)
-        total = int(counts.sum())
-        share = counts / total if total else counts.astype(np.float64)
-        colors = ["tab:blue"] * (len(labels) - 1) + ["tab:red"]
-        x = np.arange(len(labels))
-        ax.bar(x, share, color=colors, edgecolor="white", linewidth=0.5)
-        ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=8)
-        ax.set_ylim(0.0, 1.0)
-        ax.set_xlabel("|rank change| of an item of the list", fontsize=9)
-        stay = share[0] if total else 0.0
-        ax.set_title(f"{textwrap.fill(label, 56)}\n{total} entries: {stay:.0%} same rank, {share[-1]:.0%} left",
-                     fontsize=9)
-        ax.grid(True, axis="y", alpha=0.3)
-    axes[0].set_ylabel("share of list entries")
-    fig.suptitle(title)
-    return _png(fig)
-
-
-def lambda_sweep_png(table: pa.Table, metric: str) -> bytes:
-    """PNG of the held-out ``metric`` against lambda (log axis), one panel per objective, chosen lambda marked.
-
-    Parameters
-    ----------
-    table : pyarrow.Table
-        The lambda sweep (:func:`sweep_series`): ``objective``, ``lambda``, ``chosen``, and the
-        metric column.
-    metric : str
-        E.g. ``"ndcg@20"`` (``evaluation.select_metric``).
-
-    Returns
-    -------
-    bytes of a PNG. Lambdas <= 0 cannot sit on a log axis; the panel's title says how many were
-    left out.
-    """
-    series = sweep_series(table, metric)
-    if not series:
-        raise MfsimError("the lambda sweep table has no rows; nothing to draw")
-    n = len(series)
-    fig = Figure(figsize=(4.6 * n + 0.5, 3.8), layout="constrained")
-    axes = fig.subplots(1, n, squeeze=False, sharey=True)[0]
-    for ax, (obj, (lam, val, chosen)) in zip(axes, series.items()):
-        pos = lam > 0
-        ax.plot(lam[pos], val[pos], color="tab:blue", marker="o", ms=4, lw=1.2)
-        if np.any(pos):
-            ax.set_xscale("log")
-        title = obj
-        if np.any(~pos):
-            title += f" ({int(np.sum(~pos))} lambda <= 0 not drawn)"
-        for c in chosen:
-            if c > 0:
-                v = val[np.flatnonzero(lam == c)[0]]
-                ax.axvline(c, color="tab:red", lw=0.9, ls=":")
-                ax.plot([c], [v], marker="*", ms=14, color="tab:red", zorder=3,
-                        label=f"chosen: lambda = {c:.4g}, {metric} = {v:.4f}")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("lambda (log scale)", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        if np.any(chosen > 0):
-            ax.legend(loc="best", fontsize=8, framealpha=0.9)
-    axes[0].set_ylabel(f"held-out {metric}")
-    fig.suptitle(f"Held-out {metric} of each lambda tried")
-    return _png(fig)
-
-
-# --------------------------------------------------------------------------------------------
-# The page
-
-
-def render_report(
-    *,
-    title: str,
-    summary_lines: Sequence[str],
-    tables: Mapping[str, pa.Table | Sequence[Mapping[str, Any]]],
-    images: Mapping[str, bytes],
-    captions: Mapping[str, str] | None = None,
-    max_table_rows: int = 1000,
-    headline: str | None = None,
-    skipped: Mapping[str, str] | None = None,
-    run_info: Mapping[str, pa.Table | Sequence[Mapping[str, Any]]] | None = None,
-    config: Mapping[str, Any] | None = None,
-) -> bytes:
-    """A self-contained HTML report, as UTF-8 bytes: one file, nothing beside it needed.
-
-    The page has, in this order: the title; the headline in a box; the summary lines as a list;
-    what was skipped and why; each image (numbered figures, with their captions); each table (in
-    the given order); the run's own tables (input, configuration, versions, timings) and the full
-    configuration, folded (``<details>``). All text is escaped with ``html.escape``; floats
-    are shown with 4 significant digits. Styling is inline CSS; there are no scripts and no
-    external resources: each image is inline, a ``data:image/png;base64`` URI, so the page can
-    be mailed or opened from an object store on its own.
-
-    Parameters
-    ----------
-    title : str
-        Page heading and ``<title>``.
-    summary_lines : list of str
-        One bullet each.
-    tables : dict of name -> pyarrow.Table or list of dict rows
-        For row dicts, the columns are the union of the keys in first-seen order (missing cells
-        are empty). Tables longer than ``max_table_rows`` show their first rows and say so.
-    images : dict of name -> PNG bytes
-        Name: letters, digits, ``_ . -`` (``.png`` optional); it is the figure's label.
-    captions : dict of name -> str, optional
-        Caption of the image or table of that name (image names with or without ``.png``).
-    max_table_rows : int, default 1000
-        Rows shown per table.
-    headline : str, optional
-        The finding in one sentence (:func:`headline`), boxed at the top.
-    skipped : dict of what -> why, optional
-        Parts of the run or the report that were left out, and the reason (``"cluster precision":
-        "no item truth"``).
-    run_info : dict of name -> table, optional
-        Tables about the run itself, shown last under "Run".
-    config : dict, optional
-        The resolved configuration (nested), shown flattened (:func:`flatten_config`) and folded.
-
-    Returns
-    -------
-    bytes: the HTML page (UTF-8).
-    """
-    captions = dict(captions or {})
-    if int(max_table_rows) < 1:
-        raise MfsimError(f"max_table_rows must be >= 1, got {max_table_rows}")
-    files: dict[str, bytes] = {}
-    img_entries: list[tuple[str, str]] = []  # (file name, key as given)
-    for key, data in images.items():
-        fname = str(key) if str(key).endswith(".png") else f"{key}.png"
-        if not _SAFE_NAME.match(fname):
-            raise MfsimError(
-                f"image name {key!r} is not a plain file name; use letters, digits, '_', '.', '-'"
-            )
-        if fname in files:
-            raise MfsimError(f"two images map to the file {fname!r}; give them distinct names")
-        if not isinstance(data, (bytes, bytearray)) or not bytes(data).startswith(PNG_MAGIC):
-            raise MfsimError(f"image {key!r} is not PNG bytes; pass the output of the *_png functions")
-        files[fname] = bytes(data)
-        img_entries.append((fname, str(key)))
-
-    def caption_of(*names: str) -> str | None:
-        for nm in names:
-            if nm in captions:
-                return captions[nm]
-        return None
-
-    run_info = dict(run_info or {})
-    known = {k for f, k in img_entries} | {f for f, _ in img_entries} | {str(t) for t in tables} \
-        | {str(t) for t in run_info}
-    unknown = sorted(set(map(str, captions)) - known)
-    if unknown:
-        raise MfsimError(f"captions for unknown images or tables: {unknown}; valid names: {sorted(known)}")
-
-    esc = html.escape
-    rows = int(max_table_rows)
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{esc(str(title))}</title>",
-        f"<style>{_CSS}</style>",
-        "</head>",
-        "<body>",
-        f"<h1>{esc(str(title))}</h1>",
-    ]
-    if headline:
-        parts.append(f'<p class="headline">{esc(str(headline))}</p>')
-    if summary_lines:
-        parts.append('<ul class="summary">')
-        parts.extend(f"<li>{esc(str(line))}</li>" for line in summary_lines if line)
-        parts.append("</ul>")
-    if skipped:
-        parts.append('<section id="skipped">')
-        parts.append('<p class="skipped">Not in this report:</p>')
-        parts.append('<ul class="skipped">')
-        parts.extend(f"<li><b>{esc(str(what))}</b>: {esc(str(why))}</li>" for what, why in skipped.items())
-        parts.append("</ul>")
-        parts.append("</section>")
-    if img_entries:
-        parts.append('<section id="figures">')
-        parts.append("<h2>Figures</h2>")
-        for number, (fname, key) in enumerate(img_entries, start=1):
-            cap = caption_of(key, fname)
-            alt = cap if cap is not None else key
-            parts.append(f'<figure id="{esc(fname[:-4])}">')
-            data_uri = "data:image/png;base64," + base64.b64encode(files[fname]).decode("ascii")
-            parts.append(f'<img src="{data_uri}" alt="{esc(str(alt))}">')
-            text = f" {esc(str(cap))}" if cap is not None else ""
-            parts.append(f"<figcaption><b>Figure {number}</b> ({esc(fname)}).{text}</figcaption>")
-            parts.append("</figure>")
-        parts.append("</section>")
-
-    def table_section(sid: str, name: str, table, level: str) -> None:
-        parts.append(f'<section id="{sid}">')
-        parts.append(f"<{level}>{esc(str(name))}</{level}>")
-        cap = caption_of(str(name))
-        if cap is not None:
-            parts.append(f'<p class="caption">{esc(str(cap))}</p>')
-        parts.append(_table_html(table, rows, str(name)))
-        parts.append("</section>")
-
-    for i, (name, table) in enumerate(tables.items()):
-        table_section(f"table-{i}", name, table, "h2")
-    if run_info or config:
-        parts.append('<section id="run">')
-        parts.append("<h2>Run</h2>")
-        parts.append('<div class="runinfo">')
-        for i, (name, table) in enumerate(run_info.items()):
-            table_section(f"run-{i}", name, table, "h3")
-        parts.append("</div>")
-        if config:
-            flat = flatten_config(config)
-            parts.append(f"<details><summary>Resolved configuration: all {len(flat)} keys</summary>")
-            parts.append(_table_html([{"key": k, "value": "null" if v is None else v} for k, v in flat.items()],
-                                     max(rows, len(flat)),
-                                     "configuration"))
-            parts.append("</details>")
-        parts.append("</section>")
-    parts += ["</body>", "</html>", ""]
-    return "\n".join(parts).encode("utf-8")
-
-
-_CSS = (
-    "body{font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;"
-    "margin:1.5em auto;max-width:1500px;padding:0 1em;color:#222;line-height:1.4}"
-    "h1{font-size:1.6em;border-bottom:2px solid #ddd;padding-bottom:.2em}"
-    "h2{font-size:1.2em;margin-top:1.6em}"
-    "ul.summary li{margin:.15em 0}"
-    "table{border-collapse:collapse;font-size:.85em;margin:.4em 0 1em}"
-    "th,td{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:top}"
-    "th{background:#f2f2f2}"
-    "td.num{text-align:right;font-variant-numeric:tabular-nums}"
-    "tr:nth-child(even) td{background:#fafafa}"
-    "figure{margin:1em 0 2em}"
-    "img{max-width:100%;height:auto;border:1px solid #eee}"
-    "figcaption,p.caption,p.note{color:#555;font-size:.9em}"
-    "p.headline{font-size:1.15em;background:#fff6e5;border:1px solid #e0b050;border-left:6px solid #d08000;"
-    "padding:.6em 1em;margin:.8em 0 1em}"
-    "p.skipped{margin:.6em 0 .1em;color:#555}ul.skipped{color:#555;margin-top:0}ul.skipped li{margin:.15em 0}"
-    "div.table{overflow-x:auto;max-width:100%}"
-    "div.runinfo{display:flex;flex-wrap:wrap;gap:0 2.5em;align-items:flex-start}"
-    "details{margin:.5em 0 2em}summary{cursor:pointer;color:#335}"
-)
-
-
 # --------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _png(fig: Figure) -> bytes:
-    FigureCanvasAgg(fig)  # attaches an Agg canvas: no pyplot, no global backend
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})  # no version stamp
-    return buf.getvalue()
-
-
-def _draw_heatmap(ax, C: np.ndarray, title: str, boundaries: np.ndarray, axis_label: str | None,
-                  vmin: float = -1.0, vmax: float = 1.0, cmap: str = HEATMAP_CMAP):
-    m = C.shape[0]
-    im = ax.imshow(C, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="antialiased",
-                   origin="upper", extent=(-0.5, m - 0.5, m - 0.5, -0.5))
-    for b in boundaries:  # line between positions b-1 and b
-        ax.axhline(b - 0.5, color="k", lw=0.6, alpha=0.8)
-        ax.axvline(b - 0.5, color="k", lw=0.6, alpha=0.8)
-    ax.set_title(textwrap.fill(title, 40), fontsize=10)
-    if axis_label:
-        ax.set_xlabel(axis_label, fontsize=9)
-        ax.set_ylabel(axis_label, fontsize=9)
-    ax.tick_params(labelsize=8)
-    return im
 
 
 def _check_count(value: Any, name: str, low: int) -> None:
@@ -1390,8 +753,8 @@ def _check_topn(idx: np.ndarray, cnt: np.ndarray, name: str) -> tuple[np.ndarray
         raise MfsimError(f"list {name} has a negative id within its counts; -1 marks padding after the count")
     return idx, cnt.astype(np.int64)
 
-
-def _check_boundaries(boundaries, m: int) -> np.ndarray:
+def check_boundaries(boundaries, m: int) -> np.ndarray:
+    """Boundary positions (``cluster_boundaries``) checked against m displayed items, as int64; none for None."""
     if boundaries is None:
         return np.zeros(0, dtype=np.int64)
     b = np.asarray(boundaries)
@@ -1405,7 +768,8 @@ def _check_boundaries(boundaries, m: int) -> np.ndarray:
     return b.astype(np.int64)
 
 
-def _check_sigma(sigma) -> np.ndarray:
+def check_sigma(sigma) -> np.ndarray:
+    """Singular values as a (k,) float64 array, checked finite and >= 0."""
     s = np.asarray(sigma, dtype=np.float64)
     if s.ndim != 1:
         raise MfsimError(f"expected singular values of shape (k,), got shape {s.shape}")
@@ -1414,7 +778,8 @@ def _check_sigma(sigma) -> np.ndarray:
     return s
 
 
-def _check_lambdas(lambdas: Mapping[str, float]) -> dict[str, float]:
+def check_lambdas(lambdas: Mapping[str, float]) -> dict[str, float]:
+    """The lambdas of ``LAMBDA_KEYS`` as floats, checked finite and >= 0."""
     out = {}
     for key, lam in lambdas.items():
         if key not in LAMBDA_KEYS:
@@ -1424,61 +789,3 @@ def _check_lambdas(lambdas: Mapping[str, float]) -> dict[str, float]:
             raise MfsimError(f"lambda of {key} must be a finite number >= 0, got {lam!r}; set objectives.{key}.lambda")
         out[key] = lam
     return out
-
-
-def _fmt(v: Any) -> tuple[str, bool]:
-    """(text, is_number) of one table cell; floats with 4 significant digits."""
-    if v is None:
-        return "", False
-    if isinstance(v, (bool, np.bool_)):
-        return str(bool(v)).lower(), False
-    if isinstance(v, (float, np.floating)):
-        return f"{float(v):.4g}", True
-    if isinstance(v, (int, np.integer)):
-        return str(int(v)), True
-    if isinstance(v, (list, tuple, np.ndarray)):
-        return "[" + ", ".join(_fmt(x)[0] for x in v) + "]", False
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k}: {_fmt(x)[0]}" for k, x in v.items()) + "}", False
-    if isinstance(v, bytes):
-        return v.hex(), False
-    return str(v), False
-
-
-def _table_html(table, max_rows: int, name: str) -> str:
-    if isinstance(table, pa.Table):
-        columns = list(table.column_names)
-        n_total = table.num_rows
-        rows = table.slice(0, max_rows).to_pylist()
-    elif isinstance(table, Sequence) and not isinstance(table, (str, bytes)):
-        columns = []
-        seen = set()
-        for row in table:
-            if not isinstance(row, Mapping):
-                raise MfsimError(
-                    f"table {name!r} must be a pyarrow.Table or a list of dict rows, got a row of type "
-                    f"{type(row).__name__}"
-                )
-            for k in row:
-                if k not in seen:
-                    seen.add(k)
-                    columns.append(k)
-        n_total = len(table)
-        rows = list(table[:max_rows])
-    else:
-        raise MfsimError(f"table {name!r} must be a pyarrow.Table or a list of dict rows, got {type(table).__name__}")
-    esc = html.escape
-    out = ['<div class="table"><table>', "<thead><tr>" + "".join(f"<th>{esc(str(c))}</th>" for c in columns) + "</tr></thead>", "<tbody>"]
-    for row in rows:
-        cells = []
-        for c in columns:
-            text, num = _fmt(row.get(c))
-            cls = ' class="num"' if num else ""
-            cells.append(f"<td{cls}>{esc(text)}</td>")
-        out.append("<tr>" + "".join(cells) + "</tr>")
-    out.append("</tbody></table></div>")
-    if n_total > len(rows):
-        out.append(f'<p class="note">First {len(rows)} of {n_total} rows.</p>')
-    if n_total == 0:
-        out.append('<p class="note">No rows.</p>')
-    return "\n".join(out)

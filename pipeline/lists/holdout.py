@@ -1,0 +1,89 @@
+"""Held-out recall@N and NDCG@N of a fit's user-item lists, computed as Dask tasks; the progress labels of list groups.
+
+``holdout_metrics`` scores the user-item lists of a fit on the train split against the held-out
+entries of the test split (``evaluate.split_holdout``): the lists of each group are computed by
+``neighbours.run_topn`` and scored inside their tasks (``evaluate.holdout_sums``), so only the
+sums come back. The evaluation stage and the lambda sweep both call it.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Iterable, Iterator, TypeVar
+
+import numpy as np
+import pyarrow as pa
+
+from mfsim.pipeline.blocks import RowBlocks
+from mfsim.pipeline.config import Config
+from mfsim.pipeline.lists.evaluate import held_out_rows, holdout_sums, list_length, merge_sums, sample_users
+from mfsim.pipeline.lists.neighbours import GemmGroup, GroupInputs, csr_rows, group_inputs, plan_lists, query_ranges, \
+    run_topn
+from mfsim.pipeline.model.fit import Fit
+from mfsim.pipeline.progress import progress
+from mfsim.pipeline.registry import metrics_of
+
+T = TypeVar("T")
+
+
+def holdout_metrics(client, cfg: Config, fit: Fit, train: RowBlocks, test: RowBlocks, user_ids: pa.Array,
+                    item_ids: pa.Array, show_progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows of ``evaluation/metrics.parquet`` for the fit on ``train``, and the manifest's account of the users.
+
+    The users are ``sample_users(held_out_rows(test), evaluation.max_users, evaluation.seed)``:
+    all users with held-out items, or a seeded sample of ``max_users`` of them, whose lists alone
+    are computed (``O(max_users p k)`` per list). Per list and cutoff: the mean recall and NDCG
+    over those users and their standard errors ``sd / sqrt(n_users)``.
+    """
+    ecfg, ncfg = cfg.evaluation, cfg.neighbours
+    held = held_out_rows(test)
+    users = sample_users(held, ecfg.max_users, ecfg.seed)
+    sampled = users.size < held.size
+    subset, then_parts = None, test.parts
+    if sampled:  # only the sample's lists; the sample's held-out rows, gathered on a worker from the blocks read
+        subset = users
+        needed = set((np.searchsorted(test.row_offsets, users, side="right") - 1).tolist())
+        parts = [part if b in needed else None for b, part in enumerate(test.parts)]
+        then_parts = [client.submit(csr_rows, parts, test.row_offsets, users, test.n_cols, pure=False)]
+    cutoffs = tuple(ecfg.cutoffs)
+    rows = []
+    for g in plan_lists(list(fit.factors), [], ncfg.user_item or list(metrics_of("user_item")), []):
+        A, B = fit.factors.pair((g.objective, g.scaling), client)
+        inputs = group_inputs(client, g, A, B, fit.users((g.objective, g.scaling)), X=train, user_ids=user_ids,
+                              item_ids=item_ids, subset=subset, cosine_norm_floor=ncfg.cosine_norm_floor)
+        results = run_topn(
+            client, inputs.queries, inputs.candidates, list_length(max(cutoffs), len(inputs.candidate_ids)),
+            tuple(g.outputs), rows_per_task=ncfg.query_chunk,
+            candidate_block=ncfg.candidate_block, then=partial(holdout_sums, cutoffs=cutoffs), then_parts=then_parts)
+        if show_progress:
+            results = group_progress(results, g, inputs, ncfg.query_chunk, "evaluation")
+        rows += _group_rows(g, [res for _, res in results], cutoffs)
+    return rows, {"n_users_held_out": int(held.size), "n_users_evaluated": int(users.size),
+                  "max_users": ecfg.max_users, "sampled": bool(sampled)}
+
+
+def _group_rows(g: GemmGroup, results: list[dict], cutoffs: tuple[int, ...]) -> list[dict[str, Any]]:
+    """One row per list of group ``g`` and cutoff: the sums of every query range merged, as means and standard
+    errors."""
+    rows = []
+    for kernel_metric, label in g.outputs.items():
+        merged = merge_sums([res[kernel_metric] for res in results])
+        means, se = merged.finish(), merged.standard_errors()
+        for c in cutoffs:
+            rows.append({"objective": label.objective, "scaling": label.scaling, "metric": label.metric,
+                         "top_n": c, "recall": means["recall"][c], "recall_se": se["recall"][c],
+                         "ndcg": means["ndcg"][c], "ndcg_se": se["ndcg"][c], "n_users": merged.count})
+    return rows
+
+
+def group_progress(results: Iterable[T], g: GemmGroup, inputs: GroupInputs, rows_per_task: int,
+                   stage: str) -> Iterator[T]:
+    """``results`` of ``run_topn`` for list group ``g``, one progress step per query range, labelled
+    ``<stage> <objective>/<scaling> <metric>+<metric>`` (``neighbours item_item eq1/symmetric dot+cosine``)."""
+    n_ranges = len(query_ranges(inputs.queries.sizes, inputs.queries.firsts, rows_per_task))
+    return progress(results, n_ranges, group_label(g, stage))
+
+
+def group_label(g: GemmGroup, stage: str) -> str:
+    """``<stage> <objective>/<scaling> <metric>+<metric>``, the progress label of list group ``g``."""
+    return f"{stage} {g.objective}/{g.scaling} " + "+".join(label.metric for label in g.outputs.values())
