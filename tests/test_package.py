@@ -89,6 +89,20 @@ def test_math_and_lists_never_import_the_run_bookkeeping():
             assert not _in("mfsim.pipeline.runs", dep), f"{module} imports {dep}"
 
 
+# The math, the lists and the report in that order: each may read the ones before it, never one after.
+PIPELINE_ORDER = ("mfsim.pipeline.model", "mfsim.pipeline.lists", "mfsim.pipeline.report")
+
+
+def test_math_lists_report_import_only_downwards():
+    graph = import_graph()
+    for module, deps in graph.items():
+        mine = [i for i, pkg in enumerate(PIPELINE_ORDER) if _in(pkg, module)]
+        for dep in deps:
+            theirs = [i for i, pkg in enumerate(PIPELINE_ORDER) if _in(pkg, dep)]
+            if mine and theirs:
+                assert theirs[0] <= mine[0], f"{module} imports {dep}"
+
+
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """A cycle of the graph as a path ``[m, ..., m]``, or None (depth-first search)."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done

@@ -6,7 +6,6 @@ import io
 
 import matplotlib
 import numpy as np
-import pyarrow as pa
 import pytest
 from matplotlib.image import imread
 
@@ -107,15 +106,6 @@ def test_histogram_png():
         histogram_png({"a": np.array([0.5, 1.5])}, "t", "x")
 
 
-def _sweep_table():
-    return pa.table({"objective": ["eq1", "eq1", "eq1", "eq2", "eq2"],
-                     "lambda": [100.0, 10.0, 1000.0, 2.0, 0.0],
-                     "chosen": [True, False, False, False, True],
-                     "n_users": pa.array([50] * 5, pa.int64()),
-                     "recall@20": [0.2, 0.1, 0.15, 0.3, 0.31],
-                     "ndcg@20": [0.25, 0.12, 0.2, 0.33, 0.35]})
-
-
 # ---------------------------------------------------------------------------------------------
 # the figures of data without cluster truth
 
@@ -141,7 +131,7 @@ def test_heatmap_grid_png_limits_and_difference_panel():
         heatmap_grid_png([("a", X)], difference=("d", X, X[:30]))
 
 
-def test_pair_scatter_and_displacement_and_sweep_pngs():
+def test_pair_scatter_and_displacement_and_sweep_pngs(sweep_table):
     rng = np.random.default_rng(19)
     x = rng.uniform(-1, 1, 500)
     decode(pair_scatter_png(x, np.clip(x + 0.3 * rng.standard_normal(500), -1, 1), x, x, ("eq1 / a", "eq1 / b")))
@@ -151,6 +141,6 @@ def test_pair_scatter_and_displacement_and_sweep_pngs():
     one = decode(displacement_png({"cosine": disp}, 10, "t"))
     two = decode(displacement_png({"cosine": disp, "model": np.zeros((30, 10))}, 10, "t"))
     assert two.shape[1] > 1.7 * one.shape[1]
-    decode(lambda_sweep_png(_sweep_table(), "ndcg@20"))  # eq2 has a lambda 0: left off the log axis
+    decode(lambda_sweep_png(sweep_table, "ndcg@20"))  # eq2 has a lambda 0: left off the log axis
     with pytest.raises(MfsimError, match="select_metric"):
-        lambda_sweep_png(_sweep_table(), "recall@5")
+        lambda_sweep_png(sweep_table, "recall@5")

@@ -411,17 +411,8 @@ def test_audit_jaccards_groups_by_comparison_and_metric():
         audit_jaccards(detail.drop(["jaccard"]))
 
 
-def _sweep_table():
-    return pa.table({"objective": ["eq1", "eq1", "eq1", "eq2", "eq2"],
-                     "lambda": [100.0, 10.0, 1000.0, 2.0, 0.0],
-                     "chosen": [True, False, False, False, True],
-                     "n_users": pa.array([50] * 5, pa.int64()),
-                     "recall@20": [0.2, 0.1, 0.15, 0.3, 0.31],
-                     "ndcg@20": [0.25, 0.12, 0.2, 0.33, 0.35]})
-
-
-def test_sweep_series_sorts_by_lambda_and_marks_the_chosen():
-    got = sweep_series(_sweep_table(), "ndcg@20")
+def test_sweep_series_sorts_by_lambda_and_marks_the_chosen(sweep_table):
+    got = sweep_series(sweep_table, "ndcg@20")
     assert list(got) == ["eq1", "eq2"]
     lam, val, chosen = got["eq1"]
     np.testing.assert_array_equal(lam, [10.0, 100.0, 1000.0])
@@ -430,7 +421,7 @@ def test_sweep_series_sorts_by_lambda_and_marks_the_chosen():
     np.testing.assert_array_equal(got["eq2"][0], [0.0, 2.0])
     np.testing.assert_array_equal(got["eq2"][2], [0.0])
     with pytest.raises(MfsimError, match=r"lacks \['ndcg@10'\].*recall@20"):
-        sweep_series(_sweep_table(), "ndcg@10")
+        sweep_series(sweep_table, "ndcg@10")
 
 
 def test_headline_states_the_finding_with_its_number():
