@@ -56,6 +56,9 @@ from mfsim.pipeline.shared import runner
 
 log = logging.getLogger("mfsim.cosine")
 
+#: Columns of an evaluation's products per embedding column: ``X_b [A | Q]`` (2k) and ``X_b^T [...]`` (3k).
+COSINE_WIDTH = 5
+
 
 @dataclass
 class CosineFit:

@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mfsim.pipeline.blocks import RowBlocks
+from mfsim.pipeline.blocks import RowBlocks, rounds_where
 from mfsim.pipeline.config import Config, ObjectivesSection
-from mfsim.pipeline.model.cosine_model import normalize_rows, train_cosine
+from mfsim.pipeline.model.cosine_model import COSINE_WIDTH, normalize_rows, train_cosine
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.model.factors import Factors, build_embeddings, eq2_scales, user_embeddings_blocks
 from mfsim.pipeline.model.preprocess import Preprocessor, preprocess
@@ -109,11 +109,14 @@ def fit_factors(spec: Spectrum, objectives: ObjectivesSection, timer: Timer | No
         # iterations against 263.5k from the unscaled Eq. 2 solution).
         rms = float(np.sqrt(np.sum((fit.sigma * a) ** 2) / max(1, fit.X.n_rows)))
         with _stage(timer, prefix + "cosine"):
-            trained = train_cosine(fit.X, V * (a / rms), normalize_rows(V * b)[0], lam=ccfg.lambda_,
+            X, where = rounds_where(fit.X, COSINE_WIDTH * V.shape[1])
+            trained = train_cosine(X, V * (a / rms), normalize_rows(V * b)[0], lam=ccfg.lambda_,
                                    max_iterations=ccfg.max_iterations, tol=ccfg.tol, col_offset=fit.prep.col_offset)
+            del X
         A, B = trained.factors()
         fit.factors.add(("cosine", UNIQUE), A, B, user_scale=trained.user_scale)
-        fit.meta["cosine"] = {"lambda": float(ccfg.lambda_), "start": f"eq2 lambda={lam2:g}", **trained.describe()}
+        fit.meta["cosine"] = {"lambda": float(ccfg.lambda_), "start": f"eq2 lambda={lam2:g}", "ran_on": where,
+                              **trained.describe()}
     return fit
 
 

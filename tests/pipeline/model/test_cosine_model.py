@@ -137,3 +137,22 @@ def test_the_same_result_in_process_and_on_one_and_two_workers(client, client1):
         np.testing.assert_array_equal(other.A, fits[0].A)
         np.testing.assert_array_equal(other.Q, fits[0].Q)
         assert other.gamma == fits[0].gamma
+
+
+def test_rounds_run_in_process_below_the_work_limit_and_on_the_workers_above(client, monkeypatch):
+    import mfsim.pipeline.blocks as blocks_module
+    from mfsim.pipeline.blocks import rounds_where
+
+    X = _small(n=200, p=30, density=0.15)
+    on_cluster = RowBlocks.from_scipy(X, 48, client)
+    assert on_cluster.nnz == X.nnz
+    on_cluster.nnz = -1  # as a split's blocks: counted over the blocks when asked
+    here, where = rounds_where(on_cluster, 5 * 4)
+    assert where == "driver" and here.client is None and on_cluster.nnz == X.nnz
+    assert (here.gather() != X).nnz == 0 and np.array_equal(here.row_offsets, on_cluster.row_offsets)
+    # one round's work is nnz x width: the limit itself still runs here, one more multiply-add does not
+    monkeypatch.setattr(blocks_module, "ROUNDS_HERE_MAX_WORK", X.nnz * 20)
+    assert rounds_where(on_cluster, 20)[1] == "driver"
+    same, where = rounds_where(on_cluster, 21)
+    assert where == "workers" and same is on_cluster
+    assert rounds_where(RowBlocks.from_scipy(X, 48), 10**9)[1] == "driver"  # no client: always here
