@@ -48,7 +48,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from mfsim.kernels.threads import blas_limit, one_thread
-from mfsim.kernels.rows import ordered_sum, row_dots, row_norms
+from mfsim.kernels.rows import ordered_sum, row_dots, row_norms, unit_rows, unit_rows_backward_into
 from mfsim.kernels.sparse import csr_matmat, csr_t_matmat
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks, tree_reduce
 from mfsim.pipeline.errors import MfsimError
@@ -180,11 +180,13 @@ def block_pass(block: CSRBlock, point: tuple[np.ndarray, np.ndarray, np.ndarray]
     A, Q, G_Q = point
     k = A.shape[1]
     AQ = np.ascontiguousarray(np.hstack([A, Q]))
-    XAQ = _times(block, AQ, None if col_offset is None else col_offset @ AQ)
-    P, r = normalize_rows(XAQ[:, :k], direction_floors(block, *norms))  # norms: |c|, ||A||_F
-    Z = XAQ[:, k:]
-    parts = np.hstack([normalize_rows_backward(Z, P, r), normalize_rows_backward(P @ G_Q, P, r), P])
-    return ordered_sum(row_dots(P, Z)), P.T @ P, int(np.count_nonzero(r)), _t_times(block, parts, col_offset)
+    XAQ = _times(block, AQ, None if col_offset is None else col_offset @ AQ)  # [X_b A | Z]
+    P, r, inv = unit_rows(XAQ, k, direction_floors(block, *norms))  # norms: |c|, ||A||_F
+    parts = np.empty((block.n_rows, 3 * k))
+    pz = unit_rows_backward_into(XAQ, k, P, inv, parts, 0)  # N'[Z], and P . Z per row
+    unit_rows_backward_into(P @ G_Q, 0, P, inv, parts, k)  # N'[P G_Q]
+    parts[:, 2 * k:] = P
+    return ordered_sum(pz), P.T @ P, int(np.count_nonzero(r)), _t_times(block, parts, col_offset)
 
 
 def _sum_passes(*parts: tuple[float, np.ndarray, int, np.ndarray]) -> tuple[float, np.ndarray, int, np.ndarray]:
