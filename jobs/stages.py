@@ -10,7 +10,7 @@ outputs through the run writer, and returns its manifest entries and its publish
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from mfsim.jobs.progress import progress
 from mfsim.pipeline import outputs
+from mfsim.pipeline.blocks import rounds_where
 from mfsim.pipeline.config import Config, NeighboursSection
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.ingest import IngestResult, ingest
@@ -124,7 +125,8 @@ def fit_stage(ctx: StageContext) -> StageResult:
     if sweep is not None:
         for objective in sweep.chosen:
             meta[objective]["lambda_chosen"] = {"by": ctx.cfg.evaluation.select_metric, "on": "held-out split",
-                                                "grid": sweep.grids[objective], "output": outputs.LAMBDA_SWEEP}
+                                                "grid": sweep.grids[objective], "output": outputs.LAMBDA_SWEEP,
+                                                "ran_on": sweep.ran_on}
         ctx.run.write_table(outputs.LAMBDA_SWEEP, sweep.table)
         tables["lambda_sweep"] = sweep.table
     return StageResult({"preprocess": fit.prep.describe(), "svd": svd, "factors": meta}, tables)
@@ -172,12 +174,19 @@ def lambda_sweep(ctx: StageContext) -> Sweep:
     score_cfg = cfg.model_copy(deep=True)
     score_cfg.neighbours.user_item = ["dot"]
     score_cfg.evaluation.cutoffs = cutoffs
+    # each lambda is a round of P = X A and the held-out users' lists: here when that is small (rounds_where)
+    users = min(train.n_rows, ecfg.max_users)
+    X_sweep, where = rounds_where(spectrum.X, cfg.svd.rank, dense_work=users * train.n_cols * cfg.svd.rank)
+    if where == "driver" and ctx.client is not None:
+        spectrum, train, test = replace(spectrum, X=X_sweep), train.here(), test.here()
+    client = None if where == "driver" else ctx.client
 
     def score(fit: Fit) -> list[dict[str, Any]]:
-        return holdout_metrics(ctx.client, score_cfg, fit, train=train, test=test, user_ids=data.user_ids,
+        return holdout_metrics(client, score_cfg, fit, train=train, test=test, user_ids=data.user_ids,
                                item_ids=data.item_ids, show_progress=False)[0]
 
-    return sweep_lambdas(spectrum, cfg.objectives, select_metric=ecfg.select_metric, cutoffs=cutoffs, score=score)
+    sweep = sweep_lambdas(spectrum, cfg.objectives, select_metric=ecfg.select_metric, cutoffs=cutoffs, score=score)
+    return replace(sweep, ran_on=where)
 
 
 def warm_start(ctx: StageContext) -> tuple[np.ndarray | None, dict[str, Any] | None]:

@@ -178,14 +178,24 @@ def _block_nnz(block: CSRBlock) -> int:
 ROUNDS_HERE_MAX_WORK = 1e9
 
 
-def rounds_where(X: RowBlocks, width: int) -> tuple[RowBlocks, str]:
-    """``(X, where)`` for many rounds of ``width``-column products over X's blocks: X gathered into this process
-    (``"driver"``) when a round's work ``nnz x width`` is at most ``ROUNDS_HERE_MAX_WORK``, else X as it is
-    (``"workers"`` on a client). Results are the same bit for bit either way (each block's sums on one thread,
-    combined in ``tree_reduce``'s fixed order)."""
+#: Rounds whose work is dense top-N lists (the lambda sweep's held-out lists: users x items x k multiply-adds of
+#: float32 gemm, one thread in this process, as on a worker) run in this process up to this much dense work per
+#: round, beside the sparse limit above. Measured on the 2-core machine: ml-100k's sweep (943 users x 1,682 items x
+#: 64, 1e8 per lambda) 4.0 s in process against 4.8 s as rounds of tasks on 2 workers; ``make run``'s (20,000
+#: held-out users x 1,000 items x 50, 1e9 per lambda) 14.8 s against 14.1 s: one thread here is as fast as two
+#: workers there at 1e9, so the limit is 1e9 (above it the workers' parallel gemm can only gain more).
+LIST_ROUNDS_HERE_MAX_WORK = 1e9
+
+
+def rounds_where(X: RowBlocks, width: int, dense_work: float = 0.0) -> tuple[RowBlocks, str]:
+    """``(X, where)`` for many rounds of ``width``-column products over X's blocks (and ``dense_work`` multiply-adds
+    of top-N lists per round): X gathered into this process (``"driver"``) when a round's sparse work
+    ``nnz x width`` is at most ``ROUNDS_HERE_MAX_WORK`` and its dense work at most ``LIST_ROUNDS_HERE_MAX_WORK``,
+    else X as it is (``"workers"`` on a client). Results are the same bit for bit either way (each block's sums on
+    one thread, combined in ``tree_reduce``'s fixed order; top-N ranges on one thread)."""
     if X.client is None:
         return X, "driver"
-    if X.stored() * int(width) <= ROUNDS_HERE_MAX_WORK:
+    if X.stored() * int(width) <= ROUNDS_HERE_MAX_WORK and dense_work <= LIST_ROUNDS_HERE_MAX_WORK:
         return X.here(), "driver"
     return X, "workers"
 

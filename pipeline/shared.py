@@ -123,8 +123,8 @@ class Here:
         return value
 
     def share_f32(self, x: Any, name: str = "array") -> Any:
-        """The array itself, as it is (nothing is sent, so nothing is converted)."""
-        return x
+        """``x`` as a contiguous float32 array, as ``share_f32`` makes it (no copy when it already is one)."""
+        return np.ascontiguousarray(x, dtype=np.float32)
 
     def gather(self, x: Any) -> Any:
         """``x`` itself (a value, or a list of values)."""

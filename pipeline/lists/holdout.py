@@ -22,6 +22,7 @@ from mfsim.pipeline.lists.neighbours import GemmGroup, GroupInputs, csr_rows, gr
 from mfsim.pipeline.model.fit import Fit
 from mfsim.pipeline.progress import progress
 from mfsim.pipeline.registry import metrics_of
+from mfsim.pipeline.shared import runner
 
 T = TypeVar("T")
 
@@ -44,7 +45,7 @@ def holdout_metrics(client, cfg: Config, fit: Fit, train: RowBlocks, test: RowBl
         subset = users
         needed = set((np.searchsorted(test.row_offsets, users, side="right") - 1).tolist())
         parts = [part if b in needed else None for b, part in enumerate(test.parts)]
-        then_parts = [client.submit(csr_rows, parts, test.row_offsets, users, test.n_cols, pure=False)]
+        then_parts = [runner(client).submit(csr_rows, parts, test.row_offsets, users, test.n_cols)]
     cutoffs = tuple(ecfg.cutoffs)
     rows = []
     for g in plan_lists(list(fit.factors), [], ncfg.user_item or list(metrics_of("user_item")), []):

@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mfsim.kernels.threads import on_one_thread
+from mfsim.kernels.threads import on_one_thread, one_thread
 from mfsim.kernels.topn import (
     SYMMETRIC_TILE,
     TopN,
@@ -53,7 +53,7 @@ from mfsim.pipeline import outputs
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.registry import INVARIANT, LISTS, list_defined
-from mfsim.pipeline.shared import is_future, share, share_f32, stack
+from mfsim.pipeline.shared import is_future, runner, share, share_f32, stack, value
 
 
 @dataclass(frozen=True)
@@ -240,23 +240,27 @@ def run_topn(client, queries: QuerySet, candidates: Any, n: int, metrics: tuple[
     memory does not grow with the number of ranges.
     """
     ranges = query_ranges(queries.sizes, queries.firsts, rows_per_task)
+    run = runner(client)
+    # in this process a range runs as a worker runs it, on one thread: the same tiles, the same float32 scores
+    task = topn_task if client is not None else one_thread(topn_task)
 
     def submit(r: QueryRange):
-        return client.submit(topn_task, queries.parts[r.part], r, candidates, n=n, metrics=metrics,
-                             candidate_block=candidate_block, scale=scale, exclude_self=queries.exclude_self,
-                             exclude=queries.exclude[r.part] if queries.exclude is not None else None,
-                             then=then, then_part=then_parts[r.part] if then_parts is not None else None,
-                             cosine_min_norm=queries.cosine_min_norm, pure=False)
+        return run.submit(task, queries.parts[r.part], r, candidates, n=n, metrics=metrics,
+                          candidate_block=candidate_block, scale=scale, exclude_self=queries.exclude_self,
+                          exclude=queries.exclude[r.part] if queries.exclude is not None else None,
+                          then=then, then_part=then_parts[r.part] if then_parts is not None else None,
+                          cosine_min_norm=queries.cosine_min_norm, pure=False)
 
     # a bounded window of ranges in flight: results wait on the workers only until this loop takes them
-    window = max(2, 2 * sum(client.nthreads().values()))
+    window = max(2, 2 * sum(client.nthreads().values())) if client is not None else 1
     in_flight = deque(submit(r) for r in ranges[:window])
     for i, r in enumerate(ranges):
         fut = in_flight.popleft()
         if i + window < len(ranges):
             in_flight.append(submit(ranges[i + window]))
-        result = fut.result()
-        fut.release()
+        result = value(fut)
+        if is_future(fut):
+            fut.release()
         yield r, result
 
 
@@ -454,11 +458,11 @@ def group_cosine_min_norms(client, g: GemmGroup, candidates: Any, user_parts: li
     ``(0, 0)`` when the group has no cosine list or the floor is 0. One small task per row block of P."""
     if relative <= 0 or "cosine" not in g.outputs:
         return 0.0, 0.0
-    c_max = client.submit(max_row_norm, candidates, pure=False).result()
+    run = runner(client)
+    c_max = value(run.submit(max_row_norm, candidates))
     if g.kind == "item_item":  # queries are the candidates
         return cosine_floor(c_max, relative), cosine_floor(c_max, relative)
-    q_max = max(client.gather([client.submit(max_row_norm, part, scale, pure=False) for part in user_parts]),
-                default=0.0)
+    q_max = max(run.gather([run.submit(max_row_norm, part, scale) for part in user_parts]), default=0.0)
     return cosine_floor(q_max, relative), cosine_floor(c_max, relative)
 
 
@@ -475,20 +479,21 @@ def group_inputs(client, g: GemmGroup, A: Any, B: Any, user_parts: list, X: RowB
     (``group_cosine_min_norms``).
     """
     p = len(item_ids)
+    run = runner(client)
     if not is_future(A):  # arrays: shared once each
-        A, B = share_f32(client, A, "factor-a"), share_f32(client, B, "factor-b")
+        A, B = run.share_f32(A, "factor-a"), run.share_f32(B, "factor-b")
     if g.kind == "item_item":
-        emb = {"A": lambda: A, "B": lambda: B, "A_proj": lambda: client.submit(projected, A, B, pure=False),
-               "G": lambda: client.submit(gram_factor, A, B, pure=False)}  # on the workers, from A and B
+        emb = {"A": lambda: A, "B": lambda: B, "A_proj": lambda: run.submit(projected, A, B),
+               "G": lambda: run.submit(gram_factor, A, B)}  # on the workers, from A and B
         cand = emb[g.candidates]()
         q = cand if g.queries == g.candidates else emb[g.queries]()
         floors = group_cosine_min_norms(client, g, cand, [], None, cosine_norm_floor)
         return GroupInputs(QuerySet.whole(q, p, exclude_self=True, cosine_min_norm=floors), cand, item_ids, [item_ids])
-    scale = client.submit(column_norms, B, pure=False).result() if g.queries == "P_proj" else None
+    scale = value(run.submit(column_norms, B)) if g.queries == "P_proj" else None
     if g.kind == "user_item":
         cand, cand_ids = B, item_ids
     else:  # P stacked on a worker from its row blocks: the candidates keep P's lineage
-        cand, cand_ids = client.submit(stack, scale, None, *user_parts, pure=False), user_ids
+        cand, cand_ids = run.submit(stack, scale, None, *user_parts), user_ids
     floors = group_cosine_min_norms(client, g, cand, user_parts, scale, cosine_norm_floor)
     if subset is None:
         queries = QuerySet(user_parts, np.diff(X.row_offsets).tolist(), X.row_offsets[:-1].tolist(),
@@ -498,13 +503,13 @@ def group_inputs(client, g: GemmGroup, A: Any, B: Any, user_parts: list, X: RowB
         id_parts = [user_ids.slice(int(offsets[b]), int(offsets[b + 1] - offsets[b])) for b in range(len(X.parts))]
         return GroupInputs(queries, cand, cand_ids, id_parts, scale)
     # the subset's rows of P and of X taken on a worker (tasks on the row-block futures, lineage kept)
-    P_sub = client.submit(stack, None, subset, *user_parts, pure=False)
+    P_sub = run.submit(stack, None, subset, *user_parts)
     if g.kind == "user_item":
         needed = set((np.searchsorted(X.row_offsets, subset, side="right") - 1).tolist())
         parts = [part if b in needed else None for b, part in enumerate(X.parts)]  # only the blocks read
-        excl = client.submit(csr_rows, parts, X.row_offsets, subset, X.n_cols, pure=False)
+        excl = run.submit(csr_rows, parts, X.row_offsets, subset, X.n_cols)
     else:  # each query's own row, by an exclusion mask: the subset's rows are not contiguous
-        excl = share(client, CSRBlock(np.arange(len(subset) + 1, dtype=np.int64), subset.astype(np.int32),
+        excl = run.share(CSRBlock(np.arange(len(subset) + 1, dtype=np.int64), subset.astype(np.int32),
                                       np.ones(len(subset), np.float32), X.n_rows), "exclude")
     ids = user_ids.take(pa.array(subset))
     queries = QuerySet.whole(P_sub, len(subset), exclude=[excl], cosine_min_norm=floors)

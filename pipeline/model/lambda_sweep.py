@@ -123,6 +123,7 @@ class Sweep:
     chosen: dict[str, float]
     grids: dict[str, list[float]]
     warnings: list[str]
+    ran_on: str = "workers"  # where the lambdas were scored: "driver" (in this process) or "workers"
 
 
 def sweep_lambdas(spectrum: Spectrum, objectives: ObjectivesSection, *, select_metric: str, cutoffs: list[int],

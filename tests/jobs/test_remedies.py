@@ -77,6 +77,7 @@ def test_the_sweep_picks_the_best_lambda_and_the_run_uses_it(auto_run):
         assert len(chosen) == 1 and chosen[0]["ndcg@20"] == best
         f = manifest["factors"][objective]
         assert f["lambda"] == chosen[0]["lambda"] and f["lambda_chosen"]["by"] == "ndcg@20"
+        assert f["lambda_chosen"]["ran_on"] == "driver"  # a small X: its lambdas scored in process (rounds_where)
         assert manifest["config"]["objectives"][objective]["lambda"] == "auto"
 
 

@@ -76,7 +76,10 @@ def test_here_runs_every_call_at_once_and_hands_values_back():
     x = np.arange(4.0)
     assert run.submit(np.multiply, x, 2, worker="tcp://nowhere:1", pure=True).tolist() == [0, 2, 4, 6]
     assert run.submit(np.sum, x, axis=0) == 6.0  # keywords reach the function
-    assert run.share(x, "x") is x and run.share_f32(x, "x") is x  # nothing sent, nothing converted
+    assert run.share(x, "x") is x  # nothing sent
+    f32 = run.share_f32(x[::2], "x")  # made what a task on a cluster reads: contiguous float32
+    assert f32.dtype == np.float32 and f32.flags.c_contiguous and f32.tolist() == [0.0, 2.0]
+    assert run.share_f32(f32, "x") is f32  # no copy when it already is one
     assert run.gather([x])[0] is x and run.holders([x, x]) == [None, None]
     assert runner_of(x, 2) is HERE and beside(np.sum, x) == 6.0 and value(x) is x
 
