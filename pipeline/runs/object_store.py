@@ -40,7 +40,7 @@ from typing import Any
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.runs.lock import utc_now
 from mfsim.pipeline.runs.records import LATEST, MANIFEST, is_lost
-from mfsim.pipeline.runs.root import Root
+from mfsim.pipeline.runs.root import Root, state_relative
 from mfsim.pipeline.runs.storage import Location, filesystem, normalize
 from mfsim.pipeline.runs.writer import RunWriter
 
@@ -134,9 +134,14 @@ class ObjectStoreRoot(Root):
         return ObjectStoreRunWriter(self.base, run_id, heartbeat_s=heartbeat_s, replace=replace)
 
     def _remove_run(self, run_id: str) -> bool:
-        """The manifest first, so the run stops being published before its files go."""
+        """The manifest first, so the run stops being published before its files go, then its files and its state
+        record (unless a run of that id started since the listing)."""
+        record = self.read_record(run_id)
+        if record is not None and record.get("state") != "succeeded":
+            return False  # a run of that id started since the listing
         self.remove(f"{run_id}/{MANIFEST}")
         self.remove(run_id, recursive=True)
+        self.remove(state_relative(run_id))
         return True
 
 

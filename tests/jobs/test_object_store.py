@@ -246,3 +246,24 @@ def test_open_run_reads_the_store_through_latest(s3, published):
     assert got["neighbour_id"].tolist() == ref["neighbour_id"].tolist()[:5]
     ids, emb = run.item_embeddings("eq1", "symmetric")
     assert emb.dtype == np.float32 and len(ids) == emb.shape[0] == run.manifest["n_items"]
+
+
+def test_retention_on_the_store_removes_old_runs_with_their_state_records(s3):
+    from mfsim.pipeline.runs.roots import open_root
+
+    url = f"s3://{BUCKET}/retention"
+    days = ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"]
+    for day in days:
+        with open_root(url).writer(day, heartbeat_s=60) as run:
+            run.write_table("t/x.parquet", pa.table({"x": [1]}))
+            run.publish({"counts": {"n": 1}})
+    root = open_root(url)
+    root.write_latest("2026-01-02")  # LATEST is never removed, whatever its age
+    files = s3_files(s3["fs"], f"{BUCKET}/retention")
+    assert all(f".mfsim/runs/{day}.json" in files and f"{day}/_manifest.json" in files for day in days)
+    assert root.prune_runs(1) == ["2026-01-01", "2026-01-03"]
+    files = s3_files(s3["fs"], f"{BUCKET}/retention")
+    for gone in ("2026-01-01", "2026-01-03"):  # neither its files nor its state record are left
+        assert not any(f.startswith(f"{gone}/") or f == f".mfsim/runs/{gone}.json" for f in files)
+    assert sorted(s.run_id for s in root.list_runs()) == ["2026-01-02", "2026-01-04"]
+    assert root.prune_runs(1) == []
