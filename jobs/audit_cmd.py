@@ -3,7 +3,7 @@
 Reads two files (or directories of Parquet parts) with an id column (the first column that is not
 ``embedding``) and an ``embedding`` column (``fixed_size_list<float32>[k]`` or ``list<float>``), as
 the pipeline writes them at ``user_embeddings/objective=.../scaling=...`` and ``item_embeddings/...``
-(``pipeline.inputs.read_embeddings``), and runs ``pipeline.audit.audit_embedding_pair``. Only the
+(``pipeline.inputs.read_embeddings``), and runs ``pipeline.lists.audit.audit_embedding_pair``. Only the
 sampled users are kept in memory (the users file is streamed in record batches); the items are
 read whole, since item-item lists need all of them.
 """
@@ -48,7 +48,7 @@ def run_audit_command(users_path: str | Path, items_path: str | Path, *, top_n: 
     users_path, items_path : path
         Parquet files with an id column and an ``embedding`` column of the same k.
     top_n, draws, spread, seed, max_users, cosine_norm_floor
-        As for ``pipeline.audit.audit_embedding_pair``.
+        As for ``pipeline.lists.audit.audit_embedding_pair``.
     out : path, optional
         Where to write the stability table as Parquet (parent folders are created).
 

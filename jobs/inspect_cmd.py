@@ -1,6 +1,6 @@
 """``mfsim neighbours RUN --item ID`` / ``--user ID``: one query's lists side by side, or as CSV or JSON rows.
 
-The rows come from ``pipeline.results`` (the Python API's reader); this module only formats them.
+The rows come from ``pipeline.runs.results`` (the Python API's reader); this module only formats them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Output paths and table layouts of a run, in one place (pure: arrays in, Arrow tables out).
 
-Paths are relative to the run directory; ``pipeline.runs.RunWriter`` writes them.
+Paths are relative to the run directory; ``pipeline.runs.writer.RunWriter`` writes them.
 """
 
 from __future__ import annotations

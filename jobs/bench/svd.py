@@ -3,7 +3,7 @@
 One seeded power-law matrix (``mfsim.pipeline.simulate.power_law_matrix``), the same k,
 oversampling and power iterations for every method:
 
-- ``mfsim``: ``pipeline.svd.randomized_svd`` on in-process row blocks (numba over every core);
+- ``mfsim``: ``pipeline.model.svd.randomized_svd`` on in-process row blocks (numba over every core);
 - ``mfsim-dask``: the same on a Dask client (default: a local cluster of 2 workers x 1 thread),
   blocks scattered to the workers beforehand (in the pipeline they already live there);
 - ``sklearn``: ``sklearn.utils.extmath.randomized_svd`` on the scipy CSR matrix;

@@ -13,7 +13,7 @@ solutions of the same family:
 
 Three item-item lists are compared (``registry.AUDIT_METRICS``): ``cosine`` of the rows of B, which moves;
 ``model``, the score ``a_i . b_j = (A B^T)_ij``, and ``projected_cosine``, the cosine of the rows
-of ``A B^T`` (computed in k dimensions by ``pipeline.neighbours.projected``), which are the same
+of ``A B^T`` (computed in k dimensions by ``pipeline.lists.neighbours.projected``), which are the same
 for every solution. The two invariant lists are computed once, from one canonical form of the
 family: ``G = V W^1/2`` and ``A_proj = V W``, read off the first scaling's (A, B)
 (``gram_factor``, ``projected``); a solution has these lists when its ``A B^T`` equals the
@@ -486,7 +486,7 @@ def audit_item_lists(
     Parameters
     ----------
     factors : mapping scaling name -> (A, B)
-        Minimizers of Eq. 1 from one SVD and lambda (``pipeline.factors.eq1_factors``), A and B
+        Minimizers of Eq. 1 from one SVD and lambda (``pipeline.model.factors.eq1_factors``), A and B
         p x k (float32), all with the same ``A B^T``; checked on a sample of entries. A dict is
         read once; any other mapping (``Factors.of("eq1")``) is read pair by pair as needed. The
         first scaling's pair gives the canonical form of the invariant lists.

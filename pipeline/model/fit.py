@@ -4,7 +4,7 @@ model trained with cosine similarity.
 The main job fits once on all data (the published factors and lists) and the held-out
 evaluation fits again on its train split, with the same config and the same code. ``lambda: auto``
 splits the fit in two: ``fit_spectrum`` (preprocess and SVD, once per split) and ``fit_factors``
-(cheap, per lambda; ``pipeline.lambda_sweep``).
+(cheap, per lambda; ``pipeline.model.lambda_sweep``).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def fit_spectrum(X_raw: RowBlocks, cfg: Config, timer: Timer | None = None, pref
 def fit_factors(spec: Spectrum, objectives: ObjectivesSection, timer: Timer | None = None,
                 prefix: str = "", warn: bool = True) -> Fit:
     """The closed forms of Eq. 1 and Eq. 2 from the SVD (numeric lambdas), then the cosine-trained model
-    (``pipeline.cosine_model``, from Eq. 2's solution), timed as ``<prefix>factors`` and ``<prefix>cosine``."""
+    (``pipeline.model.cosine_model``, from Eq. 2's solution), timed as ``<prefix>factors`` and ``<prefix>cosine``."""
     if objectives.auto():
         raise MfsimError(f"fit_factors needs numeric lambdas; {objectives.auto()} are auto (resolve them first)")
     svd = spec.svd

@@ -1,6 +1,6 @@
 """The Python API (``mfsim.open_run``, ``mfsim.run_pipeline``) and ``mfsim neighbours`` on real runs.
 
-References are independent of ``pipeline.results``: the Parquet files read by hand with pyarrow,
+References are independent of ``pipeline.runs.results``: the Parquet files read by hand with pyarrow,
 dense NumPy products of the embeddings, the simulated log itself.
 """
 

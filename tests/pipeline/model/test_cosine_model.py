@@ -1,4 +1,4 @@
-"""The model trained with cosine similarity (pipeline.cosine_model) against dense NumPy on small data."""
+"""The model trained with cosine similarity (pipeline.model.cosine_model) against dense NumPy on small data."""
 
 from __future__ import annotations
 
