@@ -53,7 +53,7 @@ from mfsim.pipeline import outputs
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.registry import INVARIANT, LISTS, list_defined
-from mfsim.pipeline.shared import is_future, runner, share, share_f32, stack, value
+from mfsim.pipeline.shared import is_future, runner, share_f32, stack, value
 
 
 @dataclass(frozen=True)

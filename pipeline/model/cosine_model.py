@@ -311,10 +311,10 @@ def train_cosine(X: RowBlocks, A0: np.ndarray, B0: np.ndarray, *, lam: float, ma
     if max_iterations > 0 and np.isfinite(loss0):
         res = minimize(objective, theta0, jac=True, method="L-BFGS-B", callback=callback,
                        options={"maxiter": int(max_iterations), "ftol": float(tol), "gtol": gtol, "maxcor": 10})
-        theta, loss, iterations = res.x, float(res.fun) + fn.xx, int(res.nit)
+        theta, iterations = res.x, int(res.nit)
         converged, message = bool(res.success), str(res.message)
     else:
-        theta, loss, iterations, converged, message = theta0, loss0, 0, True, "no iterations asked"
+        theta, iterations, converged, message = theta0, 0, True, "no iterations asked"
     A, B = theta[:size].reshape(p, k), theta[size:].reshape(p, k)
     if np.array_equal(last["theta"], theta):  # the last evaluation was at the returned point (as a rule)
         final_loss, gamma = last["loss"], last["gamma"]
