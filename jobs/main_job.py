@@ -38,7 +38,11 @@ def run_stages(ctx: StageContext) -> dict[str, Any]:
     for stage in STAGES:
         if not stage.when(ctx):
             continue
-        log.info("stage %s: start", stage.name)
+        if not peaks:
+            log.info("stage %s: start, %.2fs after the process started (imports, config, cluster)", stage.name,
+                     seconds_since_process_start())
+        else:
+            log.info("stage %s: start", stage.name)
         t0 = time.perf_counter()
         with ctx.run.stage(stage.name) if stage.timed else nullcontext():
             ctx.results[stage.name] = stage.fn(ctx)
@@ -47,6 +51,13 @@ def run_stages(ctx: StageContext) -> dict[str, Any]:
                  peaks[stage.name])
     entries = {key: value for result in ctx.results.values() for key, value in result.manifest.items()}
     return {**entries, "driver_peak_rss_mib": peaks}
+
+
+def seconds_since_process_start() -> float:
+    """Wall time since this process started (its start time as the OS records it, to 10 ms)."""
+    import psutil
+
+    return max(0.0, time.time() - psutil.Process().create_time())
 
 
 def driver_peak_rss_mib() -> int:

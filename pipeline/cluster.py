@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -192,6 +193,7 @@ def _embedded_client(cfg: ClusterSection) -> Iterator["distributed.Client"]:  # 
     # leave this driver with NUMBA_NUM_THREADS=1 (and numba refusing a later change): restore it once the
     # workers are up, and again at the end (a nanny that restarts a lost worker sets it again)
     saved = {k: os.environ.get(k) for k in (*env, "PYTHONHASHSEED")}
+    t0 = time.perf_counter()
     try:
         with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
             cluster = LocalCluster(**kwargs)
@@ -204,8 +206,9 @@ def _embedded_client(cfg: ClusterSection) -> Iterator["distributed.Client"]:  # 
         _restore_environ(saved)
         raise
     log.info(
-        "started local Dask cluster on %s over TLS: %d workers x %d threads (dashboard %s)",
-        LOOPBACK, cfg.n_workers, cfg.threads_per_worker, client.dashboard_link if dashboard else "off",
+        "started local Dask cluster on %s over TLS in %.2fs: %d workers x %d threads (dashboard %s)",
+        LOOPBACK, time.perf_counter() - t0, cfg.n_workers, cfg.threads_per_worker,
+        client.dashboard_link if dashboard else "off",
     )
     try:
         yield client

@@ -212,8 +212,8 @@ class CosineSection(Section):
     """``objectives.cosine``: the model trained with cosine similarity (``pipeline.model.cosine_model``)."""
 
     lambda_: float = Field(1.0, alias="lambda", ge=0)
-    max_iterations: int = Field(200, ge=0)
-    tol: float = Field(1e-6, gt=0)
+    max_iterations: int = Field(300, ge=0)
+    tol: float = Field(3e-3, gt=0)
 
 
 class ObjectivesSection(Section):

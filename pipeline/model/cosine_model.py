@@ -268,16 +268,58 @@ class CosineLoss:
 # the optimization
 
 
+#: The stopping rule's window: the loss decrease over the last ``PROGRESS_WINDOW`` iterations is compared with the
+#: decrease since the start (``train_cosine``).
+PROGRESS_WINDOW = 10
+LOG_EVERY = 25  # iterations between two INFO lines of the optimizer's progress (every one at DEBUG)
+
+
+class SpectralPreconditioner:
+    """The change of variables ``A = T Z`` under which L-BFGS runs on A: ``T = I + V (diag(s_k / s) - I) V^T``
+    (V: X's top-k right singular vectors made orthonormal in float64, s their singular values), symmetric and
+    positive definite; ``T^-1`` swaps ``s_k / s`` for ``s / s_k``.
+
+    ``dL/dA = X^T N'(X A)[g_P]`` carries X's spectrum: along v_i the loss curves about ``s_i^2`` times as
+    much as along a direction X hardly uses, so plain L-BFGS creeps along the small ones. T scales each v_i by
+    ``s_k / s_i`` (the rest of item space by 1, as v_k), which evens the curvature along X's top-k directions.
+    Measured on ``conf/paper.yaml`` (20,000 x 1,000, k = 50): 50 iterations reach 88% of the loss decrease that
+    1,500 plain iterations reach (75% without), 100 iterations 95% (91%). Cost per evaluation O(p k^2).
+    """
+
+    def __init__(self, V: np.ndarray, sigma: np.ndarray):
+        s = np.asarray(sigma, np.float64)
+        keep = s > 0
+        self.V = np.linalg.qr(np.asarray(V, np.float64)[:, keep])[0] if keep.any() else np.zeros((len(V), 0))
+        s = s[keep]
+        self.down = s.min() / s if s.size else s  # T's factors along V's columns: s_k / s_i
+        self.up = s / s.min() if s.size else s
+
+    def _apply(self, M: np.ndarray, factors: np.ndarray) -> np.ndarray:
+        return M + self.V @ ((factors - 1.0)[:, None] * (self.V.T @ M))
+
+    def to_a(self, Z: np.ndarray) -> np.ndarray:
+        """``A = T Z`` (and the gradient in Z from the gradient in A: T is symmetric)."""
+        return self._apply(Z, self.down)
+
+    def from_a(self, A: np.ndarray) -> np.ndarray:
+        """``Z = T^-1 A``."""
+        return self._apply(A, self.up)
+
+
 def train_cosine(X: RowBlocks, A0: np.ndarray, B0: np.ndarray, *, lam: float, max_iterations: int, tol: float,
-                 col_offset: np.ndarray | None = None) -> CosineFit:
+                 col_offset: np.ndarray | None = None, basis: tuple[np.ndarray, np.ndarray] | None = None) -> CosineFit:
     """L-BFGS on ``L(A, B)`` from ``(A0, B0)`` (e.g. the Eq. 2 solution).
 
-    The optimizer sees ``L - ||X||^2``, the part of the loss that A and B change, so that ``tol`` bounds the
-    relative decrease of that part in a step (scipy's ``ftol``): measured against the whole loss, a heavy X
-    (lastfm-hetrec2011's raw play counts: ``||X||^2`` 1.36e12) stopped it after 9 iterations. It stops then,
-    when the largest gradient entry is below ``tol`` times the start's, or after ``max_iterations`` iterations.
-    Each accepted iterate's loss and gradient norm is logged and kept in ``history``; L-BFGS's line search
-    (strong Wolfe) accepts only steps that lower the loss.
+    Converged when the loss fell by at most ``tol`` times its decrease since the start over the last
+    ``PROGRESS_WINDOW`` iterations: ``L_(t-10) - L_t <= tol (L_0 - L_t)``, a rule that does not depend on the
+    scale of X (lastfm-hetrec2011's raw play counts: ``||X||^2`` 1.36e12, of which A and B change a few percent)
+    nor on the loss at the optimum, which is unknown. Also converged when the largest gradient entry is below
+    ``tol`` times the start's, or when a step changes nothing; else it stops after ``max_iterations``
+    iterations, not converged. Each accepted iterate's loss and gradient norm is logged (every ``LOG_EVERY``-th at INFO) and kept in
+    ``history``; L-BFGS's line search (strong Wolfe) accepts only steps that lower the loss.
+
+    ``basis``: X's ``(V_k, s)``, for the change of variables ``A = T Z`` of ``SpectralPreconditioner``; the
+    optimizer then runs on (Z, B), and the result is the same model (A = T Z).
     """
     p, k = np.shape(A0)
     if np.shape(B0) != (p, k) or X.n_cols != p:
@@ -286,36 +328,51 @@ def train_cosine(X: RowBlocks, A0: np.ndarray, B0: np.ndarray, *, lam: float, ma
     fn = CosineLoss(X, lam, col_offset)
     size = p * k
     last: dict[str, Any] = {}
+    pre = SpectralPreconditioner(*basis) if basis is not None else None
+
+    def point(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        Z, B = theta[:size].reshape(p, k), theta[size:].reshape(p, k)
+        return (pre.to_a(Z) if pre is not None else Z), B
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        A, B = theta[:size].reshape(p, k), theta[size:].reshape(p, k)
-        loss, g_A, g_B, gamma = fn(A, B)
-        grad = np.concatenate([g_A.ravel(), g_B.ravel()])
+        loss, g_A, g_B, gamma = fn(*point(theta))
+        g_Z = pre.to_a(g_A) if pre is not None else g_A  # dL/dZ = T^T dL/dA, T symmetric
+        grad = np.concatenate([g_Z.ravel(), g_B.ravel()])
         last.update(theta=theta.copy(), loss=loss, grad_norm=float(np.linalg.norm(grad)), gamma=gamma)
         return loss - fn.xx, grad
 
-    theta0 = np.concatenate([np.asarray(A0, np.float64).ravel(), np.asarray(B0, np.float64).ravel()])
+    Z0 = np.asarray(A0, np.float64) if pre is None else pre.from_a(np.asarray(A0, np.float64))
+    theta0 = np.concatenate([Z0.ravel(), np.asarray(B0, np.float64).ravel()])
     _, grad0 = objective(theta0)
     loss0 = last["loss"]
     history = [(loss0, last["grad_norm"])]
     log.info("cosine model: start loss %.6g, |grad| %.3g (lambda %g, %d x %d)", loss0, last["grad_norm"], lam, p, k)
     gtol = float(tol) * float(np.abs(grad0).max(initial=0.0))
+    progress_rule = f"loss decrease over the last {PROGRESS_WINDOW} iterations <= tol x decrease since the start"
 
     def callback(intermediate_result) -> None:
         x, loss = intermediate_result.x, float(intermediate_result.fun) + fn.xx
         # the gradient norm of the accepted iterate: the line search's last evaluation, else one more
         grad_norm = last["grad_norm"] if np.array_equal(last["theta"], x) else float(np.linalg.norm(objective(x)[1]))
         history.append((loss, grad_norm))
-        log.info("cosine model: iteration %d, loss %.6g, |grad| %.3g", len(history) - 1, loss, grad_norm)
+        iteration = len(history) - 1
+        log.log(logging.INFO if iteration % LOG_EVERY == 0 else logging.DEBUG,
+                "cosine model: iteration %d, loss %.6g, |grad| %.3g", iteration, loss, grad_norm)
+        if len(history) > PROGRESS_WINDOW:
+            recent = history[-1 - PROGRESS_WINDOW][0] - loss
+            if recent <= float(tol) * (loss0 - loss):
+                raise StopIteration  # scipy ends the run at this iterate
 
     if max_iterations > 0 and np.isfinite(loss0):
         res = minimize(objective, theta0, jac=True, method="L-BFGS-B", callback=callback,
-                       options={"maxiter": int(max_iterations), "ftol": float(tol), "gtol": gtol, "maxcor": 10})
-        theta, iterations = res.x, int(res.nit)
-        converged, message = bool(res.success), str(res.message)
+                       options={"maxiter": int(max_iterations), "ftol": 1e-15, "gtol": gtol, "maxcor": 10})
+        theta, iterations = res.x, len(history) - 1
+        stopped_by_rule = res.status == 99 or "StopIteration" in str(res.message)
+        converged = stopped_by_rule or bool(res.success)
+        message = progress_rule if stopped_by_rule else str(res.message)
     else:
         theta, iterations, converged, message = theta0, 0, True, "no iterations asked"
-    A, B = theta[:size].reshape(p, k), theta[size:].reshape(p, k)
+    A, B = point(theta)
     if np.array_equal(last["theta"], theta):  # the last evaluation was at the returned point (as a rule)
         final_loss, gamma = last["loss"], last["gamma"]
     else:

@@ -111,7 +111,8 @@ def fit_factors(spec: Spectrum, objectives: ObjectivesSection, timer: Timer | No
         with _stage(timer, prefix + "cosine"):
             X, where = rounds_where(fit.X, COSINE_WIDTH * V.shape[1])
             trained = train_cosine(X, V * (a / rms), normalize_rows(V * b)[0], lam=ccfg.lambda_,
-                                   max_iterations=ccfg.max_iterations, tol=ccfg.tol, col_offset=fit.prep.col_offset)
+                                   max_iterations=ccfg.max_iterations, tol=ccfg.tol, col_offset=fit.prep.col_offset,
+                                   basis=(V, fit.sigma))
             del X
         A, B = trained.factors()
         fit.factors.add(("cosine", UNIQUE), A, B, user_scale=trained.user_scale)

@@ -441,6 +441,46 @@ def test_finalize_state_by_hand():
     np.testing.assert_array_equal(sc, [[3.0, 3.0, 1.0, -np.inf], [-np.inf] * 4, [0.0, 0.0, 0.0, -1.0]])
 
 
+@pytest.mark.parametrize("n", [1, 3, 8, 40, 300])
+def test_select_tile_batches_equal_a_sort_of_every_admissible_candidate(n):
+    """``select_tile`` buffers candidates above a row's threshold and merges them into its heap in batches (a full
+    buffer of 2 N, the rest at the row's end; a few by insertion): over several tiles, with ties (-0.0 among
+    them), floors, the query itself and exclusions, each row's list is the N best admissible candidates by
+    (score desc, index asc), as a plain NumPy sort of all of them gives it."""
+    rng = np.random.default_rng(n)
+    q, p = 37, 2000
+    scores = rng.integers(-6, 7, (q, p)).astype(np.float32) / 2  # ~25 distinct values: ties everywhere
+    scores[scores == 0] = rng.choice(np.float32([0.0, -0.0]), int((scores == 0).sum()))
+    scores[5] = np.arange(p, dtype=np.float32)  # rising: every candidate beats the threshold
+    scores[6] = -np.arange(p, dtype=np.float32)
+    self_ids = np.where(np.arange(q) % 3 == 0, np.arange(q) * 7, -1).astype(np.int64)
+    ex = [np.sort(rng.choice(p, int(rng.integers(0, 50)), replace=False)) for _ in range(q)]
+    ex_indptr = np.concatenate([[0], np.cumsum([len(e) for e in ex])]).astype(np.int64)
+    ex_indices = np.concatenate(ex).astype(np.int32)
+    floors = np.where(np.arange(q) % 4 == 1, np.float32(1.0), np.float32(-np.inf))
+    dot = empty_state(q, n)
+    dot[0][:] = floors[:, None]
+    off = empty_state(0, n)
+    qinv, cinv = np.zeros(q, np.float32), np.zeros(p, np.float32)
+    for c0, c1 in ((0, 700), (700, 701), (701, 2000)):  # tiles of several widths, one of a single candidate
+        select_tile(np.ascontiguousarray(scores[:, c0:c1]), c0, self_ids, qinv, cinv[c0:c1], ex_indptr, ex_indices,
+                    *dot, *off)
+    counts, idx, sc = finalize_state(*dot)
+    for r in range(q):
+        keep = np.ones(p, bool)
+        keep[ex[r]] = False
+        if self_ids[r] >= 0:
+            keep[self_ids[r]] = False
+        keep &= scores[r] >= floors[r]
+        ids = np.flatnonzero(keep)
+        order = np.lexsort((ids, -(scores[r, ids] + np.float32(0.0))))[:n]
+        want = ids[order]
+        assert counts[r] == len(want)
+        np.testing.assert_array_equal(idx[r, :len(want)], want)
+        np.testing.assert_array_equal(sc[r, :len(want)], scores[r, want] + np.float32(0.0))
+        assert np.all(idx[r, len(want):] == -1)
+
+
 def test_sample_rows_map_ids_to_sample_columns():
     """The seeding sample (every 3rd candidate) sees self and exclusions in its own column numbers."""
     rows = topn_module._QueryRows(

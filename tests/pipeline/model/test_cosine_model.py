@@ -7,7 +7,8 @@ import pytest
 import scipy.sparse as sp
 
 from mfsim.pipeline.blocks import RowBlocks
-from mfsim.pipeline.model.cosine_model import CosineLoss, normalize_rows, train_cosine
+from mfsim.pipeline.model.cosine_model import PROGRESS_WINDOW, CosineLoss, SpectralPreconditioner, normalize_rows, \
+    train_cosine
 
 
 def _small(n=40, p=15, density=0.3, seed=1, empty_rows=(3, 17)):
@@ -108,10 +109,34 @@ def test_the_loss_does_not_change_with_the_scale_of_a_or_of_a_row_of_b():
     np.testing.assert_allclose(fn(7.0 * A, scaled_B)[0], loss, rtol=1e-12)
 
 
-def test_lbfgs_never_accepts_a_step_that_raises_the_loss():
+def _basis(X: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
+    _, s, Vt = np.linalg.svd(X.toarray().astype(np.float64), full_matrices=False)
+    return Vt[:k].T, s[:k]
+
+
+def test_spectral_preconditioner_by_hand():
+    """T = I + V (diag(s_k / s) - I) V^T: v_i -> (s_k / s_i) v_i, a vector orthogonal to V unchanged; T^-1 undoes T;
+    T is symmetric (so the gradient in Z is T times the gradient in A)."""
+    V = np.array([[1.0, 0.0], [0.0, 0.6], [0.0, 0.8], [0.0, 0.0]])  # orthonormal columns
+    pre = SpectralPreconditioner(V, np.array([8.0, 2.0]))
+    np.testing.assert_allclose(pre.to_a(V[:, :1]), 0.25 * V[:, :1], atol=1e-15)
+    np.testing.assert_allclose(pre.to_a(V[:, 1:]), V[:, 1:], atol=1e-15)
+    w = np.array([[0.0], [0.8], [-0.6], [3.0]])  # orthogonal to both columns
+    np.testing.assert_allclose(pre.to_a(w), w, atol=1e-15)
+    rng = np.random.default_rng(0)
+    M, N = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
+    np.testing.assert_allclose(pre.from_a(pre.to_a(M)), M, atol=1e-14)
+    np.testing.assert_allclose(np.sum(pre.to_a(M) * N), np.sum(M * pre.to_a(N)), rtol=1e-14)
+    dense = np.eye(4) + V @ np.diag([0.25 - 1, 1 - 1]) @ V.T
+    np.testing.assert_allclose(pre.to_a(M), dense @ M, atol=1e-15)
+
+
+@pytest.mark.parametrize("preconditioned", [False, True])
+def test_lbfgs_never_accepts_a_step_that_raises_the_loss(preconditioned):
     X = _small(n=80, p=20)
     A, B = _start(X, 4)
-    fit = train_cosine(RowBlocks.from_scipy(X, 32), A, B, lam=0.5, max_iterations=60, tol=1e-10)
+    basis = _basis(X, 4) if preconditioned else None
+    fit = train_cosine(RowBlocks.from_scipy(X, 32), A, B, lam=0.5, max_iterations=60, tol=1e-10, basis=basis)
     losses = np.array([h[0] for h in fit.history])
     assert len(losses) == fit.iterations + 1 and fit.iterations > 5
     assert np.all(np.diff(losses) <= 0), losses
@@ -125,6 +150,37 @@ def test_lbfgs_never_accepts_a_step_that_raises_the_loss():
     # the reported loss is the dense objective at the returned point
     np.testing.assert_allclose(fit.loss, _dense_loss(X.toarray().astype(np.float64), fit.A, fit.Q, fit.gamma, 0.5),
                                rtol=1e-10)
+
+
+def test_it_stops_at_the_first_iterate_whose_recent_decrease_is_below_tol_of_the_total():
+    """The stopping rule, checked on the returned history: ``L_(t-10) - L_t <= tol (L_0 - L_t)`` holds at the last
+    iterate and at no earlier one; a run stopped by it is converged and says why."""
+    X = _small(n=120, p=25, density=0.2)
+    A, B = _start(X, 5)
+    tol = 1e-2
+    fit = train_cosine(RowBlocks.from_scipy(X, 64), A, B, lam=0.5, max_iterations=500, tol=tol, basis=_basis(X, 5))
+    losses = np.array([h[0] for h in fit.history])
+    w = PROGRESS_WINDOW
+    met = [t for t in range(w, len(losses)) if losses[t - w] - losses[t] <= tol * (losses[0] - losses[t])]
+    assert fit.iterations < 500 and met == [fit.iterations], (fit.iterations, met, fit.message)
+    assert fit.converged and "decrease" in fit.message
+    capped = train_cosine(RowBlocks.from_scipy(X, 64), A, B, lam=0.5, max_iterations=fit.iterations - 1, tol=tol,
+                          basis=_basis(X, 5))
+    assert not capped.converged and capped.iterations == fit.iterations - 1  # one short: the limit, not converged
+
+
+def test_the_preconditioner_changes_the_path_not_the_model():
+    """With and without the change of variables L-BFGS minimizes the same loss: from the same start both reach
+    the same loss to within the stopping rule's reach (tol 1e-9 of the decrease: far below the 1e-3 compared)."""
+    X = _small(n=120, p=25, density=0.2)
+    A, B = _start(X, 5)
+    fits = [train_cosine(RowBlocks.from_scipy(X, 64), A, B, lam=0.5, max_iterations=3000, tol=1e-9, basis=basis)
+            for basis in (None, _basis(X, 5))]
+    assert all(f.converged for f in fits), [f.message for f in fits]
+    start = fits[0].history[0][0]
+    assert fits[1].history[0][0] == pytest.approx(start, rel=1e-12)  # the same start: Z0 = T^-1 A0 gives A0 back
+    drop = [start - f.loss for f in fits]
+    assert abs(drop[0] - drop[1]) <= 1e-3 * max(drop), (fits[0].loss, fits[1].loss)
 
 
 def test_the_same_result_in_process_and_on_one_and_two_workers(client, client1):
