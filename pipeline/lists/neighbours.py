@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import operator
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -37,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mfsim.kernels.threads import on_one_thread, one_thread
+from mfsim.kernels.threads import on_one_thread, one_thread, threads
 from mfsim.kernels.topn import (
     SYMMETRIC_TILE,
     TopN,
@@ -241,27 +243,49 @@ def run_topn(client, queries: QuerySet, candidates: Any, n: int, metrics: tuple[
     """
     ranges = query_ranges(queries.sizes, queries.firsts, rows_per_task)
     run = runner(client)
-    # in this process a range runs as a worker runs it, on one thread: the same tiles, the same float32 scores
+    # in this process a range runs as a worker runs it, on one thread: the same tiles, the same float32 scores;
+    # ranges run side by side on this process's cores (``local_threads``), each on its own thread
     task = topn_task if client is not None else one_thread(topn_task)
+    pool = None
+    if client is None and len(ranges) > 1 and local_threads() > 1:
+        pool = ThreadPoolExecutor(max_workers=local_threads(), thread_name_prefix="topn")
 
     def submit(r: QueryRange):
-        return run.submit(task, queries.parts[r.part], r, candidates, n=n, metrics=metrics,
-                          candidate_block=candidate_block, scale=scale, exclude_self=queries.exclude_self,
-                          exclude=queries.exclude[r.part] if queries.exclude is not None else None,
-                          then=then, then_part=then_parts[r.part] if then_parts is not None else None,
-                          cosine_min_norm=queries.cosine_min_norm, pure=False)
+        kwargs = dict(n=n, metrics=metrics, candidate_block=candidate_block, scale=scale,
+                      exclude_self=queries.exclude_self,
+                      exclude=queries.exclude[r.part] if queries.exclude is not None else None,
+                      then=then, then_part=then_parts[r.part] if then_parts is not None else None,
+                      cosine_min_norm=queries.cosine_min_norm)
+        if pool is not None:
+            return pool.submit(task, queries.parts[r.part], r, candidates, **kwargs)
+        return run.submit(task, queries.parts[r.part], r, candidates, pure=False, **kwargs)
 
     # a bounded window of ranges in flight: results wait on the workers only until this loop takes them
-    window = max(2, 2 * sum(client.nthreads().values())) if client is not None else 1
-    in_flight = deque(submit(r) for r in ranges[:window])
-    for i, r in enumerate(ranges):
-        fut = in_flight.popleft()
-        if i + window < len(ranges):
-            in_flight.append(submit(ranges[i + window]))
-        result = value(fut)
-        if is_future(fut):
-            fut.release()
-        yield r, result
+    window = max(2, 2 * sum(client.nthreads().values())) if client is not None else 2 * local_threads()
+    # BLAS held at one thread around the pool: each task's own limit (``one_thread``) then saves and restores
+    # that same 1, so tasks ending in any order cannot leave it at another value
+    with threads(blas=1) if pool is not None else nullcontext():
+        try:
+            in_flight = deque(submit(r) for r in ranges[:window])
+            for i, r in enumerate(ranges):
+                fut = in_flight.popleft()
+                if i + window < len(ranges):
+                    in_flight.append(submit(ranges[i + window]))
+                result = fut.result() if isinstance(fut, Future) else value(fut)
+                if is_future(fut):
+                    fut.release()
+                yield r, result
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+
+def local_threads() -> int:
+    """Threads for work that runs in this process, one task per thread: numba's thread count (the cores this process
+    may use unless ``NUMBA_NUM_THREADS`` says otherwise)."""
+    import numba
+
+    return max(1, int(numba.config.NUMBA_NUM_THREADS))
 
 
 # ---------------------------------------------------------------------------------------------
