@@ -62,23 +62,35 @@ def test_query_ranges_cover_each_part_in_order():
         (0, 0, 2, 0), (0, 2, 4, 2), (0, 4, 5, 4), (2, 0, 2, 5), (2, 2, 3, 7)]
 
 
-def test_tasks_give_identical_lists_on_one_and_two_workers(client, client1):
+def test_tasks_give_identical_lists_on_one_and_two_workers_and_in_this_process(client, client1, monkeypatch):
+    """Ranges as tasks on 1 or 2 workers, or in this process (side by side on a thread pool, or one after the other on
+    one thread): the same lists, scores bit for bit, in range order."""
+    import mfsim.pipeline.lists.neighbours as neighbours_module
+
     rng = np.random.default_rng(1)
     E = rng.standard_normal((300, 6)).astype(np.float32)
     E[7] = 0  # a zero row: no cosine neighbours
 
     def lists(c):
-        cand = c.scatter(E, broadcast=True, hash=False)
+        cand = c.scatter(E, broadcast=True, hash=False) if c is not None else E
         out = {m: [] for m in ("dot", "cosine")}
-        for _, res in run_topn(c, QuerySet.whole(cand, len(E), exclude_self=True), cand, 10, ("dot", "cosine"),
+        firsts = []
+        for r, res in run_topn(c, QuerySet.whole(cand, len(E), exclude_self=True), cand, 10, ("dot", "cosine"),
                                rows_per_task=37, candidate_block=50):
+            firsts.append(r.first_id)
             for m in out:
                 out[m].append(res[m])
-        return {m: (np.concatenate([t.indices for t in v]), np.concatenate([t.counts for t in v])) for m, v in out.items()}
+        assert firsts == sorted(firsts)
+        return {m: tuple(np.concatenate([getattr(t, f) for t in v]) for f in ("indices", "counts", "scores"))
+                for m, v in out.items()}
 
-    one, two = lists(client1), lists(client)
+    one, two, pooled = lists(client1), lists(client), lists(None)
+    monkeypatch.setattr(neighbours_module, "local_threads", lambda: 1)
+    serial = lists(None)
     for m in ("dot", "cosine"):
-        np.testing.assert_array_equal(one[m][0], two[m][0])
+        for other in (one, pooled, serial):
+            for a, b in zip(other[m], two[m]):
+                np.testing.assert_array_equal(a, b)
         _, ref_indices, _ = topn_reference(E, E, 10, m, exclude_self=True)  # (counts, indices, scores)
         np.testing.assert_array_equal(two[m][0], ref_indices)
     assert two["cosine"][1][7] == 0 and two["dot"][1][7] == 10
