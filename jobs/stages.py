@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from mfsim.jobs.progress import progress
 from mfsim.pipeline import outputs
-from mfsim.pipeline.blocks import rounds_where
+from mfsim.pipeline.blocks import lists_here, rounds_where
 from mfsim.pipeline.config import Config, NeighboursSection
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.ingest import IngestResult, ingest
@@ -342,13 +342,17 @@ def audit_stage(ctx: StageContext) -> StageResult:
     candidates; cosine lists with the norm floor ``neighbours.cosine_norm_floor``.
     """
     acfg, ncfg = ctx.cfg.audit, ctx.cfg.neighbours
-    eq1 = ctx.fit.factors.of("eq1", ctx.client)  # each scaling's (A, B) built on the workers when the audit reads it
     p = len(ctx.data.item_ids)
+    # each list is (query items) x p x k of gemm: in this process when that is small, as the lambda sweep's lists
+    here = lists_here(min(acfg.max_items, p) * p * ctx.fit.V.shape[1])
+    client = None if here else ctx.client
+    eq1 = ctx.fit.factors.of("eq1", client)  # on a client each scaling's (A, B) is built on the workers when read
     result = audit_item_lists(eq1, top_n=list_length(acfg.top_n or ncfg.top_n, p), draws=acfg.draws,
                               spread=acfg.spread, seed=acfg.seed, least_stable=acfg.least_stable,
                               max_items=acfg.max_items, cosine_norm_floor=ncfg.cosine_norm_floor,
-                              item_lists_fn=client_item_lists(ctx.client, rows_per_task=ncfg.query_chunk,
+                              item_lists_fn=client_item_lists(client, rows_per_task=ncfg.query_chunk,
                                                               candidate_block=ncfg.candidate_block))
+    result.summary["ran_on"] = "driver" if here or ctx.client is None else "workers"
     ctx.run.write_table(outputs.AUDIT_STABILITY, result.stability)
     ctx.run.write_table(outputs.AUDIT_ITEMS, outputs.keyed_by_item(result.detail, ctx.data.item_ids))
     ctx.run.write_table(outputs.AUDIT_LEAST_STABLE, outputs.keyed_by_item(result.least_stable, ctx.data.item_ids))

@@ -187,6 +187,12 @@ ROUNDS_HERE_MAX_WORK = 1e9
 LIST_ROUNDS_HERE_MAX_WORK = 1e9
 
 
+def lists_here(dense_work: float) -> bool:
+    """Whether top-N lists of ``dense_work`` multiply-adds (queries x candidates x k) run in this process rather than
+    as tasks (``LIST_ROUNDS_HERE_MAX_WORK``); the same lists bit for bit either way."""
+    return dense_work <= LIST_ROUNDS_HERE_MAX_WORK
+
+
 def rounds_where(X: RowBlocks, width: int, dense_work: float = 0.0) -> tuple[RowBlocks, str]:
     """``(X, where)`` for many rounds of ``width``-column products over X's blocks (and ``dense_work`` multiply-adds
     of top-N lists per round): X gathered into this process (``"driver"``) when a round's sparse work
@@ -195,7 +201,7 @@ def rounds_where(X: RowBlocks, width: int, dense_work: float = 0.0) -> tuple[Row
     one thread, combined in ``tree_reduce``'s fixed order; top-N ranges on one thread)."""
     if X.client is None:
         return X, "driver"
-    if X.stored() * int(width) <= ROUNDS_HERE_MAX_WORK and dense_work <= LIST_ROUNDS_HERE_MAX_WORK:
+    if X.stored() * int(width) <= ROUNDS_HERE_MAX_WORK and lists_here(dense_work):
         return X.here(), "driver"
     return X, "workers"
 

@@ -55,7 +55,7 @@ from mfsim.pipeline import outputs
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.registry import INVARIANT, LISTS, list_defined
-from mfsim.pipeline.shared import is_future, runner, share_f32, stack, value
+from mfsim.pipeline.shared import is_future, runner, stack, value
 
 
 @dataclass(frozen=True)
@@ -403,10 +403,12 @@ def run_symmetric(client, embedding: Any, p: int, n: int, metrics: tuple[str, ..
 
 def client_item_lists(client, *, rows_per_task: int, candidate_block: int) -> Callable[..., TopN]:
     """An ``item_lists_fn`` for the audit: ``(queries, candidates, n, metric, exclude_self, cosine_min_norm) -> TopN``
-    on Dask (``cosine_min_norm``: absolute norm floors of the queries and the candidates, as in ``QuerySet``)."""
+    on Dask, or in this process without a client (``cosine_min_norm``: absolute norm floors of the queries and the
+    candidates, as in ``QuerySet``)."""
+    run = runner(client)
 
     def as_future(x: Any, name: str) -> Any:
-        return x if is_future(x) else share_f32(client, x, name)
+        return x if is_future(x) else run.share_f32(x, name)
 
     def item_lists(queries: Any, candidates: Any, n: int, metric: str, exclude_self: bool = True,
                    cosine_min_norm: tuple[float, float] = (0.0, 0.0)) -> TopN:
