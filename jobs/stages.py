@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from mfsim.jobs.progress import progress
 from mfsim.pipeline import outputs
-from mfsim.pipeline.blocks import lists_here, rounds_where
+from mfsim.pipeline.blocks import RowBlocks, lists_here, rounds_where
 from mfsim.pipeline.config import Config, NeighboursSection
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.ingest import IngestResult, ingest
@@ -28,7 +28,7 @@ from mfsim.pipeline.lists.evaluate import ClusterScorer, cluster_cutoffs, list_l
 from mfsim.pipeline.lists.holdout import group_label, group_progress, holdout_metrics
 from mfsim.pipeline.lists.neighbours import GemmGroup, GroupInputs, client_item_lists, group_inputs, plan_lists, \
     run_symmetric, run_topn, user_rows
-from mfsim.pipeline.model.fit import Fit, fit_factors, fit_model, fit_spectrum
+from mfsim.pipeline.model.fit import Fit, Spectrum, fit_factors, fit_model, fit_spectrum
 from mfsim.pipeline.model.lambda_sweep import Sweep, sweep_cutoffs, sweep_lambdas, with_lambdas
 from mfsim.pipeline.model.svd import basis_start
 from mfsim.pipeline.parts import ListOutput, ListSink, row_ranges, write_embeddings, write_lists
@@ -175,11 +175,7 @@ def lambda_sweep(ctx: StageContext) -> Sweep:
     score_cfg.neighbours.user_item = ["dot"]
     score_cfg.evaluation.cutoffs = cutoffs
     # each lambda is a round of P = X A and the held-out users' lists: here when that is small (rounds_where)
-    users = min(train.n_rows, ecfg.max_users)
-    X_sweep, where = rounds_where(spectrum.X, cfg.svd.rank, dense_work=users * train.n_cols * cfg.svd.rank)
-    if where == "driver" and ctx.client is not None:
-        spectrum, train, test = replace(spectrum, X=X_sweep), train.here(), test.here()
-    client = None if where == "driver" else ctx.client
+    client, where, spectrum, train, test = holdout_where(ctx, spectrum, train, test)
 
     def score(fit: Fit) -> list[dict[str, Any]]:
         return holdout_metrics(client, score_cfg, fit, train=train, test=test, user_ids=data.user_ids,
@@ -187,6 +183,20 @@ def lambda_sweep(ctx: StageContext) -> Sweep:
 
     sweep = sweep_lambdas(spectrum, cfg.objectives, select_metric=ecfg.select_metric, cutoffs=cutoffs, score=score)
     return replace(sweep, ran_on=where)
+
+
+def holdout_where(ctx: StageContext, spectrum: Spectrum, train: RowBlocks, test: RowBlocks
+                  ) -> tuple[Any, str, Spectrum, RowBlocks, RowBlocks]:
+    """Where the held-out lists of a fit on ``train`` run: ``(client, where, spectrum, train, test)``, the last three
+    gathered into this process (client None, ``"driver"``) when one fit's user embeddings (``nnz x k``) and its lists
+    (held-out users x p x k) are small (``rounds_where``), else as they are (``"workers"``). The same metrics bit for
+    bit either way."""
+    cfg = ctx.cfg
+    users = min(train.n_rows, cfg.evaluation.max_users)
+    X_here, where = rounds_where(spectrum.X, cfg.svd.rank, dense_work=users * train.n_cols * cfg.svd.rank)
+    if where == "driver" and ctx.client is not None:
+        return None, where, replace(spectrum, X=X_here), train.here(), test.here()
+    return (None if where == "driver" else ctx.client), where, spectrum, train, test
 
 
 def warm_start(ctx: StageContext) -> tuple[np.ndarray | None, dict[str, Any] | None]:
@@ -308,15 +318,16 @@ def evaluation_stage(ctx: StageContext) -> StageResult:
     ecfg = cfg.evaluation
     if ctx.train is not None:  # the lambda sweep's split and SVD: only the factors of the chosen lambdas are new
         train, test, spectrum = ctx.train
-        fit = fit_factors(spectrum, cfg.objectives)
     else:
         train, test = split_holdout(data.X, ecfg.holdout, ecfg.fraction, ecfg.seed)
-        fit = fit_model(train, cfg)
-    rows, sample = holdout_metrics(ctx.client, cfg, fit, train=train, test=test, user_ids=data.user_ids,
+        spectrum = fit_spectrum(train, cfg)
+    client, where, spectrum, train, test = holdout_where(ctx, spectrum, train, test)
+    fit = fit_factors(spectrum, cfg.objectives)
+    rows, sample = holdout_metrics(client, cfg, fit, train=train, test=test, user_ids=data.user_ids,
                                    item_ids=data.item_ids)
     table = pa.Table.from_pylist(rows, schema=outputs.EVALUATION_SCHEMA)
     ctx.run.write_table(outputs.EVALUATION_METRICS, table)
-    summary: dict[str, Any] = {"holdout": ecfg.holdout, "fraction": ecfg.fraction, **sample}
+    summary: dict[str, Any] = {"holdout": ecfg.holdout, "fraction": ecfg.fraction, **sample, "ran_on": where}
     cutoffs = tuple(ecfg.cutoffs)
     if rows:
         best = max(rows, key=lambda r: (r["top_n"] == cutoffs[0], r["ndcg"]))
