@@ -279,6 +279,10 @@ LBFGS_MEMORY = 5
 LOG_EVERY = 25  # iterations between two INFO lines of the optimizer's progress (every one at DEBUG)
 
 
+#: The smallest factor of ``SpectralPreconditioner``'s T (s_k / s_1 is 0.15 on ``conf/paper.yaml``).
+SPECTRAL_RANGE = 1e-4
+
+
 class SpectralPreconditioner:
     """The change of variables ``A = T Z`` under which L-BFGS runs on A: ``T = I + V (diag(s_k / s) - I) V^T``
     (V: X's top-k right singular vectors made orthonormal in float64, s their singular values), symmetric and
@@ -296,8 +300,11 @@ class SpectralPreconditioner:
         keep = s > 0
         self.V = np.linalg.qr(np.asarray(V, np.float64)[:, keep])[0] if keep.any() else np.zeros((len(V), 0))
         s = s[keep]
-        self.down = s.min() / s if s.size else s  # T's factors along V's columns: s_k / s_i
-        self.up = s / s.min() if s.size else s
+        # T's factors along V's columns, s_k / s_i; a near-zero s_k (X of lower rank than k) is floored at
+        # SPECTRAL_RANGE x s_1, so that T scales no direction by less than that
+        ref = max(float(s.min()), SPECTRAL_RANGE * float(s.max())) if s.size else 1.0
+        self.down = np.minimum(1.0, ref / s)
+        self.up = np.maximum(1.0, s / ref)  # T^-1
 
     def _apply(self, M: np.ndarray, factors: np.ndarray) -> np.ndarray:
         return M + self.V @ ((factors - 1.0)[:, None] * (self.V.T @ M))

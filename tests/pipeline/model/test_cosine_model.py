@@ -7,8 +7,8 @@ import pytest
 import scipy.sparse as sp
 
 from mfsim.pipeline.blocks import RowBlocks
-from mfsim.pipeline.model.cosine_model import PROGRESS_WINDOW, CosineLoss, SpectralPreconditioner, normalize_rows, \
-    train_cosine
+from mfsim.pipeline.model.cosine_model import PROGRESS_WINDOW, SPECTRAL_RANGE, CosineLoss, SpectralPreconditioner, \
+    normalize_rows, train_cosine
 
 
 def _small(n=40, p=15, density=0.3, seed=1, empty_rows=(3, 17)):
@@ -129,6 +129,14 @@ def test_spectral_preconditioner_by_hand():
     np.testing.assert_allclose(np.sum(pre.to_a(M) * N), np.sum(M * pre.to_a(N)), rtol=1e-14)
     dense = np.eye(4) + V @ np.diag([0.25 - 1, 1 - 1]) @ V.T
     np.testing.assert_allclose(pre.to_a(M), dense @ M, atol=1e-15)
+    # X of lower rank than k: a zero singular value's column is dropped, a tiny one floored at SPECTRAL_RANGE s_1
+    low = SpectralPreconditioner(V, np.array([1e6, 1e-9]))
+    np.testing.assert_allclose(low.to_a(V[:, :1]), SPECTRAL_RANGE * V[:, :1], atol=1e-15)  # 1e6 x 1e-4 / 1e6
+    np.testing.assert_allclose(low.to_a(V[:, 1:]), V[:, 1:], atol=1e-15)  # capped at 1
+    np.testing.assert_allclose(low.from_a(low.to_a(M)), M, atol=1e-10)
+    zero = SpectralPreconditioner(V, np.array([3.0, 0.0]))
+    assert zero.V.shape == (4, 1)
+    np.testing.assert_allclose(zero.to_a(V[:, 1:]), V[:, 1:], atol=1e-15)
 
 
 @pytest.mark.parametrize("preconditioned", [False, True])
