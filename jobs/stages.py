@@ -168,14 +168,14 @@ def lambda_sweep(ctx: StageContext) -> Sweep:
     cfg, data = ctx.cfg, ctx.data
     ecfg = cfg.evaluation
     train, test = split_holdout(data.X, ecfg.holdout, ecfg.fraction, ecfg.seed)
-    spectrum = fit_spectrum(train, cfg)
+    # each lambda is a round of P = X A and the held-out users' lists: here when that is small (holdout_where); the
+    # evaluation stage takes the split where it was placed, gathered once
+    client, where, spectrum, train, test = holdout_where(ctx, fit_spectrum(train, cfg), train, test)
     ctx.train = (train, test, spectrum)
     cutoffs = sweep_cutoffs(ecfg.cutoffs, ecfg.select_metric)
     score_cfg = cfg.model_copy(deep=True)
     score_cfg.neighbours.user_item = ["dot"]
     score_cfg.evaluation.cutoffs = cutoffs
-    # each lambda is a round of P = X A and the held-out users' lists: here when that is small (rounds_where)
-    client, where, spectrum, train, test = holdout_where(ctx, spectrum, train, test)
 
     def score(fit: Fit) -> list[dict[str, Any]]:
         return holdout_metrics(client, score_cfg, fit, train=train, test=test, user_ids=data.user_ids,
@@ -194,9 +194,9 @@ def holdout_where(ctx: StageContext, spectrum: Spectrum, train: RowBlocks, test:
     cfg = ctx.cfg
     users = min(train.n_rows, cfg.evaluation.max_users)
     X_here, where = rounds_where(spectrum.X, cfg.svd.rank, dense_work=users * train.n_cols * cfg.svd.rank)
-    if where == "driver" and ctx.client is not None:
-        return None, where, replace(spectrum, X=X_here), train.here(), test.here()
-    return (None if where == "driver" else ctx.client), where, spectrum, train, test
+    if where == "workers":
+        return ctx.client, where, spectrum, train, test
+    return None, where, replace(spectrum, X=X_here), train.here(), test.here()  # here() of a local split: itself
 
 
 def warm_start(ctx: StageContext) -> tuple[np.ndarray | None, dict[str, Any] | None]:
@@ -363,7 +363,7 @@ def audit_stage(ctx: StageContext) -> StageResult:
                               max_items=acfg.max_items, cosine_norm_floor=ncfg.cosine_norm_floor,
                               item_lists_fn=client_item_lists(client, rows_per_task=ncfg.query_chunk,
                                                               candidate_block=ncfg.candidate_block))
-    result.summary["ran_on"] = "driver" if here or ctx.client is None else "workers"
+    result.summary["ran_on"] = "driver" if client is None else "workers"
     ctx.run.write_table(outputs.AUDIT_STABILITY, result.stability)
     ctx.run.write_table(outputs.AUDIT_ITEMS, outputs.keyed_by_item(result.detail, ctx.data.item_ids))
     ctx.run.write_table(outputs.AUDIT_LEAST_STABLE, outputs.keyed_by_item(result.least_stable, ctx.data.item_ids))
