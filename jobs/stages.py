@@ -35,7 +35,7 @@ from mfsim.pipeline.parts import ListOutput, ListSink, row_ranges, write_embeddi
 from mfsim.pipeline.report.build import build_report
 from mfsim.pipeline.runs.writer import RunWriter, package_versions
 from mfsim.pipeline.runs.roots import open_root, read_run_table, resolve_run
-from mfsim.pipeline.shared import share
+from mfsim.pipeline.shared import is_future, runner, value
 
 log = logging.getLogger("mfsim.job")
 ITEM_PART_ROWS = 1 << 18  # rows of B per item-embeddings part (64 MiB at k = 64)
@@ -142,7 +142,8 @@ def fit_entries(fit: Fit, meta: dict[str, Any], cfg: Config, warm: dict[str, Any
                         f"(largest {float(fit.sigma[0]):.4g}): every Eq. 2 embedding is zero")
     info = fit.svd_info
     svd = {"rank": len(fit.sigma), "solver": info.get("solver", cfg.svd.solver),
-           **{key: info.get(key) for key in ("passes", "blocks", "block_size", "estimated_error", "converged")},
+           **{key: info.get(key) for key in ("passes", "blocks", "block_size", "estimated_error", "converged",
+                                             "ran_on")},
            "warm_start": warm}
     if svd["converged"] is False:
         warnings.append(f"svd: not converged after {svd['blocks']} blocks (estimated error "
@@ -229,31 +230,34 @@ def factors_stage(ctx: StageContext) -> StageResult:
     """``item_embeddings/objective=<o>/scaling=<s>/part-*.parquet`` (B) and ``user_embeddings/...`` (P = X A),
     each part written by the worker that holds it (P's row blocks; B built on a worker from the shared V,
     ``ITEM_PART_ROWS`` rows a part)."""
-    data, fit, client, loc = ctx.data, ctx.fit, ctx.client, ctx.run.location
+    data, fit, loc = ctx.data, ctx.fit, ctx.run.location
+    client = None if fit.X.client is None else ctx.client  # X (hence P) here when the fit ran here (``fit_spectrum``)
+    run = runner(client)
     offsets = fit.X.row_offsets
-    item_ids = share(client, data.item_ids, "item-ids")
+    item_ids = run.share(data.item_ids, "item-ids")
     pending = []
     for objective, scaling in fit.factors:
         items_dir = outputs.embeddings_dir("items", objective, scaling)
         B_shared = fit.factors.pair((objective, scaling), client)[1]  # built on the workers
         for part_no, (start, stop) in enumerate(row_ranges(len(data.item_ids), ITEM_PART_ROWS)):
-            pending.append(client.submit(write_embeddings, loc, outputs.part_file(items_dir, part_no), outputs.ITEM_ID,
-                                         item_ids, B_shared, start=start, stop=stop, pure=False))
+            pending.append(run.submit(write_embeddings, loc, outputs.part_file(items_dir, part_no), outputs.ITEM_ID,
+                                      item_ids, B_shared, start=start, stop=stop, pure=False))
         users_dir = outputs.embeddings_dir("users", objective, scaling)
         for b, fut in enumerate(fit.users((objective, scaling))):
             ids = data.user_ids.slice(int(offsets[b]), int(offsets[b + 1] - offsets[b]))
-            pending.append(client.submit(write_embeddings, loc, outputs.part_file(users_dir, b), outputs.USER_ID,
-                                         ids, fut, pure=False))
+            pending.append(run.submit(write_embeddings, loc, outputs.part_file(users_dir, b), outputs.USER_ID,
+                                      ids, fut, pure=False))
     for w in progress(_results_in_order(pending), len(pending), "factors parts"):
         ctx.run.written(w)
-    return StageResult()
+    return StageResult({"embeddings": {"ran_on": where_of(client)}})
 
 
 def _results_in_order(futures: list) -> Iterator[Any]:
     """Each future's result in submission order, released once taken."""
     for fut in futures:
-        result = fut.result()
-        fut.release()
+        result = value(fut)
+        if is_future(fut):
+            fut.release()
         yield result
 
 
@@ -263,24 +267,32 @@ def neighbours_stage(ctx: StageContext) -> StageResult:
 
     The tasks of item-item lists also compute their cluster-precision sums, so no list comes back.
     """
-    cfg, data, fit, client = ctx.cfg, ctx.data, ctx.fit, ctx.client
+    cfg, data, fit = ctx.cfg, ctx.data, ctx.fit
     ncfg = cfg.neighbours
     written: set[str] = set()
-    cluster = None
-    if ctx.scorer is not None:
-        cluster = (share(client, ctx.scorer.labels, "cluster-labels"), list(ctx.scorer.cutoffs))
+    places: dict[str, int] = {}
+    X_here = None  # X's pattern in this process (the users' own items, excluded from their lists), once
     for g in plan_lists(list(fit.factors), ncfg.item_item, ncfg.user_item, ncfg.user_user):
+        client = group_client(ctx, g)
+        X = data.X
+        if client is None and g.kind != "item_item":
+            X = X_here = X_here or data.X.here()
+        places[where_of(client)] = places.get(where_of(client), 0) + 1
+        cluster = None
+        if ctx.scorer is not None:
+            cluster = (runner(client).share(ctx.scorer.labels, "cluster-labels"), list(ctx.scorer.cutoffs))
         A, B = fit.factors.pair((g.objective, g.scaling), client)  # futures: built on the workers
         user_parts = fit.users((g.objective, g.scaling)) if g.kind != "item_item" else []
-        inputs = group_inputs(client, g, A, B, user_parts, X=data.X, user_ids=data.user_ids, item_ids=data.item_ids,
+        inputs = group_inputs(client, g, A, B, user_parts, X=X, user_ids=data.user_ids, item_ids=data.item_ids,
                               subset=ctx.subset, cosine_norm_floor=ncfg.cosine_norm_floor)
         lists = tuple(ListOutput(km, label.kind, label.path,
                                  (label.objective, label.scaling, label.metric)
                                  if cluster is not None and label.kind == "item_item" else None)
                       for km, label in g.outputs.items())
-        cand_ids = share(client, inputs.candidate_ids, "candidate-ids")
+        run = runner(client)
+        cand_ids = run.share(inputs.candidate_ids, "candidate-ids")
         sinks = [ListSink(ctx.run.location, lists,
-                          cand_ids if g.kind == "item_item" else share(client, ids, "query-ids"), cand_ids, cluster)
+                          cand_ids if g.kind == "item_item" else run.share(ids, "query-ids"), cand_ids, cluster)
                  for ids in inputs.query_id_parts]
         for _, (parts, sums) in group_lists(client, g, inputs, sinks, ncfg, len(data.item_ids)):
             for w in parts:
@@ -290,7 +302,24 @@ def neighbours_stage(ctx: StageContext) -> StageResult:
         written.update(out.directory for out in lists)
         del A, B, inputs  # the group's factors and candidates leave the workers
     log.info("neighbours: %d lists written", len(written))
-    return StageResult()
+    return StageResult({"neighbours": {"ran_on": places}})  # list groups per place
+
+
+def group_client(ctx: StageContext, g: GemmGroup) -> Any:
+    """Where list group ``g`` runs: this process (None) when its gemm (queries x candidates x k) is small
+    (``blocks.lists_here``) and its user rows are here too, else the run's client. The same lists either way."""
+    fit, data = ctx.fit, ctx.data
+    n_users = len(ctx.subset) if ctx.subset is not None else data.X.n_rows
+    p, k = len(data.item_ids), fit.V.shape[1]
+    queries = p if g.kind == "item_item" else n_users
+    candidates = data.X.n_rows if g.kind == "user_user" else p
+    users_here = g.kind == "item_item" or fit.X.client is None
+    return None if users_here and lists_here(queries * candidates * k) else ctx.client
+
+
+def where_of(client: Any) -> str:
+    """``"driver"`` for work in this process, ``"workers"`` for tasks on a client (the manifest's ``ran_on``)."""
+    return "driver" if client is None else "workers"
 
 
 def group_lists(client, g: GemmGroup, inputs: GroupInputs, sinks: list[ListSink], ncfg: NeighboursSection,

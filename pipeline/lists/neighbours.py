@@ -353,6 +353,8 @@ def run_symmetric(client, embedding: Any, p: int, n: int, metrics: tuple[str, ..
                   cosine_norm_floor: float = 0.0) -> Iterator[tuple[QueryRange, Any]]:
     """Top-N of every row of one embedding (p rows, a future) against all its rows, no self-neighbour, as Dask
     tasks computing only the score tiles on and above the diagonal; yields ``(range, result)`` per row block.
+    Without a client (``client`` None, the embedding an array) the same tasks run in this process, in the same
+    order: the same lists bit for bit.
 
     The lists equal ``run_topn`` with the embedding as queries and candidates (``kernels.topn.topn_symmetric``
     is the in-process form). Each row block's running top-N state (seeded from a floor, ``symmetric_floors``)
@@ -364,39 +366,46 @@ def run_symmetric(client, embedding: Any, p: int, n: int, metrics: tuple[str, ..
     ``cosine_norm_floor``: rows whose norm is below this times the largest row norm take no part in the cosine
     lists (``cosine_floor``; ``neighbours.cosine_norm_floor``).
     """
-    from distributed import as_completed
-
     from mfsim.pipeline.progress import progress
 
     blocks = symmetric_blocks(p, max_block_rows)
-    prep = client.submit(_prepare_task, embedding, tuple(metrics), cosine_norm_floor, pure=False)
-    floors = [client.submit(_floors_task, prep, b, n, pure=False) for b in blocks]
-    states = [client.submit(_state_task, prep, b, n, f, pure=False) for b, f in zip(blocks, floors)]
+    run = runner(client)  # without a client the same tasks run here, one after another, as they are submitted
+    prep = run.submit(_prepare_task, embedding, tuple(metrics), cosine_norm_floor, pure=False)
+    floors = [run.submit(_floors_task, prep, b, n, pure=False) for b in blocks]
+    states = [run.submit(_state_task, prep, b, n, f, pure=False) for b, f in zip(blocks, floors)]
     pairs = []
     for rnd in tournament(len(blocks)):
         for u, v in rnd:
             if u == v:
-                states[u] = client.submit(_pair_task, prep, blocks[u], blocks[u], states[u], tile=tile, pure=False)
+                states[u] = run.submit(_pair_task, prep, blocks[u], blocks[u], states[u], tile=tile, pure=False)
                 pairs.append(states[u])
             else:
-                both = client.submit(_pair_task, prep, blocks[u], blocks[v], states[u], states[v], tile=tile,
-                                     pure=False)
-                states[u] = client.submit(operator.getitem, both, 0, pure=False)
-                states[v] = client.submit(operator.getitem, both, 1, pure=False)
+                both = run.submit(_pair_task, prep, blocks[u], blocks[v], states[u], states[v], tile=tile,
+                                  pure=False)
+                states[u] = run.submit(operator.getitem, both, 0, pure=False)
+                states[v] = run.submit(operator.getitem, both, 1, pure=False)
                 pairs.append(both)
-    finals = [client.submit(_finish_task, prep, b, states[i], floors[i], n=n, rng=QueryRange(0, b[0], b[1], b[0], i),
-                            candidate_block=candidate_block, then=then, then_part=then_part, pure=False)
+    finals = [run.submit(_finish_task, prep, b, states[i], floors[i], n=n, rng=QueryRange(0, b[0], b[1], b[0], i),
+                         candidate_block=candidate_block, then=then, then_part=then_part, pure=False)
               for i, b in enumerate(blocks)]
     del states, floors
-    done = as_completed(pairs)
-    del pairs  # only as_completed holds the pair futures now: each state is freed once its successors ran
-    for fut in progress(done, done.count(), label or "symmetric pairs"):
-        if fut.status == "error":
-            fut.result()  # raises the task's exception
-        del fut
+    if client is not None:
+        from distributed import as_completed
+
+        done = as_completed(pairs)
+        del pairs  # only as_completed holds the pair futures now: each state is freed once its successors ran
+        for fut in progress(done, done.count(), label or "symmetric pairs"):
+            if fut.status == "error":
+                fut.result()  # raises the task's exception
+            del fut
+    else:
+        for _ in progress(range(len(pairs)), len(pairs), label or "symmetric pairs"):
+            pass
+        del pairs
     for i, fut in enumerate(finals):
-        result = fut.result()
-        fut.release()
+        result = value(fut)
+        if is_future(fut):
+            fut.release()
         finals[i] = None
         yield QueryRange(0, blocks[i][0], blocks[i][1], blocks[i][0], i), result
 

@@ -22,7 +22,7 @@ from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.model.factors import Factors, build_embeddings, eq2_scales, user_embeddings_blocks
 from mfsim.pipeline.model.preprocess import Preprocessor, preprocess
 from mfsim.pipeline.registry import UNIQUE
-from mfsim.pipeline.model.svd import truncated_svd
+from mfsim.pipeline.model.svd import round_width, truncated_svd
 
 Timer = Callable[[str], AbstractContextManager]  # a stage name -> a context that times it (``RunWriter.stage``)
 
@@ -81,8 +81,13 @@ def fit_spectrum(X_raw: RowBlocks, cfg: Config, timer: Timer | None = None, pref
     with _stage(timer, prefix + "preprocess"):
         X, prep = preprocess(X_raw, cfg.preprocess)
     with _stage(timer, prefix + "svd"):
-        svd = truncated_svd(X, cfg.svd, col_offset=prep.col_offset, start=start)
-    return Spectrum(X, prep, svd)
+        # many short rounds: in this process when X is small (``rounds_where``), with the workers' code and
+        # results; X then stays here for the fit's later rounds (the cosine model, the user embeddings)
+        X_svd, where = rounds_where(X, round_width(cfg.svd))
+        svd = truncated_svd(X_svd, cfg.svd, col_offset=prep.col_offset, start=start,
+                            as_on_workers=X.client is not None)
+        svd.diagnostics["ran_on"] = where
+    return Spectrum(X_svd, prep, svd)
 
 
 def fit_factors(spec: Spectrum, objectives: ObjectivesSection, timer: Timer | None = None,

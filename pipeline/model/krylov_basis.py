@@ -29,7 +29,7 @@ import numpy as np
 from scipy.linalg.blas import dtrsm
 
 from mfsim.kernels.threads import available_cores, blas_limit
-from mfsim.pipeline.shared import Here, OnCluster, is_future
+from mfsim.pipeline.shared import Here, OnCluster, is_future, value
 
 #: Row chunks of a ``ChunkedBasis``: ``CHUNKS`` of them, none below ``MIN_CHUNK_ROWS`` rows (each chunk costs
 #: ~10 small tasks per block, a few ms each: fewer, larger chunks below p = 512k).
@@ -213,10 +213,16 @@ class KrylovBasis(ABC):
         """Forget the basis (its memory, here or on the workers)."""
 
 
-def new_basis(run: Here | OnCluster, p: int, cap: int, workers: list[str | None]) -> KrylovBasis:
+def new_basis(run: Here | OnCluster, p: int, cap: int, workers: list[str | None], chunked: bool | None = None
+              ) -> KrylovBasis:
     """A basis of p rows with room for ``cap`` columns where ``run`` runs its calls: a ``LocalBasis`` in this
-    process, a ``ChunkedBasis`` on a client's workers (its chunks spread over ``workers``)."""
-    return LocalBasis(p, cap) if run.client is None else ChunkedBasis(run, p, workers)
+    process, a ``ChunkedBasis`` on a client's workers (its chunks spread over ``workers``). ``chunked=True`` makes
+    the chunked basis in this process too (its chunk functions called at once): an SVD moved here from a client
+    (``blocks.rounds_where``) then gets the workers' V and sigma bit for bit, where the local basis would differ
+    in the order of its sums (~1e-6 in V, within the SVD's tolerance)."""
+    if chunked is None:
+        chunked = run.client is not None
+    return ChunkedBasis(run, p, workers) if chunked else LocalBasis(p, cap)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,12 +552,13 @@ class ChunkedBasis(KrylovBasis):
         from the gathered basis."""
         if live == vr.shape[1]:
             v_future, _ = self.combine_signed(vr)
-            return v_future.result(), v_future
+            return value(v_future), v_future if is_future(v_future) else None
         return signed_v32(self.gather64()[:, : vr.shape[0]] @ vr, live, seed, step), None
 
     def release(self) -> None:
         """Forget every chunk (their memory on the workers goes with the futures)."""
         for blocks in self.blocks:
             for f in blocks:
-                f.release()
+                if is_future(f):
+                    f.release()
         self.blocks = [[] for _ in range(self.n_chunks)]

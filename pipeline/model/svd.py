@@ -475,6 +475,7 @@ def krylov_svd(
     col_offset: np.ndarray | None = None,
     compute_u: bool = False,
     start: np.ndarray | None = None,
+    chunked_basis: bool | None = None,
 ) -> SvdResult:
     """Top-``rank`` singular triplets of X (or ``X - 1 c^T``) by randomized block Krylov iteration.
 
@@ -490,6 +491,9 @@ def krylov_svd(
     relative change, extrapolated by its ratio to the change before); at or below ``tol`` the space
     stops growing (``converged``), else it stops after ``max_blocks`` products. The estimate is
     of the values returned: the final Ritz pairs are those of the last space it judged.
+
+    ``chunked_basis``: the basis in row chunks in this process too (``krylov_basis.new_basis``; None: chunked on
+    a client only), for an SVD moved here from a client that must equal the workers' bit for bit.
 
     ``start`` (p x m, optional): a warm start, e.g. the previous run's V_k aligned to these items;
     the first block is then ``block_size`` random combinations of its columns (no pass over X).
@@ -509,11 +513,12 @@ def krylov_svd(
                          f"{max_blocks} and {tol}")
     with blas_limit(1):
         return _krylov(_BlockTasks(blocks), blocks, rank, block_size=b, tol=float(tol), max_blocks=int(max_blocks),
-                       seed=seed, c=c, compute_u=compute_u, start=start)
+                       seed=seed, c=c, compute_u=compute_u, start=start, chunked_basis=chunked_basis)
 
 
 def _krylov(tasks: _BlockTasks, blocks: RowBlocks, rank: int, *, block_size: int, tol: float, max_blocks: int,
-            seed: int, c: np.ndarray | None, compute_u: bool, start: np.ndarray | None) -> SvdResult:
+            seed: int, c: np.ndarray | None, compute_u: bool, start: np.ndarray | None,
+            chunked_basis: bool | None = None) -> SvdResult:
     n, p = blocks.shape
     b = block_size
     width_cap = min(n, p)
@@ -539,7 +544,7 @@ def _krylov(tasks: _BlockTasks, blocks: RowBlocks, rank: int, *, block_size: int
         y = _first_columns(tasks.run, y, first_width)
     # the space's cap, the first block included; every block but the last has room for b columns
     cap = min(width_cap, first_width + b * (max_blocks - 1))
-    basis = new_basis(tasks.run, p, cap, tasks.workers)  # in this process, or in row chunks on the workers
+    basis = new_basis(tasks.run, p, cap, tasks.workers, chunked_basis)  # here, or in row chunks on the workers
     basis.start(y, seed)
     del y
     t_cols: list[np.ndarray] = []  # T = Q^T A Q, column block by column block
@@ -692,19 +697,30 @@ SOLVERS: dict[str, Solver] = {
 }
 
 
+def round_width(cfg: SvdSection) -> int:
+    """Columns of one round's products over X (``X^T X K``: two passes of K's width): ``2 block_size`` for the
+    Krylov solver, ``2 (rank + oversample)`` for the others; ``blocks.rounds_where`` weighs a round by it."""
+    if cfg.solver == "krylov":
+        return 2 * int(cfg.block_size or max(8, -(-cfg.rank // 2)))
+    return 2 * int(cfg.rank + cfg.oversample)
+
+
 def truncated_svd(
     blocks: RowBlocks, cfg: SvdSection, col_offset: np.ndarray | None = None, *, compute_u: bool = False,
-    start: np.ndarray | None = None,
+    start: np.ndarray | None = None, as_on_workers: bool = False,
 ) -> SvdResult:
     """The SVD stage: ``cfg.solver`` from ``SOLVERS`` ("krylov", the default: ``krylov_svd`` with ``block_size``,
     ``tol`` and ``max_blocks``; "subspace": ``randomized_svd`` with ``oversample`` and ``power_iterations``;
-    "sklearn"), with ``rank`` and ``seed``."""
+    "sklearn"), with ``rank`` and ``seed``. ``as_on_workers``: blocks gathered here from a client, whose SVD must
+    equal the workers' (the Krylov basis in chunks, ``krylov_svd``'s ``chunked_basis``)."""
     solver = SOLVERS.get(cfg.solver)
     if solver is None:
         raise MfsimError(f"unknown svd.solver {cfg.solver!r}; valid: {', '.join(SOLVERS)}")
     options = {name: getattr(cfg, name) for name in solver.options}
     if solver.warm_start:
         options["start"] = start
+    if as_on_workers and cfg.solver == "krylov":
+        options["chunked_basis"] = True
     return solver.fn(blocks, cfg.rank, seed=cfg.seed, col_offset=col_offset, compute_u=compute_u, **options)
 
 

@@ -118,6 +118,16 @@ def cluster(tmp: Path, *, nanny: bool):
 # the data, the config, a bounded run
 
 
+@pytest.fixture(scope="module", autouse=True)
+def work_on_the_workers():
+    """Every stage's work held to tasks on the workers, the clean run's too: this X is small enough for its SVD,
+    fit and lists to run in the driver (``blocks.rounds_where``, ``lists_here``), where no worker loss reaches."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(blocks_module, "ROUNDS_HERE_MAX_WORK", -1.0)
+        mp.setattr(blocks_module, "LIST_ROUNDS_HERE_MAX_WORK", -1.0)
+        yield
+
+
 @pytest.fixture(scope="module")
 def sim_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("worker-loss")
@@ -295,12 +305,8 @@ def test_worker_killed_during_neighbours(sim_dir, clean_run, tmp_path, nanny):
 
 
 @pytest.mark.parametrize("label", ["evaluation ", "audit lists"], ids=["evaluation", "audit"])
-def test_worker_killed_during_evaluation_or_audit(sim_dir, clean_run, tmp_path, monkeypatch, label):
-    """The later stages' top-N tasks (ranking sums computed in the task, the audit's lists) survive a loss too.
-
-    This audit is small enough to run in the driver (``blocks.lists_here``), as the clean run's did: here its lists
-    are held to tasks on the workers, and must still equal the clean run's, bit for bit."""
-    monkeypatch.setattr(blocks_module, "LIST_ROUNDS_HERE_MAX_WORK", -1.0)
+def test_worker_killed_during_evaluation_or_audit(sim_dir, clean_run, tmp_path, label):
+    """The later stages' top-N tasks (ranking sums computed in the task, the audit's lists) survive a loss too."""
     with cluster(tmp_path, nanny=True) as c:
         killer = Killer(c, "topn_task")
         with kill_at_progress(killer, label):
