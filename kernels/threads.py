@@ -103,6 +103,17 @@ def on_worker(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
 
+def on_local_threads(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` with numba on every thread of its pool and BLAS on one: for work in the driver that a
+    worker would run ``on_one_thread``, whose numba kernels split only rows or column panels (each sum on one
+    thread, so the same bits on any thread count) and whose BLAS products stay on one thread (a threaded gemm may
+    split its sums)."""
+    import numba
+
+    with threads(numba=numba.config.NUMBA_NUM_THREADS, blas=1):
+        return fn(*args, **kwargs)
+
+
 def available_cores() -> int:
     """CPUs this process may run on."""
     try:
