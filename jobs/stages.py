@@ -180,7 +180,7 @@ def lambda_sweep(ctx: StageContext) -> Sweep:
 
     def score(fit: Fit) -> list[dict[str, Any]]:
         return holdout_metrics(client, score_cfg, fit, train=train, test=test, user_ids=data.user_ids,
-                               item_ids=data.item_ids, show_progress=False)[0]
+                               item_ids=data.item_ids, show_progress=False, by_rank=True)[0]
 
     sweep = sweep_lambdas(spectrum, cfg.objectives, select_metric=ecfg.select_metric, cutoffs=cutoffs, score=score)
     return replace(sweep, ran_on=where)

@@ -432,6 +432,14 @@ def ranking_per_user(
     lkeys = np.arange(q, dtype=np.int64)[:, None] * base + idx
     pos = np.searchsorted(tkeys, lkeys)
     hit = valid & (tkeys[np.minimum(pos, max(tkeys.size - 1, 0))] == lkeys) if tkeys.size else np.zeros_like(valid)
+    evaluated, recall, ndcg = _metrics_of_hits(hit, n_test, cut)
+    return evaluated, n_test, recall, ndcg
+
+
+def _metrics_of_hits(hit: np.ndarray, n_test: np.ndarray, cut: list[int]) -> tuple[np.ndarray, ...]:
+    """``ranking_per_user``'s (evaluated, recall, ndcg) from the hits (q x list width, bool) and the distinct
+    held-out items per user."""
+    q, width = hit.shape
     disc = 1.0 / np.log2(np.arange(2, max(width, max(cut)) + 2))  # 1 / log2(rank + 1), rank from 1
     cum_hits = np.cumsum(hit, axis=1, dtype=np.int64)
     cum_dcg = np.cumsum(hit * disc[:width], axis=1)
@@ -447,7 +455,29 @@ def ranking_per_user(
         denom = np.minimum(c, n_test[e])
         recall[e, k] = hits / denom  # hits_N / min(N, |test_u|)
         ndcg[e, k] = dcg / cum_disc[denom - 1]  # DCG@N / IDCG over min(N, |test_u|)
-    return evaluated, n_test, recall, ndcg
+    return evaluated, recall, ndcg
+
+
+def rank_sums(ranks: np.ndarray, test_indptr: np.ndarray, test_indices: np.ndarray, width: int,
+              cutoffs: Sequence[int]) -> MetricSums:
+    """``ranking_sums`` of lists of length ``width`` from the positions of the held-out items in them
+    (``kernels.ranks.held_out_ranks``, aligned with ``test_indices``; at or beyond ``width``: not in the list): the
+    same hits, hence the same sums bit for bit, without the lists."""
+    cut = _check_cutoffs(cutoffs)
+    ptr, tind = _check_csr_rows(test_indptr, test_indices, len(test_indptr) - 1)
+    q = len(ptr) - 1
+    rows = np.repeat(np.arange(q, dtype=np.int64), np.diff(ptr))
+    base = int(tind.max(initial=-1)) + 1
+    n_test = np.bincount(np.unique(rows * base + tind) // base, minlength=q).astype(np.int64) if base \
+        else np.zeros(q, np.int64)
+    ranks = np.asarray(ranks)[: len(rows)]
+    listed = ranks < width
+    hit = np.zeros((q, width), dtype=bool)
+    hit[rows[listed], ranks[listed]] = True
+    evaluated, recall, ndcg = _metrics_of_hits(hit, n_test, cut)
+    r, g = recall[evaluated], ndcg[evaluated]
+    return MetricSums(cut, {"recall": r.sum(axis=0), "ndcg": g.sum(axis=0)},
+                      int(evaluated.sum()), {"recall": (r * r).sum(axis=0), "ndcg": (g * g).sum(axis=0)})
 
 
 def ranking_sums(

@@ -16,7 +16,8 @@ import pyarrow as pa
 
 from mfsim.pipeline.blocks import RowBlocks
 from mfsim.pipeline.config import Config
-from mfsim.pipeline.lists.evaluate import held_out_rows, holdout_sums, list_length, merge_sums, sample_users
+from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.lists.evaluate import held_out_rows, holdout_sums, list_length, merge_sums, rank_sums, sample_users
 from mfsim.pipeline.lists.neighbours import GemmGroup, GroupInputs, csr_rows, group_inputs, plan_lists, query_ranges, \
     run_topn
 from mfsim.pipeline.model.fit import Fit
@@ -28,8 +29,13 @@ T = TypeVar("T")
 
 
 def holdout_metrics(client, cfg: Config, fit: Fit, train: RowBlocks, test: RowBlocks, user_ids: pa.Array,
-                    item_ids: pa.Array, show_progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                    item_ids: pa.Array, show_progress: bool = True, by_rank: bool = False
+                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows of ``evaluation/metrics.parquet`` for the fit on ``train``, and the manifest's account of the users.
+
+    ``by_rank``: groups of ``dot`` lists alone are scored from the held-out items' positions in them
+    (``held_out_rank_task``), not from the lists: the same sums bit for bit at a fraction of the cost (the
+    lambda sweep).
 
     The users are ``sample_users(held_out_rows(test), evaluation.max_users, evaluation.seed)``:
     all users with held-out items, or a seeded sample of ``max_users`` of them, whose lists alone
@@ -52,15 +58,40 @@ def holdout_metrics(client, cfg: Config, fit: Fit, train: RowBlocks, test: RowBl
         A, B = fit.factors.pair((g.objective, g.scaling), client)
         inputs = group_inputs(client, g, A, B, fit.users((g.objective, g.scaling)), X=train, user_ids=user_ids,
                               item_ids=item_ids, subset=subset, cosine_norm_floor=ncfg.cosine_norm_floor)
+        ranked = by_rank and tuple(g.outputs) == ("dot",) and inputs.scale is None
         results = run_topn(
             client, inputs.queries, inputs.candidates, list_length(max(cutoffs), len(inputs.candidate_ids)),
             tuple(g.outputs), rows_per_task=ncfg.query_chunk,
-            candidate_block=ncfg.candidate_block, then=partial(holdout_sums, cutoffs=cutoffs), then_parts=then_parts)
+            candidate_block=ncfg.candidate_block, then=partial(holdout_sums, cutoffs=cutoffs), then_parts=then_parts,
+            task=partial(held_out_rank_task, cutoffs=cutoffs) if ranked else None)
         if show_progress:
             results = group_progress(results, g, inputs, ncfg.query_chunk, "evaluation")
         rows += _group_rows(g, [res for _, res in results], cutoffs)
     return rows, {"n_users_held_out": int(held.size), "n_users_evaluated": int(users.size),
                   "max_users": ecfg.max_users, "sampled": bool(sampled)}
+
+
+def held_out_rank_task(queries: np.ndarray, rng, candidates: np.ndarray, *, n: int, metrics: tuple[str, ...],
+                       candidate_block: int, exclude: Any = None, then_part: Any = None, cutoffs: tuple[int, ...],
+                       **_: Any) -> dict[str, Any]:
+    """``{"dot": MetricSums}`` of one query range's dot lists of length ``n`` against its held-out items
+    (``then_part``, the test split's rows) from the items' positions (``kernels.ranks.held_out_ranks``), as
+    ``topn_task`` with ``then=holdout_sums`` gives them from the lists. ``run_topn``'s task signature; a dot
+    list of unscaled queries only (the caller checks)."""
+    from mfsim.kernels.ranks import held_out_ranks
+
+    q = queries[rng.start : rng.stop]
+    test_ptr = then_part.indptr[rng.start : rng.stop + 1]
+    ex_ptr = ex_idx = None
+    if exclude is not None:
+        ex_ptr, ex_idx = exclude.indptr[rng.start : rng.stop + 1], exclude.indices
+    try:
+        ranks = held_out_ranks(q, candidates, test_ptr, then_part.indices, exclude_indptr=ex_ptr,
+                               exclude_indices=ex_idx, query_chunk=max(1, rng.stop - rng.start),
+                               candidate_block=candidate_block)
+    except ValueError as exc:  # as ``topn_task``'s
+        raise MfsimError(f"neighbour lists: {exc}") from None
+    return {"dot": rank_sums(ranks, test_ptr, then_part.indices, n, cutoffs)}
 
 
 def _group_rows(g: GemmGroup, results: list[dict], cutoffs: tuple[int, ...]) -> list[dict[str, Any]]:

@@ -229,9 +229,11 @@ def topn_task(queries: np.ndarray, rng: QueryRange, candidates: np.ndarray, *, n
 
 def run_topn(client, queries: QuerySet, candidates: Any, n: int, metrics: tuple[str, ...], *, rows_per_task: int,
              candidate_block: int, scale: np.ndarray | None = None, then: Callable | None = None,
-             then_parts: list | None = None) -> Iterator[tuple[QueryRange, Any]]:
+             then_parts: list | None = None, task: Callable = None) -> Iterator[tuple[QueryRange, Any]]:
     """Top-N of every query row against ``candidates``, as Dask tasks; yields ``(range, result)`` in row order.
 
+    ``task``: what each range runs, ``topn_task`` (the default) or one with its signature
+    (``holdout.held_out_rank_task``).
     One task per range of at most ``rows_per_task`` rows of a part (``neighbours.query_chunk``).
     ``candidates`` should already be a future (``pipeline.shared``) so that it travels to each
     worker once; a task whose worker is lost is rerun by the scheduler, its inputs recomputed from
@@ -245,7 +247,8 @@ def run_topn(client, queries: QuerySet, candidates: Any, n: int, metrics: tuple[
     run = runner(client)
     # in this process a range runs as a worker runs it, on one thread: the same tiles, the same float32 scores;
     # ranges run side by side on this process's cores (``local_threads``), each on its own thread
-    task = topn_task if client is not None else one_thread(topn_task)
+    task = task or topn_task
+    task = task if client is not None else one_thread(task)
     pool = None
     if client is None and len(ranges) > 1 and local_threads() > 1:
         pool = ThreadPoolExecutor(max_workers=local_threads(), thread_name_prefix="topn")
