@@ -107,6 +107,7 @@ def fit_stage(ctx: StageContext) -> StageResult:
     """Preprocess, SVD, factors and the cosine-trained model (timed as ``preprocess``, ``svd``, ``factors``,
     ``cosine``); ``svd/singular_values.parquet`` and ``svd/basis.parquet``. With ``lambda: auto`` first the lambda
     sweep on the held-out split (``lambda_sweep``), whose chosen lambdas the published fit then uses."""
+    skipped = cosine_within_size(ctx)
     sweep = None
     if ctx.cfg.objectives.auto():
         with ctx.run.stage("lambda_sweep"):
@@ -129,7 +130,24 @@ def fit_stage(ctx: StageContext) -> StageResult:
                                                 "ran_on": sweep.ran_on}
         ctx.run.write_table(outputs.LAMBDA_SWEEP, sweep.table)
         tables["lambda_sweep"] = sweep.table
-    return StageResult({"preprocess": fit.prep.describe(), "svd": svd, "factors": meta}, tables)
+    return StageResult({"preprocess": fit.prep.describe(), "svd": svd, "factors": meta, **skipped}, tables)
+
+
+def cosine_within_size(ctx: StageContext) -> dict[str, Any]:
+    """``objectives.cosine.max_nnz``: above it the cosine-trained model is left out of this run (every fit, the
+    evaluation's too), with a warning that says how to ask for it; the manifest's ``skipped`` says why."""
+    ccfg = ctx.cfg.objectives.cosine
+    nnz = int(ctx.data.counts["nnz"])
+    if ccfg is None or ccfg.max_nnz is None or nnz <= ccfg.max_nnz:
+        return {}
+    why = (f"X has {nnz:,} non-zeros, above objectives.cosine.max_nnz={ccfg.max_nnz:,}: its L-BFGS (140-290 "
+           "evaluations, each 5k columns of products over X) would cost ~100x the SVD")
+    ctx.warnings.append(f"cosine model: not trained: {why}; set objectives.cosine.max_nnz=null (or above {nnz}) "
+                        "to train it")
+    cfg = ctx.cfg.model_copy(deep=True)
+    cfg.objectives.cosine = None
+    ctx.cfg = cfg
+    return {"skipped": {"cosine-trained model": why}}
 
 
 def fit_entries(fit: Fit, meta: dict[str, Any], cfg: Config, warm: dict[str, Any] | None

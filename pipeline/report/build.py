@@ -75,6 +75,7 @@ def build_report(cfg: Config, fit: Fit, data: IngestResult, *, title: str, truth
     for name, draw in progress(figures, len(figures), "report figures"):
         images[name], captions[name] = draw()
     skipped.update(skipped_parts(cfg, truth=truth, audit=audit))
+    skipped.update(manifest.get("skipped", {}))  # what the job left out (``jobs.stages.cosine_within_size``)
     page_tables: dict[str, Any] = {t: tables[key] for key, t in TABLE_TITLES if key in tables}
     if sweep is not None:
         page_tables[SWEEP_TITLE] = sweep

@@ -145,3 +145,26 @@ def test_the_cosine_model_lists_are_its_own_cosines(auto_run):
     assert "cosine" in ev["objective"].to_pylist()
     cp = pq.read_table(run_dir / "evaluation/cluster_precision.parquet")
     assert {"cosine", "dot"} <= set(cp.filter(pc.equal(cp["objective"], "cosine"))["metric"].to_pylist())
+
+
+def test_the_cosine_model_is_left_out_above_its_size_with_a_warning(auto_run, client):
+    """``objectives.cosine.max_nnz`` below X's non-zeros: no fit trains the model (the published one nor the
+    evaluation's), the warning says how to ask for it, the manifest says why; the other objectives are as they were."""
+    run_dir, manifest, root = auto_run
+    nnz = manifest["nnz"]
+    assert "cosine" in manifest["factors"] and "skipped" not in manifest
+    small_dir, small = run_job(_config(root, client, "no-cosine", f"objectives.cosine.max_nnz={nnz - 1}"))
+    assert "cosine" not in small["factors"]
+    assert f"{nnz:,} non-zeros" in small["skipped"]["cosine-trained model"]
+    assert any("objectives.cosine.max_nnz=null" in w for w in small["warnings"])
+    assert not (small_dir / "item_embeddings" / "objective=cosine").exists()
+    assert {r["objective"] for r in pq.read_table(small_dir / "evaluation" / "metrics.parquet").to_pylist()} \
+        == {"eq1", "eq2"}
+    for objective in ("eq1", "eq2"):  # the rest of the run is unchanged
+        assert small["factors"][objective]["lambda"] == manifest["factors"][objective]["lambda"]
+        np.testing.assert_array_equal(run_factor(small_dir, objective, "unique" if objective == "eq2" else "symmetric",
+                                                 "items"),
+                                      run_factor(run_dir, objective, "unique" if objective == "eq2" else "symmetric",
+                                                 "items"))
+    _, exact = run_job(_config(root, client, "cosine-at-size", f"objectives.cosine.max_nnz={nnz}"))
+    assert "cosine" in exact["factors"] and "skipped" not in exact
