@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from mfsim.jobs.progress import progress
 from mfsim.pipeline import outputs
+from mfsim.pipeline import blocks
 from mfsim.pipeline.blocks import RowBlocks, lists_here, rounds_where
 from mfsim.pipeline.config import Config, NeighboursSection
 from mfsim.pipeline.errors import MfsimError
@@ -35,7 +36,7 @@ from mfsim.pipeline.parts import ListOutput, ListSink, row_ranges, write_embeddi
 from mfsim.pipeline.report.build import build_report
 from mfsim.pipeline.runs.writer import RunWriter, package_versions
 from mfsim.pipeline.runs.roots import open_root, read_run_table, resolve_run
-from mfsim.pipeline.shared import is_future, runner, value
+from mfsim.pipeline.shared import is_future, runner, value, where_of
 
 log = logging.getLogger("mfsim.job")
 ITEM_PART_ROWS = 1 << 18  # rows of B per item-embeddings part (64 MiB at k = 64)
@@ -89,7 +90,8 @@ def ingest_stage(ctx: StageContext) -> StageResult:
     the heavy stages.
     """
     cfg = ctx.cfg
-    data = ctx.data = ingest(ctx.client, cfg.input, cfg.ingest, keep_ts=cfg.evaluation.holdout == "temporal")
+    data = ctx.data = ingest(ctx.client, cfg.input, cfg.ingest, keep_ts=cfg.evaluation.holdout == "temporal",
+                             here_max_rows=blocks.INGEST_HERE_MAX_ROWS)
     ctx.run.write_table(outputs.USERS_IDS, outputs.id_table(data.user_ids, outputs.USER_ID, data.user_counts))
     ctx.run.write_table(outputs.ITEMS_IDS, outputs.id_table(data.item_ids, outputs.ITEM_ID, data.item_counts))
     c = data.counts
@@ -99,7 +101,7 @@ def ingest_stage(ctx: StageContext) -> StageResult:
     if ctx.truth is not None:
         labels = ctx.truth.column_by_item(data.item_ids, cfg.input.item_col, cfg.evaluation.truth_cluster_col, -1)
         ctx.scorer = ClusterScorer(labels, cluster_cutoffs(cfg.evaluation.cutoffs, cfg.neighbours.top_n))
-    return StageResult({"input": {"path": cfg.input.path, "files": data.files}, "counts": c,
+    return StageResult({"input": {"path": cfg.input.path, "files": data.files, "ran_on": data.ran_on}, "counts": c,
                         **{k: c[k] for k in ("n_users", "n_items", "nnz")}})
 
 
@@ -333,11 +335,6 @@ def group_client(ctx: StageContext, g: GemmGroup) -> Any:
     candidates = data.X.n_rows if g.kind == "user_user" else p
     users_here = g.kind == "item_item" or fit.X.client is None
     return None if users_here and lists_here(queries * candidates * k) else ctx.client
-
-
-def where_of(client: Any) -> str:
-    """``"driver"`` for work in this process, ``"workers"`` for tasks on a client (the manifest's ``ran_on``)."""
-    return "driver" if client is None else "workers"
 
 
 def group_lists(client, g: GemmGroup, inputs: GroupInputs, sinks: list[ListSink], ncfg: NeighboursSection,

@@ -72,10 +72,30 @@ def submit_driver(client, cfg: Config, log_level: str, log_format: str):
 
     path = log_path(cfg.run.output, cfg.run.run_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fut = client.submit(drive_on_cluster, cfg.resolved(), str(path.resolve()), log_level, log_format,
-                        key=f"mfsim-driver-{cfg.run.run_id}", pure=False)
+    key = f"mfsim-driver-{cfg.run.run_id}"
+    fut = client.submit(drive_on_cluster, cfg.resolved(), str(path.resolve()), log_level, log_format, key=key,
+                        pure=False)
     fire_and_forget(fut)
+    held_by_scheduler(client, key)
     return fut
+
+
+def _held_for_ever(key: str, dask_scheduler=None) -> bool:
+    """On the scheduler: whether task ``key`` is known and wanted by the fire-and-forget holder."""
+    ts = dask_scheduler.tasks.get(key)
+    return ts is not None and any(getattr(cs, "client_key", None) == "fire-and-forget" for cs in ts.who_wants)
+
+
+def held_by_scheduler(client, key: str, timeout_s: float = 30.0) -> None:
+    """Wait until the scheduler holds the driver task for good: ``submit`` and ``fire_and_forget`` travel in the
+    background, and a submitter that exits (or is killed) before they arrive would leave a printed run id with no run.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not client.run_on_scheduler(_held_for_ever, key):
+        if time.monotonic() > deadline:
+            raise MfsimError(f"the scheduler did not take the run's driver task {key} within {timeout_s:.0f}s; "
+                             "check the scheduler's log")
+        time.sleep(0.02)
 
 
 def stream_until(path: Path, done: Callable[[], bool], out: TextIO, poll_s: float = 0.2) -> None:

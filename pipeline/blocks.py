@@ -187,6 +187,12 @@ ROUNDS_HERE_MAX_WORK = 1e9
 LIST_ROUNDS_HERE_MAX_WORK = 1e9
 
 
+#: A log of at most this many rows is read in this process (``ingest``'s ``here_max_rows``; its X's blocks then stay
+#: here, and with them every later stage whose work is small): reading and encoding it costs less than the tasks'
+#: round trips and the workers' first imports. Measured on the 2-core machine (in process against 2 workers):
+INGEST_HERE_MAX_ROWS = 2_000_000
+
+
 def lists_here(dense_work: float) -> bool:
     """Whether top-N lists of ``dense_work`` multiply-adds (queries x candidates x k) run in this process rather than
     as tasks (``LIST_ROUNDS_HERE_MAX_WORK``); the same lists bit for bit either way."""

@@ -59,7 +59,7 @@ from mfsim.pipeline.blocks import CSRBlock, RowBlocks
 from mfsim.pipeline.config import Config, IngestSection, InputSection
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.inputs import load_item_truth
-from mfsim.pipeline.shared import near, share
+from mfsim.pipeline.shared import is_future, runner, where_of
 
 log = logging.getLogger("mfsim.ingest")
 
@@ -104,6 +104,7 @@ class IngestResult:
     item_counts: np.ndarray  # int64 (n_items,), non-zeros per column
     files: list[dict[str, Any]]
     counts: dict[str, Any] = field(default_factory=dict)
+    ran_on: str = "workers"  # "driver": read in this process (``ingest``'s ``here_max_rows``), X's blocks here
 
 
 def _filesystem(path: str):
@@ -795,13 +796,20 @@ PENDING_PIECES = 4  # pass 2: at most this many pieces' entries (over all groups
 
 
 def _worker_slots(client) -> list[str | None]:
-    """One worker address per worker thread (sorted; a worker with t threads t times); ``[None]`` without workers."""
+    """One worker address per worker thread (sorted; a worker with t threads t times); ``[None]`` without workers
+    (or without a client: in this process)."""
+    if client is None:
+        return [None]
     nthreads = client.nthreads()
     return [addr for addr in sorted(nthreads) for _ in range(nthreads[addr])] or [None]
 
 
 def _wait_for(futures: list[Any]) -> None:
-    """Wait until ``futures`` are done; raise the error of the first that failed."""
+    """Wait until ``futures`` are done; raise the error of the first that failed (values, made in this process, are
+    done)."""
+    futures = [f for f in futures if is_future(f)]
+    if not futures:
+        return
     from distributed import wait
 
     wait(futures)
@@ -818,6 +826,7 @@ def _scan_pass(client, pieces: list[Piece], spec: ScanSpec):
     two before it is done: at most ``2 * SCAN_FAN_IN`` pieces' results are waiting for a union, and
     ``SCAN_FAN_IN - 1`` per level above, whatever the length of the log.
     """
+    run = runner(client)
     levels: list[list[Any]] = [[]]
     batches: deque = deque()  # unions of the leaf batches not yet waited for
 
@@ -826,7 +835,7 @@ def _scan_pass(client, pieces: list[Piece], spec: ScanSpec):
             levels.append([])
         levels[level].append(future)
         if len(levels[level]) == SCAN_FAN_IN:
-            node = client.submit(union_scans, *levels[level], pure=False)
+            node = run.submit(union_scans, *levels[level], pure=False)
             levels[level] = []
             if level == 0:
                 batches.append(node)
@@ -835,11 +844,11 @@ def _scan_pass(client, pieces: list[Piece], spec: ScanSpec):
     for k, piece in enumerate(pieces):
         if k % SCAN_FAN_IN == 0 and len(batches) >= 2:
             _wait_for([batches.popleft()])
-        push(0, client.submit(scan_ids, k, piece, spec, pure=False))
+        push(0, run.submit(scan_ids, k, piece, spec, pure=False))
     rest = [f for level in reversed(levels) for f in level]
     if len(rest) <= 1:
         return rest[0] if rest else None
-    return client.submit(union_scans, *rest, pure=False)
+    return run.submit(union_scans, *rest, pure=False)
 
 
 def assign_groups(weights: np.ndarray, n_groups: int) -> np.ndarray:
@@ -875,6 +884,7 @@ def _fold_pass(client, pieces: list[Piece], spec: ScanSpec, *, uidx, iidx, offse
     of the log. The chains keep the lineage: a block lost with its worker is rebuilt by rerunning
     its group's chain from the Parquet pieces.
     """
+    run = runner(client)
     slots = _worker_slots(client)
     n_groups = len(slots)
     share = max(1, cfg.partition_rows // n_groups)  # a piece's entries per group, at most
@@ -887,21 +897,24 @@ def _fold_pass(client, pieces: list[Piece], spec: ScanSpec, *, uidx, iidx, offse
     for k, piece in enumerate(pieces):
         if len(in_flight) >= window:
             _wait_for(in_flight.popleft())
-        encoded = client.submit(encode_piece, piece, spec, uidx, iidx, layout, pure=False)
+        encoded = run.submit(encode_piece, piece, spec, uidx, iidx, layout, pure=False)
         for g in range(n_groups):
-            bucket = client.submit(group_bucket, encoded, g)
-            states[g] = client.submit(fold_piece, states[g], bucket, k, layout, g, pure=False, **near(slots[g]))
+            bucket = run.submit(group_bucket, encoded, g, pure=True)
+            states[g] = run.submit(fold_piece, states[g], bucket, k, layout, g, pure=False, worker=slots[g])
         in_flight.append(list(states))
     in_flight.clear()
-    finished = [client.submit(finish_blocks, s, pure=False, **near(slots[g])) for g, s in enumerate(states)]
-    return [client.submit(block_of, finished[g], b, **near(slots[g])) for b, g in enumerate(layout.group_of.tolist())]
+    finished = [run.submit(finish_blocks, s, pure=False, worker=slots[g]) for g, s in enumerate(states)]
+    return [run.submit(block_of, finished[g], b, pure=True, worker=slots[g])
+            for b, g in enumerate(layout.group_of.tolist())]
 
 
 def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None = None, *,
-           keep_ts: bool = False) -> IngestResult:
+           keep_ts: bool = False, here_max_rows: int | None = None) -> IngestResult:
     """Read the log at ``path`` (default ``input_cfg.path``) into id maps and X's CSR row blocks.
 
-    With ``keep_ts`` each block also carries the latest timestamp of each (user, item) entry.
+    With ``keep_ts`` each block also carries the latest timestamp of each (user, item) entry. Without a client the
+    same steps run in this process, and X's blocks are arrays here; ``here_max_rows``: so too for a log of at most
+    this many rows (``blocks.INGEST_HERE_MAX_ROWS``; ``IngestResult.ran_on`` says where it ran).
     """
     url = path or input_cfg.path
     fs, file_paths = resolve_input(url)
@@ -917,7 +930,11 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
     files, id_types = inspect_files(fs, file_paths, columns)
     pieces = plan_pieces(files, cfg.partition_rows)
     total_rows = sum(p.n_rows for p in pieces)
-    log.info("ingest: %d files, %d pieces, %d rows", len(files), len(pieces), total_rows)
+    if here_max_rows is not None and total_rows <= here_max_rows:
+        client = None
+    run = runner(client)
+    log.info("ingest: %d files, %d pieces, %d rows%s", len(files), len(pieces), total_rows,
+             f" (read in the {where_of(client)})")
 
     spec = ScanSpec(user_col=input_cfg.user_col, item_col=input_cfg.item_col, weight_col=input_cfg.weight_col,
                     ts_col=input_cfg.ts_col if (use_window or keep_ts) else None, window_start=None, window_end=None,
@@ -926,7 +943,7 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
     if use_window:
         end = cfg.as_of
         if end is None:
-            results = client.gather([client.submit(max_ts, p, spec) for p in pieces])
+            results = run.gather([run.submit(max_ts, p, spec, pure=True) for p in pieces])
             raise_piece_errors(results)
             maxes = [r["max_ts"] for r in results if r["max_ts"] is not None]
             end = (dt.datetime.fromtimestamp(max(maxes) / 1e6, dt.timezone.utc) + dt.timedelta(microseconds=1)
@@ -936,7 +953,7 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
 
     clock = _PhaseClock()
     root = _scan_pass(client, pieces, spec)
-    scanned = client.gather(root) if root is not None else {"summaries": [], "user_ids": None, "item_ids": None}
+    scanned = run.gather(root) if root is not None else {"summaries": [], "user_ids": None, "item_ids": None}
     summaries = [s for _, s in sorted(scanned["summaries"], key=operator.itemgetter(0))]
     raise_piece_errors(summaries)
     invalid = {k: sum(s["invalid"][k] for s in summaries) for k in INVALID_REASONS}
@@ -970,7 +987,7 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
     clock.lap("scan and id maps")
     # the id maps as tasks on the root, not scattered: X's blocks keep their lineage back to the
     # Parquet pieces, so a block lost with its worker is rebuilt (pipeline.shared)
-    uidx, iidx = (client.submit(id_index, root, key, pure=False) for key in ("user_ids", "item_ids"))
+    uidx, iidx = (run.submit(id_index, root, key, pure=False) for key in ("user_ids", "item_ids"))
     blocks = _fold_pass(client, pieces, spec, uidx=uidx, iidx=iidx, offsets=offsets, n_cols=n_items,
                         block_weights=block_weights, cfg=cfg)
     X = RowBlocks(blocks, offsets, n_items, client)
@@ -990,7 +1007,7 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
                          f"ingest.min_item_interactions={cfg.min_item_interactions}); lower them")
     file_info = [{"path": f.path, "size": f.size, "rows": int(sum(f.row_groups))} for f in files]
     return IngestResult(X=X, user_ids=user_ids, item_ids=item_ids, user_counts=user_counts, item_counts=item_counts,
-                        files=file_info, counts=counts)
+                        files=file_info, counts=counts, ran_on=where_of(client))
 
 
 def _files_where(pieces: list[Piece], summaries: list[dict[str, Any]], pick) -> str:
@@ -1004,13 +1021,14 @@ def _minimum_support(client, X: RowBlocks, user_ids, item_ids, min_user: int, mi
 
     Users and items left with no interactions (all weights zero) are dropped in any case.
     """
+    run = runner(client)
     keep_u = np.ones(X.n_rows, dtype=bool)
     keep_i = np.ones(X.n_cols, dtype=bool)
     rounds = 0
     current = X
     nnz_before = None
     while True:
-        per_block = client.gather(current.map(block_counts))
+        per_block = run.gather(current.map(block_counts))
         row_nnz = np.concatenate([r for r, _ in per_block]) if per_block else np.zeros(0, np.int64)
         col_nnz = np.sum([c for _, c in per_block], axis=0) if per_block else np.zeros(X.n_cols, np.int64)
         if nnz_before is None:
@@ -1028,10 +1046,10 @@ def _minimum_support(client, X: RowBlocks, user_ids, item_ids, min_user: int, mi
         col_map = np.full(len(ok_i), -1, dtype=np.int64)
         col_map[ok_i] = np.arange(int(ok_i.sum()))
         new_parts, new_offsets = [], [0]
-        cmap = share(client, col_map, "column-map")
+        cmap = run.share(col_map, "column-map")
         for b, part in enumerate(current.parts):
             rows_ok = ok_u[current.row_offsets[b] : current.row_offsets[b + 1]]
-            new_parts.append(client.submit(filter_block, part, rows_ok, cmap, int(ok_i.sum())))
+            new_parts.append(run.submit(filter_block, part, rows_ok, cmap, int(ok_i.sum()), pure=True))
             new_offsets.append(new_offsets[-1] + int(rows_ok.sum()))
         current = RowBlocks(new_parts, np.array(new_offsets, dtype=np.int64), int(ok_i.sum()), client)
     user_ids = user_ids.filter(pa.array(keep_u)) if not keep_u.all() else user_ids

@@ -175,6 +175,12 @@ class OnCluster:
         return [min(who.get(f.key, ()), default=None) for f in futures]
 
 
+def where_of(client: Any) -> str:
+    """``"driver"`` for work in this process (no client), ``"workers"`` for tasks on a client: the manifest's
+    ``ran_on``."""
+    return "driver" if client is None else "workers"
+
+
 def runner(client) -> Here | OnCluster:
     """Where calls run: ``HERE`` without a client, else tasks on ``client``."""
     return HERE if client is None else OnCluster(client)

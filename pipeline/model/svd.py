@@ -711,8 +711,8 @@ def truncated_svd(
 ) -> SvdResult:
     """The SVD stage: ``cfg.solver`` from ``SOLVERS`` ("krylov", the default: ``krylov_svd`` with ``block_size``,
     ``tol`` and ``max_blocks``; "subspace": ``randomized_svd`` with ``oversample`` and ``power_iterations``;
-    "sklearn"), with ``rank`` and ``seed``. ``as_on_workers``: blocks gathered here from a client, whose SVD must
-    equal the workers' (the Krylov basis in chunks, ``krylov_svd``'s ``chunked_basis``)."""
+    "sklearn"), with ``rank`` and ``seed``. ``as_on_workers``: an SVD in this process that must equal the workers'
+    bit for bit (the Krylov basis in chunks, ``krylov_svd``'s ``chunked_basis``; the pipeline's, wherever X is)."""
     solver = SOLVERS.get(cfg.solver)
     if solver is None:
         raise MfsimError(f"unknown svd.solver {cfg.solver!r}; valid: {', '.join(SOLVERS)}")

@@ -55,15 +55,15 @@ def visible(root: Path) -> list[str]:
 
 
 def submit_then_kill_the_submitter(out: Path, *args: str) -> str:
-    """``mfsim submit --wait`` SIGKILLed once its run has started ingest; the run's id."""
+    """``mfsim submit --wait`` SIGKILLed as soon as it has printed its run's id (the run submitted, not yet
+    published: a run this small takes about a second from its first stage to its end, less than the log takes to
+    reach the submitter, so the kill cannot wait for a stage's line; the id is printed once the scheduler, or the
+    detached process, holds the run); the run's id."""
     proc = subprocess.Popen([MFSIM, "submit", *args, "--output", str(out), "--wait"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         run_id = proc.stdout.readline().strip()
-        for line in proc.stderr:
-            if "stage ingest: start" in line:
-                break
-        assert not (out / run_id).exists(), "the run finished before its submitter was killed"
+        assert run_id and not (out / run_id).exists(), "the run finished before its submitter was killed"
         proc.kill()
         proc.wait(10)
     finally:
@@ -73,10 +73,11 @@ def submit_then_kill_the_submitter(out: Path, *args: str) -> str:
 
 
 def wait_for_status(out: Path, run_id: str, polls: int = 240) -> subprocess.CompletedProcess:
-    """``mfsim status`` once the run is no longer running (exit 3)."""
+    """``mfsim status`` once the run is neither running (exit 3) nor waiting for its driver (exit 2, no run yet)."""
     for _ in range(polls):
         st = mfsim("status", run_id, "--output", str(out))
-        if st.returncode != 3:
+        # running (3), or submitted and not started yet: no state record until its driver starts (2, "no run")
+        if st.returncode != 3 and not (st.returncode == 2 and f"no run '{run_id}'" in st.stderr):
             return st
         time.sleep(0.5)
     return st

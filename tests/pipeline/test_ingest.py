@@ -402,6 +402,7 @@ def _same_blocks(a, b) -> None:
 
 
 def test_blocks_are_the_log_order_sums_bit_for_bit_on_one_and_two_workers(tmp_path, client, client1):
+    """... and in this process (no client, or a log within ``here_max_rows``): the same blocks, there as arrays."""
     import scipy.sparse as sp
 
     rows = _write_float_log(tmp_path / "log", np.random.default_rng(11))
@@ -412,6 +413,16 @@ def test_blocks_are_the_log_order_sums_bit_for_bit_on_one_and_two_workers(tmp_pa
     keep_u, keep_i = dense.any(axis=1), dense.any(axis=0)  # a user or item whose weights are all 0 has no entry
     _assert_matches(res2, (dense[np.ix_(keep_u, keep_i)], users[keep_u], items[keep_i]))
     _same_blocks(res1, res2)
+    here = _ingest(None, tmp_path / "log", **kw)
+    within = ingest(client, InputSection(path=str(tmp_path / "log"), ts_col=None),
+                    IngestSection(partition_rows=80, block_rows=6), here_max_rows=len(rows))
+    beyond = ingest(client, InputSection(path=str(tmp_path / "log"), ts_col=None),
+                    IngestSection(partition_rows=80, block_rows=6), here_max_rows=len(rows) - 1)
+    assert (here.ran_on, within.ran_on, beyond.ran_on, res2.ran_on) == ("driver", "driver", "workers", "workers")
+    assert here.X.client is None and within.X.client is None and beyond.X.client is client
+    for other in (here, within, beyond):
+        _same_blocks(other, res2)
+        assert other.user_ids.equals(res2.user_ids) and other.counts == res2.counts
     # the same X as scipy's duplicate sum (in float64, then rounded): equal up to float32 rounding, same pattern
     r, c = np.searchsorted(users, [u for u, _, _ in rows]), np.searchsorted(items, [i for _, i, _ in rows])
     ref = sp.coo_matrix((np.array([w for _, _, w in rows]), (r, c)), shape=dense.shape).tocsr()

@@ -120,9 +120,11 @@ def cluster(tmp: Path, *, nanny: bool):
 
 @pytest.fixture(scope="module", autouse=True)
 def work_on_the_workers():
-    """Every stage's work held to tasks on the workers, the clean run's too: this X is small enough for its SVD,
-    fit and lists to run in the driver (``blocks.rounds_where``, ``lists_here``), where no worker loss reaches."""
+    """Every stage's work held to tasks on the workers, the clean run's too: this log is small enough for its ingest,
+    SVD, fit and lists to run in the driver (``blocks.INGEST_HERE_MAX_ROWS``, ``rounds_where``, ``lists_here``),
+    where no worker loss reaches."""
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(blocks_module, "INGEST_HERE_MAX_ROWS", -1)
         mp.setattr(blocks_module, "ROUNDS_HERE_MAX_WORK", -1.0)
         mp.setattr(blocks_module, "LIST_ROUNDS_HERE_MAX_WORK", -1.0)
         yield
