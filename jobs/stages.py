@@ -214,7 +214,10 @@ def holdout_where(ctx: StageContext, spectrum: Spectrum, train: RowBlocks, test:
     bit either way."""
     cfg = ctx.cfg
     users = min(train.n_rows, cfg.evaluation.max_users)
-    X_here, where = rounds_where(spectrum.X, cfg.svd.rank, dense_work=users * train.n_cols * cfg.svd.rank)
+    dense = users * train.n_cols * cfg.svd.rank
+    X_here, where = rounds_where(spectrum.X, cfg.svd.rank, dense_work=dense)
+    if where == "driver" and spectrum.X.client is None and not lists_here(dense) and ctx.client is not None:
+        where = "workers"  # X read here (a small log), its lists too large for this process: P and X shared out
     if where == "workers":
         return ctx.client, where, spectrum, train, test
     return None, where, replace(spectrum, X=X_here), train.here(), test.here()  # here() of a local split: itself
@@ -368,7 +371,7 @@ def evaluation_stage(ctx: StageContext) -> StageResult:
     client, where, spectrum, train, test = holdout_where(ctx, spectrum, train, test)
     fit = fit_factors(spectrum, cfg.objectives)
     rows, sample = holdout_metrics(client, cfg, fit, train=train, test=test, user_ids=data.user_ids,
-                                   item_ids=data.item_ids)
+                                   item_ids=data.item_ids, by_rank=True)
     table = pa.Table.from_pylist(rows, schema=outputs.EVALUATION_SCHEMA)
     ctx.run.write_table(outputs.EVALUATION_METRICS, table)
     summary: dict[str, Any] = {"holdout": ecfg.holdout, "fraction": ecfg.fraction, **sample, "ran_on": where}

@@ -33,9 +33,8 @@ def holdout_metrics(client, cfg: Config, fit: Fit, train: RowBlocks, test: RowBl
                     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows of ``evaluation/metrics.parquet`` for the fit on ``train``, and the manifest's account of the users.
 
-    ``by_rank``: groups of ``dot`` lists alone are scored from the held-out items' positions in them
-    (``held_out_rank_task``), not from the lists: the same sums bit for bit at a fraction of the cost (the
-    lambda sweep).
+    ``by_rank``: groups of ``dot`` and ``cosine`` lists are scored from the held-out items' positions in them
+    (``held_out_rank_task``), not from the lists: the same sums bit for bit at a fraction of the cost.
 
     The users are ``sample_users(held_out_rows(test), evaluation.max_users, evaluation.seed)``:
     all users with held-out items, or a seeded sample of ``max_users`` of them, whose lists alone
@@ -43,6 +42,10 @@ def holdout_metrics(client, cfg: Config, fit: Fit, train: RowBlocks, test: RowBl
     over those users and their standard errors ``sd / sqrt(n_users)``.
     """
     ecfg, ncfg = cfg.evaluation, cfg.neighbours
+    if client is not None and test.client is None:  # a split read here, its lists on the workers: shared once
+        run = runner(client)
+        test = RowBlocks([run.share(part, "test-block") for part in test.parts], test.row_offsets, test.n_cols,
+                         client, test.nnz)
     held = held_out_rows(test)
     users = sample_users(held, ecfg.max_users, ecfg.seed)
     sampled = users.size < held.size
@@ -58,7 +61,8 @@ def holdout_metrics(client, cfg: Config, fit: Fit, train: RowBlocks, test: RowBl
         A, B = fit.factors.pair((g.objective, g.scaling), client)
         inputs = group_inputs(client, g, A, B, fit.users((g.objective, g.scaling)), X=train, user_ids=user_ids,
                               item_ids=item_ids, subset=subset, cosine_norm_floor=ncfg.cosine_norm_floor)
-        ranked = by_rank and tuple(g.outputs) == ("dot",) and inputs.scale is None
+        ranked = by_rank and set(g.outputs) <= {"dot", "cosine"} and inputs.scale is None \
+            and not inputs.queries.exclude_self
         results = run_topn(
             client, inputs.queries, inputs.candidates, list_length(max(cutoffs), len(inputs.candidate_ids)),
             tuple(g.outputs), rows_per_task=ncfg.query_chunk,
@@ -73,11 +77,11 @@ def holdout_metrics(client, cfg: Config, fit: Fit, train: RowBlocks, test: RowBl
 
 def held_out_rank_task(queries: np.ndarray, rng, candidates: np.ndarray, *, n: int, metrics: tuple[str, ...],
                        candidate_block: int, exclude: Any = None, then_part: Any = None, cutoffs: tuple[int, ...],
-                       **_: Any) -> dict[str, Any]:
-    """``{"dot": MetricSums}`` of one query range's dot lists of length ``n`` against its held-out items
-    (``then_part``, the test split's rows) from the items' positions (``kernels.ranks.held_out_ranks``), as
-    ``topn_task`` with ``then=holdout_sums`` gives them from the lists. ``run_topn``'s task signature; a dot
-    list of unscaled queries only (the caller checks)."""
+                       cosine_min_norm: tuple[float, float] = (0.0, 0.0), **_: Any) -> dict[str, Any]:
+    """``{metric: MetricSums}`` of one query range's lists of length ``n`` against its held-out items (``then_part``,
+    the test split's rows) from the items' positions (``kernels.ranks.held_out_ranks``), as ``topn_task`` with
+    ``then=holdout_sums`` gives them from the lists. ``run_topn``'s task signature; dot and cosine lists of unscaled
+    queries only (the caller checks)."""
     from mfsim.kernels.ranks import held_out_ranks
 
     q = queries[rng.start : rng.stop]
@@ -86,12 +90,12 @@ def held_out_rank_task(queries: np.ndarray, rng, candidates: np.ndarray, *, n: i
     if exclude is not None:
         ex_ptr, ex_idx = exclude.indptr[rng.start : rng.stop + 1], exclude.indices
     try:
-        ranks = held_out_ranks(q, candidates, test_ptr, then_part.indices, exclude_indptr=ex_ptr,
+        ranks = held_out_ranks(q, candidates, test_ptr, then_part.indices, metrics=metrics, exclude_indptr=ex_ptr,
                                exclude_indices=ex_idx, query_chunk=max(1, rng.stop - rng.start),
-                               candidate_block=candidate_block)
+                               candidate_block=candidate_block, cosine_min_norm=cosine_min_norm)
     except ValueError as exc:  # as ``topn_task``'s
         raise MfsimError(f"neighbour lists: {exc}") from None
-    return {"dot": rank_sums(ranks, test_ptr, then_part.indices, n, cutoffs)}
+    return {m: rank_sums(r, test_ptr, then_part.indices, n, cutoffs) for m, r in ranks.items()}
 
 
 def _group_rows(g: GemmGroup, results: list[dict], cutoffs: tuple[int, ...]) -> list[dict[str, Any]]:

@@ -520,6 +520,11 @@ def group_inputs(client, g: GemmGroup, A: Any, B: Any, user_parts: list, X: RowB
     run = runner(client)
     if not is_future(A):  # arrays: shared once each
         A, B = run.share_f32(A, "factor-a"), run.share_f32(B, "factor-b")
+    if client is not None:  # P and X read in this process (small enough for it), the lists on the workers
+        user_parts = [part if is_future(part) else run.share_f32(part, "user-embeddings") for part in user_parts]
+        if not all(is_future(part) for part in X.parts):
+            X = RowBlocks([part if is_future(part) else run.share(part, "x-block") for part in X.parts],
+                          X.row_offsets, X.n_cols, client, X.nnz)
     if g.kind == "item_item":
         emb = {"A": lambda: A, "B": lambda: B, "A_proj": lambda: run.submit(projected, A, B),
                "G": lambda: run.submit(gram_factor, A, B)}  # on the workers, from A and B

@@ -82,12 +82,13 @@ def fit_spectrum(X_raw: RowBlocks, cfg: Config, timer: Timer | None = None, pref
         X, prep = preprocess(X_raw, cfg.preprocess)
     with _stage(timer, prefix + "svd"):
         # many short rounds: in this process when X is small (``rounds_where``), with the workers' code and
-        # results wherever X was read (``as_on_workers``); X then stays here for the fit's later rounds (the cosine
-        # model, the user embeddings)
+        # results wherever X was read (``as_on_workers``); X itself stays where it was read, and each later stage
+        # places its own work (the cosine model's rounds, the user embeddings beside X's blocks, the lists)
         X_svd, where = rounds_where(X, round_width(cfg.svd))
         svd = truncated_svd(X_svd, cfg.svd, col_offset=prep.col_offset, start=start, as_on_workers=True)
         svd.diagnostics["ran_on"] = where
-    return Spectrum(X_svd, prep, svd)
+        del X_svd
+    return Spectrum(X, prep, svd)
 
 
 def fit_factors(spec: Spectrum, objectives: ObjectivesSection, timer: Timer | None = None,

@@ -36,21 +36,28 @@ def _case(seed: int, q: int, p: int, k: int, ties: bool):
 @pytest.mark.parametrize("block", [4096, 37], ids=["one-block", "blocks"])
 def test_ranks_are_the_positions_in_the_lists(ties, block):
     """Each target's rank is where ``topn_blocked`` lists it (score descending, ties by the smaller id), absent
-    from the list exactly when rank >= N; the NumPy reference gives the same ranks."""
+    from the list exactly when rank >= N, for the dot and the cosine lists (with a norm floor that drops a few
+    queries and candidates from the cosine lists); the NumPy reference gives the same dot ranks."""
     Q, C, X, T = _case(3, 70, 150, 6, ties)
-    ranks = on_one_thread(held_out_ranks, Q, C, T.indptr, T.indices, exclude_indptr=X.indptr,
-                          exclude_indices=X.indices, query_chunk=32, candidate_block=block)
+    floors = tuple(float(np.quantile(np.linalg.norm(M, axis=1), 0.05)) for M in (Q, C))
+    ranks = on_one_thread(held_out_ranks, Q, C, T.indptr, T.indices, metrics=("dot", "cosine"),
+                          exclude_indptr=X.indptr, exclude_indices=X.indices, query_chunk=32, candidate_block=block,
+                          cosine_min_norm=floors)
     if ties:  # exact scores: the reference's one matmul agrees bit for bit
-        np.testing.assert_array_equal(ranks, held_out_ranks_reference(Q, C, T.indptr, T.indices, X.indptr, X.indices))
+        np.testing.assert_array_equal(ranks["dot"], held_out_ranks_reference(Q, C, T.indptr, T.indices, X.indptr,
+                                                                             X.indices))
     n = 40
-    top = on_one_thread(topn_blocked, Q, C, n, metrics=("dot",), exclude_indptr=X.indptr, exclude_indices=X.indices,
-                        query_chunk=32, candidate_block=block)["dot"]
-    for u in range(Q.shape[0]):
-        listed = list(top.indices[u, : top.counts[u]])
-        for e in range(T.indptr[u], T.indptr[u + 1]):
-            i = T.indices[e]
-            assert (listed.index(i) if i in listed else None) == (ranks[e] if ranks[e] < n else None), (u, i)
-    assert (ranks < n).any() and (ranks >= n).any()
+    lists = on_one_thread(topn_blocked, Q, C, n, metrics=("dot", "cosine"), exclude_indptr=X.indptr,
+                          exclude_indices=X.indices, query_chunk=32, candidate_block=block, cosine_min_norm=floors)
+    for metric in ("dot", "cosine"):
+        top, r = lists[metric], ranks[metric]
+        for u in range(Q.shape[0]):
+            listed = list(top.indices[u, : top.counts[u]])
+            for e in range(T.indptr[u], T.indptr[u + 1]):
+                i = T.indices[e]
+                assert (listed.index(i) if i in listed else None) == (r[e] if r[e] < n else None), (metric, u, i)
+        assert (r < n).any() and (r >= n).any()
+    assert (ranks["cosine"] == NOT_LISTED).sum() > (ranks["dot"] == NOT_LISTED).sum()  # the floors took some out
 
 
 def test_an_excluded_target_is_not_listed_and_a_slice_of_a_csr_is_read_from_its_start():
@@ -58,31 +65,33 @@ def test_an_excluded_target_is_not_listed_and_a_slice_of_a_csr_is_read_from_its_
     T = T.tolil()
     T[2, X.indices[X.indptr[2]]] = 1.0  # a target among the user's own items: in no list
     T = T.tocsr()
-    ranks = held_out_ranks(Q, C, T.indptr, T.indices, exclude_indptr=X.indptr, exclude_indices=X.indices)
+    ranks = held_out_ranks(Q, C, T.indptr, T.indices, exclude_indptr=X.indptr, exclude_indices=X.indices)["dot"]
     ref = held_out_ranks_reference(Q, C, T.indptr, T.indices, X.indptr, X.indices)
     np.testing.assert_array_equal(ranks, ref)
     assert (ranks == NOT_LISTED).sum() == 1
     part = held_out_ranks(Q[5:12], C, T.indptr[5:13], T.indices, exclude_indptr=X.indptr[5:13],
-                          exclude_indices=X.indices)
+                          exclude_indices=X.indices)["dot"]
     np.testing.assert_array_equal(part, ref[T.indptr[5] : T.indptr[12]])
 
 
 def test_rank_sums_equal_the_sums_of_the_lists():
     """``rank_sums`` from the ranks and ``ranking_sums`` from the lists: the same hits, so the same sums bit for bit
-    (recall and NDCG at cutoffs below, at and above the list length)."""
+    (recall and NDCG at cutoffs below, at and above the list length; dot and cosine)."""
     Q, C, X, T = _case(7, 90, 200, 8, ties=False)
     n, cutoffs = 50, (5, 20, 50, 80)
-    top = on_one_thread(topn_blocked, Q, C, n, metrics=("dot",), exclude_indptr=X.indptr, exclude_indices=X.indices,
-                        query_chunk=64, candidate_block=4096)["dot"]
-    ranks = on_one_thread(held_out_ranks, Q, C, T.indptr, T.indices, exclude_indptr=X.indptr,
+    lists = on_one_thread(topn_blocked, Q, C, n, metrics=("dot", "cosine"), exclude_indptr=X.indptr,
                           exclude_indices=X.indices, query_chunk=64, candidate_block=4096)
-    a = ranking_sums(top.indices, top.counts, T.indptr, T.indices, cutoffs)
-    b = rank_sums(ranks, T.indptr, T.indices, n, cutoffs)
-    assert a.count == b.count > 0 and a.cutoffs == b.cutoffs
-    for name in ("recall", "ndcg"):
-        np.testing.assert_array_equal(a.totals[name], b.totals[name])
-        np.testing.assert_array_equal(a.squares[name], b.squares[name])
-    assert b.totals["recall"][0] > 0
+    ranks = on_one_thread(held_out_ranks, Q, C, T.indptr, T.indices, metrics=("dot", "cosine"),
+                          exclude_indptr=X.indptr, exclude_indices=X.indices, query_chunk=64, candidate_block=4096)
+    for metric in ("dot", "cosine"):
+        top = lists[metric]
+        a = ranking_sums(top.indices, top.counts, T.indptr, T.indices, cutoffs)
+        b = rank_sums(ranks[metric], T.indptr, T.indices, n, cutoffs)
+        assert a.count == b.count > 0 and a.cutoffs == b.cutoffs
+        for name in ("recall", "ndcg"):
+            np.testing.assert_array_equal(a.totals[name], b.totals[name])
+            np.testing.assert_array_equal(a.squares[name], b.squares[name])
+        assert b.totals["recall"][0] > 0
 
 
 def test_bad_input_is_one_clear_error():

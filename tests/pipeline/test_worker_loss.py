@@ -310,7 +310,8 @@ def test_worker_killed_during_neighbours(sim_dir, clean_run, tmp_path, nanny):
 def test_worker_killed_during_evaluation_or_audit(sim_dir, clean_run, tmp_path, label):
     """The later stages' top-N tasks (ranking sums computed in the task, the audit's lists) survive a loss too."""
     with cluster(tmp_path, nanny=True) as c:
-        killer = Killer(c, "topn_task")
+        # the evaluation's tasks score the held-out items' positions (holdout.held_out_rank_task), the audit's list
+        killer = Killer(c, "held_out_rank_task" if label == "evaluation " else "topn_task")
         with kill_at_progress(killer, label):
             run_dir = run_bounded(job_config(sim_dir, tmp_path / "runs", label.split()[0] + "-kill"), c.client)
         check_faulted_run(c, killer, run_dir, clean_run, nanny=True)
