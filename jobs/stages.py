@@ -375,6 +375,13 @@ def evaluation_stage(ctx: StageContext) -> StageResult:
     table = pa.Table.from_pylist(rows, schema=outputs.EVALUATION_SCHEMA)
     ctx.run.write_table(outputs.EVALUATION_METRICS, table)
     summary: dict[str, Any] = {"holdout": ecfg.holdout, "fraction": ecfg.fraction, **sample, "ran_on": where}
+    if "cosine" in fit.meta:  # the train split's own cosine-trained model: its convergence is reported as the published
+        c = fit.meta["cosine"]
+        summary["cosine"] = {k: c[k] for k in ("iterations", "converged", "seconds", "loss", "message")}
+        if not c["converged"]:
+            ctx.warnings.append(f"evaluation: the cosine model on the train split did not converge after "
+                                f"{c['iterations']} iterations ({c['message']}); its held-out metrics are those of "
+                                "an unfinished model: raise objectives.cosine.max_iterations or objectives.cosine.tol")
     cutoffs = tuple(ecfg.cutoffs)
     if rows:
         best = max(rows, key=lambda r: (r["top_n"] == cutoffs[0], r["ndcg"]))

@@ -114,6 +114,10 @@ def test_the_cosine_model_lists_are_its_own_cosines(auto_run):
     run_dir, manifest, root = auto_run
     c = manifest["factors"]["cosine"]
     assert c["iterations"] > 0 and c["loss"] < c["start_loss"] and c["gamma"] > 0
+    # the train split's own model (the evaluation's): its convergence in the manifest, a warning when it did not
+    e = manifest["evaluation"]["cosine"]
+    assert 0 < e["iterations"] <= 40 and e["loss"] > 0
+    assert e["converged"] != any("cosine model on the train split did not converge" in w for w in manifest["warnings"])
     X, users, items = dense_x(run_dir, root / "sim")
     n, p = X.shape
     B = run_factor(run_dir, "cosine", "unique", "items")

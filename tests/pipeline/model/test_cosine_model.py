@@ -220,3 +220,45 @@ def test_rounds_run_in_process_below_the_work_limit_and_on_the_workers_above(cli
     same, where = rounds_where(on_cluster, 21)
     assert where == "workers" and same is on_cluster
     assert rounds_where(RowBlocks.from_scipy(X, 48), 10**9)[1] == "driver"  # no client: always here
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e14], ids=["unit", "lastfm-scale"])
+def test_lbfgs_finds_the_minimum_of_a_quadratic_and_of_rosenbrock_as_scipy_does(scale):
+    """``cosine_model.lbfgs`` against closed forms: a convex quadratic's minimizer ``A^-1 b`` (also at the scale of
+    lastfm's raw play counts, losses ~1e12 and gradients ~1e14, where skipping pairs by ``eps |y|^2`` left it at
+    steepest descent), and Rosenbrock's (1, ..., 1), which scipy's L-BFGS-B reaches too."""
+    from scipy.optimize import minimize, rosen, rosen_der
+
+    from mfsim.pipeline.model.cosine_model import lbfgs
+
+    rng = np.random.default_rng(0)
+    M = rng.standard_normal((30, 30))
+    A = scale * (M @ M.T + 30 * np.eye(30))
+    b = scale * rng.standard_normal(30)
+    exact = np.linalg.solve(A, b)
+    res = lbfgs(lambda x: (0.5 * x @ A @ x - b @ x, A @ x - b), np.zeros(30), memory=5, max_iterations=200)
+    np.testing.assert_allclose(res.x, exact, rtol=1e-6, atol=1e-9)
+    assert res.reason in ("stationary", "no progress") and res.iterations < 100
+    x0 = np.full(10, -1.2)
+    ours = lbfgs(lambda x: (rosen(x), rosen_der(x)), x0, memory=5, max_iterations=2000)
+    theirs = minimize(rosen, x0, jac=rosen_der, method="L-BFGS-B", options={"maxcor": 5, "maxiter": 2000,
+                                                                             "ftol": 1e-15, "gtol": 1e-12})
+    np.testing.assert_allclose(ours.x, np.ones(10), atol=1e-6)
+    np.testing.assert_allclose(theirs.x, np.ones(10), atol=1e-5)
+
+
+def test_lbfgs_stops_where_the_callback_says_and_after_max_iterations():
+    from mfsim.pipeline.model.cosine_model import lbfgs
+
+    seen = []
+
+    def stop_at_three(x, f):
+        seen.append(f)
+        if len(seen) == 3:
+            raise StopIteration
+
+    fun = lambda x: (float(x @ x), 2 * x)  # noqa: E731
+    res = lbfgs(fun, np.arange(1.0, 4.0), memory=3, max_iterations=50, callback=stop_at_three)
+    assert (res.reason, res.iterations, res.f) == ("rule", 3, seen[-1])
+    capped = lbfgs(lambda x: (float(np.sum(x ** 4)), 4 * x ** 3), np.ones(4), memory=3, max_iterations=2)
+    assert (capped.reason, capped.iterations) == ("max_iterations", 2)
