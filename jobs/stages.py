@@ -142,8 +142,8 @@ def cosine_within_size(ctx: StageContext) -> dict[str, Any]:
     nnz = int(ctx.data.counts["nnz"])
     if ccfg is None or ccfg.max_nnz is None or nnz <= ccfg.max_nnz:
         return {}
-    why = (f"X has {nnz:,} non-zeros, above objectives.cosine.max_nnz={ccfg.max_nnz:,}: its L-BFGS (140-290 "
-           "evaluations, each 5k columns of products over X) would cost ~100x the SVD")
+    why = (f"X has {nnz:,} non-zeros, above objectives.cosine.max_nnz={ccfg.max_nnz:,}: its L-BFGS (hundreds of "
+           "evaluations, each 5k columns of products over X) would cost hundreds of times the SVD")
     ctx.warnings.append(f"cosine model: not trained: {why}; set objectives.cosine.max_nnz=null (or above {nnz}) "
                         "to train it")
     cfg = ctx.cfg.model_copy(deep=True)

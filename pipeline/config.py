@@ -214,7 +214,7 @@ class CosineSection(Section):
     lambda_: float = Field(1.0, alias="lambda", ge=0)
     max_iterations: int = Field(500, ge=0)
     tol: float = Field(3e-3, gt=0)
-    max_nnz: int | None = Field(10_000_000, ge=0)
+    max_nnz: int | None = Field(2_000_000, ge=0)
 
 
 class ObjectivesSection(Section):
