@@ -295,15 +295,19 @@ def neighbours_stage(ctx: StageContext) -> StageResult:
     written: set[str] = set()
     places: dict[str, int] = {}
     X_here = None  # X's pattern in this process (the users' own items, excluded from their lists), once
+    labels: dict[str, Any] = {}  # the item truth's labels where the groups run, shared once per place
     for g in plan_lists(list(fit.factors), ncfg.item_item, ncfg.user_item, ncfg.user_user):
         client = group_client(ctx, g)
         X = data.X
         if client is None and g.kind != "item_item":
             X = X_here = X_here or data.X.here()
-        places[where_of(client)] = places.get(where_of(client), 0) + 1
+        where = where_of(client)
+        places[where] = places.get(where, 0) + 1
         cluster = None
         if ctx.scorer is not None:
-            cluster = (runner(client).share(ctx.scorer.labels, "cluster-labels"), list(ctx.scorer.cutoffs))
+            if where not in labels:
+                labels[where] = runner(client).share(ctx.scorer.labels, "cluster-labels")
+            cluster = (labels[where], list(ctx.scorer.cutoffs))
         A, B = fit.factors.pair((g.objective, g.scaling), client)  # futures: built on the workers
         user_parts = fit.users((g.objective, g.scaling)) if g.kind != "item_item" else []
         inputs = group_inputs(client, g, A, B, user_parts, X=X, user_ids=data.user_ids, item_ids=data.item_ids,

@@ -475,9 +475,7 @@ def rank_sums(ranks: np.ndarray, test_indptr: np.ndarray, test_indices: np.ndarr
     hit = np.zeros((q, width), dtype=bool)
     hit[rows[listed], ranks[listed]] = True
     evaluated, recall, ndcg = _metrics_of_hits(hit, n_test, cut)
-    r, g = recall[evaluated], ndcg[evaluated]
-    return MetricSums(cut, {"recall": r.sum(axis=0), "ndcg": g.sum(axis=0)},
-                      int(evaluated.sum()), {"recall": (r * r).sum(axis=0), "ndcg": (g * g).sum(axis=0)})
+    return _sums_of(evaluated, recall, ndcg, cut)
 
 
 def ranking_sums(
@@ -490,8 +488,13 @@ def ranking_sums(
     """Sums of recall@N and NDCG@N and of their squares over one chunk of users with held-out items
     (see ``ranking_per_user``)."""
     evaluated, _, recall, ndcg = ranking_per_user(indices, counts, test_indptr, test_indices, cutoffs)
+    return _sums_of(evaluated, recall, ndcg, _check_cutoffs(cutoffs))
+
+
+def _sums_of(evaluated: np.ndarray, recall: np.ndarray, ndcg: np.ndarray, cut: tuple[int, ...]) -> MetricSums:
+    """The ``MetricSums`` of per-user recall and NDCG (``ranking_per_user``'s) over the evaluated users."""
     r, g = recall[evaluated], ndcg[evaluated]
-    return MetricSums(_check_cutoffs(cutoffs), {"recall": r.sum(axis=0), "ndcg": g.sum(axis=0)},
+    return MetricSums(cut, {"recall": r.sum(axis=0), "ndcg": g.sum(axis=0)},
                       int(evaluated.sum()), {"recall": (r * r).sum(axis=0), "ndcg": (g * g).sum(axis=0)})
 
 
