@@ -18,7 +18,7 @@ from typing import Any
 
 from mfsim.jobs.logs import tee_to_file
 from mfsim.jobs.stages import STAGES, StageContext
-from mfsim.pipeline.cluster import get_client
+from mfsim.pipeline.cluster import ClusterOnDemand
 from mfsim.pipeline.config import Config
 from mfsim.pipeline.ingest import validate_before_cluster
 from mfsim.pipeline.inputs import load_item_truth
@@ -39,7 +39,7 @@ def run_stages(ctx: StageContext) -> dict[str, Any]:
         if not stage.when(ctx):
             continue
         if not peaks:
-            log.info("stage %s: start, %.2fs after the process started (imports, config, cluster)", stage.name,
+            log.info("stage %s: start, %.2fs after the process started (imports, config)", stage.name,
                      seconds_since_process_start())
         else:
             log.info("stage %s: start", stage.name)
@@ -65,13 +65,24 @@ def driver_peak_rss_mib() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 
 
+def on_demand(cfg: Config, scheduler: str | None, client: Any):
+    """The run's ``ClusterOnDemand``: ``client`` itself when it is one (kept open for its owner), one around an
+    existing client, else a new one for ``scheduler`` / ``cfg.cluster`` (closed when the run ends)."""
+    if isinstance(client, ClusterOnDemand):
+        return nullcontext(client)
+    if client is not None:
+        return nullcontext(ClusterOnDemand(client=client))
+    return ClusterOnDemand(cfg.cluster, scheduler)
+
+
 def run_job(cfg: Config, *, scheduler: str | None = None, client: Any = None, move_latest: str = "always",
             replace: bool = False) -> tuple[Path, dict[str, Any]]:
     """Run every configured stage and publish ``<run.output>/<run_id>/``; returns (run dir, manifest).
 
-    ``client``: an existing Dask client to run on (a backfill's, or the driver's own inside the
-    cluster); otherwise one from ``get_client`` (``scheduler`` or an embedded cluster), started
-    only after the config and the input have been checked. ``move_latest`` and ``replace`` go to
+    ``client``: an existing Dask client to run on (the driver's own inside the cluster), or a
+    ``ClusterOnDemand`` (a backfill's, shared by its days); otherwise one of its own (``scheduler``,
+    or an embedded cluster started only when a stage first sends work to workers), after the config
+    and the input have been checked. ``move_latest`` and ``replace`` go to
     the run writer and ``publish`` (nightly: ``"if_newer"``; ``--force``: replace).
     """
     t0 = time.perf_counter()
@@ -83,8 +94,8 @@ def run_job(cfg: Config, *, scheduler: str | None = None, client: Any = None, mo
         try:
             with tee_to_file(run.path(RUN_LOG)):
                 log.info("run %s: start (output %s)", run.run_id, cfg.run.output)
-                with (nullcontext(client) if client is not None else get_client(cfg.cluster, scheduler)) as c:
-                    ctx = StageContext(cfg, c, run, truth=truth)
+                with on_demand(cfg, scheduler, client) as clients:
+                    ctx = StageContext(cfg, clients, run, truth=truth)
                     entries = run_stages(ctx)
                 for w in ctx.warnings:
                     log.warning("%s", w)

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from contextlib import nullcontext
 from pathlib import Path
 
 from mfsim.jobs.main_job import run_job
-from mfsim.pipeline.cluster import get_client
+from mfsim.pipeline.cluster import ClusterOnDemand
 from mfsim.pipeline.config import Config
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.ingest import validate_before_cluster
@@ -83,7 +82,7 @@ def run_nightly(cfg: Config, days: list[dt.date], *, force: bool = False, lock_t
     lock_root.mkdir(parents=True, exist_ok=True)
     with OutputLock(lock_root, timeout_s=lock_timeout_s):
         todo = [d for d in todo if force or not succeeded(root, d)]  # another nightly may have run them meanwhile
-        with get_client(cfg.cluster, scheduler) if todo else nullcontext() as client:
+        with ClusterOnDemand(cfg.cluster, scheduler) as client:  # started once, by the first day that needs workers
             for d in todo:
                 day_cfg = day_config(cfg, d)
                 log.info("nightly %s: as_of %s, window %s days", d, day_cfg.ingest.as_of.isoformat(),

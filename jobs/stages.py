@@ -20,6 +20,7 @@ from mfsim.jobs.progress import progress
 from mfsim.pipeline import outputs
 from mfsim.pipeline import blocks
 from mfsim.pipeline.blocks import RowBlocks, lists_here, rounds_where
+from mfsim.pipeline.cluster import ClusterOnDemand
 from mfsim.pipeline.config import Config, NeighboursSection
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.ingest import IngestResult, ingest
@@ -54,10 +55,11 @@ class StageResult:
 
 @dataclass
 class StageContext:
-    """Everything a stage may read: the config, the Dask client, the run writer, and what earlier stages made."""
+    """Everything a stage may read: the config, the Dask client (``client``: started when first read), the run
+    writer, and what earlier stages made."""
 
     cfg: Config
-    client: Any
+    clients: ClusterOnDemand
     run: RunWriter
     truth: ItemTruth | None = None
     data: IngestResult | None = None
@@ -67,6 +69,12 @@ class StageContext:
     train: tuple | None = None  # (train, test, Spectrum) of the lambda sweep's split, reused by the evaluation
     results: dict[str, StageResult] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def client(self) -> Any:
+        """The run's Dask client; the first read starts the embedded cluster (``ClusterOnDemand``): read it only
+        for work that the placement rule (``pipeline.blocks``) sends to the workers."""
+        return self.clients.get()
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,7 @@ def ingest_stage(ctx: StageContext) -> StageResult:
     the heavy stages.
     """
     cfg = ctx.cfg
-    data = ctx.data = ingest(ctx.client, cfg.input, cfg.ingest, keep_ts=cfg.evaluation.holdout == "temporal",
+    data = ctx.data = ingest(lambda: ctx.client, cfg.input, cfg.ingest, keep_ts=cfg.evaluation.holdout == "temporal",
                              here_max_rows=blocks.INGEST_HERE_MAX_ROWS)
     ctx.run.write_table(outputs.USERS_IDS, outputs.id_table(data.user_ids, outputs.USER_ID, data.user_counts))
     ctx.run.write_table(outputs.ITEMS_IDS, outputs.id_table(data.item_ids, outputs.ITEM_ID, data.item_counts))
@@ -216,7 +224,7 @@ def holdout_where(ctx: StageContext, spectrum: Spectrum, train: RowBlocks, test:
     users = min(train.n_rows, cfg.evaluation.max_users)
     dense = users * train.n_cols * cfg.svd.rank
     X_here, where = rounds_where(spectrum.X, cfg.svd.rank, dense_work=dense)
-    if where == "driver" and spectrum.X.client is None and not lists_here(dense) and ctx.client is not None:
+    if where == "driver" and spectrum.X.client is None and not lists_here(dense):
         where = "workers"  # X read here (a small log), its lists too large for this process: P and X shared out
     if where == "workers":
         return ctx.client, where, spectrum, train, test

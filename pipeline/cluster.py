@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -141,6 +141,42 @@ def get_client(cfg: ClusterSection, scheduler: str | None = None) -> Iterator["d
         else:
             with _embedded_client(cfg) as client:
                 yield client
+
+
+class ClusterOnDemand:
+    """The run's Dask client, started when a stage first needs workers (``get``): a run whose every stage ran in
+    this process (``blocks``' placement rule: small data) never starts the embedded cluster, its worker processes
+    nor their imports. A named scheduler (``cluster.address``, ``--scheduler``) is connected at once, so that a
+    wrong address fails before any work; an existing client (``ClusterOnDemand(client=...)``) is used as it is and
+    left open."""
+
+    def __init__(self, cfg: ClusterSection | None = None, scheduler: str | None = None, *, client: Any = None):
+        self._cfg, self._scheduler, self._client = cfg, scheduler, client
+        self._stack = ExitStack()
+        if client is None and (scheduler or (cfg is not None and cfg.address)):
+            self.get()
+
+    def get(self) -> "distributed.Client":  # noqa: F821
+        """The client, starting the embedded cluster (or connecting) the first time."""
+        if self._client is None:
+            if self._cfg is None:
+                raise MfsimError("no Dask client and no cluster config to start one")
+            self._client = self._stack.enter_context(get_client(self._cfg, self._scheduler))
+        return self._client
+
+    @property
+    def started(self) -> bool:
+        return self._client is not None
+
+    def close(self) -> None:
+        """Close what ``get`` started (the embedded cluster and its workers); a client handed in stays open."""
+        self._stack.close()
+
+    def __enter__(self) -> "ClusterOnDemand":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @contextmanager

@@ -914,7 +914,8 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
 
     With ``keep_ts`` each block also carries the latest timestamp of each (user, item) entry. Without a client the
     same steps run in this process, and X's blocks are arrays here; ``here_max_rows``: so too for a log of at most
-    this many rows (``blocks.INGEST_HERE_MAX_ROWS``; ``IngestResult.ran_on`` says where it ran).
+    this many rows (``blocks.INGEST_HERE_MAX_ROWS``; ``IngestResult.ran_on`` says where it ran). ``client`` may be a
+    function that returns one (e.g. starts a cluster), called only when the log goes to the workers.
     """
     url = path or input_cfg.path
     fs, file_paths = resolve_input(url)
@@ -932,6 +933,8 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
     total_rows = sum(p.n_rows for p in pieces)
     if here_max_rows is not None and total_rows <= here_max_rows:
         client = None
+    elif callable(client):
+        client = client()
     run = runner(client)
     log.info("ingest: %d files, %d pieces, %d rows%s", len(files), len(pieces), total_rows,
              f" (read in the {where_of(client)})")

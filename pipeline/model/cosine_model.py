@@ -33,8 +33,8 @@ same bit for bit on any number of workers.
 Centred preprocessing (``X_eff = X - 1 c^T``) is applied implicitly.
 
 L-BFGS (``lbfgs``: the two-loop recursion and MINPACK's line search, float64), started from the Eq. 2 solution;
-each iteration's loss and gradient norm are logged. Memory on the driver: the L-BFGS state, about ``(2 m + 6) 2 p k``
-float64 (m = ``LBFGS_MEMORY`` = 5 correction pairs: 32 p k, 330 MB at p = 20,000, k = 64).
+each iteration's loss and gradient norm are logged. Memory on the driver: the L-BFGS state, about ``(2 m + 8) 2 p k``
+float64 (m = ``LBFGS_MEMORY`` = 5 correction pairs: 36 p k, 370 MB at p = 20,000, k = 64).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from mfsim.kernels.lbfgs import lbfgs_direction
 from mfsim.kernels.threads import blas_limit, on_local_threads, one_thread, threads
 from mfsim.kernels.rows import ordered_sum, row_dots, row_norms, unit_rows, unit_rows_backward_into
 from mfsim.kernels.sparse import csr_matmat, csr_t_matmat
@@ -357,36 +358,32 @@ def lbfgs(fun, x0: np.ndarray, *, memory: int, max_iterations: int, callback=Non
 
     Why not scipy's L-BFGS-B: its Fortran update handles bounds this objective does not have and costs
     O(m n) with large constants per call, twice per iteration; on ml-latest-small (n = 1.2M variables) 57 ms per
-    call, most of an iteration. This update is a few BLAS-1 passes over the 2m + 4 vectors. Memory:
-    ``(2 m + 6) n`` float64.
+    call, most of an iteration. This update is one kernel (``kernels.lbfgs``: 2 m + 1 passes over the variables)
+    and a few BLAS-1 calls. Memory: ``(2 m + 8) n`` float64.
     """
     from scipy.optimize._linesearch import scalar_search_wolfe1
 
     x = np.array(x0, dtype=np.float64)
     f, g = f0 if f0 is not None else fun(x)
-    pairs: list[tuple[np.ndarray, np.ndarray, float]] = []
+    # the pairs in slots of S, Y (one spare: a new pair is written there before the test that may skip it)
+    S = np.empty((memory + 1, x.size))
+    Y = np.empty((memory + 1, x.size))
+    rho = np.zeros(memory + 1)
+    order: list[int] = []  # slots of the kept pairs, oldest first
+    d = np.empty(x.size)
     it = 0
     while True:
         if it >= max_iterations:
             return LbfgsResult(x, f, g, it, "max_iterations", f"stopped after max_iterations={max_iterations}")
         if not np.any(g):
             return LbfgsResult(x, f, g, it, "stationary", "the gradient is zero")
-        d = -g
-        if pairs:
-            alphas = []
-            for s, y, rho in reversed(pairs):
-                a = rho * float(s @ d)
-                d -= a * y
-                alphas.append(a)
-            s, y, _ = pairs[-1]
-            d *= float(s @ y) / float(y @ y)
-            for (s, y, rho), a in zip(pairs, reversed(alphas)):
-                d += (a - rho * float(y @ d)) * s
+        if order:
+            lbfgs_direction(g, S, Y, rho, np.array(order), out=d)
         else:
-            d = d / np.linalg.norm(g)
+            np.multiply(g, -1.0 / np.linalg.norm(g), out=d)
         derphi0 = float(g @ d)
         if not derphi0 < 0:  # not a descent direction (rounding in a flat region): start the memory again
-            pairs.clear()
+            order.clear()
             d = -g / np.linalg.norm(g)
             derphi0 = float(g @ d)
         seen: dict[float, tuple[np.ndarray, float, np.ndarray]] = {}
@@ -405,12 +402,15 @@ def lbfgs(fun, x0: np.ndarray, *, memory: int, max_iterations: int, callback=Non
         if step is None:
             return LbfgsResult(x, f, g, it, "line search", "the line search found no step that lowers the loss")
         x_new, f_new, g_new = seen[step]
-        s, y = x_new - x, g_new - g
+        slot = min(set(range(memory + 1)) - set(order))
+        s = np.subtract(x_new, x, out=S[slot])
+        y = np.subtract(g_new, g, out=Y[slot])
         sy = float(s @ y)
         if sy > np.finfo(np.float64).eps * -float(g @ s):  # as L-BFGS-B: against the decrease the step promised
-            pairs.append((s, y, 1.0 / sy))
-            if len(pairs) > memory:
-                pairs.pop(0)
+            rho[slot] = 1.0 / sy
+            order.append(slot)
+            if len(order) > memory:
+                order.pop(0)
         no_progress = abs(f - f_new) <= 1e-15 * max(abs(f), abs(f_new), 1.0)
         x, f, g = x_new, f_new, g_new
         it += 1

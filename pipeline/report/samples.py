@@ -536,7 +536,7 @@ def cluster_order(E: np.ndarray, n_clusters: int, seed: int = 0) -> tuple[np.nda
     """Display order of m items grouped by k-means on the directions of their embeddings.
 
     The rows of E are scaled to unit length (zero rows stay zero), then clustered by
-    ``sklearn.cluster.KMeans(n_clusters, n_init=4, random_state=seed)``. Clusters are shown
+    ``kmeans_labels(n_clusters, n_init=4, seed)``. Clusters are shown
     largest first (ties: smaller label); within a cluster, items by cosine to their cluster's
     centroid, highest first (ties: smaller index). So items with similar directions sit next to
     each other and a heatmap of their similarities shows blocks, as the true clusters would.
@@ -580,9 +580,7 @@ def cluster_order(E: np.ndarray, n_clusters: int, seed: int = 0) -> tuple[np.nda
     if c <= 1:
         labels = np.zeros(m, np.int64)
     else:
-        from sklearn.cluster import KMeans  # imported here: only the report draws clusters
-
-        labels = KMeans(n_clusters=c, n_init=4, random_state=int(seed)).fit_predict(En).astype(np.int64)
+        labels = kmeans_labels(En, c, n_init=4, seed=int(seed))
     sizes = np.bincount(labels, minlength=c)
     rank = np.empty(c, np.int64)
     rank[np.lexsort((np.arange(c), -sizes))] = np.arange(c)  # largest cluster first
@@ -593,6 +591,47 @@ def cluster_order(E: np.ndarray, n_clusters: int, seed: int = 0) -> tuple[np.nda
     to_centroid = np.einsum("ij,ij->i", En, cent[labels])  # cos(e_i, centroid of its cluster)
     order = np.lexsort((np.arange(m), -to_centroid, rank[labels])).astype(np.int64)
     return order, rank[labels][order]
+
+
+def kmeans_labels(E: np.ndarray, n_clusters: int, *, n_init: int = 4, seed: int = 0,
+                  max_iterations: int = 300) -> np.ndarray:
+    """k-means (Lloyd's algorithm from k-means++ seeds, Arthur & Vassilvitskii 2007) of the rows of E: the labels
+    (int64, 0..n_clusters-1) of the best of ``n_init`` starts by inertia (sum of squared distances to the centres).
+
+    What ``sklearn.cluster.KMeans(n_clusters, n_init=n_init)`` computes, in a few NumPy lines, without importing
+    scikit-learn (~0.85 s of a report's ~4 s on ml-100k for a 0.05 s fit of a few thousand rows). Deterministic
+    for a seed. O(m k n_clusters) per iteration.
+    """
+    E = np.asarray(E, dtype=np.float64)
+    m = E.shape[0]
+    rng = np.random.default_rng(seed)
+    sq = np.einsum("ij,ij->i", E, E)
+    best, best_inertia = np.zeros(m, np.int64), np.inf
+    for _ in range(n_init):
+        centres = np.empty((n_clusters, E.shape[1]))
+        centres[0] = E[rng.integers(m)]
+        d2 = np.maximum(sq - 2 * E @ centres[0] + centres[0] @ centres[0], 0.0)
+        for c in range(1, n_clusters):  # k-means++: the next seed with probability proportional to d^2
+            total = d2.sum()
+            pick = rng.choice(m, p=d2 / total) if total > 0 else rng.integers(m)
+            centres[c] = E[pick]
+            d2 = np.minimum(d2, np.maximum(sq - 2 * E @ centres[c] + centres[c] @ centres[c], 0.0))
+        labels = None
+        for _ in range(max_iterations):
+            dist = sq[:, None] - 2 * E @ centres.T + np.einsum("ij,ij->i", centres, centres)[None, :]
+            new = np.argmin(dist, axis=1).astype(np.int64)
+            if labels is not None and np.array_equal(new, labels):
+                break
+            labels = new
+            counts = np.bincount(labels, minlength=n_clusters)
+            sums = np.zeros_like(centres)
+            np.add.at(sums, labels, E)
+            filled = counts > 0  # an emptied cluster keeps its centre
+            centres[filled] = sums[filled] / counts[filled, None]
+        inertia = float(np.sum((E - centres[labels]) ** 2))
+        if inertia < best_inertia:
+            best, best_inertia = labels, inertia
+    return best
 
 
 def quantile_limits(values: np.ndarray, lower: float = 0.01, upper: float = 0.99, *,

@@ -1,0 +1,57 @@
+"""The two-loop recursion (kernels.lbfgs) against the NumPy reference and against the inverse Hessian it stands for."""
+
+import numpy as np
+import pytest
+
+from mfsim.kernels.lbfgs import lbfgs_direction, lbfgs_direction_reference
+
+
+def _pairs(rng, m, n, slots):
+    S = rng.standard_normal((slots, n))
+    Y = S + 0.3 * rng.standard_normal((slots, n))  # s.y > 0: pairs L-BFGS would keep
+    rho = 1.0 / np.einsum("ij,ij->i", S, Y)
+    return S, Y, rho
+
+
+@pytest.mark.parametrize("order", [[0], [2, 0, 1], [3, 1, 4, 0, 2]])
+def test_direction_matches_the_reference_in_any_slot_order(order):
+    rng = np.random.default_rng(len(order))
+    S, Y, rho = _pairs(rng, len(order), 1001, 6)
+    g = rng.standard_normal(1001)
+    want = lbfgs_direction_reference(g, S, Y, rho, np.array(order))
+    got = lbfgs_direction(g, S, Y, rho, np.array(order))
+    # the reference's dot products are BLAS's (blocked sums), the kernel's left to right: they differ by rounding,
+    # each of the 2 m + 1 passes by a few ulp of its terms' sizes
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+
+
+def test_no_pairs_is_steepest_descent_and_out_is_filled():
+    g = np.array([1.0, -2.0, 3.0])
+    out = np.empty(3)
+    assert lbfgs_direction(g, np.empty((2, 3)), np.empty((2, 3)), np.zeros(2), np.zeros(0, np.int64), out=out) is out
+    np.testing.assert_array_equal(out, -g)
+
+
+def test_on_a_quadratic_the_pairs_give_the_inverse_hessian_in_their_span():
+    # f = x^T H x / 2: y = H s exactly, and BFGS's update satisfies the secant equation for the newest pair:
+    # the direction for g = y_newest is -s_newest (Nocedal & Wright, eq. 6.6)
+    rng = np.random.default_rng(7)
+    n = 40
+    Q = rng.standard_normal((n, n))
+    H = Q @ Q.T + n * np.eye(n)
+    S = rng.standard_normal((3, n))
+    Y = S @ H
+    rho = 1.0 / np.einsum("ij,ij->i", S, Y)
+    d = lbfgs_direction(Y[2], S, Y, rho, np.array([0, 1, 2]))
+    np.testing.assert_allclose(d, -S[2], rtol=1e-10, atol=1e-10 * np.abs(S[2]).max())
+
+
+def test_same_bits_whatever_the_alignment():
+    rng = np.random.default_rng(3)
+    S, Y, rho = _pairs(rng, 3, 513, 3)
+    g = rng.standard_normal(513)
+    want = lbfgs_direction(g, S, Y, rho, np.array([1, 2, 0]))
+    buf = np.empty(g.size + 1)
+    shifted = buf[1:]  # an 8-byte offset from the allocation's alignment
+    shifted[:] = g
+    np.testing.assert_array_equal(lbfgs_direction(shifted, S, Y, rho, np.array([1, 2, 0])), want)
