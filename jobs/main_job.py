@@ -18,6 +18,7 @@ from typing import Any
 
 from mfsim.jobs.logs import tee_to_file
 from mfsim.jobs.stages import STAGES, StageContext
+from mfsim.pipeline import blocks
 from mfsim.pipeline.cluster import ClusterOnDemand
 from mfsim.pipeline.config import Config
 from mfsim.pipeline.ingest import validate_before_cluster
@@ -94,7 +95,10 @@ def run_job(cfg: Config, *, scheduler: str | None = None, client: Any = None, mo
         try:
             with tee_to_file(run.path(RUN_LOG)):
                 log.info("run %s: start (output %s)", run.run_id, cfg.run.output)
-                with on_demand(cfg, scheduler, client) as clients:
+                with on_demand(cfg, scheduler, client) as clients, \
+                        nullcontext() if cfg.cluster.small_data_here else blocks.held_to_workers():
+                    if not cfg.cluster.small_data_here:
+                        clients.get()  # every stage goes to the workers: the cluster is needed from the first
                     ctx = StageContext(cfg, clients, run, truth=truth)
                     entries = run_stages(ctx)
                 for w in ctx.warnings:

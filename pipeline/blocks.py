@@ -9,8 +9,9 @@ is the one reduction over per-block (or per-worker) partial results, in-process 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import scipy.sparse as sp
@@ -191,6 +192,19 @@ LIST_ROUNDS_HERE_MAX_WORK = 1e9
 #: here, and with them every later stage whose work is small): reading and encoding it costs less than the tasks'
 #: round trips and the workers' first imports. Measured on the 2-core machine (in process against 2 workers):
 INGEST_HERE_MAX_ROWS = 2_000_000
+
+
+@contextmanager
+def held_to_workers() -> Iterator[None]:
+    """Inside, every stage runs on the workers whatever its size (``cluster.small_data_here: false``): the three
+    limits above set below any size, as for data above them; restored on exit. The same results either way."""
+    global INGEST_HERE_MAX_ROWS, ROUNDS_HERE_MAX_WORK, LIST_ROUNDS_HERE_MAX_WORK
+    saved = INGEST_HERE_MAX_ROWS, ROUNDS_HERE_MAX_WORK, LIST_ROUNDS_HERE_MAX_WORK
+    INGEST_HERE_MAX_ROWS, ROUNDS_HERE_MAX_WORK, LIST_ROUNDS_HERE_MAX_WORK = -1, -1.0, -1.0
+    try:
+        yield
+    finally:
+        INGEST_HERE_MAX_ROWS, ROUNDS_HERE_MAX_WORK, LIST_ROUNDS_HERE_MAX_WORK = saved
 
 
 def lists_here(dense_work: float) -> bool:

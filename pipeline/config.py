@@ -95,6 +95,7 @@ class ClusterSection(Section):
     processes: bool = True
     memory_limit: str = "auto"
     dashboard_address: str | None = "127.0.0.1:0"
+    small_data_here: bool = True
 
 
 class IngestSection(Section):

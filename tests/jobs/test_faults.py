@@ -47,7 +47,10 @@ def mfsim(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def run_args(out: Path, run_id: str, log: Path, *extra: str) -> list[str]:
-    return ["run", "conf/default.yaml", "--input", str(log), "--output", str(out), "--run-id", run_id, *QUICK, *extra]
+    """A small run whose stages run on the embedded cluster's workers (``cluster.small_data_here=false``: a log this
+    small would otherwise run in the driver alone, and the kill tests must see worker processes go)."""
+    return ["run", "conf/default.yaml", "--input", str(log), "--output", str(out), "--run-id", run_id, *QUICK,
+            "--set", "cluster.small_data_here=false", *extra]
 
 
 # -- processes ------------------------------------------------------------------------------------

@@ -70,21 +70,22 @@ def test_one_worker_gives_the_same_run(small_run, client1):
     assert len(files) > 40
 
 
-def test_work_held_to_the_workers_gives_the_same_run(small_run, client, monkeypatch):
+def test_work_held_to_the_workers_gives_the_same_run(small_run, client):
     """This log is small: its ingest, SVD, fit, embeddings and lists run in this process
     (``blocks.INGEST_HERE_MAX_ROWS``, ``rounds_where``, ``lists_here``), and the manifest says so. Held to tasks on
-    the workers, every published table is the same (ids, ranks and counts exactly; floats to rounding: the SVD's
-    per-worker partial sums group X's 3 blocks otherwise than one sum here, as with one worker against two)."""
+    the workers (``cluster.small_data_here: false``), every published table is the same (ids, ranks and counts
+    exactly; floats to rounding: the SVD's per-worker partial sums group X's 3 blocks otherwise than one sum here,
+    as with one worker against two)."""
     import mfsim.pipeline.blocks as blocks_module
 
     run_dir, manifest, sim_dir = small_run
     places = ("input", "svd", "embeddings", "evaluation", "audit")
     assert [manifest[key]["ran_on"] for key in places] == ["driver"] * 5
     assert manifest["neighbours"]["ran_on"] == {"driver": 18}  # list groups
-    monkeypatch.setattr(blocks_module, "INGEST_HERE_MAX_ROWS", -1)
-    monkeypatch.setattr(blocks_module, "ROUNDS_HERE_MAX_WORK", -1.0)
-    monkeypatch.setattr(blocks_module, "LIST_ROUNDS_HERE_MAX_WORK", -1.0)
-    workers_dir, on_workers = run_job(_small_config(sim_dir.parent, client, "on-workers"))
+    cfg = _small_config(sim_dir.parent, client, "on-workers")
+    cfg.cluster.small_data_here = False
+    workers_dir, on_workers = run_job(cfg)
+    assert blocks_module.INGEST_HERE_MAX_ROWS > 0  # the limits are back after the run
     assert [on_workers[key]["ran_on"] for key in places] == ["workers"] * 5
     assert on_workers["neighbours"]["ran_on"] == {"workers": 18}
     assert len(assert_same_run_tables(run_dir, workers_dir)) > 40
