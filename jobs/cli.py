@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -256,17 +258,23 @@ def nightly(
     lock_timeout: float = typer.Option(0.0, "--lock-timeout", help="Seconds to wait for another nightly's lock (then exit 75)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler, e.g. tls://HOST:8786."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the config, the input's files and the output "
+                                 "root, say which days would run, and exit (0, or 2 on bad input)."),
 ) -> None:
     """Process day D (the ingest.window_days days up to the end of D); a day that succeeded is skipped."""
-    from mfsim.jobs.nightly import days_between, run_nightly, yesterday_utc
+    from mfsim.jobs.nightly import days_between, dry_run as check, run_nightly, yesterday_utc
 
     cfg = _load(config, set_, **{"input.path": input, "run.output": output})
+    _need_input(cfg)
     if date is not None and backfill is not None:
         raise MfsimError("pass --date or --backfill FROM TO, not both")
     if backfill is not None:
         days = days_between(_day(backfill[0], "--backfill FROM"), _day(backfill[1], "--backfill TO"))
     else:
         days = [_day(date, "--date") if date is not None else yesterday_utc()]
+    if dry_run:
+        typer.echo(check(cfg, days))
+        return
     done = run_nightly(cfg, days, force=force, lock_timeout_s=lock_timeout, scheduler=scheduler)
     typer.echo(f"nightly: {len(done)} run(s) published" + (f": {', '.join(done)}" if done else " (all days done)"))
 
@@ -280,26 +288,68 @@ def _day(text: str, what: str):
         raise MfsimError(f"{what} must be a date YYYY-MM-DD, got {text!r}") from None
 
 
-@app.command(epilog="Example: mfsim schedule conf/default.yaml --output /data/mfsim/runs --at 02:30 --install")
+@app.command(epilog="Example: mfsim schedule conf/default.yaml --input '/data/logs/dt=*/*.parquet' "
+                    "--output /data/mfsim/runs --at 02:30 --install")
 @user_errors
 def schedule(
     config: Path = typer.Argument(..., help="YAML config."),
-    output: str = typer.Option(..., "--output", help="Output root."),
+    output: str = typer.Option(..., "--output", help="Output root (created if missing)."),
     at: str = typer.Option(..., "--at", help="HH:MM, UTC."),
+    input: Optional[str] = typer.Option(None, "--input", help="Parquet log: file, directory, glob or URL "
+                                        "(as nightly's; default: the config's input.path)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler, e.g. tls://HOST:8786."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     install: bool = typer.Option(False, "--install", help="Write the crontab line and the systemd units (else print them)."),
     into: Path = typer.Option(Path("."), "--into", help="With --install: the folder for the three files."),
 ) -> None:
-    """A crontab line and a systemd service + timer that run ``mfsim nightly`` every day at --at."""
-    from mfsim.jobs.nightly import schedule_files
+    """A crontab line and a systemd service + timer that run ``mfsim nightly`` every day at --at (UTC).
 
-    load_config(config)  # the config must load before a scheduler runs it every night
-    files = schedule_files(config, output, at, str(Path(sys.executable).parent / "mfsim"))
-    for name, text in files.items():
-        if install:
-            (into / name).write_text(text)
-            typer.echo(f"wrote {into / name}")
-        else:
+    The generated command is checked before anything is written: it is run once with ``--dry-run`` (config,
+    input files, output root), from another directory, as cron would run it.
+    """
+    import subprocess
+
+    from mfsim.jobs.nightly import enable_instructions, parse_at, schedule_files
+
+    parse_at(at)
+    cfg = _load(config, set_, **{"input.path": input, "run.output": output})
+    _need_input(cfg)
+    command = [str(Path(sys.executable).parent / "mfsim"), "nightly", str(config.resolve()),
+               "--output", _absolute(output), "--input", _absolute(cfg.input.path)]
+    for item in set_:
+        command += ["--set", item]
+    if scheduler:
+        command += ["--scheduler", scheduler]
+    check = subprocess.run([*command, "--dry-run"], capture_output=True, text=True, cwd="/")
+    if check.returncode != 0:
+        why = [ln for ln in check.stderr.splitlines() if ln.startswith("error:")] or check.stderr.splitlines()[-1:]
+        raise MfsimError(f"the nightly command this schedule would run fails its dry run "
+                         f"({' '.join(why) or f'exit {check.returncode}'}); nothing written. The command: "
+                         f"{shlex.join(command)}")
+    files = schedule_files(command, _absolute(output), at)
+    typer.echo(check.stdout.strip(), err=True)
+    if not install:
+        for name, text in files.items():
             typer.echo(f"# {name}\n{text}")
+        typer.echo("(--install writes these files into --into and says how to enable them)", err=True)
+        return
+    into.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (into / name).write_text(text)
+        typer.echo(f"wrote {into / name}")
+    typer.echo(enable_instructions(into))
+
+
+def _need_input(cfg: Config) -> None:
+    if not cfg.input.path:
+        raise MfsimError("no input given: pass --input (a Parquet file, directory, glob or URL) or set input.path "
+                         "in the config")
+
+
+def _absolute(path: str) -> str:
+    """A local path (or glob) made absolute against the current directory, as a job started elsewhere needs it;
+    a URL as it is."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 @app.command(epilog="Example: mfsim simulate conf/paper.yaml --out data/simulated --set simulate.n_users=5000")

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import shlex
 from pathlib import Path
 
 from mfsim.jobs.main_job import run_job
 from mfsim.pipeline.cluster import ClusterOnDemand
 from mfsim.pipeline.config import Config
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.ingest import validate_before_cluster
+from mfsim.pipeline.ingest import check_input, validate_before_cluster
 from mfsim.pipeline.runs.lock import OutputLock
 from mfsim.pipeline.runs.root import Root
 from mfsim.pipeline.runs.roots import open_root
@@ -104,20 +106,82 @@ def run_nightly(cfg: Config, days: list[dt.date], *, force: bool = False, lock_t
     return published
 
 
-def schedule_files(config: Path, output: str, at: str, mfsim: str) -> dict[str, str]:
-    """A crontab line and a systemd service + timer that call ``mfsim nightly`` daily at ``at`` (HH:MM, UTC)."""
+def dry_run(cfg: Config, days: list[dt.date]) -> str:
+    """What ``mfsim nightly --dry-run`` checks without running anything: the config (loaded by the caller), the
+    input of the first day to do (every file's footer: columns and types, ``check_input``) and the output root
+    (created if missing, and writable). Returns the line it prints; raises ``MfsimError`` (exit 2)."""
+    root_path = Path(cfg.run.output)
+    if "://" not in cfg.run.output:
+        try:
+            root_path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MfsimError(f"--output {cfg.run.output}: cannot create it ({exc.strerror}); pick a writable "
+                             "directory") from None
+        if not os.access(root_path, os.W_OK):
+            raise MfsimError(f"--output {cfg.run.output} is not writable by this user; pick a writable directory")
+    root = open_root(cfg.run.output)
+    todo = [d for d in days if not succeeded(root, d)]
+    n_files, n_rows = check_input(day_config(cfg, (todo or days)[0]))
+    return (f"nightly --dry-run: config, input ({n_files} file{'s' * (n_files != 1)}, {n_rows} rows; footers read) "
+            f"and output "
+            f"{cfg.run.output} checked; would run {', '.join(d.isoformat() for d in todo) or 'nothing'}"
+            + (f" (already done: {', '.join(d.isoformat() for d in days if d not in todo)})"
+               if len(todo) < len(days) else ""))
+
+
+#: ``schedule``'s cron line fires at these minutes past ``--at``'s: every time-zone offset in use is a multiple of
+#: 15 minutes, so one of them falls on ``--at`` in UTC whatever the crontab's CRON_TZ or the machine's zone.
+CRON_STEP_MINUTES = 15
+
+
+def parse_at(at: str) -> tuple[int, int]:
+    """(hour, minute) of ``--at`` HH:MM (24-hour, UTC)."""
     try:
         hh, mm = (int(x) for x in at.split(":"))
         if not (0 <= hh < 24 and 0 <= mm < 60):
             raise ValueError
     except ValueError:
         raise MfsimError(f"--at must be HH:MM (24-hour, UTC), got {at!r}") from None
-    cmd = f"{mfsim} nightly {config.resolve()} --output {Path(output).resolve()}"
+    return hh, mm
+
+
+def schedule_files(command: list[str], output: str, at: str) -> dict[str, str]:
+    """A crontab line and a systemd service + timer that run ``command`` (``mfsim nightly ...``, every word
+    absolute) daily at ``at`` (HH:MM, UTC).
+
+    The cron line sets no CRON_TZ (which would change the zone of every later line of the user's crontab): it fires
+    every ``CRON_STEP_MINUTES`` minutes from ``at``'s minute and goes on only inside the ``CRON_STEP_MINUTES``
+    minutes from ``at`` in UTC (``date -u``), so it runs once a day at ``at`` UTC whatever the zone, and a
+    daemon a minute late still runs it. Its output is appended to ``<output>/nightly.log``.
+    """
+    hh, mm = parse_at(at)
+    start = hh * 100 + mm
+    end_minutes = hh * 60 + mm + CRON_STEP_MINUTES
+    end = (end_minutes // 60) * 100 + end_minutes % 60  # HHMM as a number; past 2359 it only bounds from above
+    minutes = ",".join(str(m) for m in sorted((mm + CRON_STEP_MINUTES * j) % 60 for j in range(60 // CRON_STEP_MINUTES)))
+    log_file = f"{output.rstrip('/')}/nightly.log"
+    cron_cmd = shlex.join(command).replace("%", "\\%")  # cron turns an unescaped % into a newline
+    guard = f't=$(date -u +\\%H\\%M); [ "$t" -ge {start} ] && [ "$t" -lt {end} ]'
+    unit_cmd = shlex.join(command).replace("%", "%%")  # systemd's specifiers
     return {
-        "crontab": f"CRON_TZ=UTC\n{mm} {hh} * * * {cmd} >> {Path(output).resolve()}/nightly.log 2>&1\n",
+        "crontab": (f"# mfsim nightly, every day at {hh:02d}:{mm:02d} UTC in any time zone: the line fires every "
+                    f"{CRON_STEP_MINUTES} minutes\n# and goes on only at {hh:02d}:{mm:02d} UTC (within "
+                    f"{CRON_STEP_MINUTES} minutes). Log: {log_file}\n"
+                    f"{minutes} * * * * {guard} && exec {cron_cmd} >> {shlex.quote(log_file)} 2>&1\n"),
         "mfsim-nightly.service": ("[Unit]\nDescription=mfsim nightly run\n\n[Service]\nType=oneshot\n"
-                                  f"ExecStart={cmd}\n"),
+                                  f"ExecStart={unit_cmd}\n"),
         "mfsim-nightly.timer": ("[Unit]\nDescription=mfsim nightly run, daily\n\n[Timer]\n"
                                 f"OnCalendar=*-*-* {hh:02d}:{mm:02d}:00 UTC\nPersistent=true\n\n"
                                 "[Install]\nWantedBy=timers.target\n"),
     }
+
+
+def enable_instructions(into: Path) -> str:
+    """How to turn on what ``schedule --install`` wrote into ``into`` (one of the two, not both)."""
+    d = shlex.quote(str(into.resolve()))
+    return (f"to enable it, use one of the two (not both):\n"
+            f"  cron:    (crontab -l 2>/dev/null; cat {d}/crontab) | crontab -\n"
+            f"  systemd: mkdir -p ~/.config/systemd/user && cp {d}/mfsim-nightly.service {d}/mfsim-nightly.timer "
+            "~/.config/systemd/user/ && systemctl --user daemon-reload && systemctl --user enable --now "
+            "mfsim-nightly.timer\n"
+            "  (systemd --user timers run while you are logged in unless: loginctl enable-linger $USER)")

@@ -172,6 +172,30 @@ def validate_before_cluster(cfg: Config) -> None:
     load_item_truth(cfg)
 
 
+def input_columns(input_cfg: InputSection, cfg: IngestSection, keep_ts: bool) -> dict[str, str]:
+    """The log's columns ingest reads, by role (``user``, ``item``, ``weight``, ``ts``)."""
+    columns = {"user": input_cfg.user_col, "item": input_cfg.item_col}
+    if input_cfg.weight_col:
+        columns["weight"] = input_cfg.weight_col
+    use_window = cfg.window_days is not None or cfg.as_of is not None
+    if use_window or keep_ts:
+        if not input_cfg.ts_col:
+            need = "ingest.window_days / ingest.as_of" if use_window else "evaluation.holdout=temporal"
+            raise MfsimError(f"{need} needs a timestamp column: set input.ts_col")
+        columns["ts"] = input_cfg.ts_col
+    return columns
+
+
+def check_input(cfg: Config) -> tuple[int, int]:
+    """``validate_before_cluster`` and every file's footer: the columns and types ingest needs, in every file
+    (``inspect_files``). Returns (files, rows). What a dry run checks; reads no row of the log."""
+    validate_before_cluster(cfg)
+    fs, file_paths = resolve_input(cfg.input.path)
+    files, _ = inspect_files(fs, file_paths, input_columns(cfg.input, cfg.ingest,
+                                                           cfg.evaluation.holdout == "temporal"))
+    return len(files), sum(sum(f.row_groups) for f in files)
+
+
 def _id_type_ok(t: pa.DataType) -> bool:
     if pa.types.is_dictionary(t):
         t = t.value_type
@@ -919,15 +943,8 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
     """
     url = path or input_cfg.path
     fs, file_paths = resolve_input(url)
-    columns = {"user": input_cfg.user_col, "item": input_cfg.item_col}
-    if input_cfg.weight_col:
-        columns["weight"] = input_cfg.weight_col
+    columns = input_columns(input_cfg, cfg, keep_ts)
     use_window = cfg.window_days is not None or cfg.as_of is not None
-    if use_window or keep_ts:
-        if not input_cfg.ts_col:
-            need = "ingest.window_days / ingest.as_of" if use_window else "evaluation.holdout=temporal"
-            raise MfsimError(f"{need} needs a timestamp column: set input.ts_col")
-        columns["ts"] = input_cfg.ts_col
     files, id_types = inspect_files(fs, file_paths, columns)
     pieces = plan_pieces(files, cfg.partition_rows)
     total_rows = sum(p.n_rows for p in pieces)

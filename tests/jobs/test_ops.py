@@ -20,6 +20,7 @@ import pytest
 
 MFSIM = str(Path(sys.executable).parent / "mfsim")
 REPO = Path(__file__).resolve().parents[2]
+README = REPO / "README.md"
 # a small, fast run: rank 4, short lists, no held-out fit, no audit, no report, one worker
 QUICK = ["--set", "objectives.eq1.lambda=10", "--set", "objectives.eq2.lambda=10", "--set", "objectives.cosine=null",
          "--set", "svd.rank=4", "--set", "neighbours.top_n=5", "--set", "evaluation.holdout=none",
@@ -263,18 +264,107 @@ def test_reserved_and_malformed_run_ids_are_refused(tmp_path, daily_log):
     assert not any(tmp_path.iterdir())
 
 
-def test_schedule_prints_cron_and_systemd_and_installs_them(tmp_path):
-    r = mfsim("schedule", "conf/default.yaml", "--output", str(tmp_path / "runs"), "--at", "02:30")
+def cron_shell(line: str) -> str:
+    """The shell text cron runs for a crontab line: after the five time fields, ``\\%`` read as ``%``."""
+    return line.split(None, 5)[5].replace("\\%", "%")
+
+
+def crontab_line(text: str) -> str:
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert len(lines) == 1, text  # one line, and no CRON_TZ (it would change the zone of the crontab's later lines)
+    return lines[0]
+
+
+def test_schedule_installs_a_cron_line_that_runs_to_a_published_run(tmp_path):
+    """``mfsim schedule`` with nightly's --input and --set, installed into a folder; its cron line, run by ``sh`` as
+    cron runs it (another directory, a bare environment) at the scheduled time, publishes yesterday's run."""
+    now = dt.datetime.now(dt.timezone.utc)
+    yesterday = (now - dt.timedelta(days=1)).date()
+    rng = np.random.default_rng(11)
+    pairs = rng.choice(60 * 40, size=900, replace=False)
+    start = pd.Timestamp(yesterday, tz="UTC") - pd.Timedelta(days=1)
+    df = pd.DataFrame({"user_id": pairs // 40, "item_id": pairs % 40, "weight": np.ones(900, np.float32),
+                       "ts": start + pd.to_timedelta(rng.uniform(0, 2 * 86400, 900), unit="s")})
+    log = tmp_path / "log.parquet"
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), log)
+    out, into = tmp_path / "nightly" / "runs", tmp_path / "units"
+    at = now.strftime("%H:%M")  # the guard lets it through for 15 minutes from --at
+    r = mfsim("schedule", "conf/default.yaml", "--input", str(log), "--output", str(out), "--at", at, "--install",
+              "--into", str(into), *QUICK)
     assert r.returncode == 0, r.stderr
-    cron = [ln for ln in r.stdout.splitlines() if "nightly" in ln and not ln.startswith(("#", "ExecStart"))]
-    assert cron and cron[0].startswith("30 2 * * * ") and f"--output {tmp_path / 'runs'}" in cron[0]
-    assert "OnCalendar=*-*-* 02:30:00 UTC" in r.stdout and "ExecStart=" in r.stdout
-    r = mfsim("schedule", "conf/default.yaml", "--output", str(tmp_path / "runs"), "--at", "02:30", "--install",
-              "--into", str(tmp_path))
-    assert r.returncode == 0 and sorted(p.name for p in tmp_path.iterdir()) == [
-        "crontab", "mfsim-nightly.service", "mfsim-nightly.timer"]
+    assert sorted(p.name for p in into.iterdir()) == ["crontab", "mfsim-nightly.service", "mfsim-nightly.timer"]
+    assert out.is_dir() and "nightly --dry-run:" in r.stderr and f"would run {yesterday}" in r.stderr
+    assert "| crontab -" in r.stdout and "systemctl --user enable --now mfsim-nightly.timer" in r.stdout
+    timer = (into / "mfsim-nightly.timer").read_text()
+    assert f"OnCalendar=*-*-* {at}:00 UTC" in timer
+    service = (into / "mfsim-nightly.service").read_text()
+    assert f"--input {log}" in service and "--set svd.rank=4" in service
+
+    line = crontab_line((into / "crontab").read_text())
+    hh, mm = int(at[:2]), int(at[3:])
+    assert line.split()[:5] == [",".join(str(m) for m in sorted((mm + 15 * j) % 60 for j in range(4))),
+                                "*", "*", "*", "*"]
+    elsewhere = tmp_path / "cron-home"
+    elsewhere.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(elsewhere), "SHELL": "/bin/sh"}  # cron's environment
+    ran = subprocess.run(["/bin/sh", "-c", cron_shell(line)], cwd=elsewhere, env=env, timeout=300)
+    assert ran.returncode == 0, (out / "nightly.log").read_text()
+    day = yesterday.isoformat()
+    assert visible(out) == [day, "LATEST", "nightly.log"]
+    assert json.loads((out / day / "_manifest.json").read_text())["nnz"] == expected_nnz(df, yesterday, 10_000)
+    assert "nightly: 1 run(s) published" in (out / "nightly.log").read_text()
+
+    # at any other time of day the line does nothing
+    later = (now + dt.timedelta(hours=2)).strftime("%H:%M")
+    r = mfsim("schedule", "conf/default.yaml", "--input", str(log), "--output", str(out), "--at", later, *QUICK)
+    assert r.returncode == 0, r.stderr
+    idle = subprocess.run(["/bin/sh", "-c", cron_shell(crontab_line(r.stdout.split("# mfsim-nightly.service")[0]))],
+                          cwd=elsewhere, env=env, timeout=60)
+    assert idle.returncode != 0 and visible(out) == [day, "LATEST", "nightly.log"]
+
+
+def test_schedule_refuses_a_command_that_would_fail_every_night(tmp_path):
+    into = tmp_path / "units"
+    base = ["schedule", "conf/default.yaml", "--output", str(tmp_path / "runs"), "--at", "02:30", "--install",
+            "--into", str(into)]
+    r = mfsim(*base, "--input", str(tmp_path / "no-such-log.parquet"))
+    assert r.returncode == 2 and "dry run" in r.stderr and "no-such-log.parquet" in r.stderr, r.stderr
+    assert not into.exists()
+    r = mfsim(*base)  # conf/default.yaml has no input.path
+    assert r.returncode == 2 and "no input given" in r.stderr and not into.exists()
+    bad_col = tmp_path / "log.parquet"
+    pq.write_table(pa.table({"user": [1], "item_id": [2], "weight": [1.0], "ts": [pd.Timestamp("2026-11-01")]}),
+                   bad_col)
+    r = mfsim(*base, "--input", str(bad_col))
+    assert r.returncode == 2 and "column 'user_id'" in r.stderr and "input.user_col" in r.stderr, r.stderr
     assert mfsim("schedule", "conf/default.yaml", "--output", "x", "--at", "25:00").returncode == 2
     assert os.access(MFSIM, os.X_OK)
+
+
+def test_readme_nightly_and_schedule_examples_run_as_written(tmp_path):
+    """The README's nightly lines (backfill, dry run) and its schedule line, each run as written by bash in a folder
+    that holds ``.venv``, ``conf`` and a hive-partitioned ``logs/`` (HOME there too, for ``~``)."""
+    block = README.read_text().split("\n## Running it every night\n", 1)[1].split("```bash\n", 1)[1].split("```")[0]
+    lines = [ln.split("  #")[0].strip() for ln in block.splitlines()]
+    wanted = [ln for ln in lines if ln.startswith(".venv/bin/mfsim nightly") and ("--backfill" in ln or "--dry-run" in ln)]
+    wanted += [ln for ln in lines if ln.startswith(".venv/bin/mfsim schedule")]
+    assert len(wanted) == 3, block
+    for name in (".venv", "conf"):
+        (tmp_path / name).symlink_to(REPO / name)
+    rng = np.random.default_rng(5)
+    for day in range(1, 4):  # 300 users x 150 items, 1,500 interactions a day
+        part = tmp_path / "logs" / f"dt=2026-11-{day:02d}"
+        part.mkdir(parents=True)
+        ts = pd.Timestamp(f"2026-11-{day:02d}", tz="UTC") + pd.to_timedelta(rng.uniform(0, 86400, 1500), unit="s")
+        pq.write_table(pa.table({"user_id": rng.integers(0, 300, 1500), "item_id": rng.integers(0, 150, 1500),
+                                 "weight": np.ones(1500, np.float32), "ts": ts}), part / "part-0.parquet")
+    env = {**os.environ, "HOME": str(tmp_path)}
+    for line in wanted:
+        r = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (line, r.stderr[-3000:])
+    assert visible(tmp_path / "runs") == ["2026-11-01", "2026-11-02", "2026-11-03", "LATEST"]
+    assert sorted(p.name for p in (tmp_path / "mfsim-schedule").iterdir()) == [
+        "crontab", "mfsim-nightly.service", "mfsim-nightly.timer"]
 
 
 def test_warm_start_reads_the_previous_runs_basis(tmp_path, daily_log):
