@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +26,8 @@ CONVENIENCE_KEYS = {"input": "input.path", "output": "run.output", "run_id": "ru
 
 def run_pipeline(config: str | Path | Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None, *,
                  input: str | Path | None = None, output: str | Path | None = None, run_id: str | None = None,
-                 scheduler: str | None = None, client: Any = None, **dotted: Any) -> Run:
+                 scheduler: str | None = None, client: Any = None, log_level: str | None = "INFO",
+                 **dotted: Any) -> Run:
     """Run the pipeline and return the published run (``open_run`` of its directory).
 
     Parameters
@@ -38,10 +40,13 @@ def run_pipeline(config: str | Path | Mapping[str, Any] | None = None, overrides
     scheduler : a Dask scheduler address (as ``--scheduler``); ``client``: an existing Dask client
         to run on. Neither: the embedded local cluster of ``cluster.*``, whose worker processes
         need a script to call this under ``if __name__ == "__main__":`` (notebooks need nothing;
-        ``cluster.processes=False`` runs threads).
+        ``cluster.processes=False`` runs threads; a script without the guard fails at once, saying so).
+    log_level : when logging is not configured (no handler on the root logger), the run's progress is logged
+        to stderr at this level (``INFO``: a line per stage and its progress); None leaves logging alone.
 
     Raises ``MfsimError`` for a bad config or input (nothing published), as ``mfsim run`` exits 2.
     """
+    refuse_in_a_starting_worker()
     from mfsim.jobs.main_job import run_job  # dask is imported only when a job runs
 
     values: dict[str, Any] = {}
@@ -59,8 +64,39 @@ def run_pipeline(config: str | Path | Mapping[str, Any] | None = None, overrides
     if isinstance(config, Mapping):
         config = json.loads(_as_yaml(config, "the config mapping"))  # Paths, NumPy scalars: plain values
     cfg = load_config(config, texts, label=LABEL)
-    run_dir, _ = run_job(cfg, scheduler=scheduler, client=client)
+    if log_level is not None and not logging.getLogger().handlers:
+        from mfsim.pipeline.logs import setup_logging
+
+        setup_logging(log_level)  # nothing configured (a script, a notebook): the run's progress on stderr
+    try:
+        run_dir, _ = run_job(cfg, scheduler=scheduler, client=client)
+    except RuntimeError as exc:
+        if "failed to start" in str(exc) and _main_is_a_script():
+            raise MfsimError(f"the embedded cluster's worker processes failed to start ({exc}); in a script, "
+                             f"{NO_GUARD.split('; ', 1)[1]}") from exc
+        raise
     return open_run(run_dir)
+
+
+def _main_is_a_script() -> bool:
+    import sys
+
+    return hasattr(sys.modules.get("__main__"), "__file__")
+
+
+def refuse_in_a_starting_worker() -> None:
+    """Fail at once, in one line, where a worker process of the embedded cluster, starting, imports the caller's
+    script and so calls ``run_pipeline`` again (a script without ``if __name__ == "__main__":``; worker processes
+    are spawned, and a spawned process imports the main script): that call would start a run in every worker."""
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise SystemExit(NO_GUARD)
+
+
+NO_GUARD = ('error: mfsim.run_pipeline was called while a worker process imported this script: the embedded '
+            'cluster spawns worker processes, which import the main script; put the call under '
+            '`if __name__ == "__main__":` (a notebook needs nothing)')
 
 
 def _dotted(key: Any) -> str:

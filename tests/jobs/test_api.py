@@ -312,3 +312,23 @@ def test_the_readme_python_api_example_runs(api_run):
     ns: dict = {}
     exec(compile(code.replace('"runs/LATEST"', repr(f"{root}/runs/first")), "<README>", "exec"), ns)
     assert ns["run"].run_id == "first" and ns["B"].shape[1] == RANK
+
+
+def test_run_pipeline_in_a_script_without_a_main_guard_runs_or_fails_at_once(api_run, tmp_path):
+    """A script that calls run_pipeline at its top level: on a log this small the run happens in the script's own
+    process (no cluster started) and logs its progress; held to the workers, the spawned worker processes import
+    the script again, and the call fails within seconds, saying what to add (it used to hang)."""
+    _, root = api_run
+    script = tmp_path / "script.py"
+    template = ("import mfsim\n"
+                "run = mfsim.run_pipeline({config!r}, input={input!r}, output={output!r}, **{extra!r})\n"
+                "print('published', run.run_id)\n")
+    args = dict(config=CONFIG, input=str(root / "sim"), output=str(tmp_path / "runs"))
+    script.write_text(template.format(**args, extra={"cluster.n_workers": 1}))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0 and "published" in r.stdout, r.stderr
+    assert "stage ingest: start" in r.stderr and "stage neighbours: done" in r.stderr  # progress, unasked
+    script.write_text(template.format(**args, extra={"cluster.n_workers": 1, "cluster.small_data_here": False}))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert r.returncode != 0 and "published" not in r.stdout
+    assert 'put the call under `if __name__ == "__main__":`' in r.stderr.splitlines()[-1], r.stderr[-2000:]
