@@ -501,7 +501,8 @@ def neighbours(
     scaling: list[str] = typer.Option([], "--scaling", help="Scalings to show, e.g. symmetric, invariant, unique "
                                       "(repeatable; default: all)."),
     metric: list[str] = typer.Option([], "--metric", help="Metrics to show (repeatable; default: all of the list kind)."),
-    top: int = typer.Option(10, "--top", help="Rows to show per list."),
+    top: Optional[int] = typer.Option(None, "--top", help="Rows to show per list (default 10, at most the lists' "
+                                      "length)."),
     format: str = typer.Option("table", "--format", help="table (a column per list), csv or json (a row per entry)."),
 ) -> None:
     """Print one item's item-item lists (--item) or one user's recommendations (--user), one column per

@@ -19,12 +19,13 @@ NOUNS = {"item_item": "neighbours", "user_item": "recommendations", "user_user":
 
 
 def show_lists(run: Run, kind: str, query: Any, *, objectives: list[str] = (), scalings: list[str] = (),
-               metrics: list[str] = (), top: int = 10, fmt: str = "table") -> str:
+               metrics: list[str] = (), top: int | None = None, fmt: str = "table") -> str:
     """One query's lists of ``kind`` in ``fmt``: ``table`` (a column per objective/scaling/metric, cells
     "id (score)"), ``csv`` or ``json`` (one row per list entry: objective, scaling, metric, ids, rank, score)."""
     if fmt not in FORMATS:
         raise MfsimError(f"unknown --format {fmt!r}; valid: {', '.join(FORMATS)}")
     frame = run.neighbour_lists(kind, query, top, objectives=objectives, scalings=scalings, metrics=metrics)
+    top = int(frame["rank"].max()) if top is None and len(frame) else (top or 0)
     rows = frame.to_dict("records")  # Python ints, floats (float32 scores exactly) and strings
     if fmt == "json":
         return json.dumps(rows, indent=1)

@@ -35,6 +35,7 @@ IDS_FILES = {"items": outputs.ITEMS_IDS, "users": outputs.USERS_IDS}
 ID_COLUMNS = {"items": outputs.ITEM_ID, "users": outputs.USER_ID}
 LIST_COLUMNS = ("rank", "score")
 N_EXAMPLES = 5  # ids shown in an unknown-id error
+DEFAULT_N = 10  # entries per query a lookup returns when n is not given (at most the published length)
 
 
 def open_run(path: str | Path) -> "Run":
@@ -69,37 +70,44 @@ class Run:
         return f"<mfsim run {self.run_id!r} at {self.path}: {c.get('n_users')} users, {c.get('n_items')} items>"
 
     # -- neighbour lists ----------------------------------------------------------------------
-    def similar_items(self, item_id: Any, n: int = 10, metric: str = "projected_cosine", objective: str = "eq1",
-                      scaling: str = registry.INVARIANT) -> pd.DataFrame:
-        """The ``n`` items most similar to ``item_id``: columns ``item_id``, ``neighbour_id``, ``rank``, ``score``.
+    def similar_items(self, item_id: Any, n: int | None = None, metric: str | None = None, objective: str = "eq1",
+                      scaling: str | None = None) -> pd.DataFrame:
+        """The ``n`` items most similar to ``item_id`` (an id, or a list/array of ids: one read, one frame):
+        columns ``item_id``, ``neighbour_id``, ``rank``, ``score``.
 
-        The default, ``projected_cosine`` of Eq. 1 (``scaling="invariant"``), is the cosine of the rows of
-        ``A B^T``: the same for every equally good solution. ``metric="cosine"`` needs a named scaling
-        (``symmetric``, ...): it changes with the arbitrary scaling D (Steck et al. 2024, Section 2).
+        Unnamed, ``metric`` and ``scaling`` pick the meaningful list of ``objective`` (``DEFAULT_METRICS``): for
+        Eq. 1 the ``projected_cosine`` (the cosine of the rows of ``A B^T``, the same for every equally good
+        solution, labelled ``scaling="invariant"``); for Eq. 2 and the cosine-trained model their one solution's
+        (``"unique"``). ``metric="cosine"`` of Eq. 1 is the cosine of B, which changes with the arbitrary scaling
+        D (Steck et al. 2024, Section 2): its scaling defaults to the first the run has (``symmetric``).
         """
         return self._one_list("item_item", item_id, n, objective, scaling, metric)
 
-    def recommend(self, user_id: Any, n: int = 10, metric: str = "dot", objective: str = "eq1",
-                  scaling: str = registry.INVARIANT) -> pd.DataFrame:
-        """The ``n`` items recommended to ``user_id`` (its own items excluded): columns ``user_id``, ``item_id``,
-        ``rank``, ``score``. The default ``dot`` scores ``(X A B^T)_ui``, the same for every Eq. 1 solution."""
+    def recommend(self, user_id: Any, n: int | None = None, metric: str | None = None, objective: str = "eq1",
+                  scaling: str | None = None) -> pd.DataFrame:
+        """The ``n`` items recommended to ``user_id`` (an id or a list of ids; its own items excluded): columns
+        ``user_id``, ``item_id``, ``rank``, ``score``. Unnamed, the ``dot`` list: the model score ``(X A B^T)_ui``,
+        the same for every Eq. 1 solution."""
         return self._one_list("user_item", user_id, n, objective, scaling, metric)
 
-    def similar_users(self, user_id: Any, n: int = 10, metric: str = "projected_cosine", objective: str = "eq1",
-                      scaling: str = registry.INVARIANT) -> pd.DataFrame:
-        """The ``n`` users most similar to ``user_id``: columns ``user_id``, ``neighbour_id``, ``rank``, ``score``.
-        The default ``projected_cosine`` is the cosine of the rows of ``X A B^T`` (scaling-invariant)."""
+    def similar_users(self, user_id: Any, n: int | None = None, metric: str | None = None, objective: str = "eq1",
+                      scaling: str | None = None) -> pd.DataFrame:
+        """The ``n`` users most similar to ``user_id`` (an id or a list of ids): columns ``user_id``,
+        ``neighbour_id``, ``rank``, ``score``. Unnamed, ``projected_cosine``: the cosine of the rows of
+        ``X A B^T`` (scaling-invariant). Computed only when the run's ``neighbours.user_user`` asked for it."""
         return self._one_list("user_user", user_id, n, objective, scaling, metric)
 
     def lists(self, kind: str) -> list[tuple[str, str, str]]:
-        """The (objective, scaling, metric) lists of ``kind`` (``item_item``, ``user_item``, ``user_user``), sorted."""
-        return sorted(self._partitions(_list_dataset(kind), outputs.PARTITION_KEYS))
+        """The (objective, scaling, metric) lists of ``kind``, sorted; ``kind`` by either name: ``item_item`` or
+        ``similar_items``, ``user_item`` or ``recommendations``, ``user_user`` or ``similar_users``."""
+        return sorted(self._partitions(_list_dataset(list_kind(kind)), outputs.PARTITION_KEYS))
 
-    def neighbour_lists(self, kind: str, query_id: Any, n: int = 10, *, objectives: Iterable[str] = (),
+    def neighbour_lists(self, kind: str, query_id: Any, n: int | None = None, *, objectives: Iterable[str] = (),
                         scalings: Iterable[str] = (), metrics: Iterable[str] = ()) -> pd.DataFrame:
-        """Every list of ``kind`` for one query, restricted to the given objectives, scalings and metrics (empty:
-        all), sorted by objective, scaling, metric, rank: columns ``objective``, ``scaling``, ``metric``, the
-        query id, the neighbour id, ``rank``, ``score``."""
+        """Every list of ``kind`` (either name, as ``lists``) for one query (or a list of them), restricted to the
+        given objectives, scalings and metrics (empty: all), sorted by objective, scaling, metric, query, rank:
+        columns ``objective``, ``scaling``, ``metric``, the query id, the neighbour id, ``rank``, ``score``."""
+        kind = list_kind(kind)
         name = _list_dataset(kind)
         combos = self._partitions(name, outputs.PARTITION_KEYS)
         wanted = {k: [v] if isinstance(v, str) else list(v)
@@ -118,33 +126,90 @@ class Run:
                 + ", ".join("/".join(c) for c in sorted(combos)))
         return self._scan(kind, query_id, n, chosen, keep_partitions=True)
 
-    def _one_list(self, kind: str, query_id: Any, n: int, objective: str, scaling: str, metric: str) -> pd.DataFrame:
+    def choose_list(self, kind: str, objective: str = "eq1", metric: str | None = None,
+                    scaling: str | None = None) -> tuple[str, str, str]:
+        """The (objective, scaling, metric) list a lookup reads (``similar_items`` and the others): the given
+        values, and for those left out (None) the first the run has in ``DEFAULT_METRICS`` / ``SCALING_ORDER``.
+        A named Eq. 1 scaling of a scaling-invariant metric reads its one ``invariant`` list (the same for every
+        scaling). An ``MfsimError`` says what exists, and the config key that would make a missing list."""
+        kind = list_kind(kind)
         name = _list_dataset(kind)
+        what = f"{name} of run {self.run_id}"
         combos = self._partitions(name, outputs.PARTITION_KEYS)
-        # metric before scaling: whether a scaling exists depends on the metric (invariant lists, named ones)
-        chosen = _narrow(combos, outputs.PARTITION_KEYS, {"objective": objective, "metric": metric, "scaling": scaling},
-                         f"{name} of run {self.run_id}",
-                         hints={"scaling": _scaling_hint(kind, objective, metric, scaling)})
+        objectives = sorted({c[0] for c in combos})
+        if objective not in objectives:
+            hint = (f" (the run's config had no objectives.{objective})" if objective in registry.OBJECTIVES
+                    else f" (objectives: {', '.join(registry.OBJECTIVES)})")
+            raise MfsimError(f"{what} has no objective {objective!r}; valid: {', '.join(objectives)}{hint}")
+        combos = {c for c in combos if c[0] == objective}
+        if metric is not None:
+            have = sorted({c[2] for c in combos})
+            if metric not in have:
+                raise MfsimError(f"{what} has no metric {metric!r} for objective {objective}; valid: "
+                                 f"{', '.join(have)}{_metric_hint(kind, objective, metric)}")
+            combos = {c for c in combos if c[2] == metric}
+        if scaling is not None:
+            eq1_scalings = {c[1] for c in combos if c[1] != registry.INVARIANT}
+            matching = {c for c in combos if c[1] == scaling or (
+                c[1] == registry.INVARIANT and objective == "eq1" and scaling in eq1_scalings)}
+            if not matching:
+                have = sorted({c[1] for c in combos})
+                where = f" for objective {objective}" + (f", metric {metric}" if metric else "")
+                raise MfsimError(f"{what} has no scaling {scaling!r}{where}; valid: {', '.join(have)}"
+                                 f"{_scaling_hint(kind, objective, metric, scaling)}")
+            combos = matching
+        return min(combos, key=lambda c: (_order(DEFAULT_METRICS[kind], c[2]), _order(SCALING_ORDER, c[1]), c))
+
+    def _one_list(self, kind: str, query_id: Any, n: int | None, objective: str, scaling: str | None,
+                  metric: str | None) -> pd.DataFrame:
+        chosen = self.choose_list(kind, objective, metric, scaling)
         return self._scan(kind, query_id, n, {chosen}, keep_partitions=False)
 
-    def _scan(self, kind: str, query_id: Any, n: int, combos: set[tuple[str, ...]], *,
+    def _scan(self, kind: str, query_id: Any, n: int | None, combos: set[tuple[str, ...]], *,
               keep_partitions: bool) -> pd.DataFrame:
         """The rows of ``combos``' lists for one query with ``rank <= n``: one filtered dataset scan."""
         name = _list_dataset(kind)
+        longest = self.list_length(kind)
+        if n is None:
+            n = min(DEFAULT_N, longest)
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise MfsimError(f"n must be a positive integer (the list length to return), got {n!r}")
+        if n > longest:
+            raise MfsimError(f"n={n} is longer than the lists of run {self.run_id}: {name} holds at most {longest} "
+                             f"entries per query (neighbours.top_n={self._top_n()}); ask for n <= {longest}, or "
+                             "rerun with a larger neighbours.top_n")
         q_col, n_col = outputs.NEIGHBOUR_COLUMNS[kind]
         dataset = self._dataset(name, outputs.PARTITION_KEYS)
-        key = self._cast_id(QUERY_SIDE[kind], query_id, dataset.schema.field(q_col).type)
-        flt = (pc.field(q_col) == key) & (pc.field("rank") <= int(n))
+        id_type = dataset.schema.field(q_col).type
+        many = _is_many(query_id)
+        keys = [self._cast_id(QUERY_SIDE[kind], q, id_type) for q in (query_id if many else [query_id])]
+        if not keys:
+            raise MfsimError("no ids given: pass an id or a non-empty list of ids")
+        flt = pc.field(q_col).isin(pa.array([k.as_py() for k in keys], type=id_type)) & (pc.field("rank") <= int(n))
         for i, part in enumerate(outputs.PARTITION_KEYS):
             flt = flt & pc.field(part).isin(sorted({c[i] for c in combos}))
         columns = [*(outputs.PARTITION_KEYS if keep_partitions else ()), q_col, n_col, *LIST_COLUMNS]
         table = dataset.to_table(columns=columns, filter=flt)
-        if table.num_rows == 0:
-            raise self._no_list(kind, key, combos)
-        order = [*((k, "ascending") for k in outputs.PARTITION_KEYS if keep_partitions), ("rank", "ascending")]
-        return table.sort_by(order).to_pandas()
+        found = set(table[q_col].unique().to_pylist()) if table.num_rows else set()
+        missing = [k for k in keys if k.as_py() not in found]
+        if missing:
+            raise self._no_list(kind, missing, combos)
+        position = {k.as_py(): i for i, k in reversed(list(enumerate(keys)))}  # the order the ids were given
+        table = table.append_column("_query_order", pa.array([position[v] for v in table[q_col].to_pylist()],
+                                                             pa.int64()))
+        order = [*((k, "ascending") for k in outputs.PARTITION_KEYS if keep_partitions), ("_query_order", "ascending"),
+                 ("rank", "ascending")]
+        return table.sort_by(order).drop_columns(["_query_order"]).to_pandas()
+
+    def list_length(self, kind: str) -> int:
+        """The most entries a list of ``kind`` holds per query: ``neighbours.top_n``, at most the candidates."""
+        counts = self.manifest.get("counts", {})
+        candidates = counts.get("n_users" if list_kind(kind) == "user_user" else "n_items")
+        top_n = self._top_n()
+        return top_n if candidates is None else max(1, min(top_n, int(candidates)))
+
+    def _top_n(self) -> int:
+        return int(self.manifest.get("config", {}).get("neighbours", {}).get("top_n", 10**9))
 
     # -- embeddings and the audit ---------------------------------------------------------------
     def item_embeddings(self, objective: str, scaling: str) -> tuple[pa.Array, np.ndarray]:
@@ -197,8 +262,11 @@ class Run:
         """The hive-partitioned dataset ``name`` (discovered once per run object: a directory listing)."""
         if name not in self._datasets:
             if name not in self.manifest.get("datasets", {}):
-                raise MfsimError(f"run {self.run_id} has no {name}/ (its config did not ask for it); datasets here: "
-                                 f"{', '.join(sorted(self.manifest.get('datasets', {})))}")
+                kinds = {dataset: kind for kind, dataset in outputs.LIST_DATASETS.items()}
+                ask = (f"; rerun with neighbours.{kinds[name]} set (e.g. --set neighbours.{kinds[name]}="
+                       f"[{registry.metrics_of(kinds[name])[-1]}])" if name in kinds else "")
+                raise MfsimError(f"run {self.run_id} has no {name}/ (its config did not ask for it{ask}); datasets "
+                                 f"here: {', '.join(sorted(self.manifest.get('datasets', {})))}")
             path, fs = self._source(name)
             partitioning = ds.partitioning(pa.schema([(k, pa.string()) for k in keys]), flavor="hive")
             self._datasets[name] = ds.dataset(path, format="parquet", partitioning=partitioning, filesystem=fs)
@@ -233,23 +301,64 @@ class Run:
     def _examples(self, side: str) -> str:
         return ", ".join(repr(v) for v in self._ids(side)[:N_EXAMPLES].to_pylist())
 
-    def _no_list(self, kind: str, key: pa.Scalar, combos: set[tuple[str, ...]]) -> MfsimError:
-        """The error for a scan that found nothing: an unknown id, or a known one whose list is empty."""
+    def _no_list(self, kind: str, keys: list[pa.Scalar], combos: set[tuple[str, ...]]) -> MfsimError:
+        """The error for queries a scan found nothing for: unknown ids, or known ones whose list is empty."""
         side = QUERY_SIDE[kind]
         ids = self._ids(side)
-        shown_id = key.as_py()  # the id as the run's type (not a NumPy scalar's repr)
-        if not pc.any(pc.equal(ids, key)).as_py():
-            return MfsimError(f"unknown {side[:-1]} id {shown_id!r}: run {self.run_id} has {len(ids):,} {side} "
-                              f"(e.g. {self._examples(side)}; all in {IDS_FILES[side]})")
-        shown = ", ".join("/".join(c) for c in sorted(combos))
-        return MfsimError(f"{side[:-1]} {shown_id!r} of run {self.run_id} has no entries in {_list_dataset(kind)} "
-                          f"{shown}: its embedding is zero, it is outside neighbours.users, or no candidate is left")
+        known = pc.is_in(pa.array([k.as_py() for k in keys], type=ids.type), value_set=ids).to_pylist()
+        unknown = [k.as_py() for k, ok in zip(keys, known) if not ok]
+        if unknown:
+            shown = ", ".join(repr(v) for v in unknown[:N_EXAMPLES]) + (f" and {len(unknown) - N_EXAMPLES} more"
+                                                                      if len(unknown) > N_EXAMPLES else "")
+            return MfsimError(f"unknown {side[:-1]} id{'s' * (len(unknown) > 1)} {shown}: run {self.run_id} has "
+                              f"{len(ids):,} {side} (e.g. {self._examples(side)}; all in {IDS_FILES[side]})")
+        empty = ", ".join(repr(k.as_py()) for k in keys[:N_EXAMPLES])
+        lists = ", ".join("/".join(c) for c in sorted(combos))
+        return MfsimError(f"{side[:-1]} {empty} of run {self.run_id} has no entries in {_list_dataset(kind)} "
+                          f"{lists}: its embedding is zero, it is outside neighbours.users, or no candidate is left")
+
+
+#: The metric a lookup reads when none is named, by list kind, in order of preference: first the scores that are
+#: the same for every equally good Eq. 1 solution (the paper's remedies), then the embeddings' own.
+DEFAULT_METRICS = {"item_item": ("projected_cosine", "model", "cosine", "dot"), "user_item": ("dot", "cosine"),
+                   "user_user": ("projected_cosine", "cosine")}
+#: The scaling a lookup reads when none is named: the one list of a scaling-invariant metric, an objective's one
+#: solution, then Eq. 1's named scalings in the config's order of ``registry.EQ1_SCALINGS``.
+SCALING_ORDER = (registry.INVARIANT, registry.UNIQUE, *registry.EQ1_SCALINGS)
+
+
+def list_kind(name: str) -> str:
+    """A list kind from either of its names: ``item_item`` / ``similar_items``, ``user_item`` /
+    ``recommendations``, ``user_user`` / ``similar_users``."""
+    for kind, dataset in outputs.LIST_DATASETS.items():
+        if name in (kind, dataset):
+            return kind
+    raise MfsimError(f"unknown list kind {name!r}; valid: " + ", ".join(
+        f"{kind} ({dataset})" for kind, dataset in outputs.LIST_DATASETS.items()))
+
+
+def _order(preferred: tuple[str, ...], value: str) -> int:
+    return preferred.index(value) if value in preferred else len(preferred)
+
+
+def _is_many(query: Any) -> bool:
+    """Whether a query is several ids (a list, tuple, set, 1-d array, Series or Arrow array), not one."""
+    if isinstance(query, (list, tuple, set, frozenset, pd.Series, pd.Index, pa.Array, pa.ChunkedArray)):
+        return True
+    return isinstance(query, np.ndarray) and query.ndim == 1
+
+
+def _metric_hint(kind: str, objective: str, metric: str) -> str:
+    """Why a list has no such metric: not a metric of the kind, not defined for the objective, or not computed."""
+    if metric not in registry.metrics_of(kind):
+        return f" ({kind} metrics: {', '.join(registry.metrics_of(kind))})"
+    if not registry.list_defined(objective, kind, metric):
+        return f" (the {objective} model has no {metric} list: see pipeline/registry.py's UNDEFINED_LISTS)"
+    return f" (not computed: add {metric} to neighbours.{kind} and rerun)"
 
 
 def _list_dataset(kind: str) -> str:
-    if kind not in outputs.LIST_DATASETS:
-        raise MfsimError(f"unknown list kind {kind!r}; valid: {', '.join(outputs.LIST_DATASETS)}")
-    return outputs.LIST_DATASETS[kind]
+    return outputs.LIST_DATASETS[list_kind(kind)]
 
 
 def _narrow(combos: set[tuple[str, ...]], keys: tuple[str, ...], wanted: dict[str, str], what: str,

@@ -84,12 +84,20 @@ def test_lists_equal_the_parquet_rows_filtered_by_hand(api_run, kind, method, q_
     for objective, scaling, metric in combos:
         ref_all = pq.read_table(Path(run.path) / f"{dataset}/objective={objective}/scaling={scaling}/"
                                                   f"metric={metric}").to_pandas()
-        for query in ids[[0, 7, len(ids) - 1]]:
-            for n in (3, TOP_N + 5):  # shorter than the list, and longer (all of it)
+        queries = ids[[len(ids) - 1, 0, 7]]
+        for n in (3, TOP_N):  # shorter than the list, and all of it
+            singles = []
+            for query in queries:
                 got = getattr(run, method)(query, n=n, metric=metric, objective=objective, scaling=scaling)
                 ref = ref_all[(ref_all[q_col] == query) & (ref_all["rank"] <= n)].sort_values("rank")
                 pd.testing.assert_frame_equal(got, ref.reset_index(drop=True))
-                assert len(got) == min(n, TOP_N)
+                assert len(got) == n
+                singles.append(got)
+            # several ids at once: one frame, the ids in the order given, each one's rows as asked alone
+            many = getattr(run, method)(list(queries), n=n, metric=metric, objective=objective, scaling=scaling)
+            pd.testing.assert_frame_equal(many, pd.concat(singles, ignore_index=True))
+        with pytest.raises(MfsimError, match=rf"n={TOP_N + 5} is longer .* at most {TOP_N} entries .*top_n={TOP_N}"):
+            getattr(run, method)(queries[0], n=TOP_N + 5, metric=metric, objective=objective, scaling=scaling)
     # every list of one query at once: the same rows, with the partition keys
     query = ids[7]
     both = run.neighbour_lists(kind, query, TOP_N)
@@ -140,6 +148,50 @@ def test_dot_lists_and_recommendations_match_numpy_on_the_returned_embeddings(ap
         _check_top(got["item_id"].to_numpy(), got["score"].to_numpy(), row, item_ids, tol)
 
 
+@pytest.mark.parametrize("kind, method", [("item_item", "similar_items"), ("user_item", "recommend"),
+                                          ("user_user", "similar_users")])
+def test_every_one_argument_change_gives_a_list_or_says_why_none_exists(api_run, kind, method):
+    """Each lookup with one argument changed from its defaults returns the list when the run has one that fits
+    (judged from the dataset's directories: a named Eq. 1 scaling fits the one list of a scaling-invariant metric),
+    and otherwise raises one MfsimError that names the valid values."""
+    run, _ = api_run
+    dataset = {"item_item": "similar_items", "user_item": "recommendations", "user_user": "similar_users"}[kind]
+    on_disk = {tuple(p.split("=", 1)[1] for p in d.relative_to(Path(run.path) / dataset).parts)
+               for d in (Path(run.path) / dataset).glob("*/*/*")}
+    eq1_scalings = {s for o, s, _ in on_disk if o == "eq1" and s != "invariant"}
+    query = _ids(run, "items" if kind == "item_item" else "users")[3]
+    default = {"objective": "eq1", "metric": None, "scaling": None}
+    changes = ([("metric", m) for m in ("dot", "cosine", "model", "projected_cosine", "euclid")]
+               + [("objective", o) for o in ("eq2", "cosine", "eq3")]
+               + [("scaling", s) for s in ("invariant", "unique", "symmetric", "item_orthonormal", "user_orthonormal",
+                                           "eq2_like", "custom", "nonsense")])
+
+    def fits(o, m, sc, combo):
+        return (combo[0] == o and (m is None or combo[2] == m)
+                and (sc is None or combo[1] == sc or (combo[1] == "invariant" and o == "eq1" and sc in eq1_scalings)))
+
+    answered = 0
+    for key, value in changes:
+        args = {**default, key: value}
+        exists = any(fits(args["objective"], args["metric"], args["scaling"], c) for c in on_disk)
+        if exists:
+            got = getattr(run, method)(query, **args)
+            assert len(got) == min(10, TOP_N) and list(got["rank"]) == list(range(1, TOP_N + 1)), (key, value)
+            answered += 1
+        else:
+            with pytest.raises(MfsimError, match="; valid: "):
+                getattr(run, method)(query, **args)
+    assert answered >= 6
+    # the other arguments: ids as a string, a list, an array; n up to the published length, beyond it an error
+    assert getattr(run, method)(str(query)).equals(getattr(run, method)(query))
+    assert getattr(run, method)([query]).equals(getattr(run, method)(query))
+    assert getattr(run, method)(np.array([query, query])).equals(getattr(run, method)(query))
+    assert len(getattr(run, method)(query, n=1)) == 1 and len(getattr(run, method)(query, n=TOP_N)) == TOP_N
+    with pytest.raises(MfsimError, match=f"at most {TOP_N} entries"):
+        getattr(run, method)(query, n=TOP_N + 1)
+    assert run.lists(kind) == run.lists(dataset)  # either name of a list kind
+
+
 def test_embeddings_are_in_index_order_and_equal_the_files(api_run):
     run, _ = api_run
     for side, method, id_col in (("items", run.item_embeddings, "item_id"), ("users", run.user_embeddings, "user_id")):
@@ -167,16 +219,22 @@ def test_errors_say_what_exists(api_run, tmp_path):
     assert run.similar_items(str(items[0])).equals(run.similar_items(int(items[0])))  # cast to the id type
     with pytest.raises(MfsimError, match=r"no metric 'euclid' .*valid: cosine, dot, model, projected_cosine"):
         run.similar_items(items[0], metric="euclid")
-    with pytest.raises(MfsimError, match=r"no metric 'model' .*valid: cosine, dot$"):
+    with pytest.raises(MfsimError, match=r"no metric 'model' for objective eq1; valid: cosine, dot \(user_item "):
         run.recommend(0, metric="model")
     with pytest.raises(MfsimError, match=r"no scaling 'eq2_like' .*valid: item_orthonormal, symmetric"):
         run.similar_items(items[0], metric="cosine", scaling="eq2_like")  # a scaling the run was not asked for
     with pytest.raises(MfsimError, match=r"no scaling 'invariant' .*cosine changes with the arbitrary scaling"):
-        run.similar_items(items[0], metric="cosine")
-    with pytest.raises(MfsimError, match=r"no scaling 'invariant' for objective eq2.*valid: unique"):
-        run.similar_items(items[0], objective="eq2")
-    with pytest.raises(MfsimError, match=r"no objective 'eq3'.*valid: eq1, eq2"):
+        run.similar_items(items[0], metric="cosine", scaling="invariant")
+    with pytest.raises(MfsimError, match=r"no scaling 'symmetric' for objective eq2.*valid: unique.*unique"):
+        run.similar_items(items[0], objective="eq2", scaling="symmetric")
+    with pytest.raises(MfsimError, match=r"no objective 'eq3'.*valid: eq1, eq2 \(objectives: eq1, eq2, cosine\)"):
         run.similar_users(0, objective="eq3")
+    with pytest.raises(MfsimError, match=r"no objective 'cosine'.*had no objectives\.cosine"):
+        run.similar_items(items[0], objective="cosine")
+    with pytest.raises(MfsimError, match=r"unknown item ids 100000, -1: run first has"):
+        run.similar_items([items[0], 100000, -1])
+    with pytest.raises(MfsimError, match=r"unknown list kind 'items'; valid: item_item \(similar_items\), "):
+        run.lists("items")
     with pytest.raises(MfsimError, match=r"item_embeddings .*no scaling 'invariant'.*valid: item_orthonormal, sym"):
         run.item_embeddings("eq1", "invariant")
     with pytest.raises(MfsimError, match="n must be a positive integer"):
@@ -220,7 +278,7 @@ def test_latest_is_the_newest_run_and_urls_read_the_same(api_run):
     expect = run.similar_items(item, n=TOP_N)
     # the same data and model (a YAML file with overrides, or the dict): the same list, up to float rounding
     pd.testing.assert_frame_equal(second.similar_items(item, n=TOP_N), expect, atol=1e-5)
-    with pytest.raises(MfsimError, match="run second has no similar_users/"):
+    with pytest.raises(MfsimError, match=r"run second has no similar_users/ .*--set neighbours\.user_user="):
         second.similar_users(0)
     # file:// URL of a run and of LATEST
     assert mfsim.open_run(f"file://{root}/runs/LATEST").run_id == "second"
@@ -262,7 +320,7 @@ def test_cli_formats_parse_back_to_the_api_rows(api_run):
     user, item = _ids(run, "users")[7], _ids(run, "items")[4]
     r = _cli(str(root / "runs" / "first"), "--user", str(user), "--format", "json")
     assert r.returncode == 0, r.stderr
-    expect = run.neighbour_lists("user_item", user, 10)
+    expect = run.neighbour_lists("user_item", user)  # as many as the lists hold, up to 10: all 6
     assert json.loads(r.stdout) == expect.to_dict("records")  # scores exact: float32 -> JSON double -> float32
     assert set(expect["metric"]) == {"dot", "cosine"} and len(expect) > 10
     r = _cli(str(root / "runs" / "first"), "--item", str(item), "--metric", "cosine", "--metric", "model",
