@@ -301,7 +301,7 @@ def test_schedule_installs_a_cron_line_that_runs_to_a_published_run(tmp_path):
     assert f"--input {log}" in service and "--set svd.rank=4" in service
 
     line = crontab_line((into / "crontab").read_text())
-    hh, mm = int(at[:2]), int(at[3:])
+    mm = int(at[3:])
     assert line.split()[:5] == [",".join(str(m) for m in sorted((mm + 15 * j) % 60 for j in range(4))),
                                 "*", "*", "*", "*"]
     elsewhere = tmp_path / "cron-home"
