@@ -48,26 +48,18 @@ def open_run(path: str | Path) -> "Run":
     return Run(run, read_manifest(run))
 
 
-class Run:
-    """One published run, read lazily: each method reads only the files it needs.
+class ListLookups:
+    """Lookups in neighbour lists (``similar_items``, ``recommend``, ``similar_users``, ``neighbour_lists``) over
+    list datasets partitioned by (objective, scaling, metric) as ``pipeline.outputs`` writes them: ``Run`` reads a
+    published run's Parquet, ``mfsim.Model`` lists it computed in memory; the same choices, filters and errors.
 
-    ``path`` is the run directory (a ``Path``) or its URL (a ``str``); ``manifest`` is its
-    ``_manifest.json`` (config, counts, timings, ``datasets``).
+    A subclass gives ``run_id``, ``manifest`` (its ``config`` and ``counts``), ``_partitions(dataset, keys)``
+    (the lists that exist), ``_list_source(kind, combos)`` (a ``pyarrow.dataset.Dataset`` holding at least those
+    lists, with the partition keys as columns) and ``_ids(side)`` (the ids in index order).
     """
 
-    def __init__(self, path: str | Path, manifest: dict[str, Any]):
-        self.path = path
-        self.manifest = manifest
-        self._root, self._name = locate_run(path)
-        self._datasets: dict[str, ds.Dataset] = {}
-
-    @property
-    def run_id(self) -> str:
-        return self.manifest["run_id"]
-
-    def __repr__(self) -> str:
-        c = self.manifest.get("counts", {})
-        return f"<mfsim run {self.run_id!r} at {self.path}: {c.get('n_users')} users, {c.get('n_items')} items>"
+    run_id: str
+    manifest: dict[str, Any]
 
     # -- neighbour lists ----------------------------------------------------------------------
     def similar_items(self, item_id: Any, n: int | None = None, metric: str | None = None, objective: str = "eq1",
@@ -179,7 +171,7 @@ class Run:
                              f"entries per query (neighbours.top_n={self._top_n()}); ask for n <= {longest}, or "
                              "rerun with a larger neighbours.top_n")
         q_col, n_col = outputs.NEIGHBOUR_COLUMNS[kind]
-        dataset = self._dataset(name, outputs.PARTITION_KEYS)
+        dataset = self._list_source(kind, combos)
         id_type = dataset.schema.field(q_col).type
         many = _is_many(query_id)
         keys = [self._cast_id(QUERY_SIDE[kind], q, id_type) for q in (query_id if many else [query_id])]
@@ -210,6 +202,68 @@ class Run:
 
     def _top_n(self) -> int:
         return int(self.manifest.get("config", {}).get("neighbours", {}).get("top_n", 10**9))
+
+    def _cast_id(self, side: str, value: Any, id_type: pa.DataType) -> pa.Scalar:
+        """``value`` as a scalar of the run's id type (int64 or string ids); an ``MfsimError`` when it is not one."""
+        what = side[:-1]
+        try:
+            if value is None or isinstance(value, (bool, np.bool_)):
+                raise TypeError
+            key = pa.scalar(value).cast(id_type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, TypeError, ValueError):
+            raise MfsimError(f"{what} id {value!r} cannot be cast to the {what} ids of run {self.run_id}, which are "
+                             f"{id_type} (e.g. {self._examples(side)}; all in {IDS_FILES[side]})") from None
+        return key
+
+    def _examples(self, side: str) -> str:
+        return ", ".join(repr(v) for v in self._ids(side)[:N_EXAMPLES].to_pylist())
+
+    def _no_list(self, kind: str, keys: list[pa.Scalar], combos: set[tuple[str, ...]]) -> MfsimError:
+        """The error for queries a scan found nothing for: unknown ids, or known ones whose list is empty."""
+        side = QUERY_SIDE[kind]
+        ids = self._ids(side)
+        known = pc.is_in(pa.array([k.as_py() for k in keys], type=ids.type), value_set=ids).to_pylist()
+        unknown = [k.as_py() for k, ok in zip(keys, known) if not ok]
+        if unknown:
+            shown = ", ".join(repr(v) for v in unknown[:N_EXAMPLES]) + (f" and {len(unknown) - N_EXAMPLES} more"
+                                                                      if len(unknown) > N_EXAMPLES else "")
+            return MfsimError(f"unknown {side[:-1]} id{'s' * (len(unknown) > 1)} {shown}: run {self.run_id} has "
+                              f"{len(ids):,} {side} (e.g. {self._examples(side)}; all in {IDS_FILES[side]})")
+        empty = ", ".join(repr(k.as_py()) for k in keys[:N_EXAMPLES])
+        lists = ", ".join("/".join(c) for c in sorted(combos))
+        return MfsimError(f"{side[:-1]} {empty} of run {self.run_id} has no entries in {_list_dataset(kind)} "
+                          f"{lists}: its embedding is zero, it is outside neighbours.users, or no candidate is left")
+
+    def _list_source(self, kind: str, combos: set[tuple[str, ...]]) -> ds.Dataset:
+        raise NotImplementedError
+
+    def _partitions(self, name: str, keys: tuple[str, ...]) -> set[tuple[str, ...]]:
+        raise NotImplementedError
+
+    def _ids(self, side: str) -> pa.Array:
+        raise NotImplementedError
+
+
+class Run(ListLookups):
+    """One published run, read lazily: each method reads only the files it needs.
+
+    ``path`` is the run directory (a ``Path``) or its URL (a ``str``); ``manifest`` is its
+    ``_manifest.json`` (config, counts, timings, ``datasets``).
+    """
+
+    def __init__(self, path: str | Path, manifest: dict[str, Any]):
+        self.path = path
+        self.manifest = manifest
+        self._root, self._name = locate_run(path)
+        self._datasets: dict[str, ds.Dataset] = {}
+
+    @property
+    def run_id(self) -> str:
+        return self.manifest["run_id"]
+
+    def __repr__(self) -> str:
+        c = self.manifest.get("counts", {})
+        return f"<mfsim run {self.run_id!r} at {self.path}: {c.get('n_users')} users, {c.get('n_items')} items>"
 
     # -- embeddings and the audit ---------------------------------------------------------------
     def item_embeddings(self, objective: str, scaling: str) -> tuple[pa.Array, np.ndarray]:
@@ -272,6 +326,9 @@ class Run:
             self._datasets[name] = ds.dataset(path, format="parquet", partitioning=partitioning, filesystem=fs)
         return self._datasets[name]
 
+    def _list_source(self, kind: str, combos: set[tuple[str, ...]]) -> ds.Dataset:
+        return self._dataset(_list_dataset(kind), outputs.PARTITION_KEYS)
+
     def _partitions(self, name: str, keys: tuple[str, ...]) -> set[tuple[str, ...]]:
         """The partition values (one tuple per directory) of a dataset, from its file paths (nothing is read)."""
         out = set()
@@ -285,38 +342,6 @@ class Run:
         id_col = ID_COLUMNS[side]
         t = self._read_table(IDS_FILES[side], columns=["index", id_col]).sort_by("index")
         return t[id_col].combine_chunks()
-
-    def _cast_id(self, side: str, value: Any, id_type: pa.DataType) -> pa.Scalar:
-        """``value`` as a scalar of the run's id type (int64 or string ids); an ``MfsimError`` when it is not one."""
-        what = side[:-1]
-        try:
-            if value is None or isinstance(value, (bool, np.bool_)):
-                raise TypeError
-            key = pa.scalar(value).cast(id_type)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, TypeError, ValueError):
-            raise MfsimError(f"{what} id {value!r} cannot be cast to the {what} ids of run {self.run_id}, which are "
-                             f"{id_type} (e.g. {self._examples(side)}; all in {IDS_FILES[side]})") from None
-        return key
-
-    def _examples(self, side: str) -> str:
-        return ", ".join(repr(v) for v in self._ids(side)[:N_EXAMPLES].to_pylist())
-
-    def _no_list(self, kind: str, keys: list[pa.Scalar], combos: set[tuple[str, ...]]) -> MfsimError:
-        """The error for queries a scan found nothing for: unknown ids, or known ones whose list is empty."""
-        side = QUERY_SIDE[kind]
-        ids = self._ids(side)
-        known = pc.is_in(pa.array([k.as_py() for k in keys], type=ids.type), value_set=ids).to_pylist()
-        unknown = [k.as_py() for k, ok in zip(keys, known) if not ok]
-        if unknown:
-            shown = ", ".join(repr(v) for v in unknown[:N_EXAMPLES]) + (f" and {len(unknown) - N_EXAMPLES} more"
-                                                                      if len(unknown) > N_EXAMPLES else "")
-            return MfsimError(f"unknown {side[:-1]} id{'s' * (len(unknown) > 1)} {shown}: run {self.run_id} has "
-                              f"{len(ids):,} {side} (e.g. {self._examples(side)}; all in {IDS_FILES[side]})")
-        empty = ", ".join(repr(k.as_py()) for k in keys[:N_EXAMPLES])
-        lists = ", ".join("/".join(c) for c in sorted(combos))
-        return MfsimError(f"{side[:-1]} {empty} of run {self.run_id} has no entries in {_list_dataset(kind)} "
-                          f"{lists}: its embedding is zero, it is outside neighbours.users, or no candidate is left")
-
 
 #: The metric a lookup reads when none is named, by list kind, in order of preference: first the scores that are
 #: the same for every equally good Eq. 1 solution (the paper's remedies), then the embeddings' own.
