@@ -24,6 +24,7 @@ _LAZY = {
     "open_run": "mfsim.pipeline.runs.results",
     "Run": "mfsim.pipeline.runs.results",
     "run_pipeline": "mfsim.jobs.api",
+    "Model": "mfsim.jobs.estimator",
     "MfsimError": "mfsim.pipeline.errors",
 }
 __all__ = ["__version__", *_LAZY]

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mfsim.pipeline.config import load_config
+from mfsim.pipeline.config import Config, load_config
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.runs.results import Run, open_run
 
@@ -49,21 +49,7 @@ def run_pipeline(config: str | Path | Mapping[str, Any] | None = None, overrides
     refuse_in_a_starting_worker()
     from mfsim.jobs.main_job import run_job  # dask is imported only when a job runs
 
-    values: dict[str, Any] = {}
-    given = [{CONVENIENCE_KEYS[k]: v for k, v in (("input", input), ("output", output), ("run_id", run_id))
-              if v is not None}, dict(overrides or {}), dotted]
-    for source in given:
-        for key, value in source.items():
-            if key in values:
-                raise MfsimError(f"{LABEL} {key!r} is given twice (input=/output=/run_id=, overrides= and "
-                                 "keyword arguments name the same keys); give it once")
-            values[key] = value
-    texts = [f"{_dotted(key)}={_as_yaml(value, f'{LABEL} {key}')}" for key, value in values.items()]
-    if config is not None and not isinstance(config, (str, os.PathLike, Mapping)):
-        raise MfsimError(f"config must be a YAML file's path or a mapping of sections, got {type(config).__name__}")
-    if isinstance(config, Mapping):
-        config = json.loads(_as_yaml(config, "the config mapping"))  # Paths, NumPy scalars: plain values
-    cfg = load_config(config, texts, label=LABEL)
+    cfg = build_config(config, overrides, dotted, input=input, output=output, run_id=run_id)
     if log_level is not None and not logging.getLogger().handlers:
         from mfsim.pipeline.logs import setup_logging
 
@@ -82,6 +68,27 @@ def _main_is_a_script() -> bool:
     import sys
 
     return hasattr(sys.modules.get("__main__"), "__file__")
+
+
+def build_config(config: str | Path | Mapping[str, Any] | None, overrides: Mapping[str, Any] | None,
+                 dotted: Mapping[str, Any], **convenience: Any) -> Config:
+    """The config of ``run_pipeline`` and ``Model``: a YAML path or a mapping of sections over the defaults, then the
+    dotted overrides (``input=``, ``output=``, ``run_id=`` for their keys), as ``--set`` applies them."""
+    values: dict[str, Any] = {}
+    given = [{CONVENIENCE_KEYS[k]: v for k, v in convenience.items() if v is not None}, dict(overrides or {}),
+             dict(dotted)]
+    for source in given:
+        for key, value in source.items():
+            if key in values:
+                raise MfsimError(f"{LABEL} {key!r} is given twice (input=/output=/run_id=, overrides= and "
+                                 "keyword arguments name the same keys); give it once")
+            values[key] = value
+    texts = [f"{_dotted(key)}={_as_yaml(value, f'{LABEL} {key}')}" for key, value in values.items()]
+    if config is not None and not isinstance(config, (str, os.PathLike, Mapping)):
+        raise MfsimError(f"config must be a YAML file's path or a mapping of sections, got {type(config).__name__}")
+    if isinstance(config, Mapping):
+        config = json.loads(_as_yaml(config, "the config mapping"))  # Paths, NumPy scalars: plain values
+    return load_config(config, texts, label=LABEL)
 
 
 def refuse_in_a_starting_worker() -> None:

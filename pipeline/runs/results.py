@@ -134,6 +134,7 @@ class ListLookups:
                     else f" (objectives: {', '.join(registry.OBJECTIVES)})")
             raise MfsimError(f"{what} has no objective {objective!r}; valid: {', '.join(objectives)}{hint}")
         combos = {c for c in combos if c[0] == objective}
+        eq1_scalings = {c[1] for c in combos if c[1] != registry.INVARIANT}  # the run's named scalings
         if metric is not None:
             have = sorted({c[2] for c in combos})
             if metric not in have:
@@ -141,7 +142,6 @@ class ListLookups:
                                  f"{', '.join(have)}{_metric_hint(kind, objective, metric)}")
             combos = {c for c in combos if c[2] == metric}
         if scaling is not None:
-            eq1_scalings = {c[1] for c in combos if c[1] != registry.INVARIANT}
             matching = {c for c in combos if c[1] == scaling or (
                 c[1] == registry.INVARIANT and objective == "eq1" and scaling in eq1_scalings)}
             if not matching:

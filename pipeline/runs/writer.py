@@ -67,6 +67,16 @@ def error_line(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+@contextmanager
+def timed_into(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Adds the wall time of the block to ``timings[name]`` (seconds, 4 decimals)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 4)
+
+
 class RunWriter:
     """Collects a run's outputs, records its state, publishes it; a context manager::
 
@@ -183,11 +193,8 @@ class RunWriter:
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Times a stage; the wall time lands in the manifest under ``timings[name]``."""
-        t0 = time.perf_counter()
-        try:
+        with timed_into(self.timings, name):
             yield
-        finally:
-            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 4)
 
     # -- writing --------------------------------------------------------------------------------------
     def write_table(self, relative: str, table: pa.Table) -> str:
