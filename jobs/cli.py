@@ -229,6 +229,10 @@ def status(
 
     st = open_root(output).run_status(run_id)
     typer.echo(format_runs([st], "table"))
+    if st.stage:
+        typer.echo(f"stage: {st.stage}")
+    if st.dashboard:
+        typer.echo(f"dashboard: {st.dashboard}")
     if st.error:
         typer.echo(f"error: {st.error}")
     raise typer.Exit(STATUS_EXIT[st.state])
@@ -517,6 +521,18 @@ def neighbours(
                           top=top, fmt=format))
 
 
+def _stop_on_signal(signum, frame) -> None:
+    """SIGTERM: one ``error:`` line, then unwind (exit 128 + signum). The cluster's own loggers are silenced first:
+    its connections close under it while it shuts down, which they would report as tracebacks."""
+    import signal
+
+    for name in ("distributed", "tornado", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    typer.echo(f"error: stopped by {signal.Signals(signum).name}: the run is abandoned, nothing published, "
+               "earlier runs and LATEST untouched", err=True)
+    sys.exit(128 + signum)
+
+
 def main() -> None:
     """The ``mfsim`` entry point: logging set up, SIGTERM turned into a clean exit, then the typer app."""
     import signal
@@ -532,7 +548,7 @@ def main() -> None:
         raise SystemExit(2) from None
     # SIGTERM (a scheduler's kill, systemd stop) unwinds like Ctrl-C: the run's temporary directory is
     # removed, its state says failed, the embedded cluster is shut down
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    signal.signal(signal.SIGTERM, _stop_on_signal)
     try:
         app(args=argv, prog_name="mfsim")
     except MfsimError as exc:  # raised outside a command; commands handle their own

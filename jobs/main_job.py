@@ -36,20 +36,22 @@ def run_stages(ctx: StageContext) -> dict[str, Any]:
     driver's peak RSS after each stage (``driver_peak_rss_mib``: a running maximum, so the stage where it
     rises is the one that needed the memory)."""
     peaks: dict[str, int] = {}
-    for stage in STAGES:
-        if not stage.when(ctx):
-            continue
+    planned = [stage for stage in STAGES if stage.when(ctx)]  # each ``when`` reads the config (and the item truth)
+    started = time.perf_counter()
+    for k, stage in enumerate(planned, 1):
+        place = f"{k}/{len(planned)}"
         if not peaks:
-            log.info("stage %s: start, %.2fs after the process started (imports, config)", stage.name,
+            log.info("stage %s: start (%s), %.2fs after the process started (imports, config)", stage.name, place,
                      seconds_since_process_start())
         else:
-            log.info("stage %s: start", stage.name)
+            log.info("stage %s: start (%s)", stage.name, place)
+        ctx.run.set_stage(stage.name, place)
         t0 = time.perf_counter()
         with ctx.run.stage(stage.name) if stage.timed else nullcontext():
             ctx.results[stage.name] = stage.fn(ctx)
         peaks[stage.name] = driver_peak_rss_mib()
-        log.info("stage %s: done in %.2fs; driver peak RSS so far %d MiB", stage.name, time.perf_counter() - t0,
-                 peaks[stage.name])
+        log.info("stage %s: done in %.2fs (%s, %.1fs since the first); driver peak RSS so far %d MiB", stage.name,
+                 time.perf_counter() - t0, place, time.perf_counter() - started, peaks[stage.name])
     entries = {key: value for result in ctx.results.values() for key, value in result.manifest.items()}
     return {**entries, "driver_peak_rss_mib": peaks}
 
@@ -97,6 +99,7 @@ def run_job(cfg: Config, *, scheduler: str | None = None, client: Any = None, mo
                 log.info("run %s: start (output %s)", run.run_id, cfg.run.output)
                 with on_demand(cfg, scheduler, client) as clients, \
                         nullcontext() if cfg.cluster.small_data_here else blocks.held_to_workers():
+                    clients.when_started(lambda c: run.set_dashboard(getattr(c, "dashboard_link", None)))
                     if not cfg.cluster.small_data_here:
                         clients.get()  # every stage goes to the workers: the cluster is needed from the first
                     ctx = StageContext(cfg, clients, run, truth=truth)

@@ -456,7 +456,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("factors", factors_stage),
     Stage("neighbours", neighbours_stage),
     Stage("evaluation", evaluation_stage, lambda ctx: ctx.cfg.evaluation.holdout != "none"),
-    Stage("cluster_precision", cluster_precision_stage, lambda ctx: ctx.scorer is not None),
-    Stage("audit", audit_stage, lambda ctx: ctx.cfg.audit.enabled and any(o == "eq1" for o, _ in ctx.fit.factors)),
+    Stage("cluster_precision", cluster_precision_stage, lambda ctx: ctx.truth is not None),  # the scorer's source
+    Stage("audit", audit_stage, lambda ctx: ctx.cfg.audit.enabled and ctx.cfg.objectives.eq1 is not None),
     Stage("report", report_stage, lambda ctx: ctx.cfg.report.enabled),
 )

@@ -153,6 +153,7 @@ class ClusterOnDemand:
     def __init__(self, cfg: ClusterSection | None = None, scheduler: str | None = None, *, client: Any = None):
         self._cfg, self._scheduler, self._client = cfg, scheduler, client
         self._stack = ExitStack()
+        self._on_start: list = []
         if client is None and (scheduler or (cfg is not None and cfg.address)):
             self.get()
 
@@ -162,7 +163,16 @@ class ClusterOnDemand:
             if self._cfg is None:
                 raise MfsimError("no Dask client and no cluster config to start one")
             self._client = self._stack.enter_context(get_client(self._cfg, self._scheduler))
+            for fn in self._on_start:
+                fn(self._client)
         return self._client
+
+    def when_started(self, fn) -> None:
+        """Call ``fn(client)`` once the client exists: now if it does, else when ``get`` starts it."""
+        if self._client is not None:
+            fn(self._client)
+        else:
+            self._on_start.append(fn)
 
     @property
     def started(self) -> bool:

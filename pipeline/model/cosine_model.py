@@ -288,7 +288,9 @@ PROGRESS_WINDOW = 10
 #: 650,095; lastfm-hetrec2011 in process from one start 206 iterations, 223 evaluations in 33.0 s, loss 1.3495253e12
 #: (L-BFGS-B: 205, 222 in 51.4 s, 1.3495225e12).
 LBFGS_MEMORY = 5
-LOG_EVERY = 25  # iterations between two INFO lines of the optimizer's progress (every one at DEBUG)
+#: The optimizer's progress: an INFO line when a tenth of ``max_iterations`` or this many seconds passed since the
+#: last (every iteration at DEBUG), with the iteration count out of ``max_iterations``.
+LOG_EVERY_S = 10.0
 
 
 #: The smallest factor of ``SpectralPreconditioner``'s T (s_k / s_1 is 0.15 on ``conf/paper.yaml``).
@@ -432,7 +434,8 @@ def train_cosine(X: RowBlocks, A0: np.ndarray, B0: np.ndarray, *, lam: float, ma
     scale of X (lastfm-hetrec2011's raw play counts: ``||X||^2`` 1.36e12, of which A and B change a few percent)
     nor on the loss at the optimum, which is unknown. Also converged at a stationary point (a zero gradient) or
     when a step changes the loss by less than 1e-15 relative; else it stops after ``max_iterations`` iterations,
-    not converged. Each accepted iterate's loss and gradient norm is logged (every ``LOG_EVERY``-th at INFO)
+    not converged. Each accepted iterate's loss and gradient norm is logged (at INFO every tenth of
+    ``max_iterations`` or ``LOG_EVERY_S`` seconds)
     and kept in ``history``; L-BFGS's line search (strong Wolfe) accepts only steps that lower the loss.
 
     ``basis``: X's ``(V_k, s)``, for the change of variables ``A = T Z`` of ``SpectralPreconditioner``; the
@@ -478,14 +481,20 @@ def _optimize(fn: CosineLoss, A0: np.ndarray, B0: np.ndarray, pre: SpectralPreco
     log.info("cosine model: start loss %.6g, |grad| %.3g (lambda %g, %d x %d)", loss0, last["grad_norm"], lam, p, k)
     progress_rule = f"loss decrease over the last {PROGRESS_WINDOW} iterations <= tol x decrease since the start"
 
+    shown = {"iteration": 0, "at": time.perf_counter()}  # the last iteration logged at INFO
+
     def callback(x: np.ndarray, f: float) -> None:
         loss = float(f) + fn.xx
         # the gradient norm of the accepted iterate: the line search's last evaluation, else one more
         grad_norm = last["grad_norm"] if np.array_equal(last["theta"], x) else float(np.linalg.norm(objective(x)[1]))
         history.append((loss, grad_norm))
         iteration = len(history) - 1
-        log.log(logging.INFO if iteration % LOG_EVERY == 0 else logging.DEBUG,
-                "cosine model: iteration %d, loss %.6g, |grad| %.3g", iteration, loss, grad_norm)
+        now = time.perf_counter()
+        due = iteration - shown["iteration"] >= max(1, max_iterations // 10) or now - shown["at"] >= LOG_EVERY_S
+        log.log(logging.INFO if due else logging.DEBUG, "cosine model: iteration %d/%d, loss %.6g, |grad| %.3g "
+                "(%.1fs)", iteration, max_iterations, loss, grad_norm, now - t0)
+        if due:
+            shown.update(iteration=iteration, at=now)
         if len(history) > PROGRESS_WINDOW:
             recent = history[-1 - PROGRESS_WINDOW][0] - loss
             if recent <= float(tol) * (loss0 - loss):

@@ -96,6 +96,8 @@ class RunStatus:
     error: str | None = None
     run_dir: str | None = None
     heartbeat_at: str | None = None
+    stage: str | None = None  # a running run's stage, "name (k/n)"
+    dashboard: str | None = None  # a running run's Dask dashboard, when its cluster is started
 
 
 def is_lost(record: dict[str, Any], now: dt.datetime, lost_after_s: float) -> bool:
@@ -119,7 +121,9 @@ def status_from_record(run_id: str, record: dict[str, Any], now: dt.datetime, lo
     return RunStatus(run_id=run_id, state=str(state), started_at=record.get("started_at"),
                      finished_at=record.get("finished_at"), duration_s=_seconds(started, end),
                      **{k: counts.get(k) for k in COUNT_KEYS}, host=record.get("host"), pid=record.get("pid"),
-                     error=record.get("error"), run_dir=run_dir, heartbeat_at=record.get("heartbeat_at"))
+                     error=record.get("error"), run_dir=run_dir, heartbeat_at=record.get("heartbeat_at"),
+                     stage=record.get("stage") if state == "running" else None,
+                     dashboard=record.get("dashboard") if state == "running" else None)
 
 
 def status_from_manifest(run_id: str, m: dict[str, Any], run_dir: str) -> RunStatus:

@@ -190,6 +190,22 @@ class RunWriter:
         if self._state_written and not self.published:
             self._update_state(lambda cur: {**cur, "counts": self.counts} if self._running_mine(cur) else None)
 
+    def set_stage(self, name: str, place: str) -> None:
+        """Record the stage now running (``place``: ``k/n``) in the run's state, for ``mfsim status``."""
+        self._note_running({"stage": f"{name} ({place})"})
+
+    def set_dashboard(self, url: str | None) -> None:
+        """Record the run's Dask dashboard (its cluster started) in the run's state, for ``mfsim status``."""
+        if url:
+            self._note_running({"dashboard": url})
+
+    def _note_running(self, fields: dict[str, Any]) -> None:
+        if self._state_written and not self.published:
+            try:
+                self._update_state(lambda cur: {**cur, **fields} if self._running_mine(cur) else None)
+            except MfsimError as exc:  # the state is for watching; the run goes on without it
+                log.warning("run %s: state not updated: %s", self.run_id, exc)
+
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Times a stage; the wall time lands in the manifest under ``timings[name]``."""

@@ -298,6 +298,7 @@ def test_driver_sigterm_removes_its_temporary_directory_at_once(tmp_path, log_fi
         d.close()
     assert rc == 128 + signal.SIGTERM, d.stderr  # the CLI's handler: sys.exit(128 + signum)
     assert d.workers
+    assert "stopped by SIGTERM" in assert_one_clean_error(d.stderr)  # one line, no cluster tracebacks
     # no later run needed: the hidden directory is gone the moment the process is
     assert hidden(out) == [] and visible(out) == ["LATEST", "earlier"]
     assert (out / "LATEST").read_bytes() == latest and tree_hashes(out / "earlier") == before

@@ -1,4 +1,5 @@
-"""Progress display: live on a terminal, quarter log lines otherwise; every long stage of a run reports it."""
+"""Progress display: live on a terminal, log lines otherwise (a tenth done and 10 s since the last, with the time
+left); every long stage of a run reports it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from mfsim.jobs import progress as jobs_progress
 from mfsim.jobs.main_job import run_job
 from mfsim.pipeline.config import load_config
+import mfsim.pipeline.progress as progress_module
 from mfsim.pipeline.progress import Progress, progress
 from mfsim.pipeline.simulate import simulate, write_simulation
 
@@ -18,9 +20,9 @@ class _Tty(io.StringIO):
         return True
 
 
-def quarters(total: int) -> list[int]:
-    """The counts at which a quarter of ``total`` is passed (every count when total < 4)."""
-    return [d for d in range(1, total + 1) if 4 * d // total > 4 * (d - 1) // total]
+def tenths(total: int) -> list[int]:
+    """The counts at which another tenth of ``total`` is passed (every count when total < 10)."""
+    return [d for d in range(1, total + 1) if 10 * d // total > 10 * (d - 1) // total]
 
 
 def progress_lines(caplog) -> dict[str, list[tuple[int, int]]]:
@@ -38,18 +40,15 @@ def test_live_line_on_a_terminal():
     out = _Tty()
     assert list(progress(range(3), 3, "work", stream=out)) == [0, 1, 2]
     text = out.getvalue()
-    assert text.count("\r") == 3 and "work: 3/3" in text and text.endswith("\n")
+    assert text.count("\r") == 3 and "work: 3/3" in text and "work: 1/3" in text and text.endswith("\n")
+    assert "s left)" in text.split("\r")[1]  # 1/3 done: the time left at the rate so far
 
 
-def test_quarter_log_lines_otherwise(caplog):
+def test_log_lines_every_tenth_when_due(caplog, monkeypatch):
     assert jobs_progress.progress is progress  # one home: the jobs use the pipeline's
+    monkeypatch.setattr(progress_module, "LOG_EVERY_S", 0.0)
     with caplog.at_level(logging.INFO, logger="mfsim.progress"):
-        assert list(progress(range(8), 8, "work", stream=io.StringIO())) == list(range(8))
-    assert progress_lines(caplog) == {"work": [(2, 8), (4, 8), (6, 8), (8, 8)]}
-
-
-def test_step_callback_and_short_totals(caplog):
-    with caplog.at_level(logging.INFO, logger="mfsim.progress"):
+        assert list(progress(range(20), 20, "work", stream=io.StringIO())) == list(range(20))
         with Progress(3, "three", stream=io.StringIO()) as bar:
             for _ in range(3):
                 bar.step()
@@ -58,15 +57,41 @@ def test_step_callback_and_short_totals(caplog):
         with Progress(10, "ten", stream=io.StringIO()) as bar:
             bar.step(5)
             bar.step(5)
-    assert quarters(3) == [1, 2, 3] and quarters(10) == [3, 5, 8, 10]
-    # fewer than four steps: one line each; a step of several quarters: one line
-    assert progress_lines(caplog) == {"three": [(1, 3), (2, 3), (3, 3)], "ten": [(5, 10), (10, 10)]}
+    assert tenths(20) == list(range(2, 21, 2)) and tenths(3) == [1, 2, 3]
+    # fewer than ten steps: one line each; a step of several tenths: one line
+    assert progress_lines(caplog) == {"work": [(d, 20) for d in range(2, 21, 2)], "three": [(1, 3), (2, 3), (3, 3)],
+                                      "ten": [(5, 10), (10, 10)]}
 
 
-def test_long_stages_of_a_run_log_quarter_lines(tmp_path, client, caplog, monkeypatch):
+def test_work_of_seconds_logs_nothing_and_long_work_a_line_every_10s_with_the_time_left(caplog, monkeypatch):
+    with caplog.at_level(logging.INFO, logger="mfsim.progress"):
+        assert len(list(progress(range(50), 50, "fast", stream=io.StringIO()))) == 50
+    assert progress_lines(caplog) == {}
+    now = [0.0]
+    monkeypatch.setattr(progress_module, "perf_counter", lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="mfsim.progress"):
+        with Progress(100, "slow", stream=io.StringIO()) as bar:
+            for _ in range(100):
+                now[0] += 3.0  # 3 s per unit: a tenth every 30 s, so every tenth is due
+                bar.step()
+        with Progress(1000, "quick tenths", stream=io.StringIO()) as bar:
+            for _ in range(1000):
+                now[0] += 0.03125  # a tenth every 3.125 s: a line at the first tenth 10 s after the last
+                bar.step()
+    messages = [r.getMessage() for r in caplog.records if r.name == "mfsim.progress"]
+    slow = [m for m in messages if m.startswith("slow")]
+    # at 10 done 30 s passed and 90 remain at 3 s each
+    assert len(slow) == 10 and slow[0] == "slow: 10/100 (30.0s, ~270s left)"
+    quick = [m for m in messages if m.startswith("quick")]
+    assert [m.split(" (")[0] for m in quick] == ["quick tenths: 400/1000", "quick tenths: 800/1000"]
+    assert slow[-1] == "slow: 100/100 (300.0s)"
+
+
+def test_long_stages_of_a_run_log_tenth_lines(tmp_path, client, caplog, monkeypatch):
     """SVD power iterations (the subspace solver: a fixed count), neighbours, evaluation, audit and report of one
-    small run, on a non-terminal."""
+    small run, on a non-terminal (lines due at every tenth: ``LOG_EVERY_S`` 0)."""
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, whatever runs the tests
+    monkeypatch.setattr(progress_module, "LOG_EVERY_S", 0.0)
     sim = load_config(None, ["simulate.n_users=150", "simulate.n_items=40", "simulate.seed=3"]).simulate
     write_simulation(simulate(sim), tmp_path / "sim", sim)
     cfg = load_config(None, [
@@ -89,4 +114,4 @@ def test_long_stages_of_a_run_log_quarter_lines(tmp_path, client, caplog, monkey
     assert [label for label in lines if label.startswith("neighbours item_item eq1/")]
     for label, seen in lines.items():
         runs = 2 if label == "svd power iterations" else 1  # the SVD of the full data, then the train split's
-        assert seen == [(d, totals[label]) for d in quarters(totals[label])] * runs, label
+        assert seen == [(d, totals[label]) for d in tenths(totals[label])] * runs, label

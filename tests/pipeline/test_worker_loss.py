@@ -249,22 +249,26 @@ def kill_in_svd(killer: Killer, monkeypatch):
 @contextmanager
 def kill_at_progress(killer: Killer, label: str):
     """Fire ``killer`` at the first progress line whose label starts with ``label`` (``neighbours ``,
-    ``evaluation ``, ``audit lists``): a quarter of that stage's first list group done."""
+    ``evaluation ``, ``audit lists``): a tenth of that stage's first list group done."""
 
     class Hook(logging.Handler):
         def emit(self, record):
             if record.getMessage().startswith(label):
                 killer.fire()
 
+    import mfsim.pipeline.progress as progress_module
+
     logger = logging.getLogger("mfsim.progress")
-    hook, level = Hook(logging.INFO), logger.level
+    hook, level, every = Hook(logging.INFO), logger.level, progress_module.LOG_EVERY_S
     logger.addHandler(hook)
     logger.setLevel(logging.INFO)
+    progress_module.LOG_EVERY_S = 0.0  # a line at every tenth of the stage, however fast
     try:
         yield
     finally:
         logger.removeHandler(hook)
         logger.setLevel(level)
+        progress_module.LOG_EVERY_S = every
 
 
 def check_faulted_run(c: Cluster, killer: Killer, run_dir: Path, clean: Path, *, nanny: bool) -> None:

@@ -218,6 +218,26 @@ def test_state_running_then_succeeded(tmp_path):
     assert st.duration_s >= 0
 
 
+def test_a_running_runs_stage_and_dashboard_are_in_its_status(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    mfsim_bin = str(Path(sys.executable).parent / "mfsim")
+    with PosixRunWriter(tmp_path, "r", heartbeat_s=60) as run:
+        run.set_stage("neighbours", "4/9")
+        run.set_dashboard("http://127.0.0.1:8787/status")
+        st = open_root(tmp_path).run_status("r")
+        assert (st.state, st.stage, st.dashboard) == ("running", "neighbours (4/9)", "http://127.0.0.1:8787/status")
+        shown = subprocess.run([mfsim_bin, "status", "r", "--output", str(tmp_path)], capture_output=True, text=True)
+        assert shown.returncode == 3 and "stage: neighbours (4/9)" in shown.stdout
+        assert "dashboard: http://127.0.0.1:8787/status" in shown.stdout
+        run.write_table("x.parquet", pa.table({"x": [1]}))
+        run.publish({})
+    st = open_root(tmp_path).run_status("r")
+    assert (st.state, st.stage, st.dashboard) == ("succeeded", None, None)
+
+
 def test_counts_come_from_the_manifest_when_not_set(tmp_path):
     with PosixRunWriter(tmp_path, "r") as run:
         run.publish({"counts": {"n_users": 5, "n_items": 6, "nnz": 7, "rows_dropped": {}}})
