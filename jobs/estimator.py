@@ -400,7 +400,8 @@ def in_memory_data(X: Any, cfg, user_ids: Any = None, item_ids: Any = None) -> I
         user_ids = pa.array(np.arange(n)) if user_ids is None else pa.array(user_ids)
         item_ids = pa.array(np.arange(p)) if item_ids is None else pa.array(item_ids)
         if len(user_ids) != n or len(item_ids) != p:
-            raise MfsimError(f"user_ids ({len(user_ids)}) and item_ids ({len(item_ids)}) must match X's shape {m.shape}")
+            raise MfsimError(f"user_ids ({len(user_ids)}) and item_ids ({len(item_ids)}) must match X's shape "
+                             f"{m.shape}")
     else:
         raise MfsimError(f"Model.fit takes a scipy.sparse matrix or a pandas/pyarrow table, got {type(X).__name__}")
     m.sum_duplicates()

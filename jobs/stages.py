@@ -445,7 +445,7 @@ def report_stage(ctx: StageContext) -> StageResult:
                         labels=ctx.scorer.labels if ctx.scorer is not None else None, audit=audit,
                         tables={name: t for r in ctx.results.values() for name, t in r.tables.items()},
                         manifest={key: v for r in ctx.results.values() for key, v in r.manifest.items()},
-                        timings=dict(ctx.run.timings), versions=package_versions())
+                        timings=dict(ctx.run.timings), versions=package_versions(), warnings=ctx.warnings)
     ctx.run.write_bytes(outputs.REPORT, page)
     return StageResult()
 

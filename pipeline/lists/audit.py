@@ -685,8 +685,9 @@ def _eq1_summary(rows: list[dict[str, Any]], *, names: list[str], top_n: int, p:
     sample = f" of a seeded sample of {m} of the {p} items" if m < p else ""
     verdict = (f"item-item cosine lists of Eq. 1 {moved} the arbitrary scaling: mean Jaccard@{top_n} "
                f"{cos['mean_jaccard_mean']:.2f} across {cos['comparisons']} comparisons{sample} (lowest "
-               f"{cos['min_jaccard_mean']:.2f}, {cos['lowest'][0]} vs {cos['lowest'][1]}; {cos['boundary_ties']} "
-               "boundary ties, swaps within float32 rounding of the cut, count as agreement); ")
+               f"{cos['min_jaccard_mean']:.2f}, {cos['lowest'][0]} vs {cos['lowest'][1]}; {cos['boundary_ties']:,} "
+               "boundary ties over all items and comparisons, i.e. an item swapped at a list's last place with "
+               "one whose score is within float32 rounding of its own, counted as agreement); ")
     scaled = {key: v for key, v in no_list.items() if key.startswith("cosine ")}
     if any(scaled.values()):
         low, high = min(scaled.values()), max(scaled.values())

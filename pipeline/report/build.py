@@ -18,11 +18,13 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import pyarrow as pa
 
+from mfsim.pipeline import outputs
 from mfsim.pipeline.config import Config, ReportSection
 from mfsim.pipeline.ingest import IngestResult
 from mfsim.pipeline.inputs import ItemTruth
 from mfsim.pipeline.lists.audit import AuditResult, random_diagonals
 from mfsim.pipeline.lists.evaluate import list_length
+from mfsim.pipeline.lists.neighbours import plan_lists
 from mfsim.pipeline.model.factors import scaled_columns
 from mfsim.pipeline.model.fit import Fit
 from mfsim.pipeline.progress import progress
@@ -48,9 +50,72 @@ CONFIG_KEYS = ("input.path", "preprocess.binarize", "preprocess.column_weighting
 Drawing = Callable[[], tuple[bytes, str]]  # one figure: (PNG bytes, caption)
 
 
+PAPER = ("Steck, Ekanadham and Kallus (2024), \u201cIs Cosine-Similarity of Embeddings Really About "
+         "Similarity?\u201d (ACM Web Conference 2024 Companion; arXiv:2403.05440), show that a matrix factorization "
+         "trained with the denoising objective (their Eq. 1: min ||X - X A B^T||^2 + lambda ||A B^T||^2) has a "
+         "family of equally good solutions: with any diagonal D, (A D, B D^-1) fits exactly as well. The model "
+         "scores A B^T are the same for all of them, but the cosine similarity of the embeddings A or B is not: "
+         "it depends on the arbitrary D, so cosine neighbour lists of such embeddings can come out almost any "
+         "way. The usual objective (Eq. 2, lambda (||X A||^2 + ||B||^2)) has one solution, whose cosines are "
+         "fixed but shaped by the regularization. What is safe: the model scores themselves (the dot product "
+         "A B^T, or X A B^T for a user), the cosine in the projected space (of the rows of A B^T or X A B^T), "
+         "or a model trained with cosine similarity. This report measures how much this run's cosine lists "
+         "move and says which of its lists to read.")
+
+
+def list_guide(pairs: list[tuple[str, str]], cfg: Config, audit_summary: Mapping[str, Any] | None
+               ) -> list[dict[str, str]]:
+    """Which of the run's lists to read (``use``), read with care, or not read as a similarity, and why: one row per
+    list kind, objective, scaling label and metric the run published, with the call that reads it."""
+    n = cfg.neighbours
+    cos = ((audit_summary or {}).get("metrics") or {}).get("cosine") or {}
+    moved = "the audit measures how far"
+    if cos.get("mean_jaccard_mean") is not None:
+        moved = (f"here Eq. 1's item-item cosine lists share {cos['mean_jaccard_mean']:.0%} of their items on "
+                 f"average between equally good solutions (audit, Jaccard@{audit_summary.get('top_n')})")
+    calls = {"item_item": "similar_items", "user_item": "recommend", "user_user": "similar_users"}
+    rows: dict[tuple, dict[str, str]] = {}
+    for g in plan_lists(pairs, n.item_item, n.user_item, n.user_user):
+        for label in g.outputs.values():
+            kind, o, s, m = label.kind, label.objective, label.scaling, label.metric
+            named = s not in ("invariant", "unique")
+            if o == "eq1" and not named:
+                verdict, why = "use", {"model": "Eq. 1's model scores A B^T: the same for every equally good solution",
+                                       "projected_cosine": "cosine of the rows of A B^T (items) or X A B^T (users): "
+                                                           "the same for every equally good solution",
+                                       "dot": "the model score (X A B^T)_ui: the same for every solution"}[m]
+            elif o == "eq1":
+                verdict = "do not use as a similarity"
+                why = f"{m} of Eq. 1's embeddings under one arbitrary scaling D: it changes with D; {moved}"
+            elif o == "cosine" and m == "cosine":
+                verdict, why = "use", "the cosine-trained model's own scores: what it was trained for"
+            elif o == "cosine":
+                verdict, why = "use with care", ("the cosine-trained model scores with cosines: the norms a dot "
+                                                 "product adds are not part of what it learned")
+            elif m in ("model", "projected_cosine") or (kind == "user_item" and m == "dot"):
+                verdict, why = "use", "Eq. 2's model scores, or the cosine of their rows (its solution is unique)"
+            else:
+                verdict, why = "use with care", ("Eq. 2's solution is unique, so its cosines are too, but the "
+                                                 "regularization shapes them (the paper's Section 3)")
+            key = (verdict, kind, o, m, "" if named else s)
+            if key in rows:  # another named scaling of the same list
+                rows[key]["list"] = rows[key]["list"].replace("}", f", {s}}}")
+                continue
+            call = f"run.{calls[kind]}(id, objective=\"{o}\", metric=\"{m}\"" + (
+                f", scaling=\"{s}\")" if named else ")")
+            rows[key] = {"verdict": verdict,
+                         "list": f"{outputs.LIST_DATASETS[kind]}/objective={o}/scaling="
+                                 + ("{" + s + "}" if named else s) + f"/metric={m}",
+                         "read it with": call, "why": why}
+    order = {"use": 0, "use with care": 1, "do not use as a similarity": 2}
+    # a stable sort: within a verdict the lists stay as planned (Eq. 1, Eq. 2, cosine; items, then users)
+    return sorted(rows.values(), key=lambda r: order[r["verdict"]])
+
+
 def build_report(cfg: Config, fit: Fit, data: IngestResult, *, title: str, truth: ItemTruth | None,
                  labels: np.ndarray | None, audit: AuditResult | None, tables: Mapping[str, pa.Table],
-                 manifest: Mapping[str, Any], timings: Mapping[str, float], versions: Mapping[str, str]) -> bytes:
+                 manifest: Mapping[str, Any], timings: Mapping[str, float], versions: Mapping[str, str],
+                 warnings: list[str] | None = None) -> bytes:
     """The run's ``report.html`` as UTF-8 bytes (``render_report``).
 
     ``labels``: the true cluster of each item (-1: none) when the item truth is known; ``audit``: the audit's
@@ -81,6 +146,8 @@ def build_report(cfg: Config, fit: Fit, data: IngestResult, *, title: str, truth
         page_tables[SWEEP_TITLE] = sweep
     resolved = cfg.resolved()
     return render_report(title=title, headline=headline(audit_summary) or rescaling_finding(inputs),
+                         intro=PAPER, guide=list_guide(list(fit.factors), cfg, audit_summary),
+                         warnings=list(warnings or []),
                          tables=page_tables, images=images, captions=captions,
                          summary_lines=summary_lines(data.counts, len(fit.sigma), manifest.get("evaluation"),
                                                      audit_summary if audit is not None else None),
@@ -196,7 +263,7 @@ def displacement_figure(inputs: FigureInputs) -> tuple[bytes, str]:
 def audit_figure(detail: pa.Table, n: int) -> tuple[bytes, str]:
     """Histograms of the audit's per-item Jaccard@n (``audit/items.parquet``), by comparison group and metric."""
     png = histogram_png(audit_jaccards(detail), f"Per-item Jaccard@{n} between equally good solutions, by list metric",
-                        f"Jaccard@{n} per item")
+                        f"Jaccard@{n} per item", unit="item x comparison pairs")
     return png, (f"Per-item Jaccard@{n} of the item-item lists of two equally good Eq. 1 solutions, pooled over "
                  "the comparisons: between the named scalings (top) and against random rescalings (A D, B D^-1) "
                  "(bottom); 1.0 is the same list. The cosine lists move; the model and projected_cosine lists, "

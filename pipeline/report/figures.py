@@ -233,11 +233,12 @@ def spectrum_png(sigma: np.ndarray, lambdas: Mapping[str, float]) -> bytes:
     return _png(fig)
 
 
-def histogram_png(values_by_label: Mapping[str, np.ndarray], title: str, xlabel: str) -> bytes:
+def histogram_png(values_by_label: Mapping[str, np.ndarray], title: str, xlabel: str, unit: str = "items") -> bytes:
     """PNG of one histogram on [0, 1] per label (small multiples), e.g. per-item Jaccard@N.
 
     Each panel has HIST_BINS bins of equal width on [0, 1], a dashed line at the median, and
-    notes the number of values, their mean and median in its title. Panels share the x range; the y axis counts items.
+    notes the number of values (``unit``: what one value is, e.g. ``items``), their mean and median in its title.
+    Panels share the x range; the y axis counts ``unit``.
 
     Parameters
     ----------
@@ -279,15 +280,15 @@ def histogram_png(values_by_label: Mapping[str, np.ndarray], title: str, xlabel:
         ax.hist(v, bins=bins, color="tab:blue", edgecolor="white", linewidth=0.5)
         ax.set_xlim(0.0, 1.0)
         if v.size:  # statistics in the title, where they cannot cover a bar
-            stats = f"n = {v.size}, mean {v.mean():.3f}, median {np.median(v):.3f}"
+            stats = f"{v.size:,} {unit}, mean {v.mean():.3f}, median {np.median(v):.3f}"
             ax.axvline(float(np.median(v)), color="tab:red", lw=1.0, ls="--")
         else:
-            stats = "n = 0"
+            stats = f"no {unit}"
         ax.set_title(textwrap.fill(label, 48) + "\n" + stats, fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)
         r, c = divmod(idx, ncols)
         if c == 0:
-            ax.set_ylabel("items")
+            ax.set_ylabel(unit)
         if r == nrows - 1 or idx + ncols >= n:
             ax.set_xlabel(xlabel, fontsize=9)
             ax.tick_params(labelbottom=True)

@@ -49,10 +49,15 @@ def render_report(
     skipped: Mapping[str, str] | None = None,
     run_info: Mapping[str, pa.Table | Sequence[Mapping[str, Any]]] | None = None,
     config: Mapping[str, Any] | None = None,
+    intro: str | None = None,
+    guide: Sequence[Mapping[str, Any]] | None = None,
+    warnings: Sequence[str] | None = None,
 ) -> bytes:
     """A self-contained HTML report, as UTF-8 bytes: one file, nothing beside it needed.
 
-    The page has, in this order: the title; the headline in a box; the summary lines as a list;
+    The page has, in this order: the title; ``intro`` (what the paper found, one paragraph); the headline
+    in a box (what this run found); ``guide``, the table of which lists to use and which not (rows with a
+    ``verdict``); the run's ``warnings`` in a box; the summary lines as a list;
     what was skipped and why; each image (numbered figures, with their captions); each table (in
     the given order); the run's own tables (input, configuration, versions, timings) and the full
     configuration, folded (``<details>``). All text is escaped with ``html.escape``; floats
@@ -134,8 +139,19 @@ def render_report(
         "<body>",
         f"<h1>{esc(str(title))}</h1>",
     ]
+    if intro:
+        parts.append(f'<p class="intro">{esc(str(intro))}</p>')
     if headline:
-        parts.append(f'<p class="headline">{esc(str(headline))}</p>')
+        parts.append(f'<p class="headline"><b>This run:</b> {esc(str(headline))}</p>')
+    if guide:
+        parts.append('<section id="which-lists">')
+        parts.append("<h2>Which lists to use</h2>")
+        parts.append(_table_html(list(guide), len(guide), "which lists", row_class="verdict"))
+        parts.append("</section>")
+    if warnings:
+        parts.append('<div class="warnings"><b>Warnings of this run</b><ul>')
+        parts.extend(f"<li>{esc(str(w))}</li>" for w in warnings)
+        parts.append("</ul></div>")
     if summary_lines:
         parts.append('<ul class="summary">')
         parts.extend(f"<li>{esc(str(line))}</li>" for line in summary_lines if line)
@@ -193,7 +209,12 @@ def render_report(
 
 _CSS = (
     "body{font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;"
-    "margin:1.5em auto;max-width:1500px;padding:0 1em;color:#222;line-height:1.4}"
+    "margin:1.5em auto;max-width:1240px;padding:0 1em;color:#222;line-height:1.4}"
+    "p.intro{max-width:62em}"
+    "tr.use td:first-child{background:#e6f4e6}tr.use-with-care td:first-child{background:#fff6e5}"
+    "tr.do-not-use-as-a-similarity td:first-child{background:#fde8e8}"
+    "div.warnings{background:#fde8e8;border:1px solid #d08080;border-left:6px solid #c03030;padding:.5em 1em;"
+    "margin:.8em 0 1em}div.warnings ul{margin:.3em 0 0}"
     "h1{font-size:1.6em;border-bottom:2px solid #ddd;padding-bottom:.2em}"
     "h2{font-size:1.2em;margin-top:1.6em}"
     "ul.summary li{margin:.15em 0}"
@@ -218,6 +239,11 @@ _CSS = (
 # Helpers
 
 
+def _css_class(value: Any) -> str:
+    """``value`` as a CSS class name: letters and digits, the rest as ``-``."""
+    return re.sub(r"[^a-z0-9]+", "-", str(value).lower()).strip("-")
+
+
 def _fmt(v: Any) -> tuple[str, bool]:
     """(text, is_number) of one table cell; floats with 4 significant digits."""
     if v is None:
@@ -237,7 +263,7 @@ def _fmt(v: Any) -> tuple[str, bool]:
     return str(v), False
 
 
-def _table_html(table, max_rows: int, name: str) -> str:
+def _table_html(table, max_rows: int, name: str, row_class: str | None = None) -> str:
     if isinstance(table, pa.Table):
         columns = list(table.column_names)
         n_total = table.num_rows
@@ -267,7 +293,8 @@ def _table_html(table, max_rows: int, name: str) -> str:
             text, num = _fmt(row.get(c))
             cls = ' class="num"' if num else ""
             cells.append(f"<td{cls}>{esc(text)}</td>")
-        out.append("<tr>" + "".join(cells) + "</tr>")
+        cls = f' class="{_css_class(row.get(row_class))}"' if row_class else ""
+        out.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
     out.append("</tbody></table></div>")
     if n_total > len(rows):
         out.append(f'<p class="note">First {len(rows)} of {n_total} rows.</p>')

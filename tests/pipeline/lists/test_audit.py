@@ -810,7 +810,10 @@ def test_audit_command_rejects_bad_files(tmp_path, pair):
 def test_both_audits_report_one_progress_step_per_list(eq1, pair, caplog, monkeypatch):
     """``audit lists``: ``s (1 + draws) + 2`` steps for the Eq. 1 audit (the cosine lists of every solution, the
     two canonical invariant lists), ``3 (1 + draws)`` for a pair, every one done."""
+    import mfsim.pipeline.progress as progress_module
+
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, whatever runs the tests
+    monkeypatch.setattr(progress_module, "LOG_EVERY_S", 0.0)  # a line at every tenth, however fast
     calls = []
 
     def counting(queries, candidates, n, metric, exclude_self=True, cosine_min_norm=(0.0, 0.0)):

@@ -115,12 +115,18 @@ def test_render_report_headline_skipped_and_run_sections(pngs):
         skipped={"cluster precision": "no item truth"},
         run_info={"Versions": [{"package": "numpy", "version": "2.0"}], "Stage timings (s)": [{"stage": "svd",
                                                                                                "seconds": 1.5}]},
-        config={"svd": {"rank": 64}, "audit": {"top_n": None}})
+        config={"svd": {"rank": 64}, "audit": {"top_n": None}}, intro="What the <paper> found.",
+        guide=[{"verdict": "use", "list": "similar_items/x"}, {"verdict": "do not use as a similarity", "list": "y"}],
+        warnings=["cosine model: not converged"])
     page = out.decode()
-    assert '<p class="headline">Top-100 cosine lists share 56% &lt;of&gt; their items</p>' in page
-    # headline, summary, skipped, figures, tables, then the run
-    marks = [page.index(s) for s in ('class="headline"', "<li>line</li>", "no item truth", 'id="figures"',
-                                     'id="table-0"', 'id="run"', "<details>")]
+    assert '<p class="headline"><b>This run:</b> Top-100 cosine lists share 56% &lt;of&gt; their items</p>' in page
+    assert '<p class="intro">What the &lt;paper&gt; found.</p>' in page
+    assert '<tr class="use">' in page and '<tr class="do-not-use-as-a-similarity">' in page
+    # what the paper found, what this run found, which lists to use, the warnings; then the summary, skipped,
+    # figures, tables, the run
+    marks = [page.index(s) for s in ('class="intro"', 'class="headline"', 'id="which-lists"', "not converged",
+                                     "<li>line</li>", "no item truth", 'id="figures"', 'id="table-0"', 'id="run"',
+                                     "<details>")]
     assert marks == sorted(marks)
     assert "<b>Figure 1</b> (heat.png). cap" in page and "<b>Figure 2</b> (jaccard.png)" in page
     parser = _Page()
