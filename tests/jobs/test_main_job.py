@@ -333,3 +333,35 @@ def test_held_out_metrics_on_the_sampled_users_match_numpy(client, max_users):
         assert r["ndcg_se"] == pytest.approx(np.std(nd, ddof=1) / np.sqrt(users.size), rel=1e-9)
         labels.add((r["objective"], r["scaling"], r["metric"], r["top_n"]))
     assert len(labels) == len(rows) == 2 * (2 + 1 + 2)  # cutoffs x (eq1: invariant dot + 2 cosines; eq2: both)
+
+
+def test_audit_command_refuses_ambiguous_pairs_and_explains_the_cosine_model(small_run, tmp_path):
+    """A run's ``user_embeddings/`` (every objective and scaling), users and items of different runs or solutions:
+    refused with what to pass; the cosine-trained model: not audited, and the line says why."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run_dir, _, _ = small_run
+    mfsim = str(Path(sys.executable).parent / "mfsim")
+
+    def audit(users, items):
+        return subprocess.run([mfsim, "audit", "--users", str(users), "--items", str(items), "--top-n", "5",
+                               "--draws", "1"], capture_output=True, text=True, timeout=120)
+
+    r = audit(run_dir / "user_embeddings", run_dir / "item_embeddings")
+    assert r.returncode == 2 and "holds 4 embedding sets (objective=eq1/scaling=eq2_like" in r.stderr, r.stderr
+    assert f"pass one of them, e.g. --users {run_dir / 'user_embeddings' / 'objective=eq1/scaling=eq2_like'}" in r.stderr
+    one, other = "objective=eq1/scaling=symmetric", "objective=eq2/scaling=unique"
+    r = audit(run_dir / "user_embeddings" / one, run_dir / "item_embeddings" / other)
+    assert r.returncode == 2 and "--users is objective=eq1 and --items objective=eq2" in r.stderr, r.stderr
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    r = audit(run_dir / "user_embeddings" / one, copy / "item_embeddings" / one)
+    assert r.returncode == 2 and f"--users is from run {run_dir} and --items from run {copy}" in r.stderr, r.stderr
+    fake = tmp_path / "model" / "objective=cosine" / "scaling=unique"  # a cosine-trained model's pair
+    for side in ("users", "items"):
+        shutil.copytree(run_dir / f"{side[:-1]}_embeddings" / one, fake / side)
+    r = audit(fake / "users", fake / "items")
+    assert r.returncode == 0 and "its cosine lists are its own scores" in r.stdout and "jaccard" not in r.stdout
