@@ -103,12 +103,14 @@ def run(
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Run id (default: a timestamped one)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler, e.g. tcp://HOST:8786."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace a published run of the same --run-id (swapped in "
+                               "atomically once this one succeeds)."),
 ) -> None:
     """Run the pipeline on an interaction log and publish one run directory."""
     from mfsim.jobs.main_job import run_job
 
     cfg = _load(config, set_, **{"input.path": input, "run.output": output, "run.run_id": run_id})
-    run_dir, manifest = run_job(cfg, scheduler=scheduler)
+    run_dir, manifest = run_job(cfg, scheduler=scheduler, replace=force)
     typer.echo(run_summary(run_dir, manifest))
 
 
@@ -187,9 +189,9 @@ def submit(
 
         with get_client(cfg.cluster, scheduler) as client:
             fut = sub.submit_driver(client, cfg, opts["--log-level"], opts["--log-format"])
-            typer.echo(cfg.run.run_id)
+            _submitted(cfg)
             if wait:
-                raise typer.Exit(sub.wait_cluster(fut, cfg.run.output, cfg.run.run_id, sys.stderr))
+                raise typer.Exit(_finished(cfg, sub.wait_cluster(fut, cfg.run.output, cfg.run.run_id, sys.stderr)))
         return
     argv = ["run", str(config.resolve()), "--run-id", cfg.run.run_id, "--output", cfg.run.output,
             "--log-level", opts["--log-level"], "--log-format", opts["--log-format"]]
@@ -199,9 +201,28 @@ def submit(
         argv += ["--set", kv]
     proc = sub.start_local(argv, cfg.run.output, cfg.run.run_id)
     open_root(cfg.run.output).record_submitted(cfg.run.run_id, proc.pid)
-    typer.echo(cfg.run.run_id)
+    _submitted(cfg)
     if wait:
-        raise typer.Exit(sub.wait_local(proc, cfg.run.output, cfg.run.run_id, sys.stderr))
+        raise typer.Exit(_finished(cfg, sub.wait_local(proc, cfg.run.output, cfg.run.run_id, sys.stderr)))
+
+
+def _submitted(cfg: Config) -> None:
+    """The run id on stdout (the one line a script reads), where its log goes and how to follow it on stderr."""
+    from mfsim.jobs.submit import log_path
+
+    typer.echo(cfg.run.run_id)
+    typer.echo(f"submitted run {cfg.run.run_id}: log {log_path(cfg.run.output, cfg.run.run_id)}; follow it with: "
+               f"mfsim logs {cfg.run.run_id} --output {cfg.run.output} --follow", err=True)
+
+
+def _finished(cfg: Config, code: int) -> int:
+    """After ``--wait``: the published run's summary on stdout, as ``mfsim run`` prints it; the exit code."""
+    if code == 0:
+        from mfsim.pipeline.runs.roots import open_root, read_manifest
+
+        run_dir = open_root(cfg.run.output).run_location(cfg.run.run_id)
+        typer.echo(run_summary(run_dir, read_manifest(run_dir)))
+    return code
 
 
 @app.command("runs", epilog="Example: mfsim runs --output runs --format json")
@@ -217,16 +238,41 @@ def runs_(
     typer.echo(format_runs(open_root(output).list_runs(), format))
 
 
-@app.command(epilog="Example: mfsim status 2026-11-30 --output runs")
+RUN_HELP = "A run: its directory (or URL), <output>/LATEST, or its id with --output."
+
+
+def _run_ref(run: str, output: Optional[str]) -> tuple[str, str]:
+    """(output root, run id) of a run named as every command takes it: an id with ``--output``, a run directory or
+    URL, or ``<output>/LATEST`` (``LATEST`` alone with ``--output``)."""
+    from mfsim.pipeline.runs.roots import open_root
+
+    if output is None:
+        text = str(run).rstrip("/")
+        if "/" not in text:
+            raise MfsimError(f"run {run!r} is an id: give its output root too (--output ROOT), or the run's path "
+                             "(ROOT/ID, ROOT/LATEST)")
+        output, run = text.rsplit("/", 1)
+    if run == "LATEST":
+        latest = open_root(output).read_latest()
+        if latest is None:
+            raise MfsimError(f"no run has succeeded in {output} yet (no LATEST); list its runs: mfsim runs "
+                             f"--output {output}")
+        run = latest
+    return output, run
+
+
+@app.command(epilog="Example: mfsim status 2026-11-30 --output runs; mfsim status runs/2026-11-30")
 @user_errors
 def status(
-    run_id: str = typer.Argument(..., help="Run id."),
-    output: str = typer.Option(..., "--output", help="Output root."),
+    run: str = typer.Argument(..., help=RUN_HELP),
+    output: Optional[str] = typer.Option(None, "--output", help="Output root (with a run id)."),
 ) -> None:
-    """The state of one run; exit code 0 succeeded, 1 failed or lost, 3 running."""
+    """The state of one run (a running one's stage and dashboard too); exit code 0 succeeded, 1 failed or lost,
+    3 running."""
     from mfsim.jobs.runs_cmd import STATUS_EXIT, format_runs
     from mfsim.pipeline.runs.roots import open_root
 
+    output, run_id = _run_ref(run, output)
     st = open_root(output).run_status(run_id)
     typer.echo(format_runs([st], "table"))
     if st.stage:
@@ -238,15 +284,47 @@ def status(
     raise typer.Exit(STATUS_EXIT[st.state])
 
 
-@app.command(epilog="Example: mfsim show runs/LATEST")
+@app.command(epilog="Example: mfsim show runs/LATEST; mfsim show 2026-11-30 --output runs")
 @user_errors
-def show(run: str = typer.Argument(..., help="A run directory or URL, or <output>/LATEST.")) -> None:
+def show(
+    run: str = typer.Argument(..., help=RUN_HELP),
+    output: Optional[str] = typer.Option(None, "--output", help="Output root (with a run id)."),
+) -> None:
     """The manifest summary of a published run: counts, timings, the audit's verdict, warnings."""
     from mfsim.jobs.runs_cmd import format_manifest
-    from mfsim.pipeline.runs.roots import read_manifest, resolve_run
+    from mfsim.pipeline.runs.roots import open_root, read_manifest
 
-    run_dir = resolve_run(run)
+    run_dir = open_root(_run_ref(run, output)[0]).run_location(_run_ref(run, output)[1])
     typer.echo(format_manifest(run_dir, read_manifest(run_dir)))
+
+
+@app.command(epilog="Example: mfsim logs 2026-11-30 --output runs --follow")
+@user_errors
+def logs(
+    run: str = typer.Argument(..., help=RUN_HELP),
+    output: Optional[str] = typer.Option(None, "--output", help="Output root (with a run id)."),
+    follow: bool = typer.Option(False, "--follow", help="Keep printing new lines until the run ends (exit code as "
+                                "mfsim status: 0 succeeded, 1 failed or lost)."),
+) -> None:
+    """A run's log: a submitted run's (``<output>/.mfsim/logs/<id>.log``), else the published run's ``_log.txt``."""
+    from mfsim.jobs.runs_cmd import STATUS_EXIT
+    from mfsim.jobs.submit import log_path, stream_until
+    from mfsim.pipeline.runs.roots import open_root
+
+    output, run_id = _run_ref(run, output)
+    root = open_root(output)
+    path = log_path(output, run_id)
+    if not path.is_file():
+        if root.is_file(f"{run_id}/_log.txt"):
+            typer.echo(root.read_bytes(f"{run_id}/_log.txt").decode("utf-8", "replace"), nl=False)
+            raise typer.Exit(0)
+        raise MfsimError(f"no log of run {run_id!r} in {output}: it was neither submitted nor published there; "
+                         f"list the runs: mfsim runs --output {output}")
+    if not follow:
+        typer.echo(path.read_text(errors="replace"), nl=False)
+        return
+    stream_until(path, lambda: root.run_status(run_id).state != "running", sys.stdout)
+    raise typer.Exit(STATUS_EXIT[root.run_status(run_id).state])
 
 
 @app.command(epilog="Example: mfsim nightly conf/default.yaml --input 'logs/dt=*/*.parquet' --output runs "
@@ -498,7 +576,8 @@ def audit(
                     "mfsim neighbours runs/LATEST --user 7 --format json")
 @user_errors
 def neighbours(
-    run: str = typer.Argument(..., help="A published run directory or URL, or <output>/LATEST."),
+    run: str = typer.Argument(..., help=RUN_HELP),
+    output: Optional[str] = typer.Option(None, "--output", help="Output root (with a run id)."),
     item: Optional[str] = typer.Option(None, "--item", help="Item id (as in the input): its similar items."),
     user: Optional[str] = typer.Option(None, "--user", help="User id (as in the input): its recommendations."),
     objective: list[str] = typer.Option([], "--objective", help="eq1 or eq2 (repeatable; default: both)."),
@@ -517,6 +596,11 @@ def neighbours(
     if (item is None) == (user is None):
         raise MfsimError("pass --item ID (its similar items) or --user ID (its recommendations), one of them")
     kind, query = ("item_item", item) if item is not None else ("user_item", user)
+    if output is not None:
+        from mfsim.pipeline.runs.roots import open_root
+
+        root, run_id = _run_ref(run, output)
+        run = open_root(root).run_location(run_id)
     typer.echo(show_lists(open_run(run), kind, query, objectives=objective, scalings=scaling, metrics=metric,
                           top=top, fmt=format))
 

@@ -20,7 +20,8 @@ def format_runs(runs: list, fmt: str = "table") -> str:
         return json.dumps([dataclasses.asdict(r) for r in runs], indent=2, default=str)
     if fmt != "table":
         raise MfsimError(f"--format must be table or json, got {fmt!r}")
-    cells = [[_cell(getattr(r, c)) for c in _COLUMNS] for r in runs]
+    cells = [[_cell(getattr(r, c)) + (" (LATEST)" if c == "run_id" and r.latest else "") for c in _COLUMNS]
+             for r in runs]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(_COLUMNS)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(_COLUMNS, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]

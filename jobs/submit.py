@@ -37,9 +37,10 @@ def start_local(run_argv: list[str], output: str, run_id: str) -> subprocess.Pop
     """``mfsim run ...`` in a detached process: own session, no stdin, output to the run's log file."""
     path = log_path(output, run_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "ab") as out:
+    # the run's log lines (stderr) in the log; its summary (stdout) beside it, for ``--wait`` to print on stdout
+    with open(path, "ab") as err, open(path.with_suffix(".out"), "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "mfsim.jobs.cli", *run_argv], stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                                stdout=out, stderr=err, start_new_session=True, close_fds=True,
                                 env=environ_for_child())
 
 

@@ -578,7 +578,9 @@ def read_yaml(path: str | Path) -> dict:
     if p.is_dir():
         raise MfsimError(f"config file {p} is a directory; pass a YAML file such as conf/default.yaml")
     if not p.exists():
-        raise MfsimError(f"config file {p} does not exist; pass a YAML file such as conf/default.yaml")
+        shipped = Path(__file__).resolve().parents[1] / "conf"
+        raise MfsimError(f"config file {p} does not exist (relative paths are read from {Path.cwd()}); pass a YAML "
+                         f"file: the configs mfsim ships are {shipped / 'default.yaml'} and {shipped / 'paper.yaml'}")
     try:
         raw = p.read_bytes()
     except OSError as exc:

@@ -290,6 +290,12 @@ def inspect_files(fs, files: list[str], columns: dict[str, str]) -> tuple[list[I
                 meta = pq.ParquetFile(fh).metadata
                 schema = meta.schema.to_arrow_schema()
         except (pa.ArrowException, OSError, ValueError) as exc:
+            fmt = str(f).rsplit(".", 1)[-1].lower() if "." in str(f).rsplit("/", 1)[-1] else ""
+            if fmt in ("csv", "tsv", "json", "jsonl", "txt", "gz"):
+                raise MfsimError(f"{f} is not Parquet (a .{fmt} file?): mfsim reads Parquet logs; convert it once, e.g. "
+                                 f"python -c \"import pyarrow.csv as c, pyarrow.parquet as q; "
+                                 f"q.write_table(c.read_csv('{f}'), '{str(f).rsplit('.', 1)[0]}.parquet')\" "
+                                 "(a .tsv: add parse_options=c.ParseOptions(delimiter='\\t'))") from exc
             raise MfsimError(f"{f} is not a readable Parquet file ({_one_line(exc)}); replace or remove it") from exc
         for role, col in columns.items():
             if meta.num_rows == 0:

@@ -96,6 +96,7 @@ class RunStatus:
     error: str | None = None
     run_dir: str | None = None
     heartbeat_at: str | None = None
+    latest: bool = False  # the run <root>/LATEST names
     stage: str | None = None  # a running run's stage, "name (k/n)"
     dashboard: str | None = None  # a running run's Dask dashboard, when its cluster is started
 

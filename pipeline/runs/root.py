@@ -13,6 +13,7 @@ away, and the kind's run writer. ``roots.open_root`` picks the kind.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -239,6 +240,9 @@ class Root:
         for name in self.list_names():
             if name not in found and is_run_id(name) and self.is_file(f"{name}/{MANIFEST}"):
                 found[name] = self._from_manifest(name)
+        latest = self.read_latest()
+        if latest in found:
+            found[latest] = dataclasses.replace(found[latest], latest=True)
         far_past = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
         return sorted(found.values(), key=lambda s: (parse_iso(s.started_at) or far_past, s.run_id))
 

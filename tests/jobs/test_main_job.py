@@ -352,7 +352,8 @@ def test_audit_command_refuses_ambiguous_pairs_and_explains_the_cosine_model(sma
 
     r = audit(run_dir / "user_embeddings", run_dir / "item_embeddings")
     assert r.returncode == 2 and "holds 4 embedding sets (objective=eq1/scaling=eq2_like" in r.stderr, r.stderr
-    assert f"pass one of them, e.g. --users {run_dir / 'user_embeddings' / 'objective=eq1/scaling=eq2_like'}" in r.stderr
+    first = run_dir / "user_embeddings" / "objective=eq1/scaling=eq2_like"
+    assert f"pass one of them, e.g. --users {first}" in r.stderr
     one, other = "objective=eq1/scaling=symmetric", "objective=eq2/scaling=unique"
     r = audit(run_dir / "user_embeddings" / one, run_dir / "item_embeddings" / other)
     assert r.returncode == 2 and "--users is objective=eq1 and --items objective=eq2" in r.stderr, r.stderr

@@ -191,9 +191,18 @@ def test_submit_returns_at_once_and_wait_gives_the_run_status(tmp_path, daily_lo
     assert r.returncode == 0, r.stderr
     run_id = r.stdout.strip()
     assert time.perf_counter() - t0 < 15 and not (out / run_id).exists()  # returned before the run finished
+    assert f"follow it with: mfsim logs {run_id} --output {out} --follow" in r.stderr
+    follow = mfsim("logs", run_id, "--output", str(out), "--follow")  # returns when the run ends, with its status
+    assert follow.returncode == 0 and "succeeded" in follow.stdout, follow.stderr
     st = wait_for_status(out, run_id)
     assert st.returncode == 0, st.stdout + st.stderr
     assert (out / run_id / "_manifest.json").is_file()
+    # --wait: the log on stderr, the run's summary on stdout after its id, as mfsim run prints it
+    r = mfsim("submit", "conf/default.yaml", "--input", str(log), "--output", str(out), *QUICK, "--wait")
+    assert r.returncode == 0, r.stderr
+    waited = r.stdout.splitlines()[0]
+    assert f"run directory: {out / waited}" in r.stdout and "run directory:" not in r.stderr
+    assert "stage ingest: start" in r.stderr and "stage ingest: start" not in r.stdout
 
     # the run goes on when its submitter (here one that was --wait-ing) is killed
     run_id = submit_then_kill_the_submitter(out, "conf/default.yaml", "--input", str(log), *QUICK)
@@ -254,6 +263,38 @@ def test_submit_to_an_external_cluster_runs_the_driver_there(tmp_path, daily_log
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def test_commands_take_a_run_by_id_path_or_latest_and_run_force_replaces(tmp_path, daily_log):
+    log, _ = daily_log
+    out = tmp_path / "runs"
+    base = ["run", "conf/default.yaml", "--input", str(log), "--output", str(out), *QUICK]
+    for run_id in ("a", "b"):
+        assert mfsim(*base, "--run-id", run_id).returncode == 0
+    again = mfsim(*base, "--run-id", "a")
+    assert again.returncode == 2 and "--force to replace it" in again.stderr
+    forced = mfsim(*base, "--run-id", "a", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert (out / "LATEST").read_text().strip() == "a"
+    listed = mfsim("runs", "--output", str(out))
+    assert [ln.split()[0:2] for ln in listed.stdout.splitlines()[1:]] == [["b", "succeeded"], ["a", "(LATEST)"]]
+    # one run, named three ways: id + --output, its path, ROOT/LATEST (and LATEST + --output)
+    for cmd in ("status", "show", "logs"):
+        shown = {mfsim(cmd, *ref).stdout for ref in (["a", "--output", str(out)], [str(out / "a")],
+                                                     [str(out / "LATEST")], ["LATEST", "--output", str(out)])}
+        assert len(shown) == 1 and shown != {""}, (cmd, shown)
+    assert "stage neighbours: done" in mfsim("logs", str(out / "b")).stdout  # the published _log.txt
+    r = mfsim("status", "a")
+    assert r.returncode == 2 and "give its output root too (--output ROOT)" in r.stderr
+    r = mfsim("neighbours", "a", "--output", str(out), "--item", "1")
+    assert r.returncode == 0 and r.stdout == mfsim("neighbours", str(out / "a"), "--item", "1").stdout
+    csv = tmp_path / "log.csv"
+    csv.write_text("user_id,item_id,weight\n1,2,1.0\n")
+    r = mfsim("run", "conf/default.yaml", "--input", str(csv), "--output", str(out), *QUICK)
+    assert r.returncode == 2 and "mfsim reads Parquet logs; convert it once" in r.stderr, r.stderr
+    r = subprocess.run([MFSIM, "run", "conf/default.yaml", "--input", str(log)], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert r.returncode == 2 and f"the configs mfsim ships are {REPO / 'conf' / 'default.yaml'}" in r.stderr
 
 
 def test_reserved_and_malformed_run_ids_are_refused(tmp_path, daily_log):
