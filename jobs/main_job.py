@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -38,8 +39,13 @@ def run_stages(ctx: StageContext) -> dict[str, Any]:
     peaks: dict[str, int] = {}
     planned = [stage for stage in STAGES if stage.when(ctx)]  # each ``when`` reads the config (and the item truth)
     started = time.perf_counter()
+    # a terminal whose log level hides the stage lines (--log-level WARNING) keeps one live line of them
+    live = sys.stderr.isatty() and not log.isEnabledFor(logging.INFO)
     for k, stage in enumerate(planned, 1):
         place = f"{k}/{len(planned)}"
+        if live:
+            sys.stderr.write(f"\r[{place}] {stage.name} ({time.perf_counter() - started:.1f}s)\x1b[K")
+            sys.stderr.flush()
         if not peaks:
             log.info("stage %s: start (%s), %.2fs after the process started (imports, config)", stage.name, place,
                      seconds_since_process_start())
@@ -52,6 +58,9 @@ def run_stages(ctx: StageContext) -> dict[str, Any]:
         peaks[stage.name] = driver_peak_rss_mib()
         log.info("stage %s: done in %.2fs (%s, %.1fs since the first); driver peak RSS so far %d MiB", stage.name,
                  time.perf_counter() - t0, place, time.perf_counter() - started, peaks[stage.name])
+    if live:
+        sys.stderr.write(f"\r[{len(planned)}/{len(planned)}] done in {time.perf_counter() - started:.1f}s\x1b[K\n")
+        sys.stderr.flush()
     entries = {key: value for result in ctx.results.values() for key, value in result.manifest.items()}
     return {**entries, "driver_peak_rss_mib": peaks}
 

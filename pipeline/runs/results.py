@@ -294,6 +294,14 @@ class Run(ListLookups):
         k = emb.type.list_size
         return ids, np.asarray(emb.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(ids), k)
 
+    def metrics(self) -> pd.DataFrame:
+        """The held-out evaluation (``evaluation/metrics.parquet``): recall@N and NDCG@N of every user-item list of
+        the fit on the train split, with their standard errors."""
+        if outputs.EVALUATION_METRICS not in self.manifest.get("datasets", {}):
+            raise MfsimError(f"run {self.run_id} has no held-out evaluation ({outputs.EVALUATION_METRICS}): it ran "
+                             "with evaluation.holdout: none; rerun with evaluation.holdout: random or temporal")
+        return self._read_table(outputs.EVALUATION_METRICS).to_pandas()
+
     def audit(self) -> pd.DataFrame:
         """The cosine audit's stability table (``audit/stability.parquet``): Jaccard@N of each metric's lists
         between equally good Eq. 1 solutions (``jaccard_mean`` 1.0: the list does not depend on the scaling)."""

@@ -235,6 +235,8 @@ def test_errors_say_what_exists(api_run, tmp_path):
         run.similar_items([items[0], 100000, -1])
     with pytest.raises(MfsimError, match=r"unknown list kind 'items'; valid: item_item \(similar_items\), "):
         run.lists("items")
+    with pytest.raises(MfsimError, match=r"no held-out evaluation .*evaluation\.holdout: none; rerun with"):
+        run.metrics()
     with pytest.raises(MfsimError, match=r"item_embeddings .*no scaling 'invariant'.*valid: item_orthonormal, sym"):
         run.item_embeddings("eq1", "invariant")
     with pytest.raises(MfsimError, match="n must be a positive integer"):

@@ -43,6 +43,8 @@ def _published(run, kind: str, combo: tuple[str, str, str]) -> pd.DataFrame:
 def test_every_list_of_the_model_equals_the_runs_on_ml100k(ml100k):
     run, model, _ = ml100k
     assert model.manifest["factors"]["eq1"]["lambda"] == run.manifest["factors"]["eq1"]["lambda"]  # the sweep's
+    metrics = run.metrics()  # the run's held-out evaluation, as published
+    pd.testing.assert_frame_equal(metrics, pq.read_table(Path(run.path) / "evaluation/metrics.parquet").to_pandas())
     compared = 0
     for kind in DATASETS:
         assert model.lists(kind) == run.lists(kind)

@@ -214,7 +214,7 @@ def test_submit_returns_at_once_and_wait_gives_the_run_status(tmp_path, daily_lo
     r = mfsim("submit", "conf/default.yaml", "--input", str(log), "--output", str(out), *QUICK,
               "--set", "neighbours.users=[123456]", "--wait")
     assert r.returncode == 2
-    bad_id = r.stdout.strip()
+    bad_id = r.stdout.splitlines()[0]
     assert "unknown user ids [123456]" in r.stderr and "stage ingest: start" in r.stderr
     assert mfsim("status", bad_id, "--output", str(out)).returncode == 1
     assert not (out / bad_id).exists()
@@ -241,7 +241,7 @@ def test_submit_to_an_external_cluster_runs_the_driver_there(tmp_path, daily_log
         r = mfsim("submit", "conf/default.yaml", "--input", str(log), "--output", str(out), *QUICK,
                   "--scheduler", f"tcp://127.0.0.1:{port}", "--wait")
         assert r.returncode == 0, r.stderr
-        run_id = r.stdout.strip()
+        run_id = r.stdout.splitlines()[0]  # then, with --wait, the run's summary
         state = json.loads((out / ".mfsim" / "runs" / f"{run_id}.json").read_text())
         worker_pids = {p.pid for p in procs[1:]}
         children = subprocess.run(["ps", "-o", "pid=", "--ppid", ",".join(map(str, worker_pids))],
@@ -279,9 +279,9 @@ def test_commands_take_a_run_by_id_path_or_latest_and_run_force_replaces(tmp_pat
     listed = mfsim("runs", "--output", str(out))
     assert [ln.split()[0:2] for ln in listed.stdout.splitlines()[1:]] == [["b", "succeeded"], ["a", "(LATEST)"]]
     # one run, named three ways: id + --output, its path, ROOT/LATEST (and LATEST + --output)
-    for cmd in ("status", "show", "logs"):
-        shown = {mfsim(cmd, *ref).stdout for ref in (["a", "--output", str(out)], [str(out / "a")],
-                                                     [str(out / "LATEST")], ["LATEST", "--output", str(out)])}
+    refs = (["a", "--output", str(out)], [str(out / "a")], [str(out / "LATEST")], ["LATEST", "--output", str(out)])
+    for cmd, some in (("status", refs), ("show", refs[1:3]), ("logs", refs[::3])):
+        shown = {mfsim(cmd, *ref).stdout for ref in some}
         assert len(shown) == 1 and shown != {""}, (cmd, shown)
     assert "stage neighbours: done" in mfsim("logs", str(out / "b")).stdout  # the published _log.txt
     r = mfsim("status", "a")

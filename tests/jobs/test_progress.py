@@ -115,3 +115,21 @@ def test_long_stages_of_a_run_log_tenth_lines(tmp_path, client, caplog, monkeypa
     for label, seen in lines.items():
         runs = 2 if label == "svd power iterations" else 1  # the SVD of the full data, then the train split's
         assert seen == [(d, totals[label]) for d in tenths(totals[label])] * runs, label
+
+
+def test_a_terminal_at_warning_level_keeps_one_live_line_of_the_stages(tmp_path, client, monkeypatch):
+    """``--log-level WARNING`` hides the stage lines; on a terminal one line, rewritten in place, still says which
+    stage of how many runs, and ends with the total."""
+    out = _Tty()
+    monkeypatch.setattr(sys, "stderr", out)
+    monkeypatch.setattr(logging.getLogger("mfsim"), "level", logging.WARNING)
+    sim = load_config(None, ["simulate.n_users=60", "simulate.n_items=30", "simulate.seed=3"]).simulate
+    write_simulation(simulate(sim), tmp_path / "sim", sim)
+    cfg = load_config(None, [
+        f"input.path={tmp_path / 'sim'}", f"run.output={tmp_path / 'runs'}", f"cluster.address={client.scheduler.address}",
+        "svd.rank=3", "neighbours.top_n=3", "objectives.eq1.lambda=1", "objectives.eq2.lambda=1",
+        "objectives.cosine=null", "evaluation.holdout=none", "audit.enabled=false", "report.enabled=false"])
+    run_job(cfg)
+    text = out.getvalue()
+    assert "\r[1/5] ingest (" in text and "\r[3/5] factors (" in text and "\r[5/5] done in " in text  # + truth
+    assert text.endswith("\n") and "stage ingest: start" not in text
