@@ -391,7 +391,7 @@ def schedule(
     """
     import subprocess
 
-    from mfsim.jobs.nightly import enable_instructions, parse_at, schedule_files
+    from mfsim.jobs.nightly import check_schedulable, enable_instructions, parse_at, schedule_files
 
     parse_at(at)
     cfg = _load(config, set_, **{"input.path": input, "run.output": output})
@@ -402,6 +402,7 @@ def schedule(
         command += ["--set", item]
     if scheduler:
         command += ["--scheduler", scheduler]
+    check_schedulable(command)
     check = subprocess.run([*command, "--dry-run"], capture_output=True, text=True, cwd="/")
     if check.returncode != 0:
         why = [ln for ln in check.stderr.splitlines() if ln.startswith("error:")] or check.stderr.splitlines()[-1:]

@@ -32,7 +32,7 @@ from mfsim.kernels.topn import topn_blocked
 from mfsim.pipeline import outputs, registry
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks
 from mfsim.pipeline.errors import MfsimError
-from mfsim.pipeline.ingest import IngestResult, _minimum_support
+from mfsim.pipeline.ingest import IngestResult, _minimum_support, check_float32_range
 from mfsim.pipeline.lists.evaluate import list_length
 from mfsim.pipeline.lists.neighbours import GemmGroup, GroupInputs, group_inputs, plan_lists, run_symmetric, run_topn
 from mfsim.pipeline.model.factors import user_embeddings_blocks
@@ -408,6 +408,7 @@ def in_memory_data(X: Any, cfg, user_ids: Any = None, item_ids: Any = None) -> I
     m.sort_indices()
     if m.nnz and (not np.all(np.isfinite(m.data)) or m.data.min() < 0):
         raise MfsimError("X has NaN, inf or negative weights; clean them (mfsim reads weights >= 0)")
+    check_float32_range(float(np.max(m.data)) if m.nnz else 0.0, m.nnz, icfg.weight_col, "X")
     blocks = RowBlocks.from_scipy(m, cfg.ingest.block_rows)
     blocks, user_ids, item_ids, user_counts, item_counts, support = _minimum_support(
         None, blocks, user_ids, item_ids, cfg.ingest.min_user_interactions, cfg.ingest.min_item_interactions)

@@ -102,6 +102,7 @@ def run_job(cfg: Config, *, scheduler: str | None = None, client: Any = None, mo
         validate_run_id(cfg.run.run_id)
     validate_before_cluster(cfg)  # a missing input fails in milliseconds, not after a cluster start
     truth = load_item_truth(cfg)
+    open_root(cfg.run.output).read_latest()  # a damaged LATEST fails now, in one line, not after the whole job
     with open_root(cfg.run.output).writer(cfg.run.run_id, heartbeat_s=cfg.run.heartbeat_s, replace=replace) as run:
         try:
             with tee_to_file(run.path(RUN_LOG)):

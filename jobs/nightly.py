@@ -145,6 +145,17 @@ def parse_at(at: str) -> tuple[int, int]:
     return hh, mm
 
 
+def check_schedulable(words: list[str]) -> None:
+    """Refuse a word that a crontab line or a systemd unit cannot carry, whatever the quoting: a control character
+    (a newline would start a new crontab line or unit directive) or a backslash (systemd unescapes it). Everything
+    else (``;``, ``$(...)``, spaces, quotes, ``%``) is quoted by ``schedule_files``."""
+    for word in words:
+        bad = next((c for c in word if ord(c) < 32 or c in "\\\x7f"), None)
+        if bad is not None:
+            raise MfsimError(f"{word!r} holds {bad!r}, which a crontab line or a systemd unit cannot carry safely; "
+                             "use a path or value without control characters or backslashes")
+
+
 def schedule_files(command: list[str], output: str, at: str) -> dict[str, str]:
     """A crontab line and a systemd service + timer that run ``command`` (``mfsim nightly ...``, every word
     absolute) daily at ``at`` (HH:MM, UTC).
@@ -155,19 +166,22 @@ def schedule_files(command: list[str], output: str, at: str) -> dict[str, str]:
     daemon a minute late still runs it. Its output is appended to ``<output>/nightly.log``.
     """
     hh, mm = parse_at(at)
+    check_schedulable(command)
     start = hh * 100 + mm
     end_minutes = hh * 60 + mm + CRON_STEP_MINUTES
     end = (end_minutes // 60) * 100 + end_minutes % 60  # HHMM as a number; past 2359 it only bounds from above
     minutes = ",".join(str(m) for m in sorted((mm + CRON_STEP_MINUTES * j) % 60 for j in range(60 // CRON_STEP_MINUTES)))
     log_file = f"{output.rstrip('/')}/nightly.log"
-    cron_cmd = shlex.join(command).replace("%", "\\%")  # cron turns an unescaped % into a newline
+    # every word quoted for sh (``;``, ``$(...)``, spaces are literal inside single quotes); cron turns an unescaped
+    # % into a newline, so each is escaped
+    cron_cmd = f"exec {shlex.join(command)} >> {shlex.quote(log_file)} 2>&1".replace("%", "\\%")
     guard = f't=$(date -u +\\%H\\%M); [ "$t" -ge {start} ] && [ "$t" -lt {end} ]'
-    unit_cmd = shlex.join(command).replace("%", "%%")  # systemd's specifiers
+    unit_cmd = shlex.join(command).replace("%", "%%").replace("$", "$$")  # systemd's specifiers and variables
     return {
         "crontab": (f"# mfsim nightly, every day at {hh:02d}:{mm:02d} UTC in any time zone: the line fires every "
                     f"{CRON_STEP_MINUTES} minutes\n# and goes on only at {hh:02d}:{mm:02d} UTC (within "
                     f"{CRON_STEP_MINUTES} minutes). Log: {log_file}\n"
-                    f"{minutes} * * * * {guard} && exec {cron_cmd} >> {shlex.quote(log_file)} 2>&1\n"),
+                    f"{minutes} * * * * {guard} && {cron_cmd}\n"),
         "mfsim-nightly.service": ("[Unit]\nDescription=mfsim nightly run\n\n[Service]\nType=oneshot\n"
                                   f"ExecStart={unit_cmd}\n"),
         "mfsim-nightly.timer": ("[Unit]\nDescription=mfsim nightly run, daily\n\n[Timer]\n"

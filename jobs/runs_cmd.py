@@ -10,7 +10,7 @@ from typing import Any
 from mfsim.pipeline.errors import MfsimError
 
 #: ``mfsim status`` exit codes by state.
-STATUS_EXIT = {"succeeded": 0, "failed": 1, "lost": 1, "running": 3}
+STATUS_EXIT = {"succeeded": 0, "failed": 1, "lost": 1, "damaged": 1, "removed": 1, "running": 3}
 _COLUMNS = ("run_id", "state", "started_at", "duration_s", "n_users", "n_items", "nnz")
 
 

@@ -85,6 +85,35 @@ class TlsSection(Section):
     key_file: str | None = None
 
 
+#: The least memory a worker process is given: one holds ~300 MiB before its first task (Python, NumPy, SciPy,
+#: numba, Dask, pyarrow, measured as its RSS); below this it is restarted by its nanny again and again.
+MIN_WORKER_MEMORY = 512 * 2**20
+
+
+def check_memory_limit(v: Any) -> str:
+    """``cluster.memory_limit`` as Dask reads it: ``auto``, a byte size (``8GiB``, ``500MB``, a number of bytes) of at
+    least ``MIN_WORKER_MEMORY``, or a fraction of the machine's memory (0 < f <= 1); a ``ValueError`` otherwise."""
+    text = str(v).strip()
+    if text == "auto":
+        return text
+    try:
+        number = float(text)
+    except ValueError:
+        from dask.utils import parse_bytes
+
+        try:
+            number = float(parse_bytes(text))
+        except (ValueError, TypeError):
+            raise ValueError(f"{text!r} is not a byte size: write auto, a size such as 8GiB or 500MB, or a "
+                             "fraction of the machine's memory such as 0.5") from None
+    if 0 < number <= 1:
+        return text
+    if number < MIN_WORKER_MEMORY:
+        raise ValueError(f"{text} is less than a worker needs to start (~300 MiB before any work): give at least "
+                         f"512MiB, or auto")
+    return text
+
+
 class ClusterSection(Section):
     """``cluster``: a scheduler address (and its TLS files), or the embedded local cluster's size."""
 
@@ -96,6 +125,11 @@ class ClusterSection(Section):
     memory_limit: str = "auto"
     dashboard_address: str | None = "127.0.0.1:0"
     small_data_here: bool = True
+
+    @field_validator("memory_limit", mode="before")
+    @classmethod
+    def _memory_limit(cls, v: Any) -> str:
+        return check_memory_limit(v)
 
 
 class IngestSection(Section):
@@ -166,6 +200,18 @@ class SvdSection(Section):
     oversample: int = Field(10, ge=0)  # subspace, sklearn
     power_iterations: int = Field(32, ge=0)  # subspace, sklearn
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _krylov_space_holds_the_rank(self) -> "SvdSection":
+        """Krylov's space of ``max_blocks x block_size`` columns must hold the rank and one block more (its error
+        estimate), or the top-k would come out truncated (zero singular values, zero embedding columns)."""
+        space = self.max_blocks * self.block_size
+        if self.solver == "krylov" and self.rank + self.block_size > space:
+            need = -(-(self.rank + self.block_size) // self.block_size)
+            raise ValueError(f"svd.rank={self.rank} does not fit the Krylov space of svd.max_blocks x svd.block_size "
+                             f"= {self.max_blocks} x {self.block_size} = {space} columns (the rank and one block "
+                             f"more); raise svd.max_blocks to at least {need}, or lower svd.rank")
+        return self
 
 
 def _check_lambda(v: Any) -> float | str:
@@ -481,6 +527,46 @@ def _check_unique_keys(node: yaml.Node, path: tuple[str, ...], seen: set[int]) -
             _check_unique_keys(item, path + (str(i),), seen)
 
 
+#: A config holds a few hundred values; a document that expands to more through its aliases (``&a`` / ``*a``, the
+#: "billion laughs") or nests deeper is refused before it is built: 661 bytes of aliases expanded to 2.65 GB.
+MAX_EXPANDED_VALUES = 100_000
+MAX_DEPTH = 64
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Raise ``YamlProblem`` when the document, each alias expanded, holds more than ``MAX_EXPANDED_VALUES`` values,
+    nests deeper than ``MAX_DEPTH``, or refers to itself; O(distinct nodes) with the expanded sizes memoized."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node, depth: int) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise YamlProblem(f"line {node.start_mark.line + 1}: an alias refers to the mapping or list that holds "
+                              "it (a cycle); a config cannot be infinite: remove the alias")
+        if depth > MAX_DEPTH:
+            raise YamlProblem(f"line {node.start_mark.line + 1}: nested more than {MAX_DEPTH} levels deep; a config "
+                              "has sections of keys: flatten it")
+        open_nodes.add(key)
+        if isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(item, depth + 1) for item in node.value)
+        else:
+            total = 1
+        open_nodes.discard(key)
+        if total > MAX_EXPANDED_VALUES:
+            raise YamlProblem(f"the document expands to more than {MAX_EXPANDED_VALUES:,} values through its aliases "
+                              "(&anchor / *alias); a config holds a few hundred: write the values out, without "
+                              "aliases")
+        sizes[key] = total
+        return total
+
+    size(root, 0)
+
+
 class ConfigLoader(yaml.SafeLoader):
     """The YAML loader of configs: ``yaml.SafeLoader`` that also rejects a key given twice.
 
@@ -492,7 +578,8 @@ class ConfigLoader(yaml.SafeLoader):
     """
 
     def construct_document(self, node):
-        """Check the whole document for duplicate keys, then build it."""
+        """Check the whole document (its size with aliases expanded, then duplicate keys), then build it."""
+        _check_expanded_size(node)
         _check_unique_keys(node, (), set())
         return super().construct_document(node)
 

@@ -118,10 +118,21 @@ def _is_hidden(part: str) -> bool:
     return part.startswith((".", "_"))
 
 
+def _is_parquet(fs, path: str) -> bool:
+    """Whether a file starts with Parquet's magic bytes ``PAR1`` (a file named without the ``.parquet`` suffix)."""
+    try:
+        with fs.open(path, "rb") as fh:
+            return fh.read(4) == b"PAR1"
+    except OSError:
+        return False
+
+
 def resolve_input(path: str) -> tuple[Any, list[str]]:
     """The Parquet files of ``path``: a file, a directory (hive partitions allowed), a glob, or an fsspec URL.
 
-    In a directory, hidden names (``.``/``_`` prefixes, e.g. ``_SUCCESS``) are skipped. When the
+    In a directory, hidden names (``.``/``_`` prefixes, e.g. ``_SUCCESS``) are skipped; files without the
+    ``.parquet`` suffix are read when they are Parquet (their magic bytes: Hive's ``000001_0``), and the others
+    are named in a warning. When the
     directory is hive-partitioned (``key=value`` sub-directories), only the files inside the
     partitions belong to the log: loose files beside them (such as the simulator's
     ``items_truth.parquet``) are not read.
@@ -139,13 +150,18 @@ def resolve_input(path: str) -> tuple[Any, list[str]]:
     if fs.isfile(root):
         return fs, [root]
     found = sorted(fs.find(root))
-    files = []
+    files, skipped = [], []
     for f in found:
         rel = f[len(root.rstrip("/")) + 1 :].split("/")
         if any(_is_hidden(p) for p in rel):
             continue
-        if f.endswith(PARQUET_SUFFIXES):
+        if f.endswith(PARQUET_SUFFIXES) or _is_parquet(fs, f):  # Hive and Spark name parts 000001_0, part-00000
             files.append((f, rel))
+        else:
+            skipped.append(f)
+    if skipped:
+        log.warning("input %s: %d file(s) that are not Parquet are not part of the log: %s", path, len(skipped),
+                    ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
     partitioned = [f for f, rel in files if any("=" in p for p in rel[:-1])]
     if partitioned:
         loose = [f for f, rel in files if not any("=" in p for p in rel[:-1])]
@@ -972,9 +988,18 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
             results = run.gather([run.submit(max_ts, p, spec, pure=True) for p in pieces])
             raise_piece_errors(results)
             maxes = [r["max_ts"] for r in results if r["max_ts"] is not None]
-            end = (dt.datetime.fromtimestamp(max(maxes) / 1e6, dt.timezone.utc) + dt.timedelta(microseconds=1)
-                   if maxes else dt.datetime.now(dt.timezone.utc))
-        start = end - dt.timedelta(days=cfg.window_days) if cfg.window_days is not None else None
+            try:
+                end = (dt.datetime.fromtimestamp(max(maxes) / 1e6, dt.timezone.utc) + dt.timedelta(microseconds=1)
+                       if maxes else dt.datetime.now(dt.timezone.utc))
+            except (OverflowError, ValueError, OSError):
+                raise MfsimError(f"column '{input_cfg.ts_col}' (input.ts_col) of {url} holds a timestamp at the end of "
+                                 "what dates can hold (year 9999), so the window cannot end just after its newest "
+                                 "row; set ingest.as_of, or fix that timestamp") from None
+        try:
+            start = end - dt.timedelta(days=cfg.window_days) if cfg.window_days is not None else None
+        except (OverflowError, ValueError):
+            raise MfsimError(f"ingest.window_days={cfg.window_days:g} before {end.isoformat()} begins before the year "
+                             "1; lower ingest.window_days") from None
         spec = dataclasses.replace(spec, window_start=start, window_end=end)
 
     clock = _PhaseClock()
@@ -1025,6 +1050,7 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
     counts.update(support)
     nnz = int(user_counts.sum())
     X.nnz = nnz
+    check_float32_range(max(run.gather(X.map(block_max_abs)), default=0.0), nnz, input_cfg.weight_col, url)
     counts.update(n_users=len(user_ids), n_items=len(item_ids), nnz=nnz,
                   duplicates_merged=int(n_kept - support["nnz_before_support"]))
     if nnz == 0:
@@ -1040,6 +1066,26 @@ def _files_where(pieces: list[Piece], summaries: list[dict[str, Any]], pick) -> 
     """The files of the pieces whose summary ``pick`` selects: the first by name, then how many more."""
     paths = list(dict.fromkeys(p.path for p, s in zip(pieces, summaries) if pick(s)))
     return paths[0] + (f" (and {len(paths) - 1} more files)" if len(paths) > 1 else "")
+
+
+#: The largest ``weight^2 x non-zeros`` X may have: the SVD's products sum about that much in float32 (its largest
+#: value 3.4e38), here with a margin of 300 for the Gram matrices' sums of such products.
+FLOAT32_WORK_BOUND = 1e36
+
+
+def block_max_abs(block: CSRBlock) -> float:
+    """The largest |value| of a block (0 for an empty one)."""
+    return float(np.max(np.abs(block.data))) if len(block.data) else 0.0
+
+
+def check_float32_range(largest: float, nnz: int, weight_col: str | None, url: str) -> None:
+    """One error, at ingest, for weights too large for float32 arithmetic (``FLOAT32_WORK_BOUND``) instead of an
+    overflow deep in the SVD (an ``Eigenvalues did not converge`` of infs)."""
+    if largest * largest * max(nnz, 1) > FLOAT32_WORK_BOUND:
+        bound = (FLOAT32_WORK_BOUND / max(nnz, 1)) ** 0.5
+        raise MfsimError(f"column '{weight_col}' (input.weight_col) of {url} holds weights up to {largest:.3g} (after "
+                         f"summing duplicate pairs): with {nnz:,} non-zeros the SVD's float32 sums would overflow "
+                         f"above {bound:.3g}; rescale the weights (divide by a constant, or take log1p) before the run")
 
 
 def _minimum_support(client, X: RowBlocks, user_ids, item_ids, min_user: int, min_item: int):

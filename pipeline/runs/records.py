@@ -17,7 +17,7 @@ from mfsim.pipeline.runs.lock import STATE_DIR, hostname, iso, parse_iso, pid_al
 
 __all__ = [
     "COUNT_KEYS", "LATEST", "MANIFEST", "MOVE_LATEST", "NIGHTLY_ID", "RESERVED_NAMES", "RUNS_DIR", "RUN_ID_PATTERN",
-    "RunStatus", "is_lost", "is_run_id", "new_run_id", "state_record", "status_from_manifest", "status_from_record",
+    "RunStatus", "data_time", "is_lost", "is_run_id", "new_run_id", "state_record", "status_from_manifest", "status_from_record",
     "validate_run_id",
 ]
 
@@ -35,6 +35,22 @@ def new_run_id(now: dt.datetime | None = None) -> str:
     """A sortable, unique run id: ``YYYYmmddTHHMMSSZ-xxxxxx``."""
     now = now or utc_now()
     return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:6]}"
+
+
+TIMESTAMP_ID = re.compile(r"(\d{8}T\d{6}Z)-[0-9a-f]{6}")  # ``new_run_id``'s ids (fullmatch)
+
+
+def data_time(run_id: str, started_at: str | None = None) -> dt.datetime | None:
+    """When a run's data ends, by which LATEST moves forward (``move_latest="if_newer"``): for a nightly id
+    ``YYYY-MM-DD`` the end of that day (its ``ingest.as_of``), for a ``new_run_id`` id its start time, else
+    ``started_at`` (from its state record); None when none is known. A root that mixes nightly and manual runs
+    orders them by this, never by the ids' string order (``2026-12-05`` sorts before any ``2026...T...Z`` id)."""
+    if NIGHTLY_ID.fullmatch(run_id):
+        return dt.datetime.fromisoformat(run_id).replace(tzinfo=dt.timezone.utc) + dt.timedelta(days=1)
+    m = TIMESTAMP_ID.fullmatch(run_id)
+    if m:
+        return dt.datetime.strptime(m.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+    return parse_iso(started_at)
 
 
 def validate_run_id(run_id: str) -> str:

@@ -134,11 +134,26 @@ class Root:
         return str(self.path(validate_run_id(run_id)))
 
     def read_latest(self) -> str | None:
-        """The run id in ``<root>/LATEST``, or None when no run has succeeded there."""
+        """The run id in ``<root>/LATEST``, or None when no run has succeeded there; an ``MfsimError`` naming the file
+        and what to do when it is damaged (a folder, bytes that are not UTF-8, text that is not a run id)."""
         try:
-            return self.read_bytes(LATEST).decode().strip()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raw = self.read_bytes(LATEST)
+        except (FileNotFoundError, NotADirectoryError):
             return None
+        except IsADirectoryError:
+            raise self._damaged_latest("is a folder, not the file that names the newest run") from None
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise self._damaged_latest("holds bytes that are not UTF-8 text") from None
+        if not is_run_id(text):
+            raise self._damaged_latest(f"holds {text[:40]!r}, which is not a run id")
+        return text
+
+    def _damaged_latest(self, what: str) -> MfsimError:
+        return MfsimError(f"{self.path(LATEST)} {what}: it is damaged. Write the id of a published run into it (e.g. "
+                          f"the newest in: mfsim runs --output {self.base}), or remove it (the next run that "
+                          "succeeds writes it)")
 
     def write_latest(self, run_id: str) -> None:
         """Replace ``<root>/LATEST`` whole with ``run_id`` (``write_atomic``)."""
@@ -150,7 +165,15 @@ class Root:
             data = self.read_bytes(f"{name}/{MANIFEST}")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise self._unpublished(name) from None
-        return json.loads(data)
+        try:
+            manifest = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+            raise MfsimError(f"{self.path(name)}/{MANIFEST} does not parse ({' '.join(str(exc).split())}): run "
+                             f"{name} is damaged; rerun it (--run-id {name} --force) or remove it") from None
+        if not isinstance(manifest, dict):
+            raise MfsimError(f"{self.path(name)}/{MANIFEST} is not a manifest (a JSON object): run {name} is damaged; "
+                             f"rerun it (--run-id {name} --force) or remove it")
+        return manifest
 
     def read_table(self, relative: str) -> pa.Table:
         """One Parquet file (``<run_id>/evaluation/metrics.parquet``)."""
@@ -236,11 +259,16 @@ class Root:
                 continue
             record = self.read_record(run_id)
             if record is not None:
-                found[run_id] = status_from_record(run_id, record, now, lost_after_s, self._published(run_id))
+                found[run_id] = self._checked(status_from_record(run_id, record, now, lost_after_s,
+                                                                 self._published(run_id)))
         for name in self.list_names():
             if name not in found and is_run_id(name) and self.is_file(f"{name}/{MANIFEST}"):
                 found[name] = self._from_manifest(name)
-        latest = self.read_latest()
+        try:
+            latest = self.read_latest()
+        except MfsimError as exc:  # the runs are still listed; LATEST's damage is said once
+            log.warning("%s", exc)
+            latest = None
         if latest in found:
             found[latest] = dataclasses.replace(found[latest], latest=True)
         far_past = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
@@ -251,11 +279,25 @@ class Root:
         self.check()
         record = self.read_record(run_id)
         if record is not None:
-            return status_from_record(run_id, record, utc_now(), lost_after_s, self._published(run_id))
+            return self._checked(status_from_record(run_id, record, utc_now(), lost_after_s, self._published(run_id)))
         if self.is_file(f"{run_id}/{MANIFEST}"):
             return self._from_manifest(run_id)
         raise MfsimError(f"no run {run_id!r} in the output root {self.base} (no state record, no published run); "
                          f"list its runs with: mfsim runs --output {self.base}")
+
+    def _checked(self, st: RunStatus) -> RunStatus:
+        """A run recorded ``succeeded`` as it is now: ``removed`` when its folder is gone, ``damaged`` when its
+        manifest does not parse (the error says what to do)."""
+        if st.state != "succeeded":
+            return st
+        if st.run_dir is None:
+            return dataclasses.replace(st, state="removed", error=f"{self.path(st.run_id)} is gone (removed after "
+                                                                   "it was published)")
+        try:
+            self.read_manifest(st.run_id)
+        except MfsimError as exc:
+            return dataclasses.replace(st, state="damaged", error=str(exc))
+        return st
 
     def _published(self, run_id: str) -> str | None:
         return str(self.path(run_id)) if self.is_file(f"{run_id}/{MANIFEST}") else None
@@ -263,8 +305,9 @@ class Root:
     def _from_manifest(self, run_id: str) -> RunStatus:
         try:
             m = self.read_manifest(run_id)
-        except ValueError:
-            m = {}
+        except MfsimError as exc:
+            return dataclasses.replace(status_from_manifest(run_id, {}, str(self.path(run_id))), state="damaged",
+                                       error=str(exc))
         return status_from_manifest(run_id, m, str(self.path(run_id)))
 
     # -- retention --------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ import pyarrow as pa
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.outputs import dataset_of, schema_json
 from mfsim.pipeline.runs.lock import hostname, iso, os_error, utc_now
-from mfsim.pipeline.runs.records import COUNT_KEYS, LATEST, MANIFEST, MOVE_LATEST, new_run_id, state_record, \
-    validate_run_id
+from mfsim.pipeline.runs.records import COUNT_KEYS, LATEST, MANIFEST, MOVE_LATEST, data_time, new_run_id, \
+    state_record, validate_run_id
 from mfsim.pipeline.runs.root import REMOVE, Root
 from mfsim.pipeline.runs.storage import Location, Written
 
@@ -319,10 +319,19 @@ class RunWriter:
             return False
         if mode == "if_newer":
             current = self.root.read_latest()
-            if current is not None and not current < self.run_id:
+            if current is not None and not self._newer_than(current):
                 return False
         self.root.write_latest(self.run_id)
         return True
+
+    def _newer_than(self, other: str) -> bool:
+        """Whether this run's data ends after run ``other``'s (``records.data_time``; ids compared only when a time
+        is unknown)."""
+        record = self.root.read_record(other) or {}
+        theirs, mine = data_time(other, record.get("started_at")), data_time(self.run_id, iso(self.started))
+        if theirs is None or mine is None:
+            return other < self.run_id
+        return (mine, self.run_id) > (theirs, other)
 
     def _latest_error(self, exc: BaseException, note: str) -> MfsimError:
         return self.root.error(exc, self.root.path(LATEST), "update", note)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,64 @@ def test_bad_input_exits_2_with_one_error_line_and_publishes_nothing(tmp_path):
 def test_config_errors_exit_2(args, pattern):
     r = mfsim(*args)
     assert r.returncode == 2 and pattern in r.stderr, r.stderr
+
+
+ALIAS_BOMB = "".join(f"{n}: &{n} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['x'] * 9)}]\n"
+                     for p, n in zip([None, *"abcdefg"], "abcdefgh"))  # 9^8 = 43M strings from ~300 bytes
+
+
+@pytest.mark.parametrize("setting, pattern", [
+    ("cluster.memory_limit=lots", "'lots' is not a byte size: write auto, a size such as 8GiB"),
+    ("cluster.memory_limit=50MiB", "50MiB is less than a worker needs to start"),
+    ("svd.rank=700", "svd.rank=700 does not fit the Krylov space of svd.max_blocks x svd.block_size = 40 x 16"),
+])
+def test_config_values_that_would_fail_later_are_refused_at_once(tmp_path, setting, pattern):
+    t0 = time.perf_counter()
+    r = mfsim("run", "conf/default.yaml", "--input", "x", "--set", setting)
+    assert r.returncode == 2 and pattern in r.stderr, r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error:")]) == 1
+    assert time.perf_counter() - t0 < 10  # before any cluster: an interpreter start and a config load
+
+
+def test_yaml_alias_bombs_and_cycles_are_one_error_in_moments(tmp_path):
+    bomb, cycle = tmp_path / "bomb.yaml", tmp_path / "cycle.yaml"
+    bomb.write_text(ALIAS_BOMB)
+    cycle.write_text("a: &a\n  b: *a\n")
+    for path, pattern in ((bomb, "expands to more than 100,000 values through its aliases"),
+                          (cycle, "an alias refers to the mapping or list that holds it")):
+        t0 = time.perf_counter()
+        r = mfsim("run", str(path), "--input", "x")
+        assert r.returncode == 2 and pattern in r.stderr and time.perf_counter() - t0 < 10, r.stderr
+
+
+def test_odd_data_is_one_clear_line_or_read_whole(tmp_path):
+    """A year-9999 timestamp with a time window; a Hive-style part without the .parquet suffix beside suffixed
+    ones (read: it is Parquet); a text file beside them (named in a warning)."""
+    ts = pa.array([dt.datetime(2026, 1, 1), dt.datetime(9999, 12, 31, 23, 59, 59, 999999)], pa.timestamp("us", "UTC"))
+    odd = tmp_path / "odd.parquet"
+    pq.write_table(pa.table({"user_id": [1, 2], "item_id": [1, 2], "weight": [1.0, 1.0], "ts": ts}), odd)
+    r = mfsim("run", "conf/default.yaml", "--input", str(odd), "--output", str(tmp_path / "o"),
+              "--set", "ingest.window_days=30")
+    assert r.returncode == 2 and "holds a timestamp at the end of what dates can hold (year 9999)" in r.stderr
+    huge = tmp_path / "huge.parquet"  # one weight of 1e30: its square overflows float32
+    pq.write_table(pa.table({"user_id": [1, 2, 3], "item_id": [1, 2, 3], "weight": [1.0, 1e30, 1.0]}), huge)
+    r = mfsim("run", "conf/default.yaml", "--input", str(huge), "--output", str(tmp_path / "o"))
+    assert r.returncode == 2 and "holds weights up to 1e+30" in r.stderr and "rescale the weights" in r.stderr
+    logdir = tmp_path / "hive"
+    logdir.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("part-0.parquet", "000001_0"):
+        pq.write_table(pa.table({"user_id": rng.integers(0, 30, 200), "item_id": rng.integers(0, 20, 200),
+                                 "weight": np.ones(200, np.float32)}), logdir / name)
+    (logdir / "notes.txt").write_text("not data\n")
+    r = mfsim("run", "conf/default.yaml", "--input", str(logdir), "--output", str(tmp_path / "o"), "--run-id", "h",
+              "--set", "svd.rank=4", "--set", "neighbours.top_n=5", "--set", "evaluation.holdout=none",
+              "--set", "objectives.eq1.lambda=1", "--set", "objectives.eq2.lambda=1", "--set", "objectives.cosine=null",
+              "--set", "audit.enabled=false", "--set", "report.enabled=false")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "o" / "h" / "_manifest.json").read_text())
+    assert sorted(Path(f["path"]).name for f in manifest["input"]["files"]) == ["000001_0", "part-0.parquet"]
+    assert "1 file(s) that are not Parquet are not part of the log" in r.stderr and "notes.txt" in r.stderr
 
 
 @pytest.mark.parametrize("cmd", [["run"], ["simulate"], ["bench", "ingest"]])

@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -297,6 +299,56 @@ def test_commands_take_a_run_by_id_path_or_latest_and_run_force_replaces(tmp_pat
     assert r.returncode == 2 and f"the configs mfsim ships are {REPO / 'conf' / 'default.yaml'}" in r.stderr
 
 
+def test_latest_moves_by_the_time_the_data_ends_on_a_root_of_manual_and_nightly_runs(tmp_path, daily_log):
+    """A manual run (timestamp id) then nightlies: a later day moves LATEST past it, an earlier day does not (ids
+    compared as strings, '2026-11-05' < '2026...T...Z', froze LATEST on the manual run)."""
+    log, _ = daily_log
+    out = tmp_path / "runs"
+    manual = mfsim("run", "conf/default.yaml", "--input", str(log), "--output", str(out), *QUICK)
+    assert manual.returncode == 0, manual.stderr
+    manual_id = (out / "LATEST").read_text().strip()
+    today = dt.datetime.now(dt.timezone.utc).date()
+    night = ["nightly", "conf/default.yaml", "--input", str(log), "--output", str(out), *QUICK]
+    r = mfsim(*night, "--date", (today - dt.timedelta(days=1)).isoformat())  # its data ends at 00:00 today
+    assert r.returncode == 0 and (out / "LATEST").read_text().strip() == manual_id, r.stderr
+    r = mfsim(*night, "--date", today.isoformat())  # its data ends at 00:00 tomorrow: after the manual run
+    assert r.returncode == 0 and (out / "LATEST").read_text().strip() == today.isoformat(), r.stderr
+
+
+def test_damaged_bookkeeping_is_one_line_naming_the_file_and_what_to_do(tmp_path, daily_log):
+    """LATEST not UTF-8, not a run id, or a folder; a truncated manifest; a published run removed by hand."""
+    log, _ = daily_log
+    out = tmp_path / "runs"
+    base = ["run", "conf/default.yaml", "--input", str(log), "--output", str(out), *QUICK]
+    for run_id in ("a", "b", "c"):
+        assert mfsim(*base, "--run-id", run_id).returncode == 0
+    (out / "LATEST").write_bytes(b"\xff\xfe\x00")
+    for args in (["show", str(out / "LATEST")], [*base, "--run-id", "d"]):
+        r = mfsim(*args)
+        assert r.returncode == 2 and "LATEST holds bytes that are not UTF-8 text: it is damaged." in r.stderr, r.stderr
+        assert [ln for ln in r.stderr.splitlines() if ln.startswith("error:")] == [r.stderr.strip().splitlines()[-1]]
+    assert not (out / "d").exists() and "stage ingest" not in r.stderr  # refused before any work
+    listed = mfsim("runs", "--output", str(out))
+    assert listed.returncode == 0 and "LATEST holds bytes" in listed.stderr and listed.stdout.count("succeeded") == 3
+    (out / "LATEST").unlink()
+    (out / "LATEST").mkdir()
+    r = mfsim(*base, "--run-id", "d")
+    assert r.returncode == 2 and "LATEST is a folder" in r.stderr and not (out / "d").exists()
+    (out / "LATEST").rmdir()
+    (out / "LATEST").write_text("c\n")
+    manifest = out / "b" / "_manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:100])
+    r = mfsim("show", str(out / "b"))
+    assert r.returncode == 2 and "_manifest.json does not parse" in r.stderr and "--run-id b --force" in r.stderr
+    shutil.rmtree(out / "a")
+    states = {ln.split()[0]: ln.split()[1] for ln in mfsim("runs", "--output", str(out)).stdout.splitlines()[1:]}
+    assert states == {"a": "removed", "b": "damaged", "c": "succeeded"}
+    r = mfsim("status", "b", "--output", str(out))
+    assert r.returncode == 1 and "does not parse" in r.stdout
+    assert mfsim(*base, "--run-id", "b", "--force").returncode == 0  # what the line said to do
+    assert mfsim("status", "b", "--output", str(out)).returncode == 0
+
+
 def test_reserved_and_malformed_run_ids_are_refused(tmp_path, daily_log):
     log, _ = daily_log
     for bad in ("LATEST", "latest", "abc\n", ".mfsim"):
@@ -362,6 +414,35 @@ def test_schedule_installs_a_cron_line_that_runs_to_a_published_run(tmp_path):
     idle = subprocess.run(["/bin/sh", "-c", cron_shell(crontab_line(r.stdout.split("# mfsim-nightly.service")[0]))],
                           cwd=elsewhere, env=env, timeout=60)
     assert idle.returncode != 0 and visible(out) == [day, "LATEST", "nightly.log"]
+
+
+def test_schedule_quotes_what_it_writes_and_refuses_what_it_cannot_carry(tmp_path, daily_log):
+    """An --output holding ``;``, ``$(...)``, a space, a quote and ``%``: the cron line, run by sh, publishes into
+    exactly that folder and runs nothing else; the unit's ExecStart unescapes to the same words; a newline or a
+    backslash is refused before anything is written."""
+    log, _ = daily_log
+    marker = tmp_path / "injected"
+    out = tmp_path / f"runs; touch {marker}; $(touch {marker}) 'x' 100%"
+    into = tmp_path / "units"
+    now = dt.datetime.now(dt.timezone.utc)
+    r = mfsim("schedule", "conf/default.yaml", "--input", str(log), "--output", str(out), "--at",
+              now.strftime("%H:%M"), "--install", "--into", str(into), *QUICK)
+    assert r.returncode == 0, r.stderr
+    line = crontab_line((into / "crontab").read_text())
+    assert "%" not in line.replace("\\%", "")  # every % escaped for cron
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SHELL": "/bin/sh"}
+    ran = subprocess.run(["/bin/sh", "-c", cron_shell(line)], cwd=tmp_path, env=env, timeout=300)
+    assert ran.returncode == 0 and not marker.exists()
+    day = (now - dt.timedelta(days=1)).date().isoformat()
+    assert (out / day / "_manifest.json").is_file() and (out / "nightly.log").is_file()
+    exec_start = next(ln for ln in (into / "mfsim-nightly.service").read_text().splitlines()
+                      if ln.startswith("ExecStart="))
+    words = shlex.split(exec_start.removeprefix("ExecStart=").replace("%%", "%").replace("$$", "$"))
+    assert words[words.index("--output") + 1] == str(out)
+    for bad in ("runs\n0 * * * * touch /tmp/x", "runs\\x"):
+        r = mfsim("schedule", "conf/default.yaml", "--input", str(log), "--output", str(tmp_path / bad), "--at",
+                  "02:30", "--install", "--into", str(tmp_path / "refused"))
+        assert r.returncode == 2 and "cannot carry safely" in r.stderr and not (tmp_path / "refused").exists()
 
 
 def test_schedule_refuses_a_command_that_would_fail_every_night(tmp_path):
