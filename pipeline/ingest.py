@@ -43,6 +43,7 @@ import datetime as dt
 import glob as globlib
 import logging
 import operator
+import os
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -77,11 +78,13 @@ INVALID_REASONS = ("null_user", "null_item", "null_weight", "nan_weight", "inf_w
 
 @dataclass(frozen=True)
 class InputFile:
-    """One Parquet file of the log, from its footer: path, size in bytes, rows per row group."""
+    """One Parquet file of the log, from its footer: path, size in bytes, rows per row group, and its identity when
+    the footer was read (``file_identity``), which every later read of it is checked against."""
 
     path: str
     size: int
     row_groups: tuple[int, ...]  # rows per row group
+    identity: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class Piece:
     path: str
     row_groups: tuple[int, ...]
     n_rows: int
+    identity: tuple[str, ...] = ()  # the file's ``file_identity`` when ingest began
 
 
 @dataclass
@@ -319,9 +323,60 @@ def inspect_files(fs, files: list[str], columns: dict[str, str]) -> tuple[list[I
             else:
                 seen[role].append((_check_column(f, schema, col, role), f))
         rgs = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-        out.append(InputFile(f, int(fs.size(f)), rgs))
+        identity = file_identity(fs, f)
+        out.append(InputFile(f, int(identity[0]), rgs, identity))
     id_types = {role: common_id_type(columns[role], seen[role]) for role in ("user", "item") if seen.get(role)}
     return out, id_types
+
+
+#: The keys of ``fs.info`` that change when a file is rewritten: local files (mtime, with nanoseconds where the OS
+#: keeps them), S3 and other object stores (ETag, LastModified, VersionId), GCS (generation, md5Hash).
+IDENTITY_KEYS = ("mtime", "mtime_ns", "ETag", "etag", "LastModified", "last_modified", "VersionId", "version_id",
+                 "generation", "md5Hash", "created")
+
+
+def file_identity(fs, path: str) -> tuple[str, ...]:
+    """What tells one version of a file from another: its size and the fields of ``fs.info`` that a rewrite
+    changes (``IDENTITY_KEYS``), as strings (size first)."""
+    local = "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol)
+    if not local:
+        fs.invalidate_cache(path)  # s3fs and others cache listings: ask the store itself
+    info = fs.info(path)
+    if local:
+        info = {**info, "mtime_ns": os.stat(path).st_mtime_ns}
+    return (str(info.get("size")), *(f"{k}={info[k]}" for k in IDENTITY_KEYS if info.get(k) is not None))
+
+
+#: Test hook: with ``MFSIM_HOLD_BETWEEN_PASSES=<path>``, ingest touches ``<path>.scanned`` after its first pass and
+#: waits (at most 120 s) for ``<path>.go`` before the second, so that a test can change the log between the passes.
+HOLD_BETWEEN_PASSES = "MFSIM_HOLD_BETWEEN_PASSES"
+
+
+def hold_between_passes() -> None:
+    """The ``HOLD_BETWEEN_PASSES`` test hook (nothing when the variable is unset)."""
+    path = os.environ.get(HOLD_BETWEEN_PASSES)
+    if not path:
+        return
+    with open(path + ".scanned", "w"):
+        pass
+    deadline = time.monotonic() + 120
+    while not os.path.exists(path + ".go") and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def check_unchanged(fs, piece: Piece) -> None:
+    """An ``MfsimError`` when the file of ``piece`` is not the version ingest began with (rewritten, replaced or
+    removed while the run read the log: its passes would mix two versions)."""
+    if not piece.identity:
+        return
+    try:
+        now = file_identity(fs, piece.path)
+    except (FileNotFoundError, OSError):
+        now = ("removed",)
+    if now != piece.identity:
+        what = "was removed" if now == ("removed",) else "was rewritten (its size, modification time or ETag changed)"
+        raise MfsimError(f"{piece.path} {what} while this run read the log; nothing was published: rerun once the "
+                         "log is complete (write new files beside the old ones, not over them)")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -342,12 +397,12 @@ def plan_pieces(files: list[InputFile], partition_rows: int) -> list[Piece]:
             if n == 0:
                 continue
             if group and rows + n > partition_rows:
-                pieces.append(Piece(f.path, tuple(group), rows))
+                pieces.append(Piece(f.path, tuple(group), rows, f.identity))
                 group, rows = [], 0
             group.append(i)
             rows += n
         if group:
-            pieces.append(Piece(f.path, tuple(group), rows))
+            pieces.append(Piece(f.path, tuple(group), rows, f.identity))
     return pieces
 
 
@@ -404,10 +459,14 @@ def _read_piece(piece: Piece, spec: ScanSpec) -> pa.Table:
     fs, _ = _filesystem(spec.url)
     cols = [c for c in (spec.user_col, spec.item_col, spec.weight_col, spec.ts_col) if c]
     rgs = list(piece.row_groups)
+    check_unchanged(fs, piece)
     try:
         with _open_parquet(fs, piece.path) as pf:
-            return pf.read_row_groups(rgs, columns=cols, use_threads=READ_THREADS)
+            table = pf.read_row_groups(rgs, columns=cols, use_threads=READ_THREADS)
+        check_unchanged(fs, piece)  # and not during the read
+        return table
     except (pa.ArrowException, OSError) as exc:
+        check_unchanged(fs, piece)  # a file cut short while it was read: say so, not "corrupt"
         where = _failing_column(fs, piece.path, rgs, cols)
         raise MfsimError(f"{piece.path} is corrupt: {where}cannot be decoded ({_one_line(exc)}); "
                          "replace or remove the file") from exc
@@ -1005,6 +1064,7 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
     clock = _PhaseClock()
     root = _scan_pass(client, pieces, spec)
     scanned = run.gather(root) if root is not None else {"summaries": [], "user_ids": None, "item_ids": None}
+    hold_between_passes()
     summaries = [s for _, s in sorted(scanned["summaries"], key=operator.itemgetter(0))]
     raise_piece_errors(summaries)
     invalid = {k: sum(s["invalid"][k] for s in summaries) for k in INVALID_REASONS}
@@ -1057,7 +1117,8 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
         raise MfsimError(f"input {url} is empty after the minimum-support filter "
                          f"(ingest.min_user_interactions={cfg.min_user_interactions}, "
                          f"ingest.min_item_interactions={cfg.min_item_interactions}); lower them")
-    file_info = [{"path": f.path, "size": f.size, "rows": int(sum(f.row_groups))} for f in files]
+    file_info = [{"path": f.path, "size": f.size, "rows": int(sum(f.row_groups)), "version": list(f.identity[1:])}
+                 for f in files]
     return IngestResult(X=X, user_ids=user_ids, item_ids=item_ids, user_counts=user_counts, item_counts=item_counts,
                         files=file_info, counts=counts, ran_on=where_of(client))
 

@@ -267,3 +267,67 @@ def test_retention_on_the_store_removes_old_runs_with_their_state_records(s3):
         assert not any(f.startswith(f"{gone}/") or f == f".mfsim/runs/{gone}.json" for f in files)
     assert sorted(s.run_id for s in root.list_runs()) == ["2026-01-02", "2026-01-04"]
     assert root.prune_runs(1) == []
+
+
+def changed_between_passes(cmd: list[str], rewrite, hold: Path, env: dict) -> subprocess.CompletedProcess:
+    """``mfsim`` run with ingest held after its first pass (``MFSIM_HOLD_BETWEEN_PASSES``); ``rewrite()`` then, and
+    the run let go on."""
+    proc = subprocess.Popen([MFSIM, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**env, "MFSIM_HOLD_BETWEEN_PASSES": str(hold)})
+    try:
+        deadline = time.monotonic() + 120
+        while not Path(f"{hold}.scanned").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        rewrite()
+        Path(f"{hold}.go").touch()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _rewritten(table: pa.Table) -> pa.Table:
+    """The same ids, items shuffled, weights x3: what a writer replacing the file with a new version might leave."""
+    rng = np.random.default_rng(5)
+    items = table["item_id"].to_numpy()
+    return table.set_column(table.column_names.index("item_id"), "item_id", pa.array(rng.permutation(items))) \
+        .set_column(table.column_names.index("weight"), "weight", pa.array(table["weight"].to_numpy() * 3))
+
+
+def test_a_log_rewritten_between_ingests_passes_is_one_error_locally_and_on_the_store(s3, small_log, tmp_path):
+    """Pass 1's id maps from one version of a file, pass 2's entries from another would be read silently; each
+    read is checked against the file's identity (size, mtime / ETag) recorded when ingest began."""
+    local = tmp_path / "log"
+    shutil.copytree(small_log, local)
+    part = local / "part-1.parquet"
+    r = changed_between_passes(
+        ["run", "conf/default.yaml", "--input", str(local), "--output", str(tmp_path / "runs"), *QUICK],
+        lambda: pq.write_table(_rewritten(pq.read_table(part)), part), tmp_path / "hold-local", s3["env"])
+    assert r.returncode == 2, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == [f"error: {part} was rewritten (its size, modification time or ETag changed) while this run "
+                      "read the log; nothing was published: rerun once the log is complete (write new files beside "
+                      "the old ones, not over them)"], r.stderr
+    assert not [p for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")]
+    fs = s3["fs"]
+    fs.put(str(small_log), f"{BUCKET}/changing", recursive=True)
+    key = f"{BUCKET}/changing/part-1.parquet"
+
+    def rewrite_on_the_store():
+        with fs.open(key, "rb") as fh:
+            table = pq.read_table(fh)
+        with fs.open(key, "wb") as fh:
+            pq.write_table(_rewritten(table), fh)
+
+    r = changed_between_passes(
+        ["run", "conf/default.yaml", "--input", f"s3://{BUCKET}/changing", "--output", str(tmp_path / "runs3"),
+         *QUICK], rewrite_on_the_store, tmp_path / "hold-s3", s3["env"])
+    assert r.returncode == 2 and f"{key} was rewritten" in r.stderr, r.stderr
+    # unchanged, the same log reads through, and the manifest names each file's version
+    r = mfsim("run", "conf/default.yaml", "--input", str(local), "--output", str(tmp_path / "runs"), "--run-id",
+              "ok", *QUICK, env=s3["env"])
+    assert r.returncode == 0, r.stderr
+    files = json.loads((tmp_path / "runs" / "ok" / "_manifest.json").read_text())["input"]["files"]
+    assert all(any(v.startswith("mtime") for v in f["version"]) for f in files)
