@@ -46,7 +46,13 @@ JOB_DASK_CONFIG: dict[str, Any] = {
     # a worker without a heartbeat for 2 minutes is removed and its tasks rescheduled (default 5 minutes);
     # not shorter: a kernel that holds the GIL delays heartbeats, and a false removal recomputes its data
     "distributed.scheduler.worker-ttl": "2 minutes",
+    # tasks that no worker can run for 2 minutes (every worker gone, none restarting) fail instead of waiting forever
+    "distributed.scheduler.no-workers-timeout": "2 minutes",
 }
+
+#: The most threads an embedded cluster may have per core of the machine: more only thrash, and start for minutes
+#: (64 workers on 2 cores: 305 s, then a connect timeout).
+MAX_THREADS_PER_CORE = 4
 
 
 def worker_thread_env(threads_per_worker: int) -> dict[str, str]:
@@ -217,6 +223,13 @@ def _embedded_client(cfg: ClusterSection) -> Iterator["distributed.Client"]:  # 
     """A ``LocalCluster`` on 127.0.0.1 over TLS with temporary credentials, and its client."""
     import dask
     from distributed import Client, LocalCluster, Security
+
+    cores = os.cpu_count() or 1
+    if cfg.n_workers * cfg.threads_per_worker > MAX_THREADS_PER_CORE * cores:
+        raise MfsimError(f"cluster.n_workers={cfg.n_workers} x cluster.threads_per_worker={cfg.threads_per_worker} "
+                         f"asks for {cfg.n_workers * cfg.threads_per_worker} threads on a machine with {cores} cores: "
+                         f"the embedded cluster would take minutes to start and then thrash; use at most "
+                         f"{MAX_THREADS_PER_CORE * cores} in all, or --scheduler for a cluster of more machines")
 
     dashboard = loopback_dashboard(cfg.dashboard_address)
     security = Security.temporary()  # a self-signed CA + key in memory, for this run only

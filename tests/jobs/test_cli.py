@@ -87,6 +87,16 @@ def test_config_values_that_would_fail_later_are_refused_at_once(tmp_path, setti
     assert time.perf_counter() - t0 < 10  # before any cluster: an interpreter start and a config load
 
 
+def test_an_embedded_cluster_the_machine_cannot_hold_is_refused_at_once(tmp_path):
+    log = tmp_path / "log.parquet"
+    pq.write_table(pa.table({"user_id": [1, 2], "item_id": [1, 2], "weight": [1.0, 1.0]}), log)
+    t0 = time.perf_counter()
+    r = mfsim("run", "conf/default.yaml", "--input", str(log), "--output", str(tmp_path / "o"),
+              "--set", "cluster.n_workers=64", "--set", "cluster.small_data_here=false")
+    assert r.returncode == 2 and "cluster.n_workers=64 x cluster.threads_per_worker=1 asks for 64 threads" in r.stderr
+    assert time.perf_counter() - t0 < 20 and "Traceback" not in r.stderr  # it took 305 s and 761 lines
+
+
 def test_yaml_alias_bombs_and_cycles_are_one_error_in_moments(tmp_path):
     bomb, cycle = tmp_path / "bomb.yaml", tmp_path / "cycle.yaml"
     bomb.write_text(ALIAS_BOMB)
