@@ -36,3 +36,19 @@ def client1():
     yield c
     c.close()
     cluster.close()
+
+
+@pytest.fixture(scope="session")
+def ml100k_default_run(tmp_path_factory):
+    """``mfsim run conf/default.yaml --input ../shared/data/ml-100k/interactions.parquet`` run once, as the README
+    says (the dashboard off): ``(completed process, run directory)``. Skips when the data set is absent."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = shared_dataset("ml-100k")
+    out = tmp_path_factory.mktemp("ml100k-default")
+    r = subprocess.run([str(Path(sys.executable).parent / "mfsim"), "run", "conf/default.yaml", "--input", str(data),
+                        "--output", str(out), "--run-id", "t1", "--set", "cluster.dashboard_address=null"],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=600)
+    return r, out / "t1"

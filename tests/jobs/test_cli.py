@@ -24,10 +24,10 @@ def mfsim(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([MFSIM, *args], capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
-def test_done_when_command_on_ml100k(tmp_path):
+def test_done_when_command_on_ml100k(ml100k_default_run):
     data = shared_dataset("ml-100k")
-    r = mfsim("run", "conf/default.yaml", "--input", str(data), "--output", str(tmp_path), "--run-id", "t1",
-              "--set", "cluster.dashboard_address=null")
+    r, run_dir = ml100k_default_run
+    tmp_path = run_dir.parent
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "t1" / "_manifest.json").read_text())
     assert (m["counts"]["n_users"], m["counts"]["n_items"], m["counts"]["nnz"]) == (943, 1682, 100_000)

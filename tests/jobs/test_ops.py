@@ -341,8 +341,9 @@ def test_damaged_bookkeeping_is_one_line_naming_the_file_and_what_to_do(tmp_path
     r = mfsim("show", str(out / "b"))
     assert r.returncode == 2 and "_manifest.json does not parse" in r.stderr and "--run-id b --force" in r.stderr
     shutil.rmtree(out / "a")
-    states = {ln.split()[0]: ln.split()[1] for ln in mfsim("runs", "--output", str(out)).stdout.splitlines()[1:]}
-    assert states == {"a": "removed", "b": "damaged", "c": "succeeded"}
+    listed = json.loads(mfsim("runs", "--output", str(out), "--format", "json").stdout)
+    assert {r["run_id"]: (r["state"], r["latest"]) for r in listed} == {
+        "a": ("removed", False), "b": ("damaged", False), "c": ("succeeded", True)}
     r = mfsim("status", "b", "--output", str(out))
     assert r.returncode == 1 and "does not parse" in r.stdout
     assert mfsim(*base, "--run-id", "b", "--force").returncode == 0  # what the line said to do
