@@ -174,8 +174,12 @@ def fit_entries(fit: Fit, meta: dict[str, Any], cfg: Config, warm: dict[str, Any
                                              "ran_on")},
            "warm_start": warm}
     if svd["converged"] is False:
-        warnings.append(f"svd: not converged after {svd['blocks']} blocks (estimated error "
-                        f"{svd['estimated_error']:.3g} > svd.tol={cfg.svd.tol:g}); raise svd.max_blocks "
+        what = (f"svd: not converged after {svd['blocks']} blocks (estimated error {svd['estimated_error']:.3g} > "
+                f"svd.tol={cfg.svd.tol:g}): its top singular vectors are not yet the data's")
+        if not cfg.svd.accept_unconverged:
+            raise MfsimError(f"{what}; nothing published. Raise svd.max_blocks (now {cfg.svd.max_blocks}), loosen "
+                             "svd.tol, or set svd.accept_unconverged: true to publish it anyway")
+        warnings.append(f"{what}; published as svd.accept_unconverged asked: raise svd.max_blocks "
                         f"(now {cfg.svd.max_blocks}) or svd.tol")
     est = svd["estimated_error"]
     log.info("svd: %s, %s passes, %s blocks, estimated error %s", svd["solver"], svd["passes"], svd["blocks"],

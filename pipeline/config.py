@@ -196,6 +196,7 @@ class SvdSection(Section):
     block_size: int = Field(16, ge=1)  # krylov: columns per Krylov block
     tol: float = Field(1e-6, gt=0)  # krylov: stop when the estimated relative error of the top-k Ritz values is below
     max_blocks: int = Field(40, ge=1)  # krylov: at most this many blocks in the space
+    accept_unconverged: bool = False  # krylov: publish a run whose SVD did not reach svd.tol (else the run fails)
     warm_start: str | None = None  # krylov: "previous" (LATEST of run.output) or a run's path: start from its V_k
     oversample: int = Field(10, ge=0)  # subspace, sklearn
     power_iterations: int = Field(32, ge=0)  # subspace, sklearn

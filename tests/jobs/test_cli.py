@@ -97,6 +97,23 @@ def test_an_embedded_cluster_the_machine_cannot_hold_is_refused_at_once(tmp_path
     assert time.perf_counter() - t0 < 20 and "Traceback" not in r.stderr  # it took 305 s and 761 lines
 
 
+def test_an_svd_that_does_not_converge_is_not_published_unless_accepted(tmp_path):
+    rng = np.random.default_rng(2)
+    log = tmp_path / "log.parquet"
+    pq.write_table(pa.table({"user_id": rng.integers(0, 60, 600), "item_id": rng.integers(0, 40, 600),
+                             "weight": np.ones(600, np.float32)}), log)
+    short = ["--set", "svd.rank=4", "--set", "svd.block_size=4", "--set", "svd.max_blocks=2", "--set", "svd.tol=1e-30",
+             "--set", "objectives.eq1.lambda=1", "--set", "objectives.eq2.lambda=1", "--set", "objectives.cosine=null",
+             "--set", "evaluation.holdout=none", "--set", "audit.enabled=false", "--set", "report.enabled=false",
+             "--set", "neighbours.top_n=5"]
+    r = mfsim("run", "conf/default.yaml", "--input", str(log), "--output", str(tmp_path / "o"), *short)
+    assert r.returncode == 2 and "svd: not converged after 2 blocks" in r.stderr and "nothing published" in r.stderr
+    assert not [p for p in (tmp_path / "o").iterdir() if not p.name.startswith(".")]
+    r = mfsim("run", "conf/default.yaml", "--input", str(log), "--output", str(tmp_path / "o"), *short,
+              "--set", "svd.accept_unconverged=true")
+    assert r.returncode == 0 and "published as svd.accept_unconverged asked" in r.stderr, r.stderr
+
+
 def test_yaml_alias_bombs_and_cycles_are_one_error_in_moments(tmp_path):
     bomb, cycle = tmp_path / "bomb.yaml", tmp_path / "cycle.yaml"
     bomb.write_text(ALIAS_BOMB)
