@@ -34,8 +34,9 @@ from tests_support import assert_same_run_tables, end_process
 
 DASK = Path(sys.executable).parent / "dask"
 RUN_TIMEOUT_S = 120  # a clean run takes a few seconds here; a run still going after 2 minutes hangs
-# the Krylov SVD (the default solver) held to a tolerance it cannot reach, so it builds all MAX_BLOCKS blocks
-# and lasts long enough (~1 s here) for a kill to land inside; each block's product ends in one Rayleigh-Ritz
+# the Krylov SVD (the default solver) held to a tolerance it cannot reach (and told to publish anyway:
+# svd.accept_unconverged), so it builds all MAX_BLOCKS blocks and lasts long enough (~1 s here) for a kill to land
+# inside; each block's product ends in one Rayleigh-Ritz
 MAX_BLOCKS = 16
 MAIN_FIT_CALLS = MAX_BLOCKS  # _ritz_pairs calls of the main fit's SVD (then the evaluation's fit)
 KILL_AT_CALL = 3  # the SVD goes on for 13 more products after the kill, its basis chunks on both workers
@@ -141,7 +142,7 @@ def sim_dir(tmp_path_factory) -> Path:
 def job_config(sim: Path, out: Path, run_id: str):
     return load_config(None, [
         f"input.path={sim}", f"run.output={out}", f"run.run_id={run_id}", "run.heartbeat_s=1",
-        "preprocess.binarize=true", "svd.rank=8", "svd.solver=krylov", "svd.block_size=4", "svd.tol=1e-12", f"svd.max_blocks={MAX_BLOCKS}", "neighbours.top_n=10",
+        "preprocess.binarize=true", "svd.rank=8", "svd.solver=krylov", "svd.block_size=4", "svd.tol=1e-12", f"svd.max_blocks={MAX_BLOCKS}", "svd.accept_unconverged=true", "neighbours.top_n=10",
         "objectives.eq1.lambda=2.0", "objectives.eq2.lambda=1.5", "objectives.cosine=null",
         "objectives.eq1.scalings=[symmetric,item_orthonormal]", "neighbours.user_user=[cosine]",
         "ingest.block_rows=128",  # 12 row blocks, on both workers

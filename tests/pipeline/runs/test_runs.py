@@ -307,6 +307,8 @@ def test_list_runs_sorted_with_older_runs_from_their_manifest(tmp_path):
         "run_id": "old", "started_at": "2026-01-01T09:00:00+00:00", "finished_at": "2026-01-01T09:01:00+00:00",
         "counts": {"n_users": 7, "n_items": 8, "nnz": 9, "dropped": {}}, "status": "succeeded"}))
     (tmp_path / "not-a-run").mkdir()
+    (tmp_path / "a").mkdir()  # a recorded succeeded run is listed so while its folder and manifest are there
+    (tmp_path / "a" / "_manifest.json").write_text(json.dumps({"run_id": "a", "status": "succeeded"}))
     got = open_root(tmp_path).list_runs()
     assert [(s.run_id, s.state) for s in got] == [("old", "succeeded"), ("b", "failed"), ("c", "failed"),
                                                   ("a", "succeeded")]
