@@ -21,6 +21,7 @@ from mfsim.pipeline.config import Config
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.ingest import check_input, validate_before_cluster
 from mfsim.pipeline.runs.lock import OutputLock
+from mfsim.pipeline.runs.records import MANIFEST
 from mfsim.pipeline.runs.root import Root
 from mfsim.pipeline.runs.roots import open_root
 
@@ -55,11 +56,11 @@ def day_config(cfg: Config, day: dt.date) -> Config:
 
 
 def succeeded(root: Root, day: dt.date) -> bool:
-    """Whether run D is published (its manifest says succeeded)."""
-    try:
-        return root.read_manifest(day.isoformat()).get("status") == "succeeded"
-    except MfsimError:  # no manifest: not published
+    """Whether run D is published (its manifest says succeeded); a manifest that does not parse is the error that
+    names it and says to rerun the day with --force (not a day to compute again and fail to publish)."""
+    if not root.is_file(f"{day.isoformat()}/{MANIFEST}"):
         return False
+    return root.read_manifest(day.isoformat()).get("status") == "succeeded"
 
 
 def run_nightly(cfg: Config, days: list[dt.date], *, force: bool = False, lock_timeout_s: float = 0.0,
