@@ -34,7 +34,6 @@ from mfsim.pipeline.model.fit import Fit, Spectrum, fit_factors, fit_model, fit_
 from mfsim.pipeline.model.lambda_sweep import Sweep, sweep_cutoffs, sweep_lambdas, with_lambdas
 from mfsim.pipeline.model.svd import basis_start
 from mfsim.pipeline.parts import ListOutput, ListSink, row_ranges, write_embeddings, write_lists
-from mfsim.pipeline.report.build import build_report
 from mfsim.pipeline.runs.writer import RunWriter, package_versions
 from mfsim.pipeline.runs.roots import open_root, read_run_table, resolve_run
 from mfsim.pipeline.shared import is_future, runner, value, where_of
@@ -444,6 +443,8 @@ def report_stage(ctx: StageContext) -> StageResult:
     """``report.html``, one self-contained file (figures inline; ``build_report``): the headline, figures that
     show the arbitrary scaling of Eq. 1 at a glance, the spectrum and the lambda sweep, the tables, what was
     skipped and why, and the run's input, configuration, versions and stage timings."""
+    from mfsim.pipeline.report.build import build_report  # matplotlib: imported by the runs that draw a report
+
     audit = ctx.results["audit"].detail if "audit" in ctx.results else None
     page = build_report(ctx.cfg, ctx.fit, ctx.data, title=f"mfsim run {ctx.run.run_id}", truth=ctx.truth,
                         labels=ctx.scorer.labels if ctx.scorer is not None else None, audit=audit,
