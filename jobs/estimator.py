@@ -37,7 +37,7 @@ from mfsim.pipeline.lists.evaluate import list_length
 from mfsim.pipeline.lists.neighbours import GemmGroup, GroupInputs, group_inputs, plan_lists, run_symmetric, run_topn
 from mfsim.pipeline.model.factors import user_embeddings_blocks
 from mfsim.pipeline.model.preprocess import apply_preprocess
-from mfsim.pipeline.runs.results import ListLookups, list_kind
+from mfsim.pipeline.runs.results import ListLookups, _is_many, list_kind
 from mfsim.pipeline.runs.writer import timed_into
 
 log = logging.getLogger("mfsim.model")
@@ -259,8 +259,7 @@ class Model(ListLookups):
     def _rows(self, side: str, wanted: Any) -> np.ndarray:
         """Index positions of ids (one or several) on ``side``; an ``MfsimError`` naming the unknown ones."""
         ids = self._ids(side)
-        many = isinstance(wanted, (list, tuple, np.ndarray, pd.Series, pd.Index, pa.Array, pa.ChunkedArray))
-        values = list(wanted) if many else [wanted]
+        values = list(wanted) if _is_many(wanted) else [wanted]
         keys = [self._cast_id(side, v, ids.type).as_py() for v in values]
         pos = pc.index_in(pa.array(keys, ids.type), value_set=ids).to_numpy(zero_copy_only=False)
         unknown = [k for k, i in zip(keys, pos) if i is None or (isinstance(i, float) and np.isnan(i))]
@@ -279,10 +278,7 @@ class Model(ListLookups):
         g, km = self._group_of("user_item", combo)
         inputs = self._group_inputs(g)
         fit = ctx.fit
-        longest = self.list_length("user_item")
-        n = min(10, longest) if n is None else n
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= longest:
-            raise MfsimError(f"n must be an integer from 1 to {longest} (the lists' length), got {n!r}")
+        n = self.list_n("user_item", n)
         rows = RowBlocks([block], np.array([0, block.n_rows], np.int64), block.n_cols)
         prepped = apply_preprocess(rows, fit.prep)
         A = fit.factors.pair((g.objective, g.scaling), None)[0]

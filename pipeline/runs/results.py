@@ -160,16 +160,7 @@ class ListLookups:
     def _scan(self, kind: str, query_id: Any, n: int | None, combos: set[tuple[str, ...]], *,
               keep_partitions: bool) -> pd.DataFrame:
         """The rows of ``combos``' lists for one query with ``rank <= n``: one filtered dataset scan."""
-        name = _list_dataset(kind)
-        longest = self.list_length(kind)
-        if n is None:
-            n = min(DEFAULT_N, longest)
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise MfsimError(f"n must be a positive integer (the list length to return), got {n!r}")
-        if n > longest:
-            raise MfsimError(f"n={n} is longer than the lists of run {self.run_id}: {name} holds at most {longest} "
-                             f"entries per query (neighbours.top_n={self._top_n()}); ask for n <= {longest}, or "
-                             "rerun with a larger neighbours.top_n")
+        n = self.list_n(kind, n)
         q_col, n_col = outputs.NEIGHBOUR_COLUMNS[kind]
         dataset = self._list_source(kind, combos)
         id_type = dataset.schema.field(q_col).type
@@ -192,6 +183,20 @@ class ListLookups:
         order = [*((k, "ascending") for k in outputs.PARTITION_KEYS if keep_partitions), ("_query_order", "ascending"),
                  ("rank", "ascending")]
         return table.sort_by(order).drop_columns(["_query_order"]).to_pandas()
+
+    def list_n(self, kind: str, n: int | None) -> int:
+        """The entries per query a lookup of ``kind`` returns: ``n``, or ``DEFAULT_N`` within the published length
+        when None; an ``MfsimError`` for a non-positive ``n`` or one beyond the length (it says the length)."""
+        longest = self.list_length(kind)
+        if n is None:
+            return min(DEFAULT_N, longest)
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise MfsimError(f"n must be a positive integer (the list length to return), got {n!r}")
+        if n > longest:
+            raise MfsimError(f"n={n} is longer than the lists of run {self.run_id}: {_list_dataset(kind)} holds at "
+                             f"most {longest} entries per query (neighbours.top_n={self._top_n()}); ask for n <= "
+                             f"{longest}, or rerun with a larger neighbours.top_n")
+        return int(n)
 
     def list_length(self, kind: str) -> int:
         """The most entries a list of ``kind`` holds per query: ``neighbours.top_n``, at most the candidates."""
