@@ -55,6 +55,16 @@ class CSRBlock:
             object.__setattr__(self, "_column_cumsum", cum)
         return cum
 
+    def row_norms(self) -> np.ndarray:
+        """float64 (n_rows,): the Euclidean norm of each row, computed once per block and kept with it."""
+        norms = self.__dict__.get("_row_norms")
+        if norms is None:
+            data = self.data[: self.nnz].astype(np.float64)
+            rows = np.repeat(np.arange(self.n_rows), np.diff(self.indptr))
+            norms = np.sqrt(np.bincount(rows, weights=data * data, minlength=self.n_rows))
+            object.__setattr__(self, "_row_norms", norms)
+        return norms
+
     def to_scipy(self) -> sp.csr_matrix:
         """The block as a scipy CSR matrix sharing its arrays (no copy)."""
         return sp.csr_matrix((self.data, self.indices, self.indptr), shape=self.shape)

@@ -139,6 +139,8 @@ def get_client(cfg: ClusterSection, scheduler: str | None = None) -> Iterator["d
     import dask
     import distributed  # noqa: F401  (before the set: its defaults must not be undone when the set ends)
 
+    logs.adopt_distributed_logging()  # its loggers through the run's handler (distributed was just imported)
+
     with dask.config.set(JOB_DASK_CONFIG):
         address = scheduler or cfg.address
         if address:

@@ -117,8 +117,6 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     global _handler, _settings
     numeric = check_level(level)
     formatter = make_formatter(fmt)
-    import distributed  # noqa: F401  (installs its own handlers on import; replaced below)
-
     root = logging.getLogger()
     if _handler is not None:
         root.removeHandler(_handler)
@@ -127,15 +125,35 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     _handler.setLevel(numeric)
     root.addHandler(_handler)
     root.setLevel(numeric)
+    logging.captureWarnings(True)  # warnings.warn (distributed's "Port 8787 is already in use") as records too
+    _settings = {LEVEL_ENV: logging.getLevelName(numeric), FORMAT_ENV: fmt}
+    _quiet_noisy_loggers()
+    if "distributed" in sys.modules:
+        adopt_distributed_logging()
+
+
+def _quiet_noisy_loggers() -> None:
+    numeric = logging.getLevelName(_settings[LEVEL_ENV])
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, numeric))
+
+
+def adopt_distributed_logging() -> None:
+    """distributed's loggers through ``setup_logging``'s handler: importing distributed gives some of them handlers
+    of their own and levels (``_DISTRIBUTED_HANDLED``); this undoes that. Called by ``setup_logging`` and by whatever
+    imports distributed first after it (``pipeline.cluster``): ``setup_logging`` does not import distributed itself,
+    which would cost every ``mfsim`` command 0.6 s, most of all a small run that never starts a cluster.
+    Nothing before ``setup_logging``."""
+    if _handler is None:
+        return
+    import distributed  # noqa: F401  (its handlers and levels are set on import)
+
     for name in _DISTRIBUTED_HANDLED:
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
         logger.propagate = True
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(max(logging.WARNING, numeric))
-    logging.captureWarnings(True)  # warnings.warn (distributed's "Port 8787 is already in use") as records too
-    _settings = {LEVEL_ENV: logging.getLevelName(numeric), FORMAT_ENV: fmt}
+    _quiet_noisy_loggers()
 
 
 def worker_log_env() -> dict[str, str]:
