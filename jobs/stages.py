@@ -79,12 +79,14 @@ class StageContext:
 
 @dataclass(frozen=True)
 class Stage:
-    """A named stage, when it runs, and whether the runner times it (``fit`` times its own parts)."""
+    """A named stage, when it runs, whether the runner times it (``fit`` times its own parts), and the modules it
+    imports when it runs (``imports``: the runner imports them beside the earlier stages, ``main_job.run_stages``)."""
 
     name: str
     fn: Callable[[StageContext], StageResult]
     when: Callable[[StageContext], bool] = lambda ctx: True
     timed: bool = True
+    imports: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,5 +489,5 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluation", evaluation_stage, lambda ctx: ctx.cfg.evaluation.holdout != "none"),
     Stage("cluster_precision", cluster_precision_stage, lambda ctx: ctx.truth is not None),  # the scorer's source
     Stage("audit", audit_stage, lambda ctx: ctx.cfg.audit.enabled and ctx.cfg.objectives.eq1 is not None),
-    Stage("report", report_stage, lambda ctx: ctx.cfg.report.enabled),
+    Stage("report", report_stage, lambda ctx: ctx.cfg.report.enabled, imports=("mfsim.pipeline.report.build",)),
 )

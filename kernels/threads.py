@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable
@@ -76,7 +77,10 @@ def one_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def worker_threads() -> int | None:
-    """The thread count of the Dask worker running the calling task; None outside a worker."""
+    """The thread count of the Dask worker running the calling task; None outside a worker (and without importing
+    distributed where nothing has: no worker runs in such a process)."""
+    if "distributed" not in sys.modules:
+        return None
     try:
         from distributed import get_worker
 

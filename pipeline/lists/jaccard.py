@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from mfsim.kernels.sets import has_repeated_ids, row_members
 from mfsim.kernels.topn import TopN
 from mfsim.pipeline.errors import MfsimError
 
@@ -185,8 +186,8 @@ def tie_aware_jaccard(x: TopN, y: TopN, n: int, bound: float | np.ndarray) -> tu
     cut, and they agree here (Jaccard 1). Lists of different scores (the cosines of two scalings) get
     the same rule: a candidate that close to the cut is tied, within rounding, with one left out,
     and which of the two is listed says nothing about the scaling.
-    Vectorised like ``jaccard_rows``: keys ``row * stride + id``, sorted, one binary search per entry;
-    O(q n log(q n)) time, O(c n) memory for chunks of c = 65536 rows.
+    Membership by ``kernels.sets.row_members`` (one stamp per id, per row): O(q n) time, O(p + c n) memory for
+    chunks of c = 65536 rows.
     """
     check_int(n, "n", 1)
     n = int(n)
@@ -230,22 +231,15 @@ def _cut_lists(top: TopN, n: int, name: str) -> tuple[np.ndarray, np.ndarray, np
             f"{name} must have at least n + 1 = {n + 1} columns (the top n and the best candidate left out) and "
             f"scores of the same shape; received indices {idx.shape}, scores {scores.shape}. Ask the top-N for n + 1."
         )
-    stride = 1 + _max_valid(idx, cnt)
-    valid = valid_mask(idx, cnt)
-    vals = np.sort(np.where(valid, idx.astype(np.int64), np.int64(stride)), axis=1)
-    if (valid[:, 1:] & (vals[:, 1:] == vals[:, :-1])).any():
+    if has_repeated_ids(idx, cnt, 1 + _max_valid(idx, cnt)):
         raise MfsimError(f"{name} lists a candidate twice in one row; pass top-N lists (distinct ids per row).")
     return idx, scores, cnt
 
 
 def _members(ia: np.ndarray, ca: np.ndarray, ib: np.ndarray, cb: np.ndarray, stride: int) -> np.ndarray:
-    """Per entry of a (the first ``ca`` of each row), whether its id is among the first ``cb`` of b's row."""
-    kb = _row_keys(ib, cb, stride)
-    if kb.size == 0:
-        return np.zeros(ia.shape, dtype=bool)
-    ka = np.arange(ia.shape[0], dtype=np.int64)[:, None] * stride + ia.astype(np.int64)
-    pos = np.minimum(np.searchsorted(kb, ka), kb.size - 1)
-    return (kb[pos] == ka) & valid_mask(ia, ca)
+    """Per entry of a (the first ``ca`` of each row), whether its id is among the first ``cb`` of b's row (ids below
+    ``stride``; ``kernels.sets.row_members``)."""
+    return row_members(ia, ca, ib, cb, stride)
 
 
 def near_cut(scores: np.ndarray, counts: np.ndarray, n: int, bound: np.ndarray) -> np.ndarray:
