@@ -45,8 +45,10 @@ def _two_loop(g, S, Y, rho, order, out):
     sy = 0.0
     yy = 0.0
     for j in range(n):
-        sy += S[last, j] * Y[last, j]
-        yy += Y[last, j] * Y[last, j]
+        s_j = np.float64(S[last, j])  # float32 slots: products in float64
+        y_j = np.float64(Y[last, j])
+        sy += s_j * y_j
+        yy += y_j * y_j
     gamma = sy / yy
     i = order[0]
     acc = 0.0
@@ -70,6 +72,30 @@ def _two_loop(g, S, Y, rho, order, out):
                 out[j] += c * S[i, j]
 
 
+@njit(nogil=True, cache=True)
+def _store_pair(x_new, x, g_new, g, s_out, y_out):
+    """``s = x_new - x`` and ``y = g_new - g`` stored (in the slots' precision), and ``(s.y, g.s)`` of the stored s and
+    y in float64, summed left to right."""
+    sy = 0.0
+    gs = 0.0
+    for j in range(x.shape[0]):
+        s_out[j] = x_new[j] - x[j]
+        y_out[j] = g_new[j] - g[j]
+        sj = np.float64(s_out[j])
+        sy += sj * np.float64(y_out[j])
+        gs += g[j] * sj
+    return sy, gs
+
+
+def store_pair(x_new: np.ndarray, x: np.ndarray, g_new: np.ndarray, g: np.ndarray, s_out: np.ndarray,
+               y_out: np.ndarray) -> tuple[float, float]:
+    """Write the correction pair ``s = x_new - x``, ``y = g_new - g`` into slots ``s_out``, ``y_out`` (float32 or
+    float64: ``lbfgs_direction`` reads either) and return ``(s.y, g.s)`` of the pair as stored, in float64: the curvature
+    test and ``rho = 1 / s.y`` then describe the vectors the direction uses."""
+    sy, gs = _store_pair(x_new, x, g_new, g, s_out, y_out)
+    return float(sy), float(gs)
+
+
 def lbfgs_direction(g: np.ndarray, S: np.ndarray, Y: np.ndarray, rho: np.ndarray, order: np.ndarray,
                     out: np.ndarray | None = None) -> np.ndarray:
     """``-H g``: L-BFGS's inverse-Hessian approximation from the pairs ``(S[i], Y[i])``, ``rho[i] = 1 / s_i.y_i``,
@@ -84,8 +110,9 @@ def lbfgs_direction(g: np.ndarray, S: np.ndarray, Y: np.ndarray, rho: np.ndarray
         return out
     if S.shape != Y.shape or S.ndim != 2 or S.shape[1] != g.shape[0] or out.shape != g.shape:
         raise ValueError(f"lbfgs_direction: S {S.shape} and Y {Y.shape} must be (memory, {g.shape[0]})")
-    if S.dtype != np.float64 or Y.dtype != np.float64 or not (S.flags.c_contiguous and Y.flags.c_contiguous):
-        raise ValueError("lbfgs_direction: S and Y must be C-contiguous float64")
+    if S.dtype != Y.dtype or S.dtype not in (np.float32, np.float64) or not (S.flags.c_contiguous
+                                                                            and Y.flags.c_contiguous):
+        raise ValueError("lbfgs_direction: S and Y must be C-contiguous, both float32 or both float64")
     _two_loop(g, S, Y, np.asarray(rho, dtype=np.float64), order, out)
     return out
 

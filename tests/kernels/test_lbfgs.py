@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mfsim.kernels.lbfgs import lbfgs_direction, lbfgs_direction_reference
+from mfsim.kernels.lbfgs import lbfgs_direction, lbfgs_direction_reference, store_pair
 
 
 def _pairs(rng, m, n, slots):
@@ -55,3 +55,28 @@ def test_same_bits_whatever_the_alignment():
     shifted = buf[1:]  # an 8-byte offset from the allocation's alignment
     shifted[:] = g
     np.testing.assert_array_equal(lbfgs_direction(shifted, S, Y, rho, np.array([1, 2, 0])), want)
+
+
+def test_float32_pairs_give_the_direction_of_their_float64_values():
+    # float32 slots (the cosine model's L-BFGS): the direction of exactly those values taken as float64, the
+    # products and sums in float64 (the store rounds, the arithmetic does not)
+    rng = np.random.default_rng(11)
+    S, Y, rho = _pairs(rng, 4, 777, 5)
+    S32, Y32 = S.astype(np.float32), Y.astype(np.float32)
+    rho32 = 1.0 / np.einsum("ij,ij->i", S32.astype(np.float64), Y32.astype(np.float64))
+    g = rng.standard_normal(777)
+    order = np.array([4, 0, 2, 1])
+    want = lbfgs_direction_reference(g, S32.astype(np.float64), Y32.astype(np.float64), rho32, order)
+    got = lbfgs_direction(g, S32, Y32, rho32, order)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+
+
+def test_store_pair_writes_the_pair_and_its_float64_products():
+    rng = np.random.default_rng(12)
+    x, x_new, g, g_new = (rng.standard_normal(301) for _ in range(4))
+    s, y = np.empty(301, np.float32), np.empty(301, np.float32)
+    sy, gs = store_pair(x_new, x, g_new, g, s, y)
+    np.testing.assert_array_equal(s, (x_new - x).astype(np.float32))
+    np.testing.assert_array_equal(y, (g_new - g).astype(np.float32))
+    s64, y64 = s.astype(np.float64), y.astype(np.float64)
+    assert sy == pytest.approx(float(s64 @ y64), rel=1e-13) and gs == pytest.approx(float(g @ s64), rel=1e-13)

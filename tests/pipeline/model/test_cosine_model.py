@@ -257,7 +257,8 @@ def test_lbfgs_stops_where_the_callback_says_and_after_max_iterations():
         if len(seen) == 3:
             raise StopIteration
 
-    fun = lambda x: (float(x @ x), 2 * x)  # noqa: E731
+    # not a quadratic: L-BFGS could solve one exactly in two steps (a zero gradient: "stationary" before the rule)
+    fun = lambda x: (float(np.sum(x ** 4) + x @ x), 4 * x ** 3 + 2 * x)  # noqa: E731
     res = lbfgs(fun, np.arange(1.0, 4.0), memory=3, max_iterations=50, callback=stop_at_three)
     assert (res.reason, res.iterations, res.f) == ("rule", 3, seen[-1])
     capped = lbfgs(lambda x: (float(np.sum(x ** 4)), 4 * x ** 3), np.ones(4), memory=3, max_iterations=2)
