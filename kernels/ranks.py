@@ -47,34 +47,41 @@ def _before(s, j, ts, t):
 
 
 @njit(nogil=True, cache=True)
-def _count_before(tile, r0, c0, qinv, cinv, cosine, ex_indptr, ex_indices, t_indptr, t_indices, t_scores, ranks):
-    """``ranks[e] +=`` the admissible candidates of this tile ranked before held-out entry e (rows ``r0 ..``): all of
-    the tile's candidates before it, in one vectorisable pass per entry, less the row's excluded ones (and, for the
-    cosine, less those without a cosine: ``cinv`` 0)."""
+def _count_before(tile, r0, c0, qinv, cinv, cosine, ex_indptr, ex_indices, t_indptr, t_indices, t_scores, ranks,
+                  scratch):
+    """``ranks[e] +=`` the admissible candidates of this tile ranked before held-out entry e (rows ``r0 ..``): those
+    scoring above it (one vectorisable pass over the row per entry) and those tying it at a smaller id (a pass over
+    the ids below it), less the row's excluded ones. For the cosine the row's cosines are computed once into
+    ``scratch`` (float32, >= the tile's width), as ``select_tile`` rounds them (``(s_ij * qinv_i) * cinv_j``), and a
+    candidate without a cosine (``cinv`` 0) is -inf there: before no entry."""
     nr, nb = tile.shape
     has_ex = ex_indptr.shape[0] > 0
     cseg = cinv[c0 : c0 + nb]
+    vals = scratch[:nb]
     for r in range(nr):
         a, b = t_indptr[r0 + r], t_indptr[r0 + r + 1]
+        if a == b:
+            continue
         row = tile[r]
-        qi = qinv[r0 + r]
+        if cosine:
+            qi = qinv[r0 + r]
+            for jj in range(nb):
+                vals[jj] = row[jj] * qi * cseg[jj] if cseg[jj] != 0 else -np.inf
+        else:
+            for jj in range(nb):
+                vals[jj] = row[jj]
         for e in range(a, b):
             ts, t = t_scores[e], t_indices[e] - c0
             count = 0
-            if cosine:
-                for jj in range(nb):
-                    c = row[jj] * qi * cseg[jj]  # as select_tile: (s_ij * qinv_i) * cinv_j
-                    count += ((c > ts) | ((c == ts) & (jj < t))) & (cseg[jj] != 0)
-            else:
-                for jj in range(nb):
-                    count += (row[jj] > ts) | ((row[jj] == ts) & (jj < t))
+            for jj in range(nb):
+                count += 1 if vals[jj] > ts else 0
+            for jj in range(min(max(t, 0), nb)):  # a tie counts before the entry when its id is smaller
+                count += 1 if vals[jj] == ts else 0
             if has_ex:
                 for x in range(ex_indptr[r0 + r], ex_indptr[r0 + r + 1]):
                     jj = ex_indices[x] - c0
-                    if 0 <= jj < nb and (not cosine or cseg[jj] != 0):
-                        s = row[jj] * qi * cseg[jj] if cosine else row[jj]
-                        if _before(s, jj, ts, t):
-                            count -= 1
+                    if 0 <= jj < nb and _before(vals[jj], jj, ts, t):
+                        count -= 1
             ranks[e] += count
 
 
@@ -136,6 +143,7 @@ def held_out_ranks(queries: np.ndarray, candidates: np.ndarray, target_indptr: n
     cb = min(int(candidate_block), max(p, 1))
     rows = tile_rows(nq, query_chunk, cb, 1)
     buf = np.empty(rows * cb, dtype=np.float32)
+    scratch = np.empty(cb, dtype=np.float32)  # a row's cosines (``_count_before``)
     blocks = [(c0, min(c0 + cb, p)) for c0 in range(0, p, cb)]
 
     def tile_of(r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
@@ -150,7 +158,7 @@ def held_out_ranks(queries: np.ndarray, candidates: np.ndarray, target_indptr: n
     def count(tile, r0, c0):
         for m in metrics:
             _count_before(tile, r0, c0, qinv, cinv, m == "cosine", ex_indptr, ex_indices, t_indptr, t_indices,
-                          t_scores[m], ranks[m])
+                          t_scores[m], ranks[m], scratch)
 
     for r0 in range(0, nq, rows):
         r1 = min(nq, r0 + rows)

@@ -233,11 +233,14 @@ def test_basis_in_chunks_for_rank_below_k_and_the_zero_matrix(client, monkeypatc
     monkeypatch.setattr(krylov_basis, "MIN_CHUNK_ROWS", 2)  # 80 items: 8 chunks of 10 rows
     rng = np.random.default_rng(5)
     x = sp.csr_matrix((rng.random((300, 4)) @ rng.random((4, 80))).astype(np.float32))  # rank 4
-    res = krylov_svd(RowBlocks.from_scipy(x, 100, client), 10, block_size=8, compute_u=True)
+    # 4 blocks: the first spans X's rank 4, each later one loses columns against the basis and replaces them; more
+    # blocks (the default 16) only repeat that, at ~0.5 s each on the workers
+    res = krylov_svd(RowBlocks.from_scipy(x, 100, client), 10, block_size=8, compute_u=True, max_blocks=4)
     s_ref = np.linalg.svd(x.toarray().astype(np.float64), compute_uv=False)
     np.testing.assert_allclose(res.sigma[:4], s_ref[:4], rtol=1e-6)
     assert np.all(res.sigma[4:] <= 1e-5 * s_ref[0])
     np.testing.assert_allclose(res.V.T.astype(np.float64) @ res.V, np.eye(10), atol=1e-6)
-    zero = krylov_svd(RowBlocks.from_scipy(sp.csr_matrix((20, 9), dtype=np.float32), 7, client), 3, block_size=2)
+    zero = krylov_svd(RowBlocks.from_scipy(sp.csr_matrix((20, 9), dtype=np.float32), 7, client), 3, block_size=2,
+                      max_blocks=4)
     np.testing.assert_array_equal(zero.sigma, 0.0)
     np.testing.assert_allclose(zero.V.T @ zero.V, np.eye(3), atol=1e-6)
