@@ -69,7 +69,7 @@ from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.runs.lock import STATE_DIR, host_tag, hostname, os_error, pid_alive, root_mutex
 from mfsim.pipeline.runs.records import MANIFEST
 from mfsim.pipeline.runs.root import Root, state_relative
-from mfsim.pipeline.runs.storage import Location, local_path
+from mfsim.pipeline.runs.storage import Location, local_path, parquet_options
 from mfsim.pipeline.runs.writer import NOT_PUBLISHED, RunWriter
 
 __all__ = ["PosixRoot", "PosixRunWriter"]
@@ -269,7 +269,7 @@ class PosixRunWriter(RunWriter):
             try:
                 for t in tables:
                     if writer is None:
-                        writer = pq.ParquetWriter(p, t.schema, compression="zstd")
+                        writer = pq.ParquetWriter(p, t.schema, **parquet_options(t.schema))
                     writer.write_table(t)
             finally:
                 if writer is not None:

@@ -56,6 +56,15 @@ def filesystem(url: str):
     return fsspec.core.url_to_fs(url)
 
 
+def parquet_options(schema: pa.Schema) -> dict:
+    """How every output table is written: zstd, and dictionary encoding for its string and binary columns only (ids
+    repeated along a list). Numeric columns are written plain: dictionaries of item ids, ranks and scores cost more
+    than they save (a 168k-row list part: 15 -> 8.5 ms, 964 -> 818 kB). Readers see the same schema and values."""
+    strings = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+               or pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type) or pa.types.is_dictionary(f.type)]
+    return {"compression": "zstd", "use_dictionary": strings}
+
+
 @dataclass(frozen=True)
 class Location:
     """A directory (local) or a prefix (URL) that a run's files are written below.
@@ -91,13 +100,13 @@ class Location:
         return p
 
     def write_table(self, relative: str, table: pa.Table) -> int:
-        """``table`` as Parquet (zstd) at ``relative``; its row count."""
+        """``table`` as Parquet (``parquet_options``) at ``relative``; its row count."""
         if self.remote:
             buf = io.BytesIO()
-            pq.write_table(table, buf, compression="zstd")
+            pq.write_table(table, buf, **parquet_options(table.schema))
             self.write_bytes(relative, buf.getvalue())
         else:
-            pq.write_table(table, self.local(relative), compression="zstd")
+            pq.write_table(table, self.local(relative), **parquet_options(table.schema))
         return table.num_rows
 
     def write_bytes(self, relative: str, data: bytes) -> None:
