@@ -206,7 +206,8 @@ def cosine_matrix(B: np.ndarray) -> np.ndarray:
     inv = np.zeros_like(norms)
     np.divide(1.0, norms, out=inv, where=norms > 0)  # zero rows -> zero direction
     Bn = B * inv[:, None]
-    return np.clip(Bn @ Bn.T, -1.0, 1.0)  # C = N B B^T N; clip float64 round-off past +-1
+    C = Bn @ Bn.T  # C = N B B^T N
+    return np.clip(C, -1.0, 1.0, out=C)  # float64 round-off past +-1
 
 
 def shrinkage_weights(sigma: np.ndarray, lambdas: Mapping[str, float]) -> dict[str, np.ndarray]:
