@@ -80,3 +80,32 @@ def test_store_pair_writes_the_pair_and_its_float64_products():
     np.testing.assert_array_equal(y, (g_new - g).astype(np.float32))
     s64, y64 = s.astype(np.float64), y.astype(np.float64)
     assert sy == pytest.approx(float(s64 @ y64), rel=1e-13) and gs == pytest.approx(float(g @ s64), rel=1e-13)
+
+
+@pytest.mark.parametrize("split", [1, 300, 776])
+def test_a_block_diagonal_initial_hessian_matches_the_reference(split):
+    rng = np.random.default_rng(13)
+    S, Y, rho = _pairs(rng, 4, 777, 5)
+    Y[:, split:] *= 50.0  # the second block curves 50x less (y = H s): its own scale differs from the first's
+    rho = 1.0 / np.einsum("ij,ij->i", S, Y)
+    g = rng.standard_normal(777)
+    order = np.array([1, 3, 0, 4])
+    want = lbfgs_direction_reference(g, S, Y, rho, order, split=split)
+    got = lbfgs_direction(g, S, Y, rho, order, split=split)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+    assert not np.allclose(got, lbfgs_direction(g, S, Y, rho, order))  # the split changes the direction
+
+
+def test_split_on_a_separable_quadratic_gives_each_block_its_curvature():
+    # f = a |x_1|^2 / 2 + b |x_2|^2 / 2 with one pair: y = diag(a, b) s, so gamma_b = 1 / curvature of block b and
+    # the first direction is exactly -H^-1 g (Newton's step), which one scale for both cannot give
+    a, b, n1, n = 4.0, 0.01, 5, 12
+    curv = np.r_[np.full(n1, a), np.full(n - n1, b)]
+    s = np.random.default_rng(14).standard_normal(n)
+    S, Y = s[None, :], (curv * s)[None, :]
+    rho = np.array([1.0 / float(S[0] @ Y[0])])
+    g = curv * np.random.default_rng(15).standard_normal(n)
+    d = lbfgs_direction(g, S.copy(), Y.copy(), rho, np.array([0]), split=n1)
+    # on each block the pair's curvature is exact; the BFGS update of one pair leaves H_0 = -g / curv along
+    # directions orthogonal to y, and s itself maps to y: the whole direction is Newton's
+    np.testing.assert_allclose(d, -g / curv, rtol=1e-10, atol=1e-12)
