@@ -446,9 +446,12 @@ def _product_deviations(factors: Mapping[str, tuple[np.ndarray, np.ndarray]], na
 def _relative_max(diff: np.ndarray, denom: np.ndarray) -> float:
     """``max |diff| / denom``, inf where denom is 0 and diff is not."""
     diff = np.abs(diff)
+    positive = denom > 0
+    if positive.all():  # the rule: one division, no masks
+        return float(np.divide(diff, denom, out=diff).max(initial=0.0))
     rel = np.zeros_like(diff)
-    np.divide(diff, denom, out=rel, where=denom > 0)
-    rel[(denom == 0) & (diff > 0)] = np.inf
+    np.divide(diff, denom, out=rel, where=positive)
+    rel[~positive & (diff > 0)] = np.inf
     return float(rel.max(initial=0.0))
 
 

@@ -652,7 +652,9 @@ def quantile_limits(values: np.ndarray, lower: float = 0.01, upper: float = 0.99
     if not (0.0 <= lo_q < hi_q <= 1.0):
         raise MfsimError(f"quantiles must satisfy 0 <= lower < upper <= 1, got lower={lower}, upper={upper}")
     v = np.asarray(values, dtype=np.float64).ravel()
-    v = v[np.isfinite(v)]
+    finite = np.isfinite(v)
+    if not finite.all():
+        v = v[finite]
     mid = 0.0 if center is None else float(center)
     if v.size == 0:
         return mid - 1.0, mid + 1.0
