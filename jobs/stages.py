@@ -66,7 +66,6 @@ class StageContext:
     scorer: ClusterScorer | None = None  # cluster precision of item-item lists, fed as they are written
     subset: np.ndarray | None = None  # user rows of neighbours.users (None: all users)
     train: tuple | None = None  # (train, test, Spectrum) of the held-out split (``holdout_split``): sweep, evaluation
-    train_fit: Fit | None = None  # the evaluation's fit on the train split when the fit stage made it (holdout_fit)
     results: dict[str, StageResult] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -126,9 +125,8 @@ def fit_stage(ctx: StageContext) -> StageResult:
             sweep = lambda_sweep(ctx)
         ctx.cfg = with_lambdas(ctx.cfg, sweep.chosen)  # the chosen lambdas replace auto for every later stage
         ctx.warnings.extend(sweep.warnings)
-    train_fit = holdout_fit(ctx)
     start, warm = warm_start(ctx)
-    fit = ctx.fit = fit_model(ctx.data.X, ctx.cfg, ctx.run.stage, start=start, cosine_from=train_fit)
+    fit = ctx.fit = fit_model(ctx.data.X, ctx.cfg, ctx.run.stage, start=start)
     ctx.run.write_table(outputs.SINGULAR_VALUES, outputs.singular_values_table(fit.sigma))
     ctx.run.write_table(outputs.SVD_BASIS, outputs.embedding_table(ctx.data.item_ids, outputs.ITEM_ID, fit.V))
     log.info("svd: rank %d, sigma %.4g .. %.4g", len(fit.sigma), fit.sigma[0], fit.sigma[-1])
@@ -146,22 +144,9 @@ def fit_stage(ctx: StageContext) -> StageResult:
     return StageResult({"preprocess": fit.prep.describe(), "svd": svd, "factors": meta, **skipped}, tables)
 
 
-def holdout_fit(ctx: StageContext) -> Fit | None:
-    """The evaluation's fit on the train split, made before the published fit when both train the cosine model
-    (timed as ``holdout_factors``, ``holdout_cosine``): the published cosine model starts from its (``fit_factors``'s
-    ``cosine_from``). The train split's model never sees the published fit: its held-out metrics stay honest.
-    None (the evaluation fits by itself) without a cosine model or a held-out split."""
-    cfg = ctx.cfg
-    if cfg.objectives.cosine is None or cfg.evaluation.holdout == "none":
-        return None
-    train, test, spectrum = holdout_split(ctx)
-    ctx.train_fit = fit_factors(spectrum, cfg.objectives, ctx.run.stage, prefix="holdout_")
-    return ctx.train_fit
-
-
 def holdout_split(ctx: StageContext) -> tuple[RowBlocks, RowBlocks, Spectrum]:
     """``ctx.train``: X's held-out split (``evaluation.holdout``) and the train split's SVD, placed by
-    ``holdout_where``; made once, for the lambda sweep, the evaluation's fit and its lists."""
+    ``holdout_where``; made once, for the lambda sweep and the evaluation."""
     if ctx.train is None:
         cfg = ctx.cfg
         ecfg = cfg.evaluation
@@ -406,11 +391,10 @@ def evaluation_stage(ctx: StageContext) -> StageResult:
     """
     cfg, data = ctx.cfg, ctx.data
     ecfg = cfg.evaluation
-    # the lambda sweep's split and SVD when it ran (only the factors of the chosen lambdas are new), and the fit
-    # stage's fit on it when that trained the cosine model (``holdout_fit``)
+    # the lambda sweep's split and SVD when it ran: only the factors of the chosen lambdas are new
     train, test, spectrum = holdout_split(ctx)
     client, where, spectrum, train, test = holdout_where(ctx, spectrum, train, test)
-    fit = ctx.train_fit if ctx.train_fit is not None else fit_factors(spectrum, cfg.objectives)
+    fit = fit_factors(spectrum, cfg.objectives)
     rows, sample = holdout_metrics(client, cfg, fit, train=train, test=test, user_ids=data.user_ids,
                                    item_ids=data.item_ids, by_rank=True)
     table = pa.Table.from_pylist(rows, schema=outputs.EVALUATION_SCHEMA)

@@ -76,7 +76,6 @@ class CosineFit:
     seconds: float
     history: list[tuple[float, float]] = field(default_factory=list)
     users_without_embedding: int = 0  # rows of X A that are zero or below DIRECTION_FLOOR: no embedding, no score
-    rule_loss: float | None = None  # a warm start's: the loss the stopping rule measured the decrease from
 
     def factors(self) -> tuple[np.ndarray, np.ndarray]:
         """The published pair: ``A`` and ``B = gamma^1/2 N(B)`` (float32); the user embeddings ``gamma^1/2
@@ -94,8 +93,7 @@ class CosineFit:
         return {"gamma": self.gamma, "loss": self.loss, "iterations": self.iterations,
                 "evaluations": self.evaluations, "converged": self.converged, "message": self.message,
                 "seconds": round(self.seconds, 3), "users_without_embedding": self.users_without_embedding,
-                "start_loss": self.history[0][0] if self.history else None,
-                **({} if self.rule_loss is None else {"rule_loss": self.rule_loss})}
+                "start_loss": self.history[0][0] if self.history else None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,8 +431,7 @@ def lbfgs(fun, x0: np.ndarray, *, memory: int, max_iterations: int, callback=Non
 
 
 def train_cosine(X: RowBlocks, A0: np.ndarray, B0: np.ndarray, *, lam: float, max_iterations: int, tol: float,
-                 col_offset: np.ndarray | None = None, basis: tuple[np.ndarray, np.ndarray] | None = None,
-                 rule_from: tuple[np.ndarray, np.ndarray] | None = None) -> CosineFit:
+                 col_offset: np.ndarray | None = None, basis: tuple[np.ndarray, np.ndarray] | None = None) -> CosineFit:
     """L-BFGS on ``L(A, B)`` from ``(A0, B0)`` (e.g. the Eq. 2 solution).
 
     Converged when the loss fell by at most ``tol`` times its decrease since the start over the last
@@ -448,12 +445,6 @@ def train_cosine(X: RowBlocks, A0: np.ndarray, B0: np.ndarray, *, lam: float, ma
 
     ``basis``: X's ``(V_k, s)``, for the change of variables ``A = T Z`` of ``SpectralPreconditioner``; the
     optimizer then runs on (Z, B), and the result is the same model (A = T Z).
-
-    ``rule_from``: a warm start's reference point ``(A, B)`` (the Eq. 2 solution a cold start would begin at): the
-    rule's ``L_0`` is its loss (one more evaluation), not the warm start's, so that "its decrease since the start"
-    means the same for a cold and a warm start; a start already near the optimum has made most of that decrease.
-    A warm start whose loss is not below the reference's is not used: the run starts from the reference
-    (``rule_loss`` None in the result).
     """
     p, k = np.shape(A0)
     if np.shape(B0) != (p, k) or X.n_cols != p:
@@ -462,12 +453,11 @@ def train_cosine(X: RowBlocks, A0: np.ndarray, B0: np.ndarray, *, lam: float, ma
     fn = CosineLoss(X, lam, col_offset)
     pre = SpectralPreconditioner(*basis) if basis is not None else None
     with threads(numba=1, blas=1):  # see ``_optimize``
-        return _optimize(fn, A0, B0, pre, lam=lam, max_iterations=max_iterations, tol=tol, t0=t0, reference=rule_from)
+        return _optimize(fn, A0, B0, pre, lam=lam, max_iterations=max_iterations, tol=tol, t0=t0)
 
 
 def _optimize(fn: CosineLoss, A0: np.ndarray, B0: np.ndarray, pre: SpectralPreconditioner | None, *, lam: float,
-              max_iterations: int, tol: float, t0: float,
-              reference: tuple[np.ndarray, np.ndarray] | None = None) -> CosineFit:
+              max_iterations: int, tol: float, t0: float) -> CosineFit:
     """``train_cosine``'s L-BFGS, on one thread for numba and for BLAS: the driver's work between two evaluations
     (L-BFGS's update over 2 p k variables, the change of variables, the row kernels) is a series of short
     calls, and pools of idle threads of the two kinds, spinning on the same cores, made them wait for each
@@ -488,26 +478,12 @@ def _optimize(fn: CosineLoss, A0: np.ndarray, B0: np.ndarray, pre: SpectralPreco
         last.update(theta=theta.copy(), loss=loss, grad_norm=float(np.linalg.norm(grad)), gamma=gamma)
         return loss - fn.xx, grad
 
-    def start_at(A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
-        Z = np.asarray(A, np.float64) if pre is None else pre.from_a(np.asarray(A, np.float64))
-        theta = np.concatenate([Z.ravel(), np.asarray(B, np.float64).ravel()])
-        grad = objective(theta)[1]
-        return theta, grad, last["loss"], last["grad_norm"]
-
-    warm = reference is not None
-    if warm:
-        # the reference first: the rule's L_0. A warm start no better than it (a saddle of a degenerate train split:
-        # rank-1 A, zero gradient) is dropped, and the run starts cold from the reference
-        theta_r, grad_r, loss_r, grad_norm_r = start_at(*reference)
-    theta0, start_grad, loss0, grad_norm0 = start_at(A0, B0)
-    rule_loss0 = loss0
-    if warm:
-        if not loss0 < loss_r:
-            theta0, start_grad, loss0, grad_norm0, warm = theta_r, grad_r, loss_r, grad_norm_r, False
-        rule_loss0 = max(loss0, loss_r)
+    Z0 = np.asarray(A0, np.float64) if pre is None else pre.from_a(np.asarray(A0, np.float64))
+    theta0 = np.concatenate([Z0.ravel(), np.asarray(B0, np.float64).ravel()])
+    start_grad = objective(theta0)[1]
+    loss0, grad_norm0 = last["loss"], last["grad_norm"]
     history = [(loss0, grad_norm0)]
-    log.info("cosine model: start loss %.6g, |grad| %.3g (lambda %g, %d x %d%s)", loss0, grad_norm0, lam, p, k,
-             "" if not warm else f"; a warm start, the rule from loss {rule_loss0:.6g}")
+    log.info("cosine model: start loss %.6g, |grad| %.3g (lambda %g, %d x %d)", loss0, grad_norm0, lam, p, k)
     progress_rule = f"loss decrease over the last {PROGRESS_WINDOW} iterations <= tol x decrease since the start"
 
     shown = {"iteration": 0, "at": time.perf_counter()}  # the last iteration logged at INFO
@@ -526,7 +502,7 @@ def _optimize(fn: CosineLoss, A0: np.ndarray, B0: np.ndarray, pre: SpectralPreco
             shown.update(iteration=iteration, at=now)
         if len(history) > PROGRESS_WINDOW:
             recent = history[-1 - PROGRESS_WINDOW][0] - loss
-            if recent <= float(tol) * (rule_loss0 - loss):
+            if recent <= float(tol) * (loss0 - loss):
                 raise StopIteration  # lbfgs ends the run at this iterate
 
     if max_iterations > 0 and np.isfinite(loss0):
@@ -548,5 +524,4 @@ def _optimize(fn: CosineLoss, A0: np.ndarray, B0: np.ndarray, pre: SpectralPreco
              final_loss, gamma, seconds, message)
     return CosineFit(A=A, Q=Q, gamma=float(gamma), loss=float(final_loss), iterations=iterations,
                      evaluations=fn.evaluations, converged=converged, message=message, seconds=seconds,
-                     history=history, users_without_embedding=fn.n - fn.rows_with_direction,
-                     rule_loss=rule_loss0 if warm else None)
+                     history=history, users_without_embedding=fn.n - fn.rows_with_direction)

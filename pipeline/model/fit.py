@@ -17,7 +17,7 @@ import numpy as np
 
 from mfsim.pipeline.blocks import RowBlocks, rounds_where
 from mfsim.pipeline.config import Config, ObjectivesSection
-from mfsim.pipeline.model.cosine_model import COSINE_WIDTH, CosineFit, normalize_rows, train_cosine
+from mfsim.pipeline.model.cosine_model import COSINE_WIDTH, normalize_rows, train_cosine
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.model.factors import Factors, build_embeddings, eq2_scales, user_embeddings_blocks
 from mfsim.pipeline.model.preprocess import Preprocessor, preprocess
@@ -39,7 +39,6 @@ class Fit:
     meta: dict[str, Any]
     user_parts: dict[tuple[str, str], list] = field(default_factory=dict)  # P = X A per row block, when computed
     svd_info: dict[str, Any] = field(default_factory=dict)  # the solver's diagnostics (passes, convergence)
-    cosine: CosineFit | None = None  # the cosine-trained model as trained (float64), when it was
 
     def users(self, key: tuple[str, str]) -> list:
         """User embeddings ``P = X_eff A`` of (objective, scaling) per row block (futures), computed once;
@@ -93,15 +92,14 @@ def fit_spectrum(X_raw: RowBlocks, cfg: Config, timer: Timer | None = None, pref
 
 
 def fit_factors(spec: Spectrum, objectives: ObjectivesSection, timer: Timer | None = None,
-                prefix: str = "", warn: bool = True, cosine_from: Fit | None = None) -> Fit:
+                prefix: str = "", warn: bool = True) -> Fit:
     """The closed forms of Eq. 1 and Eq. 2 from the SVD (numeric lambdas), then the cosine-trained model
-    (``pipeline.model.cosine_model``), timed as ``<prefix>factors`` and ``<prefix>cosine``.
+    (``pipeline.model.cosine_model``, from Eq. 2's solution), timed as ``<prefix>factors`` and ``<prefix>cosine``.
 
-    The cosine model starts from Eq. 2's solution, or from ``cosine_from``'s cosine model when given (the
-    evaluation's fit on the train split: the same items, most of the same data, so most of the way to this fit's
-    optimum); its stopping rule measures the decrease from Eq. 2's solution either way, so a warm start stops
-    by the same rule, only sooner (ml-100k: 195 iterations from Eq. 2, 85 from the train split's model, to a
-    lower loss)."""
+    Why not from the evaluation's train-split model, which has seen most of the same data: measured on
+    ``conf/paper.yaml``: 63 instead of 138 iterations, but the stopping rule (its decrease measured from Eq. 2's
+    loss) then stopped at loss 261,976 against 258,338 from Eq. 2, and cluster precision@10 of its lists fell from
+    0.95 to 0.85: a start that has made most of the decrease stops early, short of the cold start's optimum."""
     if objectives.auto():
         raise MfsimError(f"fit_factors needs numeric lambdas; {objectives.auto()} are auto (resolve them first)")
     svd = spec.svd
@@ -121,33 +119,24 @@ def fit_factors(spec: Spectrum, objectives: ObjectivesSection, timer: Timer | No
         # puts the gradients of both on one scale (measured on conf/paper.yaml: loss 258.6k after 200
         # iterations against 263.5k from the unscaled Eq. 2 solution).
         rms = float(np.sqrt(np.sum((fit.sigma * a) ** 2) / max(1, fit.X.n_rows)))
-        eq2_start = (V * (a / rms), normalize_rows(V * b)[0])
-        warm = cosine_from.cosine if cosine_from is not None else None
-        if warm is not None and warm.A.shape != eq2_start[0].shape:
-            raise MfsimError(f"cosine model: the warm start is {warm.A.shape[0]} x {warm.A.shape[1]}, this fit "
-                             f"{eq2_start[0].shape[0]} x {eq2_start[0].shape[1]}")
         with _stage(timer, prefix + "cosine"):
             X, where = rounds_where(fit.X, COSINE_WIDTH * V.shape[1])
-            trained = train_cosine(X, *(eq2_start if warm is None else (warm.A, warm.Q)), lam=ccfg.lambda_,
+            trained = train_cosine(X, V * (a / rms), normalize_rows(V * b)[0], lam=ccfg.lambda_,
                                    max_iterations=ccfg.max_iterations, tol=ccfg.tol, col_offset=fit.prep.col_offset,
-                                   basis=(V, fit.sigma), rule_from=None if warm is None else eq2_start)
+                                   basis=(V, fit.sigma))
             del X
         A, B = trained.factors()
-        fit.cosine = trained
         fit.factors.add(("cosine", UNIQUE), A, B, user_scale=trained.user_scale)
-        start = f"eq2 lambda={lam2:g}" if trained.rule_loss is None else \
-            f"the train split's cosine model (evaluation); the rule from eq2 lambda={lam2:g}"
-        fit.meta["cosine"] = {"lambda": float(ccfg.lambda_), "start": start, "ran_on": where, **trained.describe()}
+        fit.meta["cosine"] = {"lambda": float(ccfg.lambda_), "start": f"eq2 lambda={lam2:g}", "ran_on": where,
+                              **trained.describe()}
     return fit
 
 
 def fit_model(X_raw: RowBlocks, cfg: Config, timer: Timer | None = None, prefix: str = "",
-              start: np.ndarray | None = None, cosine_from: Fit | None = None) -> Fit:
+              start: np.ndarray | None = None) -> Fit:
     """Preprocess, truncated SVD, the closed forms of Eq. 1 and Eq. 2 and the cosine-trained model (each timed
-    when ``timer`` is given); the lambdas of ``cfg`` must be numbers (``jobs.stages`` resolves ``auto``).
-    ``start``: the SVD's warm start; ``cosine_from``: the cosine model's (``fit_factors``)."""
-    return fit_factors(fit_spectrum(X_raw, cfg, timer, prefix, start), cfg.objectives, timer, prefix,
-                       cosine_from=cosine_from)
+    when ``timer`` is given); the lambdas of ``cfg`` must be numbers (``jobs.stages`` resolves ``auto``)."""
+    return fit_factors(fit_spectrum(X_raw, cfg, timer, prefix, start), cfg.objectives, timer, prefix)
 
 
 def _stage(timer: Timer | None, name: str) -> AbstractContextManager:
