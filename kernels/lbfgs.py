@@ -108,8 +108,8 @@ def _store_pair(x_new, x, g_new, g, s_out, y_out):
 def store_pair(x_new: np.ndarray, x: np.ndarray, g_new: np.ndarray, g: np.ndarray, s_out: np.ndarray,
                y_out: np.ndarray) -> tuple[float, float]:
     """Write the correction pair ``s = x_new - x``, ``y = g_new - g`` into slots ``s_out``, ``y_out`` (float32 or
-    float64: ``lbfgs_direction`` reads either) and return ``(s.y, g.s)`` of the pair as stored, in float64: the curvature
-    test and ``rho = 1 / s.y`` then describe the vectors the direction uses."""
+    float64: ``lbfgs_direction`` reads either) and return ``(s.y, g.s)`` of the pair as stored, in float64: the
+    curvature test and ``rho = 1 / s.y`` then describe the vectors the direction uses."""
     sy, gs = _store_pair(x_new, x, g_new, g, s_out, y_out)
     return float(sy), float(gs)
 
