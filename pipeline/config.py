@@ -260,7 +260,7 @@ class CosineSection(Section):
     """``objectives.cosine``: the model trained with cosine similarity (``pipeline.model.cosine_model``)."""
 
     lambda_: float = Field(1.0, alias="lambda", ge=0)
-    max_iterations: int = Field(500, ge=0)
+    max_iterations: int = Field(1200, ge=0)
     tol: float = Field(3e-3, gt=0)
     max_nnz: int | None = Field(2_000_000, ge=0)
 
