@@ -36,10 +36,10 @@ DASK = Path(sys.executable).parent / "dask"
 RUN_TIMEOUT_S = 120  # a clean run takes a few seconds here; a run still going after 2 minutes hangs
 # the Krylov SVD (the default solver) held to a tolerance it cannot reach (and told to publish anyway:
 # svd.accept_unconverged), so it builds all MAX_BLOCKS blocks and lasts long enough (~1 s here) for a kill to land
-# inside; each block's product ends in one Rayleigh-Ritz
-MAX_BLOCKS = 16
+# inside; each block's product ends in one Rayleigh-Ritz. The evaluation's fit on the train split builds as many
+MAX_BLOCKS = 8
 MAIN_FIT_CALLS = MAX_BLOCKS  # _ritz_pairs calls of the main fit's SVD (then the evaluation's fit)
-KILL_AT_CALL = 3  # the SVD goes on for 13 more products after the kill, its basis chunks on both workers
+KILL_AT_CALL = 3  # the SVD goes on for 5 more products after the kill, its basis chunks on both workers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +134,8 @@ def work_on_the_workers():
 @pytest.fixture(scope="module")
 def sim_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("worker-loss")
-    cfg = load_config(None, ["simulate.n_users=1500", "simulate.n_items=120", "simulate.seed=5"])
+    # 5 daily files: no test here kills during the ingest, whose per-file pieces only add time
+    cfg = load_config(None, ["simulate.n_users=1500", "simulate.n_items=120", "simulate.seed=5", "simulate.n_days=5"])
     write_simulation(simulate(cfg.simulate), root / "sim", cfg.simulate)
     return root / "sim"
 
@@ -146,7 +147,7 @@ def job_config(sim: Path, out: Path, run_id: str):
         "objectives.eq1.lambda=2.0", "objectives.eq2.lambda=1.5", "objectives.cosine=null",
         "objectives.eq1.scalings=[symmetric,item_orthonormal]", "neighbours.user_user=[cosine]",
         "ingest.block_rows=128",  # 12 row blocks, on both workers
-        "neighbours.query_chunk=32", "neighbours.candidate_block=64",  # many top-N tasks per list
+        "neighbours.query_chunk=64", "neighbours.candidate_block=64",  # many top-N tasks per list (24 per user list)
         "evaluation.cutoffs=[5,10]", "audit.draws=1", "report.enabled=false",
     ])
 
