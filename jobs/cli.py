@@ -536,15 +536,21 @@ def bench_neighbours(
     threads: Optional[int] = typer.Option(None, help="Threads for every method (default: all cores)."),
     query_chunk: int = typer.Option(2048, help="Query rows per tile (mfsim and the bare gemm)."),
     candidate_block: int = typer.Option(4096, help="Candidate rows per tile (mfsim and the bare gemm)."),
+    from_run: Optional[str] = typer.Option(None, "--from-run", help="Also time the factors of this published run "
+                                           "(a run directory, <output>/LATEST or a URL): every objective and scaling "
+                                           "it has, item-item and user-item."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the measured numbers to this JSON file."),
 ) -> None:
     """Time item-item cosine + dot top-N against faiss IndexFlatIP and a bare sgemm over the same tiles."""
     from mfsim.jobs.bench.measure import write_json
-    from mfsim.jobs.bench.neighbours import run_bench_neighbours
+    from mfsim.jobs.bench.neighbours import run_bench_from_run, run_bench_neighbours
 
     out = run_bench_neighbours(items=items, rank=rank, top_n=top_n, seed=seed, slice_items=slice_items,
                                slice_queries=slice_queries, threads=threads, query_chunk=query_chunk,
                                candidate_block=candidate_block)
+    if from_run is not None:
+        out["from_run"] = run_bench_from_run(from_run, top_n, threads=threads, query_chunk=query_chunk,
+                                             candidate_block=candidate_block)
     if json_out is not None:
         write_json(json_out, out)
 

@@ -139,7 +139,7 @@ class Model(ListLookups):
     def _groups(self) -> list[GemmGroup]:
         ctx = self._context()
         n = ctx.cfg.neighbours
-        return plan_lists(list(ctx.fit.factors), n.item_item, n.user_item, n.user_user)
+        return plan_lists(list(ctx.fit.factors), n.item_item, n.user_item, n.user_user, ctx.cfg.list_scalings())
 
     def _partitions(self, name: str, keys: tuple[str, ...]) -> set[tuple[str, ...]]:
         kind = list_kind(name)

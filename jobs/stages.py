@@ -320,7 +320,7 @@ def neighbours_stage(ctx: StageContext) -> StageResult:
     places: dict[str, int] = {}
     X_here = None  # X's pattern in this process (the users' own items, excluded from their lists), once
     labels: dict[str, Any] = {}  # the item truth's labels where the groups run, shared once per place
-    for g in plan_lists(list(fit.factors), ncfg.item_item, ncfg.user_item, ncfg.user_user):
+    for g in plan_lists(list(fit.factors), ncfg.item_item, ncfg.user_item, ncfg.user_user, cfg.list_scalings()):
         client = group_client(ctx, g)
         X = data.X
         if client is None and g.kind != "item_item":

@@ -298,6 +298,10 @@ class NeighboursSection(Section):
     item_item: list[str] = list(registry.metrics_of("item_item"))
     user_item: list[str] = list(registry.metrics_of("user_item"))
     user_user: list[str] = []  # user-user lists cost n^2 k flops and n x N rows: off unless asked for
+    # Eq. 1 scalings whose scaling-dependent lists (item-item cosine and dot, user-item and user-user cosine) are
+    # published: [] (none, the default: they are arbitrary, Steck et al. Section 2), names among
+    # objectives.eq1.scalings, or "all"; the scaling-invariant lists are published once whatever this says
+    eq1_scalings: list[str] | Literal["all"] = []
     users: list[Any] | None = None
     query_chunk: int = Field(2048, ge=1)
     candidate_block: int = Field(4096, ge=1)
@@ -309,6 +313,19 @@ class NeighboursSection(Section):
     @classmethod
     def _metrics(cls, v: list[str], info) -> list[str]:
         return registry.check_names(v, registry.metrics_of(info.field_name), "metric")
+
+    @field_validator("eq1_scalings")
+    @classmethod
+    def _scalings(cls, v: list[str] | str) -> list[str] | str:
+        if v == "all":
+            return v
+        if len(registry.check_names(v, registry.EQ1_SCALINGS, "eq1 scaling")) != len(v):
+            raise ValueError(f"neighbours.eq1_scalings lists a name twice: {v}")
+        return v
+
+    def scaling_lists(self, produced: list[str]) -> list[str]:
+        """The Eq. 1 scalings, among the ``produced`` ones, whose scaling-dependent lists are published."""
+        return list(produced) if self.eq1_scalings == "all" else list(self.eq1_scalings)
 
 
 class EvaluationSection(Section):
@@ -386,6 +403,21 @@ class Config(Section):
             raise ValueError(f"{keys}: auto picks lambda on held-out data, but evaluation.holdout is none; set "
                              "evaluation.holdout to random or temporal, or set the lambda to a number")
         return self
+
+    @model_validator(mode="after")
+    def _listed_scalings_are_produced(self) -> "Config":
+        eq1 = self.objectives.eq1
+        wanted = self.neighbours.eq1_scalings
+        missing = [] if wanted == "all" else [s for s in wanted if eq1 is None or s not in eq1.scalings]
+        if missing:
+            produced = ", ".join(eq1.scalings) if eq1 is not None else "none: objectives.eq1 is null"
+            raise ValueError(f"neighbours.eq1_scalings names {', '.join(missing)}, which objectives.eq1.scalings does "
+                             f"not produce ({produced}); add it there or remove it here")
+        return self
+
+    def list_scalings(self) -> list[str]:
+        """The Eq. 1 scalings whose scaling-dependent lists are published (``neighbours.eq1_scalings``)."""
+        return self.neighbours.scaling_lists(self.objectives.eq1.scalings if self.objectives.eq1 is not None else [])
 
     def resolved(self) -> dict[str, Any]:
         """The configuration as plain JSON-able data, with the YAML key names."""

@@ -20,6 +20,13 @@ Every method gets the same number of threads (default: all cores). Then a slice 
 catalog (``slice_queries`` queries against ``slice_items`` candidates, default 20,000 x 1,000,000)
 is timed for mfsim and the bare gemm and extrapolated linearly to all ``slice_items`` queries: the
 work per query is the same for every query.
+
+``run_bench_from_run`` times the same methods on the factors of a published run instead, for every
+(objective, scaling) it has: item-item cosine + dot of its item embeddings B (half the gemm, against
+the bare full gemm ``B B^T`` and faiss), and user-item dot of its user embeddings P against B (the
+kernel the pipeline runs per user range, against the bare gemm ``P B^T`` and faiss); the user-item
+lists are timed without the users' own items excluded (the exclusion lists are X's rows, which a run
+does not publish), so they measure the kernel, not the pipeline around it.
 """
 
 from __future__ import annotations
@@ -69,38 +76,8 @@ def _mfsim(emb: np.ndarray, queries: int, top_n: int, query_chunk: int, candidat
 
 
 def _bare_gemm(emb: np.ndarray, queries: int, query_chunk: int, candidate_block: int, threads: int) -> dict[str, float]:
-    """Seconds for the sgemm tiles alone, two ways: BLAS-threaded tiles of ``query_chunk`` rows, and
-    mfsim's own tiling (``tile_rows`` rows per tile, rows split over threads, single-threaded BLAS)."""
-    from threadpoolctl import threadpool_limits
-
-    from mfsim.kernels.topn import tile_rows
-
-    p = emb.shape[0]
-    cb = min(candidate_block, p)
-    local = threading.local()
-
-    def tiles(q: np.ndarray, rows: int) -> None:
-        if getattr(local, "buf", None) is None or local.buf.size < rows * cb:
-            local.buf = np.empty(rows * cb, dtype=np.float32)  # one per thread, as in mfsim
-        buf = local.buf
-        for a in range(0, q.shape[0], rows):
-            qa = q[a : a + rows]
-            for c0 in range(0, p, cb):
-                c = emb[c0 : c0 + cb]
-                np.matmul(qa, c.T, out=buf[: qa.shape[0] * c.shape[0]].reshape(qa.shape[0], c.shape[0]))
-
-    q = emb[:queries]
-    with threadpool_limits(threads, user_api="blas"):
-        t0 = time.perf_counter()
-        tiles(q, query_chunk)
-        blas_threads = time.perf_counter() - t0
-    rows = tile_rows(queries, query_chunk, cb, threads)
-    with threadpool_limits(1, user_api="blas"):
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda a: tiles(q[a : a + rows], rows), range(0, queries, rows)))
-        split_rows = time.perf_counter() - t0
-    return {"blas_threads": blas_threads, "split_rows": split_rows}
+    """Seconds for the sgemm tiles of the first ``queries`` rows against all of ``emb`` (``_bare_gemm_of``)."""
+    return _bare_gemm_of(emb[:queries], emb, query_chunk, candidate_block, threads)
 
 
 def _faiss(emb: np.ndarray, top_n: int, threads: int):
@@ -222,3 +199,127 @@ def run_bench_neighbours(
               f"{min(g.values()):.1f}s; all {slice_items:,} queries: mfsim ~{t_slice * scale / 60:.1f} min, "
               f"bare gemm ~{min(g.values()) * scale / 60:.1f} min")
     return res
+
+
+def _user_item(P: np.ndarray, B: np.ndarray, top_n: int, query_chunk: int, candidate_block: int, threads: int):
+    from mfsim.kernels.topn import topn_blocked
+
+    t0 = time.perf_counter()
+    out = topn_blocked(P, B, top_n, metrics=("dot",), query_chunk=query_chunk, candidate_block=candidate_block,
+                       n_threads=threads)
+    return out, time.perf_counter() - t0
+
+
+def _bare_gemm_of(Q: np.ndarray, C: np.ndarray, query_chunk: int, candidate_block: int, threads: int
+                  ) -> dict[str, float]:
+    """Seconds for the sgemm tiles ``Q C^T`` alone, two ways: BLAS-threaded tiles of ``query_chunk`` rows, and
+    mfsim's own tiling (``tile_rows`` rows per tile, rows split over threads, single-threaded BLAS)."""
+    from threadpoolctl import threadpool_limits
+
+    from mfsim.kernels.topn import tile_rows
+
+    p = C.shape[0]
+    cb = min(candidate_block, p)
+    local = threading.local()
+
+    def tiles(q: np.ndarray, rows: int) -> None:
+        if getattr(local, "buf", None) is None or local.buf.size < rows * cb:
+            local.buf = np.empty(rows * cb, dtype=np.float32)  # one per thread, as in mfsim
+        for a in range(0, q.shape[0], rows):
+            qa = q[a : a + rows]
+            for c0 in range(0, p, cb):
+                c = C[c0 : c0 + cb]
+                np.matmul(qa, c.T, out=local.buf[: qa.shape[0] * c.shape[0]].reshape(qa.shape[0], c.shape[0]))
+
+    with threadpool_limits(threads, user_api="blas"):
+        t0 = time.perf_counter()
+        tiles(Q, query_chunk)
+        blas_threads = time.perf_counter() - t0
+    rows = tile_rows(Q.shape[0], query_chunk, cb, threads)
+    with threadpool_limits(1, user_api="blas"):
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda a: tiles(Q[a : a + rows], rows), range(0, Q.shape[0], rows)))
+        split_rows = time.perf_counter() - t0
+    return {"blas_threads": blas_threads, "split_rows": split_rows}
+
+
+def _faiss_search(base: np.ndarray, queries: np.ndarray, k: int, threads: int):
+    """(ids, seconds) of one exact IndexFlatIP search, or None when faiss is absent."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    faiss.omp_set_num_threads(threads)
+    t0 = time.perf_counter()
+    index = faiss.IndexFlatIP(base.shape[1])
+    index.add(np.ascontiguousarray(base, dtype=np.float32))
+    _, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return ids, time.perf_counter() - t0
+
+
+def run_bench_from_run(run_path: str, top_n: int = 100, *, threads: int | None = None, query_chunk: int = 2048,
+                       candidate_block: int = 4096) -> dict[str, Any]:
+    """Time mfsim, the bare gemm and faiss on a published run's factors, per (objective, scaling); print a summary.
+
+    Item-item: ``topn_symmetric`` (cosine + dot, half the gemm) against one bare full gemm ``B B^T`` and faiss's
+    two exact searches (dot, then cosine on normalized copies); its lists are checked against the full kernel
+    (``topn_blocked``, every tile). User-item: ``topn_blocked(P, B)`` dot lists against the bare gemm ``P B^T``
+    and one faiss search. Returns the seconds and ratios per set.
+    """
+    from mfsim.pipeline.runs.results import open_run
+
+    threads = threads or os.cpu_count() or 1
+    _set_threads(threads)
+    run = open_run(run_path)
+    sets = run.embedding_sets()
+    print(f"run {run.run_id}: {len(sets)} embedding sets, top {top_n}, {threads} threads, tiles {query_chunk} x "
+          f"{candidate_block}")
+    warm = clustered_embeddings(2000, 8)
+    _mfsim(warm, 200, 10, query_chunk, candidate_block, threads)  # compile / load the kernels first
+    _mfsim_symmetric(warm, 10, threads)
+    have_faiss = True
+    results: dict[str, Any] = {"run": run.run_id, "top_n": top_n, "threads": threads, "sets": {}}
+    for objective, scaling in sets:
+        _, B = run.item_embeddings(objective, scaling)
+        _, P = run.user_embeddings(objective, scaling)
+        p, k = B.shape
+        n = min(top_n, p - 1)
+        row: dict[str, Any] = {"items": p, "users": P.shape[0], "rank": k}
+        out, t_sym = _mfsim_symmetric(B, n, threads)
+        full, t_full = _mfsim(B, p, n, query_chunk, candidate_block, threads)
+        same = {m: bool(np.array_equal(out[m].indices, full[m].indices)) for m in out}
+        t_gemm = min(_bare_gemm(B, p, query_chunk, candidate_block, threads).values())
+        row.update(item_item_s=t_sym, item_item_full_kernel_s=t_full, item_item_equal_to_full_kernel=same,
+                   item_item_bare_gemm_s=t_gemm, item_item_over_bare_gemm=t_sym / t_gemm)
+        line = (f"  {objective}/{scaling} item-item cosine + dot, {p:,} x {k}: mfsim {t_sym:.3f}s = "
+                f"{t_sym / t_gemm:.2f}x bare gemm")
+        fa = _faiss_search(B, B, n + 1, threads) if have_faiss else None
+        if fa is not None:
+            unit = B / np.maximum(np.linalg.norm(B, axis=1, keepdims=True), np.float32(1e-30))
+            fc = _faiss_search(unit, unit, n + 1, threads)
+            t_faiss = fa[1] + fc[1]
+            row.update(item_item_faiss_s=t_faiss, item_item_over_faiss=t_sym / t_faiss)
+            line += f", {t_sym / t_faiss:.2f}x faiss"
+        else:
+            have_faiss = False
+        line += " (lists equal to the full kernel's: " + ", ".join(
+            f"{m} {'yes' if v else 'no'}" for m, v in same.items()) + ")"
+        print(line)
+        ui, t_ui = _user_item(P, B, n, query_chunk, candidate_block, threads)
+        t_ui_gemm = min(_bare_gemm_of(P, B, query_chunk, candidate_block, threads).values())
+        row.update(user_item_s=t_ui, user_item_bare_gemm_s=t_ui_gemm, user_item_over_bare_gemm=t_ui / t_ui_gemm)
+        line = (f"  {objective}/{scaling} user-item dot, {P.shape[0]:,} x {p:,}: mfsim {t_ui:.3f}s = "
+                f"{t_ui / t_ui_gemm:.2f}x bare gemm")
+        fu = _faiss_search(B, P, n, threads) if have_faiss else None
+        if fu is not None:
+            row.update(user_item_faiss_s=fu[1], user_item_over_faiss=t_ui / fu[1],
+                       user_item_agreement_with_faiss=_agreement(ui["dot"].indices, fu[0]))
+            line += f", {t_ui / fu[1]:.2f}x faiss (lists agree {row['user_item_agreement_with_faiss']:.5f})"
+        print(line)
+        results["sets"][f"{objective}/{scaling}"] = row
+    if not have_faiss:
+        print("faiss is not installed: no faiss ratios. Install the optional benchmark extra with "
+              "`pip install -e '.[bench]'` (faiss-cpu).")
+    print("gemm work skipped by bounds: none (every tile is computed; no bound-based pruning is used)")
+    return results

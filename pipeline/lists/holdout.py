@@ -57,7 +57,8 @@ def holdout_metrics(client, cfg: Config, fit: Fit, train: RowBlocks, test: RowBl
         then_parts = [runner(client).submit(csr_rows, parts, test.row_offsets, users, test.n_cols)]
     cutoffs = tuple(ecfg.cutoffs)
     rows = []
-    for g in plan_lists(list(fit.factors), [], ncfg.user_item or list(metrics_of("user_item")), []):
+    for g in plan_lists(list(fit.factors), [], ncfg.user_item or list(metrics_of("user_item")), [],
+                        cfg.list_scalings()):
         A, B = fit.factors.pair((g.objective, g.scaling), client)
         inputs = group_inputs(client, g, A, B, fit.users((g.objective, g.scaling)), X=train, user_ids=user_ids,
                               item_ids=item_ids, subset=subset, cosine_norm_floor=ncfg.cosine_norm_floor)

@@ -86,8 +86,12 @@ class GemmGroup:
 
 
 def plan_lists(pairs: list[tuple[str, str]], item_item: list[str], user_item: list[str],
-               user_user: list[str]) -> list[GemmGroup]:
-    """The gemm groups for the produced (objective, scaling) pairs; scaling-invariant lists once."""
+               user_user: list[str], eq1_scalings: list[str] | None = None) -> list[GemmGroup]:
+    """The gemm groups for the produced (objective, scaling) pairs; scaling-invariant lists once.
+
+    ``eq1_scalings``: the Eq. 1 scalings whose scaling-dependent lists are planned (``neighbours.eq1_scalings``;
+    None: every produced one). The invariant Eq. 1 lists are planned from the first Eq. 1 pair either way.
+    """
     wanted = ([("item_item", m) for m in item_item] + [("user_item", m) for m in user_item]
               + [("user_user", m) for m in user_user])
     groups: dict[tuple, GemmGroup] = {}
@@ -97,6 +101,9 @@ def plan_lists(pairs: list[tuple[str, str]], item_item: list[str], user_item: li
             if not list_defined(objective, kind, metric):
                 continue
             spec = LISTS[(kind, metric)]
+            if (objective == "eq1" and not spec.scaling_invariant and eq1_scalings is not None
+                    and scaling not in eq1_scalings):
+                continue
             label_scaling = scaling
             if objective == "eq1" and spec.scaling_invariant:
                 if (objective, kind, metric) in done_invariant:

@@ -75,7 +75,7 @@ def list_guide(pairs: list[tuple[str, str]], cfg: Config, audit_summary: Mapping
                  f"average between equally good solutions (audit, Jaccard@{audit_summary.get('top_n')})")
     calls = {"item_item": "similar_items", "user_item": "recommend", "user_user": "similar_users"}
     rows: dict[tuple, dict[str, str]] = {}
-    for g in plan_lists(pairs, n.item_item, n.user_item, n.user_user):
+    for g in plan_lists(pairs, n.item_item, n.user_item, n.user_user, cfg.list_scalings()):
         for label in g.outputs.values():
             kind, o, s, m = label.kind, label.objective, label.scaling, label.metric
             named = s not in ("invariant", "unique")

@@ -134,7 +134,9 @@ class ListLookups:
                     else f" (objectives: {', '.join(registry.OBJECTIVES)})")
             raise MfsimError(f"{what} has no objective {objective!r}; valid: {', '.join(objectives)}{hint}")
         combos = {c for c in combos if c[0] == objective}
-        eq1_scalings = {c[1] for c in combos if c[1] != registry.INVARIANT}  # the run's named scalings
+        # the run's named scalings: those its config produced (their lists only with neighbours.eq1_scalings)
+        produced = ((self.manifest.get("config") or {}).get("objectives") or {}).get("eq1") or {}
+        eq1_scalings = {c[1] for c in combos if c[1] != registry.INVARIANT} | set(produced.get("scalings") or [])
         if metric is not None:
             have = sorted({c[2] for c in combos})
             if metric not in have:
@@ -271,6 +273,10 @@ class Run(ListLookups):
         return f"<mfsim run {self.run_id!r} at {self.path}: {c.get('n_users')} users, {c.get('n_items')} items>"
 
     # -- embeddings and the audit ---------------------------------------------------------------
+    def embedding_sets(self) -> list[tuple[str, str]]:
+        """The (objective, scaling) pairs of the run's item embeddings, sorted: what ``item_embeddings`` reads."""
+        return sorted(self._partitions(outputs.EMBEDDING_DATASETS["items"], ("objective", "scaling")))
+
     def item_embeddings(self, objective: str, scaling: str) -> tuple[pa.Array, np.ndarray]:
         """(item ids, B): the item embeddings of one solution in ``ids/items.parquet`` index order, B float32 (p, k)."""
         return self._embeddings("items", objective, scaling)
@@ -392,6 +398,9 @@ def _metric_hint(kind: str, objective: str, metric: str) -> str:
         return f" ({kind} metrics: {', '.join(registry.metrics_of(kind))})"
     if not registry.list_defined(objective, kind, metric):
         return f" (the {objective} model has no {metric} list: see pipeline/registry.py's UNDEFINED_LISTS)"
+    if objective == "eq1" and not registry.LISTS[(kind, metric)].scaling_invariant:
+        return (f" (Eq. 1's {metric} changes with its arbitrary scaling, so runs publish it only for the scalings "
+                "named in neighbours.eq1_scalings, none by default; set it, e.g. to all, and rerun)")
     return f" (not computed: add {metric} to neighbours.{kind} and rerun)"
 
 
@@ -432,4 +441,7 @@ def _scaling_hint(kind: str, objective: str, metric: str, scaling: str) -> str:
     if scaling not in (registry.INVARIANT, registry.UNIQUE) and spec.scaling_invariant:
         return (f" ({metric} is the same for every Eq. 1 solution, so it is written once, under "
                 f"scaling='{registry.INVARIANT}')")
+    if objective == "eq1" and scaling in registry.EQ1_SCALINGS:
+        return (f" (Eq. 1's {metric} lists are published only for the scalings named in neighbours.eq1_scalings "
+                "and produced by objectives.eq1.scalings)")
     return ""

@@ -32,7 +32,8 @@ SCALINGS = ["symmetric", "item_orthonormal"]
 CONFIG = {  # a mapping over the defaults, as a YAML file's would be
     "svd": {"rank": RANK, "power_iterations": 8},
     "objectives": {"eq1": {"lambda": 2.0, "scalings": SCALINGS}, "eq2": {"lambda": 10.0}, "cosine": None},
-    "neighbours": {"user_user": ["cosine", "projected_cosine"]},  # off by default
+    # off by default: user-user lists, and the lists of named Eq. 1 scalings (these tests read them all)
+    "neighbours": {"user_user": ["cosine", "projected_cosine"], "eq1_scalings": "all"},
     "evaluation": {"holdout": "none"},
     "report": {"enabled": False},
 }

@@ -40,6 +40,7 @@ def _small_config(root, client, run_id):
         # that the randomized subspace matches the exact one (error ~ (s_16/s_5)^(2q+1) ~ 1e-6)
         "svd.power_iterations=12",
         "neighbours.user_user=[cosine,projected_cosine]",  # off in conf/default.yaml
+        "neighbours.eq1_scalings=all",  # the named scalings' lists too (off in conf/default.yaml): all are checked
         f"neighbours.cosine_norm_floor={NORM_FLOOR}",
         # samples smaller than the data (40 items; ~100 of the 150 users hold items out), so that the
         # one-worker run checks that they do not depend on the workers
@@ -190,6 +191,7 @@ def test_user_subset_lists_equal_the_full_run(small_run, client):
         "objectives.eq1.lambda=2.0", "objectives.eq2.lambda=1.5", "objectives.cosine=null", "preprocess.binarize=true",
         "objectives.eq1.scalings=[symmetric]", "svd.power_iterations=12", "ingest.block_rows=64",
         "neighbours.item_item=[]", "neighbours.user_user=[cosine,projected_cosine]", f"neighbours.users={wanted}",
+        "neighbours.eq1_scalings=all",
         "evaluation.holdout=none", "audit.enabled=false",
         "report.enabled=false",
     ])
@@ -305,6 +307,7 @@ def test_held_out_metrics_on_the_sampled_users_match_numpy(client, max_users):
     n, p = 90, 24
     X = sp.csr_matrix((rng.random((n, p)) < 0.3) * rng.integers(1, 4, (n, p)), dtype=np.float32)
     cfg = load_config(None, ["svd.rank=4", "objectives.eq1.scalings=[symmetric,item_orthonormal]",
+                             "neighbours.eq1_scalings=all",  # every user-item list, the named scalings' cosine too
                              "objectives.eq1.lambda=2.0", "objectives.eq2.lambda=1.0", "objectives.cosine=null",
                              "evaluation.cutoffs=[3,8]",
                              f"evaluation.max_users={max_users}", "evaluation.seed=5", "neighbours.query_chunk=8",

@@ -204,3 +204,19 @@ def test_sample_sizes_and_user_user_defaults():
         msg = str(e.value)
         assert msg.startswith(f"invalid config key '{bad.split('=')[0]}' in --set {bad}: "), msg
         assert msg.count("invalid config key") == 1, msg
+
+
+def test_eq1_scaling_lists_must_name_produced_scalings():
+    """``neighbours.eq1_scalings``: none by default, ``all`` or names that ``objectives.eq1.scalings`` produces; any
+    other name is one error naming both keys."""
+    assert load_config(None, []).list_scalings() == []
+    cfg = load_config(None, ["objectives.eq1.scalings=[symmetric,eq2_like]", "neighbours.eq1_scalings=all"])
+    assert cfg.list_scalings() == ["symmetric", "eq2_like"]
+    cfg = load_config(None, ["objectives.eq1.scalings=[symmetric,eq2_like]", "neighbours.eq1_scalings=[eq2_like]"])
+    assert cfg.list_scalings() == ["eq2_like"]
+    with pytest.raises(MfsimError, match=r"neighbours.eq1_scalings names item_orthonormal, which "
+                                         r"objectives.eq1.scalings does not produce \(symmetric, eq2_like\)"):
+        load_config(None, ["objectives.eq1.scalings=[symmetric,eq2_like]",
+                           "neighbours.eq1_scalings=[item_orthonormal]"])
+    with pytest.raises(MfsimError, match=r"neighbours.eq1_scalings"):
+        load_config(None, ["neighbours.eq1_scalings=[sideways]"])

@@ -54,6 +54,13 @@ def test_plan_writes_scaling_invariant_lists_once():
     fused = [g for g in groups if g.kind == "item_item" and g.scaling == "symmetric" and g.queries == "B"]
     assert len(fused) == 1 and set(fused[0].outputs) == {"cosine", "dot"}
     assert len(labels) == 2 * 4 + 4 + 8  # per-scaling lists, invariant lists once, eq2's eight
+    # neighbours.eq1_scalings: the lists of the named Eq. 1 scalings only; the invariant ones whatever it names
+    for named in ([], ["eq2_like"]):
+        some = plan_lists(pairs, ["cosine", "dot", "model", "projected_cosine"], ["dot", "cosine"],
+                          ["cosine", "projected_cosine"], named)
+        kept = [(lab.kind, lab.objective, lab.scaling, lab.metric) for g in some for lab in g.outputs.values()]
+        assert kept == [lab for lab in labels if lab[1] != "eq1" or lab[2] in (INVARIANT, *named)]
+        assert len(kept) == 4 * len(named) + 4 + 8
 
 
 def test_query_ranges_cover_each_part_in_order():
