@@ -41,14 +41,17 @@ def test_tournament_pairs_every_block_once_disjoint_per_round():
             assert len(blocks) == len(set(blocks))  # a block at most once per round
 
 
-def test_columns_kernel_equals_rows_kernel_on_the_transpose():
+@pytest.mark.parametrize("n_cols", [70, 1100], ids=["one-strip", "three-strips"])
+def test_columns_kernel_equals_rows_kernel_on_the_transpose(n_cols):
+    """1100 columns: strips of 512, 512 and 76 (``select._STRIP``), the last with a partial run of 12 columns."""
     rng = np.random.default_rng(0)
-    rows, cols = rng.integers(-3, 4, (150, 6)).astype(np.float32), rng.integers(-3, 4, (70, 6)).astype(np.float32)
+    rows, cols = rng.integers(-3, 4, (150, 6)).astype(np.float32), rng.integers(-3, 4, (n_cols, 6)).astype(np.float32)
     cols[5] = 0
+    rows[7] = 0  # a zero-norm candidate: in no cosine list
     tile = rows @ cols.T
     qinv, cinv = inverse_norms(cols), inverse_norms(rows)
-    none = np.full(70, -1, dtype=np.int64)
-    want = [empty_state(70, 9) + empty_state(70, 9), empty_state(70, 9) + empty_state(70, 9)]
+    none = np.full(n_cols, -1, dtype=np.int64)
+    want = [empty_state(n_cols, 9) + empty_state(n_cols, 9), empty_state(n_cols, 9) + empty_state(n_cols, 9)]
     for st in want:  # a floor on some rows, as the seeded states have
         st[0][::4] = 1.0
     select_tile(np.ascontiguousarray(tile.T), 1000, none, qinv, cinv, np.zeros(0, np.int64), np.zeros(0, np.int32),
