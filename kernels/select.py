@@ -123,11 +123,10 @@ def _run_masks(row, cinv, c0, qi, thr_d, thr_c):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _offer(s, j, block_start, me, zero_norm, ex_indices, ex_lo, ex_hi, hs, hi):
-    """Offer candidate j (tile column) with score s to one heap; True when it entered."""
-    if j == me or zero_norm:
+def _offer(s, g, is_self, zero_norm, ex_indices, ex_lo, ex_hi, hs, hi):
+    """Offer candidate id g with score s to one heap; True when it entered."""
+    if is_self or zero_norm:
         return False
-    g = block_start + j
     if not _after(hs[0], hi[0], s, g):  # a tie with the N-th best enters only with a smaller id
         return False
     if ex_hi > ex_lo and _is_excluded(ex_indices, ex_lo, ex_hi, g):
@@ -136,8 +135,12 @@ def _offer(s, j, block_start, me, zero_norm, ex_indices, ex_lo, ex_hi, hs, hi):
     return True
 
 
+_NO_IDS = np.zeros(0, dtype=np.int32)
+
+
 @njit(cache=True, nogil=True, parallel=True)
-def select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices, dot_s, dot_i, cos_s, cos_i):
+def select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices, dot_s, dot_i, cos_s, cos_i,
+                cand_ids=_NO_IDS):
     """Merge one score tile into the running top-N heaps of the dot and the cosine lists.
 
     Parameters
@@ -163,6 +166,10 @@ def select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices, 
         metric off.
     cos_s, cos_i : float32, int32 (q, N) or (0, N)
         The same for the cosine list, ``cos_ij = s_ij * qinv_i * cinv_j``.
+    cand_ids : int32 (c,) or (0,), optional
+        Global candidate id of each tile column, for candidates in another order than their ids (the
+        norm-ordered scan of ``kernels.topn``); empty (the default): ``block_start + j``. Self, exclusion
+        and tie rules apply to these ids.
 
     Notes
     -----
@@ -184,6 +191,7 @@ def select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices, 
     do_dot = dot_s.shape[0] > 0
     do_cos = cos_s.shape[0] > 0
     has_ex = ex_indptr.shape[0] > 0
+    has_ids = cand_ids.shape[0] > 0
     n_full = nc - nc % _RUN
     all_bits = ~np.uint64(0)
     for r in prange(nq):
@@ -191,7 +199,7 @@ def select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices, 
         qi = qinv[r]
         thr_d = dot_s[r, 0] if do_dot else np.float32(np.inf)
         thr_c = cos_s[r, 0] if do_cos and qi > 0 else np.float32(np.inf)
-        me = self_ids[r] - block_start  # tile column of the query itself (outside 0..c-1 if absent)
+        me = self_ids[r]  # candidate id of the query itself (-1: none)
         ex_lo = ex_indptr[r] if has_ex else 0
         ex_hi = ex_indptr[r + 1] if has_ex else 0
         for c0 in range(0, nc, _RUN):
@@ -209,14 +217,15 @@ def select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices, 
                 j = c0 + np.int64(_lowest_bit(md))
                 md &= md - np.uint64(1)
                 s = row[j]
-                if s >= thr_d and _offer(s, j, block_start, me, False, ex_indices, ex_lo, ex_hi, dot_s[r], dot_i[r]):
+                g = np.int64(cand_ids[j]) if has_ids else block_start + j
+                if s >= thr_d and _offer(s, g, g == me, False, ex_indices, ex_lo, ex_hi, dot_s[r], dot_i[r]):
                     thr_d = dot_s[r, 0]
             while mc:
                 j = c0 + np.int64(_lowest_bit(mc))
                 mc &= mc - np.uint64(1)
                 c = row[j] * qi * cinv[j]  # same rounding as the reference: (s_ij * qinv_i) * cinv_j
-                if c >= thr_c and _offer(c, j, block_start, me, cinv[j] == 0, ex_indices, ex_lo, ex_hi,
-                                         cos_s[r], cos_i[r]):
+                g = np.int64(cand_ids[j]) if has_ids else block_start + j
+                if c >= thr_c and _offer(c, g, g == me, cinv[j] == 0, ex_indices, ex_lo, ex_hi, cos_s[r], cos_i[r]):
                     thr_c = cos_s[r, 0]
 
 
@@ -309,7 +318,8 @@ def select_tile_columns(tile, row_start, col_qinv, row_cinv, dot_s, dot_i, cos_s
                     j = c0 + np.int64(_lowest_bit(md))
                     md &= md - np.uint64(1)
                     s = row[j]
-                    if s >= thr_d[j] and _offer(s, i, row_start, -1, False, _NO_EXCLUSIONS, 0, 0, dot_s[j], dot_i[j]):
+                    if s >= thr_d[j] and _offer(s, row_start + i, False, False, _NO_EXCLUSIONS, 0, 0, dot_s[j],
+                                                dot_i[j]):
                         thr_d[j] = dot_s[j, 0]
                 if ci == 0:  # a zero-norm candidate is nobody's cosine neighbour
                     continue
@@ -317,7 +327,8 @@ def select_tile_columns(tile, row_start, col_qinv, row_cinv, dot_s, dot_i, cos_s
                     j = c0 + np.int64(_lowest_bit(mc))
                     mc &= mc - np.uint64(1)
                     c = row[j] * col_qinv[j] * ci  # same rounding as select_tile's (s_ji * qinv_j) * cinv_i
-                    if c >= thr_c[j] and _offer(c, i, row_start, -1, False, _NO_EXCLUSIONS, 0, 0, cos_s[j], cos_i[j]):
+                    if c >= thr_c[j] and _offer(c, row_start + i, False, False, _NO_EXCLUSIONS, 0, 0, cos_s[j],
+                                                cos_i[j]):
                         thr_c[j] = cos_s[j, 0]
 
 

@@ -209,6 +209,8 @@ def topn_blocked(
     candidate_block: int = 65536,
     n_threads: int | None = None,
     cosine_min_norm: tuple[float, float] = (0.0, 0.0),
+    norm_order: bool = True,
+    stats: dict | None = None,
 ) -> dict[str, TopN]:
     """Exact top-N candidates of every query row by dot product and/or cosine, in bounded memory.
 
@@ -251,6 +253,13 @@ def topn_blocked(
         cosine lists, exactly as a zero row: the query's cosine list is empty and the candidate is
         nobody's cosine neighbour. Dot lists are unaffected. The pipeline sets them relative to the
         largest row norm of each embedding (``neighbours.cosine_norm_floor``).
+    norm_order : bool, default True
+        For dot lists alone: scan the candidates in blocks sorted by norm, descending, and leave out of a
+        block's gemm the query rows whose bound ``|q| max|c|`` cannot reach their current N-th best score
+        (``_scan``); the same lists (ties still by candidate id). False: every tile in id order.
+    stats : dict, optional
+        Filled with ``scores`` (query rows x candidates, the seeding sample left out) and ``scores_computed``
+        (those the gemm computed).
 
     Returns
     -------
@@ -333,10 +342,14 @@ def topn_blocked(
     cb = min(int(candidate_block), max(p, 1))
     full = _Candidates(c_mat, cinv, cb)
     width = _seed_width(n)
+    if metrics == ("dot",) and p > cb and norm_order:  # dot lists alone: blocks in norm order, skipped by the bound
+        c_norm = np.sqrt(c_sumsq)
+        order = np.argsort(-c_norm, kind="stable")
+        full = _Candidates(c_mat[order], cinv[order], cb, order.astype(np.int32), c_norm[order])
     sample = None
     if p >= _SEED_MIN_SAMPLE * width * _SEED_STRIDE:
         ids = np.arange(0, p, _SEED_STRIDE)
-        sample = _Candidates(c_mat[ids], cinv[ids], cb)
+        sample = _Candidates(full.c[ids], full.cinv[ids], cb, full.ids[ids] if full.ids.shape[0] else full.ids)
 
     out = {}
     for m in metrics:
@@ -352,11 +365,17 @@ def topn_blocked(
         if getattr(local, "buf", None) is None:
             local.buf = np.empty(rows_per_task * cb, dtype=np.float32)
         rows = _QueryRows(q_mat[a:b], qinv[a:b], self_ids[a:b], *_csr_rows(ex_indptr, ex_indices, a, b))
-        for m, (counts, idx, sc) in _topn_rows(rows, full, sample, n, width, want, local.buf).items():
+        part: dict = {}
+        for m, (counts, idx, sc) in _topn_rows(rows, full, sample, n, width, want, local.buf, part).items():
             out[m].indices[a:b] = idx
             out[m].scores[a:b] = sc
             out[m].counts[a:b] = counts
+        if stats is not None:
+            with stats_lock:
+                for key, v in part.items():
+                    stats[key] = stats.get(key, 0) + v
 
+    stats_lock = threading.Lock()
     starts = range(0, nq, rows_per_task)
     caller_threads = numba.get_num_threads()
     try:
@@ -411,12 +430,22 @@ def _seed_width(n: int) -> int:
     return int(np.ceil(_SEED_SLACK * n / _SEED_STRIDE)) + 3
 
 
+_NONE = np.zeros(0)
+
+
 class _Candidates(NamedTuple):
-    """A candidate matrix with its inverse norms, scanned in blocks of ``block`` rows."""
+    """A candidate matrix with its inverse norms, scanned in blocks of ``block`` rows.
+
+    ``ids``: the candidate id of each row when the rows are not in id order (int32; empty: row r is id r).
+    ``norms``: float64 L2 norms of the rows, sorted descending, when the scan may skip blocks by the norm bound
+    (``_scan``); empty: every block is scanned.
+    """
 
     c: np.ndarray  # float32 (p, k)
     cinv: np.ndarray  # float32 (p,)
     block: int
+    ids: np.ndarray = np.zeros(0, dtype=np.int32)
+    norms: np.ndarray = _NONE
 
 
 class _QueryRows(NamedTuple):
@@ -460,10 +489,22 @@ def _csr_rows(indptr: np.ndarray, indices: np.ndarray, a: int, b: int) -> tuple[
     return indptr[a : b + 1] - lo, indices[lo:hi]
 
 
-def _scan(rows: _QueryRows, cands: _Candidates, n: int, want: dict, buf: np.ndarray, floors: dict | None = None):
+#: Relative slack of the norm bound ``|q . c| <= |q| |c|`` for float32 scores: an sgemm dot product of k terms is
+#: within ``gamma_k |q| |c|`` of the exact one (``gamma_k ~ k eps32 / 2``), so a block is skipped only when
+#: ``|q| max|c| (1 + _BOUND_SLACK_PER_TERM (k + 2))`` is below the row's threshold (twice the worst case).
+_BOUND_SLACK_PER_TERM = float(np.finfo(np.float32).eps)
+
+
+def _scan(rows: _QueryRows, cands: _Candidates, n: int, want: dict, buf: np.ndarray, floors: dict | None = None,
+          stats: dict | None = None):
     """Running top-n states of ``rows`` over all of ``cands``: per block one sgemm, one selection.
 
-    Empty slots start at ``floors[metric]`` (per row) instead of -inf when given.
+    Empty slots start at ``floors[metric]`` (per row) instead of -inf when given. With ``cands.norms`` (dot lists
+    only, candidates sorted by norm descending) a block is computed only for the rows whose bound
+    ``|q| max|c|`` can still reach their current N-th best (the heap's root; ``_BOUND_SLACK_PER_TERM``): the rest
+    of each block's rows are left out of its sgemm, and the scan ends when no row is left, since later blocks'
+    norms are smaller and thresholds only rise. Exact: a skipped score is below the row's final N-th best.
+    ``stats``: adds ``scores`` (rows x candidates) and ``scores_computed``.
     """
     nr = rows.q.shape[0]
     states = {}
@@ -476,16 +517,40 @@ def _scan(rows: _QueryRows, cands: _Candidates, n: int, want: dict, buf: np.ndar
     off = empty_state(0, n)
     dot, cos = states.get("dot", off), states.get("cosine", off)
     p = cands.c.shape[0]
+    prune = cands.norms.shape[0] > 0 and not want["cosine"]
+    if prune:
+        q_norm = np.sqrt(_row_sumsq(rows.q)) * (1.0 + _BOUND_SLACK_PER_TERM * (rows.q.shape[1] + 2))
+    computed = 0
     for c0 in range(0, p, cands.block):
         c1 = min(c0 + cands.block, p)
+        ids = cands.ids[c0:c1] if cands.ids.shape[0] else cands.ids
+        if prune:
+            live = np.flatnonzero(q_norm * cands.norms[c0] >= dot[0][:, 0])
+            if live.size == 0:
+                break  # no row can gain from this block, nor from any later one (smaller norms)
+            if live.size < nr:
+                sub = rows.subset(live)
+                tile = buf[: live.size * (c1 - c0)].reshape(live.size, c1 - c0)
+                np.matmul(sub.q, cands.c[c0:c1].T, out=tile)
+                d_s, d_i = dot[0][live], dot[1][live]
+                select_tile(tile, c0, sub.self_ids, sub.qinv, cands.cinv[c0:c1], sub.ex_indptr, sub.ex_indices,
+                            d_s, d_i, *off, ids)
+                dot[0][live], dot[1][live] = d_s, d_i
+                computed += live.size * (c1 - c0)
+                continue
         tile = buf[: nr * (c1 - c0)].reshape(nr, c1 - c0)
         np.matmul(rows.q, cands.c[c0:c1].T, out=tile)  # S = Q C^T, one sgemm
-        select_tile(tile, c0, rows.self_ids, rows.qinv, cands.cinv[c0:c1], rows.ex_indptr, rows.ex_indices, *dot, *cos)
+        select_tile(tile, c0, rows.self_ids, rows.qinv, cands.cinv[c0:c1], rows.ex_indptr, rows.ex_indices, *dot, *cos,
+                    ids)
+        computed += nr * (c1 - c0)
+    if stats is not None:
+        stats["scores"] = stats.get("scores", 0) + nr * p
+        stats["scores_computed"] = stats.get("scores_computed", 0) + computed
     return states
 
 
 def _topn_rows(rows: _QueryRows, full: _Candidates, sample: _Candidates | None, n: int, width: int, want: dict,
-               buf: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+               buf: np.ndarray, stats: dict | None = None) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Sorted (counts, indices, scores) per wanted metric for one range of query rows.
 
     Seeding: from empty slots at ``-inf`` a row takes about ``N (1 + ln(p / N))`` heap insertions
@@ -501,15 +566,17 @@ def _topn_rows(rows: _QueryRows, full: _Candidates, sample: _Candidates | None, 
     nr = rows.q.shape[0]
     floors = {m: np.full(nr, -np.inf, dtype=np.float32) for m in METRICS}
     if sample is not None:
-        for m, (sc, idx) in _scan(rows.sampled(_SEED_STRIDE), sample, width, want, buf).items():
+        # a sample with its own ids (norm order) is offered in candidate ids; one in id order, in its columns
+        seed_rows = rows if sample.ids.shape[0] else rows.sampled(_SEED_STRIDE)
+        for m, (sc, idx) in _scan(seed_rows, sample, width, want, buf).items():
             floors[m] = np.where(idx[:, 0] >= 0, sc[:, 0], np.float32(-np.inf))
-    results = {m: finalize_state(*st) for m, st in _scan(rows, full, n, want, buf, floors).items()}
+    results = {m: finalize_state(*st) for m, st in _scan(rows, full, n, want, buf, floors, stats).items()}
     redo = np.zeros(nr, dtype=bool)
     for m, (counts, _, _) in results.items():
         redo |= (counts < n) & (floors[m] > -np.inf)
     if redo.any():
         keep = np.flatnonzero(redo)
-        for m, state in _scan(rows.subset(keep), full, n, want, buf).items():
+        for m, state in _scan(rows.subset(keep), full, n, want, buf, stats=stats).items():
             counts, idx, sc = finalize_state(*state)
             results[m][0][keep], results[m][1][keep], results[m][2][keep] = counts, idx, sc
     return results

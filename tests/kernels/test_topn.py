@@ -393,9 +393,9 @@ def test_seed_floor_too_high_rows_are_recomputed(monkeypatch):
     scans = []
     real_scan = topn_module._scan
 
-    def counting_scan(rows, cands, n, want, buf, floors=None):
+    def counting_scan(rows, cands, n, want, buf, floors=None, stats=None):
         scans.append((rows.q.shape[0], cands.c.shape[0], n))
-        return real_scan(rows, cands, n, want, buf, floors)
+        return real_scan(rows, cands, n, want, buf, floors, stats)
 
     monkeypatch.setattr(topn_module, "_scan", counting_scan)
     queries, candidates = _seed_redo_data()
