@@ -250,7 +250,7 @@ def kill_in_svd(killer: Killer, monkeypatch):
 
 @contextmanager
 def kill_at_progress(killer: Killer, label: str):
-    """Fire ``killer`` at the first progress line whose label starts with ``label`` (``neighbours ``,
+    """Fire ``killer`` at the first progress line whose label starts with ``label`` (``neighbours user_item``,
     ``evaluation ``, ``audit lists``): a tenth of that stage's first list group done."""
 
     class Hook(logging.Handler):
@@ -307,7 +307,9 @@ def test_worker_killed_during_svd(sim_dir, clean_run, tmp_path, monkeypatch, nan
 def test_worker_killed_during_neighbours(sim_dir, clean_run, tmp_path, nanny):
     with cluster(tmp_path, nanny=nanny) as c:
         killer = Killer(c, "topn_task")
-        with kill_at_progress(killer, "neighbours "):
+        # at a tenth of the first user-item group: its top-N tasks are in flight then (the item-item groups before
+        # it run other tasks, and the kill must find a topn_task whatever their speed)
+        with kill_at_progress(killer, "neighbours user_item"):
             run_dir = run_bounded(job_config(sim_dir, tmp_path / "runs", "neighbours-kill"), c.client)
         check_faulted_run(c, killer, run_dir, clean_run, nanny=nanny)
 
