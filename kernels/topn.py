@@ -342,8 +342,11 @@ def topn_blocked(
     cb = min(int(candidate_block), max(p, 1))
     full = _Candidates(c_mat, cinv, cb)
     width = _seed_width(n)
-    if metrics == ("dot",) and p > cb and norm_order:  # dot lists alone: blocks in norm order, skipped by the bound
-        c_norm = np.sqrt(c_sumsq)
+    c_norm = np.sqrt(c_sumsq)
+    # dot lists alone: blocks in norm order, skipped by the bound; not where the norms hardly differ (measured: equal
+    # norms cost the ordered scan 1.05x the plain one for nothing skipped)
+    ordered = metrics == ("dot",) and p > cb and norm_order
+    if ordered and c_norm.min() < _NORM_ORDER_MIN_SPREAD * c_norm.max():
         order = np.argsort(-c_norm, kind="stable")
         full = _Candidates(c_mat[order], cinv[order], cb, order.astype(np.int32), c_norm[order])
     sample = None
@@ -493,6 +496,10 @@ def _csr_rows(indptr: np.ndarray, indices: np.ndarray, a: int, b: int) -> tuple[
 #: within ``gamma_k |q| |c|`` of the exact one (``gamma_k ~ k eps32 / 2``), so a block is skipped only when
 #: ``|q| max|c| (1 + _BOUND_SLACK_PER_TERM (k + 2))`` is below the row's threshold (twice the worst case).
 _BOUND_SLACK_PER_TERM = float(np.finfo(np.float32).eps)
+#: The norm-ordered scan is used only when the smallest candidate norm is below this fraction of the largest: with
+#: norms within 10% of each other a block's bound is within 10% of every other block's, and scores of a top-N list
+#: are rarely that far below the largest possible.
+_NORM_ORDER_MIN_SPREAD = 0.9
 
 
 def _scan(rows: _QueryRows, cands: _Candidates, n: int, want: dict, buf: np.ndarray, floors: dict | None = None,

@@ -48,7 +48,10 @@ def test_equal_norms_nothing_to_skip():
     rng = np.random.default_rng(3)
     c = rng.choice([-1.0, 1.0], (300, 4)).astype(np.float32)  # every norm 2: each block's bound is every row's max
     q = rng.choice([-1.0, 1.0], (50, 4)).astype(np.float32)
-    _assert_reference(q, c, 7)
+    _assert_reference(q, c, 7)  # norms within 10% of each other: the plain scan (topn._NORM_ORDER_MIN_SPREAD)
+    c[::2] *= 2  # two levels of equal norms, 4 and 2: the ordered scan, whose blocks within a level tie
+    stats = _assert_reference(q, c, 7)
+    assert stats["scores_computed"] <= stats["scores"]
 
 
 def test_one_huge_candidate_zero_rows_and_ties_at_the_nth_score():
