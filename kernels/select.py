@@ -135,7 +135,7 @@ def _offer(s, g, is_self, zero_norm, ex_indices, ex_lo, ex_hi, hs, hi):
     return True
 
 
-_NO_IDS = np.zeros(0, dtype=np.int32)
+_NO_IDS = _NO_EXCLUSIONS = np.zeros(0, dtype=np.int32)  # an empty int32 array: no candidate ids, no exclusions
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -229,9 +229,6 @@ def select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices, 
                     thr_c = cos_s[r, 0]
 
 
-_NO_EXCLUSIONS = np.zeros(0, dtype=np.int32)
-
-
 @njit(cache=True, nogil=True, inline="always")
 def _run_masks_columns(row, thr_d, thr_c, qinv, c0, ci):
     """Bit masks of the ``_RUN`` tile columns from ``c0`` whose score in this tile row reaches their own dot / cosine
@@ -247,9 +244,6 @@ def _run_masks_columns(row, thr_d, thr_c, qinv, c0, ci):
         md |= np.uint64(s >= td[jj]) << np.uint64(jj)
         mc |= np.uint64(s * qs[jj] * ci >= tc[jj]) << np.uint64(jj)  # cos_ji = (s_ij * qinv_j) * cinv_i
     return md, mc
-
-
-_NO_EXCLUSIONS = np.zeros(0, dtype=np.int32)
 
 
 #: Columns of a tile walked down together by ``select_tile_columns``: their heaps (512 x N x 8 bytes per metric,

@@ -342,11 +342,10 @@ def topn_blocked(
     cb = min(int(candidate_block), max(p, 1))
     full = _Candidates(c_mat, cinv, cb)
     width = _seed_width(n)
-    c_norm = np.sqrt(c_sumsq)
     # dot lists alone: blocks in norm order, skipped by the bound; not where the norms hardly differ (measured: equal
     # norms cost the ordered scan 1.05x the plain one for nothing skipped)
-    ordered = metrics == ("dot",) and p > cb and norm_order
-    if ordered and c_norm.min() < _NORM_ORDER_MIN_SPREAD * c_norm.max():
+    c_norm = np.sqrt(c_sumsq) if metrics == ("dot",) and p > cb and norm_order else None
+    if c_norm is not None and c_norm.min() < _NORM_ORDER_MIN_SPREAD * c_norm.max():
         order = np.argsort(-c_norm, kind="stable")
         full = _Candidates(c_mat[order], cinv[order], cb, order.astype(np.int32), c_norm[order])
     sample = None
@@ -361,6 +360,7 @@ def topn_blocked(
     workers = _default_threads() if n_threads is None else int(n_threads)
     rows_per_task = tile_rows(nq, query_chunk, cb, workers)
     local = threading.local()
+    stats_lock = threading.Lock()
 
     def task(a: int) -> None:
         numba.set_num_threads(1)  # thread-local: this thread's selection runs serially
@@ -378,7 +378,6 @@ def topn_blocked(
                 for key, v in part.items():
                     stats[key] = stats.get(key, 0) + v
 
-    stats_lock = threading.Lock()
     starts = range(0, nq, rows_per_task)
     caller_threads = numba.get_num_threads()
     try:
@@ -433,9 +432,6 @@ def _seed_width(n: int) -> int:
     return int(np.ceil(_SEED_SLACK * n / _SEED_STRIDE)) + 3
 
 
-_NONE = np.zeros(0)
-
-
 class _Candidates(NamedTuple):
     """A candidate matrix with its inverse norms, scanned in blocks of ``block`` rows.
 
@@ -448,7 +444,7 @@ class _Candidates(NamedTuple):
     cinv: np.ndarray  # float32 (p,)
     block: int
     ids: np.ndarray = np.zeros(0, dtype=np.int32)
-    norms: np.ndarray = _NONE
+    norms: np.ndarray = np.zeros(0)
 
 
 class _QueryRows(NamedTuple):
@@ -531,25 +527,22 @@ def _scan(rows: _QueryRows, cands: _Candidates, n: int, want: dict, buf: np.ndar
     for c0 in range(0, p, cands.block):
         c1 = min(c0 + cands.block, p)
         ids = cands.ids[c0:c1] if cands.ids.shape[0] else cands.ids
+        live = None  # every row
         if prune:
             live = np.flatnonzero(q_norm * cands.norms[c0] >= dot[0][:, 0])
             if live.size == 0:
                 break  # no row can gain from this block, nor from any later one (smaller norms)
-            if live.size < nr:
-                sub = rows.subset(live)
-                tile = buf[: live.size * (c1 - c0)].reshape(live.size, c1 - c0)
-                np.matmul(sub.q, cands.c[c0:c1].T, out=tile)
-                d_s, d_i = dot[0][live], dot[1][live]
-                select_tile(tile, c0, sub.self_ids, sub.qinv, cands.cinv[c0:c1], sub.ex_indptr, sub.ex_indices,
-                            d_s, d_i, *off, ids)
-                dot[0][live], dot[1][live] = d_s, d_i
-                computed += live.size * (c1 - c0)
-                continue
-        tile = buf[: nr * (c1 - c0)].reshape(nr, c1 - c0)
-        np.matmul(rows.q, cands.c[c0:c1].T, out=tile)  # S = Q C^T, one sgemm
-        select_tile(tile, c0, rows.self_ids, rows.qinv, cands.cinv[c0:c1], rows.ex_indptr, rows.ex_indices, *dot, *cos,
-                    ids)
-        computed += nr * (c1 - c0)
+            if live.size == nr:
+                live = None
+        block_rows = rows if live is None else rows.subset(live)
+        d_s, d_i = dot if live is None else (dot[0][live], dot[1][live])  # cosine is off where live is set
+        tile = buf[: block_rows.q.shape[0] * (c1 - c0)].reshape(block_rows.q.shape[0], c1 - c0)
+        np.matmul(block_rows.q, cands.c[c0:c1].T, out=tile)  # S = Q C^T, one sgemm
+        select_tile(tile, c0, block_rows.self_ids, block_rows.qinv, cands.cinv[c0:c1], block_rows.ex_indptr,
+                    block_rows.ex_indices, d_s, d_i, *cos, ids)
+        if live is not None:
+            dot[0][live], dot[1][live] = d_s, d_i
+        computed += tile.size
     if stats is not None:
         stats["scores"] = stats.get("scores", 0) + nr * p
         stats["scores_computed"] = stats.get("scores_computed", 0) + computed
