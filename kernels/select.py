@@ -138,7 +138,6 @@ def _offer(s, g, is_self, zero_norm, ex_indices, ex_lo, ex_hi, hs, hi):
 _NO_IDS = _NO_EXCLUSIONS = np.zeros(0, dtype=np.int32)  # an empty int32 array: no candidate ids, no exclusions
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices, dot_s, dot_i, cos_s, cos_i,
                 cand_ids=_NO_IDS):
     """Merge one score tile into the running top-N heaps of the dot and the cosine lists.
@@ -187,6 +186,14 @@ def select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices, 
     enters) at ``log2(100) ~ 7`` moves per insertion. Measured on random orders the two cost about
     the same (30-40 ns per insertion, most of it branch mispredictions).
     """
+    _select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices, dot_s, dot_i, cos_s, cos_i, cand_ids)
+
+
+# Every argument required: numba types an omitted argument by its default's object, which differs from one process to
+# the next for an array, so a default here was a cache miss (a ~2.5 s compile) in every new process and worker.
+@njit(cache=True, nogil=True, parallel=True)
+def _select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices, dot_s, dot_i, cos_s, cos_i, cand_ids):
+    """``select_tile``'s kernel."""
     nq, nc = tile.shape
     do_dot = dot_s.shape[0] > 0
     do_cos = cos_s.shape[0] > 0
