@@ -494,6 +494,38 @@ def bench_pipeline(
         write_json(json_out, out)
 
 
+@bench_app.command("scaling", epilog="Example: mfsim bench scaling --users 200000 --items 50000 --nnz 5000000 "
+                                      "--set evaluation.holdout=none --json scaling.json")
+@user_errors
+def bench_scaling(
+    users: int = typer.Option(200_000, help="Distinct users of the synthetic log."),
+    items: int = typer.Option(50_000, help="Distinct items."),
+    nnz: int = typer.Option(5_000_000, help="Rows of the log."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (default: conf/default.yaml)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    workdir: Optional[Path] = typer.Option(None, help="Where to keep the log and the runs (default: a temp dir)."),
+    workers: int = typer.Option(2, "--workers", help="Workers (of one thread) of the embedded cluster the graph is "
+                                "recorded on."),
+    check: list[int] = typer.Option([], "--check", help="Also run on this many workers and print the measured stage "
+                                    "times against the prediction (repeatable, e.g. --check 1 --check 2)."),
+    trace_out: Optional[Path] = typer.Option(None, "--trace", help="Write the recorded tasks and stages (JSON)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the numbers (JSON); the whole job's predicted "
+                                            "speedup from one worker is under predicted_speedup, {P: x}."),
+) -> None:
+    """The job's task graph recorded on its cluster: per stage work, serial time, critical path and the predicted
+    time on 1 to 128 workers."""
+    from mfsim.jobs.bench.measure import write_json
+    from mfsim.jobs.bench.scaling import run_bench_scaling
+
+    if workers < 1 or any(n < 1 for n in check):
+        raise typer.BadParameter("worker counts must be at least 1.")
+    out = run_bench_scaling(users=users, items=items, nnz=nnz, config=str(config) if config else None,
+                            overrides=list(set_), workdir=workdir, n_workers=workers, check_workers=tuple(check),
+                            trace_out=trace_out)
+    if json_out is not None:
+        write_json(json_out, out)
+
+
 @bench_app.command("svd", epilog="Example: mfsim bench svd --users 200000 --items 50000 --nnz 5000000 --rank 64")
 @user_errors
 def bench_svd(

@@ -67,6 +67,12 @@ def error_line(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+#: Called as ``listener(name, "start" | "done", time.time())`` around every timed stage of a run (``RunWriter.stage``:
+#: the names of the manifest's ``timings``); ``pipeline.trace.StageClock`` of ``mfsim bench scaling`` listens. Empty in
+#: a normal run.
+STAGE_LISTENERS: list = []
+
+
 @contextmanager
 def timed_into(timings: dict[str, float], name: str) -> Iterator[None]:
     """Adds the wall time of the block to ``timings[name]`` (seconds, 4 decimals)."""
@@ -209,8 +215,14 @@ class RunWriter:
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Times a stage; the wall time lands in the manifest under ``timings[name]``."""
-        with timed_into(self.timings, name):
-            yield
+        for listener in STAGE_LISTENERS:
+            listener(name, "start", time.time())
+        try:
+            with timed_into(self.timings, name):
+                yield
+        finally:
+            for listener in STAGE_LISTENERS:
+                listener(name, "done", time.time())
 
     # -- writing --------------------------------------------------------------------------------------
     def write_table(self, relative: str, table: pa.Table) -> str:

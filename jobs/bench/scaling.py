@@ -1,0 +1,109 @@
+"""``mfsim bench scaling``: the whole job's task graph recorded on the cluster it runs on, and its predicted time on
+1 to 128 workers (``pipeline.trace``).
+
+The job is ``bench pipeline``'s (the same synthetic power-law log under ``--workdir`` and the same defaults); every
+task's compute interval, worker, dependencies and result size are recorded by a scheduler plugin and every timed
+stage's interval by the run writer. Per stage it prints wall time T, task work W, serial time I, critical path S,
+the most tasks ready at once and the predicted seconds ``I + sum over rounds max(W_r / P, S_r)`` for P = 1, 2, 8,
+32, 128, then the whole job's predicted speedup from one worker. ``check_workers`` runs the job again on each of
+those worker counts and prints the measured stage times next to the prediction from the recorded graph, with the
+error per stage.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from mfsim.jobs.bench.ingest import ready_log
+from mfsim.jobs.bench.pipeline import BENCH_DEFAULTS
+from mfsim.pipeline.config import load_config
+from mfsim.pipeline.trace import WORKER_COUNTS, StageClock, recorded_tasks, stage_table
+
+
+def _recorded_run(cfg) -> tuple[dict, list, list]:
+    """Run the job on ``cfg``'s embedded cluster with the recorder on: (manifest, tasks, stages)."""
+    from mfsim.jobs.main_job import run_job
+    from mfsim.pipeline.cluster import get_client
+    from mfsim.pipeline.runs import writer
+
+    clock = StageClock()
+    writer.STAGE_LISTENERS.append(clock)
+    try:
+        with get_client(cfg.cluster) as client, recorded_tasks(client) as tasks:
+            _, manifest = run_job(cfg, client=client)
+    finally:
+        writer.STAGE_LISTENERS.remove(clock)
+    return manifest, tasks, clock.stages
+
+
+def _print_table(table: dict[str, Any], workers: Sequence[int]) -> None:
+    head = f"{'stage':<18}{'T s':>8}{'W s':>9}{'I s':>8}{'S s':>8}{'tasks':>7}{'rounds':>7}{'ready':>6}"
+    print(head + "".join(f"{f'P={p}':>9}" for p in workers) + f"{'x at 32':>9}")
+    for name, r in [*table["stages"].items(), ("job", table["job"])]:
+        pred = r["predicted"]
+        speedup = pred[1] / pred[32] if 1 in pred and 32 in pred and pred[32] > 0 else float("nan")
+        ready = r.get("max_ready", "")
+        print(f"{name:<18}{r['T']:>8.2f}{r['W']:>9.2f}{r['I']:>8.2f}{r['S']:>8.2f}{r['tasks']:>7}"
+              f"{r.get('rounds', ''):>7}{ready:>6}" + "".join(f"{pred[p]:>9.2f}" for p in workers) + f"{speedup:>9.1f}")
+    print("predicted speedup of the whole job from 1 worker: "
+          + ", ".join(f"{p} workers {x:.1f}x" for p, x in table["job"]["predicted_speedup"].items()))
+
+
+def run_bench_scaling(users: int = 200_000, items: int = 50_000, nnz: int = 5_000_000, *, config: str | None = None,
+                      overrides: list[str] | None = None, workdir: Path | None = None, n_workers: int = 2,
+                      check_workers: Sequence[int] = (), trace_out: Path | None = None,
+                      workers: Sequence[int] = WORKER_COUNTS) -> dict[str, Any]:
+    """Record the job's task graph on ``n_workers`` workers of one thread, print the per-stage model, and, for each
+    of ``check_workers``, the measured stage times on that many workers against the prediction; returns the
+    numbers (``predicted_speedup``: the whole job's, ``{P: x}``)."""
+    own_dir = workdir is None
+    base = Path(tempfile.mkdtemp(prefix="mfsim-bench-scaling-")) if own_dir else Path(workdir)
+    log_dir = base / f"log-{users}x{items}x{nnz}"
+    counts = tuple(sorted({*workers, *check_workers, 1}))
+    try:
+        ready_log(log_dir, nnz, users, items)
+
+        def config_for(n: int):
+            out_root = base / f"runs-scaling-{n}"
+            shutil.rmtree(out_root, ignore_errors=True)
+            return load_config(config, [f"input.path={log_dir}", f"run.output={out_root}", "run.run_id=bench",
+                                        f"cluster.n_workers={n}", "cluster.threads_per_worker=1",
+                                        *BENCH_DEFAULTS, *(overrides or [])])
+
+        manifest, tasks, stages = _recorded_run(config_for(n_workers))
+        table = stage_table(tasks, stages, counts)
+        print(f"{users:,} users x {items:,} items x {nnz:,} non-zeros, recorded on {n_workers} workers x 1 thread: "
+              f"{len(tasks):,} tasks")
+        _print_table(table, counts)
+        out: dict[str, Any] = {"users": users, "items": items, "nnz": nnz, "recorded_workers": n_workers,
+                               "stages": table["stages"], "job": table["job"],
+                               "predicted_speedup": table["job"]["predicted_speedup"], "timings": manifest["timings"]}
+        if trace_out is not None:
+            Path(trace_out).write_text(json.dumps({
+                "stages": [s.__dict__ for s in stages],
+                "tasks": [{**t.__dict__, "deps": list(t.deps)} for t in tasks]}))
+        checks = {}
+        for n in check_workers:
+            measured_manifest, measured_tasks, measured_stages = _recorded_run(config_for(n))
+            measured = {s.name: s.stop - s.start for s in measured_stages}
+            rows = {name: {"measured": measured.get(name, 0.0), "predicted": r["predicted"][n]}
+                    for name, r in table["stages"].items()}
+            total_m = sum(v["measured"] for v in rows.values())
+            total_p = table["job"]["predicted"][n]
+            print(f"check on {n} workers: measured vs predicted from the {n_workers}-worker graph")
+            for name, v in [*rows.items(), ("job", {"measured": total_m, "predicted": total_p})]:
+                err = (v["predicted"] - v["measured"]) / v["measured"] if v["measured"] > 0 else float("nan")
+                v["error"] = err
+                print(f"  {name:<18}{v['measured']:>9.2f}s measured{v['predicted']:>9.2f}s predicted  {err:+.1%}")
+            checks[n] = {"stages": rows, "job": {"measured": total_m, "predicted": total_p,
+                                                 "error": (total_p - total_m) / total_m if total_m else None}}
+        if checks:
+            out["check"] = checks
+        return out
+    finally:
+        if own_dir:
+            shutil.rmtree(base, ignore_errors=True)

@@ -1,0 +1,102 @@
+"""The scaling model of ``pipeline.trace`` on hand-built task graphs whose work W, serial time I, critical path S and
+predictions are worked out by hand, and the recorder on a real Dask cluster."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from mfsim.pipeline.trace import (
+    Stage,
+    StageClock,
+    Task,
+    covered_seconds,
+    critical_path,
+    max_ready,
+    recorded_tasks,
+    rounds,
+    stage_table,
+)
+
+
+def _graph() -> tuple[list[Task], list[Stage]]:
+    """Stage "fit" [0, 10): round one a [1, 3), b [1, 2), c [3, 6) after a and b; nothing runs in [6, 7); round two
+    d [7, 9), e [7, 8). Stage "lists" [10, 14): f [10, 12) after c (a dependency in an earlier stage, not counted),
+    g [10.5, 13) after f. x starts before every stage: left out."""
+    tasks = [Task("a", 1, 3), Task("b", 1, 2), Task("c", 3, 6, deps=("a", "b")), Task("d", 7, 9), Task("e", 7, 8),
+             Task("f", 10, 12, deps=("c",)), Task("g", 10.5, 13, deps=("f",)), Task("x", -5, -4)]
+    return tasks, [Stage("fit", 0, 10), Stage("lists", 10, 14)]
+
+
+def test_work_serial_time_critical_path_and_prediction_by_hand():
+    tasks, stages = _graph()
+    table = stage_table(tasks, stages, workers=(1, 2, 8))
+    fit = table["stages"]["fit"]
+    assert fit["T"] == 10 and fit["W"] == 9 and fit["I"] == 3  # idle [0, 1), [6, 7), [9, 10)
+    assert fit["S"] == 5 + 2 and fit["rounds"] == 2 and fit["tasks"] == 5  # a -> c, then d
+    assert fit["max_ready"] == 2
+    # I + max(W_1 / P, S_1) + max(W_2 / P, S_2) with (W, S) = (6, 5) and (3, 2)
+    assert fit["predicted"] == {1: 3 + 6 + 3, 2: 3 + 5 + 2, 8: 3 + 5 + 2}
+    lists = table["stages"]["lists"]
+    # f and g overlap in time but g waits for f: one round, critical path 2 + 2.5; idle [13, 14)
+    assert lists["W"] == 4.5 and lists["S"] == 4.5 and lists["I"] == 1 and lists["max_ready"] == 1
+    assert lists["predicted"] == {1: 1 + 4.5, 2: 1 + 4.5, 8: 1 + 4.5}
+    job = table["job"]
+    assert job["T"] == 14 and job["W"] == 13.5 and job["tasks"] == 7
+    assert job["predicted"] == {1: 12 + 5.5, 2: 10 + 5.5, 8: 10 + 5.5}
+    assert job["predicted_speedup"] == {1: 1.0, 2: pytest.approx(17.5 / 15.5), 8: pytest.approx(17.5 / 15.5)}
+
+
+def test_a_speedup_always_has_its_one_worker_reference():
+    tasks, stages = _graph()
+    table = stage_table(tasks, stages, workers=(4,))
+    assert set(table["job"]["predicted"]) == {4} and table["job"]["predicted_speedup"][4] == pytest.approx(17.5 / 15.5)
+
+
+def test_wide_independent_tasks_scale_until_the_longest():
+    """64 independent tasks of 1 s and one of 4 s in one stage: W = 68, S = 4; at P workers max(68 / P, 4)."""
+    tasks = [Task(f"t{i}", 0, 1) for i in range(64)] + [Task("long", 0, 4)]
+    table = stage_table(tasks, [Stage("s", 0, 4)], workers=(1, 2, 8, 32))
+    row = table["stages"]["s"]
+    assert row["I"] == 0 and row["max_ready"] == 65
+    assert row["predicted"] == {1: 68, 2: 34, 8: 8.5, 32: 4}
+
+
+def test_helpers():
+    assert covered_seconds([(0, 2), (1, 3), (5, 6), (5.5, 5.8)]) == 4
+    assert covered_seconds([]) == 0
+    chain = [Task(str(i), i, i + 1, deps=(str(i - 1),) if i else ()) for i in range(5000)]  # a long chain: no recursion
+    assert critical_path(chain) == 5000 and max_ready(chain) == 1
+    assert [len(r) for r in rounds([Task("a", 0, 1), Task("b", 1, 2), Task("c", 2.5, 3)])] == [2, 1]
+
+
+def test_stage_clock_pairs_start_and_done():
+    clock = StageClock()
+    clock("svd", "start", 1.0)
+    clock("svd", "done", 3.0)
+    clock("neighbours", "start", 3.5)
+    clock("neighbours", "done", 9.0)
+    assert clock.stages == [Stage("svd", 1.0, 3.0), Stage("neighbours", 3.5, 9.0)]
+
+
+def _sleep(seconds: float, *_deps) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def test_recorder_on_a_real_cluster(client):
+    """A chain a -> c and an independent b on 2 workers: the recorder sees each task's compute interval (at least
+    its sleep) and c's dependency on a."""
+    with recorded_tasks(client) as tasks:
+        a = client.submit(_sleep, 0.3, key="trace-a")
+        b = client.submit(_sleep, 0.2, key="trace-b")
+        c = client.submit(_sleep, 0.3, a, key="trace-c")
+        assert c.result() == 0.3 and b.result() == 0.2
+    by_key = {t.key: t for t in tasks}
+    assert {"trace-a", "trace-b", "trace-c"} <= set(by_key)
+    assert by_key["trace-c"].deps == ("trace-a",) and by_key["trace-a"].deps == ()
+    assert by_key["trace-a"].seconds >= 0.3 and by_key["trace-b"].seconds >= 0.2
+    assert by_key["trace-c"].start >= by_key["trace-a"].stop
+    assert by_key["trace-a"].worker and by_key["trace-a"].nbytes > 0
+    assert critical_path([by_key[k] for k in ("trace-a", "trace-b", "trace-c")]) >= 0.6
