@@ -231,14 +231,30 @@ class CustomScaling(Section):
     beta: float = 0.0
 
 
+def _check_grid(v: Any, key: str) -> Any:
+    """A lambda grid: a number of points >= 2, or a non-empty list of finite lambdas >= 0 (sorted, distinct)."""
+    if v is None:
+        return v
+    if isinstance(v, int) and not isinstance(v, bool):
+        if v < 2:
+            raise ValueError(f"{key} must be a number of points >= 2 or a list of lambdas, got {v}")
+        return v
+    if not isinstance(v, list) or not v or any(not (x >= 0 and x < float("inf")) for x in v):
+        raise ValueError(f"{key} must be a number of points >= 2 or a non-empty list of finite lambdas >= 0, got {v}")
+    return sorted(set(float(x) for x in v))
+
+
 class Eq1Section(Section):
-    """``objectives.eq1``: lambda of Eq. 1 and the scalings (choices of D) to produce."""
+    """``objectives.eq1``: lambda of Eq. 1, its own lambda grid, and the scalings (choices of D) to produce."""
 
     lambda_: Any = Field("auto", alias="lambda")  # float or "auto" (``_check_lambda``)
+    lambda_grid: int | list[float] | None = None  # None: ``objectives.lambda_grid``
     scalings: list[str] = ["symmetric", "item_orthonormal", "user_orthonormal", "eq2_like"]
     custom: CustomScaling = CustomScaling()
 
     _lambda = field_validator("lambda_")(classmethod(lambda cls, v: _check_lambda(v)))
+    _grid = field_validator("lambda_grid", mode="before")(
+        classmethod(lambda cls, v: _check_grid(v, "objectives.eq1.lambda_grid")))
 
     @field_validator("scalings")
     @classmethod
@@ -249,11 +265,14 @@ class Eq1Section(Section):
 
 
 class Eq2Section(Section):
-    """``objectives.eq2``: lambda of Eq. 2."""
+    """``objectives.eq2``: lambda of Eq. 2 and its own lambda grid."""
 
     lambda_: Any = Field("auto", alias="lambda")  # float or "auto" (``_check_lambda``)
+    lambda_grid: int | list[float] | None = None  # None: ``objectives.lambda_grid``
 
     _lambda = field_validator("lambda_")(classmethod(lambda cls, v: _check_lambda(v)))
+    _grid = field_validator("lambda_grid", mode="before")(
+        classmethod(lambda cls, v: _check_grid(v, "objectives.eq2.lambda_grid")))
 
 
 class CosineSection(Section):
@@ -273,17 +292,15 @@ class ObjectivesSection(Section):
     eq2: Eq2Section | None = Eq2Section()
     cosine: CosineSection | None = CosineSection()
     lambda_grid: int | list[float] = 13
+    lambda_grid_extend: int = Field(6, ge=0)
 
-    @field_validator("lambda_grid")
-    @classmethod
-    def _grid(cls, v: int | list[float]) -> int | list[float]:
-        if isinstance(v, int):
-            if v < 2:
-                raise ValueError(f"objectives.lambda_grid must be a number of points >= 2 or a list of lambdas, got {v}")
-            return v
-        if not v or any(not (x >= 0 and x < float("inf")) for x in v):
-            raise ValueError(f"objectives.lambda_grid must be a non-empty list of finite lambdas >= 0, got {v}")
-        return sorted(set(float(x) for x in v))
+    _grid = field_validator("lambda_grid", mode="before")(
+        classmethod(lambda cls, v: _check_grid(v, "objectives.lambda_grid")))
+
+    def grid_of(self, objective: str) -> int | list[float]:
+        """The lambda grid of ``objective`` (``eq1``, ``eq2``): its own ``lambda_grid``, else the common one."""
+        own = getattr(self, objective).lambda_grid
+        return self.lambda_grid if own is None else own
 
     def auto(self) -> list[str]:
         """The objectives whose lambda is ``auto``."""

@@ -65,13 +65,20 @@ def test_the_sweep_picks_the_best_lambda_and_the_run_uses_it(auto_run):
     sweep = pq.read_table(run_dir / "evaluation/lambda_sweep.parquet")
     assert {"objective", "lambda", "chosen", "n_users", "recall@20", "ndcg@20", "ndcg@10"} <= set(sweep.column_names)
     sigma = pq.read_table(run_dir / "svd/singular_values.parquet")
-    for objective, power in (("eq1", 2), ("eq2", 1)):
+    extend = manifest["config"]["objectives"]["lambda_grid_extend"]
+    for objective, power, below in (("eq1", 2, 1), ("eq2", 1, 10)):
         rows = sweep.filter(pc.equal(sweep["objective"], objective)).to_pylist()
         lams = [r["lambda"] for r in rows]
-        assert len(rows) == GRID and lams == sorted(lams)
-        ratio = lams[-1] / lams[0]  # the grid spans s_1^p / s_k^p of the train split's SVD
+        assert GRID <= len(rows) <= GRID + extend and lams == sorted(lams)
+        assert lams == manifest["factors"][objective]["lambda_chosen"]["grid"]
+        steps = np.diff(np.log(lams))  # log-spaced, and an extension steps by the grid's own ratio
+        np.testing.assert_allclose(steps, steps[0], rtol=1e-9)
+        span = np.exp(steps[0] * (GRID - 1))  # GRID points span s_1^p / s_k^p of the train split's SVD (Eq. 2: x 10)
         s_all = sigma["sigma"].to_numpy()  # the published SVD is of all data: its ratio is close, not equal
-        assert 0.5 < ratio / (s_all[0] / s_all[-1]) ** power < 2
+        assert 0.5 < span / ((s_all[0] / s_all[-1]) ** power * below) < 2
+        chosen_at = lams.index(next(r["lambda"] for r in rows if r["chosen"]))
+        if len(rows) < GRID + extend:  # the extension stopped: the best is inside the grid
+            assert 0 < chosen_at < len(rows) - 1
         best = max(r["ndcg@20"] for r in rows)
         chosen = [r for r in rows if r["chosen"]]
         assert len(chosen) == 1 and chosen[0]["ndcg@20"] == best
