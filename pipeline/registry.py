@@ -68,10 +68,12 @@ LISTS: dict[tuple[str, str], ListSpec] = {
 
 #: Lists that an objective does not have. The cosine-trained model (``pipeline.model.cosine_model``) scores with
 #: ``gamma cos(x_u A, b_i)``, which is not a product ``A B^T`` linear in X: it has no item-item score matrix, so
-#: no ``model`` and ``projected_cosine`` lists (its cosine lists are its own scores, unique by construction).
+#: no ``model`` and ``projected_cosine`` lists. Its cosine lists are its own scores, unique by construction, and
+#: published once, under ``metric=cosine``: its embeddings all have length gamma^1/2 (a user without a direction:
+#: none, ``users_without_cosine_list``), so their ``dot`` lists would be the same lists, scores times gamma.
 UNDEFINED_LISTS: dict[str, frozenset[tuple[str, str]]] = {
     "cosine": frozenset({("item_item", "model"), ("item_item", "projected_cosine"),
-                         ("user_user", "projected_cosine")}),
+                         ("user_user", "projected_cosine"), ("item_item", "dot"), ("user_item", "dot")}),
 }
 
 

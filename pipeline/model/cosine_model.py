@@ -93,6 +93,8 @@ class CosineFit:
         return {"gamma": self.gamma, "loss": self.loss, "iterations": self.iterations,
                 "evaluations": self.evaluations, "converged": self.converged, "message": self.message,
                 "seconds": round(self.seconds, 3), "users_without_embedding": self.users_without_embedding,
+                # the same users: every other embedding has length gamma^1/2, above any cosine norm floor
+                "users_without_cosine_list": self.users_without_embedding,
                 "start_loss": self.history[0][0] if self.history else None}
 
 

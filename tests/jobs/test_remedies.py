@@ -136,10 +136,10 @@ def test_the_cosine_model_lists_are_its_own_cosines(auto_run):
     Bn, b_ok = cosine_rows(B)
     Pn, p_ok = cosine_rows(P)
     tol = 8 * RANK * EPS32 * max(1.0, c["gamma"])
+    # its scores gamma cos(x_u A, b_i) rank as its cosines: published once, as metric=cosine
+    assert manifest["factors"]["cosine"]["users_without_cosine_list"] == int((~p_ok).sum())
     lists = {
         ("similar_items", "cosine"): (Bn @ Bn.T, ~np.eye(p, dtype=bool), "item_id", "neighbour_id", items, items),
-        ("similar_items", "dot"): (B @ B.T, ~np.eye(p, dtype=bool), "item_id", "neighbour_id", items, items),
-        ("recommendations", "dot"): (P @ B.T, X == 0, "user_id", "item_id", users, items),  # gamma cos(x_u A, b_i)
         ("recommendations", "cosine"): (Pn @ Bn.T, (X == 0) & p_ok[:, None], "user_id", "item_id", users, items),
         ("similar_users", "cosine"): (Pn @ Pn.T, ~np.eye(n, dtype=bool) & p_ok[:, None] & p_ok[None, :],
                                       "user_id", "neighbour_id", users, users),
@@ -148,14 +148,17 @@ def test_the_cosine_model_lists_are_its_own_cosines(auto_run):
         path = run_dir / f"{dataset}/objective=cosine/scaling=unique/metric={metric}"
         check_lists(ds.dataset(path, format="parquet").to_table(), q_col, n_col, q_ids, n_ids, ref, ok, tol,
                     what=str(path), top_n=TOP_N)
-    # no item-item score matrix: no model / projected_cosine lists for this objective
-    assert not (run_dir / "similar_items/objective=cosine/scaling=unique/metric=model").exists()
-    assert not (run_dir / "similar_items/objective=cosine/scaling=unique/metric=projected_cosine").exists()
+    # no item-item score matrix: no model / projected_cosine lists for this objective; its dot lists are its cosine
+    for name in ("similar_items/objective=cosine/scaling=unique/metric=model",
+                 "similar_items/objective=cosine/scaling=unique/metric=projected_cosine",
+                 "similar_items/objective=cosine/scaling=unique/metric=dot",
+                 "recommendations/objective=cosine/scaling=unique/metric=dot"):
+        assert not (run_dir / name).exists()
     # it has held-out metrics and cluster precision like the others
     ev = pq.read_table(run_dir / "evaluation/metrics.parquet")
     assert "cosine" in ev["objective"].to_pylist()
     cp = pq.read_table(run_dir / "evaluation/cluster_precision.parquet")
-    assert {"cosine", "dot"} <= set(cp.filter(pc.equal(cp["objective"], "cosine"))["metric"].to_pylist())
+    assert set(cp.filter(pc.equal(cp["objective"], "cosine"))["metric"].to_pylist()) == {"cosine"}
 
 
 def test_the_cosine_model_is_left_out_above_its_size_with_a_warning(auto_run, client):
