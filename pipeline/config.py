@@ -188,24 +188,48 @@ class PreprocessSection(Section):
     standardize_columns: bool = False
 
 
+def krylov_block_size(rank: int) -> int:
+    """``svd.block_size: auto``: 16 columns per block up to rank 256 (measured fastest at k = 64: ``conf/default.yaml``),
+    then rank / 16, so that the rank fits in 16 blocks and a Krylov step's products stay few (63 at k = 1,000)."""
+    return max(16, -(-int(rank) // 16))
+
+
+def krylov_max_blocks(rank: int, block_size: int) -> int:
+    """``svd.max_blocks: auto``: room for 4 k columns and one block (40 blocks of 16 up to k = 144): at k = 256 the
+    former 40 x 16 = 640 columns stopped unconverged on lastfm-hetrec2011 and a sparser set."""
+    return max(40, -(-4 * int(rank) // int(block_size)) + 1)
+
+
 class SvdSection(Section):
     """``svd``: rank k, solver and the randomized range finder's parameters."""
 
     rank: int = Field(64, ge=1)
     solver: Literal["krylov", "subspace", "sklearn"] = "krylov"
-    block_size: int = Field(16, ge=1)  # krylov: columns per Krylov block
+    block_size: int | Literal["auto"] = "auto"  # krylov: columns per Krylov block (``auto``: ``krylov_block_size``)
     tol: float = Field(1e-6, gt=0)  # krylov: stop when the estimated relative error of the top-k Ritz values is below
-    max_blocks: int = Field(40, ge=1)  # krylov: at most this many blocks in the space
+    max_blocks: int | Literal["auto"] = "auto"  # krylov: at most this many blocks (``auto``: ``krylov_max_blocks``)
     accept_unconverged: bool = False  # krylov: publish a run whose SVD did not reach svd.tol (else the run fails)
     warm_start: str | None = None  # krylov: "previous" (LATEST of run.output) or a run's path: start from its V_k
     oversample: int = Field(10, ge=0)  # subspace, sklearn
     power_iterations: int = Field(32, ge=0)  # subspace, sklearn
     seed: int = 0
 
+    @field_validator("block_size", "max_blocks")
+    @classmethod
+    def _positive(cls, v: int | str, info) -> int | str:
+        if v != "auto" and (isinstance(v, bool) or v < 1):
+            raise ValueError(f"svd.{info.field_name} must be auto or an integer >= 1, got {v}")
+        return v
+
     @model_validator(mode="after")
     def _krylov_space_holds_the_rank(self) -> "SvdSection":
-        """Krylov's space of ``max_blocks x block_size`` columns must hold the rank and one block more (its error
-        estimate), or the top-k would come out truncated (zero singular values, zero embedding columns)."""
+        """``auto`` sizes resolved from the rank; then Krylov's space of ``max_blocks x block_size`` columns must hold
+        the rank and one block more (its error estimate), or the top-k would come out truncated (zero singular
+        values, zero embedding columns)."""
+        if self.block_size == "auto":
+            self.block_size = krylov_block_size(self.rank)
+        if self.max_blocks == "auto":
+            self.max_blocks = krylov_max_blocks(self.rank, self.block_size)
         space = self.max_blocks * self.block_size
         if self.solver == "krylov" and self.rank + self.block_size > space:
             need = -(-(self.rank + self.block_size) // self.block_size)

@@ -77,7 +77,7 @@ ALIAS_BOMB = "".join(f"{n}: &{n} [{', '.join([f'*{p}'] * 9) if p else ', '.join(
 @pytest.mark.parametrize("setting, pattern", [
     ("cluster.memory_limit=lots", "'lots' is not a byte size: write auto, a size such as 8GiB"),
     ("cluster.memory_limit=50MiB", "50MiB is less than a worker needs to start"),
-    ("svd.rank=700", "svd.rank=700 does not fit the Krylov space of svd.max_blocks x svd.block_size = 40 x 16"),
+    ("svd.max_blocks=4", "svd.rank=64 does not fit the Krylov space of svd.max_blocks x svd.block_size = 4 x 16"),
 ])
 def test_config_values_that_would_fail_later_are_refused_at_once(tmp_path, setting, pattern):
     t0 = time.perf_counter()

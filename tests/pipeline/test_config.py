@@ -220,3 +220,16 @@ def test_eq1_scaling_lists_must_name_produced_scalings():
                            "neighbours.eq1_scalings=[item_orthonormal]"])
     with pytest.raises(MfsimError, match=r"neighbours.eq1_scalings"):
         load_config(None, ["neighbours.eq1_scalings=[sideways]"])
+
+
+def test_krylov_sizes_auto_scale_with_the_rank():
+    """``svd.block_size`` / ``svd.max_blocks: auto``: 40 blocks of 16 at the default rank, room for 4 k columns and a
+    block above it (65 x 16 at k = 256, where 40 x 16 stopped unconverged on binarized lastfm-hetrec2011), blocks of
+    k / 16 above k = 256; numbers given are kept."""
+    sizes = {k: (c.block_size, c.max_blocks) for k in (64, 256, 1000)
+             for c in [load_config(None, [f"svd.rank={k}"]).svd]}
+    assert sizes == {64: (16, 40), 256: (16, 65), 1000: (63, 65)}
+    for k, (b, m) in sizes.items():
+        assert b * m >= 4 * k + b
+    given = load_config(None, ["svd.block_size=8", "svd.max_blocks=12"]).svd
+    assert (given.block_size, given.max_blocks) == (8, 12)
