@@ -189,7 +189,7 @@ class PreprocessSection(Section):
 
 
 def krylov_block_size(rank: int) -> int:
-    """``svd.block_size: auto``: 16 columns per block up to rank 256 (measured fastest at k = 64: ``conf/default.yaml``),
+    """``svd.block_size: auto``: 16 columns per block up to rank 256 (fastest at k = 64: ``conf/default.yaml``),
     then rank / 16, so that the rank fits in 16 blocks and a Krylov step's products stay few (63 at k = 1,000)."""
     return max(16, -(-int(rank) // 16))
 
