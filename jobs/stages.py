@@ -31,7 +31,7 @@ from mfsim.pipeline.lists.holdout import group_label, group_progress, holdout_me
 from mfsim.pipeline.lists.neighbours import GemmGroup, GroupInputs, client_item_lists, group_inputs, plan_lists, \
     run_symmetric, run_topn, user_rows
 from mfsim.pipeline.model.fit import Fit, Spectrum, fit_factors, fit_model, fit_spectrum
-from mfsim.pipeline.model.lambda_sweep import Sweep, sweep_cutoffs, sweep_lambdas, with_lambdas
+from mfsim.pipeline.model.lambda_sweep import Sweep, sweep_cutoffs, sweep_lambdas, sweep_ranks, with_lambdas
 from mfsim.pipeline.model.svd import basis_start
 from mfsim.pipeline.parts import ListOutput, ListSink, row_ranges, write_embeddings, write_lists
 from mfsim.pipeline.runs.writer import RunWriter, package_versions
@@ -120,10 +120,11 @@ def fit_stage(ctx: StageContext) -> StageResult:
     sweep on the held-out split (``lambda_sweep``), whose chosen lambdas the published fit then uses."""
     skipped = cosine_within_size(ctx)
     sweep = None
-    if ctx.cfg.objectives.auto():
+    if ctx.cfg.objectives.auto() or ctx.cfg.svd.rank == "auto":
         with ctx.run.stage("lambda_sweep"):
             sweep = lambda_sweep(ctx)
-        ctx.cfg = with_lambdas(ctx.cfg, sweep.chosen)  # the chosen lambdas replace auto for every later stage
+        # the chosen lambdas (and rank) replace auto for every later stage
+        ctx.cfg = with_lambdas(ctx.cfg, sweep.chosen, sweep.rank)
         ctx.warnings.extend(sweep.warnings)
     start, warm = warm_start(ctx)
     fit = ctx.fit = fit_model(ctx.data.X, ctx.cfg, ctx.run.stage, start=start)
@@ -139,6 +140,10 @@ def fit_stage(ctx: StageContext) -> StageResult:
             meta[objective]["lambda_chosen"] = {"by": ctx.cfg.evaluation.select_metric, "on": "held-out split",
                                                 "grid": sweep.grids[objective], "output": outputs.LAMBDA_SWEEP,
                                                 "ran_on": sweep.ran_on}
+        if sweep.rank is not None:
+            svd["rank_chosen"] = {"rank": sweep.rank, "by": ctx.cfg.evaluation.select_metric, "on": "held-out split",
+                                  "grid": sweep.ranks, "rank_max": ctx.cfg.svd.rank_max,
+                                  "output": outputs.LAMBDA_SWEEP, "ran_on": sweep.ran_on}
         ctx.run.write_table(outputs.LAMBDA_SWEEP, sweep.table)
         tables["lambda_sweep"] = sweep.table
     return StageResult({"preprocess": fit.prep.describe(), "svd": svd, "factors": meta, **skipped}, tables)
@@ -226,7 +231,12 @@ def lambda_sweep(ctx: StageContext) -> Sweep:
         return holdout_metrics(client, score_cfg, fit, train=train, test=test, user_ids=data.user_ids,
                                item_ids=data.item_ids, show_progress=False, by_rank=True)[0]
 
-    sweep = sweep_lambdas(spectrum, cfg.objectives, select_metric=ecfg.select_metric, cutoffs=cutoffs, score=score)
+    if cfg.svd.rank == "auto":
+        sweep = sweep_ranks(spectrum, cfg.objectives, cfg.svd.ranks(), select_metric=ecfg.select_metric,
+                            cutoffs=cutoffs, score=score)
+    else:
+        sweep = sweep_lambdas(spectrum, cfg.objectives, select_metric=ecfg.select_metric, cutoffs=cutoffs,
+                              score=score, rank=cfg.svd.fit_rank)
     return replace(sweep, ran_on=where)
 
 
@@ -238,8 +248,8 @@ def holdout_where(ctx: StageContext, spectrum: Spectrum, train: RowBlocks, test:
     bit either way."""
     cfg = ctx.cfg
     users = min(train.n_rows, cfg.evaluation.max_users)
-    dense = users * train.n_cols * cfg.svd.rank
-    X_here, where = rounds_where(spectrum.X, cfg.svd.rank, dense_work=dense)
+    dense = users * train.n_cols * cfg.svd.fit_rank
+    X_here, where = rounds_where(spectrum.X, cfg.svd.fit_rank, dense_work=dense)
     if where == "driver" and spectrum.X.client is None and not lists_here(dense):
         where = "workers"  # X read here (a small log), its lists too large for this process: P and X shared out
     if where == "workers":
@@ -394,7 +404,7 @@ def evaluation_stage(ctx: StageContext) -> StageResult:
     # the lambda sweep's split and SVD when it ran: only the factors of the chosen lambdas are new
     train, test, spectrum = holdout_split(ctx)
     client, where, spectrum, train, test = holdout_where(ctx, spectrum, train, test)
-    fit = fit_factors(spectrum, cfg.objectives)
+    fit = fit_factors(spectrum.truncated(cfg.svd.fit_rank), cfg.objectives)  # rank: auto: the chosen rank's columns
     rows, sample = holdout_metrics(client, cfg, fit, train=train, test=test, user_ids=data.user_ids,
                                    item_ids=data.item_ids, by_rank=True)
     table = pa.Table.from_pylist(rows, schema=outputs.EVALUATION_SCHEMA)

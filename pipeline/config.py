@@ -203,37 +203,74 @@ def krylov_max_blocks(rank: int, block_size: int) -> int:
 class SvdSection(Section):
     """``svd``: rank k, solver and the randomized range finder's parameters."""
 
-    rank: int = Field(64, ge=1)
+    rank: Any = 64  # k, or auto: the best of rank_grid on the held-out split (``fit_rank``; ``_rank``)
+    rank_max: int = Field(256, ge=1)  # rank: auto: the train split's one SVD, whose first k columns serve every k
+    rank_grid: list[int] | None = None  # rank: auto: the ranks tried; None: ``ranks()``'s default
     solver: Literal["krylov", "subspace", "sklearn"] = "krylov"
-    block_size: int | Literal["auto"] = "auto"  # krylov: columns per Krylov block (``auto``: ``krylov_block_size``)
+    block_size: Any = "auto"  # krylov: columns per Krylov block (``auto``: ``krylov_block_size``)
     tol: float = Field(1e-6, gt=0)  # krylov: stop when the estimated relative error of the top-k Ritz values is below
-    max_blocks: int | Literal["auto"] = "auto"  # krylov: at most this many blocks (``auto``: ``krylov_max_blocks``)
+    max_blocks: Any = "auto"  # krylov: at most this many blocks (``auto``: ``krylov_max_blocks``)
     accept_unconverged: bool = False  # krylov: publish a run whose SVD did not reach svd.tol (else the run fails)
     warm_start: str | None = None  # krylov: "previous" (LATEST of run.output) or a run's path: start from its V_k
     oversample: int = Field(10, ge=0)  # subspace, sklearn
     power_iterations: int = Field(32, ge=0)  # subspace, sklearn
     seed: int = 0
 
-    @field_validator("block_size", "max_blocks")
+    @field_validator("block_size", "max_blocks", mode="before")
     @classmethod
-    def _positive(cls, v: int | str, info) -> int | str:
-        if v != "auto" and (isinstance(v, bool) or v < 1):
-            raise ValueError(f"svd.{info.field_name} must be auto or an integer >= 1, got {v}")
+    def _positive(cls, v: Any, info) -> int | str:
+        if v == "auto" and isinstance(v, str):
+            return v
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"svd.{info.field_name} must be auto or an integer >= 1, got {v!r}")
         return v
+
+    @field_validator("rank", mode="before")
+    @classmethod
+    def _rank(cls, v: Any) -> int | str:
+        if v == "auto" and isinstance(v, str):
+            return v
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"svd.rank must be auto or an integer >= 1, got {v!r}")
+        return v
+
+    @field_validator("rank_grid")
+    @classmethod
+    def _rank_grid(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(isinstance(k, bool) or k < 1 for k in v)):
+            raise ValueError(f"svd.rank_grid must be a non-empty list of ranks >= 1, got {v}")
+        return None if v is None else sorted(set(v))
+
+    @property
+    def fit_rank(self) -> int:
+        """The rank the SVD computes: ``rank``, or ``rank_max`` for ``rank: auto`` (its first k columns are the
+        rank-k truncation for every k of ``ranks()``)."""
+        return self.rank_max if self.rank == "auto" else int(self.rank)
+
+    def ranks(self) -> list[int]:
+        """``rank: auto``'s ranks, ascending: ``rank_grid``, or rank_max / 16, / 8, / 4, / 2 and rank_max (those >= 8;
+        16, 32, 64, 128, 256 by default)."""
+        if self.rank_grid is not None:
+            return list(self.rank_grid)
+        return sorted({k for k in (self.rank_max >> j for j in (4, 3, 2, 1)) if k >= 8} | {self.rank_max})
 
     @model_validator(mode="after")
     def _krylov_space_holds_the_rank(self) -> "SvdSection":
         """``auto`` sizes resolved from the rank; then Krylov's space of ``max_blocks x block_size`` columns must hold
         the rank and one block more (its error estimate), or the top-k would come out truncated (zero singular
         values, zero embedding columns)."""
+        if self.rank == "auto" and any(k > self.rank_max for k in self.ranks()):
+            raise ValueError(f"svd.rank_grid {self.ranks()} goes above svd.rank_max={self.rank_max}: rank: auto reads "
+                             "every rank off one SVD of rank svd.rank_max; raise it or drop those ranks")
         if self.block_size == "auto":
-            self.block_size = krylov_block_size(self.rank)
+            self.block_size = krylov_block_size(self.fit_rank)
         if self.max_blocks == "auto":
-            self.max_blocks = krylov_max_blocks(self.rank, self.block_size)
+            self.max_blocks = krylov_max_blocks(self.fit_rank, self.block_size)
         space = self.max_blocks * self.block_size
-        if self.solver == "krylov" and self.rank + self.block_size > space:
-            need = -(-(self.rank + self.block_size) // self.block_size)
-            raise ValueError(f"svd.rank={self.rank} does not fit the Krylov space of svd.max_blocks x svd.block_size "
+        if self.solver == "krylov" and self.fit_rank + self.block_size > space:
+            need = -(-(self.fit_rank + self.block_size) // self.block_size)
+            what = f"svd.rank={self.rank}" if self.rank != "auto" else f"svd.rank_max={self.rank_max}"
+            raise ValueError(f"{what} does not fit the Krylov space of svd.max_blocks x svd.block_size "
                              f"= {self.max_blocks} x {self.block_size} = {space} columns (the rank and one block "
                              f"more); raise svd.max_blocks to at least {need}, or lower svd.rank")
         return self
@@ -438,11 +475,15 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _auto_needs_holdout(self) -> "Config":
-        auto = self.objectives.auto()
+        auto = [f"objectives.{name}.lambda" for name in self.objectives.auto()]
+        auto += ["svd.rank"] if self.svd.rank == "auto" else []
         if auto and self.evaluation.holdout == "none":
-            keys = " and ".join(f"objectives.{name}.lambda" for name in auto)
-            raise ValueError(f"{keys}: auto picks lambda on held-out data, but evaluation.holdout is none; set "
-                             "evaluation.holdout to random or temporal, or set the lambda to a number")
+            keys = " and ".join(auto)
+            raise ValueError(f"{keys}: auto picks lambda and the rank on held-out data, but evaluation.holdout is "
+                             "none; set evaluation.holdout to random or temporal, or set them to numbers")
+        if self.svd.rank == "auto" and self.objectives.eq1 is None and self.objectives.eq2 is None:
+            raise ValueError("svd.rank: auto scores the ranks with Eq. 1 or Eq. 2's lists; both are null: set svd.rank "
+                             "to a number")
         return self
 
     @model_validator(mode="after")

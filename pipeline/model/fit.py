@@ -10,7 +10,7 @@ splits the fit in two: ``fit_spectrum`` (preprocess and SVD, once per split) and
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -70,6 +70,16 @@ class Spectrum:
     X: RowBlocks
     prep: Preprocessor
     svd: Any  # SvdResult
+
+    def truncated(self, k: int) -> "Spectrum":
+        """The same X with the first ``k`` singular triplets: the rank-k truncation of this SVD, for every closed form
+        at rank k (``svd.rank: auto`` reads each rank of its grid off one SVD). Itself when it has at most k."""
+        if len(self.svd.sigma) <= k:
+            return self
+        svd = replace(self.svd, sigma=np.asarray(self.svd.sigma)[:k].copy(),
+                      V=np.ascontiguousarray(np.asarray(self.svd.V)[:, :k]), U=None, V_future=None,
+                      diagnostics={**self.svd.diagnostics, "truncated_from": len(self.svd.sigma)})
+        return Spectrum(self.X, self.prep, svd)
 
 
 def fit_spectrum(X_raw: RowBlocks, cfg: Config, timer: Timer | None = None, prefix: str = "",

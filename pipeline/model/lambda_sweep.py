@@ -62,10 +62,11 @@ def parse_select_metric(name: str) -> tuple[str, int]:
     return metric, int(cut)
 
 
-def sweep_rows(objective: str, lam: float, rows: list[dict[str, Any]], metric_name: str = "dot") -> dict[str, Any]:
-    """One row of ``evaluation/lambda_sweep.parquet`` from ``holdout_metrics`` rows of one lambda: the
+def sweep_rows(objective: str, lam: float, rows: list[dict[str, Any]], metric_name: str = "dot",
+               rank: int | None = None) -> dict[str, Any]:
+    """One row of ``evaluation/lambda_sweep.parquet`` from ``holdout_metrics`` rows of one (rank, lambda): the
     user-item ``metric_name`` (the model score) list's recall@N and NDCG@N at each cutoff."""
-    out: dict[str, Any] = {"objective": objective, "lambda": float(lam)}
+    out: dict[str, Any] = {"objective": objective, "rank": rank, "lambda": float(lam)}
     n_users = 0
     for r in rows:
         if r["metric"] != metric_name:
@@ -112,13 +113,17 @@ def extension(grid: list[float], chosen: float) -> float | None:
     return grid[-1] ** 2 / grid[-2] if grid[-2] > 0 else None
 
 
-def sweep_table(rows: list[dict[str, Any]], chosen: dict[str, float], cutoffs: list[int]) -> pa.Table:
-    """``objective``, ``lambda``, ``chosen``, ``n_users``, then ``recall@N`` and ``ndcg@N`` per cutoff."""
-    fields = [("objective", pa.string()), ("lambda", pa.float64()), ("chosen", pa.bool_()), ("n_users", pa.int64())]
+def sweep_table(rows: list[dict[str, Any]], chosen: dict[str, float], cutoffs: list[int],
+                chosen_rank: int | None = None) -> pa.Table:
+    """``objective``, ``rank``, ``lambda``, ``chosen``, ``n_users``, then ``recall@N`` and ``ndcg@N`` per cutoff;
+    sorted by objective, rank, lambda. ``chosen``: the chosen lambda per objective, at ``chosen_rank``."""
+    fields = [("objective", pa.string()), ("rank", pa.int64()), ("lambda", pa.float64()), ("chosen", pa.bool_()),
+              ("n_users", pa.int64())]
     fields += [(f"{m}@{c}", pa.float64()) for c in cutoffs for m in ("recall", "ndcg")]
     schema = pa.schema(fields)
-    data = sorted(({**r, "chosen": chosen.get(r["objective"]) == r["lambda"]} for r in rows),
-                  key=lambda r: (r["objective"], r["lambda"]))
+    data = sorted(({**r, "chosen": chosen.get(r["objective"]) == r["lambda"]
+                    and (chosen_rank is None or r["rank"] == chosen_rank)} for r in rows),
+                  key=lambda r: (r["objective"], r["rank"] or 0, r["lambda"]))
     return pa.Table.from_pylist([{f.name: d.get(f.name) for f in schema} for d in data], schema=schema)
 
 
@@ -147,10 +152,13 @@ class Sweep:
     grids: dict[str, list[float]]
     warnings: list[str]
     ran_on: str = "workers"  # where the lambdas were scored: "driver" (in this process) or "workers"
+    rank: int | None = None  # svd.rank: auto: the chosen rank
+    ranks: list[int] | None = None  # svd.rank: auto: the ranks tried
+    rows: list[dict[str, Any]] | None = None  # the table's rows, as scored
 
 
 def sweep_lambdas(spectrum: Spectrum, objectives: ObjectivesSection, *, select_metric: str, cutoffs: list[int],
-                  score: Callable[[Fit], list[dict[str, Any]]]) -> Sweep:
+                  score: Callable[[Fit], list[dict[str, Any]]], rank: int | None = None) -> Sweep:
     """For each objective with ``lambda: auto``, every lambda of its grid (``lambda_grid`` of the spectrum's
     singular values and ``objectives.grid_of(objective)``): the factors of Eq. 1 (``w_i = s_i^2 / (s_i^2 + lam)``)
     or Eq. 2 (``(s_i - lam)_+``) from the one SVD, ``score(fit)`` (rows as ``holdout_metrics`` gives them, the
@@ -166,7 +174,7 @@ def sweep_lambdas(spectrum: Spectrum, objectives: ObjectivesSection, *, select_m
 
         def run(lam: float) -> None:
             fit = fit_factors(spectrum, one_objective(objective, lam), warn=False)
-            rows.append(sweep_rows(objective, lam, score(fit)))
+            rows.append(sweep_rows(objective, lam, score(fit), rank=rank))
 
         for lam in progress(grid, len(grid), f"lambda sweep {objective}"):
             run(lam)
@@ -188,12 +196,53 @@ def sweep_lambdas(spectrum: Spectrum, objectives: ObjectivesSection, *, select_m
         log.info("lambda sweep %s: %d lambdas from %.4g to %.4g; chosen %.4g (%s %.4f)", objective, len(grid),
                  grid[0], grid[-1], chosen[objective], select_metric,
                  max(r[select_metric] for r in rows if r["objective"] == objective))
-    return Sweep(sweep_table(rows, chosen, cutoffs), chosen, grids, warnings)
+    return Sweep(sweep_table(rows, chosen, cutoffs), chosen, grids, warnings, rows=rows)
 
 
-def with_lambdas(cfg: Config, chosen: dict[str, float]) -> Config:
-    """A copy of ``cfg`` whose ``objectives.<objective>.lambda`` is the chosen lambda, for each one in ``chosen``."""
+def sweep_ranks(spectrum: Spectrum, objectives: ObjectivesSection, ranks: list[int], *, select_metric: str,
+                cutoffs: list[int], score: Callable[[Fit], list[dict[str, Any]]]) -> Sweep:
+    """``svd.rank: auto``: for each rank k of ``ranks``, the closed forms from the first k columns of the one SVD
+    (``Spectrum.truncated``: for both objectives the rank-k solution is the rank-k truncation's), each objective's
+    lambdas swept at that rank (``sweep_lambdas``; a numeric lambda is its grid's one point); the chosen rank is
+    the one whose best list (any objective) has the best ``select_metric`` (ties: the smaller rank), and the
+    lambdas are those chosen at that rank. Costs per (rank, lambda) its factors and the held-out lists only."""
+    swept = ObjectivesSection(eq1=objectives.eq1.model_copy(deep=True) if objectives.eq1 else None,
+                              eq2=objectives.eq2.model_copy(deep=True) if objectives.eq2 else None, cosine=None,
+                              lambda_grid=objectives.lambda_grid, lambda_grid_extend=objectives.lambda_grid_extend)
+    for name in ("eq1", "eq2"):
+        section = getattr(swept, name)
+        if section is not None and section.lambda_ != "auto":  # a number: scored at every rank as it is
+            section.lambda_grid, section.lambda_ = [float(section.lambda_)], "auto"
+    ranks = [k for k in ranks if k <= len(spectrum.svd.sigma)]
+    if not ranks:
+        raise MfsimError(f"svd.rank: auto: no rank of the grid is within the {len(spectrum.svd.sigma)} singular values "
+                         "of the train split's SVD; lower svd.rank_grid")
+    at: dict[int, Sweep] = {}
+    for k in ranks:
+        at[k] = sweep_lambdas(spectrum.truncated(k), swept, select_metric=select_metric, cutoffs=cutoffs,
+                              score=score, rank=k)
+        log.info("rank sweep: k = %d, best %s %.4f", k, select_metric,
+                 max(r[select_metric] for r in at[k].rows))
+    best = max(max(r[select_metric] for r in sw.rows) for sw in at.values())
+    k = min(k for k, sw in at.items() if max(r[select_metric] for r in sw.rows) == best)
+    chosen = {name: lam for name, lam in at[k].chosen.items() if name in objectives.auto()}
+    rows = [r for sw in at.values() for r in sw.rows]
+    log.info("rank sweep: %d ranks from %d to %d; chosen %d (%s %.4f)", len(ranks), ranks[0], ranks[-1], k,
+             select_metric, best)
+    warnings = list(at[k].warnings)
+    if len(ranks) >= 3 and k == ranks[-1]:
+        warnings.append(f"rank sweep: the chosen rank {k} is the largest of the grid ({', '.join(map(str, ranks))}); "
+                        "a larger one may be better: raise svd.rank_max (and svd.rank_grid, if given)")
+    return Sweep(sweep_table(rows, at[k].chosen, cutoffs, chosen_rank=k), chosen, at[k].grids, warnings,
+                 rank=k, ranks=ranks, rows=rows)
+
+
+def with_lambdas(cfg: Config, chosen: dict[str, float], rank: int | None = None) -> Config:
+    """A copy of ``cfg`` whose ``objectives.<objective>.lambda`` is the chosen lambda, for each one in ``chosen``,
+    and, given ``rank`` (``svd.rank: auto``), whose ``svd.rank`` is that rank."""
     resolved = cfg.model_copy(deep=True)
     for objective, lam in chosen.items():
         getattr(resolved.objectives, objective).lambda_ = lam
+    if rank is not None:
+        resolved.svd.rank = int(rank)
     return resolved

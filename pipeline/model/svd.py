@@ -701,8 +701,8 @@ def round_width(cfg: SvdSection) -> int:
     """Columns of one round's products over X (``X^T X K``: two passes of K's width): ``2 block_size`` for the
     Krylov solver, ``2 (rank + oversample)`` for the others; ``blocks.rounds_where`` weighs a round by it."""
     if cfg.solver == "krylov":
-        return 2 * int(cfg.block_size or max(8, -(-cfg.rank // 2)))
-    return 2 * int(cfg.rank + cfg.oversample)
+        return 2 * int(cfg.block_size or max(8, -(-cfg.fit_rank // 2)))
+    return 2 * int(cfg.fit_rank + cfg.oversample)
 
 
 def truncated_svd(
@@ -721,7 +721,7 @@ def truncated_svd(
         options["start"] = start
     if as_on_workers and cfg.solver == "krylov":
         options["chunked_basis"] = True
-    return solver.fn(blocks, cfg.rank, seed=cfg.seed, col_offset=col_offset, compute_u=compute_u, **options)
+    return solver.fn(blocks, cfg.fit_rank, seed=cfg.seed, col_offset=col_offset, compute_u=compute_u, **options)
 
 
 def aligned_start(prev_ids, prev_v: np.ndarray, item_ids, seed: int = 0) -> tuple[np.ndarray, int]:

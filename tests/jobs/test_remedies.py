@@ -182,3 +182,51 @@ def test_the_cosine_model_is_left_out_above_its_size_with_a_warning(auto_run, cl
                                                  "items"))
     _, exact = run_job(_config(root, client, "cosine-at-size", f"objectives.cosine.max_nnz={nnz}"))
     assert "cosine" in exact["factors"] and "skipped" not in exact
+
+
+@pytest.fixture(scope="module")
+def rank_run(auto_run, client):
+    """``svd.rank: auto`` over ranks 3, 5 and 8 of one rank-8 SVD of the train split, with both lambdas auto."""
+    _, _, root = auto_run
+    run_dir, manifest = run_job(_config(root, client, "rank-auto", "svd.rank=auto", "svd.rank_max=8",
+                                        "svd.rank_grid=[3, 5, 8]", "objectives.cosine=null"))
+    return run_dir, manifest, root
+
+
+def test_the_rank_sweep_equals_a_refit_at_each_rank(rank_run, client):
+    """Each rank's scores in the sweep (the closed forms from the first k columns of the one rank-8 SVD) equal those
+    of a fit at that rank (its own SVD of the train split at rank k) with that rank's best lambdas; the run publishes
+    the chosen rank's fit."""
+    run_dir, manifest, root = rank_run
+    chosen = manifest["svd"]["rank_chosen"]
+    assert chosen["grid"] == [3, 5, 8] and chosen["rank_max"] == 8 and chosen["by"] == "ndcg@20"
+    assert manifest["svd"]["rank"] == chosen["rank"] and manifest["config"]["svd"]["rank"] == "auto"
+    assert len(pq.read_table(run_dir / "svd/singular_values.parquet")) == chosen["rank"]
+    sweep = pq.read_table(run_dir / "evaluation/lambda_sweep.parquet").to_pylist()
+    assert {r["rank"] for r in sweep} == {3, 5, 8}
+    best = max(r["ndcg@20"] for r in sweep)
+    assert {r["rank"] for r in sweep if r["chosen"]} == {chosen["rank"]}
+    assert max(r["ndcg@20"] for r in sweep if r["rank"] == chosen["rank"]) == best
+    X, _, _ = dense_x(run_dir, root / "sim")
+    blocks = RowBlocks.from_scipy(sp.csr_matrix(X.astype(np.float32)), 64, client)
+    item_ids = pq.read_table(run_dir / "ids/items.parquet")["item_id"]
+    user_ids = pq.read_table(run_dir / "ids/users.parquet")["user_id"]
+    for k in (3, 8):
+        lams = {}
+        for objective in ("eq1", "eq2"):
+            at_k = [r for r in sweep if r["objective"] == objective and r["rank"] == k]
+            top = max(r["ndcg@20"] for r in at_k)
+            lams[objective] = min(r["lambda"] for r in at_k if r["ndcg@20"] == top)
+        cfg = _config(root, client, f"refit-{k}", f"svd.rank={k}", f"objectives.eq1.lambda={lams['eq1']}",
+                      f"objectives.eq2.lambda={lams['eq2']}", "objectives.cosine=null", "neighbours.user_item=[dot]")
+        train, test = split_holdout(blocks, cfg.evaluation.holdout, cfg.evaluation.fraction, cfg.evaluation.seed)
+        rows, _ = holdout_metrics(client, cfg, fit_model(train, cfg), train, test, user_ids, item_ids)
+        for objective, label in (("eq1", "invariant"), ("eq2", "unique")):
+            swept = next(r for r in sweep
+                         if (r["objective"], r["rank"], r["lambda"]) == (objective, k, lams[objective]))
+            for c in cfg.evaluation.cutoffs:
+                ref = next(r for r in rows if (r["objective"], r["scaling"], r["metric"], r["top_n"]) ==
+                           (objective, label, "dot", c))
+                # float32 lists from two SVDs of the same matrix (rank k, and rank 8 truncated): equal up to near-ties
+                assert abs(swept[f"ndcg@{c}"] - ref["ndcg"]) < 1e-6, (objective, k, c)
+                assert abs(swept[f"recall@{c}"] - ref["recall"]) < 1e-6, (objective, k, c)

@@ -11,7 +11,8 @@ import scipy.sparse as sp
 from mfsim.pipeline.blocks import RowBlocks
 from mfsim.pipeline.config import load_config
 from mfsim.pipeline.model.fit import fit_spectrum
-from mfsim.pipeline.model.lambda_sweep import extension, lambda_grid, sweep_lambdas
+from mfsim.pipeline.errors import MfsimError
+from mfsim.pipeline.model.lambda_sweep import extension, lambda_grid, sweep_lambdas, sweep_ranks
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +83,52 @@ def test_no_extension_when_turned_off_or_inside(spectrum):
     assert out.grids["eq1"] == pytest.approx([1, 10, 100]) and len(out.warnings) == 1
     inside = _sweep(spectrum, "eq1", 10.0, "objectives.eq1.lambda_grid=[1, 10, 100]")
     assert inside.grids["eq1"] == pytest.approx([1, 10, 100]) and inside.chosen["eq1"] == 10 and not inside.warnings
+
+
+def test_the_rank_sweep_reads_every_rank_off_one_svd_and_picks_the_best(spectrum):
+    """A score that peaks at rank 4 and Eq. 2's lambda 0.5: every rank of the grid is swept from the rank-6 SVD's first
+    k columns (their singular values are its first k), the chosen rank and lambda are the peak's, the table has a
+    row per (rank, lambda) and one chosen row per objective."""
+    seen = []
+
+    def score(fit):
+        k, lam = len(fit.sigma), fit.meta["eq2"]["lambda"]
+        seen.append((k, fit.sigma.copy()))
+        ndcg = -abs(k - 4) - abs(np.log(lam / 0.5))
+        return [{"metric": "dot", "top_n": 20, "recall": ndcg, "ndcg": ndcg, "n_users": 10}]
+
+    cfg = load_config(None, ["svd.rank=auto", "svd.rank_max=6", "svd.rank_grid=[2, 4, 6]", "objectives.eq1=null",
+                             "objectives.cosine=null", "objectives.eq2.lambda_grid=[0.25, 0.5, 1.0]"])
+    out = sweep_ranks(spectrum, cfg.objectives, cfg.svd.ranks(), select_metric="ndcg@20", cutoffs=[20], score=score)
+    assert out.rank == 4 and out.ranks == [2, 4, 6] and out.chosen == {"eq2": 0.5} and not out.warnings
+    for k, sigma in seen:
+        np.testing.assert_array_equal(sigma, spectrum.svd.sigma[:k])
+    rows = out.table.to_pylist()
+    assert [(r["rank"], r["lambda"]) for r in rows] == [(k, lam) for k in (2, 4, 6) for lam in (0.25, 0.5, 1.0)]
+    assert [(r["rank"], r["lambda"]) for r in rows if r["chosen"]] == [(4, 0.5)]
+
+
+def test_a_fixed_lambda_is_scored_at_every_rank_and_the_largest_rank_warns(spectrum):
+    def score(fit):
+        ndcg = float(len(fit.sigma))  # the more the better: the largest rank wins
+        return [{"metric": "dot", "top_n": 20, "recall": ndcg, "ndcg": ndcg, "n_users": 10}]
+
+    cfg = load_config(None, ["svd.rank=auto", "svd.rank_max=6", "svd.rank_grid=[2, 4, 6]", "objectives.eq1=null",
+                             "objectives.cosine=null", "objectives.eq2.lambda=0.5"])
+    out = sweep_ranks(spectrum, cfg.objectives, cfg.svd.ranks(), select_metric="ndcg@20", cutoffs=[20], score=score)
+    assert out.rank == 6 and out.chosen == {}  # the lambda was a number: nothing to choose
+    assert [(r["rank"], r["lambda"]) for r in out.table.to_pylist()] == [(2, 0.5), (4, 0.5), (6, 0.5)]
+    assert len(out.warnings) == 1 and "largest of the grid" in out.warnings[0] and "svd.rank_max" in out.warnings[0]
+
+
+def test_rank_auto_config():
+    assert load_config(None, ["svd.rank=auto"]).svd.ranks() == [16, 32, 64, 128, 256]
+    svd = load_config(None, ["svd.rank=auto", "svd.rank_max=100"]).svd
+    assert svd.ranks() == [12, 25, 50, 100] and svd.fit_rank == 100 and svd.block_size == 16
+    with pytest.raises(MfsimError, match="svd.rank_grid .* goes above svd.rank_max=100"):
+        load_config(None, ["svd.rank=auto", "svd.rank_max=100", "svd.rank_grid=[50, 200]"])
+    with pytest.raises(MfsimError, match="svd.rank.*held-out data.*evaluation.holdout is none"):
+        load_config(None, ["svd.rank=auto", "evaluation.holdout=none", "objectives.eq1.lambda=1",
+                           "objectives.eq2.lambda=1"])
+    with pytest.raises(MfsimError, match="svd.rank must be auto or an integer >= 1"):
+        load_config(None, ["svd.rank=best"])
