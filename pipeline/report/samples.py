@@ -682,7 +682,8 @@ def sweep_series(table: pa.Table, metric: str) -> dict[str, tuple[np.ndarray, np
     ----------
     table : pyarrow.Table
         Columns ``objective``, ``lambda``, ``chosen`` (bool) and ``metric`` (e.g. ``ndcg@20``), one
-        row per (objective, lambda) tried.
+        row per (objective, lambda) tried; with a ``rank`` column of several ranks (``svd.rank: auto``), the
+        rows of the chosen rank.
     metric : str
         The column to draw, ``evaluation.select_metric``.
 
@@ -700,6 +701,9 @@ def sweep_series(table: pa.Table, metric: str) -> dict[str, tuple[np.ndarray, np
         metrics = [c for c in table.column_names if "@" in c]
         raise MfsimError(f"the lambda sweep table lacks {missing}; its metric columns are {metrics}; "
                          "set evaluation.select_metric to one of them")
+    if "rank" in table.column_names and len(set(table["rank"].to_pylist())) > 1:  # svd.rank: auto: the chosen rank's
+        chosen_ranks = {r for r, c in zip(table["rank"].to_pylist(), table["chosen"].to_pylist()) if c}
+        table = table.filter(pa.array([r in chosen_ranks for r in table["rank"].to_pylist()]))
     d = table.select(list(need)).to_pydict()
     out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for obj in dict.fromkeys(d["objective"]):

@@ -458,3 +458,12 @@ def test_headline_states_the_finding_with_its_number():
     assert "Jaccard 0.930 (the audit's self-check failed" in headline(failed)
     assert headline({**summary, "trivial": True}) is None
     assert headline({"top_n": 10, "metrics": {}}) is None and headline(None) is None
+
+
+def test_sweep_series_of_a_rank_sweep_draws_the_chosen_rank():
+    table = pa.table({"objective": ["eq1"] * 4, "rank": [8, 8, 16, 16], "lambda": [1.0, 10.0, 1.0, 10.0],
+                      "chosen": [False, False, False, True], "ndcg@20": [0.1, 0.2, 0.3, 0.4]})
+    lam, val, chosen = sweep_series(table, "ndcg@20")["eq1"]
+    np.testing.assert_array_equal(lam, [1.0, 10.0])
+    np.testing.assert_array_equal(val, [0.3, 0.4])
+    np.testing.assert_array_equal(chosen, [10.0])
