@@ -19,7 +19,9 @@ its listeners). ``stage_table`` turns both into, per stage:
   perfectly and their data moves are ignored; the serial part is assumed not to shrink.
 
 The whole job's prediction is the sum over its stages, and its predicted speedup from one worker
-``predicted[1] / predicted[P]``.
+``predicted[1] / predicted[P]``. A task's times are its worker's clock shifted to the scheduler's by an offset
+that distributed re-estimates at every heartbeat: a task's duration is exact, two tasks' times can be off by
+tens of milliseconds against each other (a round boundary that short can be misplaced).
 """
 
 from __future__ import annotations

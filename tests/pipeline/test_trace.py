@@ -97,6 +97,8 @@ def test_recorder_on_a_real_cluster(client):
     assert {"trace-a", "trace-b", "trace-c"} <= set(by_key)
     assert by_key["trace-c"].deps == ("trace-a",) and by_key["trace-a"].deps == ()
     assert by_key["trace-a"].seconds >= 0.3 and by_key["trace-b"].seconds >= 0.2
-    assert by_key["trace-c"].start >= by_key["trace-a"].stop
+    # c ran after a: the workers' times are shifted to the scheduler's clock by an offset re-estimated at every
+    # heartbeat (distributed's time_delay), so two tasks' times can be tens of milliseconds apart from the truth
+    assert by_key["trace-c"].start >= by_key["trace-a"].stop - 0.1
     assert by_key["trace-a"].worker and by_key["trace-a"].nbytes > 0
     assert critical_path([by_key[k] for k in ("trace-a", "trace-b", "trace-c")]) >= 0.6
