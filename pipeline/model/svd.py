@@ -721,7 +721,9 @@ def truncated_svd(
         options["start"] = start
     if as_on_workers and cfg.solver == "krylov":
         options["chunked_basis"] = True
-    return solver.fn(blocks, cfg.fit_rank, seed=cfg.seed, col_offset=col_offset, compute_u=compute_u, **options)
+    # rank: auto on a matrix smaller than rank_max: every rank it has (the sweep keeps the grid's ranks within them)
+    rank = min(cfg.fit_rank, *blocks.shape) if cfg.rank == "auto" else cfg.fit_rank
+    return solver.fn(blocks, rank, seed=cfg.seed, col_offset=col_offset, compute_u=compute_u, **options)
 
 
 def aligned_start(prev_ids, prev_v: np.ndarray, item_ids, seed: int = 0) -> tuple[np.ndarray, int]:

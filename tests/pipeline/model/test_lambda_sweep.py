@@ -132,3 +132,19 @@ def test_rank_auto_config():
                            "objectives.eq2.lambda=1"])
     with pytest.raises(MfsimError, match="svd.rank must be auto or an integer >= 1"):
         load_config(None, ["svd.rank=best"])
+
+
+def test_rank_auto_on_a_matrix_smaller_than_rank_max():
+    """120 x 40 with rank_max 256: the train SVD takes every rank the matrix has (40), the sweep the grid's ranks
+    within them."""
+    X = sp.random(120, 40, density=0.2, random_state=np.random.default_rng(5), dtype=np.float32, format="csr")
+    cfg = load_config(None, ["svd.rank=auto", "objectives.cosine=null"])
+    spec = fit_spectrum(RowBlocks.from_scipy(X, 32, None), cfg)
+    assert len(spec.svd.sigma) == 40
+
+    def score(fit):
+        ndcg = float(len(fit.sigma))
+        return [{"metric": "dot", "top_n": 20, "recall": ndcg, "ndcg": ndcg, "n_users": 10}]
+
+    out = sweep_ranks(spec, cfg.objectives, cfg.svd.ranks(), select_metric="ndcg@20", cutoffs=[20], score=score)
+    assert out.ranks == [16, 32] and out.rank == 32
