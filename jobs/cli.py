@@ -472,15 +472,23 @@ def bench_ingest(
         write_json(json_out, out)
 
 
+# the options of the benchmarks that run the whole job on a synthetic log (bench pipeline, bench scaling)
+BENCH_USERS = typer.Option(200_000, help="Distinct users of the synthetic log.")
+BENCH_ITEMS = typer.Option(50_000, help="Distinct items.")
+BENCH_NNZ = typer.Option(5_000_000, help="Rows of the log.")
+BENCH_CONFIG = typer.Option(None, "--config", help="YAML config (default: conf/default.yaml).")
+BENCH_SET = typer.Option([], "--set", help=SET_HELP)
+
+
 @bench_app.command("pipeline", epilog="Example: mfsim bench pipeline --users 200000 --items 50000 --nnz 5000000 "
                                        "--set evaluation.holdout=none")
 @user_errors
 def bench_pipeline(
-    users: int = typer.Option(200_000, help="Distinct users of the synthetic log."),
-    items: int = typer.Option(50_000, help="Distinct items."),
-    nnz: int = typer.Option(5_000_000, help="Rows of the log."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (default: conf/default.yaml)."),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    users: int = BENCH_USERS,
+    items: int = BENCH_ITEMS,
+    nnz: int = BENCH_NNZ,
+    config: Optional[Path] = BENCH_CONFIG,
+    set_: list[str] = BENCH_SET,
     workdir: Optional[Path] = typer.Option(None, help="Where to keep the log and the run (default: a temp dir)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the measured numbers to this JSON file."),
 ) -> None:
@@ -498,11 +506,11 @@ def bench_pipeline(
                                       "--set evaluation.holdout=none --json scaling.json")
 @user_errors
 def bench_scaling(
-    users: int = typer.Option(200_000, help="Distinct users of the synthetic log."),
-    items: int = typer.Option(50_000, help="Distinct items."),
-    nnz: int = typer.Option(5_000_000, help="Rows of the log."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (default: conf/default.yaml)."),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    users: int = BENCH_USERS,
+    items: int = BENCH_ITEMS,
+    nnz: int = BENCH_NNZ,
+    config: Optional[Path] = BENCH_CONFIG,
+    set_: list[str] = BENCH_SET,
     workdir: Optional[Path] = typer.Option(None, help="Where to keep the log and the runs (default: a temp dir)."),
     workers: int = typer.Option(2, "--workers", help="Workers (of one thread) of the embedded cluster the graph is "
                                 "recorded on."),
@@ -539,17 +547,11 @@ def bench_quality(
 ) -> None:
     """Held-out NDCG@20 of mfsim, EASE and implicit's ALS under one protocol (binarized, users with >= 5 items, a
     seeded per-user 80/20 split, each method tuned on an inner split of train)."""
-    import yaml
-
     from mfsim.jobs.bench.measure import write_json
     from mfsim.jobs.bench.quality import run_bench_quality
+    from mfsim.pipeline.config import parse_override
 
-    overrides = {}
-    for item in set_:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--set {item!r}: write section.key=value")
-        overrides[key.strip()] = yaml.safe_load(raw)
+    overrides = {".".join(path): value for path, value in map(parse_override, set_)}
     out = run_bench_quality(list(inputs), config=str(config) if config else None, overrides=overrides, seed=seed)
     if json_out is not None:
         write_json(json_out, out)

@@ -203,7 +203,7 @@ def krylov_max_blocks(rank: int, block_size: int) -> int:
 class SvdSection(Section):
     """``svd``: rank k, solver and the randomized range finder's parameters."""
 
-    rank: Any = 64  # k, or auto: the best of rank_grid on the held-out split (``fit_rank``; ``_rank``)
+    rank: Any = 64  # k, or auto: the best of rank_grid on the held-out split (``fit_rank``)
     rank_max: int = Field(256, ge=1)  # rank: auto: the train split's one SVD, whose first k columns serve every k
     rank_grid: list[int] | None = None  # rank: auto: the ranks tried; None: ``ranks()``'s default
     solver: Literal["krylov", "subspace", "sklearn"] = "krylov"
@@ -216,22 +216,13 @@ class SvdSection(Section):
     power_iterations: int = Field(32, ge=0)  # subspace, sklearn
     seed: int = 0
 
-    @field_validator("block_size", "max_blocks", mode="before")
+    @field_validator("rank", "block_size", "max_blocks", mode="before")
     @classmethod
-    def _positive(cls, v: Any, info) -> int | str:
+    def _auto_or_positive(cls, v: Any, info) -> int | str:
         if v == "auto" and isinstance(v, str):
             return v
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"svd.{info.field_name} must be auto or an integer >= 1, got {v!r}")
-        return v
-
-    @field_validator("rank", mode="before")
-    @classmethod
-    def _rank(cls, v: Any) -> int | str:
-        if v == "auto" and isinstance(v, str):
-            return v
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"svd.rank must be auto or an integer >= 1, got {v!r}")
         return v
 
     @field_validator("rank_grid")

@@ -196,9 +196,10 @@ def stage_row(stage: Stage, tasks: Sequence[Task], workers: Sequence[int] = WORK
     T = stage.stop - stage.start
     W = sum(t.seconds for t in tasks)
     I = max(0.0, T - covered_seconds([c for c in clipped if c[1] > c[0]]))
-    parts = [(sum(t.seconds for t in r), critical_path(r)) for r in rounds(tasks)]
+    split = rounds(tasks)
+    parts = [(sum(t.seconds for t in r), critical_path(r)) for r in split]
     return {"T": T, "W": W, "I": I, "S": sum(s for _, s in parts), "tasks": len(tasks), "rounds": len(parts),
-            "max_ready": max((max_ready(r) for r in rounds(tasks)), default=0),
+            "max_ready": max((max_ready(r) for r in split), default=0),
             "predicted": {p: I + sum(max(w / p, s) for w, s in parts) for p in workers}}
 
 

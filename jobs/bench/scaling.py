@@ -102,7 +102,7 @@ def run_bench_scaling(users: int = 200_000, items: int = 50_000, nnz: int = 5_00
                 "tasks": [{**t.__dict__, "deps": list(t.deps)} for t in tasks]}))
         checks = {}
         for n in check_workers:
-            measured_manifest, measured_tasks, measured_stages = _recorded_run(config_for(n), warm(n))
+            _, _, measured_stages = _recorded_run(config_for(n), warm(n))
             measured = {s.name: s.stop - s.start for s in measured_stages}
             rows = {name: {"measured": measured.get(name, 0.0), "predicted": r["predicted"][n]}
                     for name, r in table["stages"].items()}

@@ -701,7 +701,7 @@ def round_width(cfg: SvdSection) -> int:
     """Columns of one round's products over X (``X^T X K``: two passes of K's width): ``2 block_size`` for the
     Krylov solver, ``2 (rank + oversample)`` for the others; ``blocks.rounds_where`` weighs a round by it."""
     if cfg.solver == "krylov":
-        return 2 * int(cfg.block_size or max(8, -(-cfg.fit_rank // 2)))
+        return 2 * int(cfg.block_size)  # an int: ``auto`` is resolved by the config
     return 2 * int(cfg.fit_rank + cfg.oversample)
 
 
