@@ -10,8 +10,11 @@ outputs through the run writer, and returns its manifest entries and its publish
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -142,6 +145,7 @@ def fit_stage(ctx: StageContext) -> StageResult:
                                                 "ran_on": sweep.ran_on}
         if sweep.rank is not None:
             svd["rank_chosen"] = {"rank": sweep.rank, "by": ctx.cfg.evaluation.select_metric, "on": "held-out split",
+                                  "best_score_rank": sweep.best_rank, "within_se": ctx.cfg.svd.rank_within_se,
                                   "grid": sweep.ranks, "rank_max": ctx.cfg.svd.rank_max,
                                   "output": outputs.LAMBDA_SWEEP, "ran_on": sweep.ran_on}
         ctx.run.write_table(outputs.LAMBDA_SWEEP, sweep.table)
@@ -233,7 +237,7 @@ def lambda_sweep(ctx: StageContext) -> Sweep:
 
     if cfg.svd.rank == "auto":
         sweep = sweep_ranks(spectrum, cfg.objectives, cfg.svd.ranks(), select_metric=ecfg.select_metric,
-                            cutoffs=cutoffs, score=score)
+                            cutoffs=cutoffs, score=score, within_se=cfg.svd.rank_within_se)
     else:
         sweep = sweep_lambdas(spectrum, cfg.objectives, select_metric=ecfg.select_metric, cutoffs=cutoffs,
                               score=score, rank=cfg.svd.fit_rank)
@@ -318,11 +322,33 @@ def _results_in_order(futures: list) -> Iterator[Any]:
         yield result
 
 
+#: List groups on the workers run side by side, as many as keep the cluster's threads busy at this many tasks a group
+#: (a symmetric group's ``tournament`` round runs 4 pairs at once below 524,288 items), and at least 2: one group's
+#: tail overlaps the next one's start. Each group in flight holds its factors, candidates and running states.
+GROUP_TASKS_AT_ONCE = 4
+
+
+class GroupEnd(NamedTuple):
+    """A list group ended (``neighbours_stage``), with its error or None."""
+
+    error: BaseException | None
+
+
+def groups_in_flight(client) -> int:
+    """How many list groups run at once on ``client``'s workers (``GROUP_TASKS_AT_ONCE``); 1 in this process."""
+    if client is None:
+        return 1
+    threads = sum(client.nthreads().values())
+    return max(2, -(-threads // GROUP_TASKS_AT_ONCE))
+
+
 def neighbours_stage(ctx: StageContext) -> StageResult:
     """Every configured top-N list as ``similar_items/``, ``recommendations/`` and ``similar_users/`` datasets,
     ``objective=/scaling=/metric=/part-*.parquet``, each part written by the task that computed it.
 
-    The tasks of item-item lists also compute their cluster-precision sums, so no list comes back.
+    The tasks of item-item lists also compute their cluster-precision sums, so no list comes back. Groups on the
+    workers run ``groups_in_flight`` at a time, each driven by a thread of this process; groups that run here run
+    alone, one after another (the workers' groups before them finished). The same lists either way.
     """
     cfg, data, fit = ctx.cfg, ctx.data, ctx.fit
     ncfg = cfg.neighbours
@@ -330,17 +356,14 @@ def neighbours_stage(ctx: StageContext) -> StageResult:
     places: dict[str, int] = {}
     X_here = None  # X's pattern in this process (the users' own items, excluded from their lists), once
     labels: dict[str, Any] = {}  # the item truth's labels where the groups run, shared once per place
-    for g in plan_lists(list(fit.factors), ncfg.item_item, ncfg.user_item, ncfg.user_user, cfg.list_scalings()):
-        client = group_client(ctx, g)
-        X = data.X
-        if client is None and g.kind != "item_item":
-            X = X_here = X_here or data.X.here()
+    done: queue.Queue = queue.Queue()  # (parts written, cluster sums) of every range, then its group's GroupEnd
+    stop = threading.Event()
+
+    def lists_of(g: GemmGroup, client, X: RowBlocks) -> None:
+        """Group ``g``'s lists; what each range wrote goes to ``done`` for this thread to record."""
         where = where_of(client)
-        places[where] = places.get(where, 0) + 1
         cluster = None
         if ctx.scorer is not None:
-            if where not in labels:
-                labels[where] = runner(client).share(ctx.scorer.labels, "cluster-labels")
             cluster = (labels[where], list(ctx.scorer.cutoffs))
         A, B = fit.factors.pair((g.objective, g.scaling), client)  # futures: built on the workers
         user_parts = fit.users((g.objective, g.scaling)) if g.kind != "item_item" else []
@@ -355,13 +378,64 @@ def neighbours_stage(ctx: StageContext) -> StageResult:
         sinks = [ListSink(ctx.run.location, lists,
                           cand_ids if g.kind == "item_item" else run.share(ids, "query-ids"), cand_ids, cluster)
                  for ids in inputs.query_id_parts]
-        for _, (parts, sums) in group_lists(client, g, inputs, sinks, ncfg, len(data.item_ids)):
+        for _, result in group_lists(client, g, inputs, sinks, ncfg, len(data.item_ids)):
+            done.put(result)
+        written.update(out.directory for out in lists)
+
+    def one_group(g: GemmGroup, client, X: RowBlocks) -> None:
+        """``lists_of(g)``, then its end (with its error, if any) on ``done``."""
+        error = None
+        try:
+            lists_of(g, client, X)
+        except BaseException as exc:  # raised by the thread that records (``record``)
+            error = exc
+        done.put(GroupEnd(error))
+
+    def record(n_groups: int) -> None:
+        """Record what ranges wrote until ``n_groups`` groups ended; a group's error is raised here."""
+        while n_groups:
+            item = done.get()
+            if isinstance(item, GroupEnd):
+                n_groups -= 1
+                if item.error is not None:
+                    raise item.error
+                continue
+            parts, sums = item
             for w in parts:
                 ctx.run.written(w)
-            for key, s in sums.items():
+            for key, s in sums.items():  # a key is one group's: its sums add in its ranges' order
                 ctx.scorer.add_sums(key, s)
-        written.update(out.directory for out in lists)
-        del A, B, inputs  # the group's factors and candidates leave the workers
+
+    pool, running, limit = None, 0, 1
+    try:
+        for g in plan_lists(list(fit.factors), ncfg.item_item, ncfg.user_item, ncfg.user_user, cfg.list_scalings()):
+            client = group_client(ctx, g)
+            X = data.X
+            if client is None and g.kind != "item_item":
+                X = X_here = X_here or data.X.here()
+            where = where_of(client)
+            places[where] = places.get(where, 0) + 1
+            if ctx.scorer is not None and where not in labels:
+                labels[where] = runner(client).share(ctx.scorer.labels, "cluster-labels")
+            if client is None:  # here: alone, after the workers' groups
+                record(running)
+                running = 0
+                one_group(g, None, X)
+                record(1)
+                continue
+            if pool is None:
+                limit = groups_in_flight(client)
+                pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="list-group")
+            if running == limit:  # one ends before the next starts
+                record(1)
+                running -= 1
+            pool.submit(one_group, g, client, X)
+            running += 1
+        record(running)
+    finally:
+        stop.set()  # on an error: the groups still running end at their next range
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     log.info("neighbours: %d lists written", len(written))
     return StageResult({"neighbours": {"ran_on": places}})  # list groups per place
 

@@ -206,6 +206,7 @@ class SvdSection(Section):
     rank: Any = 64  # k, or auto: the best of rank_grid on the held-out split (``fit_rank``)
     rank_max: int = Field(256, ge=1)  # rank: auto: the train split's one SVD, whose first k columns serve every k
     rank_grid: list[int] | None = None  # rank: auto: the ranks tried; None: ``ranks()``'s default
+    rank_within_se: float = Field(1.0, ge=0)  # rank: auto: ranks this many standard errors from the best are tied
     solver: Literal["krylov", "subspace", "sklearn"] = "krylov"
     block_size: Any = "auto"  # krylov: columns per Krylov block (``auto``: ``krylov_block_size``)
     tol: float = Field(1e-6, gt=0)  # krylov: stop when the estimated relative error of the top-k Ritz values is below

@@ -24,7 +24,7 @@ import scipy.sparse as sp
 
 TOP = 20
 EASE_LAMBDAS = (50.0, 200.0, 500.0, 1000.0, 3000.0)
-ALS_GRID = {"factors": (64, 128), "regularization": (0.01, 0.1), "alpha": (1.0, 10.0)}
+ALS_GRID = {"factors": (64, 128, 256), "regularization": (0.01, 0.1, 1.0, 10.0), "alpha": (1.0, 10.0, 40.0)}
 
 
 def read_binarized(path: str | Path, min_items: int = 5) -> sp.csr_matrix:

@@ -65,14 +65,17 @@ def parse_select_metric(name: str) -> tuple[str, int]:
 def sweep_rows(objective: str, lam: float, rows: list[dict[str, Any]], metric_name: str = "dot",
                rank: int | None = None) -> dict[str, Any]:
     """One row of ``evaluation/lambda_sweep.parquet`` from ``holdout_metrics`` rows of one (rank, lambda): the
-    user-item ``metric_name`` (the model score) list's recall@N and NDCG@N at each cutoff."""
+    user-item ``metric_name`` (the model score) list's recall@N and NDCG@N at each cutoff, and their standard errors
+    (``recall_se@N``, ``ndcg_se@N``) where the rows have them."""
     out: dict[str, Any] = {"objective": objective, "rank": rank, "lambda": float(lam)}
     n_users = 0
     for r in rows:
         if r["metric"] != metric_name:
             continue
-        out[f"recall@{r['top_n']}"] = float(r["recall"])
-        out[f"ndcg@{r['top_n']}"] = float(r["ndcg"])
+        for m in ("recall", "ndcg"):
+            out[f"{m}@{r['top_n']}"] = float(r[m])
+            if f"{m}_se" in r:
+                out[f"{m}_se@{r['top_n']}"] = float(r[f"{m}_se"])
         n_users = int(r["n_users"])
     out["n_users"] = n_users
     return out
@@ -115,11 +118,12 @@ def extension(grid: list[float], chosen: float) -> float | None:
 
 def sweep_table(rows: list[dict[str, Any]], chosen: dict[str, float], cutoffs: list[int],
                 chosen_rank: int | None = None) -> pa.Table:
-    """``objective``, ``rank``, ``lambda``, ``chosen``, ``n_users``, then ``recall@N`` and ``ndcg@N`` per cutoff;
+    """``objective``, ``rank``, ``lambda``, ``chosen``, ``n_users``, then ``recall@N``, ``ndcg@N`` and their standard
+    errors (``recall_se@N``, ``ndcg_se@N``; null where the score gave none) per cutoff;
     sorted by objective, rank, lambda. ``chosen``: the chosen lambda per objective, at ``chosen_rank``."""
     fields = [("objective", pa.string()), ("rank", pa.int64()), ("lambda", pa.float64()), ("chosen", pa.bool_()),
               ("n_users", pa.int64())]
-    fields += [(f"{m}@{c}", pa.float64()) for c in cutoffs for m in ("recall", "ndcg")]
+    fields += [(f"{m}@{c}", pa.float64()) for c in cutoffs for m in ("recall", "ndcg", "recall_se", "ndcg_se")]
     schema = pa.schema(fields)
     data = sorted(({**r, "chosen": chosen.get(r["objective"]) == r["lambda"]
                     and (chosen_rank is None or r["rank"] == chosen_rank)} for r in rows),
@@ -153,6 +157,7 @@ class Sweep:
     warnings: list[str]
     ran_on: str = "workers"  # where the lambdas were scored: "driver" (in this process) or "workers"
     rank: int | None = None  # svd.rank: auto: the chosen rank
+    best_rank: int | None = None  # svd.rank: auto: the rank of the best score (the chosen one, or tied with it)
     ranks: list[int] | None = None  # svd.rank: auto: the ranks tried
     rows: list[dict[str, Any]] | None = None  # the table's rows, as scored
 
@@ -200,12 +205,15 @@ def sweep_lambdas(spectrum: Spectrum, objectives: ObjectivesSection, *, select_m
 
 
 def sweep_ranks(spectrum: Spectrum, objectives: ObjectivesSection, ranks: list[int], *, select_metric: str,
-                cutoffs: list[int], score: Callable[[Fit], list[dict[str, Any]]]) -> Sweep:
+                cutoffs: list[int], score: Callable[[Fit], list[dict[str, Any]]], within_se: float = 0.0) -> Sweep:
     """``svd.rank: auto``: for each rank k of ``ranks``, the closed forms from the first k columns of the one SVD
     (``Spectrum.truncated``: for both objectives the rank-k solution is the rank-k truncation's), each objective's
-    lambdas swept at that rank (``sweep_lambdas``; a numeric lambda is its grid's one point); the chosen rank is
-    the one whose best list (any objective) has the best ``select_metric`` (ties: the smaller rank), and the
-    lambdas are those chosen at that rank. Costs per (rank, lambda) its factors and the held-out lists only."""
+    lambdas swept at that rank (``sweep_lambdas``; a numeric lambda is its grid's one point); the lambdas are those
+    chosen at the chosen rank. Costs per (rank, lambda) its factors and the held-out lists only.
+
+    Ranks are compared by their best ``select_metric`` (any objective, any lambda); a rank within ``within_se``
+    standard errors of the best (the best score's own ``<metric>_se@N``; 0 where the score gives none) is tied with
+    it, and the largest tied rank is chosen (``choose_rank``). The best score at the largest rank is a warning."""
     swept = ObjectivesSection(eq1=objectives.eq1.model_copy(deep=True) if objectives.eq1 else None,
                               eq2=objectives.eq2.model_copy(deep=True) if objectives.eq2 else None, cosine=None,
                               lambda_grid=objectives.lambda_grid, lambda_grid_extend=objectives.lambda_grid_extend)
@@ -223,18 +231,35 @@ def sweep_ranks(spectrum: Spectrum, objectives: ObjectivesSection, ranks: list[i
                               score=score, rank=k)
         log.info("rank sweep: k = %d, best %s %.4f", k, select_metric,
                  max(r[select_metric] for r in at[k].rows))
-    best = max(max(r[select_metric] for r in sw.rows) for sw in at.values())
-    k = min(k for k, sw in at.items() if max(r[select_metric] for r in sw.rows) == best)
-    chosen = {name: lam for name, lam in at[k].chosen.items() if name in objectives.auto()}
     rows = [r for sw in at.values() for r in sw.rows]
-    log.info("rank sweep: %d ranks from %d to %d; chosen %d (%s %.4f)", len(ranks), ranks[0], ranks[-1], k,
-             select_metric, best)
+    k, top = choose_rank(rows, select_metric, within_se)
+    chosen = {name: lam for name, lam in at[k].chosen.items() if name in objectives.auto()}
+    log.info("rank sweep: %d ranks from %d to %d; best %d (%s %.4f); chosen %d (%.4f, tied within %g standard "
+             "errors)", len(ranks), ranks[0], ranks[-1], top, select_metric, best_of(rows, top, select_metric), k,
+             best_of(rows, k, select_metric), within_se)
     warnings = list(at[k].warnings)
-    if len(ranks) >= 3 and k == ranks[-1]:
+    if len(ranks) >= 3 and top == ranks[-1]:
         warnings.append(f"rank sweep: the chosen rank {k} is the largest of the grid ({', '.join(map(str, ranks))}); "
                         "a larger one may be better: raise svd.rank_max (and svd.rank_grid, if given)")
     return Sweep(sweep_table(rows, at[k].chosen, cutoffs, chosen_rank=k), chosen, at[k].grids, warnings,
-                 rank=k, ranks=ranks, rows=rows)
+                 rank=k, best_rank=top, ranks=ranks, rows=rows)
+
+
+def best_of(rows: list[dict[str, Any]], rank: int, select_metric: str) -> float:
+    """The best ``select_metric`` of ``rank``'s rows (any objective, any lambda)."""
+    return max(r[select_metric] for r in rows if r["rank"] == rank)
+
+
+def choose_rank(rows: list[dict[str, Any]], select_metric: str, within_se: float) -> tuple[int, int]:
+    """``(chosen, best)``: ``best`` is the rank of the best row's ``select_metric`` (ties: the smaller rank);
+    ``chosen`` the largest rank whose best score is at least that score less ``within_se`` times its standard
+    error (the row's ``<metric>_se@N``, 0 where absent). Larger ranks win the ties because the published fit has
+    more data than the held-out split it was chosen on, and the rank the data supports grows with it."""
+    metric, _, cut = select_metric.partition("@")
+    top_row = max(rows, key=lambda r: (r[select_metric], -r["rank"]))
+    floor = top_row[select_metric] - within_se * (top_row.get(f"{metric}_se@{cut}") or 0.0)
+    tied = [k for k in {r["rank"] for r in rows} if best_of(rows, k, select_metric) >= floor]
+    return max(tied), top_row["rank"]
 
 
 def with_lambdas(cfg: Config, chosen: dict[str, float], rank: int | None = None) -> Config:

@@ -92,6 +92,35 @@ def test_work_held_to_the_workers_gives_the_same_run(small_run, client):
     assert len(assert_same_run_tables(run_dir, workers_dir)) > 40
 
 
+def test_list_groups_on_the_workers_overlap_and_give_the_same_lists(small_run, client, monkeypatch):
+    """On the workers, list groups run ``groups_in_flight`` at a time (3 here): never more, 3 at some moment, and
+    every published table as in the run whose groups ran here one after another."""
+    import threading
+    import time
+
+    import mfsim.jobs.stages as stages
+
+    run_dir, _, sim_dir = small_run
+    spans, lock = [], threading.Lock()
+    group_lists = stages.group_lists
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        yield from group_lists(*args, **kwargs)
+        with lock:
+            spans.append((start, time.perf_counter()))
+
+    monkeypatch.setattr(stages, "group_lists", timed)
+    monkeypatch.setattr(stages, "groups_in_flight", lambda client: 3)
+    cfg = _small_config(sim_dir.parent, client, "groups-overlap")
+    cfg.cluster.small_data_here = False
+    overlap_dir, manifest = run_job(cfg)
+    assert manifest["neighbours"]["ran_on"] == {"workers": 18} and len(spans) == 18
+    at_once = max(sum(1 for a, b in spans if a <= t < b) for t, _ in spans)
+    assert at_once == 3
+    assert len(assert_same_run_tables(run_dir, overlap_dir)) > 40
+
+
 def test_every_list_matches_numpy(small_run):
     run_dir, manifest, sim_dir = small_run
     assert "neighbours" in manifest["timings"]

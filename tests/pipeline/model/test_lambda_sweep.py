@@ -148,3 +148,28 @@ def test_rank_auto_on_a_matrix_smaller_than_rank_max():
 
     out = sweep_ranks(spec, cfg.objectives, cfg.svd.ranks(), select_metric="ndcg@20", cutoffs=[20], score=score)
     assert out.ranks == [16, 32] and out.rank == 32
+
+
+def test_ranks_within_one_standard_error_of_the_best_are_tied_and_the_largest_wins(spectrum):
+    """Scores with standard errors: rank 2 best (0.50 +- 0.03), rank 4 0.48 within one error, rank 6 0.46 outside:
+    with ``within_se=1`` rank 4 is chosen (its best lambda), with 0 rank 2; neither warns (the best is not the
+    largest rank); the table keeps the errors."""
+    best = {2: 0.50, 4: 0.48, 6: 0.46}
+
+    def score(fit):
+        k, lam = len(fit.sigma), fit.meta["eq2"]["lambda"]
+        ndcg = best[k] - abs(np.log(lam / 0.5)) / 10
+        return [{"metric": "dot", "top_n": 20, "recall": ndcg, "ndcg": ndcg, "recall_se": 0.03, "ndcg_se": 0.03,
+                 "n_users": 10}]
+
+    cfg = load_config(None, ["svd.rank=auto", "svd.rank_max=6", "svd.rank_grid=[2, 4, 6]", "objectives.eq1=null",
+                             "objectives.cosine=null", "objectives.eq2.lambda_grid=[0.25, 0.5, 1.0]"])
+    assert cfg.svd.rank_within_se == 1.0
+    tied = sweep_ranks(spectrum, cfg.objectives, cfg.svd.ranks(), select_metric="ndcg@20", cutoffs=[20], score=score,
+                       within_se=cfg.svd.rank_within_se)
+    assert (tied.rank, tied.best_rank, tied.chosen) == (4, 2, {"eq2": 0.5}) and not tied.warnings
+    assert [(r["rank"], r["lambda"]) for r in tied.table.to_pylist() if r["chosen"]] == [(4, 0.5)]
+    assert {r["ndcg_se@20"] for r in tied.table.to_pylist()} == {0.03}
+    exact = sweep_ranks(spectrum, cfg.objectives, cfg.svd.ranks(), select_metric="ndcg@20", cutoffs=[20],
+                        score=score, within_se=0.0)
+    assert (exact.rank, exact.best_rank) == (2, 2)
