@@ -334,12 +334,13 @@ class GroupEnd(NamedTuple):
     error: BaseException | None
 
 
-def groups_in_flight(client) -> int:
-    """How many list groups run at once on ``client``'s workers (``GROUP_TASKS_AT_ONCE``); 1 in this process."""
+def groups_in_flight(client, tasks_each: int = GROUP_TASKS_AT_ONCE) -> int:
+    """How many list groups (or lists) of ``tasks_each`` tasks at once run side by side on ``client``'s workers: as
+    many as keep every thread busy, at least 2; 1 in this process."""
     if client is None:
         return 1
     threads = sum(client.nthreads().values())
-    return max(2, -(-threads // GROUP_TASKS_AT_ONCE))
+    return max(2, -(-threads // max(1, tasks_each)))
 
 
 def neighbours_stage(ctx: StageContext) -> StageResult:
@@ -525,7 +526,8 @@ def audit_stage(ctx: StageContext) -> StageResult:
                               spread=acfg.spread, seed=acfg.seed, least_stable=acfg.least_stable,
                               max_items=acfg.max_items, cosine_norm_floor=ncfg.cosine_norm_floor,
                               item_lists_fn=client_item_lists(client, rows_per_task=ncfg.query_chunk,
-                                                              candidate_block=ncfg.candidate_block))
+                                                              candidate_block=ncfg.candidate_block),
+                              lists_at_once=groups_in_flight(client, -(-min(acfg.max_items, p) // ncfg.query_chunk)))
     result.summary["ran_on"] = "driver" if client is None else "workers"
     ctx.run.write_table(outputs.AUDIT_STABILITY, result.stability)
     ctx.run.write_table(outputs.AUDIT_ITEMS, outputs.keyed_by_item(result.detail, ctx.data.item_ids))

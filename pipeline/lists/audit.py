@@ -44,8 +44,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from itertools import combinations
-from typing import Any, Callable
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from itertools import combinations, islice
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -272,9 +274,9 @@ PROGRESS_LABEL = "audit lists"
 
 
 def _lists(fn: ItemListsFn, queries: np.ndarray, candidates: np.ndarray, n: int, metric: str, *,
-           exclude_self: bool, what: str, bar: Progress, cosine_norm_floor: float = 0.0,
+           exclude_self: bool, what: str, cosine_norm_floor: float = 0.0,
            queries_of_candidates: bool = True) -> TopN:
-    """Call the list function after checking that no score can overflow float32; one step of ``bar``.
+    """Call the list function after checking that no score can overflow float32.
 
     Cosine lists get the norm floor ``cosine_norm_floor`` relative to the largest row norm of each side's
     embedding: the candidates', also for the queries when they are rows of the candidates (item-item, sampled
@@ -289,9 +291,30 @@ def _lists(fn: ItemListsFn, queries: np.ndarray, candidates: np.ndarray, n: int,
     if metric == "cosine" and cosine_norm_floor > 0:
         q_ref = norms[1] if queries_of_candidates else norms[0]
         floors = (cosine_floor(q_ref, cosine_norm_floor), cosine_floor(norms[1], cosine_norm_floor))
-    top = fn(queries, candidates, n, metric, exclude_self=exclude_self, cosine_min_norm=floors)
-    bar.step()
-    return top
+    return fn(queries, candidates, n, metric, exclude_self=exclude_self, cosine_min_norm=floors)
+
+
+def in_order(jobs: list[Callable[[], Any]], at_once: int) -> Iterator[Any]:
+    """Each job's result, in the jobs' order; with ``at_once`` > 1 the jobs run on that many threads, started at
+    most ``2 x at_once`` ahead of the result taken (so at most that many results wait), else one after another
+    here as they are taken."""
+    if at_once <= 1:
+        for job in jobs:
+            yield job()
+        return
+    with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="audit-lists") as pool:
+        waiting = iter(jobs)
+        started = deque(pool.submit(job) for job in islice(waiting, 2 * at_once))
+        try:
+            while started:
+                fut = started.popleft()
+                job = next(waiting, None)
+                if job is not None:
+                    started.append(pool.submit(job))
+                yield fut.result()
+        finally:
+            for fut in started:
+                fut.cancel()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,6 +506,7 @@ def audit_item_lists(
     max_items: int | None = None,
     cosine_norm_floor: float = 0.0,
     item_lists_fn: ItemListsFn | None = None,
+    lists_at_once: int = 1,
 ) -> AuditResult:
     """Jaccard@N of item-item lists between equally good Eq. 1 solutions.
 
@@ -516,6 +540,11 @@ def audit_item_lists(
         ``(queries, candidates, n, metric, exclude_self=True, cosine_min_norm=(0, 0)) -> TopN`` with
         metric ``"dot"`` or ``"cosine"`` and absolute norm floors; default ``default_item_lists``
         (in process). The pipeline passes a Dask-backed one.
+    lists_at_once : int, default 1
+        Lists computed side by side (each by ``item_lists_fn`` on a thread of this process; for a Dask-backed
+        function, so that the cluster has more than one list's tasks to run), started in the order they are
+        compared and at most ``2 x lists_at_once`` ahead of the comparison; 1: one after another. The same
+        result either way.
 
     Returns
     -------
@@ -548,8 +577,8 @@ def audit_item_lists(
     The cosine lists are computed for every solution, N + 1 long, and compared by
     ``tie_aware_jaccard`` with the bound ``score_bound("cosine", k)``. Each distinct list is
     computed once: the base lists of every scaling are reused by all its pairs and draws. At most
-    s + 1 lists are held at once (``m x (N + 1) x 8`` bytes each, m audited items) besides the
-    per-item Jaccards. Time: ``s (1 + draws) + 2`` list computations of ``O(m p k)`` each
+    s + 1 + 2 ``lists_at_once`` lists are held at once (``m x (N + 1) x 8`` bytes each, m audited items)
+    besides the per-item Jaccards. Time: ``s (1 + draws) + 2`` list computations of ``O(m p k)`` each
     (``topn_blocked``); never O(p^2) memory. Each computed list is a step of the progress
     ``audit lists`` (``pipeline.progress``).
     """
@@ -603,10 +632,27 @@ def audit_item_lists(
         bound = _score_bounds(spec.kernel_metric, queries, mats[spec.candidates], k)
         if not sampled:
             return _lists(fn, queries, mats[spec.candidates], top_n + 1, spec.kernel_metric, exclude_self=True,
-                          what=f"{metric} lists", bar=bar, cosine_norm_floor=cosine_norm_floor), bound
+                          what=f"{metric} lists", cosine_norm_floor=cosine_norm_floor), bound
         top = _lists(fn, queries, mats[spec.candidates], top_n + 2, spec.kernel_metric, exclude_self=False,
-                     what=f"{metric} lists", bar=bar, cosine_norm_floor=cosine_norm_floor)
+                     what=f"{metric} lists", cosine_norm_floor=cosine_norm_floor)
         return without_self(top, index, top_n + 1), bound
+
+    # every list of the audit, in the order the comparisons below take them (``in_order``): per metric, the
+    # canonical one (invariant lists), or each scaling's base list then each scaling's draws
+    jobs: list[Callable[[], tuple[TopN, Any]]] = []
+    for metric in AUDIT_METRICS:
+        if metric in INVARIANT_METRICS:
+            jobs.append(lambda metric=metric: lists(lambda: factors[names[0]], metric))
+            continue
+        jobs += [lambda s=s, metric=metric: lists(lambda: factors[s], metric) for s in names]
+        jobs += [lambda s=s, d=d, metric=metric: lists(lambda: rescaled(s, d), metric) for s in names for d in diags]
+    computed = in_order(jobs, int(lists_at_once))
+
+    def taken() -> tuple[TopN, Any]:
+        """The next list of ``jobs``; one step of the progress."""
+        out = next(computed)
+        bar.step()
+        return out
 
     # a solution with the canonical product has the canonical invariant lists: Jaccard 1, no ties, per draw
     same = [(np.ones(index.size), np.zeros(index.size, dtype=np.int64))]
@@ -615,7 +661,7 @@ def audit_item_lists(
     with bar:
         for metric in AUDIT_METRICS:
             if metric in INVARIANT_METRICS:
-                canonical, bound = lists(lambda: factors[names[0]], metric)
+                canonical, bound = taken()
                 valid = valid_mask(canonical.indices[:, :top_n], np.minimum(canonical.counts, top_n))
                 near = near_cut(canonical.scores, canonical.counts, top_n,
                                  np.broadcast_to(np.asarray(bound, np.float64), (index.size,)))
@@ -631,7 +677,7 @@ def audit_item_lists(
                         collect.add("eq1", "item_item", metric, s, label_random, index=index,
                                     compared=same * diags.shape[0], deviation=draw_dev[s])
                 continue
-            base = {s: lists(lambda s=s: factors[s], metric) for s in names}  # reused by every pair and draw
+            base = {s: taken() for s in names}  # reused by every pair and draw
             no_list.update({f"{metric} {s}": int((base[s][0].counts == 0).sum()) for s in names})
             for a, b in combinations(names, 2):
                 collect.add("eq1", "item_item", metric, a, b, index=index,
@@ -639,8 +685,7 @@ def audit_item_lists(
                             deviation=pair_dev[(a, b)])
             if diags.shape[0]:
                 for s in names:
-                    compared = [tie_aware_jaccard(base[s][0], lists(lambda s=s, d=d: rescaled(s, d), metric)[0],
-                                                  top_n, base[s][1]) for d in diags]
+                    compared = [tie_aware_jaccard(base[s][0], taken()[0], top_n, base[s][1]) for _ in diags]
                     collect.add("eq1", "item_item", metric, s, label_random, index=index, compared=compared,
                                 deviation=draw_dev[s])
             del base
@@ -758,6 +803,7 @@ def audit_embedding_pair(
     user_index: np.ndarray | None = None,
     cosine_norm_floor: float = 0.0,
     item_lists_fn: ItemListsFn | None = None,
+    lists_at_once: int = 1,
 ) -> AuditResult:
     """Audit any (user, item) embeddings whose dot product is the model: ``U D``, ``I D^-1`` score the same.
 
@@ -833,15 +879,20 @@ def audit_embedding_pair(
 
     bar = Progress(3 * (1 + diags.shape[0]), PROGRESS_LABEL)  # the 3 lists of ``lists`` per solution
 
+    def stepped(top: TopN) -> TopN:
+        bar.step()
+        return top
+
     def lists(Ux: np.ndarray, Ix: np.ndarray) -> dict[tuple[str, str], TopN]:
         n, floor = top_n + 1, float(cosine_norm_floor)
         return {
-            ("item_item", "cosine"): _lists(fn, Ix, Ix, n, "cosine", exclude_self=True, what="item-item lists",
-                                            bar=bar, cosine_norm_floor=floor),
-            ("user_item", "cosine"): _lists(fn, Ux, Ix, n, "cosine", exclude_self=False, what="user-item lists",
-                                            bar=bar, cosine_norm_floor=floor, queries_of_candidates=False),
-            ("user_item", "dot"): _lists(fn, Ux, Ix, n, "dot", exclude_self=False, what="user-item lists",
-                                         bar=bar),  # the invariant check
+            ("item_item", "cosine"): stepped(_lists(fn, Ix, Ix, n, "cosine", exclude_self=True,
+                                                    what="item-item lists", cosine_norm_floor=floor)),
+            ("user_item", "cosine"): stepped(_lists(fn, Ux, Ix, n, "cosine", exclude_self=False,
+                                                    what="user-item lists", cosine_norm_floor=floor,
+                                                    queries_of_candidates=False)),
+            ("user_item", "dot"): stepped(_lists(fn, Ux, Ix, n, "dot", exclude_self=False,
+                                                 what="user-item lists")),  # the invariant check
         }
 
     k = U.shape[1]

@@ -837,12 +837,14 @@ def test_both_audits_report_one_progress_step_per_list(eq1, pair, caplog, monkey
     assert last == [(f"{2 * 3 + 2}/{2 * 3 + 2}", 2 * 3 + 2), ("9/9", 9)]
 
 
-@pytest.mark.parametrize("max_items", [None, 57], ids=["all-items", "sampled"])
-def test_audit_of_factors_built_on_the_workers_equals_the_in_process_audit(eq1, client, max_items):
+@pytest.mark.parametrize("max_items,at_once", [(None, 1), (57, 1), (None, 3), (57, 3)],
+                         ids=["all-items", "sampled", "all-items-3-at-once", "sampled-3-at-once"])
+def test_audit_of_factors_built_on_the_workers_equals_the_in_process_audit(eq1, client, max_items, at_once):
     """The pipeline's audit reads each scaling's (A, B) as futures built on the workers from V
     (``Factors.of("eq1", client)``), derives G, A_proj and the rescalings there too, and gets the
     same tables, bit for bit, as the audit of the same factors as arrays in process; with a norm floor
-    (0.2 of the largest row: 5-10% of the rows of B here) that reaches the list tasks."""
+    (0.2 of the largest row: 5-10% of the rows of B here) that reaches the list tasks. Lists computed 3 at a
+    time (``lists_at_once``) give the same tables."""
     from mfsim.pipeline.config import ObjectivesSection
     from mfsim.pipeline.model.factors import build_embeddings
     from mfsim.pipeline.lists.neighbours import client_item_lists
@@ -852,7 +854,7 @@ def test_audit_of_factors_built_on_the_workers_equals_the_in_process_audit(eq1, 
     kw = dict(top_n=TOP_N, draws=DRAWS, spread=SPREAD, seed=SEED, least_stable=10, max_items=max_items,
               cosine_norm_floor=0.2)
     local = audit_item_lists({s: factors[("eq1", s)] for s in SCALINGS}, **kw)
-    remote = audit_item_lists(factors.of("eq1", client), **kw,
+    remote = audit_item_lists(factors.of("eq1", client), **kw, lists_at_once=at_once,
                               item_lists_fn=client_item_lists(client, rows_per_task=64, candidate_block=128))
     assert remote.stability.equals(local.stability)
     assert remote.detail.equals(local.detail) and remote.least_stable.equals(local.least_stable)
@@ -860,3 +862,33 @@ def test_audit_of_factors_built_on_the_workers_equals_the_in_process_audit(eq1, 
     with pytest.raises(MfsimError, match="leaves the float32 range"):  # by the product check on a sample
         audit_item_lists(factors.of("eq1", client), **{**kw, "spread": 200.0},
                          item_lists_fn=client_item_lists(client, rows_per_task=64, candidate_block=128))
+
+
+def test_in_order_runs_jobs_side_by_side_and_gives_them_in_order():
+    """``in_order`` with 3 threads: results in the jobs' order, 3 jobs running at once at some moment, never more,
+    and never more than 6 started ahead of the one taken."""
+    import threading
+    import time
+
+    from mfsim.pipeline.lists.audit import in_order
+
+    running, most, started, lock = [0], [0], [0], threading.Lock()
+
+    def job(i):
+        def run():
+            with lock:
+                running[0] += 1
+                started[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(0.02 * (1 + i % 3))
+            with lock:
+                running[0] -= 1
+            return i
+        return run
+
+    taken = []
+    for i, out in enumerate(in_order([job(i) for i in range(12)], 3)):
+        assert started[0] <= i + 1 + 6
+        taken.append(out)
+    assert taken == list(range(12)) and most[0] == 3
+    assert list(in_order([job(i) for i in range(4)], 1)) == [0, 1, 2, 3]
