@@ -14,6 +14,7 @@ import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
@@ -146,6 +147,7 @@ def fit_stage(ctx: StageContext) -> StageResult:
         if sweep.rank is not None:
             svd["rank_chosen"] = {"rank": sweep.rank, "by": ctx.cfg.evaluation.select_metric, "on": "held-out split",
                                   "best_score_rank": sweep.best_rank, "within_se": ctx.cfg.svd.rank_within_se,
+                                  "rank_extend": ctx.cfg.svd.rank_extend,
                                   "grid": sweep.ranks, "rank_max": ctx.cfg.svd.rank_max,
                                   "output": outputs.LAMBDA_SWEEP, "ran_on": sweep.ran_on}
         ctx.run.write_table(outputs.LAMBDA_SWEEP, sweep.table)
@@ -236,8 +238,24 @@ def lambda_sweep(ctx: StageContext) -> Sweep:
                                item_ids=data.item_ids, show_progress=False, by_rank=True)[0]
 
     if cfg.svd.rank == "auto":
-        sweep = sweep_ranks(spectrum, cfg.objectives, cfg.svd.ranks(), select_metric=ecfg.select_metric,
-                            cutoffs=cutoffs, score=score, within_se=cfg.svd.rank_within_se)
+        ranked = partial(sweep_ranks, objectives=cfg.objectives, select_metric=ecfg.select_metric, cutoffs=cutoffs,
+                         score=score, within_se=cfg.svd.rank_within_se)
+        sweep = ranked(spectrum, ranks=cfg.svd.ranks())
+        for _ in range(cfg.svd.rank_extend):  # the best score at the largest rank: one SVD at twice that rank
+            largest = max(sweep.ranks)
+            if sweep.best_rank != largest or len(spectrum.svd.sigma) < largest:
+                break
+            log.info("rank sweep: the best score is at the largest rank %d; the train split's SVD at %d",
+                     largest, 2 * largest)
+            wider_cfg = cfg.model_copy(deep=True)
+            wider_cfg.svd = cfg.svd.at_rank(2 * largest)
+            wider = fit_spectrum(ctx.train[0], wider_cfg)  # the raw train split, as holdout_split placed it
+            if len(wider.svd.sigma) <= largest:  # the split has no more singular values
+                break
+            # the evaluation stage reads the wider SVD's first k columns; ``score`` the split where it now runs
+            client, where, spectrum, train, test = holdout_where(ctx, wider, ctx.train[0], ctx.train[1])
+            ctx.train = (ctx.train[0], ctx.train[1], spectrum)
+            sweep = ranked(spectrum, ranks=[len(spectrum.svd.sigma)], earlier=sweep)
     else:
         sweep = sweep_lambdas(spectrum, cfg.objectives, select_metric=ecfg.select_metric, cutoffs=cutoffs,
                               score=score, rank=cfg.svd.fit_rank)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from mfsim.pipeline import registry
 from mfsim.pipeline.errors import MfsimError
@@ -204,9 +204,11 @@ class SvdSection(Section):
     """``svd``: rank k, solver and the randomized range finder's parameters."""
 
     rank: Any = 64  # k, or auto: the best of rank_grid on the held-out split (``fit_rank``)
+    _auto_sizes: bool = PrivateAttr(False)  # block_size or max_blocks given as auto
     rank_max: int = Field(256, ge=1)  # rank: auto: the train split's one SVD, whose first k columns serve every k
     rank_grid: list[int] | None = None  # rank: auto: the ranks tried; None: ``ranks()``'s default
     rank_within_se: float = Field(1.0, ge=0)  # rank: auto: ranks this many standard errors from the best are tied
+    rank_extend: int = Field(1, ge=0)  # rank: auto: SVDs at twice the largest rank while the best score is there
     solver: Literal["krylov", "subspace", "sklearn"] = "krylov"
     block_size: Any = "auto"  # krylov: columns per Krylov block (``auto``: ``krylov_block_size``)
     tol: float = Field(1e-6, gt=0)  # krylov: stop when the estimated relative error of the top-k Ritz values is below
@@ -233,6 +235,16 @@ class SvdSection(Section):
             raise ValueError(f"svd.rank_grid must be a non-empty list of ranks >= 1, got {v}")
         return None if v is None else sorted(set(v))
 
+    def at_rank(self, k: int) -> "SvdSection":
+        """A copy at ``rank: k`` whose Krylov sizes are those of rank k where they were ``auto``, as given otherwise
+        (``rank: auto``'s published fit at the chosen rank, and the train split's SVD past ``rank_max``)."""
+        out = self.model_copy(deep=True)
+        if self._auto_sizes:
+            out.block_size = krylov_block_size(k)
+            out.max_blocks = krylov_max_blocks(k, out.block_size)
+        out.rank = int(k)
+        return out
+
     @property
     def fit_rank(self) -> int:
         """The rank the SVD computes: ``rank``, or ``rank_max`` for ``rank: auto`` (its first k columns are the
@@ -255,8 +267,10 @@ class SvdSection(Section):
             raise ValueError(f"svd.rank_grid {self.ranks()} goes above svd.rank_max={self.rank_max}: rank: auto reads "
                              "every rank off one SVD of rank svd.rank_max; raise it or drop those ranks")
         if self.block_size == "auto":
+            self._auto_sizes = True  # kept through later assignments (``at_rank``)
             self.block_size = krylov_block_size(self.fit_rank)
         if self.max_blocks == "auto":
+            self._auto_sizes = True
             self.max_blocks = krylov_max_blocks(self.fit_rank, self.block_size)
         space = self.max_blocks * self.block_size
         if self.solver == "krylov" and self.fit_rank + self.block_size > space:

@@ -160,6 +160,7 @@ class Sweep:
     best_rank: int | None = None  # svd.rank: auto: the rank of the best score (the chosen one, or tied with it)
     ranks: list[int] | None = None  # svd.rank: auto: the ranks tried
     rows: list[dict[str, Any]] | None = None  # the table's rows, as scored
+    at: dict[int, "Sweep"] | None = None  # svd.rank: auto: each rank's own lambda sweep
 
 
 def sweep_lambdas(spectrum: Spectrum, objectives: ObjectivesSection, *, select_metric: str, cutoffs: list[int],
@@ -205,7 +206,8 @@ def sweep_lambdas(spectrum: Spectrum, objectives: ObjectivesSection, *, select_m
 
 
 def sweep_ranks(spectrum: Spectrum, objectives: ObjectivesSection, ranks: list[int], *, select_metric: str,
-                cutoffs: list[int], score: Callable[[Fit], list[dict[str, Any]]], within_se: float = 0.0) -> Sweep:
+                cutoffs: list[int], score: Callable[[Fit], list[dict[str, Any]]], within_se: float = 0.0,
+                earlier: Sweep | None = None) -> Sweep:
     """``svd.rank: auto``: for each rank k of ``ranks``, the closed forms from the first k columns of the one SVD
     (``Spectrum.truncated``: for both objectives the rank-k solution is the rank-k truncation's), each objective's
     lambdas swept at that rank (``sweep_lambdas``; a numeric lambda is its grid's one point); the lambdas are those
@@ -213,7 +215,8 @@ def sweep_ranks(spectrum: Spectrum, objectives: ObjectivesSection, ranks: list[i
 
     Ranks are compared by their best ``select_metric`` (any objective, any lambda); a rank within ``within_se``
     standard errors of the best (the best score's own ``<metric>_se@N``; 0 where the score gives none) is tied with
-    it, and the largest tied rank is chosen (``choose_rank``). The best score at the largest rank is a warning."""
+    it, and the largest tied rank is chosen (``choose_rank``). The best score at the largest rank is a warning.
+    ``earlier``: a sweep of other ranks (of a smaller SVD of the same split) whose ranks are compared with these."""
     swept = ObjectivesSection(eq1=objectives.eq1.model_copy(deep=True) if objectives.eq1 else None,
                               eq2=objectives.eq2.model_copy(deep=True) if objectives.eq2 else None, cosine=None,
                               lambda_grid=objectives.lambda_grid, lambda_grid_extend=objectives.lambda_grid_extend)
@@ -222,16 +225,17 @@ def sweep_ranks(spectrum: Spectrum, objectives: ObjectivesSection, ranks: list[i
         if section is not None and section.lambda_ != "auto":  # a number: scored at every rank as it is
             section.lambda_grid, section.lambda_ = [float(section.lambda_)], "auto"
     ranks = [k for k in ranks if k <= len(spectrum.svd.sigma)]
-    if not ranks:
+    if not ranks and earlier is None:
         raise MfsimError(f"svd.rank: auto: no rank of the grid is within the {len(spectrum.svd.sigma)} singular values "
                          "of the train split's SVD; lower svd.rank_grid")
-    at: dict[int, Sweep] = {}
+    at: dict[int, Sweep] = dict(earlier.at) if earlier is not None else {}
     for k in ranks:
         at[k] = sweep_lambdas(spectrum.truncated(k), swept, select_metric=select_metric, cutoffs=cutoffs,
                               score=score, rank=k)
         log.info("rank sweep: k = %d, best %s %.4f", k, select_metric,
                  max(r[select_metric] for r in at[k].rows))
-    rows = [r for sw in at.values() for r in sw.rows]
+    ranks = sorted(at)
+    rows = [r for k in ranks for r in at[k].rows]
     k, top = choose_rank(rows, select_metric, within_se)
     chosen = {name: lam for name, lam in at[k].chosen.items() if name in objectives.auto()}
     log.info("rank sweep: %d ranks from %d to %d; best %d (%s %.4f); chosen %d (%.4f, tied within %g standard "
@@ -240,9 +244,10 @@ def sweep_ranks(spectrum: Spectrum, objectives: ObjectivesSection, ranks: list[i
     warnings = list(at[k].warnings)
     if len(ranks) >= 3 and top == ranks[-1]:
         warnings.append(f"rank sweep: the chosen rank {k} is the largest of the grid ({', '.join(map(str, ranks))}); "
-                        "a larger one may be better: raise svd.rank_max (and svd.rank_grid, if given)")
+                        "a larger one may be better: raise svd.rank_max (and svd.rank_grid, if given) or "
+                        "svd.rank_extend")
     return Sweep(sweep_table(rows, at[k].chosen, cutoffs, chosen_rank=k), chosen, at[k].grids, warnings,
-                 rank=k, best_rank=top, ranks=ranks, rows=rows)
+                 rank=k, best_rank=top, ranks=ranks, rows=rows, at=at)
 
 
 def best_of(rows: list[dict[str, Any]], rank: int, select_metric: str) -> float:
@@ -264,10 +269,10 @@ def choose_rank(rows: list[dict[str, Any]], select_metric: str, within_se: float
 
 def with_lambdas(cfg: Config, chosen: dict[str, float], rank: int | None = None) -> Config:
     """A copy of ``cfg`` whose ``objectives.<objective>.lambda`` is the chosen lambda, for each one in ``chosen``,
-    and, given ``rank`` (``svd.rank: auto``), whose ``svd.rank`` is that rank."""
+    and, given ``rank`` (``svd.rank: auto``), whose ``svd.rank`` is that rank (``SvdSection.at_rank``)."""
     resolved = cfg.model_copy(deep=True)
     for objective, lam in chosen.items():
         getattr(resolved.objectives, objective).lambda_ = lam
     if rank is not None:
-        resolved.svd.rank = int(rank)
+        resolved.svd = resolved.svd.at_rank(rank)  # the Krylov sizes of that rank, where they were auto
     return resolved

@@ -189,7 +189,7 @@ def rank_run(auto_run, client):
     """``svd.rank: auto`` over ranks 3, 5 and 8 of one rank-8 SVD of the train split, with both lambdas auto."""
     _, _, root = auto_run
     run_dir, manifest = run_job(_config(root, client, "rank-auto", "svd.rank=auto", "svd.rank_max=8",
-                                        "svd.rank_grid=[3, 5, 8]", "objectives.cosine=null"))
+                                        "svd.rank_grid=[3, 5, 8]", "svd.rank_extend=0", "objectives.cosine=null"))
     return run_dir, manifest, root
 
 
@@ -287,3 +287,38 @@ def test_the_rank_sweep_equals_a_refit_at_each_rank(rank_run, client):
                 # float32 lists from two SVDs of the same matrix (rank k, and rank 8 truncated): equal up to near-ties
                 assert abs(swept[f"ndcg@{c}"] - ref["ndcg"]) < 1e-6, (objective, k, c)
                 assert abs(swept[f"recall@{c}"] - ref["recall"]) < 1e-6, (objective, k, c)
+
+
+def test_a_best_score_at_the_largest_rank_extends_the_rank_grid_once(auto_run, client, monkeypatch):
+    """Held-out scores made to grow with the rank (the real metrics plus 0.1 per singular value of the fit): with
+    ranks 1 and 2 of ``rank_max: 2`` the best score is at rank 2, so the train split's SVD is computed again at 4
+    and rank 4 swept too, and not again (``rank_extend: 1``: no 8); rank 4 is chosen (a warning says the best is
+    still the largest), the published fit is at rank 4 with that rank's Krylov sizes, and the evaluation reads the
+    wider SVD's first 4 columns: its Eq. 1 / Eq. 2 dot metrics are the sweep's at rank 4 and the chosen lambdas."""
+    import mfsim.jobs.stages as stages
+
+    real = stages.holdout_metrics
+
+    def growing(client, cfg, fit, *args, **kwargs):
+        rows, sample = real(client, cfg, fit, *args, **kwargs)
+        return [{**r, "ndcg": r["ndcg"] + 0.1 * len(fit.sigma)} for r in rows], sample
+
+    monkeypatch.setattr(stages, "holdout_metrics", growing)
+    _, _, root = auto_run
+    run_dir, manifest = run_job(_config(root, client, "rank-extend", "svd.rank=auto", "svd.rank_max=2",
+                                        "svd.rank_grid=[1, 2]", "objectives.cosine=null"))
+    chosen = manifest["svd"]["rank_chosen"]
+    sweep = pq.read_table(run_dir / "evaluation/lambda_sweep.parquet").to_pylist()
+    assert chosen["grid"] == [1, 2, 4] and {r["rank"] for r in sweep} == {1, 2, 4} and chosen["rank_extend"] == 1
+    assert chosen["rank"] == chosen["best_score_rank"] == 4 and manifest["svd"]["rank"] == 4
+    assert any("largest of the grid (1, 2, 4)" in w and "svd.rank_extend" in w for w in manifest["warnings"])
+    assert len(pq.read_table(run_dir / "svd/singular_values.parquet")) == 4
+    assert manifest["config"]["svd"]["rank"] == "auto"
+    metrics = pq.read_table(run_dir / "evaluation/metrics.parquet").to_pylist()
+    at_chosen = [r for r in sweep if r["rank"] == 4 and r["chosen"]]
+    assert {r["objective"] for r in at_chosen} == {"eq1", "eq2"}
+    for r in at_chosen:
+        label = {"eq1": "invariant", "eq2": "unique"}[r["objective"]]
+        ev = next(m for m in metrics if (m["objective"], m["scaling"], m["metric"], m["top_n"]) ==
+                  (r["objective"], label, "dot", 20))
+        assert ev["ndcg"] == pytest.approx(r["ndcg@20"], abs=1e-12)

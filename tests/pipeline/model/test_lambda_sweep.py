@@ -125,6 +125,11 @@ def test_rank_auto_config():
     assert load_config(None, ["svd.rank=auto"]).svd.ranks() == [16, 32, 64, 128, 256]
     svd = load_config(None, ["svd.rank=auto", "svd.rank_max=100"]).svd
     assert svd.ranks() == [12, 25, 50, 100] and svd.fit_rank == 100 and svd.block_size == 16
+    # the published fit at a chosen (or extended) rank: that rank's Krylov sizes where they were auto
+    at = load_config(None, ["svd.rank=auto"]).svd.at_rank(512)
+    assert (at.rank, at.fit_rank, at.block_size, at.max_blocks) == (512, 512, 32, 65)
+    given = load_config(None, ["svd.rank=auto", "svd.block_size=8", "svd.max_blocks=300"]).svd.at_rank(512)
+    assert (given.rank, given.block_size, given.max_blocks) == (512, 8, 300)
     with pytest.raises(MfsimError, match="svd.rank_grid .* goes above svd.rank_max=100"):
         load_config(None, ["svd.rank=auto", "svd.rank_max=100", "svd.rank_grid=[50, 200]"])
     with pytest.raises(MfsimError, match="svd.rank.*held-out data.*evaluation.holdout is none"):
