@@ -10,8 +10,8 @@ its listeners). ``stage_table`` turns both into, per stage:
 - ``I``: serial time, the part of T when no task runs (driver work, round trips, the stages that run
   in the driver entirely);
 - ``S``: critical path, the longest chain of dependent tasks (their seconds summed), the stage's
-  rounds one after another: a round is a stretch of the stage in which tasks run without a pause,
-  and the driver's waits between rounds are kept as barriers;
+  rounds one after another: a round ends where no task runs and the next task was submitted only after the
+  work before it ended (the driver waited for results), and those waits are kept as barriers;
 - ``max_ready``: the most tasks that could run at once, every task started as soon as its
   dependencies in its round are done (infinitely many workers);
 - ``predicted[P]``: ``I + sum over rounds of max(W_r / P, S_r)``, the time on P workers of one thread
@@ -45,6 +45,7 @@ class Task:
     worker: str = ""
     deps: tuple[str, ...] = ()
     nbytes: int = 0
+    submitted: float | None = None  # when the scheduler first knew it (its clock); None: unknown
 
     @property
     def seconds(self) -> float:
@@ -72,11 +73,14 @@ class TaskRecorder(_PluginBase):
     def __init__(self) -> None:
         self.records: list[dict] = []
         self.scheduler = None
+        self.known: dict[str, float] = {}  # key -> when the scheduler first moved it out of "released"
 
     async def start(self, scheduler) -> None:
         self.scheduler = scheduler
 
     def transition(self, key, start, finish, *args, **kwargs) -> None:
+        if start == "released":
+            self.known.setdefault(str(key), time.time())
         if start != "processing" or finish != "memory":
             return
         compute = [s for s in kwargs.get("startstops", ()) if s.get("action") == "compute"]
@@ -86,7 +90,7 @@ class TaskRecorder(_PluginBase):
         deps = tuple(str(d.key) for d in ts.dependencies) if ts is not None else ()
         self.records.append({"key": str(key), "start": float(compute[0]["start"]), "stop": float(compute[-1]["stop"]),
                              "worker": str(kwargs.get("worker", "")), "deps": deps,
-                             "nbytes": int(kwargs.get("nbytes", 0) or 0)})
+                             "nbytes": int(kwargs.get("nbytes", 0) or 0), "submitted": self.known.pop(str(key), None)})
 
 
 def _records_on_scheduler(dask_scheduler=None) -> list[dict]:
@@ -105,7 +109,8 @@ def recorded_tasks(client) -> Iterator[list[Task]]:
     finally:
         records = client.run_on_scheduler(_records_on_scheduler)
         client.unregister_scheduler_plugin(PLUGIN_NAME)
-        out.extend(Task(r["key"], r["start"], r["stop"], r["worker"], tuple(r["deps"]), r["nbytes"]) for r in records)
+        out.extend(Task(r["key"], r["start"], r["stop"], r["worker"], tuple(r["deps"]), r["nbytes"],
+                        r.get("submitted")) for r in records)
 
 
 class StageClock:
@@ -138,12 +143,23 @@ def covered_seconds(intervals: Sequence[tuple[float, float]]) -> float:
     return total
 
 
+#: A task submitted at least this long before a pause in the work began is taken as waiting for a worker, not for
+#: the driver: the pause is no barrier. Task times come from the workers' clocks shifted to the scheduler's, off by
+#: up to tens of milliseconds (the module's notes); closer submissions count as the driver's reaction.
+SUBMITTED_BEFORE_S = 0.05
+
+
 def rounds(tasks: Sequence[Task]) -> list[list[Task]]:
-    """The tasks split where none runs: each round is a maximal stretch of overlapping (or touching) tasks."""
+    """The tasks split at the driver's barriers: a new round begins where no task runs and the next task to start
+    was submitted after the work before it ended (less ``SUBMITTED_BEFORE_S``; its submission unknown: always),
+    so the driver waited for results before it sent more. A pause in which the next tasks were already submitted
+    (the scheduler's latency, a worker between two tasks) stays inside the round, and dependencies inside a round
+    count in its critical path."""
     out: list[list[Task]] = []
     end = float("-inf")
     for t in sorted(tasks, key=lambda t: (t.start, t.stop)):
-        if not out or t.start > end:
+        waited = t.submitted is None or t.submitted > end - SUBMITTED_BEFORE_S
+        if not out or (t.start > end and waited):
             out.append([])
         out[-1].append(t)
         end = max(end, t.stop)

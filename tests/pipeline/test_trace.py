@@ -48,6 +48,24 @@ def test_work_serial_time_critical_path_and_prediction_by_hand():
     assert job["predicted_speedup"] == {1: 1.0, 2: pytest.approx(17.5 / 15.5), 8: pytest.approx(17.5 / 15.5)}
 
 
+def test_a_pause_is_a_barrier_only_when_the_driver_submitted_after_it():
+    """a [0, 2) then b [2, 3) after a; c [3.02, 4) independent. Submitted at 0 (queued while a and b ran), c leaves
+    one round: S = max(2 + 1, 0.98), and P = 2 runs it beside a. Submitted at 3.01, after the work ended (the driver
+    waited for b), the pause [3, 3.02) is a barrier: two rounds, S = 3 + 0.98. Submission unknown: a barrier."""
+    def table(submitted):
+        tasks = [Task("a", 0, 2, submitted=0.0), Task("b", 2, 3, deps=("a",), submitted=0.0),
+                 Task("c", 3.02, 4, submitted=submitted)]
+        return stage_table(tasks, [Stage("s", 0, 4)], workers=(1, 2))["stages"]["s"]
+
+    queued = table(0.0)
+    assert queued["rounds"] == 1 and queued["S"] == pytest.approx(3.0) and queued["I"] == pytest.approx(0.02)
+    assert queued["predicted"][2] == pytest.approx(0.02 + max(3.98 / 2, 3.0))
+    for late in (3.01, 2.96, None):  # after the end, within SUBMITTED_BEFORE_S of it, unknown
+        barrier = table(late)
+        assert barrier["rounds"] == 2 and barrier["S"] == pytest.approx(3.98), late
+        assert barrier["predicted"][2] == pytest.approx(0.02 + 3.0 + 0.98)
+
+
 def test_a_speedup_always_has_its_one_worker_reference():
     tasks, stages = _graph()
     table = stage_table(tasks, stages, workers=(4,))
@@ -101,4 +119,8 @@ def test_recorder_on_a_real_cluster(client):
     # heartbeat (distributed's time_delay), so two tasks' times can be tens of milliseconds apart from the truth
     assert by_key["trace-c"].start >= by_key["trace-a"].stop - 0.1
     assert by_key["trace-a"].worker and by_key["trace-a"].nbytes > 0
+    # each submitted when the client sent it, before it ran (the scheduler's clock, as the shifted times)
+    for key in ("trace-a", "trace-b", "trace-c"):
+        assert by_key[key].submitted is not None and by_key[key].submitted <= by_key[key].start + 0.1
+    assert by_key["trace-c"].submitted < by_key["trace-a"].stop  # sent at once, it waited for a
     assert critical_path([by_key[k] for k in ("trace-a", "trace-b", "trace-c")]) >= 0.6
