@@ -93,31 +93,39 @@ def test_work_held_to_the_workers_gives_the_same_run(small_run, client):
 
 
 def test_list_groups_on_the_workers_overlap_and_give_the_same_lists(small_run, client, monkeypatch):
-    """On the workers, list groups run ``groups_in_flight`` at a time (3 here): never more, 3 at some moment, and
-    every published table as in the run whose groups ran here one after another."""
+    """On the workers, list groups run ``groups_in_flight`` at a time (3 here): the first three groups wait for each
+    other before they compute (a barrier that only 3 groups running at once can pass), never more than 3 run, and
+    every published table is as in the run whose groups ran here one after another."""
     import threading
-    import time
 
     import mfsim.jobs.stages as stages
 
     run_dir, _, sim_dir = small_run
-    spans, lock = [], threading.Lock()
+    lock, meet = threading.Lock(), threading.Barrier(3, timeout=60)
+    count = {"started": 0, "running": 0, "most": 0}
     group_lists = stages.group_lists
 
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        yield from group_lists(*args, **kwargs)
+    def counted(*args, **kwargs):
         with lock:
-            spans.append((start, time.perf_counter()))
+            first = count["started"] < 3
+            count["started"] += 1
+            count["running"] += 1
+            count["most"] = max(count["most"], count["running"])
+        try:
+            if first:
+                meet.wait()  # raises BrokenBarrierError (the run fails) unless 3 groups run at once
+            yield from group_lists(*args, **kwargs)
+        finally:
+            with lock:
+                count["running"] -= 1
 
-    monkeypatch.setattr(stages, "group_lists", timed)
-    monkeypatch.setattr(stages, "groups_in_flight", lambda client: 3)
+    monkeypatch.setattr(stages, "group_lists", counted)
+    monkeypatch.setattr(stages, "groups_in_flight", lambda client, tasks_each=4: 3)  # the audit's lists too
     cfg = _small_config(sim_dir.parent, client, "groups-overlap")
     cfg.cluster.small_data_here = False
     overlap_dir, manifest = run_job(cfg)
-    assert manifest["neighbours"]["ran_on"] == {"workers": 18} and len(spans) == 18
-    at_once = max(sum(1 for a, b in spans if a <= t < b) for t, _ in spans)
-    assert at_once == 3
+    assert manifest["neighbours"]["ran_on"] == {"workers": 18}
+    assert count["started"] == 18 and count["most"] == 3
     assert len(assert_same_run_tables(run_dir, overlap_dir)) > 40
 
 
