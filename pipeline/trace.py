@@ -238,3 +238,34 @@ def stage_table(tasks: Sequence[Task], stages: Sequence[Stage], workers: Sequenc
     job["predicted"] = {p: predicted[p] for p in workers}
     job["predicted_speedup"] = {p: (predicted[1] / predicted[p] if predicted[p] > 0 else 1.0) for p in workers}
     return {"stages": rows, "job": job}
+
+
+#: The neighbours stage's tasks by the lists they make, from their keys (``client.submit``'s key is the function's
+#: name and a token): item-item lists (``run_symmetric``'s tasks) and query lists (``run_topn``'s: user-item lists,
+#: and user-user lists where they are on).
+LIST_KINDS = {"item_item": ("_prepare_task-", "_floors_task-", "_state_task-", "_pair_task-", "getitem-",
+                            "_finish_task-"),
+              "user_item": ("topn_task-",)}
+
+
+def work_row(tasks: Sequence[Task], workers: Sequence[int] = WORKER_COUNTS) -> dict[str, Any]:
+    """W, S, rounds, max_ready and ``predicted[P] = sum over rounds max(W_r / P, S_r)`` of a subset of a stage's
+    tasks (no serial part: the stage's is shared by all its tasks)."""
+    split = rounds(tasks)
+    parts = [(sum(t.seconds for t in r), critical_path(r)) for r in split]
+    return {"W": sum(t.seconds for t in tasks), "S": sum(x for _, x in parts), "tasks": len(tasks),
+            "rounds": len(parts), "max_ready": max((max_ready(r) for r in split), default=0),
+            "predicted": {p: sum(max(w / p, x) for w, x in parts) for p in workers}}
+
+
+def kind_rows(tasks: Sequence[Task], stage: Stage, kinds: dict[str, tuple[str, ...]] = LIST_KINDS,
+              workers: Sequence[int] = WORKER_COUNTS) -> dict[str, dict[str, Any]]:
+    """``work_row`` of each kind's tasks (keys starting with one of its prefixes) that started within ``stage``;
+    kinds with no task are left out."""
+    inside = [t for t in tasks if stage.start <= t.start < stage.stop]
+    out = {}
+    for name, prefixes in kinds.items():
+        mine = [t for t in inside if t.key.startswith(prefixes)]
+        if mine:
+            out[name] = work_row(mine, workers)
+    return out

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from mfsim.jobs.bench.ingest import ready_log
 from mfsim.jobs.bench.pipeline import BENCH_DEFAULTS
 from mfsim.pipeline.config import load_config
-from mfsim.pipeline.trace import WORKER_COUNTS, StageClock, recorded_tasks, stage_table
+from mfsim.pipeline.trace import WORKER_COUNTS, StageClock, kind_rows, recorded_tasks, stage_table
 
 #: The warm-up job before each recorded run (rows, users, items of its synthetic log), on the same cluster.
 WARM_UP = (50_000, 5_000, 1_000)
@@ -93,9 +93,19 @@ def run_bench_scaling(users: int = 200_000, items: int = 50_000, nnz: int = 5_00
         print(f"{users:,} users x {items:,} items x {nnz:,} non-zeros, recorded on {n_workers} workers x 1 thread: "
               f"{len(tasks):,} tasks")
         _print_table(table, counts)
+        lists = next((s for s in stages if s.name == "neighbours"), None)
+        kinds = kind_rows(tasks, lists, workers=counts) if lists is not None else {}
+        for name, r in kinds.items():
+            pred = r["predicted"]
+            speedup = pred[1] / pred[32] if 1 in pred and 32 in pred and pred[32] > 0 else float("nan")
+            print(f"  {name:<16}{'':>8}{r['W']:>9.2f}{'':>8}{r['S']:>8.2f}{r['tasks']:>7}{r['rounds']:>7}"
+                  f"{r['max_ready']:>6}" + "".join(f"{pred[p]:>9.2f}" for p in counts) + f"{speedup:>9.1f}")
+        if kinds:
+            print("  (the neighbours stage's tasks by the lists they make: work and critical path only)")
         out: dict[str, Any] = {"users": users, "items": items, "nnz": nnz, "recorded_workers": n_workers,
                                "stages": table["stages"], "job": table["job"],
-                               "predicted_speedup": table["job"]["predicted_speedup"], "timings": manifest["timings"]}
+                               "predicted_speedup": table["job"]["predicted_speedup"], "timings": manifest["timings"],
+                               "neighbours_by_kind": kinds}
         if trace_out is not None:
             Path(trace_out).write_text(json.dumps({
                 "stages": [s.__dict__ for s in stages],

@@ -124,3 +124,20 @@ def test_recorder_on_a_real_cluster(client):
         assert by_key[key].submitted is not None and by_key[key].submitted <= by_key[key].start + 0.1
     assert by_key["trace-c"].submitted < by_key["trace-a"].stop  # sent at once, it waited for a
     assert critical_path([by_key[k] for k in ("trace-a", "trace-b", "trace-c")]) >= 0.6
+
+
+def test_the_neighbours_tasks_by_kind():
+    """Item-item pair tasks (a chain of two) and query-list tasks (two independent) in one stage, each kind its own
+    work and critical path; tasks of other names, and outside the stage, left out."""
+    from mfsim.pipeline.trace import kind_rows
+
+    tasks = [Task("_pair_task-1", 0, 2, submitted=0.0), Task("_pair_task-2", 2, 3, deps=("_pair_task-1",),
+                                                             submitted=0.0),
+             Task("topn_task-1", 0, 1, submitted=0.0), Task("topn_task-2", 1, 2, submitted=0.0),
+             Task("scaled_columns-1", 0, 0.5, submitted=0.0), Task("topn_task-0", -3, -2, submitted=-3.0)]
+    rows = kind_rows(tasks, Stage("neighbours", 0, 3), workers=(1, 2))
+    assert rows["item_item"]["W"] == 3 and rows["item_item"]["S"] == 3 and rows["item_item"]["tasks"] == 2
+    assert rows["item_item"]["predicted"] == {1: 3, 2: 3}
+    assert rows["user_item"]["W"] == 2 and rows["user_item"]["S"] == 1
+    assert rows["user_item"]["predicted"] == {1: 2, 2: 1}
+    assert set(rows) == {"item_item", "user_item"}
