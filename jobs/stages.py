@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -376,7 +375,6 @@ def neighbours_stage(ctx: StageContext) -> StageResult:
     X_here = None  # X's pattern in this process (the users' own items, excluded from their lists), once
     labels: dict[str, Any] = {}  # the item truth's labels where the groups run, shared once per place
     done: queue.Queue = queue.Queue()  # (parts written, cluster sums) of every range, then its group's GroupEnd
-    stop = threading.Event()
 
     def lists_of(g: GemmGroup, client, X: RowBlocks) -> None:
         """Group ``g``'s lists; what each range wrote goes to ``done`` for this thread to record."""
@@ -451,8 +449,7 @@ def neighbours_stage(ctx: StageContext) -> StageResult:
             pool.submit(one_group, g, client, X)
             running += 1
         record(running)
-    finally:
-        stop.set()  # on an error: the groups still running end at their next range
+    finally:  # on an error, the groups still running finish before it is raised
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     log.info("neighbours: %d lists written", len(written))

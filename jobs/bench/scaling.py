@@ -49,15 +49,20 @@ def _recorded_run(cfg, warm_cfg=None) -> tuple[dict, list, list]:
     return manifest, tasks, clock.stages
 
 
+def _line(name: str, r: dict[str, Any], workers: Sequence[int]) -> str:
+    """One row of the table; T and I left blank where ``r`` has none (the neighbours stage's tasks by kind)."""
+    pred = r["predicted"]
+    speedup = pred[1] / pred[32] if 1 in pred and 32 in pred and pred[32] > 0 else float("nan")
+    T, I = (f"{r[key]:>{w}.2f}" if key in r else " " * w for key, w in (("T", 8), ("I", 8)))
+    return (f"{name:<18}{T}{r['W']:>9.2f}{I}{r['S']:>8.2f}{r['tasks']:>7}{r.get('rounds', ''):>7}"
+            f"{r.get('max_ready', ''):>6}" + "".join(f"{pred[p]:>9.2f}" for p in workers) + f"{speedup:>9.1f}")
+
+
 def _print_table(table: dict[str, Any], workers: Sequence[int]) -> None:
     head = f"{'stage':<18}{'T s':>8}{'W s':>9}{'I s':>8}{'S s':>8}{'tasks':>7}{'rounds':>7}{'ready':>6}"
     print(head + "".join(f"{f'P={p}':>9}" for p in workers) + f"{'x at 32':>9}")
     for name, r in [*table["stages"].items(), ("job", table["job"])]:
-        pred = r["predicted"]
-        speedup = pred[1] / pred[32] if 1 in pred and 32 in pred and pred[32] > 0 else float("nan")
-        ready = r.get("max_ready", "")
-        print(f"{name:<18}{r['T']:>8.2f}{r['W']:>9.2f}{r['I']:>8.2f}{r['S']:>8.2f}{r['tasks']:>7}"
-              f"{r.get('rounds', ''):>7}{ready:>6}" + "".join(f"{pred[p]:>9.2f}" for p in workers) + f"{speedup:>9.1f}")
+        print(_line(name, r, workers))
     print("predicted speedup of the whole job from 1 worker: "
           + ", ".join(f"{p} workers {x:.1f}x" for p, x in table["job"]["predicted_speedup"].items()))
 
@@ -96,10 +101,7 @@ def run_bench_scaling(users: int = 200_000, items: int = 50_000, nnz: int = 5_00
         lists = next((s for s in stages if s.name == "neighbours"), None)
         kinds = kind_rows(tasks, lists, workers=counts) if lists is not None else {}
         for name, r in kinds.items():
-            pred = r["predicted"]
-            speedup = pred[1] / pred[32] if 1 in pred and 32 in pred and pred[32] > 0 else float("nan")
-            print(f"  {name:<16}{'':>8}{r['W']:>9.2f}{'':>8}{r['S']:>8.2f}{r['tasks']:>7}{r['rounds']:>7}"
-                  f"{r['max_ready']:>6}" + "".join(f"{pred[p]:>9.2f}" for p in counts) + f"{speedup:>9.1f}")
+            print(_line(f"  {name}", r, counts))
         if kinds:
             print("  (the neighbours stage's tasks by the lists they make: work and critical path only)")
         out: dict[str, Any] = {"users": users, "items": items, "nnz": nnz, "recorded_workers": n_workers,

@@ -803,7 +803,6 @@ def audit_embedding_pair(
     user_index: np.ndarray | None = None,
     cosine_norm_floor: float = 0.0,
     item_lists_fn: ItemListsFn | None = None,
-    lists_at_once: int = 1,
 ) -> AuditResult:
     """Audit any (user, item) embeddings whose dot product is the model: ``U D``, ``I D^-1`` score the same.
 

@@ -193,7 +193,7 @@ def rank_run(auto_run, client):
     return run_dir, manifest, root
 
 
-def test_the_rank_sweeps_lists_equal_a_fit_at_each_rank_ids_and_ranks_exact(rank_run):
+def test_the_rank_sweeps_lists_equal_a_fit_at_each_rank_ids_and_ranks_exact(rank_run, client):
     """The lists the sweep scores at rank k (the closed forms from the first k columns of one rank-8 SVD of the
     train split) are those of a fit at rank k (its own rank-k SVD): every user's top-N ids in the same order, for
     Eq. 1's and Eq. 2's model score at each rank of the grid. Both SVDs are exact here (40 items: the Krylov space
@@ -206,7 +206,7 @@ def test_the_rank_sweeps_lists_equal_a_fit_at_each_rank_ids_and_ranks_exact(rank
     X, _, _ = dense_x(run_dir, root / "sim")
     blocks = RowBlocks.from_scipy(sp.csr_matrix(X.astype(np.float32)), 64, None)
     sweep = pq.read_table(run_dir / "evaluation/lambda_sweep.parquet").to_pylist()
-    cfg = _config(root, _NoClient, "exact", "svd.rank=8", "svd.tol=1e-12", "objectives.cosine=null",
+    cfg = _config(root, client, "exact", "svd.rank=8", "svd.tol=1e-12", "objectives.cosine=null",
                   "objectives.eq1.lambda=1", "objectives.eq2.lambda=1")
     train, _ = split_holdout(blocks, cfg.evaluation.holdout, cfg.evaluation.fraction, cfg.evaluation.seed)
     spectrum = fit_spectrum(train, cfg)
@@ -238,13 +238,6 @@ def test_the_rank_sweeps_lists_equal_a_fit_at_each_rank_ids_and_ranks_exact(rank
             np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)
             compared += int(a.counts.sum())
     assert compared > 3 * 2 * 150 * 3  # most of the 200 users have more than 3 items to rank
-
-
-class _NoClient:
-    """``_config``'s client for a config used in this process (the address is never dialled)."""
-
-    class scheduler:
-        address = "tcp://127.0.0.1:1"
 
 
 def test_the_rank_sweep_equals_a_refit_at_each_rank(rank_run, client):
