@@ -1,8 +1,9 @@
-"""Top-N selection on score tiles: the running heap state and the numba kernel that updates it.
+"""Top-N selection on score tiles: the running buffer state and the numba kernels that update it.
 
 ``select_tile`` merges one tile of scores ``S = Q C^T`` (q query rows x c candidates, float32) into
-a running top-N state per query row and metric: a binary min-heap of (score, candidate id) whose
-root is the current N-th best, updated in place across candidate blocks. The dot and the cosine
+a running top-N state per query row and metric: a buffer of 2 N (score, candidate id) slots whose
+slot 0 is the threshold a candidate must beat, appended to and, when full, cut back to its N best
+(quickselect; the N-th best becomes the threshold), updated in place across candidate blocks. The dot and the cosine
 lists come from the same tile, ``cos_ij = s_ij * qinv_i * cinv_j`` with the inverse norms of
 ``inverse_norms``. ``empty_state`` makes a state and ``finalize_state`` sorts one into lists
 (``TopN``).
@@ -41,39 +42,87 @@ class TopN(NamedTuple):
 def _after(s_a, i_a, s_b, i_b):
     """True when (s_a, i_a) ranks after (s_b, i_b): lower score, or equal score and larger index.
 
-    Index -1 marks an empty heap slot; as uint32 it is the largest index, so it ranks after every
-    real candidate of equal score (empty slots hold -inf).
+    Index -1 marks an empty slot (the sentinel of ``empty_state``); as uint32 it is the largest index, so it
+    ranks after every real candidate of equal score. Written without a branch (``|``, ``&``): quickselect's
+    comparisons are coin flips for the branch predictor.
     """
-    return s_a < s_b or (s_a == s_b and np.uint32(i_a) > np.uint32(i_b))
+    return (s_a < s_b) | ((s_a == s_b) & (np.uint32(i_a) > np.uint32(i_b)))
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _replace_root(hs, hi, s, j):
-    """Put (s, j) at the root of the min-heap (hs, hi) in place of its worst entry and sift down.
+def _swap(hs, hi, a, b):
+    s = hs[a]
+    i = hi[a]
+    hs[a] = hs[b]
+    hi[a] = hi[b]
+    hs[b] = s
+    hi[b] = i
 
-    The worse of two children is picked without a branch (which child it is, is a coin flip for
-    the branch predictor); only the stop test branches.
+
+@njit(cache=True, nogil=True)
+def _keep_best(hs, hi, lo, end, k):
+    """Quickselect: reorder the entries ``lo .. end - 1`` of (hs, hi) in place so that their ``k`` best (score
+    descending, index ascending) come first, the k-th best at ``lo + k - 1``; ``0 < k <= end - lo``.
+
+    Median-of-three pivots, a Lomuto partition written without a branch (each entry is swapped with the
+    partition's boundary whether or not it moves the boundary); expected O(end - lo).
     """
-    n = hs.shape[0]
-    pos = 0
-    while True:
-        child = 2 * pos + 1
-        if child >= n:
-            break
-        if child + 1 < n:
-            ls = hs[child]
-            rs = hs[child + 1]
-            right_worse = (rs < ls) | ((rs == ls) & (np.uint32(hi[child + 1]) > np.uint32(hi[child])))
-            child += np.int64(right_worse)
-        cs = hs[child]
-        ci = hi[child]
-        if not _after(cs, ci, s, j):
-            break
-        hs[pos] = cs
-        hi[pos] = ci
-        pos = child
-    hs[pos] = s
-    hi[pos] = j
+    target = lo + k - 1
+    left = lo
+    right = end - 1
+    while left < right:
+        mid = left + ((right - left) >> 1)
+        if _after(hs[left], hi[left], hs[mid], hi[mid]):
+            _swap(hs, hi, left, mid)
+        if _after(hs[left], hi[left], hs[right], hi[right]):
+            _swap(hs, hi, left, right)
+        if _after(hs[mid], hi[mid], hs[right], hi[right]):
+            _swap(hs, hi, mid, right)
+        _swap(hs, hi, mid, right)  # the median of the three is the pivot, at ``right``
+        ps = hs[right]
+        pi = hi[right]
+        store = left
+        for t in range(left, right):
+            s = hs[t]
+            i = hi[t]
+            hs[t] = hs[store]
+            hi[t] = hi[store]
+            hs[store] = s
+            hi[store] = i
+            store += np.int64(not _after(s, i, ps, pi))
+        _swap(hs, hi, store, right)
+        if store == target:
+            return
+        if store < target:
+            left = store + 1
+        else:
+            right = store - 1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _compact(hs, hi, fill):
+    """Keep the N best (N = capacity / 2) of a buffer filled up to ``fill`` (> N): the N-th best becomes slot 0,
+    the threshold; returns the new fill, N. Slot 0's old entry ranks after every other entry (each entered
+    ranking before it), so it is left out of the selection and dropped."""
+    n = hs.shape[0] // 2
+    _keep_best(hs, hi, 1, fill, n)
+    _swap(hs, hi, 0, n)
+    return n
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _admit(s, g, is_self, zero_norm, ex_indices, ex_lo, ex_hi, hs, hi, fill):
+    """Append candidate id g with score s to one buffer at ``fill`` when it ranks before the threshold (slot 0)
+    and is admissible; True when it was appended (the caller then raises fill, compacting a full buffer)."""
+    if is_self or zero_norm:
+        return False
+    if not _after(hs[0], hi[0], s, g):  # a tie with the threshold enters only with a smaller id
+        return False
+    if ex_hi > ex_lo and _is_excluded(ex_indices, ex_lo, ex_hi, g):
+        return False
+    hs[fill] = s
+    hi[fill] = g
+    return True
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -204,25 +253,12 @@ def _run_masks(row, cinv, c0, qi, thr_d, thr_c):
     return _bits_ge(row, c0, thr_d), _bits_scaled_ge(row, c0, qi, cinv, thr_c)
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _offer(s, g, is_self, zero_norm, ex_indices, ex_lo, ex_hi, hs, hi):
-    """Offer candidate id g with score s to one heap; True when it entered."""
-    if is_self or zero_norm:
-        return False
-    if not _after(hs[0], hi[0], s, g):  # a tie with the N-th best enters only with a smaller id
-        return False
-    if ex_hi > ex_lo and _is_excluded(ex_indices, ex_lo, ex_hi, g):
-        return False
-    _replace_root(hs, hi, s, g)
-    return True
-
-
 _NO_IDS = _NO_EXCLUSIONS = np.zeros(0, dtype=np.int32)  # an empty int32 array: no candidate ids, no exclusions
 
 
-def select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices, dot_s, dot_i, cos_s, cos_i,
-                cand_ids=_NO_IDS):
-    """Merge one score tile into the running top-N heaps of the dot and the cosine lists.
+def select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices, dot_s, dot_i, dot_f, cos_s, cos_i,
+                cos_f, cand_ids=_NO_IDS):
+    """Merge one score tile into the running top-N buffers of the dot and the cosine lists.
 
     Parameters
     ----------
@@ -239,14 +275,13 @@ def select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices, 
         Per query row, the slice of ``ex_indices`` holding its excluded candidate ids (sorted);
         an empty array means no exclusions.
     ex_indices : int32 (nnz,)
-    dot_s, dot_i : float32, int32 (q, N) or (0, N)
-        Running state of the dot list: a binary min-heap per row whose root ``[r, 0]`` is the
-        current N-th best (lowest score, largest index among equal scores). Empty slots have index
-        -1 and score ``-inf`` (``empty_state``) or a floor known to be at most the final N-th best
-        score (then only candidates at or above the floor enter). A state with 0 rows switches the
-        metric off.
-    cos_s, cos_i : float32, int32 (q, N) or (0, N)
-        The same for the cosine list, ``cos_ij = s_ij * qinv_i * cinv_j``.
+    dot_s, dot_i, dot_f : float32 (q, 2 N), int32 (q, 2 N), int32 (q,), or 0 rows
+        Running state of the dot list (``empty_state``): per row a buffer of ``2 N`` (score, id) slots filled up
+        to ``dot_f[r]``. Slot 0 is the row's threshold: a candidate enters only when it ranks before it (higher
+        score, or equal score and smaller id). It starts as an empty slot (id -1) at ``-inf`` or at a floor known
+        to be at most the final N-th best score; when the buffer is full, the N best are kept (quickselect) and
+        the N-th best becomes slot 0. A state with 0 rows switches the metric off.
+    cos_s, cos_i, cos_f : the same for the cosine list, ``cos_ij = s_ij * qinv_i * cinv_j``.
     cand_ids : int32 (c,) or (0,), optional
         Global candidate id of each tile column, for candidates in another order than their ids (the
         norm-ordered scan of ``kernels.topn``); empty (the default): ``block_start + j``. Self, exclusion
@@ -254,32 +289,34 @@ def select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices, 
 
     Notes
     -----
-    Time O(q c) for the scan plus O(log N) per heap insertion. Each run of ``_RUN`` candidates is
-    compared with both thresholds at once (vectorised) into two bit masks; only the candidates
-    whose bit is set are looked at one by one (the threshold may have risen meanwhile, so the
+    Time O(q c) for the scan plus O(1) amortised per candidate that enters. Each run of ``_RUN``
+    candidates is compared with both thresholds at once (vectorised) into two bit masks; only the
+    candidates whose bit is set are looked at one by one (the threshold may have risen meanwhile, so the
     comparison is repeated exactly). A metric that is off, and the cosine list of a zero-norm
-    query, get the threshold ``+inf``, which no score reaches. From empty slots at ``-inf``, a row sees about
-    ``N (1 + ln(p / N))`` insertions over p candidates in random order (about 800 for p = 100k,
-    N = 100); from a seeded floor (``topn_blocked``) about ``N (1 + ln 3)``. Either way most
-    candidates cost one vectorised comparison per metric. Memory: none beyond the arguments.
+    query, get the threshold ``+inf``, which no score reaches. Memory: none beyond the arguments.
 
-    A binary heap rather than a sorted buffer: an insertion costs O(log N) moves instead of O(N)
-    shifts, which keeps adversarial orders (scores rising with the index, where every candidate
-    enters) at ``log2(100) ~ 7`` moves per insertion. Measured on random orders the two cost about
-    the same (30-40 ns per insertion, most of it branch mispredictions).
+    A buffer rather than a heap (faiss's "reservoir"): an entry costs an append instead of a sift through
+    ``log2 N`` levels, most of whose steps are branch mispredictions and, in the column pass, dependent loads
+    from L2 (measured ~40 ns per heap insertion, p = 40k, k = 64, N = 100). The threshold then rises only at a
+    compaction, so more candidates enter: from a seeded floor (``topn_blocked``) about 2-3 N per row, one or
+    two compactions of 2 N entries; in adversarial orders (scores rising with the index, every candidate enters)
+    a compaction per N candidates, O(1) each amortised.
     """
     _select_tile(np.ascontiguousarray(tile), block_start, self_ids, qinv, np.ascontiguousarray(cinv), ex_indptr,
-                 ex_indices, dot_s, dot_i, cos_s, cos_i, cand_ids)
+                 ex_indices, dot_s, dot_i, dot_f, cos_s, cos_i, cos_f, cand_ids)
 
 
 # Every argument required: numba types an omitted argument by its default's object, which differs from one process to
 # the next for an array, so a default here was a cache miss (a ~2.5 s compile) in every new process and worker.
 @njit(cache=True, nogil=True, parallel=True)
-def _select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices, dot_s, dot_i, cos_s, cos_i, cand_ids):
+def _select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices, dot_s, dot_i, dot_f, cos_s, cos_i,
+                 cos_f, cand_ids):
     """``select_tile``'s kernel."""
     nq, nc = tile.shape
     do_dot = dot_s.shape[0] > 0
     do_cos = cos_s.shape[0] > 0
+    cap_d = dot_s.shape[1]
+    cap_c = cos_s.shape[1]
     has_ex = ex_indptr.shape[0] > 0
     has_ids = cand_ids.shape[0] > 0
     n_full = nc - nc % _RUN
@@ -289,6 +326,8 @@ def _select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices,
         qi = qinv[r]
         thr_d = dot_s[r, 0] if do_dot else np.float32(np.inf)
         thr_c = cos_s[r, 0] if do_cos and qi > 0 else np.float32(np.inf)
+        fd = dot_f[r] if do_dot else 0
+        fc = cos_f[r] if do_cos else 0
         me = self_ids[r]  # candidate id of the query itself (-1: none)
         ex_lo = ex_indptr[r] if has_ex else 0
         ex_hi = ex_indptr[r + 1] if has_ex else 0
@@ -308,15 +347,26 @@ def _select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices,
                 md &= md - np.uint64(1)
                 s = row[j]
                 g = np.int64(cand_ids[j]) if has_ids else block_start + j
-                if s >= thr_d and _offer(s, g, g == me, False, ex_indices, ex_lo, ex_hi, dot_s[r], dot_i[r]):
-                    thr_d = dot_s[r, 0]
+                if s >= thr_d and _admit(s, g, g == me, False, ex_indices, ex_lo, ex_hi, dot_s[r], dot_i[r], fd):
+                    fd += 1
+                    if fd == cap_d:
+                        fd = _compact(dot_s[r], dot_i[r], cap_d)
+                        thr_d = dot_s[r, 0]
             while mc:
                 j = c0 + np.int64(_lowest_bit(mc))
                 mc &= mc - np.uint64(1)
                 c = row[j] * qi * cinv[j]  # same rounding as the reference: (s_ij * qinv_i) * cinv_j
                 g = np.int64(cand_ids[j]) if has_ids else block_start + j
-                if c >= thr_c and _offer(c, g, g == me, cinv[j] == 0, ex_indices, ex_lo, ex_hi, cos_s[r], cos_i[r]):
-                    thr_c = cos_s[r, 0]
+                if c >= thr_c and _admit(c, g, g == me, cinv[j] == 0, ex_indices, ex_lo, ex_hi, cos_s[r], cos_i[r],
+                                         fc):
+                    fc += 1
+                    if fc == cap_c:
+                        fc = _compact(cos_s[r], cos_i[r], cap_c)
+                        thr_c = cos_s[r, 0]
+        if do_dot:
+            dot_f[r] = fd
+        if do_cos:
+            cos_f[r] = fc
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -326,28 +376,29 @@ def _run_masks_columns(row, thr_d, thr_c, qinv, c0, ci):
     return _bits_ge_each(row, c0, thr_d), _bits_scaled_ge_each(row, c0, qinv, ci, thr_c)
 
 
-#: Columns of a tile walked down together by ``select_tile_columns``: their heaps (512 x N x 8 bytes per metric,
-#: 800 KiB for both at N = 100) stay in L2 while the strip's rows stream past. Measured at p = 50k, k = 64, N = 100,
-#: one thread, the column selection over the run: 256 -> 1.90 s, 512 -> 1.82 s, 1024 -> 1.99 s; buffering the hits
-#: of a whole tile and offering them column by column instead took 2.1 s (with each hit's score kept) and 2.87 s
-#: (scores read back from the tile, a cache miss per hit).
+#: Columns of a tile walked down together by ``select_tile_columns``: their thresholds and fills (2 x 512 x 4
+#: bytes per metric) stay in L1 and the tails of their buffers in L2 while the strip's rows stream past. Measured
+#: with heaps at p = 50k, k = 64, N = 100, one thread, the column selection over the run: 256 -> 1.90 s,
+#: 512 -> 1.82 s, 1024 -> 1.99 s; buffering the hits of a whole tile and offering them column by column instead
+#: took 2.1 s (with each hit's score kept) and 2.87 s (scores read back from the tile, a cache miss per hit).
 _STRIP = 512
 
 
-def select_tile_columns(tile, row_start, col_qinv, row_cinv, dot_s, dot_i, cos_s, cos_i):
-    """Merge the mirror of a score tile into the running top-N heaps of its columns.
+def select_tile_columns(tile, row_start, col_qinv, row_cinv, dot_s, dot_i, dot_f, cos_s, cos_i, cos_f):
+    """Merge the mirror of a score tile into the running top-N buffers of its columns.
 
     For a symmetric score matrix (the Gram matrix of one embedding, ``S = E E^T``) a tile
     ``S_IJ = E_I E_J^T`` is also ``S_JI^T``: column j of the tile holds query row ``J_j``'s scores
-    against the candidates ``row_start + i``. This kernel offers them to the column's heaps as
+    against the candidates ``row_start + i``. This kernel offers them to the column's buffers as
     ``select_tile`` would offer the rows of the transposed tile, without transposing it: it walks
     the tile in strips of ``_STRIP`` columns, each strip row by row, comparing each run of ``_RUN``
-    scores with those columns' own thresholds (their heaps' roots, kept in a per-column array;
-    vectorised like ``select_tile``) and offering each score that reaches one to its column's heap
-    at once (so a column's threshold rises with every insertion, as a row's does). Same order and
+    scores with those columns' own thresholds (their slot 0, kept in a per-column array;
+    vectorised like ``select_tile``) and appending each score that passes to its column's buffer
+    at once (compacted when full, which raises the column's threshold, as a row's). Same order and
     rules as ``select_tile`` (within a column the rows come in ascending order; ties to the smaller
     id; ``cos_ji = (s_ij * qinv_j) * cinv_i``, the same rounding; zero-norm rows take no part in
-    cosine lists), for tiles without self pairs or exclusions (off the diagonal).
+    cosine lists), for tiles without self pairs or exclusions (off the diagonal): the states equal
+    ``select_tile``'s on the transposed tile slot for slot.
 
     Parameters
     ----------
@@ -357,23 +408,25 @@ def select_tile_columns(tile, row_start, col_qinv, row_cinv, dot_s, dot_i, cos_s
         Global candidate id of tile row 0.
     col_qinv, row_cinv : float32 (c,), (r,)
         Inverse L2 norms of the columns' query rows and of the rows' candidates (0: zero norm).
-    dot_s, dot_i, cos_s, cos_i : float32, int32 (c, N) or (0, N)
-        Running heap states of the c query rows (see ``select_tile``); 0 rows switch a metric off.
+    dot_s, dot_i, dot_f, cos_s, cos_i, cos_f : (c, 2 N), (c, 2 N), (c,) or 0 rows
+        Running states of the c query rows (see ``select_tile``); 0 rows switch a metric off.
 
     Notes
     -----
-    Time O(r c) for the scan plus O(log N) per insertion; memory: the thresholds (2 c float32).
+    Time O(r c) for the scan plus O(1) amortised per entry; memory: the thresholds (2 c float32).
     """
     _select_tile_columns(np.ascontiguousarray(tile), row_start, np.ascontiguousarray(col_qinv), row_cinv, dot_s, dot_i,
-                         cos_s, cos_i)
+                         dot_f, cos_s, cos_i, cos_f)
 
 
 @njit(cache=True, nogil=True)
-def _select_tile_columns(tile, row_start, col_qinv, row_cinv, dot_s, dot_i, cos_s, cos_i):
+def _select_tile_columns(tile, row_start, col_qinv, row_cinv, dot_s, dot_i, dot_f, cos_s, cos_i, cos_f):
     """``select_tile_columns``'s kernel."""
     nr, nc = tile.shape
     do_dot = dot_s.shape[0] > 0
     do_cos = cos_s.shape[0] > 0
+    cap_d = dot_s.shape[1]
+    cap_c = cos_s.shape[1]
     inf = np.float32(np.inf)
     thr_d = np.empty(nc, dtype=np.float32)
     thr_c = np.empty(nc, dtype=np.float32)
@@ -387,6 +440,7 @@ def _select_tile_columns(tile, row_start, col_qinv, row_cinv, dot_s, dot_i, cos_
         for i in range(nr):
             row = tile[i]
             ci = row_cinv[i]
+            g = row_start + i
             for c0 in range(s0, s1, _RUN):
                 if c0 < n_full:
                     md, mc = _run_masks_columns(row, thr_d, thr_c, col_qinv, c0, ci)
@@ -400,18 +454,24 @@ def _select_tile_columns(tile, row_start, col_qinv, row_cinv, dot_s, dot_i, cos_
                     j = c0 + np.int64(_lowest_bit(md))
                     md &= md - np.uint64(1)
                     s = row[j]
-                    if s >= thr_d[j] and _offer(s, row_start + i, False, False, _NO_EXCLUSIONS, 0, 0, dot_s[j],
-                                                dot_i[j]):
-                        thr_d[j] = dot_s[j, 0]
+                    if s >= thr_d[j] and _admit(s, g, False, False, _NO_EXCLUSIONS, 0, 0, dot_s[j], dot_i[j],
+                                                dot_f[j]):
+                        dot_f[j] += 1
+                        if dot_f[j] == cap_d:
+                            dot_f[j] = _compact(dot_s[j], dot_i[j], cap_d)
+                            thr_d[j] = dot_s[j, 0]
                 if ci == 0:  # a zero-norm candidate is nobody's cosine neighbour
                     continue
                 while mc:
                     j = c0 + np.int64(_lowest_bit(mc))
                     mc &= mc - np.uint64(1)
                     c = row[j] * col_qinv[j] * ci  # same rounding as select_tile's (s_ji * qinv_j) * cinv_i
-                    if c >= thr_c[j] and _offer(c, row_start + i, False, False, _NO_EXCLUSIONS, 0, 0, cos_s[j],
-                                                cos_i[j]):
-                        thr_c[j] = cos_s[j, 0]
+                    if c >= thr_c[j] and _admit(c, g, False, False, _NO_EXCLUSIONS, 0, 0, cos_s[j], cos_i[j],
+                                                cos_f[j]):
+                        cos_f[j] += 1
+                        if cos_f[j] == cap_c:
+                            cos_f[j] = _compact(cos_s[j], cos_i[j], cap_c)
+                            thr_c[j] = cos_s[j, 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,45 +499,89 @@ def inverse_norms(x: np.ndarray, sumsq: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-def empty_state(n_rows: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """A running top-N state of ``n_rows`` rows: scores ``-inf`` (float32), indices ``-1`` (int32)."""
-    return np.full((n_rows, n), -np.inf, dtype=np.float32), np.full((n_rows, n), -1, dtype=np.int32)
+def empty_state(n_rows: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A running top-``n`` state of ``n_rows`` rows (see ``select_tile``): ``(scores, ids, fill)``, buffers of
+    ``2 n`` slots, float32 scores ``-inf`` and int32 ids ``-1`` (empty), and the int32 fill, 1 (slot 0, the
+    threshold, an empty slot). Setting ``scores[:, 0]`` to a floor admits only candidates at or above it."""
+    cap = 2 * int(n)
+    return (np.full((n_rows, cap), -np.inf, dtype=np.float32), np.full((n_rows, cap), -1, dtype=np.int32),
+            np.ones(n_rows, dtype=np.int32))
 
 
-def finalize_state(scores: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Turn a running heap state into sorted lists.
-
-    Parameters
-    ----------
-    scores : float32 (q, N)
-    indices : int32 (q, N)
-        Heap state from ``select_tile``; ``-1`` marks an empty slot.
+def finalize_state(scores: np.ndarray, indices: np.ndarray, fill: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Turn a running state (``empty_state``, ``select_tile``) into sorted lists of ``N = capacity / 2``.
 
     Returns
     -------
     counts : int32 (q,)
-        Number of real entries per row.
+        Number of real entries per row (at most N).
     indices : int32 (q, N)
         Sorted by score descending then index ascending; ``-1`` after ``counts[r]``.
     scores : float32 (q, N)
-        Matching scores; ``-inf`` after ``counts[r]``.
+        Matching scores (-0.0 as 0.0); ``-inf`` after ``counts[r]``.
 
     Notes
     -----
-    One int64 sort per row of keys ``(-score, index)``: the float's bits mapped to an integer of
-    the same order in the high word, the index as unsigned (so -1, an empty slot, comes last) in
-    the low word. Time O(q N log N), memory O(q N).
+    Per row: the real entries (id >= 0) of the filled slots, their N best by quickselect, then one int64
+    sort of keys ``(-score, index)`` (the float's bits mapped to an integer of the same order in the high
+    word, the index in the low word). Time O(q N log N), memory O(q N). The state is left as it is.
     """
-    sc = scores + np.float32(0.0)  # -0.0 -> +0.0: equal scores must tie, whatever their sign bit
-    bits = sc.view(np.int32).astype(np.int64)
-    ordered = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # same order as the floats
-    key = ((-ordered) << 32) | (indices.astype(np.int64) & 0xFFFFFFFF)
-    key.sort(axis=1)
-    idx = (key & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
-    ordered = -(key >> 32)
-    sc = np.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).astype(np.int32).view(np.float32)
-    real = idx >= 0
-    idx[~real] = -1
-    counts = real.sum(axis=1).astype(np.int32)
-    sc = np.where(real, sc, np.float32(-np.inf))
+    n = scores.shape[1] // 2
+    rows = scores.shape[0]
+    counts = np.zeros(rows, dtype=np.int32)
+    idx = np.full((rows, n), -1, dtype=np.int32)
+    sc = np.full((rows, n), -np.inf, dtype=np.float32)
+    _finalize(scores, indices, fill, counts, idx, sc)
     return counts, idx, sc
+
+
+@njit(cache=True, nogil=True)
+def _finalize(scores, ids, fill, counts, out_i, out_s):
+    """``finalize_state``'s kernel: writes ``counts``, ``out_i``, ``out_s`` (pre-filled with -1 / -inf)."""
+    cap = scores.shape[1]
+    n = out_i.shape[1]
+    ws = np.empty(cap, dtype=np.float32)
+    wi = np.empty(cap, dtype=np.int32)
+    keys = np.empty(cap, dtype=np.int64)
+    one = np.empty(1, dtype=np.float32)
+    one_bits = one.view(np.int32)
+    for r in range(scores.shape[0]):
+        m = 0
+        for t in range(fill[r]):
+            if ids[r, t] >= 0:
+                ws[m] = scores[r, t] + np.float32(0.0)  # -0.0 -> +0.0: equal scores tie, whatever their sign bit
+                wi[m] = ids[r, t]
+                m += 1
+        k = min(m, n)
+        if m > k:
+            _keep_best(ws, wi, 0, m, k)
+        for t in range(k):
+            one[0] = ws[t]
+            b = np.int64(one_bits[0])
+            ordered = b ^ 0x7FFFFFFF if b < 0 else b  # same order as the floats
+            keys[t] = ((-ordered) << 32) | (np.int64(wi[t]) & 0xFFFFFFFF)
+        keys[:k].sort()
+        for t in range(k):
+            key = keys[t]
+            out_i[r, t] = np.int32(key & 0xFFFFFFFF)
+            ordered = -(key >> 32)
+            one_bits[0] = np.int32(ordered ^ 0x7FFFFFFF if ordered < 0 else ordered)
+            out_s[r, t] = one[0]
+        counts[r] = k
+
+
+def tighten_state(scores: np.ndarray, indices: np.ndarray, fill: np.ndarray) -> None:
+    """Compact, in place, every row of a state holding more than N entries after slot 0, so that each row's
+    slot 0 is its current N-th best (the tightest threshold; ``select_tile`` raises it only when a buffer is
+    full). For bounds checked against the threshold (``kernels.topn._scan``)."""
+    if scores.shape[0]:
+        _tighten(scores, indices, fill)
+
+
+@njit(cache=True, nogil=True)
+def _tighten(scores, ids, fill):
+    n = scores.shape[1] // 2
+    for r in range(scores.shape[0]):
+        if fill[r] > n:
+            fill[r] = _compact(scores[r], ids[r], fill[r])

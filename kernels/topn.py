@@ -7,11 +7,11 @@ the user's own items excluded, and user-user lists.
 
 For a chunk of queries ``Q`` (q x k) and a block of candidates ``C`` (c x k) the driver computes
 ``S = Q C^T`` with one BLAS sgemm (numpy ``matmul`` on float32) and hands the tile to
-``select_tile`` (``kernels/select.py``, with the heap state it updates), which keeps for every
-query row the best N candidates seen so far as a binary min-heap. Cosine and dot come from the
+``select_tile`` (``kernels/select.py``, with the buffer state it updates), which keeps for every
+query row the best N candidates seen so far in a buffer of 2 N slots. Cosine and dot come from the
 same tile: ``cos_ij = s_ij * qinv_i * cinv_j`` with the inverse L2 norms applied at selection
 time, so the gemm is done once for both lists. ``topn_blocked`` drives it: query rows split over
-threads, a sampled floor that spares most heap insertions (``_topn_rows``), exact either way.
+threads, a sampled floor that spares most buffer entries (``_topn_rows``), exact either way.
 This module re-exports what callers use from ``kernels.select`` (``TopN``, ``select_tile``,
 ``empty_state``, ``finalize_state``, ``inverse_norms``).
 
@@ -53,6 +53,7 @@ from mfsim.kernels.select import (
     inverse_norms,
     select_tile,
     select_tile_columns,
+    tighten_state,
 )
 
 __all__ = [
@@ -278,8 +279,8 @@ def topn_blocked(
     Notes
     -----
     Time: ``2 q p k (1 + 1/32)`` flops of sgemm (the 1/32 is the seeding sample, below), an O(q p)
-    selection scan (one vectorised comparison per score and metric) and a few hundred heap
-    insertions per row and metric at O(log N) each.
+    selection scan (one vectorised comparison per score and metric) and a few hundred buffer
+    entries per row and metric at O(1) each (amortised).
 
     Memory, never O(p^2) nor O(q p): the tiles ``n_threads x tile_rows x candidate_block x 4``
     bytes, at most ``query_chunk x candidate_block x 4``; per thread the running state
@@ -299,7 +300,7 @@ def topn_blocked(
     computed here, and candidates closer than that to the N-th score may swap with another
     computation.
 
-    Seeding: each row's heap starts from a floor read off a sample of every 32nd candidate (see
+    Seeding: each row's buffer starts from a floor read off a sample of every 32nd candidate (see
     ``_topn_rows``); rows where the floor proves too high are recomputed without it, so the
     result is exact either way.
     """
@@ -353,10 +354,8 @@ def topn_blocked(
         ids = np.arange(0, p, _SEED_STRIDE)
         sample = _Candidates(full.c[ids], full.cinv[ids], cb, full.ids[ids] if full.ids.shape[0] else full.ids)
 
-    out = {}
-    for m in metrics:
-        scores, indices = empty_state(nq, n)
-        out[m] = TopN(indices, scores, np.zeros(nq, dtype=np.int32))
+    out = {m: TopN(np.full((nq, n), -1, dtype=np.int32), np.full((nq, n), -np.inf, dtype=np.float32),
+                   np.zeros(nq, dtype=np.int32)) for m in metrics}
     workers = _default_threads() if n_threads is None else int(n_threads)
     rows_per_task = tile_rows(nq, query_chunk, cb, workers)
     local = threading.local()
@@ -498,14 +497,21 @@ _BOUND_SLACK_PER_TERM = float(np.finfo(np.float32).eps)
 _NORM_ORDER_MIN_SPREAD = 0.9
 
 
+def _nth_best(state: tuple) -> np.ndarray:
+    """Per row of a running state of list length n, its n-th best score; ``-inf`` where it holds fewer than n."""
+    counts, _, scores = finalize_state(*state)
+    n = scores.shape[1]
+    return np.where(counts >= n, scores[:, n - 1], np.float32(-np.inf))
+
+
 def _scan(rows: _QueryRows, cands: _Candidates, n: int, want: dict, buf: np.ndarray, floors: dict | None = None,
           stats: dict | None = None):
     """Running top-n states of ``rows`` over all of ``cands``: per block one sgemm, one selection.
 
     Empty slots start at ``floors[metric]`` (per row) instead of -inf when given. With ``cands.norms`` (dot lists
     only, candidates sorted by norm descending) a block is computed only for the rows whose bound
-    ``|q| max|c|`` can still reach their current N-th best (the heap's root; ``_BOUND_SLACK_PER_TERM``): the rest
-    of each block's rows are left out of its sgemm, and the scan ends when no row is left, since later blocks'
+    ``|q| max|c|`` can still reach their current N-th best (slot 0 after ``tighten_state``;
+    ``_BOUND_SLACK_PER_TERM``): the rest of each block's rows are left out of its sgemm, and the scan ends when no row is left, since later blocks'
     norms are smaller and thresholds only rise. Exact: a skipped score is below the row's final N-th best.
     ``stats``: adds ``scores`` (rows x candidates) and ``scores_computed``.
     """
@@ -513,10 +519,9 @@ def _scan(rows: _QueryRows, cands: _Candidates, n: int, want: dict, buf: np.ndar
     states = {}
     for m in METRICS:
         if want[m]:
-            sc, idx = empty_state(nr, n)
+            states[m] = empty_state(nr, n)
             if floors is not None:
-                sc[:] = floors[m][:, None]
-            states[m] = (sc, idx)
+                states[m][0][:, 0] = floors[m]
     off = empty_state(0, n)
     dot, cos = states.get("dot", off), states.get("cosine", off)
     p = cands.c.shape[0]
@@ -529,19 +534,21 @@ def _scan(rows: _QueryRows, cands: _Candidates, n: int, want: dict, buf: np.ndar
         ids = cands.ids[c0:c1] if cands.ids.shape[0] else cands.ids
         live = None  # every row
         if prune:
+            tighten_state(*dot)  # slot 0: each row's current N-th best
             live = np.flatnonzero(q_norm * cands.norms[c0] >= dot[0][:, 0])
             if live.size == 0:
                 break  # no row can gain from this block, nor from any later one (smaller norms)
             if live.size == nr:
                 live = None
         block_rows = rows if live is None else rows.subset(live)
-        d_s, d_i = dot if live is None else (dot[0][live], dot[1][live])  # cosine is off where live is set
+        d_state = dot if live is None else tuple(a[live] for a in dot)  # cosine is off where live is set
         tile = buf[: block_rows.q.shape[0] * (c1 - c0)].reshape(block_rows.q.shape[0], c1 - c0)
         np.matmul(block_rows.q, cands.c[c0:c1].T, out=tile)  # S = Q C^T, one sgemm
         select_tile(tile, c0, block_rows.self_ids, block_rows.qinv, cands.cinv[c0:c1], block_rows.ex_indptr,
-                    block_rows.ex_indices, d_s, d_i, *cos, ids)
+                    block_rows.ex_indices, *d_state, *cos, ids)
         if live is not None:
-            dot[0][live], dot[1][live] = d_s, d_i
+            for a, part in zip(dot, d_state):
+                a[live] = part
         computed += tile.size
     if stats is not None:
         stats["scores"] = stats.get("scores", 0) + nr * p
@@ -553,12 +560,13 @@ def _topn_rows(rows: _QueryRows, full: _Candidates, sample: _Candidates | None, 
                buf: np.ndarray, stats: dict | None = None) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Sorted (counts, indices, scores) per wanted metric for one range of query rows.
 
-    Seeding: from empty slots at ``-inf`` a row takes about ``N (1 + ln(p / N))`` heap insertions
-    over p candidates in random order (about 800 for p = 100k, N = 100; at ~40 ns each, half the
-    gemm). When ``sample`` (every ``_SEED_STRIDE``-th candidate) is given it is scanned first, and
-    each row's ``width``-th best admissible sample score becomes the floor its empty slots start
-    at: only the ~``width * _SEED_STRIDE`` (~3 N) candidates above it are offered, about
-    ``N (1 + ln 3) ~ 210`` insertions (measured 210 per metric at p = 100k). The floor is exact when
+    Seeding: from a threshold at ``-inf`` a row's buffer takes the first 2 N candidates and then those that beat
+    its N-th best so far, more than ``N (1 + ln(p / N))`` (about 800 for p = 100k, N = 100) over p candidates in
+    random order, each a scalar step after the vectorised comparison. When ``sample`` (every
+    ``_SEED_STRIDE``-th candidate) is given it is scanned first, and each row's ``width``-th best admissible
+    sample score becomes the floor its threshold starts at: only the ~``width * _SEED_STRIDE`` (~3 N) candidates
+    above it can enter (measured at p = 40k, k = 64, N = 100, one thread, item-item lists: 3.0 s seeded, 3.9 s
+    not). The floor is exact when
     the full scan finds n admissible candidates at or above it, as the counts show; the other rows
     (the sample caught more than its share of their best, or they have fewer than n admissible
     candidates) are scanned again without a floor.
@@ -568,8 +576,8 @@ def _topn_rows(rows: _QueryRows, full: _Candidates, sample: _Candidates | None, 
     if sample is not None:
         # a sample with its own ids (norm order) is offered in candidate ids; one in id order, in its columns
         seed_rows = rows if sample.ids.shape[0] else rows.sampled(_SEED_STRIDE)
-        for m, (sc, idx) in _scan(seed_rows, sample, width, want, buf).items():
-            floors[m] = np.where(idx[:, 0] >= 0, sc[:, 0], np.float32(-np.inf))
+        for m, state in _scan(seed_rows, sample, width, want, buf).items():
+            floors[m] = _nth_best(state)
     results = {m: finalize_state(*st) for m, st in _scan(rows, full, n, want, buf, floors, stats).items()}
     redo = np.zeros(nr, dtype=bool)
     for m, (counts, _, _) in results.items():
@@ -680,8 +688,8 @@ def symmetric_floors(emb: np.ndarray, inv: np.ndarray, lo: int, hi: int, n: int,
     buf = np.empty(step * cb, dtype=np.float32) if buf is None or buf.size < step * cb else buf
     for r0 in range(0, nr, step):
         keep = np.arange(r0, min(r0 + step, nr))
-        for m, (sc, idx) in _scan(rows.subset(keep).sampled(_SEED_STRIDE), sample, width, want, buf).items():
-            states[m].append(np.where(idx[:, 0] >= 0, sc[:, 0], np.float32(-np.inf)))
+        for m, state in _scan(rows.subset(keep).sampled(_SEED_STRIDE), sample, width, want, buf).items():
+            states[m].append(_nth_best(state))
     for m, parts in states.items():
         floors[m] = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
     return floors
@@ -689,15 +697,12 @@ def symmetric_floors(emb: np.ndarray, inv: np.ndarray, lo: int, hi: int, n: int,
 
 def seeded_state(n_rows: int, n: int, want: dict, floors: dict | None) -> tuple:
     """An empty ``(dot_s, dot_i, cos_s, cos_i)`` state of ``n_rows`` rows, slots at the rows' floors when given."""
-    out = []
+    out: list[np.ndarray] = []
     for m in METRICS:
-        if want[m]:
-            sc, idx = empty_state(n_rows, n)
-            if floors is not None:
-                sc[:] = floors[m][:, None]
-        else:
-            sc, idx = empty_state(0, n)
-        out += [sc, idx]
+        state = empty_state(n_rows if want[m] else 0, n)
+        if want[m] and floors is not None:
+            state[0][:, 0] = floors[m]
+        out += state
     return tuple(out)
 
 
@@ -708,9 +713,9 @@ def finish_symmetric(emb: np.ndarray, inv: np.ndarray, lo: int, hi: int, n: int,
     nr = hi - lo
     results = {}
     redo = np.zeros(nr, dtype=bool)
-    for m, (sc, idx) in zip(METRICS, (states[0:2], states[2:4])):
+    for m, state in zip(METRICS, (states[0:3], states[3:6])):
         if want[m]:
-            counts, ids, scores = finalize_state(sc, idx)
+            counts, ids, scores = finalize_state(*state)
             results[m] = [counts, ids, scores]
             if floors is not None:
                 redo |= (counts < n) & (floors[m] > -np.inf)
@@ -761,7 +766,7 @@ def topn_symmetric(
     (``symmetric_pair``) and each feeds the running top-N of both its row block and its column
     block. Blocks of ``tile`` rows are paired in ``tournament`` rounds; the pairs of a round touch
     disjoint rows and run on ``n_threads`` threads at once (single-threaded gemm and selection each,
-    as in ``topn_blocked``). Each row's heap starts at a floor seeded from every 32nd row, and rows
+    as in ``topn_blocked``). Each row's buffer starts at a floor seeded from every 32nd row, and rows
     whose floor proves too high are rescanned, so the lists are exact either way.
 
     Time ``p^2 k`` flops of sgemm (half of ``topn_blocked``'s ``2 p^2 k``), the same O(p^2) selection

@@ -728,10 +728,10 @@ def raw_cosine_topn(X: sp.spmatrix, n: int, item_chunk: int = 2048) -> TopN:
         tile = buf[: (b - a) * p].reshape(b - a, p)
         tile.fill(0.0)
         tile[np.repeat(np.arange(b - a), np.diff(gram.indptr)), gram.indices] = gram.data  # rounded to float32
-        cos_s, cos_i = empty_state(b - a, n)
+        cos = empty_state(b - a, n)
         self_ids = np.arange(a, b, dtype=np.int64)
-        select_tile(tile, 0, self_ids, inv[a:b], inv, no_ex_ptr, no_ex_idx, *no_dot, cos_s, cos_i)
-        counts, idx, sc = finalize_state(cos_s, cos_i)
+        select_tile(tile, 0, self_ids, inv[a:b], inv, no_ex_ptr, no_ex_idx, *no_dot, *cos)
+        counts, idx, sc = finalize_state(*cos)
         out.indices[a:b], out.scores[a:b], out.counts[a:b] = idx, sc, counts
     return out
 

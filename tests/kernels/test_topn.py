@@ -432,19 +432,28 @@ def test_tile_rows_by_hand():
 
 
 def test_finalize_state_by_hand():
-    scores = np.array([[1.0, 3.0, -np.inf, 3.0], [-np.inf] * 4, [0.0, -0.0, 0.0, -1.0]], dtype=np.float32)
-    indices = np.array([[5, 9, -1, 2], [-1] * 4, [7, 3, 5, 0]], dtype=np.int32)
-    counts, idx, sc = finalize_state(scores, indices)
+    """Buffers of 2 N = 8 slots filled up to ``fill``: empty slots (id -1) and slots past the fill (here junk that
+    would top every list) are left out, a full row keeps its N best."""
+    inf = np.inf
+    scores = np.array([[-inf, 1.0, 3.0, 3.0, 9.0, 9.0, 9.0, 9.0],
+                       [-inf] * 8,
+                       [-1.0, 0.0, -0.0, 0.0, 2.0, 5.0, 9.0, 9.0]], dtype=np.float32)
+    indices = np.array([[-1, 5, 9, 2, 1, 1, 1, 1],
+                        [-1] * 8,
+                        [0, 7, 3, 5, 8, 4, 1, 1]], dtype=np.int32)
+    fill = np.array([4, 1, 6], dtype=np.int32)
+    counts, idx, sc = finalize_state(scores, indices, fill)
     np.testing.assert_array_equal(counts, [3, 0, 4])
-    # -0.0 == 0.0: the three zeros tie and go by index
-    np.testing.assert_array_equal(idx, [[2, 9, 5, -1], [-1] * 4, [3, 5, 7, 0]])
-    np.testing.assert_array_equal(sc, [[3.0, 3.0, 1.0, -np.inf], [-np.inf] * 4, [0.0, 0.0, 0.0, -1.0]])
+    # -0.0 == 0.0: the zeros tie and go by index (3, 5; 7 is fifth), the threshold slot's -1.0 is sixth
+    np.testing.assert_array_equal(idx, [[2, 9, 5, -1], [-1] * 4, [4, 8, 3, 5]])
+    np.testing.assert_array_equal(sc, [[3.0, 3.0, 1.0, -inf], [-inf] * 4, [5.0, 2.0, 0.0, 0.0]])
+    assert not np.signbit(sc[2, 2:]).any()  # -0.0 reported as 0.0
 
 
 @pytest.mark.parametrize("n", [1, 3, 8, 40, 300])
 def test_select_tile_batches_equal_a_sort_of_every_admissible_candidate(n):
-    """``select_tile`` buffers candidates above a row's threshold and merges them into its heap in batches (a full
-    buffer of 2 N, the rest at the row's end; a few by insertion): over several tiles, with ties (-0.0 among
+    """``select_tile`` appends candidates ranking before a row's threshold to its buffer and keeps the N best of a
+    full buffer (2 N slots; rising scores fill it every N candidates): over several tiles, with ties (-0.0 among
     them), floors, the query itself and exclusions, each row's list is the N best admissible candidates by
     (score desc, index asc), as a plain NumPy sort of all of them gives it."""
     rng = np.random.default_rng(n)
