@@ -83,13 +83,9 @@ def _keep_best(hs, hi, lo, end, k):
         pi = hi[right]
         store = left
         for t in range(left, right):
-            s = hs[t]
-            i = hi[t]
-            hs[t] = hs[store]
-            hi[t] = hi[store]
-            hs[store] = s
-            hi[store] = i
-            store += np.int64(not _after(s, i, ps, pi))
+            before = not _after(hs[t], hi[t], ps, pi)
+            _swap(hs, hi, t, store)
+            store += np.int64(before)
         _swap(hs, hi, store, right)
         if store == target:
             return
