@@ -508,11 +508,11 @@ def _scan(rows: _QueryRows, cands: _Candidates, n: int, want: dict, buf: np.ndar
           stats: dict | None = None):
     """Running top-n states of ``rows`` over all of ``cands``: per block one sgemm, one selection.
 
-    Empty slots start at ``floors[metric]`` (per row) instead of -inf when given. With ``cands.norms`` (dot lists
+    Thresholds start at ``floors[metric]`` (per row) instead of -inf when given. With ``cands.norms`` (dot lists
     only, candidates sorted by norm descending) a block is computed only for the rows whose bound
     ``|q| max|c|`` can still reach their current N-th best (slot 0 after ``tighten_state``;
-    ``_BOUND_SLACK_PER_TERM``): the rest of each block's rows are left out of its sgemm, and the scan ends when no row is left, since later blocks'
-    norms are smaller and thresholds only rise. Exact: a skipped score is below the row's final N-th best.
+    ``_BOUND_SLACK_PER_TERM``): the rest of each block's rows are left out of its sgemm, and the scan ends
+    when no row is left, since later blocks' norms are smaller and thresholds only rise. Exact: a skipped score is below the row's final N-th best.
     ``stats``: adds ``scores`` (rows x candidates) and ``scores_computed``.
     """
     nr = rows.q.shape[0]
@@ -594,10 +594,11 @@ def _topn_rows(rows: _QueryRows, full: _Candidates, sample: _Candidates | None, 
 # symmetric scores: half the gemm
 
 
-#: Rows of one square tile of the symmetric driver: 2048 x 2048 float32 = 16 MiB per thread. Measured at
-#: p = 50k, k = 64, N = 100 on 2 cores: 512 -> 3.6 s, 1024 -> 3.0 s, 2048 -> 2.8 s, 3072 -> 3.4 s (fewer,
-#: longer rows per selection call against a tile read back from L3 rather than L2).
-SYMMETRIC_TILE = 2048
+#: Rows of one square tile of the symmetric driver: 1280 x 1280 float32 = 6.25 MiB per thread, read twice (rows,
+#: then columns) after its gemm. Measured with the buffer selection at p = 100k, k = 64, N = 100 on 2 cores (two
+#: runs each): 1024 -> 8.0 / 8.0 s, 1152 -> 7.1 / 7.2 s, 1280 -> 7.0 / 7.1 s, 1536 -> 7.2 / 7.3 s, 2048 -> 8.0 /
+#: 8.3 s (with heaps, at p = 50k: 512 -> 3.6 s, 1024 -> 3.0 s, 2048 -> 2.8 s, 3072 -> 3.4 s).
+SYMMETRIC_TILE = 1280
 
 
 def tournament(m: int) -> list[list[tuple[int, int]]]:
