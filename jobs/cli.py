@@ -598,7 +598,7 @@ def bench_neighbours(
     slice_queries: int = typer.Option(20_000, help="Queries timed in the slice."),
     threads: Optional[int] = typer.Option(None, help="Threads for every method (default: all cores)."),
     query_chunk: int = typer.Option(2048, help="Query rows per tile (mfsim and the bare gemm)."),
-    candidate_block: int = typer.Option(4096, help="Candidate rows per tile (mfsim and the bare gemm)."),
+    candidate_block: int = typer.Option(1280, help="Candidate rows per tile (mfsim and the bare gemm)."),
     from_run: Optional[str] = typer.Option(None, "--from-run", help="Also time the factors of this published run "
                                            "(a run directory, <output>/LATEST or a URL): every objective and scaling "
                                            "it has, item-item and user-item."),

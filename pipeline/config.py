@@ -388,7 +388,7 @@ class NeighboursSection(Section):
     eq1_scalings: list[str] | Literal["all"] = []
     users: list[Any] | None = None
     query_chunk: int = Field(2048, ge=1)
-    candidate_block: int = Field(4096, ge=1)
+    candidate_block: int = Field(1280, ge=1)
     # rows below this times the largest row norm of their embedding get no cosine lists and are no cosine
     # neighbour (their direction is float32 noise); measured in conf/default.yaml's comment
     cosine_norm_floor: float = Field(1.0e-4, ge=0, lt=1)

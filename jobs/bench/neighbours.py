@@ -129,7 +129,7 @@ def run_bench_neighbours(
     slice_queries: int = 20_000,
     threads: int | None = None,
     query_chunk: int = 2048,
-    candidate_block: int = 4096,
+    candidate_block: int = 1280,
 ) -> dict[str, Any]:
     """Time item-item cosine + dot top-N for mfsim, faiss and the bare gemm; print a summary.
 
@@ -278,7 +278,7 @@ def _best(fn, *args, budget_s: float = 1.0, most: int = 5):
 
 
 def run_bench_from_run(run_path: str, top_n: int = 100, *, threads: int | None = None, query_chunk: int = 2048,
-                       candidate_block: int = 4096) -> dict[str, Any]:
+                       candidate_block: int = 1280) -> dict[str, Any]:
     """Time mfsim, the bare gemm and faiss on a published run's factors, per (objective, scaling); print a summary.
 
     Item-item: ``topn_symmetric`` (cosine + dot, half the gemm) against one bare full gemm ``B B^T`` and faiss's
