@@ -1,12 +1,14 @@
 """Top-N selection on score tiles: the running buffer state and the numba kernels that update it.
 
 ``select_tile`` merges one tile of scores ``S = Q C^T`` (q query rows x c candidates, float32) into
-a running top-N state per query row and metric: a buffer of 2 N (score, candidate id) slots whose
-slot 0 is the threshold a candidate must beat, appended to and, when full, cut back to its N best
-(quickselect; the N-th best becomes the threshold), updated in place across candidate blocks. The dot and the cosine
-lists come from the same tile, ``cos_ij = s_ij * qinv_i * cinv_j`` with the inverse norms of
-``inverse_norms``. ``empty_state`` makes a state and ``finalize_state`` sorts one into lists
-(``TopN``).
+a running top-N state per query row and metric: a buffer of 2 N int64 keys, one per candidate that
+entered, and a threshold key a candidate must rank before to enter; a full buffer is cut back to
+its N best (quickselect) and the N-th best becomes the threshold. A key orders (score, id) pairs
+as the lists do, score descending then id ascending, in one integer comparison: the float's bits
+mapped to an integer of the same order, negated, in the high word, the id in the low word
+(``_key``). The dot and the cosine lists come from the same tile, ``cos_ij = s_ij * qinv_i *
+cinv_j`` with the inverse norms of ``inverse_norms``. ``empty_state`` makes a state,
+``floor_keys`` turns floors into thresholds, and ``finalize_state`` sorts one into lists (``TopN``).
 
 The rules (score descending, ties by candidate index ascending; self and exclusion masks; no
 cosine for zero-norm rows; ``-1`` / ``-inf`` padding) are those listed in ``kernels.topn``, whose
@@ -35,58 +37,107 @@ class TopN(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
+# keys
+
+
+@intrinsic
+def _float_bits(typingctx, x):
+    """The bits of a float32 as an int32 (LLVM ``bitcast``)."""
+    sig = types.int32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
+def _bits_float(typingctx, b):
+    """The float32 whose bits are the int32 ``b``."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+_ID_BITS = 0xFFFFFFFF  # the low word of a key: a candidate id, or all ones for a threshold of "any id"
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _key(s, g):
+    """The int64 key of candidate id g (>= 0) with float32 score s: smaller keys rank first (score descending,
+    then id ascending). -0.0 and 0.0 get the same key (they tie); NaN never reaches here (checked upstream)."""
+    b = np.int64(_float_bits(s + np.float32(0.0)))  # -0.0 + 0.0 = +0.0
+    ordered = b ^ ((b >> 31) & 0x7FFFFFFF)  # an integer in the floats' order (negative floats: magnitude flipped)
+    return ((-ordered) << 32) | (np.int64(g) & _ID_BITS)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _key_score(key):
+    """The float32 score of a key (``_key``'s inverse on its high word)."""
+    ordered = -(key >> 32)
+    return _bits_float(np.int32(ordered ^ ((ordered >> 31) & 0x7FFFFFFF)))
+
+
+#: The threshold of an empty state: score -inf, any id; every finite score's key is smaller.
+_NO_THRESHOLD = ((0x7F800001) << 32) | _ID_BITS  # -(ordered bits of -inf) = 0x7F800001 in the high word
+#: Past a buffer's fill and in the padding of sorted keys: after every real key.
+_NO_KEY = np.iinfo(np.int64).max
+
+
+def floor_keys(floors: np.ndarray) -> np.ndarray:
+    """Thresholds (int64 keys) admitting exactly the candidates whose score is at or above each floor (float32;
+    -inf admits every one): the floor's score with the largest id, so any real id of that score ranks before."""
+    b = np.asarray(floors, dtype=np.float32).reshape(-1) + np.float32(0.0)
+    b = b.view(np.int32).astype(np.int64)
+    ordered = b ^ ((b >> 31) & 0x7FFFFFFF)
+    return ((-ordered) << 32) | _ID_BITS
+
+
+def threshold_scores(thresholds: np.ndarray) -> np.ndarray:
+    """The float32 scores of threshold keys (``floor_keys``' inverse): at or above it, a candidate may enter."""
+    ordered = -(np.asarray(thresholds, dtype=np.int64) >> 32)
+    return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).astype(np.int32).view(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
 # numba kernels
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _after(s_a, i_a, s_b, i_b):
-    """True when (s_a, i_a) ranks after (s_b, i_b): lower score, or equal score and larger index.
-
-    Index -1 marks an empty slot (the sentinel of ``empty_state``); as uint32 it is the largest index, so it
-    ranks after every real candidate of equal score. Written without a branch (``|``, ``&``): quickselect's
-    comparisons are coin flips for the branch predictor.
-    """
-    return (s_a < s_b) | ((s_a == s_b) & (np.uint32(i_a) > np.uint32(i_b)))
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _swap(hs, hi, a, b):
-    s = hs[a]
-    i = hi[a]
-    hs[a] = hs[b]
-    hi[a] = hi[b]
-    hs[b] = s
-    hi[b] = i
-
-
 @njit(cache=True, nogil=True)
-def _keep_best(hs, hi, lo, end, k):
-    """Quickselect: reorder the entries ``lo .. end - 1`` of (hs, hi) in place so that their ``k`` best (score
-    descending, index ascending) come first, the k-th best at ``lo + k - 1``; ``0 < k <= end - lo``.
+def _keep_smallest(keys, end, k):
+    """Quickselect: reorder ``keys[:end]`` in place so that its ``k`` smallest come first, the k-th smallest at
+    ``k - 1``; ``0 < k <= end``. Keys are distinct (one per candidate).
 
     Median-of-three pivots, a Lomuto partition written without a branch (each entry is swapped with the
-    partition's boundary whether or not it moves the boundary); expected O(end - lo).
+    partition's boundary whether or not it moves the boundary); expected O(end).
     """
-    target = lo + k - 1
-    left = lo
+    target = k - 1
+    left = 0
     right = end - 1
     while left < right:
+        if right - left == 1:  # two keys: put them in order (the median of three needs three places)
+            a, b = keys[left], keys[right]
+            keys[left] = min(a, b)
+            keys[right] = max(a, b)
+            return
         mid = left + ((right - left) >> 1)
-        if _after(hs[left], hi[left], hs[mid], hi[mid]):
-            _swap(hs, hi, left, mid)
-        if _after(hs[left], hi[left], hs[right], hi[right]):
-            _swap(hs, hi, left, right)
-        if _after(hs[mid], hi[mid], hs[right], hi[right]):
-            _swap(hs, hi, mid, right)
-        _swap(hs, hi, mid, right)  # the median of the three is the pivot, at ``right``
-        ps = hs[right]
-        pi = hi[right]
+        a, b, c = keys[left], keys[mid], keys[right]
+        lo_ab, hi_ab = min(a, b), max(a, b)
+        pivot = max(lo_ab, min(hi_ab, c))  # the median of the three, the pivot, at ``right``
+        keys[left] = min(lo_ab, c)
+        keys[mid] = max(hi_ab, c)
+        keys[right] = pivot
         store = left
         for t in range(left, right):
-            before = not _after(hs[t], hi[t], ps, pi)
-            _swap(hs, hi, t, store)
-            store += np.int64(before)
-        _swap(hs, hi, store, right)
+            v = keys[t]
+            keys[t] = keys[store]
+            keys[store] = v
+            store += np.int64(v < pivot)
+        keys[right] = keys[store]
+        keys[store] = pivot
         if store == target:
             return
         if store < target:
@@ -95,32 +146,19 @@ def _keep_best(hs, hi, lo, end, k):
             right = store - 1
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _compact(hs, hi, fill):
-    """Keep the N best (N = capacity / 2) of a buffer filled up to ``fill`` (> N): the N-th best becomes slot 0,
-    the threshold; returns the new fill, N. Slot 0's old entry ranks after every other entry (each entered
-    ranking before it), so it is left out of the selection and dropped."""
-    n = hs.shape[0] // 2
-    _keep_best(hs, hi, 1, fill, n)
-    _swap(hs, hi, 0, n)
-    return n
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _admit(s, g, is_self, zero_norm, ex_indices, ex_lo, ex_hi, hs, hi, r, fill):
-    """Append candidate id g with score s to row r's buffer of the state (hs, hi) at ``fill`` when it ranks before
-    the threshold (slot 0) and is admissible; True when it was appended (the caller then raises fill, compacting
-    a full buffer). Takes the 2-D state and the row rather than the row's views: a view costs numba a reference
-    count on the state, atomic and shared between threads."""
-    if is_self or zero_norm:
-        return False
-    if not _after(hs[r, 0], hi[r, 0], s, g):  # a tie with the threshold enters only with a smaller id
-        return False
-    if ex_hi > ex_lo and _is_excluded(ex_indices, ex_lo, ex_hi, g):
-        return False
-    hs[r, fill] = s
-    hi[r, fill] = g
-    return True
+@njit(cache=True, nogil=True)
+def _compact(keys, r, fill):
+    """Keep the N smallest (N = capacity / 2) of row r's ``fill`` (>= N) keys in its first N slots; returns the
+    new threshold, the N-th smallest (still an entry: later keys must be smaller to enter)."""
+    n = keys.shape[1] // 2
+    row = keys[r]
+    if fill > n:
+        _keep_smallest(row, fill, n)
+        return row[n - 1]
+    best = row[0]
+    for t in range(1, n):
+        best = max(best, row[t])
+    return best
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -254,7 +292,7 @@ def _run_masks(row, cinv, c0, qi, thr_d, thr_c):
 _NO_IDS = _NO_EXCLUSIONS = np.zeros(0, dtype=np.int32)  # an empty int32 array: no candidate ids, no exclusions
 
 
-def select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices, dot_s, dot_i, dot_f, cos_s, cos_i,
+def select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices, dot_k, dot_t, dot_f, cos_k, cos_t,
                 cos_f, cand_ids=_NO_IDS):
     """Merge one score tile into the running top-N buffers of the dot and the cosine lists.
 
@@ -273,13 +311,14 @@ def select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices, 
         Per query row, the slice of ``ex_indices`` holding its excluded candidate ids (sorted);
         an empty array means no exclusions.
     ex_indices : int32 (nnz,)
-    dot_s, dot_i, dot_f : float32 (q, 2 N), int32 (q, 2 N), int32 (q,), or 0 rows
-        Running state of the dot list (``empty_state``): per row a buffer of ``2 N`` (score, id) slots filled up
-        to ``dot_f[r]``. Slot 0 is the row's threshold: a candidate enters only when it ranks before it (higher
-        score, or equal score and smaller id). It starts as an empty slot (id -1) at ``-inf`` or at a floor known
-        to be at most the final N-th best score; when the buffer is full, the N best are kept (quickselect) and
-        the N-th best becomes slot 0. A state with 0 rows switches the metric off.
-    cos_s, cos_i, cos_f : the same for the cosine list, ``cos_ij = s_ij * qinv_i * cinv_j``.
+    dot_k, dot_t, dot_f : int64 (q, 2 N), int64 (q,), int32 (q,), or 0 rows
+        Running state of the dot list (``empty_state``): per row a buffer of ``2 N`` keys (``_key``: score
+        and candidate id in one int64, smaller ranks first) filled up to ``dot_f[r]``, and the threshold key
+        ``dot_t[r]``: a candidate enters only when its key is smaller (higher score, or equal score and smaller
+        id). The threshold starts at ``-inf`` or at a floor known to be at most the final N-th best score
+        (``floor_keys``); when the buffer is full, its N smallest keys are kept (quickselect) and the N-th
+        becomes the threshold. A state with 0 rows switches the metric off.
+    cos_k, cos_t, cos_f : the same for the cosine list, ``cos_ij = s_ij * qinv_i * cinv_j``.
     cand_ids : int32 (c,) or (0,), optional
         Global candidate id of each tile column, for candidates in another order than their ids (the
         norm-ordered scan of ``kernels.topn``); empty (the default): ``block_start + j``. Self, exclusion
@@ -288,42 +327,47 @@ def select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices, 
     Notes
     -----
     Time O(q c) for the scan plus O(1) amortised per candidate that enters. Each run of ``_RUN``
-    candidates is compared with both thresholds at once (vectorised) into two bit masks; only the
-    candidates whose bit is set are looked at one by one (the threshold may have risen meanwhile, so the
-    comparison is repeated exactly). A metric that is off, and the cosine list of a zero-norm
-    query, get the threshold ``+inf``, which no score reaches. Memory: none beyond the arguments.
+    candidates is compared with both thresholds' scores at once (vectorised) into two bit masks; only the
+    candidates whose bit is set are looked at one by one, by key (ties at the threshold's score go by id).
+    A metric that is off, and the cosine list of a zero-norm query, get the threshold score ``+inf``, which
+    no score reaches. Memory: none beyond the arguments.
 
     A buffer rather than a heap (faiss's "reservoir"): an entry costs an append instead of a sift through
     ``log2 N`` levels, most of whose steps are branch mispredictions and, in the column pass, dependent loads
-    from L2 (measured ~40 ns per heap insertion, p = 40k, k = 64, N = 100). The threshold then rises only at a
-    compaction, so more candidates enter: from a seeded floor (``topn_blocked``) about 2-3 N per row, one or
-    two compactions of 2 N entries; in adversarial orders (scores rising with the index, every candidate enters)
-    a compaction per N candidates, O(1) each amortised.
+    (measured ~40 ns per heap insertion, p = 40k, k = 64, N = 100). Keys rather than (score, id) pairs: an
+    entry is one store and one comparison, the thresholds sit in one compact array, and the lists' final
+    sort is NumPy's on the keys themselves. The threshold rises only at a compaction, so more candidates
+    enter: from a seeded floor (``topn_blocked``) about 2.5 N per row, one or two compactions of 2 N keys;
+    in adversarial orders (scores rising with the index, every candidate enters) a compaction per N
+    candidates, O(1) each amortised.
     """
     _select_tile(np.ascontiguousarray(tile), block_start, self_ids, qinv, np.ascontiguousarray(cinv), ex_indptr,
-                 ex_indices, dot_s, dot_i, dot_f, cos_s, cos_i, cos_f, cand_ids)
+                 ex_indices, dot_k, dot_t, dot_f, cos_k, cos_t, cos_f, cand_ids)
 
 
 # Every argument required: numba types an omitted argument by its default's object, which differs from one process to
 # the next for an array, so a default here was a cache miss (a ~2.5 s compile) in every new process and worker.
 @njit(cache=True, nogil=True, parallel=True)
-def _select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices, dot_s, dot_i, dot_f, cos_s, cos_i,
+def _select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices, dot_k, dot_t, dot_f, cos_k, cos_t,
                  cos_f, cand_ids):
     """``select_tile``'s kernel."""
     nq, nc = tile.shape
-    do_dot = dot_s.shape[0] > 0
-    do_cos = cos_s.shape[0] > 0
-    cap_d = dot_s.shape[1]
-    cap_c = cos_s.shape[1]
+    do_dot = dot_k.shape[0] > 0
+    do_cos = cos_k.shape[0] > 0
+    cap_d = dot_k.shape[1]
+    cap_c = cos_k.shape[1]
     has_ex = ex_indptr.shape[0] > 0
     has_ids = cand_ids.shape[0] > 0
     n_full = nc - nc % _RUN
     all_bits = ~np.uint64(0)
+    inf = np.float32(np.inf)
     for r in prange(nq):
         row = tile[r]
         qi = qinv[r]
-        thr_d = dot_s[r, 0] if do_dot else np.float32(np.inf)
-        thr_c = cos_s[r, 0] if do_cos and qi > 0 else np.float32(np.inf)
+        tk_d = dot_t[r] if do_dot else np.int64(0)
+        tk_c = cos_t[r] if do_cos else np.int64(0)
+        thr_d = _key_score(tk_d) if do_dot else inf
+        thr_c = _key_score(tk_c) if do_cos and qi > 0 else inf
         fd = dot_f[r] if do_dot else 0
         fc = cos_f[r] if do_cos else 0
         me = self_ids[r]  # candidate id of the query itself (-1: none)
@@ -335,36 +379,58 @@ def _select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices,
                 if (md | mc) == 0:
                     continue
             else:  # the last, partial run: every candidate is looked at
-                md = all_bits if thr_d < np.inf else np.uint64(0)
-                mc = all_bits if thr_c < np.inf else np.uint64(0)
+                md = all_bits if thr_d < inf else np.uint64(0)
+                mc = all_bits if thr_c < inf else np.uint64(0)
                 width = np.uint64(nc - c0)
                 md &= (np.uint64(1) << width) - np.uint64(1)
                 mc &= (np.uint64(1) << width) - np.uint64(1)
             while md:
                 j = c0 + np.int64(_lowest_bit(md))
                 md &= md - np.uint64(1)
-                s = row[j]
                 g = np.int64(cand_ids[j]) if has_ids else block_start + j
-                if s >= thr_d and _admit(s, g, g == me, False, ex_indices, ex_lo, ex_hi, dot_s, dot_i, r, fd):
+                key = _key(row[j], g)
+                if key < tk_d and g != me and not (ex_hi > ex_lo and _is_excluded(ex_indices, ex_lo, ex_hi, g)):
+                    dot_k[r, fd] = key
                     fd += 1
                     if fd == cap_d:
-                        fd = _compact(dot_s[r], dot_i[r], cap_d)
-                        thr_d = dot_s[r, 0]
+                        tk_d = _compact(dot_k, r, fd)
+                        fd = cap_d // 2
+                        thr_d = _key_score(tk_d)
             while mc:
                 j = c0 + np.int64(_lowest_bit(mc))
                 mc &= mc - np.uint64(1)
-                c = row[j] * qi * cinv[j]  # same rounding as the reference: (s_ij * qinv_i) * cinv_j
+                if cinv[j] == 0:
+                    continue
                 g = np.int64(cand_ids[j]) if has_ids else block_start + j
-                if c >= thr_c and _admit(c, g, g == me, cinv[j] == 0, ex_indices, ex_lo, ex_hi, cos_s, cos_i, r,
-                                         fc):
+                key = _key(row[j] * qi * cinv[j], g)  # same rounding as the reference: (s_ij * qinv_i) * cinv_j
+                if key < tk_c and g != me and not (ex_hi > ex_lo and _is_excluded(ex_indices, ex_lo, ex_hi, g)):
+                    cos_k[r, fc] = key
                     fc += 1
                     if fc == cap_c:
-                        fc = _compact(cos_s[r], cos_i[r], cap_c)
-                        thr_c = cos_s[r, 0]
+                        tk_c = _compact(cos_k, r, fc)
+                        fc = cap_c // 2
+                        thr_c = _key_score(tk_c)
         if do_dot:
             dot_f[r] = fd
+            dot_t[r] = tk_d
         if do_cos:
             cos_f[r] = fc
+            cos_t[r] = tk_c
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _push(keys, thresholds, fill, j, key):
+    """Append a key (that ranks before row j's threshold) to row j's buffer; a full buffer is cut to its N best
+    and the row's threshold raised to the N-th: True when that happened."""
+    f = fill[j]
+    keys[j, f] = key
+    f += 1
+    full = f == keys.shape[1]
+    if full:
+        thresholds[j] = _compact(keys, j, f)
+        f = keys.shape[1] // 2
+    fill[j] = f
+    return full
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -374,28 +440,28 @@ def _run_masks_columns(row, thr_d, thr_c, qinv, c0, ci):
     return _bits_ge_each(row, c0, thr_d), _bits_scaled_ge_each(row, c0, qinv, ci, thr_c)
 
 
-#: Columns of a tile walked down together by ``select_tile_columns``: their thresholds and fills (2 x 512 x 4
-#: bytes per metric) stay in L1 and the tails of their buffers in L2 while the strip's rows stream past. Measured
-#: with heaps at p = 50k, k = 64, N = 100, one thread, the column selection over the run: 256 -> 1.90 s,
-#: 512 -> 1.82 s, 1024 -> 1.99 s; buffering the hits of a whole tile and offering them column by column instead
-#: took 2.1 s (with each hit's score kept) and 2.87 s (scores read back from the tile, a cache miss per hit).
+#: Columns of a tile walked down together by ``select_tile_columns``: their threshold scores (2 x 512 x 4 bytes)
+#: stay in L1 while the strip's rows stream past. Measured with heaps at p = 50k, k = 64, N = 100, one thread,
+#: the column selection over the run: 256 -> 1.90 s, 512 -> 1.82 s, 1024 -> 1.99 s; buffering the hits of a
+#: whole tile and offering them column by column instead took 2.1 s (with each hit's score kept) and 2.87 s
+#: (scores read back from the tile, a cache miss per hit).
 _STRIP = 512
 
 
-def select_tile_columns(tile, row_start, col_qinv, row_cinv, dot_s, dot_i, dot_f, cos_s, cos_i, cos_f):
+def select_tile_columns(tile, row_start, col_qinv, row_cinv, dot_k, dot_t, dot_f, cos_k, cos_t, cos_f):
     """Merge the mirror of a score tile into the running top-N buffers of its columns.
 
     For a symmetric score matrix (the Gram matrix of one embedding, ``S = E E^T``) a tile
     ``S_IJ = E_I E_J^T`` is also ``S_JI^T``: column j of the tile holds query row ``J_j``'s scores
-    against the candidates ``row_start + i``. This kernel offers them to the column's buffers as
+    against the candidates ``row_start + i``. This kernel offers them to the columns' buffers as
     ``select_tile`` would offer the rows of the transposed tile, without transposing it: it walks
     the tile in strips of ``_STRIP`` columns, each strip row by row, comparing each run of ``_RUN``
-    scores with those columns' own thresholds (their slot 0, kept in a per-column array;
-    vectorised like ``select_tile``) and appending each score that passes to its column's buffer
-    at once (compacted when full, which raises the column's threshold, as a row's). Same order and
-    rules as ``select_tile`` (within a column the rows come in ascending order; ties to the smaller
-    id; ``cos_ji = (s_ij * qinv_j) * cinv_i``, the same rounding; zero-norm rows take no part in
-    cosine lists), for tiles without self pairs or exclusions (off the diagonal): the states equal
+    scores with those columns' own threshold scores (kept in a per-column float array; vectorised
+    like ``select_tile``) and appending each key that passes to its column's buffer at once (compacted
+    when full, which raises the column's threshold, as a row's). Same order and rules as
+    ``select_tile`` (within a column the rows come in ascending order; ties to the smaller id;
+    ``cos_ji = (s_ij * qinv_j) * cinv_i``, the same rounding; zero-norm rows take no part in cosine
+    lists), for tiles without self pairs or exclusions (off the diagonal): the states equal
     ``select_tile``'s on the transposed tile slot for slot.
 
     Parameters
@@ -406,31 +472,29 @@ def select_tile_columns(tile, row_start, col_qinv, row_cinv, dot_s, dot_i, dot_f
         Global candidate id of tile row 0.
     col_qinv, row_cinv : float32 (c,), (r,)
         Inverse L2 norms of the columns' query rows and of the rows' candidates (0: zero norm).
-    dot_s, dot_i, dot_f, cos_s, cos_i, cos_f : (c, 2 N), (c, 2 N), (c,) or 0 rows
+    dot_k, dot_t, dot_f, cos_k, cos_t, cos_f : (c, 2 N), (c,), (c,) or 0 rows
         Running states of the c query rows (see ``select_tile``); 0 rows switch a metric off.
 
     Notes
     -----
-    Time O(r c) for the scan plus O(1) amortised per entry; memory: the thresholds (2 c float32).
+    Time O(r c) for the scan plus O(1) amortised per entry; memory: the threshold scores (2 c float32).
     """
-    _select_tile_columns(np.ascontiguousarray(tile), row_start, np.ascontiguousarray(col_qinv), row_cinv, dot_s, dot_i,
-                         dot_f, cos_s, cos_i, cos_f)
+    _select_tile_columns(np.ascontiguousarray(tile), row_start, np.ascontiguousarray(col_qinv), row_cinv, dot_k, dot_t,
+                         dot_f, cos_k, cos_t, cos_f)
 
 
 @njit(cache=True, nogil=True)
-def _select_tile_columns(tile, row_start, col_qinv, row_cinv, dot_s, dot_i, dot_f, cos_s, cos_i, cos_f):
+def _select_tile_columns(tile, row_start, col_qinv, row_cinv, dot_k, dot_t, dot_f, cos_k, cos_t, cos_f):
     """``select_tile_columns``'s kernel."""
     nr, nc = tile.shape
-    do_dot = dot_s.shape[0] > 0
-    do_cos = cos_s.shape[0] > 0
-    cap_d = dot_s.shape[1]
-    cap_c = cos_s.shape[1]
+    do_dot = dot_k.shape[0] > 0
+    do_cos = cos_k.shape[0] > 0
     inf = np.float32(np.inf)
     thr_d = np.empty(nc, dtype=np.float32)
     thr_c = np.empty(nc, dtype=np.float32)
     for j in range(nc):
-        thr_d[j] = dot_s[j, 0] if do_dot else inf
-        thr_c[j] = cos_s[j, 0] if do_cos and col_qinv[j] > 0 else inf
+        thr_d[j] = _key_score(dot_t[j]) if do_dot else inf
+        thr_c[j] = _key_score(cos_t[j]) if do_cos and col_qinv[j] > 0 else inf
     n_full = nc - nc % _RUN
     all_bits = ~np.uint64(0)
     for s0 in range(0, nc, _STRIP):
@@ -451,25 +515,21 @@ def _select_tile_columns(tile, row_start, col_qinv, row_cinv, dot_s, dot_i, dot_
                 while md:
                     j = c0 + np.int64(_lowest_bit(md))
                     md &= md - np.uint64(1)
-                    s = row[j]
-                    if s >= thr_d[j] and _admit(s, g, False, False, _NO_EXCLUSIONS, 0, 0, dot_s, dot_i, j,
-                                                dot_f[j]):
-                        dot_f[j] += 1
-                        if dot_f[j] == cap_d:
-                            dot_f[j] = _compact(dot_s[j], dot_i[j], cap_d)
-                            thr_d[j] = dot_s[j, 0]
+                    if thr_d[j] == inf:  # dot off (the partial run looks at every column)
+                        continue
+                    key = _key(row[j], g)
+                    if key < dot_t[j] and _push(dot_k, dot_t, dot_f, j, key):
+                        thr_d[j] = _key_score(dot_t[j])
                 if ci == 0:  # a zero-norm candidate is nobody's cosine neighbour
                     continue
                 while mc:
                     j = c0 + np.int64(_lowest_bit(mc))
                     mc &= mc - np.uint64(1)
-                    c = row[j] * col_qinv[j] * ci  # same rounding as select_tile's (s_ji * qinv_j) * cinv_i
-                    if c >= thr_c[j] and _admit(c, g, False, False, _NO_EXCLUSIONS, 0, 0, cos_s, cos_i, j,
-                                                cos_f[j]):
-                        cos_f[j] += 1
-                        if cos_f[j] == cap_c:
-                            cos_f[j] = _compact(cos_s[j], cos_i[j], cap_c)
-                            thr_c[j] = cos_s[j, 0]
+                    if thr_c[j] == inf:  # cosine off, or a zero-norm column
+                        continue
+                    key = _key(row[j] * col_qinv[j] * ci, g)  # the rounding of select_tile's (s_ji * qinv_j) * cinv_i
+                    if key < cos_t[j] and _push(cos_k, cos_t, cos_f, j, key):
+                        thr_c[j] = _key_score(cos_t[j])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,22 +558,24 @@ def inverse_norms(x: np.ndarray, sumsq: np.ndarray | None = None) -> np.ndarray:
 
 
 def empty_state(n_rows: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A running top-``n`` state of ``n_rows`` rows (see ``select_tile``): ``(scores, ids, fill)``, buffers of
-    ``2 n`` slots, float32 scores ``-inf`` and int32 ids ``-1`` (empty), and the int32 fill, 1 (slot 0, the
-    threshold, an empty slot). Setting ``scores[:, 0]`` to a floor admits only candidates at or above it."""
-    cap = 2 * int(n)
-    return (np.full((n_rows, cap), -np.inf, dtype=np.float32), np.full((n_rows, cap), -1, dtype=np.int32),
-            np.ones(n_rows, dtype=np.int32))
+    """A running top-``n`` state of ``n_rows`` rows (see ``select_tile``): ``(keys, thresholds, fill)``, buffers
+    of ``2 n`` int64 keys (``_NO_KEY``), int64 thresholds at -inf (every finite score enters) and int32 fills 0.
+    ``thresholds[:] = floor_keys(floors)`` admits only candidates at or above each row's floor."""
+    return (np.full((n_rows, 2 * int(n)), _NO_KEY, dtype=np.int64), np.full(n_rows, _NO_THRESHOLD, dtype=np.int64),
+            np.zeros(n_rows, dtype=np.int32))
 
 
-def finalize_state(scores: np.ndarray, indices: np.ndarray, fill: np.ndarray
+_FINAL_ROWS = 8192  # rows of keys sorted at once by finalize_state (16 MiB at N = 100)
+
+
+def finalize_state(keys: np.ndarray, thresholds: np.ndarray, fill: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Turn a running state (``empty_state``, ``select_tile``) into sorted lists of ``N = capacity / 2``.
 
     Returns
     -------
     counts : int32 (q,)
-        Number of real entries per row (at most N).
+        Number of entries per row (at most N).
     indices : int32 (q, N)
         Sorted by score descending then index ascending; ``-1`` after ``counts[r]``.
     scores : float32 (q, N)
@@ -521,53 +583,26 @@ def finalize_state(scores: np.ndarray, indices: np.ndarray, fill: np.ndarray
 
     Notes
     -----
-    Per row: the real entries (id >= 0) of the filled slots as int64 keys ``(-score, index)`` (the float's bits
-    mapped to an integer of the same order in the high word, the index in the low word; an empty place the
-    largest key), sorted by NumPy, the first N kept. NumPy's vectorised sort is what makes this cheap: 80,000 rows
-    of 200 keys in ~0.03 s, where a quickselect to N per row took 0.12 s and a per-row numba sort ~0.15 s.
+    Per row, the filled keys sorted by NumPy (its vectorised sort: 80,000 rows of 200 keys in ~0.03 s, where a
+    quickselect to N per row took 0.12 s and a per-row numba sort ~0.15 s), the first N kept and decoded.
     Time O(q N log N); memory O(q N) and the keys of ``_FINAL_ROWS`` rows at a time. The state is left as it is.
     """
-    rows, n = scores.shape[0], scores.shape[1] // 2
+    rows, n = keys.shape[0], keys.shape[1] // 2
     counts = np.empty(rows, dtype=np.int32)
     idx = np.empty((rows, n), dtype=np.int32)
     sc = np.empty((rows, n), dtype=np.float32)
+    past = np.arange(keys.shape[1])
     for a in range(0, rows, _FINAL_ROWS):
         b = min(a + _FINAL_ROWS, rows)
-        keys = np.empty((b - a, scores.shape[1]), dtype=np.int64)
-        _state_keys(scores[a:b], indices[a:b], fill[a:b], keys)
-        keys.sort(axis=1)
-        _decode_keys(keys[:, :n], counts[a:b], idx[a:b], sc[a:b])
+        chunk = np.where(past[None, :] < fill[a:b, None], keys[a:b], _NO_KEY)
+        chunk.sort(axis=1)
+        _decode_keys(chunk[:, :n], counts[a:b], idx[a:b], sc[a:b])
     return counts, idx, sc
-
-
-_FINAL_ROWS = 8192  # rows of keys sorted at once by finalize_state (16 MiB at N = 100)
-_NO_KEY = np.iinfo(np.int64).max  # an empty place: after every real key
-
-
-@njit(cache=True, nogil=True)
-def _state_keys(scores, ids, fill, keys):
-    """Per row, the keys of a state's real entries (``finalize_state``), unsorted, ``_NO_KEY`` after them."""
-    one = np.empty(1, dtype=np.float32)
-    one_bits = one.view(np.int32)
-    for r in range(scores.shape[0]):
-        m = 0
-        for t in range(fill[r]):
-            i = ids[r, t]
-            if i >= 0:
-                one[0] = scores[r, t] + np.float32(0.0)  # -0.0 -> +0.0: equal scores tie, whatever their sign bit
-                b = np.int64(one_bits[0])
-                ordered = b ^ 0x7FFFFFFF if b < 0 else b  # same order as the floats
-                keys[r, m] = ((-ordered) << 32) | np.int64(i)
-                m += 1
-        for t in range(m, keys.shape[1]):
-            keys[r, t] = _NO_KEY
 
 
 @njit(cache=True, nogil=True)
 def _decode_keys(keys, counts, out_i, out_s):
-    """Sorted keys (``_best_keys``) back to ids and scores; -1 / -inf after a row's count."""
-    one = np.empty(1, dtype=np.float32)
-    one_bits = one.view(np.int32)
+    """Sorted keys back to ids and scores; -1 / -inf after a row's count (``_NO_KEY``)."""
     for r in range(keys.shape[0]):
         k = 0
         for t in range(keys.shape[1]):
@@ -575,26 +610,25 @@ def _decode_keys(keys, counts, out_i, out_s):
             if key == _NO_KEY:
                 out_i[r, t] = -1
                 out_s[r, t] = -np.inf
-                continue
-            k += 1
-            out_i[r, t] = np.int32(key & 0xFFFFFFFF)
-            ordered = -(key >> 32)
-            one_bits[0] = np.int32(ordered ^ 0x7FFFFFFF if ordered < 0 else ordered)
-            out_s[r, t] = one[0]
+            else:
+                k += 1
+                out_i[r, t] = np.int32(key & _ID_BITS)
+                out_s[r, t] = _key_score(key)
         counts[r] = k
 
 
-def tighten_state(scores: np.ndarray, indices: np.ndarray, fill: np.ndarray) -> None:
-    """Compact, in place, every row of a state holding more than N entries after slot 0, so that each row's
-    slot 0 is its current N-th best (the tightest threshold; ``select_tile`` raises it only when a buffer is
-    full). For bounds checked against the threshold (``kernels.topn._scan``)."""
-    if scores.shape[0]:
-        _tighten(scores, indices, fill)
+def tighten_state(keys: np.ndarray, thresholds: np.ndarray, fill: np.ndarray) -> None:
+    """Make, in place, every threshold of a state the row's current N-th best where it holds at least N keys
+    (``select_tile`` raises it only when a buffer is full), cutting the row to its N best. For bounds checked
+    against the threshold (``kernels.topn._scan``)."""
+    if keys.shape[0]:
+        _tighten(keys, thresholds, fill)
 
 
 @njit(cache=True, nogil=True)
-def _tighten(scores, ids, fill):
-    n = scores.shape[1] // 2
-    for r in range(scores.shape[0]):
-        if fill[r] > n:
-            fill[r] = _compact(scores[r], ids[r], fill[r])
+def _tighten(keys, thresholds, fill):
+    n = keys.shape[1] // 2
+    for r in range(keys.shape[0]):
+        if fill[r] >= n:
+            thresholds[r] = _compact(keys, r, fill[r])
+            fill[r] = n

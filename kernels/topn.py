@@ -50,9 +50,11 @@ from mfsim.kernels.select import (
     _row_sumsq,
     empty_state,
     finalize_state,
+    floor_keys,
     inverse_norms,
     select_tile,
     select_tile_columns,
+    threshold_scores,
     tighten_state,
 )
 
@@ -61,6 +63,7 @@ __all__ = [
     "TopN",
     "empty_state",
     "finalize_state",
+    "floor_keys",
     "inverse_norms",
     "select_tile",
     "symmetric_pair",
@@ -511,9 +514,10 @@ def _scan(rows: _QueryRows, cands: _Candidates, n: int, want: dict, buf: np.ndar
 
     Thresholds start at ``floors[metric]`` (per row) instead of -inf when given. With ``cands.norms`` (dot lists
     only, candidates sorted by norm descending) a block is computed only for the rows whose bound
-    ``|q| max|c|`` can still reach their current N-th best (slot 0 after ``tighten_state``;
+    ``|q| max|c|`` can still reach their current N-th best (the threshold after ``tighten_state``;
     ``_BOUND_SLACK_PER_TERM``): the rest of each block's rows are left out of its sgemm, and the scan ends
-    when no row is left, since later blocks' norms are smaller and thresholds only rise. Exact: a skipped score is below the row's final N-th best.
+    when no row is left, since later blocks' norms are smaller and thresholds only rise. Exact: a skipped
+    score is below the row's final N-th best.
     ``stats``: adds ``scores`` (rows x candidates) and ``scores_computed``.
     """
     nr = rows.q.shape[0]
@@ -522,7 +526,7 @@ def _scan(rows: _QueryRows, cands: _Candidates, n: int, want: dict, buf: np.ndar
         if want[m]:
             states[m] = empty_state(nr, n)
             if floors is not None:
-                states[m][0][:, 0] = floors[m]
+                states[m][1][:] = floor_keys(floors[m])
     off = empty_state(0, n)
     dot, cos = states.get("dot", off), states.get("cosine", off)
     p = cands.c.shape[0]
@@ -536,7 +540,7 @@ def _scan(rows: _QueryRows, cands: _Candidates, n: int, want: dict, buf: np.ndar
         live = None  # every row
         if prune:
             tighten_state(*dot)  # slot 0: each row's current N-th best
-            live = np.flatnonzero(q_norm * cands.norms[c0] >= dot[0][:, 0])
+            live = np.flatnonzero(q_norm * cands.norms[c0] >= threshold_scores(dot[1]))
             if live.size == 0:
                 break  # no row can gain from this block, nor from any later one (smaller norms)
             if live.size == nr:
@@ -703,7 +707,7 @@ def seeded_state(n_rows: int, n: int, want: dict, floors: dict | None) -> tuple:
     for m in METRICS:
         state = empty_state(n_rows if want[m] else 0, n)
         if want[m] and floors is not None:
-            state[0][:, 0] = floors[m]
+            state[1][:] = floor_keys(floors[m])
         out += state
     return tuple(out)
 

@@ -12,7 +12,14 @@ import itertools
 import numpy as np
 import pytest
 
-from mfsim.kernels.select import empty_state, finalize_state, inverse_norms, select_tile, select_tile_columns
+from mfsim.kernels.select import (
+    empty_state,
+    finalize_state,
+    floor_keys,
+    inverse_norms,
+    select_tile,
+    select_tile_columns,
+)
 from mfsim.kernels.topn import topn_blocked, topn_reference, topn_symmetric, tournament
 from mfsim.pipeline.lists.neighbours import run_symmetric, symmetric_blocks
 
@@ -53,7 +60,7 @@ def test_columns_kernel_equals_rows_kernel_on_the_transpose(n_cols):
     none = np.full(n_cols, -1, dtype=np.int64)
     want = [empty_state(n_cols, 9) + empty_state(n_cols, 9), empty_state(n_cols, 9) + empty_state(n_cols, 9)]
     for st in want:  # a floor on some rows, as the seeded states have
-        st[0][::4] = 1.0
+        st[1][::4] = floor_keys(np.ones(1, dtype=np.float32))[0]
     select_tile(np.ascontiguousarray(tile.T), 1000, none, qinv, cinv, np.zeros(0, np.int64), np.zeros(0, np.int32),
                 *want[0])
     select_tile_columns(tile, 1000, qinv, cinv, *want[1])

@@ -24,6 +24,7 @@ from mfsim.kernels.topn import (
     TopN,
     empty_state,
     finalize_state,
+    floor_keys,
     inverse_norms,
     select_tile,
     tile_rows,
@@ -431,23 +432,47 @@ def test_tile_rows_by_hand():
     assert tile_rows(7, 2048, 4096, 2) == 4  # small inputs still split over the threads
 
 
+def _keys(scores, ids):
+    """Keys of (score, id) pairs built by the kernel's own ``_key``, element by element."""
+    from mfsim.kernels.select import _key
+
+    return np.array([_key(np.float32(s), int(i)) for s, i in zip(scores, ids)], dtype=np.int64)
+
+
+def test_keys_order_pairs_as_the_lists_do():
+    """Smaller key first <=> higher score, then smaller id; -0.0 ties 0.0; a floor's threshold admits its own score
+    with any id and nothing below; the scores come back bit for bit."""
+    from mfsim.kernels.select import _NO_THRESHOLD, threshold_scores
+
+    scores = np.float32([3.5, 3.5, 0.0, -0.0, -1e-30, -2.0, np.finfo(np.float32).max, -np.finfo(np.float32).max,
+                         1e-45, 7.0])
+    ids = np.array([4, 2, 9, 1, 0, 5, 3, 8, 7, 2**31 - 1])
+    keys = _keys(scores, ids)
+    want = np.lexsort((ids, -(scores + np.float32(0.0))))
+    np.testing.assert_array_equal(np.argsort(keys, kind="stable"), want)
+    assert len(set(keys)) == len(keys)
+    floor = floor_keys(np.float32([3.5, -np.inf]))
+    assert floor[1] == _NO_THRESHOLD
+    np.testing.assert_array_equal(keys < floor[0], scores >= 3.5)
+    assert np.all(keys < floor[1])
+    np.testing.assert_array_equal(threshold_scores(keys), scores + np.float32(0.0))
+    np.testing.assert_array_equal(threshold_scores(floor), np.float32([3.5, -np.inf]))
+
+
 def test_finalize_state_by_hand():
-    """Buffers of 2 N = 8 slots filled up to ``fill``: empty slots (id -1) and slots past the fill (here junk that
-    would top every list) are left out, a full row keeps its N best."""
-    inf = np.inf
-    scores = np.array([[-inf, 1.0, 3.0, 3.0, 9.0, 9.0, 9.0, 9.0],
-                       [-inf] * 8,
-                       [-1.0, 0.0, -0.0, 0.0, 2.0, 5.0, 9.0, 9.0]], dtype=np.float32)
-    indices = np.array([[-1, 5, 9, 2, 1, 1, 1, 1],
-                        [-1] * 8,
-                        [0, 7, 3, 5, 8, 4, 1, 1]], dtype=np.int32)
-    fill = np.array([4, 1, 6], dtype=np.int32)
-    counts, idx, sc = finalize_state(scores, indices, fill)
+    """Buffers of 2 N = 8 keys filled up to ``fill``: slots past the fill (here keys that would top every list) are
+    left out, a buffer holding more than N keeps its N best, -0.0 ties 0.0 and is reported as 0.0."""
+    keys, thresholds, fill = empty_state(3, 4)
+    junk = _keys([9.0] * 8, range(8))
+    keys[:] = junk
+    keys[0, :3] = _keys([1.0, 3.0, 3.0], [5, 9, 2])
+    keys[2, :6] = _keys([0.0, -0.0, 0.0, 2.0, 5.0, -1.0], [7, 3, 5, 8, 4, 0])
+    fill[:] = [3, 0, 6]
+    counts, idx, sc = finalize_state(keys, thresholds, fill)
     np.testing.assert_array_equal(counts, [3, 0, 4])
-    # -0.0 == 0.0: the zeros tie and go by index (3, 5; 7 is fifth), the threshold slot's -1.0 is sixth
     np.testing.assert_array_equal(idx, [[2, 9, 5, -1], [-1] * 4, [4, 8, 3, 5]])
-    np.testing.assert_array_equal(sc, [[3.0, 3.0, 1.0, -inf], [-inf] * 4, [5.0, 2.0, 0.0, 0.0]])
-    assert not np.signbit(sc[2, 2:]).any()  # -0.0 reported as 0.0
+    np.testing.assert_array_equal(sc, [[3.0, 3.0, 1.0, -np.inf], [-np.inf] * 4, [5.0, 2.0, 0.0, 0.0]])
+    assert not np.signbit(sc[2, 2:]).any()
 
 
 @pytest.mark.parametrize("n", [1, 3, 8, 40, 300])
@@ -468,7 +493,7 @@ def test_select_tile_batches_equal_a_sort_of_every_admissible_candidate(n):
     ex_indices = np.concatenate(ex).astype(np.int32)
     floors = np.where(np.arange(q) % 4 == 1, np.float32(1.0), np.float32(-np.inf))
     dot = empty_state(q, n)
-    dot[0][:] = floors[:, None]
+    dot[1][:] = floor_keys(floors)
     off = empty_state(0, n)
     qinv, cinv = np.zeros(q, np.float32), np.zeros(p, np.float32)
     for c0, c1 in ((0, 700), (700, 701), (701, 2000)):  # tiles of several widths, one of a single candidate
@@ -488,6 +513,49 @@ def test_select_tile_batches_equal_a_sort_of_every_admissible_candidate(n):
         np.testing.assert_array_equal(idx[r, :len(want)], want)
         np.testing.assert_array_equal(sc[r, :len(want)], scores[r, want] + np.float32(0.0))
         assert np.all(idx[r, len(want):] == -1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_keep_smallest_puts_the_k_smallest_keys_first(seed):
+    """The buffer's quickselect (``select._keep_smallest``) against a sort, for any k and fill: the first k keys
+    are the k smallest, the k-th smallest at k - 1, and the keys past the fill stay put."""
+    from mfsim.kernels.select import _keep_smallest
+
+    rng = np.random.default_rng(seed)
+    m = int(rng.integers(2, 300))
+    keys = rng.choice(2**62, m, replace=False).astype(np.int64)
+    end = int(rng.integers(1, m + 1))
+    for k in sorted({1, end, int(rng.integers(1, end + 1))}):
+        got = keys.copy()
+        _keep_smallest(got, end, k)
+        want = np.sort(keys[:end])
+        np.testing.assert_array_equal(np.sort(got[:k]), want[:k])
+        assert got[k - 1] == want[k - 1]
+        np.testing.assert_array_equal(np.sort(got[:end]), want)
+        np.testing.assert_array_equal(got[end:], keys[end:])
+
+
+def test_tighten_state_makes_the_threshold_the_nth_best_and_keeps_the_lists():
+    """Rows holding N or more keys are cut to their N best, the N-th best their threshold; a row with fewer keeps
+    its threshold (the floor); the lists do not change."""
+    from mfsim.kernels.select import tighten_state
+
+    rng = np.random.default_rng(3)
+    n = 6
+    keys, thresholds, fill = empty_state(4, n)
+    thresholds[:] = floor_keys(np.float32([-np.inf, 0.5, -np.inf, -1.0]))
+    for r, count in enumerate([11, 3, 6, 7]):  # > N, < N, = N, > N
+        keys[r, :count] = _keys(rng.integers(1, 4, count), rng.permutation(50)[:count])
+        fill[r] = count
+    before = finalize_state(keys, thresholds, fill)
+    floor = thresholds.copy()
+    tighten_state(keys, thresholds, fill)
+    np.testing.assert_array_equal(fill, [n, 3, n, n])
+    for part_before, part_after in zip(before, finalize_state(keys, thresholds, fill)):
+        np.testing.assert_array_equal(part_before, part_after)
+    for r in (0, 2, 3):  # the threshold is the sixth of the sorted list
+        np.testing.assert_array_equal(thresholds[r], _keys([before[2][r, n - 1]], [before[1][r, n - 1]])[0])
+    assert thresholds[1] == floor[1]
 
 
 def test_sample_rows_map_ids_to_sample_columns():
