@@ -419,21 +419,6 @@ def _select_tile(tile, block_start, self_ids, qinv, cinv, ex_indptr, ex_indices,
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _push(keys, thresholds, fill, j, key):
-    """Append a key (that ranks before row j's threshold) to row j's buffer; a full buffer is cut to its N best
-    and the row's threshold raised to the N-th: True when that happened."""
-    f = fill[j]
-    keys[j, f] = key
-    f += 1
-    full = f == keys.shape[1]
-    if full:
-        thresholds[j] = _compact(keys, j, f)
-        f = keys.shape[1] // 2
-    fill[j] = f
-    return full
-
-
-@njit(cache=True, nogil=True, inline="always")
 def _run_masks_columns(row, thr_d, thr_c, qinv, c0, ci):
     """Bit masks of the ``_RUN`` tile columns from ``c0`` whose score in this tile row reaches their own dot / cosine
     threshold: ``_run_masks`` with a threshold per column; ``cos_ji = (s_ij * qinv_j) * cinv_i``."""
@@ -518,8 +503,15 @@ def _select_tile_columns(tile, row_start, col_qinv, row_cinv, dot_k, dot_t, dot_
                     if thr_d[j] == inf:  # dot off (the partial run looks at every column)
                         continue
                     key = _key(row[j], g)
-                    if key < dot_t[j] and _push(dot_k, dot_t, dot_f, j, key):
-                        thr_d[j] = _key_score(dot_t[j])
+                    if key < dot_t[j]:  # written out twice, not a helper: numba's inlined helper cost 50% more here
+                        f = dot_f[j]
+                        dot_k[j, f] = key
+                        f += 1
+                        if f == dot_k.shape[1]:
+                            dot_t[j] = _compact(dot_k, j, f)
+                            f = dot_k.shape[1] // 2
+                            thr_d[j] = _key_score(dot_t[j])
+                        dot_f[j] = f
                 if ci == 0:  # a zero-norm candidate is nobody's cosine neighbour
                     continue
                 while mc:
@@ -528,8 +520,15 @@ def _select_tile_columns(tile, row_start, col_qinv, row_cinv, dot_k, dot_t, dot_
                     if thr_c[j] == inf:  # cosine off, or a zero-norm column
                         continue
                     key = _key(row[j] * col_qinv[j] * ci, g)  # the rounding of select_tile's (s_ji * qinv_j) * cinv_i
-                    if key < cos_t[j] and _push(cos_k, cos_t, cos_f, j, key):
-                        thr_c[j] = _key_score(cos_t[j])
+                    if key < cos_t[j]:
+                        f = cos_f[j]
+                        cos_k[j, f] = key
+                        f += 1
+                        if f == cos_k.shape[1]:
+                            cos_t[j] = _compact(cos_k, j, f)
+                            f = cos_k.shape[1] // 2
+                            thr_c[j] = _key_score(cos_t[j])
+                        cos_f[j] = f
 
 
 # ---------------------------------------------------------------------------------------------
