@@ -17,7 +17,9 @@ popularity), every item a query against all items, self excluded, N neighbours p
   mfsim does), and square tiles of the symmetric kernel's size split the same way (the fastest
   tiling measured at k = 64); the fastest is the anchor.
 
-Every method gets the same number of threads (default: all cores). Then a slice of a larger
+Every method gets the same number of threads (default: all cores); mfsim's half-gemm lists and faiss
+are timed twice and the faster run counts (faiss's time varied 22-40 s between runs at p = 100k on 2
+cores), the bare gemm once per tiling and the fastest tiling counts. Then a slice of a larger
 catalog (``slice_queries`` queries against ``slice_items`` candidates, default 20,000 x 1,000,000)
 is timed for mfsim and the bare gemm and extrapolated linearly to all ``slice_items`` queries: the
 work per query is the same for every query.
@@ -158,6 +160,7 @@ def run_bench_neighbours(
     _mfsim_symmetric(emb[:2000], 10, threads)
 
     out, t_mfsim = _mfsim_symmetric(emb, top_n, threads)
+    t_mfsim = min(t_mfsim, _mfsim_symmetric(emb, top_n, threads)[1])  # the faster of two, as for faiss (5% spread)
     full, t_full = _mfsim(emb, items, top_n, query_chunk, candidate_block, threads)
     same = {m: bool(np.array_equal(out[m].indices, full[m].indices)) for m in out}
     agree = {m: float(np.mean(out[m].indices == full[m].indices)) for m in out}
@@ -167,18 +170,19 @@ def run_bench_neighbours(
                            "query_chunk": query_chunk, "candidate_block": candidate_block,
                            "mfsim_s": t_mfsim, "mfsim_full_kernel_s": t_full, "symmetric_equals_full": same,
                            "symmetric_agreement_with_full": agree, "bare_gemm_s": t_gemm, "bare_gemm_variants_s": gemm}
-    print(f"  mfsim cosine + dot (half gemm)    {t_mfsim:8.2f}s")
+    print(f"  mfsim cosine + dot (half gemm)    {t_mfsim:8.2f}s  (faster of two runs)")
     print(f"  mfsim full kernel (every tile)    {t_full:8.2f}s  (lists equal to the half-gemm ones: "
           + ", ".join(f"{m} {'yes' if same[m] else f'{agree[m]:.7f} of entries'}" for m in out) + ")")
     print(f"  bare gemm, fastest tiling        {t_gemm:8.2f}s  (BLAS-threaded {gemm['blas_threads']:.2f}s, "
           f"the full kernel's tiles {gemm['split_rows']:.2f}s, square tiles {gemm['square_tiles']:.2f}s)")
     fa = _faiss(emb, top_n, threads)
-    if fa is not None:
+    if fa is not None:  # faiss's time varies run to run on 2 cores (22-40 s here at p = 100k): its faster of two
         dot_ids, cos_ids, t_faiss = fa
+        t_faiss = min(t_faiss, _faiss(emb, top_n, threads)[2])
         res["faiss_s"] = t_faiss
         res["agreement_dot"] = _agreement(out["dot"].indices, dot_ids)
         res["agreement_cosine"] = _agreement(out["cosine"].indices, cos_ids)
-        print(f"  faiss IndexFlatIP dot + cosine   {t_faiss:8.2f}s  (lists agree with mfsim: dot "
+        print(f"  faiss IndexFlatIP dot + cosine   {t_faiss:8.2f}s  (faster of two runs; lists agree with mfsim: dot "
               f"{res['agreement_dot']:.5f}, cosine {res['agreement_cosine']:.5f})")
         res["mfsim_over_faiss"] = t_mfsim / t_faiss
         print(f"mfsim / faiss = {res['mfsim_over_faiss']:.2f}x (target <= 0.3)")
