@@ -590,7 +590,7 @@ def bench_svd(
 @bench_app.command("neighbours", epilog="Example: mfsim bench neighbours --items 100000 --rank 64 --top-n 100")
 @user_errors
 def bench_neighbours(
-    items: int = typer.Option(100_000, help="Items P (queries = candidates)."),
+    items: int = typer.Option(100_000, help="Items P (queries = candidates); 0: only the --from-run factors."),
     rank: int = typer.Option(64, help="Embedding dimension k."),
     top_n: int = typer.Option(100, help="List length N."),
     seed: int = typer.Option(0, help="Seed of the embeddings."),
@@ -602,18 +602,22 @@ def bench_neighbours(
     from_run: Optional[str] = typer.Option(None, "--from-run", help="Also time the factors of this published run "
                                            "(a run directory, <output>/LATEST or a URL): every objective and scaling "
                                            "it has, item-item and user-item."),
+    run_users: int = typer.Option(50_000, "--from-run-users", help="User-item lists of --from-run timed for a "
+                                  "seeded sample of this many users (all when fewer)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the measured numbers to this JSON file."),
 ) -> None:
     """Time item-item cosine + dot top-N against faiss IndexFlatIP and a bare sgemm over the same tiles."""
     from mfsim.jobs.bench.measure import write_json
     from mfsim.jobs.bench.neighbours import run_bench_from_run, run_bench_neighbours
 
-    out = run_bench_neighbours(items=items, rank=rank, top_n=top_n, seed=seed, slice_items=slice_items,
-                               slice_queries=slice_queries, threads=threads, query_chunk=query_chunk,
-                               candidate_block=candidate_block)
+    out: dict = {}
+    if items > 0:
+        out = run_bench_neighbours(items=items, rank=rank, top_n=top_n, seed=seed, slice_items=slice_items,
+                                   slice_queries=slice_queries, threads=threads, query_chunk=query_chunk,
+                                   candidate_block=candidate_block)
     if from_run is not None:
         out["from_run"] = run_bench_from_run(from_run, top_n, threads=threads, query_chunk=query_chunk,
-                                             candidate_block=candidate_block)
+                                             candidate_block=candidate_block, users=run_users)
     if json_out is not None:
         write_json(json_out, out)
 

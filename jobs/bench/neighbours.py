@@ -282,13 +282,14 @@ def _best(fn, *args, budget_s: float = 1.0, most: int = 5):
 
 
 def run_bench_from_run(run_path: str, top_n: int = 100, *, threads: int | None = None, query_chunk: int = 2048,
-                       candidate_block: int = 1280) -> dict[str, Any]:
+                       candidate_block: int = 1280, users: int | None = 50_000) -> dict[str, Any]:
     """Time mfsim, the bare gemm and faiss on a published run's factors, per (objective, scaling); print a summary.
 
     Item-item: ``topn_symmetric`` (cosine + dot, half the gemm) against one bare full gemm ``B B^T`` and faiss's
     two exact searches (dot, then cosine on normalized copies); its lists are checked against the full kernel
     (``topn_blocked``, every tile). User-item: ``topn_blocked(P, B)`` dot lists against the bare gemm ``P B^T``
-    and one faiss search. Returns the seconds and ratios per set.
+    and one faiss search, for a seeded sample of ``users`` users (all when fewer or None: the work per user is the
+    same, and faiss's search of 1M users would take half an hour). Returns the seconds and ratios per set.
     """
     from mfsim.pipeline.runs.results import open_run
 
@@ -310,6 +311,8 @@ def run_bench_from_run(run_path: str, top_n: int = 100, *, threads: int | None =
     for objective, scaling in sets:
         _, B = run.item_embeddings(objective, scaling)
         _, P = run.user_embeddings(objective, scaling)
+        if users is not None and P.shape[0] > users:
+            P = P[np.sort(np.random.default_rng(0).choice(P.shape[0], users, replace=False))]
         p, k = B.shape
         n = min(top_n, p - 1)
         row: dict[str, Any] = {"items": p, "users": P.shape[0], "rank": k}

@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from mfsim.jobs.bench.ingest import ready_log
 from mfsim.jobs.bench.pipeline import BENCH_DEFAULTS
 from mfsim.pipeline.config import load_config
@@ -67,6 +69,30 @@ def _print_table(table: dict[str, Any], workers: Sequence[int]) -> None:
           + ", ".join(f"{p} workers {x:.1f}x" for p, x in table["job"]["predicted_speedup"].items()))
 
 
+def user_item_anchor(run_dir: Path, sample: int = 20_000, seed: int = 0) -> dict[str, Any]:
+    """The bare sgemm of the run's user-item list groups, on one thread: per (objective, scaling) under
+    ``recommendations`` (each group's lists come from one gemm ``P B^T`` of users x items x k), the fastest plain
+    tiling (``neighbours._bare_gemm_of``'s square tiles) of a seeded ``sample`` of users against random embeddings
+    of the run's shapes, scaled to all users (the work per user is the same). Values do not change a gemm's time."""
+    from mfsim.jobs.bench.neighbours import _bare_gemm_of
+    from mfsim.kernels.threads import blas_limit
+    from mfsim.pipeline.outputs import LIST_DATASETS
+    from mfsim.pipeline.runs.results import open_run
+
+    run = open_run(str(run_dir))
+    groups = sorted(run._partitions(LIST_DATASETS["user_item"], ("objective", "scaling")))
+    users, items = int(run.manifest["n_users"]), int(run.manifest["n_items"])
+    k = int(run.manifest["svd"]["rank"])
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((min(sample, users), k)).astype(np.float32)
+    c = rng.standard_normal((items, k)).astype(np.float32)
+    with blas_limit(1):
+        one = min(_bare_gemm_of(q, c, 2048, 1280, 1)["square_tiles"] for _ in range(2))
+    per_group = one * users / q.shape[0]
+    return {"groups": ["/".join(g) for g in groups], "users": users, "items": items, "rank": k,
+            "bare_gemm_s": per_group * len(groups)}
+
+
 def run_bench_scaling(users: int = 200_000, items: int = 50_000, nnz: int = 5_000_000, *, config: str | None = None,
                       overrides: list[str] | None = None, workdir: Path | None = None, n_workers: int = 2,
                       check_workers: Sequence[int] = (), trace_out: Path | None = None,
@@ -104,6 +130,14 @@ def run_bench_scaling(users: int = 200_000, items: int = 50_000, nnz: int = 5_00
             print(_line(f"  {name}", r, counts))
         if kinds:
             print("  (the neighbours stage's tasks by the lists they make: work and critical path only)")
+        if "user_item" in kinds:
+            anchor = user_item_anchor(base / f"runs-scaling-{n_workers}" / "bench")
+            ratio = kinds["user_item"]["W"] / anchor["bare_gemm_s"] if anchor["bare_gemm_s"] else float("nan")
+            kinds["user_item"].update(bare_gemm=anchor, over_bare_gemm=ratio)
+            print(f"  user-item lists: task work {kinds['user_item']['W']:.1f} s = {ratio:.2f}x the bare gemm of their "
+                  f"shapes ({len(anchor['groups'])} x {anchor['users']:,} users x {anchor['items']:,} items x k = "
+                  f"{anchor['rank']}: {anchor['bare_gemm_s']:.1f} s on one thread; groups "
+                  f"{', '.join(anchor['groups'])})")
         out: dict[str, Any] = {"users": users, "items": items, "nnz": nnz, "recorded_workers": n_workers,
                                "stages": table["stages"], "job": table["job"],
                                "predicted_speedup": table["job"]["predicted_speedup"], "timings": manifest["timings"],
