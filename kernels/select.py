@@ -558,9 +558,10 @@ def inverse_norms(x: np.ndarray, sumsq: np.ndarray | None = None) -> np.ndarray:
 
 def empty_state(n_rows: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A running top-``n`` state of ``n_rows`` rows (see ``select_tile``): ``(keys, thresholds, fill)``, buffers
-    of ``2 n`` int64 keys (``_NO_KEY``), int64 thresholds at -inf (every finite score enters) and int32 fills 0.
-    ``thresholds[:] = floor_keys(floors)`` admits only candidates at or above each row's floor."""
-    return (np.full((n_rows, 2 * int(n)), _NO_KEY, dtype=np.int64), np.full(n_rows, _NO_THRESHOLD, dtype=np.int64),
+    of ``2 n`` int64 keys (left uninitialised: nothing reads a slot past its row's fill), int64 thresholds at -inf
+    (every finite score enters) and int32 fills 0. ``thresholds[:] = floor_keys(floors)`` admits only candidates
+    at or above each row's floor."""
+    return (np.empty((n_rows, 2 * int(n)), dtype=np.int64), np.full(n_rows, _NO_THRESHOLD, dtype=np.int64),
             np.zeros(n_rows, dtype=np.int32))
 
 
@@ -631,3 +632,39 @@ def _tighten(keys, thresholds, fill):
         if fill[r] >= n:
             thresholds[r] = _compact(keys, r, fill[r])
             fill[r] = n
+
+
+def pack_state(keys: np.ndarray, thresholds: np.ndarray, fill: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A state's filled keys only, ``(keys in row order, fill)``: a partial state to send between tasks (a row of a
+    pair's partial holds the few keys of that pair's candidates above the floor, not 2 N slots)."""
+    return keys[np.arange(keys.shape[1])[None, :] < fill[:, None]], fill.copy()
+
+
+def merge_packed(keys: np.ndarray, thresholds: np.ndarray, fill: np.ndarray, packed: tuple[np.ndarray, np.ndarray]
+                 ) -> None:
+    """Offer a packed state's keys (``pack_state``; the same rows and list length) to a running state, in place, as
+    ``select_tile`` offers a tile's: each key that ranks before its row's threshold enters, a full buffer keeps its
+    N best. Merging every partial state of a row's candidates, each from the same floor, gives the state one scan
+    over all of them would: the N best keys above the floor."""
+    if keys.shape[0]:
+        _merge_packed(keys, thresholds, fill, packed[0], packed[1])
+
+
+@njit(cache=True, nogil=True)
+def _merge_packed(keys, thresholds, fill, src, src_fill):
+    cap = keys.shape[1]
+    at = 0
+    for r in range(keys.shape[0]):
+        f = fill[r]
+        t = thresholds[r]
+        for u in range(at, at + src_fill[r]):
+            key = src[u]
+            if key < t:
+                keys[r, f] = key
+                f += 1
+                if f == cap:
+                    t = _compact(keys, r, f)
+                    f = cap // 2
+        at += src_fill[r]
+        fill[r] = f
+        thresholds[r] = t

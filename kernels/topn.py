@@ -52,6 +52,8 @@ from mfsim.kernels.select import (
     finalize_state,
     floor_keys,
     inverse_norms,
+    merge_packed,
+    pack_state,
     select_tile,
     select_tile_columns,
     threshold_scores,
@@ -710,6 +712,21 @@ def seeded_state(n_rows: int, n: int, want: dict, floors: dict | None) -> tuple:
             state[1][:] = floor_keys(floors[m])
         out += state
     return tuple(out)
+
+
+def pack_states(states: tuple) -> tuple:
+    """``(dot pack, cosine pack)`` of a ``(dot_k, dot_t, dot_f, cos_k, cos_t, cos_f)`` state (``select.pack_state``;
+    a metric that is off packs to empty arrays): a partial state as it travels between tasks."""
+    return tuple(pack_state(*states[i:i + 3]) for i in (0, 3))
+
+
+def merge_states(states: tuple, parts) -> tuple:
+    """Merge packed partial states (``pack_states``, each over some of the rows' candidates, from the same floors)
+    into ``states`` (``seeded_state``), in place; returns it."""
+    for packs in parts:
+        for i, pack in zip((0, 3), packs):
+            merge_packed(*states[i:i + 3], pack)
+    return states
 
 
 def finish_symmetric(emb: np.ndarray, inv: np.ndarray, lo: int, hi: int, n: int, want: dict, states: tuple,

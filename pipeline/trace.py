@@ -243,7 +243,7 @@ def stage_table(tasks: Sequence[Task], stages: Sequence[Stage], workers: Sequenc
 #: The neighbours stage's tasks by the lists they make, from their keys (``client.submit``'s key is the function's
 #: name and a token): item-item lists (``run_symmetric``'s tasks) and query lists (``run_topn``'s: user-item lists,
 #: and user-user lists where they are on).
-LIST_KINDS = {"item_item": ("_prepare_task-", "_floors_task-", "_state_task-", "_pair_task-", "getitem-",
+LIST_KINDS = {"item_item": ("_prepare_task-", "_floors_task-", "_pair_task-", "getitem-", "_merge_task-",
                             "_finish_task-"),
               "user_item": ("topn_task-",)}
 

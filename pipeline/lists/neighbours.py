@@ -44,6 +44,8 @@ from mfsim.kernels.topn import (
     SYMMETRIC_TILE,
     TopN,
     finish_symmetric,
+    merge_states,
+    pack_states,
     prepare_symmetric,
     seeded_state,
     symmetric_floors,
@@ -301,10 +303,13 @@ def local_threads() -> int:
 # ---------------------------------------------------------------------------------------------
 # symmetric item-item lists: half the gemm, as tasks over pairs of row blocks
 
-#: Most rows in one block of a symmetric run: its running state (rows x N x 16 bytes for dot and
-#: cosine, 105 MB at N = 100) travels with the pair tasks that update it.
+#: Most rows in one block of a symmetric run: a pair task holds two blocks' states (rows x 2 N x 8 bytes per
+#: metric each, 210 MB for dot and cosine at N = 100).
 SYMMETRIC_MAX_BLOCK_ROWS = 65536
-#: Blocks of a symmetric run where the catalog allows (rounds of 4 disjoint pairs; 36 pair tasks) ...
+#: Blocks of a symmetric run where the catalog allows (36 pair tasks, all of which may run at once). 16 (at least
+#: 4,096 rows each: 91 pairs at p = 50k) was measured too, at 200k users x 50k items on 2 workers: item-item
+#: lists' critical path 1.47 -> 0.87-1.03 s, their work 20.8 -> 23.4-24.5 s (+12-17%), the whole job's predicted
+#: speedup at 32 workers 9.8x -> 8.8-9.4x ...
 SYMMETRIC_MIN_BLOCKS = 8
 #: ... with at least this many rows each (8192 x 8192 scores: ~0.1 s of one core per pair task).
 SYMMETRIC_MIN_BLOCK_ROWS = 8192
@@ -312,9 +317,9 @@ SYMMETRIC_MIN_BLOCK_ROWS = 8192
 
 def symmetric_blocks(p: int, max_rows: int = SYMMETRIC_MAX_BLOCK_ROWS) -> list[tuple[int, int]]:
     """Row blocks of a symmetric run, a function of p alone (the same parts on one worker or many), split evenly:
-    at most ``max_rows`` rows each, and up to ``SYMMETRIC_MIN_BLOCKS`` blocks (a ``tournament`` round then has 4
-    pairs to run at once) while each keeps ``SYMMETRIC_MIN_BLOCK_ROWS`` rows (smaller catalogs take fewer blocks:
-    a pair task's scheduling costs more than its tiles there)."""
+    at most ``max_rows`` rows each, and up to ``SYMMETRIC_MIN_BLOCKS`` blocks while each keeps
+    ``SYMMETRIC_MIN_BLOCK_ROWS`` rows (smaller catalogs take fewer blocks: a pair task's scheduling costs more than
+    its tiles there)."""
     wanted = min(SYMMETRIC_MIN_BLOCKS, -(-p // SYMMETRIC_MIN_BLOCK_ROWS))
     n_blocks = max(1, min(p, max(wanted, -(-p // max_rows))))
     bounds = (np.arange(n_blocks + 1, dtype=np.int64) * p) // n_blocks
@@ -333,28 +338,35 @@ def _floors_task(prep, block: tuple[int, int], n: int):
     return on_one_thread(symmetric_floors, emb, inv, block[0], block[1], n, want)
 
 
-def _state_task(prep, block: tuple[int, int], n: int, floors):
-    return seeded_state(block[1] - block[0], n, prep[2], floors)
-
-
-def _pair_task(prep, a: tuple[int, int], b: tuple[int, int], state_a: tuple, state_b: tuple | None = None, *,
-               tile: int):
-    """One pair of blocks (``symmetric_pair``) on copies of their states (a rerun task must not see its own offers);
-    ``state_b`` None: a block with itself (a == b)."""
-    emb, inv, _ = prep
-    state_a = tuple(x.copy() for x in state_a)
-    state_b = state_a if state_b is None else tuple(x.copy() for x in state_b)
+def _pair_task(prep, a: tuple[int, int], b: tuple[int, int], floors_a, floors_b, *, n: int, tile: int):
+    """One pair of blocks (``symmetric_pair``) from fresh states at the blocks' floors: the partial states of ``a``
+    and ``b`` over this pair's scores, packed (``pack_states``); ``a == b``: the block with itself, one state. No
+    pair waits for another."""
+    emb, inv, want = prep
+    state_a = seeded_state(a[1] - a[0], n, want, floors_a)
+    state_b = state_a if a == b else seeded_state(b[1] - b[0], n, want, floors_b)
     buf = np.empty(tile * tile, dtype=np.float32)
     on_one_thread(symmetric_pair, emb, inv, a, b, states_a=state_a, states_b=state_b, tile=tile, buf=buf)
-    return state_a if a == b else (state_a, state_b)
+    return pack_states(state_a) if a == b else (pack_states(state_a), pack_states(state_b))
 
 
-def _finish_task(prep, block: tuple[int, int], state: tuple, floors, *, n: int, rng: QueryRange, candidate_block: int,
+def _merge_task(prep, block: tuple[int, int], floors, *parts, n: int):
+    """Partial states of one block merged into one (``merge_states``), packed."""
+    return pack_states(merge_states(seeded_state(block[1] - block[0], n, prep[2], floors), parts))
+
+
+def _finish_task(prep, block: tuple[int, int], floors, *parts, n: int, rng: QueryRange, candidate_block: int,
                  then: Callable | None, then_part: Any):
     emb, inv, want = prep
+    state = merge_states(seeded_state(block[1] - block[0], n, want, floors), parts)
     lists = on_one_thread(finish_symmetric, emb, inv, block[0], block[1], n=n, want=want, states=state, floors=floors,
                           candidate_block=candidate_block)
     return lists if then is None else then(lists, rng, then_part)
+
+
+#: Partial states merged by one task (``_merge_task``), and at most alive per block before they are: a block's
+#: pairs' partials are merged 4 at a time as they come, the last ones by its finishing task.
+SYMMETRIC_MERGE_FAN_IN = 4
 
 
 def run_symmetric(client, embedding: Any, p: int, n: int, metrics: tuple[str, ...], *, candidate_block: int,
@@ -367,12 +379,17 @@ def run_symmetric(client, embedding: Any, p: int, n: int, metrics: tuple[str, ..
     order: the same lists bit for bit.
 
     The lists equal ``run_topn`` with the embedding as queries and candidates (``kernels.topn.topn_symmetric``
-    is the in-process form). Each row block's running top-N state (seeded from a floor, ``symmetric_floors``)
-    passes through the pair tasks of its ``tournament`` rounds, one after another; a round's pairs touch
-    disjoint blocks and run at once. A block's last task finishes its lists (``finish_symmetric``) and, with
-    ``then``, writes them there (``then(lists, range, then_part)``), so lists never travel to the driver.
-    A lost worker's states are recomputed from their lineage. Memory: the states, O(p N) over the cluster,
-    two blocks' states per task; never O(p^2). ``label``: a progress line over the pair tasks.
+    is the in-process form). Every pair of row blocks (``tournament`` order) is a task of its own, which starts
+    both blocks' states afresh at their floors (``symmetric_floors``) and returns their partial states over its
+    scores, packed (the keys above the floor only); no pair waits for another, so all of them can run at once.
+    Each block's partials are merged ``SYMMETRIC_MERGE_FAN_IN`` at a time as they come (``_merge_task``; a merge
+    of partials from one floor gives the state one scan would), and its last task merges the rest and finishes
+    its lists (``finish_symmetric``) and, with ``then``, writes them there (``then(lists, range, then_part)``),
+    so lists never travel to the driver. A lost worker's partials are recomputed from their lineage. Memory:
+    per pair task two blocks' states (``16 rows N`` bytes per metric each); per block at most
+    ``SYMMETRIC_MERGE_FAN_IN`` packed partials waiting, each about its rows x the keys its pair put above the
+    floor (~``3 N / blocks`` per row and metric); O(p N) over the cluster, never O(p^2). ``label``: a progress
+    line over the pair tasks.
     ``cosine_norm_floor``: rows whose norm is below this times the largest row norm take no part in the cosine
     lists (``cosine_floor``; ``neighbours.cosine_norm_floor``).
     """
@@ -382,23 +399,28 @@ def run_symmetric(client, embedding: Any, p: int, n: int, metrics: tuple[str, ..
     run = runner(client)  # without a client the same tasks run here, one after another, as they are submitted
     prep = run.submit(_prepare_task, embedding, tuple(metrics), cosine_norm_floor, pure=False)
     floors = [run.submit(_floors_task, prep, b, n, pure=False) for b in blocks]
-    states = [run.submit(_state_task, prep, b, n, f, pure=False) for b, f in zip(blocks, floors)]
+    waiting: list[list] = [[] for _ in blocks]  # per block, its partial states not merged yet
     pairs = []
+
+    def add(i: int, part) -> None:
+        waiting[i].append(part)
+        if len(waiting[i]) == SYMMETRIC_MERGE_FAN_IN:
+            waiting[i] = [run.submit(_merge_task, prep, blocks[i], floors[i], *waiting[i], n=n, pure=False)]
+
     for rnd in tournament(len(blocks)):
         for u, v in rnd:
+            both = run.submit(_pair_task, prep, blocks[u], blocks[v], floors[u], floors[v], n=n, tile=tile, pure=False)
+            pairs.append(both)
             if u == v:
-                states[u] = run.submit(_pair_task, prep, blocks[u], blocks[u], states[u], tile=tile, pure=False)
-                pairs.append(states[u])
+                add(u, both)
             else:
-                both = run.submit(_pair_task, prep, blocks[u], blocks[v], states[u], states[v], tile=tile,
-                                  pure=False)
-                states[u] = run.submit(operator.getitem, both, 0, pure=False)
-                states[v] = run.submit(operator.getitem, both, 1, pure=False)
-                pairs.append(both)
-    finals = [run.submit(_finish_task, prep, b, states[i], floors[i], n=n, rng=QueryRange(0, b[0], b[1], b[0], i),
+                add(u, run.submit(operator.getitem, both, 0, pure=False))
+                add(v, run.submit(operator.getitem, both, 1, pure=False))
+    finals = [run.submit(_finish_task, prep, b, floors[i], *waiting[i], n=n, rng=QueryRange(0, b[0], b[1], b[0], i),
                          candidate_block=candidate_block, then=then, then_part=then_part, pure=False)
               for i, b in enumerate(blocks)]
-    del states, floors
+    waiting.clear()  # only the tasks hold the partials and floors now: each is freed once no task needs it
+    floors.clear()
     if client is not None:
         from distributed import as_completed
 

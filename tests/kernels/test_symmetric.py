@@ -17,6 +17,7 @@ from mfsim.kernels.select import (
     finalize_state,
     floor_keys,
     inverse_norms,
+    pack_state,
     select_tile,
     select_tile_columns,
 )
@@ -64,8 +65,10 @@ def test_columns_kernel_equals_rows_kernel_on_the_transpose(n_cols):
     select_tile(np.ascontiguousarray(tile.T), 1000, none, qinv, cinv, np.zeros(0, np.int64), np.zeros(0, np.int32),
                 *want[0])
     select_tile_columns(tile, 1000, qinv, cinv, *want[1])
-    for a, b in zip(want[0], want[1]):
-        np.testing.assert_array_equal(a, b)  # the buffers themselves, slot for slot, and their fills
+    for m in (0, 3):  # the buffers themselves, slot for slot up to each row's fill, their thresholds and fills
+        for a, b in zip(pack_state(*want[0][m:m + 3]), pack_state(*want[1][m:m + 3])):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(want[0][m + 1], want[1][m + 1])
     for m in (0, 3):
         np.testing.assert_array_equal(finalize_state(*want[0][m:m + 3])[1], finalize_state(*want[1][m:m + 3])[1])
 
@@ -147,11 +150,25 @@ def test_blocks_cover_the_rows_evenly():
     assert symmetric_blocks(10, max_rows=3) == [(0, 2), (2, 5), (5, 7), (7, 10)]
 
 
+@pytest.fixture(scope="module")
+def client4():
+    """4 single-threaded workers in this process (threads, not processes: quick to start; the tasks are the same)."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=4, threads_per_worker=1, processes=False, dashboard_address=None)  # inproc://
+    c = Client(cluster)
+    yield c
+    c.close()
+    cluster.close()
+
+
 @pytest.mark.parametrize("max_rows", [50, 1000])
-def test_dask_equals_in_process_on_one_and_two_workers(client1, client, max_rows):
+def test_dask_equals_in_process_on_one_two_and_four_workers(client1, client, client4, max_rows):
+    """8 blocks of 50 rows: 36 pair tasks, each block's 8 partial states merged 4 at a time and then by its
+    finishing task; 1000 rows: one block, one pair."""
     e = _integers(400, 6, seed=1)
     want = topn_symmetric(e, 25)
-    for c in (client1, client):
+    for c in (client1, client, client4):
         parts = list(run_symmetric(c, c.scatter(e), len(e), 25, ("dot", "cosine"), candidate_block=64,
                                    max_block_rows=max_rows, tile=32))
         assert [r.number for r, _ in parts] == list(range(len(parts)))
