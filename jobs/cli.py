@@ -604,6 +604,8 @@ def bench_neighbours(
                                            "it has, item-item and user-item."),
     run_users: int = typer.Option(50_000, "--from-run-users", help="User-item lists of --from-run timed for a "
                                   "seeded sample of this many users (all when fewer)."),
+    run_sets: Optional[list[str]] = typer.Option(None, "--from-run-set", help="Only this objective/scaling of "
+                                                 "--from-run (repeatable; default every set it has)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the measured numbers to this JSON file."),
 ) -> None:
     """Time item-item cosine + dot top-N against faiss IndexFlatIP and a bare sgemm over the same tiles."""
@@ -617,7 +619,7 @@ def bench_neighbours(
                                    candidate_block=candidate_block)
     if from_run is not None:
         out["from_run"] = run_bench_from_run(from_run, top_n, threads=threads, query_chunk=query_chunk,
-                                             candidate_block=candidate_block, users=run_users)
+                                             candidate_block=candidate_block, users=run_users, sets=run_sets)
     if json_out is not None:
         write_json(json_out, out)
 

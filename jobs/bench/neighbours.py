@@ -38,7 +38,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -282,7 +282,8 @@ def _best(fn, *args, budget_s: float = 1.0, most: int = 5):
 
 
 def run_bench_from_run(run_path: str, top_n: int = 100, *, threads: int | None = None, query_chunk: int = 2048,
-                       candidate_block: int = 1280, users: int | None = 50_000) -> dict[str, Any]:
+                       candidate_block: int = 1280, users: int | None = 50_000,
+                       sets: Sequence[str] | None = None) -> dict[str, Any]:
     """Time mfsim, the bare gemm and faiss on a published run's factors, per (objective, scaling); print a summary.
 
     Item-item: ``topn_symmetric`` (cosine + dot, half the gemm) against one bare full gemm ``B B^T`` and faiss's
@@ -296,7 +297,13 @@ def run_bench_from_run(run_path: str, top_n: int = 100, *, threads: int | None =
     threads = threads or os.cpu_count() or 1
     _set_threads(threads)
     run = open_run(run_path)
-    sets = run.embedding_sets()
+    have = run.embedding_sets()
+    if sets:
+        unknown = sorted(set(sets) - {f"{o}/{c}" for o, c in have})
+        if unknown:
+            raise ValueError(f"--from-run-set {', '.join(unknown)}: run {run.run_id} has "
+                             f"{', '.join(f'{o}/{c}' for o, c in have)}; name one of those as objective/scaling.")
+    sets = [(o, c) for o, c in have if not sets or f"{o}/{c}" in sets]
     print(f"run {run.run_id}: {len(sets)} embedding sets, top {top_n}, {threads} threads, tiles {query_chunk} x "
           f"{candidate_block}")
     warm = clustered_embeddings(2000, 8)
