@@ -657,3 +657,35 @@ def test_kernels_import_nothing_from_pipeline_or_jobs():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_merged_partial_states_equal_one_scan(seed):
+    """Partial states over disjoint slices of the candidates, each from the same floors, packed and merged
+    (``merge_states``, as the item-item pair tasks' partials are) give the lists of one scan over all of them:
+    ties everywhere, a floor on some rows (one too high for a few of them: those rows come out short in both),
+    slices of every size down to one candidate."""
+    from mfsim.kernels.topn import METRICS, merge_states, pack_states, seeded_state
+
+    rng = np.random.default_rng(seed)
+    q, p, n = 23, 500, int(rng.integers(1, 40))
+    queries, candidates = _integers((q, 3), seed=100 + seed), _integers((p, 3), seed=200 + seed)
+    qinv, cinv = inverse_norms(queries), inverse_norms(candidates)
+    scores = queries @ candidates.T
+    floors = {m: np.where(rng.random(q) < 0.5, np.float32(rng.integers(-3, 4)), np.float32(-np.inf))
+              for m in METRICS}
+    want = {m: True for m in METRICS}
+    no_self, no_ex = np.full(q, -1, dtype=np.int64), (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32))
+    one = seeded_state(q, n, want, floors)
+    select_tile(scores, 0, no_self, qinv, cinv, *no_ex, *one)
+    cuts = np.unique(np.concatenate([[0, p], rng.integers(0, p, int(rng.integers(1, 12)))]))
+    parts = []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        part = seeded_state(q, n, want, floors)
+        select_tile(np.ascontiguousarray(scores[:, a:b]), int(a), no_self, qinv, cinv[a:b], *no_ex, *part)
+        parts.append(pack_states(part))
+    merged = merge_states(seeded_state(q, n, want, floors), parts[: len(parts) // 2])
+    merged = merge_states(seeded_state(q, n, want, floors), [pack_states(merged), *parts[len(parts) // 2:]])
+    for i in (0, 3):
+        for got, ref in zip(finalize_state(*merged[i:i + 3]), finalize_state(*one[i:i + 3])):
+            np.testing.assert_array_equal(got, ref)
