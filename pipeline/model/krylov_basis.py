@@ -393,6 +393,15 @@ def chunk_of(y: np.ndarray, lo: int, hi: int) -> np.ndarray:
 # the basis in row chunks on the workers: the driver's side
 
 
+def _total(parts) -> np.ndarray:
+    """The float64 sum of the chunks' parts, in chunk order (the same bits however the chunks are computed)."""
+    total = None
+    for part in parts:
+        part = np.asarray(part, np.float64)
+        total = part.copy() if total is None else total + part
+    return total
+
+
 class ChunkedBasis(KrylovBasis):
     """The basis on the Dask workers, in row chunks (``chunk_bounds``); one future per (chunk, block).
 
@@ -412,25 +421,29 @@ class ChunkedBasis(KrylovBasis):
         self.blocks: list[list[Any]] = [[] for _ in range(self.n_chunks)]
         self.widths: list[int] = []
         self.width = 0
+        self._last32: Any = None
 
     # -- plumbing
 
     def _submit(self, c: int, fn, *args):
         return self.run.submit(fn, *args, worker=self.workers[c % len(self.workers)])
 
-    def _each(self, fn, per_chunk, *args):
-        """``fn(per_chunk[c], *args, *blocks of c)`` per chunk c, as futures."""
-        return [self._submit(c, fn, per_chunk[c], *args, *self.blocks[c]) for c in range(self.n_chunks)]
+    def _each(self, fn, per_chunk, *args, blocks: bool = True):
+        """``fn(per_chunk[c], *args, *blocks of c)`` per chunk c (without the blocks: ``blocks=False``), as
+        futures."""
+        return [self._submit(c, fn, per_chunk[c], *args, *(self.blocks[c] if blocks else ()))
+                for c in range(self.n_chunks)]
 
-    def _sum(self, futures, index: int | None = None) -> np.ndarray:
-        """The float64 sum, in chunk order, of the futures' results (or of item ``index`` of each)."""
-        if index is not None:
-            futures = [self._submit(c, operator.itemgetter(index), f) for c, f in enumerate(futures)]
-        total = None
-        for part in self.run.gather(futures):
-            part = np.asarray(part, np.float64)
-            total = part.copy() if total is None else total + part
-        return total
+    def _each_pair(self, fn, per_chunk, *args, blocks: bool = True) -> tuple[list, list]:
+        """``_each`` of a function returning (a chunk's array, a small summand), both items as futures submitted
+        with it: the items run as soon as their task does, so reading the summands and using the arrays later
+        costs no round trip of its own (a task submitted after the driver's wait starts a new round)."""
+        futures = self._each(fn, per_chunk, *args, blocks=blocks)
+        return self._items(futures, 0), self._items(futures, 1)
+
+    def _sum(self, futures) -> np.ndarray:
+        """The float64 sum, in chunk order, of the futures' results."""
+        return _total(self.run.gather(futures))
 
     def _chunks(self, y) -> list:
         """The row chunks of y: a future (a product's result) or a driver-side array."""
@@ -465,21 +478,20 @@ class ChunkedBasis(KrylovBasis):
         ys = self._chunks(y)
         if room <= 0:
             return self._sum(self._each(gs_coefficients, ys))
-        first = self._each(gs_first, ys)
-        c32 = self._sum(first, 0).astype(np.float32)
-        norms = np.sqrt(self._sum(first, 1))
-        second = self._each(gs_second, ys, c32)
-        c64 = self._sum(second, 1)
-        third = self._each(gs_subtract, self._items(second, 0), c64)
-        self._finish_block(self._items(third, 0), norms, LOST_FLOOR_F32, seed, step, room,
-                           gram=self._sum(third, 1))
+        first = self.run.gather(self._each(gs_first, ys))  # both items small: one round trip
+        c32 = _total([c for c, _ in first]).astype(np.float32)
+        norms = np.sqrt(_total([sq for _, sq in first]))
+        second, c64_parts = self._each_pair(gs_second, ys, c32)
+        c64 = self._sum(c64_parts)
+        third, grams = self._each_pair(gs_subtract, second, c64)
+        self._finish_block(third, norms, LOST_FLOOR_F32, seed, step, room, gram=self._sum(grams))
         return c32.astype(np.float64) + c64
 
     def _project_out(self, ys: list) -> tuple[list, np.ndarray]:
         """ys minus their projection on the basis (one float64 pass), and the result's Gram matrix."""
         c = self._sum(self._each(gs_coefficients, ys))
-        out = self._each(gs_subtract, ys, c)
-        return self._items(out, 0), self._sum(out, 1)
+        out, grams = self._each_pair(gs_subtract, ys, c)
+        return out, self._sum(grams)
 
     def _finish_block(self, ys: list, norms: np.ndarray, floor: float, seed: int, step: int, room: int,
                       gram: np.ndarray, first: bool = False) -> None:
@@ -502,6 +514,8 @@ class ChunkedBasis(KrylovBasis):
             self.blocks[c].append(self._submit(c, stored_block, ks[c], width))
         self.widths.append(width)
         self.width += width
+        # the next product's K, submitted with the block (not after the driver's Ritz step: no round of its own)
+        self._last32 = self._submit(0, stacked32, *[blocks[-1] for blocks in self.blocks])
 
     def _orthonormalize(self, ys: list, gram: np.ndarray, check: bool) -> list:
         """CholeskyQR2 over the chunks (``orthonormalize``'s first choice); Householder QR of y on the driver
@@ -513,20 +527,21 @@ class ChunkedBasis(KrylovBasis):
         """
         r = cholesky_r(gram)
         if r is not None:
-            once = [self._submit(c, times_r_inverse, ys[c], r) for c in range(self.n_chunks)]
-            r2 = cholesky_r(self._sum(once, 1))
+            once, grams = self._each_pair(times_r_inverse, ys, r, blocks=False)
+            r2 = cholesky_r(self._sum(grams))
             if r2 is not None:
-                twice = [self._submit(c, times_r_inverse, f, r2) for c, f in enumerate(self._items(once, 0))]
-                if not check or np.abs(self._sum(twice, 1) - np.eye(len(gram))).max() < 1e-10:
-                    return self._items(twice, 0)
+                twice, grams = self._each_pair(times_r_inverse, once, r2, blocks=False)
+                if not check or np.abs(self._sum(grams) - np.eye(len(gram))).max() < 1e-10:
+                    return twice
         y = np.concatenate(self.run.gather(ys))
         q = self.run.share(np.linalg.qr(y, mode="reduced")[0], "svd-k")
         return [self._submit(c, chunk_of, q, int(self.bounds[c]), int(self.bounds[c + 1]))
                 for c in range(self.n_chunks)]
 
     def last32(self):
-        """The newest block in float32, p x b, as a future."""
-        return self._submit(0, stacked32, *[blocks[-1] for blocks in self.blocks])
+        """The newest block in float32, p x b, as a future (submitted when the block was stored)."""
+        last, self._last32 = self._last32, None
+        return last
 
     def combine_signed(self, vr: np.ndarray) -> tuple[Any, np.ndarray]:
         """``flip_signs(Q vr)`` in float32 (p x k) as a future on a worker, and the signs: each chunk's rows
@@ -562,3 +577,4 @@ class ChunkedBasis(KrylovBasis):
                 if is_future(f):
                     f.release()
         self.blocks = [[] for _ in range(self.n_chunks)]
+        self._last32 = None
