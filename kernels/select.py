@@ -89,17 +89,33 @@ _NO_KEY = np.iinfo(np.int64).max
 
 def floor_keys(floors: np.ndarray) -> np.ndarray:
     """Thresholds (int64 keys) admitting exactly the candidates whose score is at or above each floor (float32;
-    -inf admits every one): the floor's score with the largest id, so any real id of that score ranks before."""
-    b = np.asarray(floors, dtype=np.float32).reshape(-1) + np.float32(0.0)
-    b = b.view(np.int32).astype(np.int64)
-    ordered = b ^ ((b >> 31) & 0x7FFFFFFF)
-    return ((-ordered) << 32) | _ID_BITS
+    -inf admits every one): ``_key`` of the floor's score with the largest id, so any real id of that score ranks
+    before."""
+    floors = np.ascontiguousarray(floors, dtype=np.float32).reshape(-1)
+    out = np.empty(floors.shape[0], dtype=np.int64)
+    _floor_keys(floors, out)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _floor_keys(floors, out):
+    for r in range(floors.shape[0]):
+        out[r] = _key(floors[r], _ID_BITS)
 
 
 def threshold_scores(thresholds: np.ndarray) -> np.ndarray:
-    """The float32 scores of threshold keys (``floor_keys``' inverse): at or above it, a candidate may enter."""
-    ordered = -(np.asarray(thresholds, dtype=np.int64) >> 32)
-    return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).astype(np.int32).view(np.float32)
+    """The float32 scores of threshold keys (``_key_score``; ``floor_keys``' inverse): at or above it, a candidate
+    may enter."""
+    thresholds = np.ascontiguousarray(thresholds, dtype=np.int64).reshape(-1)
+    out = np.empty(thresholds.shape[0], dtype=np.float32)
+    _threshold_scores(thresholds, out)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _threshold_scores(thresholds, out):
+    for r in range(thresholds.shape[0]):
+        out[r] = _key_score(thresholds[r])
 
 
 # ---------------------------------------------------------------------------------------------

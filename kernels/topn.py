@@ -290,11 +290,11 @@ def topn_blocked(
 
     Memory, never O(p^2) nor O(q p): the tiles ``n_threads x tile_rows x candidate_block x 4``
     bytes, at most ``query_chunk x candidate_block x 4``; per thread the running state
-    ``tile_rows x 2 N x (4 + 4)`` bytes per metric (float32 scores, int32 ids) and its sorted keys;
+    ``tile_rows x (2 N x 8 + 12)`` bytes per metric (int64 keys, threshold, fill) and its sorted keys;
     ``4 (p + q)`` bytes of inverse norms; the seeding sample ``p / 32 x k x 4`` bytes; the outputs
     ``q x N x (4 + 4 + 4 / N)`` bytes per metric. The candidate blocks are views of
     ``candidates``. With the defaults (2048, 1280, N = 100) on 2 threads: tiles 2 x 819 x 1280 x 4
-    = 8 MiB, state 1.3 MiB per metric.
+    = 8 MiB, state 1.3 MiB per metric per thread.
 
     Threads: BLAS and numba each keep a pool of spinning threads; alternating a multi-threaded gemm
     with a multi-threaded selection on the same cores makes each pool wait for the other's spinning
@@ -523,14 +523,9 @@ def _scan(rows: _QueryRows, cands: _Candidates, n: int, want: dict, buf: np.ndar
     ``stats``: adds ``scores`` (rows x candidates) and ``scores_computed``.
     """
     nr = rows.q.shape[0]
-    states = {}
-    for m in METRICS:
-        if want[m]:
-            states[m] = empty_state(nr, n)
-            if floors is not None:
-                states[m][1][:] = floor_keys(floors[m])
-    off = empty_state(0, n)
-    dot, cos = states.get("dot", off), states.get("cosine", off)
+    both = seeded_state(nr, n, want, floors)  # a metric that is off: 0 rows
+    dot, cos = both[0:3], both[3:6]
+    states = {m: state for m, state in zip(METRICS, (dot, cos)) if want[m]}
     p = cands.c.shape[0]
     prune = cands.norms.shape[0] > 0 and not want["cosine"]
     if prune:
@@ -541,7 +536,7 @@ def _scan(rows: _QueryRows, cands: _Candidates, n: int, want: dict, buf: np.ndar
         ids = cands.ids[c0:c1] if cands.ids.shape[0] else cands.ids
         live = None  # every row
         if prune:
-            tighten_state(*dot)  # slot 0: each row's current N-th best
+            tighten_state(*dot)  # the thresholds: each row's current N-th best
             live = np.flatnonzero(q_norm * cands.norms[c0] >= threshold_scores(dot[1]))
             if live.size == 0:
                 break  # no row can gain from this block, nor from any later one (smaller norms)
@@ -704,7 +699,8 @@ def symmetric_floors(emb: np.ndarray, inv: np.ndarray, lo: int, hi: int, n: int,
 
 
 def seeded_state(n_rows: int, n: int, want: dict, floors: dict | None) -> tuple:
-    """An empty ``(dot_s, dot_i, cos_s, cos_i)`` state of ``n_rows`` rows, slots at the rows' floors when given."""
+    """An empty ``(dot_k, dot_t, dot_f, cos_k, cos_t, cos_f)`` state of ``n_rows`` rows (a metric not wanted: 0 rows),
+    thresholds at the rows' floors when given."""
     out: list[np.ndarray] = []
     for m in METRICS:
         state = empty_state(n_rows if want[m] else 0, n)
@@ -793,7 +789,7 @@ def topn_symmetric(
     32nd row, and rows whose floor proves too high are rescanned, so the lists are exact either way.
 
     Time ``p^2 k`` flops of sgemm (half of ``topn_blocked``'s ``2 p^2 k``), the same O(p^2) selection
-    scans, a ``1/32`` seeding gemm. Memory: the states ``p x N x 8`` bytes per metric (O(p N)), one
+    scans, a ``1/32`` seeding gemm. Memory: the states ``p x 2 N x 8`` bytes per metric (O(p N)), one
     ``tile x tile`` float32 buffer per thread; never O(p^2).
     """
     emb, inv, want = prepare_symmetric(embeddings, metrics, cosine_min_norm)

@@ -76,11 +76,10 @@ def user_item_anchor(run_dir: Path, sample: int = 20_000, seed: int = 0) -> dict
     of the run's shapes, scaled to all users (the work per user is the same). Values do not change a gemm's time."""
     from mfsim.jobs.bench.neighbours import _bare_gemm_of
     from mfsim.kernels.threads import blas_limit
-    from mfsim.pipeline.outputs import LIST_DATASETS
     from mfsim.pipeline.runs.results import open_run
 
     run = open_run(str(run_dir))
-    groups = sorted(run._partitions(LIST_DATASETS["user_item"], ("objective", "scaling")))
+    groups = sorted({(objective, scaling) for objective, scaling, _ in run.lists("user_item")})
     users, items = int(run.manifest["n_users"]), int(run.manifest["n_items"])
     k = int(run.manifest["svd"]["rank"])
     rng = np.random.default_rng(seed)

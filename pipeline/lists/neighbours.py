@@ -338,13 +338,18 @@ def _floors_task(prep, block: tuple[int, int], n: int):
     return on_one_thread(symmetric_floors, emb, inv, block[0], block[1], n, want)
 
 
+def _block_state(prep, block: tuple[int, int], n: int, floors, parts=()) -> tuple:
+    """A block's state at its floors (``seeded_state``), with its packed partial states merged in."""
+    return merge_states(seeded_state(block[1] - block[0], n, prep[2], floors), parts)
+
+
 def _pair_task(prep, a: tuple[int, int], b: tuple[int, int], floors_a, floors_b, *, n: int, tile: int):
     """One pair of blocks (``symmetric_pair``) from fresh states at the blocks' floors: the partial states of ``a``
     and ``b`` over this pair's scores, packed (``pack_states``); ``a == b``: the block with itself, one state. No
     pair waits for another."""
-    emb, inv, want = prep
-    state_a = seeded_state(a[1] - a[0], n, want, floors_a)
-    state_b = state_a if a == b else seeded_state(b[1] - b[0], n, want, floors_b)
+    emb, inv, _ = prep
+    state_a = _block_state(prep, a, n, floors_a)
+    state_b = state_a if a == b else _block_state(prep, b, n, floors_b)
     buf = np.empty(tile * tile, dtype=np.float32)
     on_one_thread(symmetric_pair, emb, inv, a, b, states_a=state_a, states_b=state_b, tile=tile, buf=buf)
     return pack_states(state_a) if a == b else (pack_states(state_a), pack_states(state_b))
@@ -352,13 +357,13 @@ def _pair_task(prep, a: tuple[int, int], b: tuple[int, int], floors_a, floors_b,
 
 def _merge_task(prep, block: tuple[int, int], floors, *parts, n: int):
     """Partial states of one block merged into one (``merge_states``), packed."""
-    return pack_states(merge_states(seeded_state(block[1] - block[0], n, prep[2], floors), parts))
+    return pack_states(_block_state(prep, block, n, floors, parts))
 
 
 def _finish_task(prep, block: tuple[int, int], floors, *parts, n: int, rng: QueryRange, candidate_block: int,
                  then: Callable | None, then_part: Any):
     emb, inv, want = prep
-    state = merge_states(seeded_state(block[1] - block[0], n, want, floors), parts)
+    state = _block_state(prep, block, n, floors, parts)
     lists = on_one_thread(finish_symmetric, emb, inv, block[0], block[1], n=n, want=want, states=state, floors=floors,
                           candidate_block=candidate_block)
     return lists if then is None else then(lists, rng, then_part)
