@@ -14,7 +14,10 @@ each, fixed by p alone), every block of a chunk a future beside the chunk's earl
 Each Gram-Schmidt pass is one task per chunk over the rows it holds; only W x b coefficients
 and b x b Gram matrices come to the driver, which sums them in chunk order (so the result does
 not depend on how many workers hold the chunks) and holds no p-sized array while the space
-grows. The orthonormalization within a block is CholeskyQR2 on the summed Gram matrices.
+grows. A new block takes two round trips to the driver where Y is well conditioned against the
+basis (``_extend_one_reduction``: each pass's coefficients and Gram matrix from one reduction, a
+Cholesky QR per pass), else the explicit passes' four or five (``_extend_explicit``), ending in
+CholeskyQR2 on the summed Gram matrices.
 Futures keep their lineage, so a chunk lost with its worker is recomputed (back to the
 products that made it) like any other task.
 """
@@ -31,10 +34,21 @@ from scipy.linalg.blas import dtrsm
 from mfsim.kernels.threads import available_cores, blas_limit
 from mfsim.pipeline.shared import Here, OnCluster, is_future, value
 
-#: Row chunks of a ``ChunkedBasis``: ``CHUNKS`` of them, none below ``MIN_CHUNK_ROWS`` rows (each chunk costs
-#: ~10 small tasks per block, a few ms each: fewer, larger chunks below p = 512k).
+#: Row chunks of a ``ChunkedBasis``: ``CHUNKS`` of them, none below ``MIN_CHUNK_ROWS`` rows (each chunk costs ~6
+#: small tasks per block, ~1 ms each of scheduling; a chunk's pass over 16,384 rows of a 272-column basis takes
+#: ~10 ms: fewer, larger chunks below p = 128k).
 CHUNKS = 8
-MIN_CHUNK_ROWS = 1 << 16
+MIN_CHUNK_ROWS = 1 << 14
+#: The one-reduction Gram-Schmidt pass (``pip_first``, ``pip_second``: the Gram matrix of the part of Y outside the
+#: basis by Pythagoras, ``Y^T Y - C^T C``, from the same reduction as ``C = Q^T Y``) is taken when that Gram
+#: matrix's smallest eigenvalue is at least ``PIP_MIN_RATIO`` times Y's largest squared column norm. Its rounding is
+#: ~W eps ||Y||^2 (W <= 1,100 columns: < 3e-13 ||Y||^2), so at 1e-8 the Cholesky factor is exact to < 3e-5 and the
+#: second pass starts from a block orthonormal to that; below it (Y nearly inside the basis, or rank-deficient) the
+#: explicit passes run (``gs_first``, ``gs_second``, ``gs_subtract``: two more reductions).
+PIP_MIN_RATIO = 1e-8
+#: After the second one-reduction pass the block's Gram matrix is I up to the first pass's rounding (< 3e-5 by the
+#: ratio above); further from I than this, the explicit passes run instead (a safeguard, not seen in practice).
+PIP_MAX_DEVIATION = 1e-3
 #: A column whose norm after Gram-Schmidt is below this fraction of its norm before has vanished
 #: against the basis (1e-6 after a float32 first pass: that pass leaves ~6e-8 of the basis).
 LOST_FLOOR = 1e-10
@@ -334,6 +348,50 @@ def gs_subtract(y: np.ndarray, c: np.ndarray, *blocks: tuple) -> tuple[np.ndarra
     return y, y.T @ y
 
 
+def pip_first(y: np.ndarray, lo: int, hi: int, *blocks: tuple) -> np.ndarray:
+    """One chunk's summands of the one-reduction pass over rows ``lo:hi`` of y, stacked: ``Q_c^T y_c`` (W x b) over
+    ``y_c^T y_c`` (b x b), float64."""
+    return _pip_summands(np.ascontiguousarray(y[lo:hi], dtype=np.float64), blocks)
+
+
+def _pip_summands(y: np.ndarray, blocks: tuple) -> np.ndarray:
+    return np.concatenate([gs_coefficients(y, *blocks), y.T @ y])
+
+
+def pip_second(y: np.ndarray, lo: int, hi: int, c: np.ndarray, r: np.ndarray, *blocks: tuple
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """One chunk (rows ``lo:hi`` of y) of ``Y1 = (Y - Q C) R^-1`` (the first pass's block, nearly orthonormal) and
+    its summands for the second pass, stacked as in ``pip_first``."""
+    y1 = r_inverse(_subtract(np.array(y[lo:hi], dtype=np.float64), c, blocks, 0), r)
+    return y1, _pip_summands(y1, blocks)
+
+
+def pip_block(y1: np.ndarray, c: np.ndarray, r: np.ndarray, width: int, *blocks: tuple
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """One chunk of the new basis block ``K = (Y1 - Q C) R^-1``, its first ``width`` columns stored as
+    ``stored_block`` stores them."""
+    return stored_block(r_inverse(_subtract(np.array(y1, dtype=np.float64), c, blocks, 0), r), width)
+
+
+def pip_factor(parts: list, w: int, scale: float | None = None, max_deviation: float | None = None
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(C, R)`` from the chunks' stacked summands (``pip_first``), summed in chunk order: ``C = Q^T Y`` and R
+    with ``R^T R = Y^T Y - C^T C``; R is None when that Gram matrix's smallest eigenvalue is below ``PIP_MIN_RATIO``
+    times ``scale`` (default: Y's largest squared column norm) or, with ``max_deviation``, when it is further than
+    that from the identity (entrywise)."""
+    total = _total(parts)
+    c, gram_y = total[:w], total[w:]
+    gram = gram_y - c.T @ c
+    gram = (gram + gram.T) / 2
+    scale = float(np.max(np.diag(gram_y), initial=0.0)) if scale is None else scale
+    if max_deviation is not None and np.abs(gram - np.eye(len(gram))).max(initial=0.0) > max_deviation:
+        return c, None
+    ev = np.linalg.eigvalsh(gram) if len(gram) else np.ones(1)
+    if not scale > 0 or ev[0] < PIP_MIN_RATIO * scale:
+        return c, None
+    return c, cholesky_r(gram)
+
+
 def gram_of(y: np.ndarray) -> np.ndarray:
     """``y^T y`` of one chunk."""
     return y.T @ y
@@ -422,6 +480,7 @@ class ChunkedBasis(KrylovBasis):
         self.widths: list[int] = []
         self.width = 0
         self._last32: Any = None
+        self.explicit_steps = 0  # blocks made by the explicit passes (y ill-conditioned against the basis)
 
     # -- plumbing
 
@@ -469,15 +528,47 @@ class ChunkedBasis(KrylovBasis):
         return self._sum([self._submit(c, gram_of, ys[c]) for c in range(self.n_chunks)])
 
     def extend(self, y, seed: int, step: int, room: int) -> np.ndarray:
-        """``basis^T y``; and, when ``room`` > 0, y's new orthonormal block (at most ``room`` columns) appended.
-
-        The same steps as ``extend_basis``: a float32 and a float64 Gram-Schmidt pass, lost columns
-        replaced, then CholeskyQR2 (one more float64 pass when a column was replaced or Y is
-        ill-conditioned); the coefficients of both passes are H.
-        """
-        ys = self._chunks(y)
+        """``basis^T y``; and, when ``room`` > 0, y's new orthonormal block (at most ``room`` columns) appended:
+        by Gram-Schmidt with one reduction per pass (``_extend_one_reduction``) where y is well conditioned against
+        the basis, else by ``extend_basis``'s explicit passes (``_extend_explicit``). Either block spans y's part
+        outside the basis, orthonormal to O(eps) (R's diagonal positive in both: they differ by rounding)."""
+        if not is_future(y):
+            y = self.run.share(np.ascontiguousarray(y, np.float64), "svd-y")
         if room <= 0:
-            return self._sum(self._each(gs_coefficients, ys))
+            return self._sum(self._each(gs_coefficients, self._chunks(y)))
+        h = self._extend_one_reduction(y, room)
+        if h is None:
+            self.explicit_steps += 1
+            h = self._extend_explicit(self._chunks(y), seed, step, room)
+        return h
+
+    def _extend_one_reduction(self, y, room: int) -> np.ndarray | None:
+        """Block classical Gram-Schmidt with one reduction per pass, twice, each pass ending in a Cholesky QR
+        (BCGS-PIP+, Carson, Lund & Rozloznik 2021): ``C1 = Q^T Y``, ``R1^T R1 = Y^T Y - C1^T C1``, ``Y1 = (Y - Q C1) R1^-1``; then
+        the same on Y1 gives C2, R2 and the block ``K = (Y1 - Q C2) R2^-1``, orthonormal and orthogonal to the basis to
+        O(eps) while Y is well conditioned against it (``PIP_MIN_RATIO``). Two round trips per block (the explicit
+        passes take four or five). ``Y = Q (C1 + C2 R1) + K R2 R1``: returns ``H = C1 + C2 R1``, or None (nothing
+        stored) when a pass is not well conditioned."""
+        w = self.width
+        bounds = [(int(self.bounds[c]), int(self.bounds[c + 1])) for c in range(self.n_chunks)]
+        c1, r1 = pip_factor(self.run.gather([self._submit(c, pip_first, y, *bounds[c], *self.blocks[c])
+                                             for c in range(self.n_chunks)]), w)
+        if r1 is None:
+            return None
+        pairs = [self._submit(c, pip_second, y, *bounds[c], c1, r1, *self.blocks[c]) for c in range(self.n_chunks)]
+        ys1, parts = self._items(pairs, 0), self._items(pairs, 1)
+        c2, r2 = pip_factor(self.run.gather(parts), w, scale=1.0, max_deviation=PIP_MAX_DEVIATION)
+        if r2 is None:
+            return None
+        width = min(room, r2.shape[0])
+        self._store([self._submit(c, pip_block, ys1[c], c2, r2, width, *self.blocks[c]) for c in range(self.n_chunks)],
+                    width)
+        return c1 + c2 @ r1
+
+    def _extend_explicit(self, ys: list, seed: int, step: int, room: int) -> np.ndarray:
+        """``extend_basis``'s steps over the chunks: a float32 and a float64 Gram-Schmidt pass, lost columns replaced,
+        then CholeskyQR2 (one more float64 pass when a column was replaced or Y is ill-conditioned); returns the
+        coefficients of both passes (H)."""
         first = self.run.gather(self._each(gs_first, ys))  # both items small: one round trip
         c32 = _total([c for c, _ in first]).astype(np.float32)
         norms = np.sqrt(_total([sq for _, sq in first]))
@@ -510,8 +601,12 @@ class ChunkedBasis(KrylovBasis):
             ks, gram = self._project_out(ks)
             ks = self._orthonormalize(ks, gram, check=True)
         width = min(room, len(norms))
+        self._store([self._submit(c, stored_block, ks[c], width) for c in range(self.n_chunks)], width)
+
+    def _store(self, chunks: list, width: int) -> None:
+        """Append a block (one future of ``stored_block``'s pair per chunk) of ``width`` columns."""
         for c in range(self.n_chunks):
-            self.blocks[c].append(self._submit(c, stored_block, ks[c], width))
+            self.blocks[c].append(chunks[c])
         self.widths.append(width)
         self.width += width
         # the next product's K, submitted with the block (not after the driver's Ritz step: no round of its own)

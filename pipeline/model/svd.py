@@ -17,7 +17,7 @@ enters every product as a rank-one correction: ``X_eff M = X M - 1 (c^T M)`` and
 ``X_eff^T Z = X^T Z - c (1^T Z)``.
 
 The same code runs in-process (blocks are ``CSRBlock``s, the numba kernels use every thread)
-and on a Dask client (blocks are futures; one task per worker walks that worker's blocks, so
+and on a Dask client (blocks are futures; one task per block or row range of one, on the block's worker, so
 every product runs where its rows live and only p x l partial sums travel): ``_BlockTasks`` runs
 its calls through ``pipeline.shared.runner``. The Krylov solver's basis, the largest thing it
 holds, stays on the workers too (``krylov_basis.new_basis``: one interface in both places).
@@ -41,7 +41,7 @@ import numpy as np
 
 from mfsim.kernels.threads import blas_limit, on_worker
 from mfsim.kernels.sparse import csr_matmat, csr_t_matmat
-from mfsim.pipeline.blocks import CSRBlock, RowBlocks, tree_reduce
+from mfsim.pipeline.blocks import CSRBlock, RowBlocks
 from mfsim.pipeline.config import SvdSection
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.model.krylov_basis import flip_signs, new_basis, orthonormalize
@@ -52,6 +52,15 @@ from mfsim.pipeline.shared import is_future, runner
 #: ``default_rng([seed, j])``, so Omega's rows depend only on their global index, never on how
 #: the rows are split into blocks. 4096 rows keep the per-chunk generator set-up (~20 us) negligible.
 OMEGA_CHUNK_ROWS = 4096
+
+#: Stored entries per product task on a worker: each block a task, a block above this many cut into row ranges of
+#: about equal entries (``row_ranges``); each task's p x l float64 partial of ``X^T Z`` is added on its worker, then
+#: the workers' sums by one task with the offset term, so a partial travels between workers once per worker and
+#: product. Measured at 1M users x 200k items x 50M (b = 16, 16 blocks of 65,536 users): a block's product ~80 ms,
+#: the most active users' block 0 ~330 ms (the step's critical path) until cut in 4; per-block partials summed in a
+#: tree instead moved 25.6 MB partials several times per step (~0.1 s each over the embedded cluster's TLS):
+#: SVD 21 -> 27-32 s; one task per worker (before): a step's critical path all of that worker's blocks.
+PRODUCT_TASK_NNZ = 1 << 22
 
 #: The solvers' defaults are the configuration's (``svd.oversample``, ``svd.power_iterations`` in
 #: ``SvdSection``, where they are explained), so a direct call and a configured run agree.
@@ -153,6 +162,36 @@ def gram_partial(
     return out, zsum
 
 
+def range_partial(block: CSRBlock, lo: int, hi: int, row_start: int, q32, cq, l: int, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """``gram_partial`` of rows ``lo:hi`` of one block (its first row ``row_start`` in X)."""
+    rows = block_rows(block, lo, hi)
+    out = np.zeros((block.n_cols, l), np.float64)
+    z = _product_z(rows, q32, cq, row_start + lo, l, seed)
+    csr_t_matmat(rows.indptr, rows.indices, rows.data, z, out, accumulate=True,  # out = X_s^T Z_s
+                 column_cumsum=block.column_cumsum(lo, hi))
+    return out, z.sum(axis=0, dtype=np.float64)
+
+
+def block_rows(block: CSRBlock, lo: int, hi: int) -> CSRBlock:
+    """Rows ``lo:hi`` of ``block`` as a block (views of its entries; the block itself for all of its rows)."""
+    if lo == 0 and hi == block.n_rows:
+        return block
+    a, b = int(block.indptr[lo]), int(block.indptr[hi])
+    return CSRBlock(block.indptr[lo : hi + 1] - a, block.indices[a:b], block.data[a:b], block.n_cols)
+
+
+def row_ranges(block: CSRBlock, nnz: int) -> list[tuple[int, int]]:
+    """The block's rows in ``ceil(block nnz / nnz)`` consecutive ranges of about equal stored entries (whole rows;
+    one range for a block at or below ``nnz``)."""
+    pieces = max(1, -(-block.nnz // max(1, nnz)))
+    if pieces == 1:
+        return [(0, block.n_rows)]
+    cuts = np.searchsorted(block.indptr, np.arange(1, pieces) * block.nnz / pieces, side="left").tolist()
+    bounds = sorted({0, block.n_rows, *[min(max(c, 0), block.n_rows) for c in cuts]})
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def _c_block(block: CSRBlock, q32: np.ndarray, cq64: np.ndarray | None) -> np.ndarray:
     """C_b = X_eff_b Q in float64 (n_b x l)."""
     c = csr_matmat(block.indptr, block.indices, block.data, q32, np.empty((block.n_rows, q32.shape[1]), np.float64))
@@ -184,9 +223,13 @@ def u_block(block: CSRBlock, q32: np.ndarray, cq64: np.ndarray | None, w: np.nda
     return (_c_block(block, q32, cq64) @ w).astype(np.float32)
 
 
-def _add_pairs(a: tuple, b: tuple) -> tuple:
-    """``(a0 + b0, a1 + b1)``: the sum of two ``gram_partial`` results."""
-    return a[0] + b[0], a[1] + b[1]
+def _add_pairs(*parts: tuple) -> tuple:
+    """``(sum of the first items, sum of the second items)`` of ``gram_partial`` results, added in order."""
+    y, zsum = parts[0][0].copy(), parts[0][1].copy()
+    for a, b in parts[1:]:
+        y += a
+        zsum += b
+    return y, zsum
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,12 +237,14 @@ def _add_pairs(a: tuple, b: tuple) -> tuple:
 
 
 class _BlockTasks:
-    """X's blocks where they live, and the products over them: one call per group of blocks, partials tree-summed.
+    """X's blocks where they live, and the products over them: one task per block (or row range of one), partials
+    added per worker, then across workers.
 
     Where the calls run is ``pipeline.shared.runner(blocks.client)``'s: in this process the blocks are
     ``CSRBlock``s and one group, one call over all of them with the kernels parallel over threads; on a Dask
-    client they are futures, grouped by the worker that held them when the SVD started, one task per group.
-    The groups are fixed for the whole SVD: a group's task is pinned to its worker only loosely
+    client they are futures, grouped by the worker that held them when the SVD started, one task per block or
+    row range (``PRODUCT_TASK_NNZ``), their partials added on that worker, and the workers' sums by one task.
+    The groups are fixed for the whole SVD: a group's tasks are pinned to its worker only loosely
     (``allow_other_workers``), so when that worker is lost the same group runs elsewhere, after the scheduler
     has recomputed the lost blocks from their lineage. The sums are therefore grouped and ordered the same
     whichever worker ends up running a group, and a run that loses a worker mid-SVD gets the same sigma and V
@@ -220,6 +265,7 @@ class _BlockTasks:
         self.workers = [w for w, _ in self.groups]
         self.n_workers = len(self.groups)
         self._out = None
+        self._ranges: list | None = None  # per block (in group order), the row ranges of its product tasks
 
     def _task(self, fn: Callable, worker, idx: list[int], *args, **kwargs):
         """``fn(blocks idx, *args, **kwargs)`` for one group, on its worker."""
@@ -237,22 +283,37 @@ class _BlockTasks:
             self._out = np.zeros((self.blocks.n_cols, l), np.float64)
         return self._out
 
-    def _grams(self, qf, cq, l: int, seed: int) -> list:
-        return [self._task(gram_partial, w, idx, [self.starts[i] for i in idx], q32=qf, cq=cq, l=l, seed=seed,
-                           out=self._scratch(l)) for w, idx in self.groups]
+    def _sums(self, qf, cq, l: int, seed: int) -> list:
+        """Per worker, the sum of its blocks' partials of ``X^T Z``: one task per block or row range of one
+        (``ranges``, in order), added on that worker; one task over every block in this process."""
+        if self.client is None:
+            return [self._task(gram_partial, None, idx, [self.starts[i] for i in idx], q32=qf, cq=cq, l=l, seed=seed,
+                               out=self._scratch(l)) for _, idx in self.groups]
+        if self._ranges is None:  # one round, at the first product: rows per task from each block's entries
+            self._ranges = self.run.gather([self.run.submit(row_ranges, self.blocks.parts[i], PRODUCT_TASK_NNZ,
+                                                            worker=w) for w, idx in self.groups for i in idx])
+        out, at = [], 0
+        for w, idx in self.groups:
+            parts = []
+            for i in idx:
+                parts += [self.run.submit(on_worker, range_partial, self.blocks.parts[i], lo, hi, self.starts[i], qf,
+                                          cq, l, seed, worker=w) for lo, hi in self._ranges[at]]
+                at += 1
+            out.append(parts[0] if len(parts) == 1 else self.run.submit(_add_pairs, *parts, worker=w))
+        return out
 
     def gram(self, q32, cq, l, seed):
-        """``(X^T Z, 1^T Z)`` in this process: one ``gram_partial`` per group, tree-summed pairwise where they run."""
-        return tree_reduce(self._grams(self._share(q32), cq, l, seed), _add_pairs, client=self.client)
+        """``(X^T Z, 1^T Z)`` in this process: the workers' sums (``_sums``) added where they run."""
+        parts = self._sums(self._share(q32), cq, l, seed)
+        return self.run.gather(parts[0] if len(parts) == 1 else self.run.submit(_add_pairs, *parts))
 
     def product(self, k, c, l, seed):
         """``X_eff^T X_eff K`` (p x l float64) for K rounded to float32 (an array, or a future; None: Omega) and
         ``c``, the column offset (``run.share``d) or None: an array here, a future on a worker on a client (nothing
-        p-sized comes to this process)."""
+        p-sized comes to this process). The task that adds the workers' sums adds the offset term (``centered_sum``)."""
         qf = k if k is None or is_future(k) else self._share(k)
         cq = None if c is None or qf is None else self.run.submit(offset_product, c, qf)
-        root = tree_reduce(self._grams(qf, cq, l, seed), _add_pairs, client=self.client, gather=False)
-        return self.run.submit(centered_sum, root, c)
+        return self.run.submit(centered_sum, c, *self._sums(qf, cq, l, seed))
 
     def tsqr(self, q32, cq64):
         """The R factor of ``X_eff Q``: one R per group's blocks, then the R of their stack."""
@@ -582,6 +643,7 @@ def _krylov(tasks: _BlockTasks, blocks: RowBlocks, rank: int, *, block_size: int
     # basis built it on the workers (kept there for the factors)
     v32, v_future = basis.combine(vr, vecs.shape[1], seed, max_blocks + 1)
     basis_kind = basis.kind
+    explicit = getattr(basis, "explicit_steps", None)
     basis.release()
     del basis
     seconds["final"] = time.perf_counter() - t1
@@ -601,7 +663,7 @@ def _krylov(tasks: _BlockTasks, blocks: RowBlocks, rank: int, *, block_size: int
             solver="krylov", block_size=b, blocks=steps, width=int(m), tol=tol,
             estimated_error=estimate, converged=converged, passes=round(columns / (rank + 10), 2), seed=seed,
             n_blocks=blocks.n_blocks, executor=tasks.executor, n_workers=tasks.n_workers, seconds=seconds,
-            basis=basis_kind,
+            basis=basis_kind, **({} if explicit is None else {"explicit_steps": explicit}),
         ),
     )
 
@@ -617,9 +679,10 @@ def _columns(y: np.ndarray, width: int) -> np.ndarray:
     return np.ascontiguousarray(y[:, :width])
 
 
-def centered_sum(pair: tuple, c: np.ndarray | None) -> np.ndarray:
-    """``X^T Z - c (1^T Z)`` from a ``gram_partial`` sum ``(X^T Z, 1^T Z)`` (the offset term added once)."""
-    y, zsum = pair
+def centered_sum(c: np.ndarray | None, *parts: tuple) -> np.ndarray:
+    """``X^T Z - c (1^T Z)`` from ``split_partial`` sums ``(X^T Z, 1^T Z)`` (added in order; the offset term added
+    once)."""
+    y, zsum = _add_pairs(*parts) if len(parts) > 1 else parts[0]
     return y - np.outer(c, zsum) if c is not None else y
 
 

@@ -244,3 +244,69 @@ def test_basis_in_chunks_for_rank_below_k_and_the_zero_matrix(client, monkeypatc
                       max_blocks=4)
     np.testing.assert_array_equal(zero.sigma, 0.0)
     np.testing.assert_allclose(zero.V.T @ zero.V, np.eye(3), atol=1e-6)
+
+
+def test_one_reduction_gram_schmidt_equals_the_explicit_passes(power_law, client, monkeypatch):
+    """On the workers each new block comes from Gram-Schmidt with one reduction per pass (``PIP_MIN_RATIO``: Y well
+    conditioned against the basis, as on every block here); forced onto the explicit passes (ratio infinite) the same
+    space comes out: both match svds and each other, and both bases are orthonormal."""
+    from mfsim.pipeline.model import krylov_basis
+    kw = dict(block_size=8, tol=1e-6, seed=2, compute_u=True)
+    fast = krylov_svd(RowBlocks.from_scipy(power_law, 500, client), 20, **kw)
+    monkeypatch.setattr(krylov_basis, "PIP_MIN_RATIO", np.inf)
+    explicit = krylov_svd(RowBlocks.from_scipy(power_law, 500, client), 20, **kw)
+    blocks = fast.diagnostics["blocks"]
+    assert fast.diagnostics["explicit_steps"] == 0
+    assert explicit.diagnostics["blocks"] == blocks
+    assert explicit.diagnostics["explicit_steps"] >= blocks - 1  # every block the space grew by (not a last, full one)
+    s_ref, _ = _svds(power_law, 20)
+    for res in (fast, explicit):
+        np.testing.assert_allclose(res.sigma, s_ref, rtol=1e-6)
+        v = res.V.astype(np.float64)
+        np.testing.assert_allclose(v.T @ v, np.eye(20), atol=1e-6)
+        np.testing.assert_allclose(power_law @ v, res.gather_u() * res.sigma, atol=1e-4 * s_ref[0])
+    np.testing.assert_allclose(np.abs(np.sum(fast.V * explicit.V, axis=0)), 1.0, atol=1e-5)
+
+
+def test_one_reduction_pass_by_hand():
+    """``pip_first`` / ``pip_second`` / ``pip_block`` over two chunks against dense Gram-Schmidt: K is orthonormal,
+    orthogonal to the basis, spans Y's part outside it, and ``Y = Q H + K R2 R1``."""
+    from mfsim.pipeline.model.krylov_basis import pip_block, pip_factor, pip_first, pip_second
+    rng = np.random.default_rng(0)
+    q = np.linalg.qr(rng.standard_normal((50, 6)))[0]
+    y = q @ rng.standard_normal((6, 3)) + 0.1 * rng.standard_normal((50, 3))
+    chunks = [(0, 20), (20, 50)]
+    blocks = [((q[a:b].copy(), q[a:b].astype(np.float32)),) for a, b in chunks]
+    c1, r1 = pip_factor([pip_first(y, a, b, *blk) for (a, b), blk in zip(chunks, blocks)], 6)
+    np.testing.assert_allclose(c1, q.T @ y, atol=1e-14)
+    pairs = [pip_second(y, a, b, c1, r1, *blk) for (a, b), blk in zip(chunks, blocks)]
+    c2, r2 = pip_factor([s for _, s in pairs], 6, scale=1.0, max_deviation=1e-3)
+    k = np.concatenate([pip_block(y1, c2, r2, 3, *blk)[0] for (y1, _), blk in zip(pairs, blocks)])
+    np.testing.assert_allclose(k.T @ k, np.eye(3), atol=1e-14)
+    np.testing.assert_allclose(q.T @ k, 0.0, atol=1e-14)
+    np.testing.assert_allclose(q @ (c1 + c2 @ r1) + k @ r2 @ r1, y, atol=1e-13)
+    outside = y - q @ (q.T @ y)
+    np.testing.assert_allclose(k @ (k.T @ outside), outside, atol=1e-13)
+    # Y inside the basis up to 1e-6: its part outside is below the ratio, so no factor (the explicit passes run)
+    assert pip_factor([pip_first(q[:, :3] + 1e-6 * y, 0, 50, (q, q.astype(np.float32)))], 6)[1] is None
+
+
+def test_products_in_row_ranges_on_the_workers(power_law, client, monkeypatch):
+    """Blocks above ``PRODUCT_TASK_NNZ`` are cut into row ranges of about equal entries, one product task each,
+    added on their worker: the same SVD as one task per block."""
+    from mfsim.pipeline.model import svd as svd_module
+    from mfsim.pipeline.model.svd import row_ranges
+    from mfsim.pipeline.blocks import CSRBlock
+    block = CSRBlock.from_scipy(power_law[:500])
+    ranges = row_ranges(block, -(-block.nnz // 3))
+    assert len(ranges) == 3 and ranges[0][0] == 0 and ranges[-1][1] == 500
+    assert all(a < b for a, b in ranges) and all(x[1] == y[0] for x, y in zip(ranges, ranges[1:]))
+    sizes = [int(block.indptr[b] - block.indptr[a]) for a, b in ranges]
+    assert max(sizes) - min(sizes) <= 2 * int(np.diff(block.indptr).max())
+    assert row_ranges(block, block.nnz) == [(0, 500)]
+    kw = dict(block_size=8, tol=1e-6, seed=2)
+    whole = krylov_svd(RowBlocks.from_scipy(power_law, 1000, client), 20, **kw)
+    monkeypatch.setattr(svd_module, "PRODUCT_TASK_NNZ", 5000)  # ~20,000 entries per block: 4 ranges each
+    cut = krylov_svd(RowBlocks.from_scipy(power_law, 1000, client), 20, **kw)
+    np.testing.assert_allclose(cut.sigma, whole.sigma, rtol=1e-6)
+    np.testing.assert_allclose(np.abs(np.sum(cut.V * whole.V, axis=0)), 1.0, atol=1e-5)
