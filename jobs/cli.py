@@ -519,17 +519,20 @@ def bench_scaling(
     trace_out: Optional[Path] = typer.Option(None, "--trace", help="Write the recorded tasks and stages (JSON)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the numbers (JSON); the whole job's predicted "
                                             "speedup from one worker is under predicted_speedup, {P: x}."),
+    plan_for: Optional[int] = typer.Option(None, "--plan-for", help="Record the graph the job gives a cluster of "
+                                           "this many worker threads (list groups and audit lists side by side), "
+                                           "not the recording cluster's (default)."),
 ) -> None:
     """The job's task graph recorded on its cluster: per stage work, serial time, critical path and the predicted
     time on 1 to 128 workers."""
     from mfsim.jobs.bench.measure import write_json
     from mfsim.jobs.bench.scaling import run_bench_scaling
 
-    if workers < 1 or any(n < 1 for n in check):
+    if workers < 1 or any(n < 1 for n in check) or (plan_for is not None and plan_for < 1):
         raise typer.BadParameter("worker counts must be at least 1.")
     out = run_bench_scaling(users=users, items=items, nnz=nnz, config=str(config) if config else None,
                             overrides=list(set_), workdir=workdir, n_workers=workers, check_workers=tuple(check),
-                            trace_out=trace_out)
+                            trace_out=trace_out, plan_for=plan_for)
     if json_out is not None:
         write_json(json_out, out)
 

@@ -39,7 +39,7 @@ from mfsim.pipeline.model.svd import basis_start
 from mfsim.pipeline.parts import ListOutput, ListSink, row_ranges, write_embeddings, write_lists
 from mfsim.pipeline.runs.writer import RunWriter, package_versions
 from mfsim.pipeline.runs.roots import open_root, read_run_table, resolve_run
-from mfsim.pipeline.shared import is_future, runner, value, where_of
+from mfsim.pipeline.shared import cluster_threads, is_future, runner, value, where_of
 
 log = logging.getLogger("mfsim.job")
 ITEM_PART_ROWS = 1 << 18  # rows of B per item-embeddings part (64 MiB at k = 64)
@@ -356,7 +356,7 @@ def groups_in_flight(client, tasks_each: int = GROUP_TASKS_AT_ONCE) -> int:
     many as keep every thread busy, at least 2; 1 in this process."""
     if client is None:
         return 1
-    threads = sum(client.nthreads().values())
+    threads = cluster_threads(client)
     return max(2, -(-threads // max(1, tasks_each)))
 
 

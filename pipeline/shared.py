@@ -51,7 +51,8 @@ from __future__ import annotations
 import sys
 import uuid
 import warnings
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -173,6 +174,29 @@ class OnCluster:
         wait(futures)
         who = self.client.who_has(futures)
         return [min(who.get(f.key, ()), default=None) for f in futures]
+
+
+#: Worker threads the job plans its concurrency for (list groups and audit lists side by side, windows of list tasks in
+#: flight) in place of the client's own, inside ``planned_threads``; None: the client's.
+_PLANNED_THREADS: int | None = None
+
+
+def cluster_threads(client: Any) -> int:
+    """The worker threads ``client``'s work is planned for: its workers' threads, or ``planned_threads``'s count."""
+    return _PLANNED_THREADS if _PLANNED_THREADS else sum(client.nthreads().values())
+
+
+@contextmanager
+def planned_threads(threads: int | None) -> Iterator[None]:
+    """Inside, the job plans its concurrency as for a cluster of ``threads`` worker threads (None: its own):
+    ``bench scaling --plan-for P`` records on a small cluster the graph a P-thread cluster would be given (the same
+    tasks; more of them submitted side by side). Results do not change: only when tasks are submitted does."""
+    global _PLANNED_THREADS
+    saved, _PLANNED_THREADS = _PLANNED_THREADS, (int(threads) if threads else None)
+    try:
+        yield
+    finally:
+        _PLANNED_THREADS = saved
 
 
 def where_of(client: Any) -> str:

@@ -24,16 +24,18 @@ import numpy as np
 from mfsim.jobs.bench.ingest import ready_log
 from mfsim.jobs.bench.pipeline import BENCH_DEFAULTS
 from mfsim.pipeline.config import load_config
+from mfsim.pipeline.shared import planned_threads
 from mfsim.pipeline.trace import WORKER_COUNTS, StageClock, kind_rows, recorded_tasks, stage_table
 
 #: The warm-up job before each recorded run (rows, users, items of its synthetic log), on the same cluster.
 WARM_UP = (50_000, 5_000, 1_000)
 
 
-def _recorded_run(cfg, warm_cfg=None) -> tuple[dict, list, list]:
+def _recorded_run(cfg, warm_cfg=None, plan_for: int | None = None) -> tuple[dict, list, list]:
     """Run the job on ``cfg``'s embedded cluster with the recorder on: (manifest, tasks, stages). ``warm_cfg``: a
     small job run first on the same cluster, every stage on the workers, not recorded: the imports and kernel loads
-    of the driver and of each worker then stay out of the recorded times, as they would in a long-lived process."""
+    of the driver and of each worker then stay out of the recorded times, as they would in a long-lived process.
+    ``plan_for``: the recorded job plans its concurrency for that many worker threads (``planned_threads``)."""
     from mfsim.jobs.main_job import run_job
     from mfsim.pipeline.cluster import get_client
     from mfsim.pipeline.runs import writer
@@ -44,7 +46,7 @@ def _recorded_run(cfg, warm_cfg=None) -> tuple[dict, list, list]:
             run_job(warm_cfg, client=client)
         writer.STAGE_LISTENERS.append(clock)
         try:
-            with recorded_tasks(client) as tasks:
+            with recorded_tasks(client) as tasks, planned_threads(plan_for):
                 _, manifest = run_job(cfg, client=client)
         finally:
             writer.STAGE_LISTENERS.remove(clock)
@@ -95,10 +97,14 @@ def user_item_anchor(run_dir: Path, sample: int = 20_000, seed: int = 0) -> dict
 def run_bench_scaling(users: int = 200_000, items: int = 50_000, nnz: int = 5_000_000, *, config: str | None = None,
                       overrides: list[str] | None = None, workdir: Path | None = None, n_workers: int = 2,
                       check_workers: Sequence[int] = (), trace_out: Path | None = None,
-                      workers: Sequence[int] = WORKER_COUNTS) -> dict[str, Any]:
+                      workers: Sequence[int] = WORKER_COUNTS, plan_for: int | None = None) -> dict[str, Any]:
     """Record the job's task graph on ``n_workers`` workers of one thread, print the per-stage model, and, for each
     of ``check_workers``, the measured stage times on that many workers against the prediction; returns the
-    numbers (``predicted_speedup``: the whole job's, ``{P: x}``)."""
+    numbers (``predicted_speedup``: the whole job's, ``{P: x}``).
+
+    ``plan_for``: record the graph the job gives a cluster of that many worker threads (``planned_threads``: as many
+    list groups and audit lists side by side as it would keep there, each in the same tasks), not the one it gives
+    the recording cluster; the check runs plan for their own."""
     own_dir = workdir is None
     base = Path(tempfile.mkdtemp(prefix="mfsim-bench-scaling-")) if own_dir else Path(workdir)
     log_dir = base / f"log-{users}x{items}x{nnz}"
@@ -118,10 +124,11 @@ def run_bench_scaling(users: int = 200_000, items: int = 50_000, nnz: int = 5_00
         def warm(n: int):
             return config_for(n, warm_dir, "warm-up", "cluster.small_data_here=false")
 
-        manifest, tasks, stages = _recorded_run(config_for(n_workers), warm(n_workers))
+        manifest, tasks, stages = _recorded_run(config_for(n_workers), warm(n_workers), plan_for)
         table = stage_table(tasks, stages, counts)
-        print(f"{users:,} users x {items:,} items x {nnz:,} non-zeros, recorded on {n_workers} workers x 1 thread: "
-              f"{len(tasks):,} tasks")
+        planned = f", planned for {plan_for} worker threads" if plan_for else ""
+        print(f"{users:,} users x {items:,} items x {nnz:,} non-zeros, recorded on {n_workers} workers x 1 thread"
+              f"{planned}: {len(tasks):,} tasks")
         _print_table(table, counts)
         lists = next((s for s in stages if s.name == "neighbours"), None)
         kinds = kind_rows(tasks, lists, workers=counts) if lists is not None else {}
@@ -138,6 +145,7 @@ def run_bench_scaling(users: int = 200_000, items: int = 50_000, nnz: int = 5_00
                   f"{anchor['rank']}: {anchor['bare_gemm_s']:.1f} s on one thread; groups "
                   f"{', '.join(anchor['groups'])})")
         out: dict[str, Any] = {"users": users, "items": items, "nnz": nnz, "recorded_workers": n_workers,
+                               "planned_for": plan_for or n_workers,
                                "stages": table["stages"], "job": table["job"],
                                "predicted_speedup": table["job"]["predicted_speedup"], "timings": manifest["timings"],
                                "neighbours_by_kind": kinds}

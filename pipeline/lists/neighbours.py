@@ -57,7 +57,7 @@ from mfsim.pipeline import outputs
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.registry import INVARIANT, LISTS, list_defined
-from mfsim.pipeline.shared import is_future, runner, stack, value
+from mfsim.pipeline.shared import cluster_threads, is_future, runner, stack, value
 
 
 @dataclass(frozen=True)
@@ -273,7 +273,7 @@ def run_topn(client, queries: QuerySet, candidates: Any, n: int, metrics: tuple[
         return run.submit(task, queries.parts[r.part], r, candidates, pure=False, **kwargs)
 
     # a bounded window of ranges in flight: results wait on the workers only until this loop takes them
-    window = max(2, 2 * sum(client.nthreads().values())) if client is not None else 2 * local_threads()
+    window = max(2, 2 * cluster_threads(client)) if client is not None else 2 * local_threads()
     # BLAS held at one thread around the pool: each task's own limit (``one_thread``) then saves and restores
     # that same 1, so tasks ending in any order cannot leave it at another value
     with threads(blas=1) if pool is not None else nullcontext():

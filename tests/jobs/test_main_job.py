@@ -129,6 +129,21 @@ def test_list_groups_on_the_workers_overlap_and_give_the_same_lists(small_run, c
     assert len(assert_same_run_tables(run_dir, overlap_dir)) > 40
 
 
+def test_planned_threads_set_how_much_runs_side_by_side(client):
+    """``planned_threads(P)`` (``bench scaling --plan-for``): the job plans its list groups and audit lists in flight for
+    P worker threads instead of the client's 2, and for the client's own again after."""
+    from mfsim.jobs.stages import groups_in_flight
+    from mfsim.pipeline.shared import cluster_threads, planned_threads
+
+    assert cluster_threads(client) == 2 and groups_in_flight(client) == 2  # at least 2
+    with planned_threads(64):
+        assert cluster_threads(client) == 64
+        assert groups_in_flight(client) == 16 and groups_in_flight(client, 10) == 7
+        with planned_threads(None):
+            assert groups_in_flight(client) == 2
+    assert cluster_threads(client) == 2
+
+
 def test_every_list_matches_numpy(small_run):
     run_dir, manifest, sim_dir = small_run
     assert "neighbours" in manifest["timings"]
