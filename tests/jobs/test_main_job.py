@@ -130,8 +130,8 @@ def test_list_groups_on_the_workers_overlap_and_give_the_same_lists(small_run, c
 
 
 def test_planned_threads_set_how_much_runs_side_by_side(client):
-    """``planned_threads(P)`` (``bench scaling --plan-for``): the job plans its list groups and audit lists in flight for
-    P worker threads instead of the client's 2, and for the client's own again after."""
+    """``planned_threads(P)`` (``bench scaling --plan-for``): the job plans its list groups and audit lists in flight
+    for P worker threads instead of the client's 2, and for the client's own again after."""
     from mfsim.jobs.stages import groups_in_flight
     from mfsim.pipeline.shared import cluster_threads, planned_threads
 
