@@ -553,7 +553,8 @@ def audit_stage(ctx: StageContext) -> StageResult:
 def report_stage(ctx: StageContext) -> StageResult:
     """``report.html``, one self-contained file (figures inline; ``build_report``): the headline, figures that
     show the arbitrary scaling of Eq. 1 at a glance, the spectrum and the lambda sweep, the tables, what was
-    skipped and why, and the run's input, configuration, versions and stage timings."""
+    skipped and why, and the run's input, configuration, versions and stage timings. The figures are drawn as tasks
+    on the workers when the run's cluster is up (an earlier stage ran there), else here."""
     from mfsim.pipeline.report.build import build_report  # matplotlib: imported by the runs that draw a report
 
     audit = ctx.results["audit"].detail if "audit" in ctx.results else None
@@ -561,7 +562,8 @@ def report_stage(ctx: StageContext) -> StageResult:
                         labels=ctx.scorer.labels if ctx.scorer is not None else None, audit=audit,
                         tables={name: t for r in ctx.results.values() for name, t in r.tables.items()},
                         manifest={key: v for r in ctx.results.values() for key, v in r.manifest.items()},
-                        timings=dict(ctx.run.timings), versions=package_versions(), warnings=ctx.warnings)
+                        timings=dict(ctx.run.timings), versions=package_versions(), warnings=ctx.warnings,
+                        client=ctx.client if ctx.clients.started else None)  # drawn where the cluster is up
     ctx.run.write_bytes(outputs.REPORT, page)
     return StageResult()
 

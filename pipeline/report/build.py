@@ -31,6 +31,7 @@ from mfsim.pipeline.progress import progress
 from mfsim.pipeline.report.figures import displacement_png, heatmap_grid_png, histogram_png, lambda_sweep_png, \
     pair_scatter_png, spectrum_png
 from mfsim.pipeline.report.page import flatten_config, render_report
+from mfsim.pipeline.shared import runner
 from mfsim.pipeline.report.samples import audit_jaccards, cluster_boundaries, cluster_order, cosine_matrix, \
     headline, item_order, most_different, off_diagonal, pair_sample, pair_scores, quantile_limits, rank_sample, \
     rescaling_displacement, select_items
@@ -47,7 +48,25 @@ CONFIG_KEYS = ("input.path", "preprocess.binarize", "preprocess.column_weighting
                "audit.draws", "audit.spread", "audit.top_n", "audit.max_items", "report.heatmap_items",
                "report.pairs", "report.rank_items", "report.seed")
 
-Drawing = Callable[[], tuple[bytes, str]]  # one figure: (PNG bytes, caption)
+@dataclass(frozen=True)
+class Png:
+    """A figure's PNG to draw: ``fn(*args, **kwargs)`` of ``report.figures`` on data already sampled (small: at most
+    ``report.heatmap_items`` rows per panel, ``report.pairs`` pairs), so it can be drawn on a worker."""
+
+    fn: Callable[..., bytes]
+    args: tuple = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def draw(self) -> bytes:
+        return self.fn(*self.args, **self.kwargs)
+
+
+def draw_png(png: Png) -> bytes:
+    """``png.draw()``: one figure drawn (a task on a worker, or a call here)."""
+    return png.draw()
+
+
+Drawing = Callable[[], tuple[Png, str]]  # one figure: its data sampled, (the PNG to draw, caption)
 
 
 PAPER = ("Steck, Ekanadham and Kallus (2024), \u201cIs Cosine-Similarity of Embeddings Really About "
@@ -115,13 +134,14 @@ def list_guide(pairs: list[tuple[str, str]], cfg: Config, audit_summary: Mapping
 def build_report(cfg: Config, fit: Fit, data: IngestResult, *, title: str, truth: ItemTruth | None,
                  labels: np.ndarray | None, audit: AuditResult | None, tables: Mapping[str, pa.Table],
                  manifest: Mapping[str, Any], timings: Mapping[str, float], versions: Mapping[str, str],
-                 warnings: list[str] | None = None) -> bytes:
+                 warnings: list[str] | None = None, client: Any = None) -> bytes:
     """The run's ``report.html`` as UTF-8 bytes (``render_report``).
 
     ``labels``: the true cluster of each item (-1: none) when the item truth is known; ``audit``: the audit's
     result, None when it did not run; ``tables``: the published tables by name (``lambda_sweep``,
     ``evaluation``, ``cluster_precision``, ``audit``); ``manifest``: the manifest entries of the stages so far
-    (``input``, ``evaluation``); ``timings``: seconds per stage; ``versions``: package -> version.
+    (``input``, ``evaluation``); ``timings``: seconds per stage; ``versions``: package -> version; ``client``: the
+    figures are drawn as tasks on its workers (matplotlib's drawing is most of a report's time), else here.
     """
     p, k = fit.V.shape
     audit_summary = dict(getattr(audit, "summary", None) or {})
@@ -135,10 +155,13 @@ def build_report(cfg: Config, fit: Fit, data: IngestResult, *, title: str, truth
                       popularity=partial(truth_popularity, truth, cfg, data.item_ids))
     figures, skipped = plan_figures(inputs, audit=audit, audit_summary=audit_summary, heatmap=heatmap,
                                     lambdas=lambdas, sweep=sweep, select_metric=cfg.evaluation.select_metric)
-    images: dict[str, bytes] = {}
+    pngs: dict[str, Png] = {}
     captions: dict[str, str] = {}
-    for name, draw in progress(figures, len(figures), "report figures"):
-        images[name], captions[name] = draw()
+    for name, draw in figures:  # each figure's data, sampled here in the page's order (a figure hands on to the next)
+        pngs[name], captions[name] = draw()
+    run = runner(client)  # the drawing: a task per figure on the workers, side by side; one after another here
+    drawn = [run.submit(draw_png, png) for png in pngs.values()]
+    images = dict(zip(pngs, progress(_in_order(run, drawn), len(drawn), "report figures")))
     skipped.update(skipped_parts(cfg, truth=truth, audit=audit))
     skipped.update(manifest.get("skipped", {}))  # what the job left out (``jobs.stages.cosine_within_size``)
     page_tables: dict[str, Any] = {t: tables[key] for key, t in TABLE_TITLES if key in tables}
@@ -155,6 +178,12 @@ def build_report(cfg: Config, fit: Fit, data: IngestResult, *, title: str, truth
                          run_info=run_info(resolved, lambdas, source=manifest.get("input", {}),
                                            input_path=cfg.input.path, counts=data.counts, timings=timings,
                                            versions=versions))
+
+
+def _in_order(run, drawn: list):
+    """Each drawn figure's PNG, in order (values here, futures gathered on a client)."""
+    for fut in drawn:
+        yield run.gather(fut)
 
 
 @dataclass
@@ -218,7 +247,7 @@ def plan_figures(inputs: FigureInputs, *, audit: AuditResult | None, audit_summa
     return figures, skipped
 
 
-def pairs_figure(inputs: FigureInputs) -> tuple[bytes, str]:
+def pairs_figure(inputs: FigureInputs) -> tuple[Png, str]:
     """Cosine and model score of ``report.pairs`` random item pairs under the two Eq. 1 solutions (the named
     scalings and the first one as ``(A D, B D^-1)``) whose cosines differ most; records them in ``found["pair"]``."""
     p, rcfg, d = inputs.fit.V.shape[0], inputs.rcfg, inputs.d
@@ -231,14 +260,14 @@ def pairs_figure(inputs: FigureInputs) -> tuple[bytes, str]:
     model.update(more[1])
     a, b = most_different(cos)
     inputs.found["pair"] = (a, b)
-    png = pair_scatter_png(cos[a], cos[b], model[a], model[b], (f"eq1 / {a}", f"eq1 / {b}"))
+    png = Png(pair_scatter_png, (cos[a], cos[b], model[a], model[b], (f"eq1 / {a}", f"eq1 / {b}")))
     return png, (f"Cosine cos(b_i, b_j) (left) and model score a_i . b_j = (A B^T)_ij (right) of {len(i)} random "
                  f"item pairs under Eq. 1's {a} (x) and {b} (y): of the named scalings and the first one rescaled "
                  "by the audit's random D, the two whose cosines differ most on this sample. Both have the same "
                  "A B^T, so the scores lie on the diagonal while the cosines scatter around it.")
 
 
-def displacement_figure(inputs: FigureInputs) -> tuple[bytes, str]:
+def displacement_figure(inputs: FigureInputs) -> tuple[Png, str]:
     """Rank displacement of the top-N lists of ``report.rank_items`` random items under ``(A D, B D^-1)``;
     records the share of each list kept in ``found["kept"]``."""
     p, rcfg, top_n = inputs.fit.V.shape[0], inputs.rcfg, inputs.top_n
@@ -252,18 +281,18 @@ def displacement_figure(inputs: FigureInputs) -> tuple[bytes, str]:
     inputs.found["rank_items"], inputs.found["rank_scaling"] = len(rows), s
     panels = {f"cosine lists, cos(b_i, b_j), eq1 / {s}": disp["cosine"],
               f"model-score lists, a_i . b_j, eq1 / {s}": disp["model"]}
-    png = displacement_png(panels, top_n, f"Top-{top_n} lists of {len(rows)} random items: rank change "
-                                          f"under (A D, B D^-1), a random D")
+    png = Png(displacement_png, (panels, top_n, f"Top-{top_n} lists of {len(rows)} random items: rank change "
+                                                f"under (A D, B D^-1), a random D"))
     return png, (f"Each item of the top-{top_n} lists of {len(rows)} random items under eq1 / {s}, by how many "
                  f"ranks it moves when the solution becomes (A D, B D^-1) with the audit's first random diagonal "
                  f"D (log-normal, sd {inputs.spread:g}); red: it leaves the list. The model scores, and so their "
                  "lists, are the same for every D; the cosine lists are reshuffled.")
 
 
-def audit_figure(detail: pa.Table, n: int) -> tuple[bytes, str]:
+def audit_figure(detail: pa.Table, n: int) -> tuple[Png, str]:
     """Histograms of the audit's per-item Jaccard@n (``audit/items.parquet``), by comparison group and metric."""
-    png = histogram_png(audit_jaccards(detail), f"Per-item Jaccard@{n} between equally good solutions, by list metric",
-                        f"Jaccard@{n} per item", unit="item x comparison pairs")
+    png = Png(histogram_png, (audit_jaccards(detail), f"Per-item Jaccard@{n} between equally good solutions, by list "
+                              f"metric", f"Jaccard@{n} per item"), {"unit": "item x comparison pairs"})
     return png, (f"Per-item Jaccard@{n} of the item-item lists of two equally good Eq. 1 solutions, pooled over "
                  "the comparisons: between the named scalings (top) and against random rescalings (A D, B D^-1) "
                  "(bottom); 1.0 is the same list. The cosine lists move; the model and projected_cosine lists, "
@@ -279,7 +308,7 @@ def truth_popularity(truth: ItemTruth | None, cfg: Config, item_ids: pa.Array) -
 
 
 def heatmaps_figure(inputs: FigureInputs, *, labels: np.ndarray | None, item_counts: np.ndarray,
-                    popularity: Callable[[], np.ndarray | None]) -> tuple[bytes, str]:
+                    popularity: Callable[[], np.ndarray | None]) -> tuple[Png, str]:
     """Fig. 1: the item-item cosine of B of every solution on at most ``report.heatmap_items`` items, ordered by
     true cluster and popularity (or by k-means on ``V_k diag(sigma)`` without truth), with a difference panel of
     ``found["pair"]`` (the first scaling and its rescaling when the pair figure did not run)."""
@@ -301,7 +330,7 @@ def heatmaps_figure(inputs: FigureInputs, *, labels: np.ndarray | None, item_cou
     pair = inputs.found.get("pair") or ((inputs.names[0], inputs.rescaled) if inputs.names else ())
     diff = (f"eq1: {pair[0]} minus {pair[1]}", inputs.b_rows(pair[0], items), inputs.b_rows(pair[1], items)) \
         if pair else None
-    png = heatmap_grid_png(panels, boundaries, limits=limits, difference=diff)
+    png = Png(heatmap_grid_png, (panels, boundaries), {"limits": limits, "difference": diff})
     text = (f"Cosine of the item embeddings B, {ordering}; colours end at +-{limits[1]:.2f}, the 1st or 99th "
             "percentile of the off-diagonal cosines, whichever is further from 0"
             + (f", and the last panel is {pair[0]} minus {pair[1]}" if diff else "")
@@ -315,15 +344,16 @@ def _panel_title(key: tuple[str, str]) -> str:
     return f"{key[0]} / {key[1]}" + (" (trained with cosine)" if key[0] == "cosine" else "")
 
 
-def spectrum_figure(sigma: np.ndarray, lambdas: Mapping[str, float]) -> tuple[bytes, str]:
+def spectrum_figure(sigma: np.ndarray, lambdas: Mapping[str, float]) -> tuple[Png, str]:
     """The singular values with the lambda thresholds of Eq. 1 and Eq. 2 and each objective's weights."""
-    return spectrum_png(sigma, lambdas), ("Singular values of X with the lambda thresholds of Eq. 1 and Eq. 2 "
-                                          "(as fitted), and the weight each objective gives each component.")
+    return Png(spectrum_png, (sigma, dict(lambdas))), (
+        "Singular values of X with the lambda thresholds of Eq. 1 and Eq. 2 (as fitted), and the weight each "
+        "objective gives each component.")
 
 
-def sweep_figure(sweep: pa.Table, select_metric: str) -> tuple[bytes, str]:
+def sweep_figure(sweep: pa.Table, select_metric: str) -> tuple[Png, str]:
     """Held-out ``select_metric`` of each lambda the sweep tried, the chosen one marked."""
-    return lambda_sweep_png(sweep, select_metric), (
+    return Png(lambda_sweep_png, (sweep, select_metric)), (
         f"Held-out {select_metric} on the train/test split for each lambda tried (log axis); the star marks "
         "the lambda the run chose (lambda: auto). Eq. 1's lambda acts on s^2 and Eq. 2's on s, hence one "
         "panel each.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -90,6 +92,10 @@ def test_work_held_to_the_workers_gives_the_same_run(small_run, client):
     assert [on_workers[key]["ran_on"] for key in places] == ["workers"] * 5
     assert on_workers["neighbours"]["ran_on"] == {"workers": 18}
     assert len(assert_same_run_tables(run_dir, workers_dir)) > 40
+    # the report's figures, drawn as tasks on the workers there and here in the other run: the same figures, each a PNG
+    figures = [re.findall(r'<figure id="([^"]+)">\s*<img src="data:image/png;base64,', (d / "report.html").read_text())
+               for d in (run_dir, workers_dir)]
+    assert figures[0] == figures[1] and len(figures[0]) >= 5
 
 
 def test_list_groups_on_the_workers_overlap_and_give_the_same_lists(small_run, client, monkeypatch):
