@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import operator
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -481,17 +482,26 @@ class ChunkedBasis(KrylovBasis):
         self.width = 0
         self._last32: Any = None
         self.explicit_steps = 0  # blocks made by the explicit passes (y ill-conditioned against the basis)
+        self._pool: ThreadPoolExecutor | None = None  # here (no client): the chunks' threads
 
     # -- plumbing
 
     def _submit(self, c: int, fn, *args):
         return self.run.submit(fn, *args, worker=self.workers[c % len(self.workers)])
 
+    def _map(self, fn, args_of) -> list:
+        """``fn(*args_of(c))`` for every chunk c: a task per chunk on a client; here, the chunks on a pool of threads
+        (the chunks' BLAS calls run one thread each and release the GIL), each result the same as one call's."""
+        if self.run.client is not None or self.n_chunks == 1:
+            return [self._submit(c, fn, *args_of(c)) for c in range(self.n_chunks)]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(min(self.n_chunks, available_cores()), thread_name_prefix="svd-chunks")
+        return list(self._pool.map(lambda c: fn(*args_of(c)), range(self.n_chunks)))
+
     def _each(self, fn, per_chunk, *args, blocks: bool = True):
         """``fn(per_chunk[c], *args, *blocks of c)`` per chunk c (without the blocks: ``blocks=False``), as
         futures."""
-        return [self._submit(c, fn, per_chunk[c], *args, *(self.blocks[c] if blocks else ()))
-                for c in range(self.n_chunks)]
+        return self._map(fn, lambda c: (per_chunk[c], *args, *(self.blocks[c] if blocks else ())))
 
     def _each_pair(self, fn, per_chunk, *args, blocks: bool = True) -> tuple[list, list]:
         """``_each`` of a function returning (a chunk's array, a small summand), both items as futures submitted
@@ -551,18 +561,16 @@ class ChunkedBasis(KrylovBasis):
         stored) when a pass is not well conditioned."""
         w = self.width
         bounds = [(int(self.bounds[c]), int(self.bounds[c + 1])) for c in range(self.n_chunks)]
-        c1, r1 = pip_factor(self.run.gather([self._submit(c, pip_first, y, *bounds[c], *self.blocks[c])
-                                             for c in range(self.n_chunks)]), w)
+        c1, r1 = pip_factor(self.run.gather(self._map(pip_first, lambda c: (y, *bounds[c], *self.blocks[c]))), w)
         if r1 is None:
             return None
-        pairs = [self._submit(c, pip_second, y, *bounds[c], c1, r1, *self.blocks[c]) for c in range(self.n_chunks)]
+        pairs = self._map(pip_second, lambda c: (y, *bounds[c], c1, r1, *self.blocks[c]))
         ys1, parts = self._items(pairs, 0), self._items(pairs, 1)
         c2, r2 = pip_factor(self.run.gather(parts), w, scale=1.0, max_deviation=PIP_MAX_DEVIATION)
         if r2 is None:
             return None
         width = min(room, r2.shape[0])
-        self._store([self._submit(c, pip_block, ys1[c], c2, r2, width, *self.blocks[c]) for c in range(self.n_chunks)],
-                    width)
+        self._store(self._map(pip_block, lambda c: (ys1[c], c2, r2, width, *self.blocks[c])), width)
         return c1 + c2 @ r1
 
     def _extend_explicit(self, ys: list, seed: int, step: int, room: int) -> np.ndarray:
@@ -641,7 +649,7 @@ class ChunkedBasis(KrylovBasis):
     def combine_signed(self, vr: np.ndarray) -> tuple[Any, np.ndarray]:
         """``flip_signs(Q vr)`` in float32 (p x k) as a future on a worker, and the signs: each chunk's rows
         are combined where the chunk lives, only their column peaks come to the driver."""
-        futs = [self._submit(c, combined_rows, vr, *self.blocks[c]) for c in range(self.n_chunks)]
+        futs = self._map(combined_rows, lambda c: (vr, *self.blocks[c]))
         k = vr.shape[1]
         peak, signed = np.full(k, -1.0), np.zeros(k)
         for chunk_peak, chunk_signed in self.run.gather([self._submit(c, operator.itemgetter(1, 2), f)
@@ -673,3 +681,6 @@ class ChunkedBasis(KrylovBasis):
                     f.release()
         self.blocks = [[] for _ in range(self.n_chunks)]
         self._last32 = None
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
