@@ -322,7 +322,7 @@ def factors_stage(ctx: StageContext) -> StageResult:
                                       item_ids, B_shared, start=start, stop=stop, pure=False))
         users_dir = outputs.embeddings_dir("users", objective, scaling)
         for b, fut in enumerate(fit.users((objective, scaling))):
-            ids = data.user_ids.slice(int(offsets[b]), int(offsets[b + 1] - offsets[b]))
+            ids = outputs.id_rows(data.user_ids, int(offsets[b]), int(offsets[b + 1] - offsets[b]))
             pending.append(run.submit(write_embeddings, loc, outputs.part_file(users_dir, b), outputs.USER_ID,
                                       ids, fut, pure=False))
     for w in progress(_results_in_order(pending), len(pending), "factors parts"):

@@ -577,7 +577,8 @@ def group_inputs(client, g: GemmGroup, A: Any, B: Any, user_parts: list, X: RowB
                            exclude=X.parts if g.kind == "user_item" else None, exclude_self=g.kind == "user_user",
                            cosine_min_norm=floors)
         offsets = X.row_offsets
-        id_parts = [user_ids.slice(int(offsets[b]), int(offsets[b + 1] - offsets[b])) for b in range(len(X.parts))]
+        id_parts = [outputs.id_rows(user_ids, int(offsets[b]), int(offsets[b + 1] - offsets[b]))
+                    for b in range(len(X.parts))]
         return GroupInputs(queries, cand, cand_ids, id_parts, scale)
     # the subset's rows of P and of X taken on a worker (tasks on the row-block futures, lineage kept)
     P_sub = run.submit(stack, None, subset, *user_parts)
