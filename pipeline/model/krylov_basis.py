@@ -556,9 +556,10 @@ class ChunkedBasis(KrylovBasis):
         """Block classical Gram-Schmidt with one reduction per pass, twice, each pass ending in a Cholesky QR
         (BCGS-PIP+, Carson, Lund & Rozloznik 2021): ``C1 = Q^T Y``, ``R1^T R1 = Y^T Y - C1^T C1``,
         ``Y1 = (Y - Q C1) R1^-1``; then the same on Y1 gives C2, R2 and the block ``K = (Y1 - Q C2) R2^-1``,
-        orthonormal and orthogonal to the basis to O(eps) while Y is well conditioned against it (``PIP_MIN_RATIO``). Two round trips per block (the explicit
-        passes take four or five). ``Y = Q (C1 + C2 R1) + K R2 R1``: returns ``H = C1 + C2 R1``, or None (nothing
-        stored) when a pass is not well conditioned."""
+        orthonormal and orthogonal to the basis to O(eps) while Y is well conditioned against it
+        (``PIP_MIN_RATIO``). Two round trips per block (the explicit passes take four or five).
+        ``Y = Q (C1 + C2 R1) + K R2 R1``: returns ``H = C1 + C2 R1``, or None (nothing stored) when a pass is not
+        well conditioned."""
         w = self.width
         bounds = [(int(self.bounds[c]), int(self.bounds[c + 1])) for c in range(self.n_chunks)]
         c1, r1 = pip_factor(self.run.gather(self._map(pip_first, lambda c: (y, *bounds[c], *self.blocks[c]))), w)
