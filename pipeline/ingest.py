@@ -60,7 +60,7 @@ from mfsim.pipeline.blocks import CSRBlock, RowBlocks
 from mfsim.pipeline.config import Config, IngestSection, InputSection
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.inputs import load_item_truth
-from mfsim.pipeline.shared import is_future, runner, where_of
+from mfsim.pipeline.shared import cluster_threads, is_future, runner, where_of
 
 log = logging.getLogger("mfsim.ingest")
 
@@ -901,12 +901,18 @@ PENDING_PIECES = 4  # pass 2: at most this many pieces' entries (over all groups
 
 
 def _worker_slots(client) -> list[str | None]:
-    """One worker address per worker thread (sorted; a worker with t threads t times); ``[None]`` without workers
-    (or without a client: in this process)."""
+    """One worker address per worker thread the work is planned for (``shared.cluster_threads``: the client's, or
+    ``planned_threads``'s count over the same workers), the workers taken in turn (each one's first thread, then each
+    one's second, ...: the first slots spread over the workers); ``[None]`` without workers (or without a client:
+    in this process)."""
     if client is None:
         return [None]
     nthreads = client.nthreads()
-    return [addr for addr in sorted(nthreads) for _ in range(nthreads[addr])] or [None]
+    addrs = sorted(nthreads)
+    slots = [a for t in range(max(nthreads.values(), default=0)) for a in addrs if nthreads[a] > t]
+    if not slots:
+        return [None]
+    return [slots[i % len(slots)] for i in range(max(1, cluster_threads(client)))]
 
 
 def _wait_for(futures: list[Any]) -> None:
@@ -977,8 +983,8 @@ def _fold_pass(client, pieces: list[Piece], spec: ScanSpec, *, uidx, iidx, offse
                block_weights: np.ndarray, cfg: IngestSection) -> list[Any]:
     """Pass 2: ``encode_piece`` of every piece, folded piece by piece into running blocks; X's block futures.
 
-    One group of blocks per worker thread (``assign_groups`` by ``block_weights``, the blocks' rows
-    in the log), each a chain of ``fold_piece`` tasks in piece order on its worker, so the blocks
+    One group of blocks per worker thread, and no more groups than blocks (``assign_groups`` by ``block_weights``, the
+    blocks' rows in the log), each a chain of ``fold_piece`` tasks in piece order on its worker, so the blocks
     are spread over the workers and a worker folds only its own; ``finish_blocks`` and
     ``block_of`` end each chain. Before
     submitting piece ``k`` the client waits until piece ``k - fold_window`` is folded into every
@@ -990,7 +996,7 @@ def _fold_pass(client, pieces: list[Piece], spec: ScanSpec, *, uidx, iidx, offse
     its group's chain from the Parquet pieces.
     """
     run = runner(client)
-    slots = _worker_slots(client)
+    slots = _worker_slots(client)[: max(1, len(offsets) - 1)]  # no more groups than blocks: a group per block at most
     n_groups = len(slots)
     share = max(1, cfg.partition_rows // n_groups)  # a piece's entries per group, at most
     layout = BlockLayout(offsets=offsets, block_rows=cfg.block_rows, n_cols=n_cols,

@@ -131,8 +131,10 @@ def schema_json(schema: pa.Schema) -> list[dict[str, str]]:
     return [{"name": f.name, "type": str(f.type)} for f in schema]
 
 
-def id_rows(ids: pa.Array, start: int, n: int) -> pa.Array:
+def id_rows(ids: pa.Array | pa.ChunkedArray, start: int, n: int) -> pa.Array:
     """Ids ``start:start + n`` in buffers of their own: a slice pickles its parent's whole buffers (a block's 65,536
     of 1M user ids sent to a task as 8-14 MB), a copy only its rows (a dictionary array keeps its dictionary)."""
-    return pa.concat_arrays([ids.slice(start, n)])
+    part = ids.slice(start, n)
+    chunks = part.chunks if isinstance(part, pa.ChunkedArray) else [part]
+    return pa.concat_arrays(chunks) if chunks else pa.array([], type=ids.type)
 

@@ -161,7 +161,7 @@ def build_report(cfg: Config, fit: Fit, data: IngestResult, *, title: str, truth
         pngs[name], captions[name] = draw()
     run = runner(client)  # the drawing: a task per figure on the workers, side by side; one after another here
     drawn = [run.submit(draw_png, png) for png in pngs.values()]
-    images = dict(zip(pngs, progress(_in_order(run, drawn), len(drawn), "report figures")))
+    images = dict(zip(pngs, list(progress(_in_order(run, drawn), len(drawn), "report figures"))))
     skipped.update(skipped_parts(cfg, truth=truth, audit=audit))
     skipped.update(manifest.get("skipped", {}))  # what the job left out (``jobs.stages.cosine_within_size``)
     page_tables: dict[str, Any] = {t: tables[key] for key, t in TABLE_TITLES if key in tables}

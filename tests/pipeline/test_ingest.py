@@ -79,6 +79,18 @@ def test_hive_strings_duplicates_one_and_two_workers(tmp_path, client, client1):
     _assert_matches(res2, ref)
     _assert_matches(res1, ref)
     assert res2.X.n_blocks > 1
+    # planned for 8 worker threads (``bench scaling --plan-for``): as many fold groups as blocks allow, the same X
+    from mfsim.pipeline.ingest import _worker_slots
+    from mfsim.pipeline.shared import planned_threads
+    with planned_threads(8):
+        slots = _worker_slots(client)
+        res8 = _ingest(client, tmp_path / "log", **kw)
+    assert len(slots) == 8 and len(set(slots)) == 2 and slots[0] != slots[1]  # the workers taken in turn
+    _assert_matches(res8, ref)
+    for a, b in zip(res2.X.local_parts(), res8.X.local_parts()):
+        np.testing.assert_array_equal(a.indptr, b.indptr)
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.data, b.data)
     assert res2.counts["duplicates_merged"] == len(rows) - ref[0].astype(bool).sum()
     assert [f["path"].endswith("items_truth.parquet") for f in res2.files].count(True) == 0
     # an fsspec URL reads the same log

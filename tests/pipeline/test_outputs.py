@@ -20,3 +20,6 @@ def test_id_rows_send_only_their_rows():
         if not pa.types.is_dictionary(ids.type):  # a dictionary array keeps its (small) dictionary
             assert len(pickle.dumps(part)) * 10 < len(pickle.dumps(ids.slice(150_000, 5_000)))
         assert len(id_rows(ids, n, 0)) == 0
+        chunked = pa.chunked_array([ids.slice(0, 100_000), ids.slice(100_000)])  # across a chunk boundary
+        assert id_rows(chunked, 95_000, 10_000).equals(ids.slice(95_000, 10_000))
+        assert len(id_rows(chunked, n, 0)) == 0 and len(id_rows(pa.chunked_array([], ids.type), 0, 0)) == 0
