@@ -281,7 +281,7 @@ def _lists(fn: ItemListsFn, queries: np.ndarray, candidates: np.ndarray, n: int,
     Cosine lists get the norm floor ``cosine_norm_floor`` relative to the largest row norm of each side's
     embedding: the candidates', also for the queries when they are rows of the candidates (item-item, sampled
     or not), else the queries' own."""
-    norms = [value(beside(max_row_norm, x)) for x in (queries, candidates)]
+    norms = [value(f) for f in [beside(max_row_norm, x) for x in (queries, candidates)]]  # one round trip
     if not norms[0] * norms[1] < _SCORE_LIMIT:
         raise MfsimError(
             f"scores of {what} would overflow float32 (largest row norms {norms[0]:.3g} and {norms[1]:.3g}). "
@@ -487,12 +487,15 @@ def _row_norms(x: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
 
 
-def _score_bounds(metric: str, queries: Any, candidates: Any, k: int) -> float | np.ndarray:
-    """``tie_aware_jaccard``'s bound for lists of ``queries`` against ``candidates`` (arrays or futures): the
-    cosine's ``score_bound``, or for dot products per query row ``score_bound("dot", k) |q| max_j |c_j|``."""
+def _score_bounds(metric: str, queries: Any, candidates: Any, k: int) -> Callable[[], float | np.ndarray]:
+    """``tie_aware_jaccard``'s bound for lists of ``queries`` against ``candidates`` (arrays or futures), read by
+    the function returned (the norms' tasks are submitted now and read then: no round trip of their own before the
+    lists'): the cosine's ``score_bound``, or for dot products per query row
+    ``score_bound("dot", k) |q| max_j |c_j|``."""
     if metric == "cosine":
-        return score_bound("cosine", k)
-    return score_bound("dot", k) * value(beside(_row_norms, queries)) * value(beside(max_row_norm, candidates))
+        return lambda: score_bound("cosine", k)
+    q, c = beside(_row_norms, queries), beside(max_row_norm, candidates)
+    return lambda: score_bound("dot", k) * value(q) * value(c)
 
 
 def audit_item_lists(
@@ -632,10 +635,10 @@ def audit_item_lists(
         bound = _score_bounds(spec.kernel_metric, queries, mats[spec.candidates], k)
         if not sampled:
             return _lists(fn, queries, mats[spec.candidates], top_n + 1, spec.kernel_metric, exclude_self=True,
-                          what=f"{metric} lists", cosine_norm_floor=cosine_norm_floor), bound
+                          what=f"{metric} lists", cosine_norm_floor=cosine_norm_floor), bound()
         top = _lists(fn, queries, mats[spec.candidates], top_n + 2, spec.kernel_metric, exclude_self=False,
                      what=f"{metric} lists", cosine_norm_floor=cosine_norm_floor)
-        return without_self(top, index, top_n + 1), bound
+        return without_self(top, index, top_n + 1), bound()
 
     # every list of the audit, in the order the comparisons below take them (``in_order``): per metric, the
     # canonical one (invariant lists), or each scaling's base list then each scaling's draws
