@@ -554,7 +554,8 @@ def report_stage(ctx: StageContext) -> StageResult:
     """``report.html``, one self-contained file (figures inline; ``build_report``): the headline, figures that
     show the arbitrary scaling of Eq. 1 at a glance, the spectrum and the lambda sweep, the tables, what was
     skipped and why, and the run's input, configuration, versions and stage timings. The figures are drawn as tasks
-    on the workers when the run's cluster is up (an earlier stage ran there), else here."""
+    on the workers when X is held there (``blocks``' placement: a run too small for that draws here, and its fresh
+    workers do not import matplotlib for ~2 s of figures), else here."""
     from mfsim.pipeline.report.build import build_report  # matplotlib: imported by the runs that draw a report
 
     audit = ctx.results["audit"].detail if "audit" in ctx.results else None
@@ -563,7 +564,7 @@ def report_stage(ctx: StageContext) -> StageResult:
                         tables={name: t for r in ctx.results.values() for name, t in r.tables.items()},
                         manifest={key: v for r in ctx.results.values() for key, v in r.manifest.items()},
                         timings=dict(ctx.run.timings), versions=package_versions(), warnings=ctx.warnings,
-                        client=ctx.client if ctx.clients.started else None)  # drawn where the cluster is up
+                        client=ctx.client if ctx.clients.started and ctx.fit.X.client is not None else None)
     ctx.run.write_bytes(outputs.REPORT, page)
     return StageResult()
 
