@@ -680,7 +680,7 @@ def _columns(y: np.ndarray, width: int) -> np.ndarray:
 
 
 def centered_sum(c: np.ndarray | None, *parts: tuple) -> np.ndarray:
-    """``X^T Z - c (1^T Z)`` from ``split_partial`` sums ``(X^T Z, 1^T Z)`` (added in order; the offset term added
+    """``X^T Z - c (1^T Z)`` from ``range_partial`` sums ``(X^T Z, 1^T Z)`` (added in order; the offset term added
     once)."""
     y, zsum = _add_pairs(*parts) if len(parts) > 1 else parts[0]
     return y - np.outer(c, zsum) if c is not None else y
