@@ -476,6 +476,7 @@ class ChunkedBasis(KrylovBasis):
         self.run, self.p = run, p
         self.bounds = chunk_bounds(p)
         self.n_chunks = len(self.bounds) - 1
+        self.rows = [(int(self.bounds[c]), int(self.bounds[c + 1])) for c in range(self.n_chunks)]  # (lo, hi) each
         self.workers = workers or [None]
         self.blocks: list[list[Any]] = [[] for _ in range(self.n_chunks)]
         self.widths: list[int] = []
@@ -518,7 +519,7 @@ class ChunkedBasis(KrylovBasis):
         """The row chunks of y: a future (a product's result) or a driver-side array."""
         if not is_future(y):
             y = self.run.share(np.ascontiguousarray(y, np.float64), "svd-y")
-        return [self._submit(c, rows_of, y, int(self.bounds[c]), int(self.bounds[c + 1]))
+        return [self._submit(c, rows_of, y, *self.rows[c])
                 for c in range(self.n_chunks)]
 
     def _items(self, futures, index: int) -> list:
@@ -561,11 +562,10 @@ class ChunkedBasis(KrylovBasis):
         ``Y = Q (C1 + C2 R1) + K R2 R1``: returns ``H = C1 + C2 R1``, or None (nothing stored) when a pass is not
         well conditioned."""
         w = self.width
-        bounds = [(int(self.bounds[c]), int(self.bounds[c + 1])) for c in range(self.n_chunks)]
-        c1, r1 = pip_factor(self.run.gather(self._map(pip_first, lambda c: (y, *bounds[c], *self.blocks[c]))), w)
+        c1, r1 = pip_factor(self.run.gather(self._map(pip_first, lambda c: (y, *self.rows[c], *self.blocks[c]))), w)
         if r1 is None:
             return None
-        pairs = self._map(pip_second, lambda c: (y, *bounds[c], c1, r1, *self.blocks[c]))
+        pairs = self._map(pip_second, lambda c: (y, *self.rows[c], c1, r1, *self.blocks[c]))
         ys1, parts = self._items(pairs, 0), self._items(pairs, 1)
         c2, r2 = pip_factor(self.run.gather(parts), w, scale=1.0, max_deviation=PIP_MAX_DEVIATION)
         if r2 is None:
@@ -639,7 +639,7 @@ class ChunkedBasis(KrylovBasis):
                     return twice
         y = np.concatenate(self.run.gather(ys))
         q = self.run.share(np.linalg.qr(y, mode="reduced")[0], "svd-k")
-        return [self._submit(c, chunk_of, q, int(self.bounds[c]), int(self.bounds[c + 1]))
+        return [self._submit(c, chunk_of, q, *self.rows[c])
                 for c in range(self.n_chunks)]
 
     def last32(self):

@@ -57,13 +57,10 @@ class Png:
     args: tuple = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
-    def draw(self) -> bytes:
-        return self.fn(*self.args, **self.kwargs)
-
 
 def draw_png(png: Png) -> bytes:
-    """``png.draw()``: one figure drawn (a task on a worker, or a call here)."""
-    return png.draw()
+    """One figure drawn (a task on a worker, or a call here)."""
+    return png.fn(*png.args, **png.kwargs)
 
 
 Drawing = Callable[[], tuple[Png, str]]  # one figure: its data sampled, (the PNG to draw, caption)

@@ -308,5 +308,7 @@ def test_products_in_row_ranges_on_the_workers(power_law, client, monkeypatch):
     whole = krylov_svd(RowBlocks.from_scipy(power_law, 1000, client), 20, **kw)
     monkeypatch.setattr(svd_module, "PRODUCT_TASK_NNZ", 5000)  # ~20,000 entries per block: 4 ranges each
     cut = krylov_svd(RowBlocks.from_scipy(power_law, 1000, client), 20, **kw)
+    s_ref, _ = _svds(power_law, 20)
+    np.testing.assert_allclose(cut.sigma, s_ref, rtol=1e-6)
     np.testing.assert_allclose(cut.sigma, whole.sigma, rtol=1e-6)
     np.testing.assert_allclose(np.abs(np.sum(cut.V * whole.V, axis=0)), 1.0, atol=1e-5)
