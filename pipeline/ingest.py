@@ -712,8 +712,8 @@ class BlockLayout:
     n_cols: int
     group_of: np.ndarray  # int64 (n_blocks,), each in [0, n_groups)
     n_groups: int
-    pending_min: int  # a group merges its unmerged entries into its blocks once it holds more than
-    pending_max: int  # pending_limit(its blocks' entries) of them: see there
+    pending_min: np.ndarray  # int64 (n_groups,): a group merges its unmerged entries into its blocks once it holds
+    pending_max: np.ndarray  # more than pending_limit(its blocks' entries, group) of them: see there
     keep_ts: bool
 
     @property
@@ -721,11 +721,11 @@ class BlockLayout:
         """Number of row blocks."""
         return len(self.offsets) - 1
 
-    def pending_limit(self, nnz: int) -> int:
-        """How many unmerged entries a group with ``nnz`` entries in its blocks may hold: a quarter of ``nnz``
+    def pending_limit(self, nnz: int, group: int) -> int:
+        """How many unmerged entries ``group``, with ``nnz`` entries in its blocks, may hold: a quarter of ``nnz``
         (each merge copies the blocks, so merges come no more often than every quarter of them), but at
-        least ``pending_min`` (a piece's share: few merges of small blocks) and at most ``pending_max``."""
-        return min(self.pending_max, max(self.pending_min, nnz // 4))
+        least ``pending_min`` (its share of a piece: few merges of small blocks) and at most ``pending_max``."""
+        return min(int(self.pending_max[group]), max(int(self.pending_min[group]), nnz // 4))
 
     def blocks_of(self, group: int) -> list[int]:
         """The blocks of ``group``, in order."""
@@ -835,7 +835,7 @@ def fold_piece(state: RunningBlocks | None, bucket: tuple[np.ndarray, ...], piec
     state.pending.append(bucket)
     state.n_pending += len(bucket[0])
     state.last_piece = piece_index
-    if state.n_pending > layout.pending_limit(state.nnz):
+    if state.n_pending > layout.pending_limit(state.nnz, state.group):
         state.merge(final=False)
     return state
 
@@ -974,6 +974,19 @@ def assign_groups(weights: np.ndarray, n_groups: int) -> np.ndarray:
     return group_of
 
 
+def piece_shares(block_weights: np.ndarray, group_of: np.ndarray, n_groups: int, piece_rows: int) -> np.ndarray:
+    """Each group's expected entries of a piece of ``piece_rows`` rows (int64, at least 1): the piece's rows in
+    proportion to the group's blocks' rows in the log. A group of the most active users gets most of each piece:
+    an even split (``piece_rows / n_groups``) merged its blocks at almost every piece, each merge copying them
+    (measured at 1M users x 200k items x 50M, 16 groups: the heaviest group's 32 folds took 1.55 s, the others'
+    0.1-0.4 s, the ingest's critical path)."""
+    weight = np.bincount(group_of, weights=np.asarray(block_weights, np.float64), minlength=n_groups)
+    total = float(weight.sum())
+    if not total > 0:
+        return np.full(n_groups, max(1, piece_rows // max(1, n_groups)), np.int64)
+    return np.maximum(1, np.ceil(piece_rows * weight / total)).astype(np.int64)
+
+
 def fold_window(n_slots: int) -> int:
     """Pass 2's window: the most pieces read (or being read) and not yet folded into every group."""
     return PIECES_IN_FLIGHT_PER_THREAD * n_slots
@@ -998,10 +1011,10 @@ def _fold_pass(client, pieces: list[Piece], spec: ScanSpec, *, uidx, iidx, offse
     run = runner(client)
     slots = _worker_slots(client)[: max(1, len(offsets) - 1)]  # no more groups than blocks: a group per block at most
     n_groups = len(slots)
-    share = max(1, cfg.partition_rows // n_groups)  # a piece's entries per group, at most
-    layout = BlockLayout(offsets=offsets, block_rows=cfg.block_rows, n_cols=n_cols,
-                         group_of=assign_groups(block_weights, n_groups), n_groups=n_groups, pending_min=share,
-                         pending_max=PENDING_PIECES * share, keep_ts=spec.keep_ts)
+    group_of = assign_groups(block_weights, n_groups)
+    share = piece_shares(block_weights, group_of, n_groups, cfg.partition_rows)
+    layout = BlockLayout(offsets=offsets, block_rows=cfg.block_rows, n_cols=n_cols, group_of=group_of,
+                         n_groups=n_groups, pending_min=share, pending_max=PENDING_PIECES * share, keep_ts=spec.keep_ts)
     window = fold_window(n_groups)
     states: list[Any] = [None] * n_groups
     in_flight: deque = deque()  # per piece not yet waited for: its fold futures (the states, folded in place)

@@ -294,27 +294,55 @@ def _lists(fn: ItemListsFn, queries: np.ndarray, candidates: np.ndarray, n: int,
     return fn(queries, candidates, n, metric, exclude_self=exclude_self, cosine_min_norm=floors)
 
 
-def in_order(jobs: list[Callable[[], Any]], at_once: int) -> Iterator[Any]:
-    """Each job's result, in the jobs' order; with ``at_once`` > 1 the jobs run on that many threads, started at
-    most ``2 x at_once`` ahead of the result taken (so at most that many results wait), else one after another
-    here as they are taken."""
-    if at_once <= 1:
-        for job in jobs:
-            yield job()
-        return
-    with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="audit-lists") as pool:
-        waiting = iter(jobs)
-        started = deque(pool.submit(job) for job in islice(waiting, 2 * at_once))
+def in_order(jobs: list[Callable[[], Any]], at_once: int) -> "InOrder":
+    """Each job's result, in the jobs' order (``InOrder``): with ``at_once`` > 1 the jobs run on that many threads,
+    the first ``2 x at_once`` started now and each later one when a result is taken (so at most that many results
+    wait), else one after another here as they are taken."""
+    return InOrder(jobs, at_once)
+
+
+class InOrder(Iterator[Any]):
+    """``in_order``'s iterator; ``close()`` (also on leaving a ``with`` block, on the last result and on a job's
+    error) cancels the jobs not yet running and waits for the running ones."""
+
+    def __init__(self, jobs: list[Callable[[], Any]], at_once: int):
+        self._waiting = iter(jobs)
+        self._closed = False
+        self._pool = ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="audit-lists") if at_once > 1 else None
+        self._started = deque(self._pool.submit(job) for job in islice(self._waiting, 2 * at_once)) if self._pool \
+            else deque()
+
+    def __next__(self) -> Any:
+        if self._closed:
+            raise StopIteration
+        if self._pool is None:
+            return next(self._waiting)()
+        if not self._started:
+            self.close()
+            raise StopIteration
+        fut = self._started.popleft()
+        job = next(self._waiting, None)
+        if job is not None:
+            self._started.append(self._pool.submit(job))
         try:
-            while started:
-                fut = started.popleft()
-                job = next(waiting, None)
-                if job is not None:
-                    started.append(pool.submit(job))
-                yield fut.result()
-        finally:
-            for fut in started:
-                fut.cancel()
+            return fut.result()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._closed = True
+        for fut in self._started:
+            fut.cancel()
+        self._started.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "InOrder":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,14 +623,6 @@ def audit_item_lists(
     diags = random_diagonals(k, draws, spread, seed)
     fn = item_lists_fn or default_item_lists
     top_n = int(top_n)
-    pair_dev, draw_dev = _product_deviations(factors, names, diags, int(seed))
-    deviation = max([*pair_dev.values(), *draw_dev.values()], default=0.0)
-    if deviation > _FAMILY_TOL:
-        raise MfsimError(
-            f"the audited factors must be solutions of one Eq. 1 problem (the same A B^T); the products of "
-            f"scalings {names} and their rescalings differ by up to {deviation:.3g} relative (float32 rounding gives "
-            f"< {_FAMILY_TOL:g}). Pass only eq1 scalings of one SVD and lambda."
-        )
     label_random = f"random_sd={float(spread)}"
     collect = _Collector(top_n, int(least_stable))
     index = (np.arange(p, dtype=np.int64) if max_items is None
@@ -649,7 +669,19 @@ def audit_item_lists(
             continue
         jobs += [lambda s=s, metric=metric: lists(lambda: factors[s], metric) for s in names]
         jobs += [lambda s=s, d=d, metric=metric: lists(lambda: rescaled(s, d), metric) for s in names for d in diags]
-    computed = in_order(jobs, int(lists_at_once))
+    computed = in_order(jobs, int(lists_at_once))  # the first lists start now, beside the product check
+    try:
+        pair_dev, draw_dev = _product_deviations(factors, names, diags, int(seed))
+        deviation = max([*pair_dev.values(), *draw_dev.values()], default=0.0)
+        if deviation > _FAMILY_TOL:
+            raise MfsimError(
+                f"the audited factors must be solutions of one Eq. 1 problem (the same A B^T); the products of "
+                f"scalings {names} and their rescalings differ by up to {deviation:.3g} relative (float32 rounding "
+                f"gives < {_FAMILY_TOL:g}). Pass only eq1 scalings of one SVD and lambda."
+            )
+    except BaseException:
+        computed.close()
+        raise
 
     def taken() -> tuple[TopN, Any]:
         """The next list of ``jobs``; one step of the progress."""
@@ -661,7 +693,7 @@ def audit_item_lists(
     same = [(np.ones(index.size), np.zeros(index.size, dtype=np.int64))]
     tied: dict[str, int] = {}
     no_list: dict[str, int] = {}  # audited items without a cosine list (norm below the floor, or zero), per list
-    with bar:
+    with bar, computed:
         for metric in AUDIT_METRICS:
             if metric in INVARIANT_METRICS:
                 canonical, bound = taken()

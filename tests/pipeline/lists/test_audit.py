@@ -892,3 +892,12 @@ def test_in_order_runs_jobs_side_by_side_and_gives_them_in_order():
         taken.append(out)
     assert taken == list(range(12)) and most[0] == 3
     assert list(in_order([job(i) for i in range(4)], 1)) == [0, 1, 2, 3]
+    # started when made (the audit's product check runs beside the first lists); close() cancels the rest
+    started[0] = 0
+    early = in_order([job(i) for i in range(10)], 2)
+    deadline = time.monotonic() + 10
+    while started[0] < 4 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert started[0] == 4  # 2 x 2 started ahead, none taken
+    early.close()
+    assert started[0] == 4 and list(early) == []
