@@ -14,10 +14,11 @@ each, fixed by p alone), every block of a chunk a future beside the chunk's earl
 Each Gram-Schmidt pass is one task per chunk over the rows it holds; only W x b coefficients
 and b x b Gram matrices come to the driver, which sums them in chunk order (so the result does
 not depend on how many workers hold the chunks) and holds no p-sized array while the space
-grows. A new block takes two round trips to the driver where Y is well conditioned against the
-basis (``_extend_one_reduction``: each pass's coefficients and Gram matrix from one reduction, a
-Cholesky QR per pass), else the explicit passes' four or five (``_extend_explicit``), ending in
-CholeskyQR2 on the summed Gram matrices.
+grows. A new block takes one round trip to the driver where Y is well conditioned against the
+basis (``extend_later``: each pass's coefficients and Gram matrix from one reduction, a Cholesky QR
+per pass, the factors computed on a worker, so that the passes, the block and the next product are
+one graph of tasks; the driver reads only the factors, to build T), else the explicit passes' four
+or five (``_extend_explicit``), ending in CholeskyQR2 on the summed Gram matrices.
 Futures keep their lineage, so a chunk lost with its worker is recomputed (back to the
 products that made it) like any other task.
 """
@@ -27,7 +28,7 @@ from __future__ import annotations
 import operator
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from scipy.linalg.blas import dtrsm
@@ -217,6 +218,12 @@ class KrylovBasis(ABC):
         """``basis^T y`` (float64, ``width`` x b); and, when ``room`` > 0, y's new orthonormal block (at most
         ``room`` columns) appended, as ``extend_basis`` makes it."""
 
+    def extend_later(self, y: Any, seed: int, step: int, room: int) -> Callable[[], np.ndarray]:
+        """``extend``, its H read by the function returned; the new block is appended (``last32``) before H is
+        read, so the next product can be submitted first. Here: ``extend`` now."""
+        h = self.extend(y, seed, step, room)
+        return lambda: h
+
     @abstractmethod
     def combine(self, vr: np.ndarray, live: int, seed: int, step: int) -> tuple[np.ndarray, Any]:
         """``(V, V on the workers)``: ``V = signed_v32(Q vr, live, seed, step)`` (p x k float32) over the first
@@ -374,11 +381,33 @@ def pip_block(y1: np.ndarray, c: np.ndarray, r: np.ndarray, width: int, *blocks:
     return stored_block(r_inverse(_subtract(np.array(y1, dtype=np.float64), c, blocks, 0), r), width)
 
 
-def pip_factor(parts: list, w: int, scale: float | None = None, max_deviation: float | None = None
-               ) -> tuple[np.ndarray, np.ndarray | None]:
+def pip_factor_task(w: int, scale: float | None, max_deviation: float | None, min_ratio: float,
+                    *parts: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``pip_factor`` as a task on the chunks' summands (``(None, None)`` after a failed first pass: its summands
+    are None), so the next pass needs no round trip to the driver; ``min_ratio``: the driver's ``PIP_MIN_RATIO``."""
+    if any(part is None for part in parts):
+        return None, None
+    return pip_factor(list(parts), w, scale, max_deviation, min_ratio)
+
+
+def pip_second_after(y: np.ndarray, lo: int, hi: int, factor: tuple, *blocks: tuple
+                     ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``pip_second`` with the first pass's ``(C, R)`` from ``pip_factor_task``; ``(None, None)`` when it failed."""
+    c, r = factor
+    return (None, None) if r is None else pip_second(y, lo, hi, c, r, *blocks)
+
+
+def pip_block_after(y1: np.ndarray | None, factor: tuple, width: int, *blocks: tuple) -> tuple | None:
+    """``pip_block`` with the second pass's ``(C, R)`` from ``pip_factor_task``; None when a pass failed."""
+    c, r = factor
+    return None if r is None or y1 is None else pip_block(y1, c, r, width, *blocks)
+
+
+def pip_factor(parts: list, w: int, scale: float | None = None, max_deviation: float | None = None,
+               min_ratio: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """``(C, R)`` from the chunks' stacked summands (``pip_first``), summed in chunk order: ``C = Q^T Y`` and R
-    with ``R^T R = Y^T Y - C^T C``; R is None when that Gram matrix's smallest eigenvalue is below ``PIP_MIN_RATIO``
-    times ``scale`` (default: Y's largest squared column norm) or, with ``max_deviation``, when it is further than
+    with ``R^T R = Y^T Y - C^T C``; R is None when that Gram matrix's smallest eigenvalue is below ``min_ratio``
+    (default ``PIP_MIN_RATIO``) times ``scale`` (default: Y's largest squared column norm) or, with ``max_deviation``, when it is further than
     that from the identity (entrywise)."""
     total = _total(parts)
     c, gram_y = total[:w], total[w:]
@@ -388,7 +417,7 @@ def pip_factor(parts: list, w: int, scale: float | None = None, max_deviation: f
     if max_deviation is not None and np.abs(gram - np.eye(len(gram))).max(initial=0.0) > max_deviation:
         return c, None
     ev = np.linalg.eigvalsh(gram) if len(gram) else np.ones(1)
-    if not scale > 0 or ev[0] < PIP_MIN_RATIO * scale:
+    if not scale > 0 or ev[0] < (PIP_MIN_RATIO if min_ratio is None else min_ratio) * scale:
         return c, None
     return c, cholesky_r(gram)
 
@@ -417,8 +446,11 @@ def stored_block(k: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
     return k, k.astype(np.float32)
 
 
-def stacked32(*pairs: tuple) -> np.ndarray:
-    """The float32 copies of one block's chunks, stacked (p x b): the next product's K."""
+def stacked32(*pairs: tuple | None) -> np.ndarray | None:
+    """The float32 copies of one block's chunks, stacked (p x b): the next product's K (None for a block whose
+    one-reduction pass failed: ``ChunkedBasis.extend_later`` then drops it)."""
+    if any(pair is None for pair in pairs):
+        return None
     return np.ascontiguousarray(np.concatenate([q32 for _, q32 in pairs]))
 
 
@@ -573,6 +605,42 @@ class ChunkedBasis(KrylovBasis):
         width = min(room, r2.shape[0])
         self._store(self._map(pip_block, lambda c: (ys1[c], c2, r2, width, *self.blocks[c])), width)
         return c1 + c2 @ r1
+
+    def extend_later(self, y, seed: int, step: int, room: int) -> Callable[[], np.ndarray]:
+        """On a client, ``_extend_one_reduction``'s passes as one graph of tasks, their factors
+        (``pip_factor_task``) computed on a worker: the new block is stored and its ``last32`` submitted at once,
+        and the function returned reads the factors (the step's only round trip) and gives H. Where a pass was not
+        well conditioned the block is dropped and made again by the explicit passes (``last32`` is then the new
+        one's). Here, or without room for a block: ``extend`` now."""
+        if self.run.client is None or room <= 0:
+            return super().extend_later(y, seed, step, room)
+        if not is_future(y):
+            y = self.run.share(np.ascontiguousarray(y, np.float64), "svd-y")
+        w, width = self.width, min(room, self.widths[-1])  # y has the newest block's width
+        f1 = self._submit(0, pip_factor_task, w, None, None, PIP_MIN_RATIO, *self._map(
+            pip_first, lambda c: (y, *self.rows[c], *self.blocks[c])))
+        pairs = self._map(pip_second_after, lambda c: (y, *self.rows[c], f1, *self.blocks[c]))
+        ys1, parts = self._items(pairs, 0), self._items(pairs, 1)
+        f2 = self._submit(0, pip_factor_task, w, 1.0, PIP_MAX_DEVIATION, PIP_MIN_RATIO, *parts)
+        self._store(self._map(pip_block_after, lambda c: (ys1[c], f2, width, *self.blocks[c])), width)
+
+        def h() -> np.ndarray:
+            (c1, r1), (c2, r2) = self.run.gather([f1, f2])
+            if r1 is not None and r2 is not None:
+                return c1 + c2 @ r1
+            self._unstore()
+            self.explicit_steps += 1
+            return self._extend_explicit(self._chunks(y), seed, step, room)
+        return h
+
+    def _unstore(self) -> None:
+        """Drop the newest block (and its ``last32``)."""
+        for blocks in self.blocks:
+            blocks.pop().release()
+        self.width -= self.widths.pop()
+        if is_future(self._last32):
+            self._last32.release()
+        self._last32 = None
 
     def _extend_explicit(self, ys: list, seed: int, step: int, room: int) -> np.ndarray:
         """``extend_basis``'s steps over the chunks: a float32 and a float64 Gram-Schmidt pass, lost columns replaced,

@@ -595,6 +595,12 @@ def _krylov(tasks: _BlockTasks, blocks: RowBlocks, rank: int, *, block_size: int
         columns += width if k32 is None else 2 * width
         return tasks.product(k32, c_task, width, seed)
 
+    def drop(y, width: int) -> None:
+        """Forget a product submitted ahead (a future) and its columns in the count of passes."""
+        nonlocal columns
+        columns -= 2 * width
+        y.release()
+
     if start is None:
         y = product(None, b)  # X_eff^T Omega
     else:  # b random combinations of the start's columns: a first block inside the previous top-k subspace
@@ -611,16 +617,26 @@ def _krylov(tasks: _BlockTasks, blocks: RowBlocks, rank: int, *, block_size: int
     t_cols: list[np.ndarray] = []  # T = Q^T A Q, column block by column block
     history: list[np.ndarray] = []  # the top-k Ritz values of each space
     estimate, converged, steps = float("inf"), False, 0
+    # On a client each step is one graph of tasks (the product, the Gram-Schmidt passes, the new block) and the next
+    # step's product is submitted before this step's coefficients come back (``ahead``): the driver's Ritz step and
+    # its round trip then overlap the workers' next product, and a product is dropped (not counted) when the space
+    # stops there or its block was made again.
+    ahead = None
+    explicit_before = 0
     for step in progress(range(1, max_blocks + 1), max_blocks, "svd krylov blocks"):  # stops early when converged
-        last = basis.last32()
-        y = product(last, basis.widths[-1])  # A K_{j-1}
-        del last
+        y, ahead = (product(basis.last32(), basis.widths[-1]) if ahead is None else ahead), None  # A K_{j-1}
         steps += 1
         width = basis.width
         room = cap - width if step < max_blocks else 0
         # basis^T A K_{j-1}: T's column block j-1, rows of blocks 0 .. j-1; the new block when there is room
-        t_cols.append(basis.extend(y, seed, step, room))
+        coefficients = basis.extend_later(y, seed, step, room)
         del y
+        if tasks.client is not None and room > 0:
+            explicit_before = getattr(basis, "explicit_steps", 0)
+            ahead = product(basis.last32(), basis.widths[-1])
+        t_cols.append(coefficients())
+        if ahead is not None and getattr(basis, "explicit_steps", 0) != explicit_before:  # the block was made again
+            ahead = drop(ahead, basis.widths[-1])
         ritz, vecs = _ritz_pairs(t_cols, rank)
         history.append(ritz)
         if width >= width_cap and len(ritz) == min(rank, width_cap):
@@ -630,6 +646,8 @@ def _krylov(tasks: _BlockTasks, blocks: RowBlocks, rank: int, *, block_size: int
             converged = estimate <= tol
         if converged or room <= 0:
             break
+    if ahead is not None:
+        ahead = drop(ahead, basis.widths[-1])
     seconds["krylov"] = time.perf_counter() - t0
 
     # the Ritz pairs of the last space the estimate judged: T covers every block but the unmultiplied newest
@@ -688,7 +706,7 @@ def centered_sum(c: np.ndarray | None, *parts: tuple) -> np.ndarray:
 
 def offset_product(c: np.ndarray | None, k32: np.ndarray) -> np.ndarray | None:
     """``c^T K`` in float32 (the offset row of ``X_eff K``), None without an offset."""
-    return None if c is None else (c @ k32.astype(np.float64)).astype(np.float32)
+    return None if c is None or k32 is None else (c @ k32.astype(np.float64)).astype(np.float32)
 
 
 def sklearn_svd(

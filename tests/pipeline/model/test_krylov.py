@@ -268,6 +268,25 @@ def test_one_reduction_gram_schmidt_equals_the_explicit_passes(power_law, client
     np.testing.assert_allclose(np.abs(np.sum(fast.V * explicit.V, axis=0)), 1.0, atol=1e-5)
 
 
+def test_steps_ahead_on_the_workers_give_the_same_svd(power_law, client, monkeypatch):
+    """On a client each step's factors are computed on a worker and the next product is submitted before the
+    driver reads them: the same sigma, V and count of passes, bit for bit, as step by step (the factors read before
+    the next product), also where every block is dropped and made again by the explicit passes."""
+    from mfsim.pipeline.model import krylov_basis
+    kw = dict(block_size=8, tol=1e-6, seed=2)
+    for ratio in (krylov_basis.PIP_MIN_RATIO, np.inf):
+        monkeypatch.setattr(krylov_basis, "PIP_MIN_RATIO", ratio)
+        ahead = krylov_svd(RowBlocks.from_scipy(power_law, 500, client), 20, **kw)
+        with monkeypatch.context() as m:
+            m.setattr(krylov_basis.ChunkedBasis, "extend_later", krylov_basis.KrylovBasis.extend_later)
+            step_by_step = krylov_svd(RowBlocks.from_scipy(power_law, 500, client), 20, **kw)
+        np.testing.assert_array_equal(ahead.sigma, step_by_step.sigma)
+        np.testing.assert_array_equal(ahead.V, step_by_step.V)
+        for key in ("passes", "blocks", "explicit_steps"):
+            assert ahead.diagnostics[key] == step_by_step.diagnostics[key], key
+    assert ahead.diagnostics["explicit_steps"] >= ahead.diagnostics["blocks"] - 1
+
+
 def test_one_reduction_pass_by_hand():
     """``pip_first`` / ``pip_second`` / ``pip_block`` over two chunks against dense Gram-Schmidt: K is orthonormal,
     orthogonal to the basis, spans Y's part outside it, and ``Y = Q H + K R2 R1``."""
