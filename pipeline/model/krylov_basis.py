@@ -407,8 +407,8 @@ def pip_factor(parts: list, w: int, scale: float | None = None, max_deviation: f
                min_ratio: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """``(C, R)`` from the chunks' stacked summands (``pip_first``), summed in chunk order: ``C = Q^T Y`` and R
     with ``R^T R = Y^T Y - C^T C``; R is None when that Gram matrix's smallest eigenvalue is below ``min_ratio``
-    (default ``PIP_MIN_RATIO``) times ``scale`` (default: Y's largest squared column norm) or, with ``max_deviation``, when it is further than
-    that from the identity (entrywise)."""
+    (default ``PIP_MIN_RATIO``) times ``scale`` (default: Y's largest squared column norm) or, with
+    ``max_deviation``, when it is further than that from the identity (entrywise)."""
     total = _total(parts)
     c, gram_y = total[:w], total[w:]
     gram = gram_y - c.T @ c
