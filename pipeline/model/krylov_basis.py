@@ -446,12 +446,18 @@ def stored_block(k: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
     return k, k.astype(np.float32)
 
 
-def stacked32(*pairs: tuple | None) -> np.ndarray | None:
-    """The float32 copies of one block's chunks, stacked (p x b): the next product's K (None for a block whose
-    one-reduction pass failed: ``ChunkedBasis.extend_later`` then drops it)."""
-    if any(pair is None for pair in pairs):
+def float32_part(pair: tuple | None) -> np.ndarray | None:
+    """The float32 copy of one chunk of a block (``stored_block``'s pair; None for a block whose one-reduction pass
+    failed: ``ChunkedBasis.extend_later`` then drops it)."""
+    return None if pair is None else pair[1]
+
+
+def stacked32(*chunks: np.ndarray | None) -> np.ndarray | None:
+    """One block's float32 chunks (``float32_part``), stacked (p x b): the next product's K (None for a dropped
+    block)."""
+    if any(chunk is None for chunk in chunks):
         return None
-    return np.ascontiguousarray(np.concatenate([q32 for _, q32 in pairs]))
+    return np.ascontiguousarray(np.concatenate(chunks))
 
 
 def combined_rows(vr: np.ndarray, *blocks: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -638,8 +644,8 @@ class ChunkedBasis(KrylovBasis):
         for blocks in self.blocks:
             blocks.pop().release()
         self.width -= self.widths.pop()
-        if is_future(self._last32):
-            self._last32.release()
+        for last in self._last32 or []:
+            last.release()
         self._last32 = None
 
     def _extend_explicit(self, ys: list, seed: int, step: int, room: int) -> np.ndarray:
@@ -686,8 +692,13 @@ class ChunkedBasis(KrylovBasis):
             self.blocks[c].append(chunks[c])
         self.widths.append(width)
         self.width += width
-        # the next product's K, submitted with the block (not after the driver's Ritz step: no round of its own)
-        self._last32 = self._submit(0, stacked32, *[blocks[-1] for blocks in self.blocks])
+        # the next product's K, submitted with the block (not after the driver's Ritz step: no round of its own); on a
+        # client stacked on each worker of the products from the chunks' float32 copies (the only part that travels)
+        if self.run.client is None:
+            self._last32 = stacked32(*[float32_part(blocks[-1]) for blocks in self.blocks])
+            return
+        parts = [self._submit(c, float32_part, blocks[-1]) for c, blocks in enumerate(self.blocks)]
+        self._last32 = [self.run.submit(stacked32, *parts, worker=w) for w in self.workers]
 
     def _orthonormalize(self, ys: list, gram: np.ndarray, check: bool) -> list:
         """CholeskyQR2 over the chunks (``orthonormalize``'s first choice); Householder QR of y on the driver
@@ -711,7 +722,8 @@ class ChunkedBasis(KrylovBasis):
                 for c in range(self.n_chunks)]
 
     def last32(self):
-        """The newest block in float32, p x b, as a future (submitted when the block was stored)."""
+        """The newest block in float32, p x b (submitted when the block was stored): on a client a list of futures,
+        one on each worker of ``workers`` (the products' groups, in order), an array here."""
         last, self._last32 = self._last32, None
         return last
 

@@ -285,7 +285,8 @@ class _BlockTasks:
 
     def _sums(self, qf, cq, l: int, seed: int) -> list:
         """Per worker, the sum of its blocks' partials of ``X^T Z``: one task per block or row range of one
-        (``ranges``, in order), added on that worker; one task over every block in this process."""
+        (``ranges``, in order), added on that worker; one task over every block in this process. ``qf``: Q (a
+        future, None for Omega), or a list of futures of it, one per group (on its worker)."""
         if self.client is None:
             return [self._task(gram_partial, None, idx, [self.starts[i] for i in idx], q32=qf, cq=cq, l=l, seed=seed,
                                out=self._scratch(l)) for _, idx in self.groups]
@@ -293,10 +294,11 @@ class _BlockTasks:
             self._ranges = self.run.gather([self.run.submit(row_ranges, self.blocks.parts[i], PRODUCT_TASK_NNZ,
                                                             worker=w) for w, idx in self.groups for i in idx])
         out, at = [], 0
-        for w, idx in self.groups:
+        for g, (w, idx) in enumerate(self.groups):
+            q = qf[g] if isinstance(qf, list) else qf
             parts = []
             for i in idx:
-                parts += [self.run.submit(on_worker, range_partial, self.blocks.parts[i], lo, hi, self.starts[i], qf,
+                parts += [self.run.submit(on_worker, range_partial, self.blocks.parts[i], lo, hi, self.starts[i], q,
                                           cq, l, seed, worker=w) for lo, hi in self._ranges[at]]
                 at += 1
             out.append(parts[0] if len(parts) == 1 else self.run.submit(_add_pairs, *parts, worker=w))
@@ -308,11 +310,13 @@ class _BlockTasks:
         return self.run.gather(parts[0] if len(parts) == 1 else self.run.submit(_add_pairs, *parts))
 
     def product(self, k, c, l, seed):
-        """``X_eff^T X_eff K`` (p x l float64) for K rounded to float32 (an array, or a future; None: Omega) and
+        """``X_eff^T X_eff K`` (p x l float64) for K rounded to float32 (an array, a future, or ``ChunkedBasis.last32``'s
+        futures, one per group; None: Omega) and
         ``c``, the column offset (``run.share``d) or None: an array here, a future on a worker on a client (nothing
         p-sized comes to this process). The task that adds the workers' sums adds the offset term (``centered_sum``)."""
-        qf = k if k is None or is_future(k) else self._share(k)
-        cq = None if c is None or qf is None else self.run.submit(offset_product, c, qf)
+        qf = k if k is None or is_future(k) or isinstance(k, list) else self._share(k)
+        cq = None if c is None or qf is None else self.run.submit(offset_product, c,
+                                                                   qf[0] if isinstance(qf, list) else qf)
         return self.run.submit(centered_sum, c, *self._sums(qf, cq, l, seed))
 
     def tsqr(self, q32, cq64):
