@@ -310,8 +310,8 @@ class _BlockTasks:
         return self.run.gather(parts[0] if len(parts) == 1 else self.run.submit(_add_pairs, *parts))
 
     def product(self, k, c, l, seed):
-        """``X_eff^T X_eff K`` (p x l float64) for K rounded to float32 (an array, a future, or ``ChunkedBasis.last32``'s
-        futures, one per group; None: Omega) and
+        """``X_eff^T X_eff K`` (p x l float64) for K rounded to float32 (an array, a future, or
+        ``ChunkedBasis.last32``'s futures, one per group; None: Omega) and
         ``c``, the column offset (``run.share``d) or None: an array here, a future on a worker on a client (nothing
         p-sized comes to this process). The task that adds the workers' sums adds the offset term (``centered_sum``)."""
         qf = k if k is None or is_future(k) or isinstance(k, list) else self._share(k)
