@@ -165,7 +165,7 @@ def build_report(cfg: Config, fit: Fit, data: IngestResult, *, title: str, truth
         drawn[name] = run.submit(draw_png, png)  # on a client drawn while the next figure's data is sampled
         del png
     names = [name for name, _ in figures]  # the page's order
-    images = dict(zip(names, progress(_in_order(run, [drawn[n] for n in names]), len(names), "report figures")))
+    images = dict(zip(names, list(progress(_in_order(run, [drawn[n] for n in names]), len(names), "report figures"))))
     skipped.update(skipped_parts(cfg, truth=truth, audit=audit))
     skipped.update(manifest.get("skipped", {}))  # what the job left out (``jobs.stages.cosine_within_size``)
     page_tables: dict[str, Any] = {t: tables[key] for key, t in TABLE_TITLES if key in tables}
