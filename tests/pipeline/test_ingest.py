@@ -541,12 +541,13 @@ def test_id_counts_and_the_groups_of_blocks():
 
 
 def test_piece_shares_follow_the_groups_rows():
-    """A group's expected entries of a piece are the piece's rows in proportion to its blocks' rows (so the group
-    of the most active users merges as rarely as the others); without rows, an even split."""
+    """A group's share of a piece is the piece's rows in proportion to its blocks' rows where that is more than an
+    even split (so the group of the most active users merges as rarely as the others), else the even split."""
     from mfsim.pipeline.ingest import piece_shares
 
     got = piece_shares(np.array([300, 100, 0, 600]), np.array([0, 1, 1, 2]), 3, 1000)
-    assert got.tolist() == [300, 100, 600] and got.dtype == np.int64
+    assert got.tolist() == [333, 333, 600] and got.dtype == np.int64  # even: 1000 // 3
     assert piece_shares(np.array([1, 1, 1]), np.array([0, 1, 2]), 3, 10).tolist() == [4, 4, 4]  # ceil(10 / 3)
-    assert piece_shares(np.array([5, 0]), np.array([0, 1]), 2, 10).tolist() == [10, 1]  # at least 1
+    assert piece_shares(np.array([5, 0]), np.array([0, 1]), 2, 10).tolist() == [10, 5]
     assert piece_shares(np.zeros(2), np.array([0, 1]), 2, 10).tolist() == [5, 5]
+    assert piece_shares(np.array([1]), np.array([0]), 1, 0).tolist() == [1]  # at least 1
