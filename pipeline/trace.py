@@ -81,6 +81,8 @@ class TaskRecorder(_PluginBase):
     def transition(self, key, start, finish, *args, **kwargs) -> None:
         if start == "released":
             self.known.setdefault(str(key), time.time())
+        if finish in ("forgotten", "erred"):  # never finished: nothing to record (a cancelled or failed task)
+            self.known.pop(str(key), None)
         if start != "processing" or finish != "memory":
             return
         compute = [s for s in kwargs.get("startstops", ()) if s.get("action") == "compute"]

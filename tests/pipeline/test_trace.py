@@ -141,3 +141,23 @@ def test_the_neighbours_tasks_by_kind():
     assert rows["user_item"]["W"] == 2 and rows["user_item"]["S"] == 1
     assert rows["user_item"]["predicted"] == {1: 2, 2: 1}
     assert set(rows) == {"item_item", "user_item"}
+
+
+def test_the_recorder_keeps_submissions_of_live_tasks_only():
+    """A task that finishes is recorded with when the scheduler first knew it; one that is forgotten or errs before
+    it finishes leaves nothing behind (a long recording would otherwise keep every cancelled key)."""
+    from mfsim.pipeline.trace import TaskRecorder
+
+    rec = TaskRecorder()
+    for key in ("done", "cancelled", "failed"):
+        rec.transition(key, "released", "waiting")
+    rec.transition("cancelled", "waiting", "released")
+    rec.transition("cancelled", "released", "forgotten")
+    rec.transition("failed", "processing", "erred")
+    assert set(rec.known) == {"done"}
+    rec.transition("done", "processing", "memory", startstops=[{"action": "compute", "start": 1.0, "stop": 2.5}],
+                   worker="w", nbytes=8)
+    assert rec.known == {} and len(rec.records) == 1
+    got = rec.records[0]
+    assert (got["key"], got["start"], got["stop"], got["worker"], got["nbytes"]) == ("done", 1.0, 2.5, "w", 8)
+    assert got["submitted"] is not None and got["submitted"] <= time.time()
