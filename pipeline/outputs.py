@@ -137,4 +137,3 @@ def id_rows(ids: pa.Array | pa.ChunkedArray, start: int, n: int) -> pa.Array:
     part = ids.slice(start, n)
     chunks = part.chunks if isinstance(part, pa.ChunkedArray) else [part]
     return pa.concat_arrays(chunks) if chunks else pa.array([], type=ids.type)
-

@@ -669,19 +669,7 @@ def audit_item_lists(
             continue
         jobs += [lambda s=s, metric=metric: lists(lambda: factors[s], metric) for s in names]
         jobs += [lambda s=s, d=d, metric=metric: lists(lambda: rescaled(s, d), metric) for s in names for d in diags]
-    computed = in_order(jobs, int(lists_at_once))  # the first lists start now, beside the product check
-    try:
-        pair_dev, draw_dev = _product_deviations(factors, names, diags, int(seed))
-        deviation = max([*pair_dev.values(), *draw_dev.values()], default=0.0)
-        if deviation > _FAMILY_TOL:
-            raise MfsimError(
-                f"the audited factors must be solutions of one Eq. 1 problem (the same A B^T); the products of "
-                f"scalings {names} and their rescalings differ by up to {deviation:.3g} relative (float32 rounding "
-                f"gives < {_FAMILY_TOL:g}). Pass only eq1 scalings of one SVD and lambda."
-            )
-    except BaseException:
-        computed.close()
-        raise
+    computed = in_order(jobs, int(lists_at_once))  # the first lists start now, beside the product check below
 
     def taken() -> tuple[TopN, Any]:
         """The next list of ``jobs``; one step of the progress."""
@@ -693,7 +681,15 @@ def audit_item_lists(
     same = [(np.ones(index.size), np.zeros(index.size, dtype=np.int64))]
     tied: dict[str, int] = {}
     no_list: dict[str, int] = {}  # audited items without a cosine list (norm below the floor, or zero), per list
-    with bar, computed:
+    with bar, computed:  # leaving it (an error too) cancels the lists not yet started
+        pair_dev, draw_dev = _product_deviations(factors, names, diags, int(seed))
+        deviation = max([*pair_dev.values(), *draw_dev.values()], default=0.0)
+        if deviation > _FAMILY_TOL:
+            raise MfsimError(
+                f"the audited factors must be solutions of one Eq. 1 problem (the same A B^T); the products of "
+                f"scalings {names} and their rescalings differ by up to {deviation:.3g} relative (float32 rounding "
+                f"gives < {_FAMILY_TOL:g}). Pass only eq1 scalings of one SVD and lambda."
+            )
         for metric in AUDIT_METRICS:
             if metric in INVARIANT_METRICS:
                 canonical, bound = taken()

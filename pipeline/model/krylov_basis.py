@@ -15,9 +15,9 @@ Each Gram-Schmidt pass is one task per chunk over the rows it holds; only W x b 
 and b x b Gram matrices come to the driver, which sums them in chunk order (so the result does
 not depend on how many workers hold the chunks) and holds no p-sized array while the space
 grows. A new block takes one round trip to the driver where Y is well conditioned against the
-basis (``extend_later``: each pass's coefficients and Gram matrix from one reduction, a Cholesky QR
-per pass, the factors computed on a worker, so that the passes, the block and the next product are
-one graph of tasks; the driver reads only the factors, to build T), else the explicit passes' four
+basis (``ChunkedBasis.extend_later``: each pass's coefficients and Gram matrix from one reduction, a
+Cholesky QR per pass, the factors computed on a worker, so that the passes, the block and the next
+product are one graph of tasks; the driver reads only the factors, to build T), else the explicit passes' four
 or five (``_extend_explicit``), ending in CholeskyQR2 on the summed Gram matrices.
 Futures keep their lineage, so a chunk lost with its worker is recomputed (back to the
 products that made it) like any other task.
@@ -577,48 +577,28 @@ class ChunkedBasis(KrylovBasis):
         return self._sum([self._submit(c, gram_of, ys[c]) for c in range(self.n_chunks)])
 
     def extend(self, y, seed: int, step: int, room: int) -> np.ndarray:
-        """``basis^T y``; and, when ``room`` > 0, y's new orthonormal block (at most ``room`` columns) appended:
-        by Gram-Schmidt with one reduction per pass (``_extend_one_reduction``) where y is well conditioned against
-        the basis, else by ``extend_basis``'s explicit passes (``_extend_explicit``). Either block spans y's part
-        outside the basis, orthonormal to O(eps) (R's diagonal positive in both: they differ by rounding)."""
+        """``basis^T y``; and, when ``room`` > 0, y's new orthonormal block (at most ``room`` columns) appended
+        (``extend_later``, its H read at once)."""
+        if room > 0:
+            return self.extend_later(y, seed, step, room)()
         if not is_future(y):
             y = self.run.share(np.ascontiguousarray(y, np.float64), "svd-y")
-        if room <= 0:
-            return self._sum(self._each(gs_coefficients, self._chunks(y)))
-        h = self._extend_one_reduction(y, room)
-        if h is None:
-            self.explicit_steps += 1
-            h = self._extend_explicit(self._chunks(y), seed, step, room)
-        return h
-
-    def _extend_one_reduction(self, y, room: int) -> np.ndarray | None:
-        """Block classical Gram-Schmidt with one reduction per pass, twice, each pass ending in a Cholesky QR
-        (BCGS-PIP+, Carson, Lund & Rozloznik 2021): ``C1 = Q^T Y``, ``R1^T R1 = Y^T Y - C1^T C1``,
-        ``Y1 = (Y - Q C1) R1^-1``; then the same on Y1 gives C2, R2 and the block ``K = (Y1 - Q C2) R2^-1``,
-        orthonormal and orthogonal to the basis to O(eps) while Y is well conditioned against it
-        (``PIP_MIN_RATIO``). Two round trips per block (the explicit passes take four or five).
-        ``Y = Q (C1 + C2 R1) + K R2 R1``: returns ``H = C1 + C2 R1``, or None (nothing stored) when a pass is not
-        well conditioned."""
-        w = self.width
-        c1, r1 = pip_factor(self.run.gather(self._map(pip_first, lambda c: (y, *self.rows[c], *self.blocks[c]))), w)
-        if r1 is None:
-            return None
-        pairs = self._map(pip_second, lambda c: (y, *self.rows[c], c1, r1, *self.blocks[c]))
-        ys1, parts = self._items(pairs, 0), self._items(pairs, 1)
-        c2, r2 = pip_factor(self.run.gather(parts), w, scale=1.0, max_deviation=PIP_MAX_DEVIATION)
-        if r2 is None:
-            return None
-        width = min(room, r2.shape[0])
-        self._store(self._map(pip_block, lambda c: (ys1[c], c2, r2, width, *self.blocks[c])), width)
-        return c1 + c2 @ r1
+        return self._sum(self._each(gs_coefficients, self._chunks(y)))
 
     def extend_later(self, y, seed: int, step: int, room: int) -> Callable[[], np.ndarray]:
-        """On a client, ``_extend_one_reduction``'s passes as one graph of tasks, their factors
-        (``pip_factor_task``) computed on a worker: the new block is stored and its ``last32`` submitted at once,
-        and the function returned reads the factors (the step's only round trip) and gives H. Where a pass was not
-        well conditioned the block is dropped and made again by the explicit passes (``last32`` is then the new
-        one's). Here, or without room for a block: ``extend`` now."""
-        if self.run.client is None or room <= 0:
+        """y's new block by block classical Gram-Schmidt with one reduction per pass, twice, each pass ending in a
+        Cholesky QR (BCGS-PIP+, Carson, Lund & Rozloznik 2021): ``C1 = Q^T Y``, ``R1^T R1 = Y^T Y - C1^T C1``,
+        ``Y1 = (Y - Q C1) R1^-1``; then the same on Y1 gives C2, R2 and the block ``K = (Y1 - Q C2) R2^-1``,
+        orthonormal and orthogonal to the basis to O(eps) while Y is well conditioned against it
+        (``PIP_MIN_RATIO``); ``Y = Q (C1 + C2 R1) + K R2 R1``, and the function returned gives ``H = C1 + C2 R1``.
+
+        The passes are one graph of tasks, their factors (``pip_factor_task``) computed on a worker: the block is
+        stored and its ``last32`` submitted at once, and reading H is the step's only round trip (here every call
+        runs at once). Where a pass was not well conditioned the block is dropped and made again by
+        ``extend_basis``'s explicit passes (``_extend_explicit``; ``last32`` is then the new one's). Either block
+        spans y's part outside the basis, orthonormal to O(eps) (R's diagonal positive in both: they differ by
+        rounding). Without room for a block: ``extend`` now."""
+        if room <= 0:
             return super().extend_later(y, seed, step, room)
         if not is_future(y):
             y = self.run.share(np.ascontiguousarray(y, np.float64), "svd-y")
@@ -640,12 +620,13 @@ class ChunkedBasis(KrylovBasis):
         return h
 
     def _unstore(self) -> None:
-        """Drop the newest block (and its ``last32``)."""
-        for blocks in self.blocks:
-            blocks.pop().release()
+        """Drop the newest block (and its ``last32``; futures released)."""
+        dropped = [blocks.pop() for blocks in self.blocks]
+        dropped += self._last32 if isinstance(self._last32, list) else []
+        for f in dropped:
+            if is_future(f):
+                f.release()
         self.width -= self.widths.pop()
-        for last in self._last32 or []:
-            last.release()
         self._last32 = None
 
     def _extend_explicit(self, ys: list, seed: int, step: int, room: int) -> np.ndarray:

@@ -600,7 +600,8 @@ def _krylov(tasks: _BlockTasks, blocks: RowBlocks, rank: int, *, block_size: int
         return tasks.product(k32, c_task, width, seed)
 
     def drop(y, width: int) -> None:
-        """Forget a product submitted ahead (a future) and its columns in the count of passes."""
+        """Forget a product submitted ahead (a future) and its columns in the count of passes; None, the
+        ``ahead`` after."""
         nonlocal columns
         columns -= 2 * width
         y.release()
@@ -635,11 +636,11 @@ def _krylov(tasks: _BlockTasks, blocks: RowBlocks, rank: int, *, block_size: int
         # basis^T A K_{j-1}: T's column block j-1, rows of blocks 0 .. j-1; the new block when there is room
         coefficients = basis.extend_later(y, seed, step, room)
         del y
-        if tasks.client is not None and room > 0:
-            explicit_before = getattr(basis, "explicit_steps", 0)
+        if tasks.client is not None and room > 0:  # a ChunkedBasis: the block is stored, H not read yet
+            explicit_before = basis.explicit_steps
             ahead = product(basis.last32(), basis.widths[-1])
         t_cols.append(coefficients())
-        if ahead is not None and getattr(basis, "explicit_steps", 0) != explicit_before:  # the block was made again
+        if ahead is not None and basis.explicit_steps != explicit_before:  # the block was made again
             ahead = drop(ahead, basis.widths[-1])
         ritz, vecs = _ritz_pairs(t_cols, rank)
         history.append(ritz)

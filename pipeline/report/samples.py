@@ -430,27 +430,28 @@ def audit_jaccards(detail: pa.Table) -> dict[str, np.ndarray]:
         raise MfsimError(f"the audit's per-item table lacks the columns {missing}; got {detail.column_names}")
 
     def codes(name: str) -> tuple[np.ndarray, list]:
-        """The column as codes into its distinct values (in Arrow: no Python string per row; a null: -1)."""
-        enc = pc.dictionary_encode(detail[name].cast(pa.string()).combine_chunks())
-        return enc.indices.fill_null(-1).to_numpy(zero_copy_only=False), enc.dictionary.to_pylist()
+        """The column as codes into its distinct values, in first-seen order (in Arrow: no Python string per row;
+        a null reads as "None")."""
+        enc = pc.dictionary_encode(pc.fill_null(detail[name].cast(pa.string()), "None").combine_chunks())
+        return enc.indices.to_numpy(zero_copy_only=False), enc.dictionary.to_pylist()
 
     keep = np.ones(detail.num_rows, dtype=bool)
     for name, value in (("objective", "eq1"), ("kind", "item_item")):
         if name in detail.column_names:
             code, values = codes(name)
-            keep &= code == (values.index(value) if value in values else -2)
+            keep &= np.isin(code, [i for i, v in enumerate(values) if v == value])
     (metric, metrics), (s_a, _), (s_b, names_b) = codes("metric"), codes("scaling_a"), codes("scaling_b")
     metric, s_a, s_b = metric[keep], s_a[keep].astype(np.int64), s_b[keep]
     jac = np.asarray(detail["jaccard"].to_numpy(zero_copy_only=False), np.float64)[keep]
-    is_random = np.asarray([str(x).startswith("random") for x in names_b] + [False], dtype=bool)[s_b]
-    first_seen = metric[np.sort(np.unique(metric, return_index=True)[1])]
+    is_random = np.asarray([x.startswith("random") for x in names_b], dtype=bool)[s_b]
+    first_seen = metric[np.sort(np.unique(metric, return_index=True)[1])]  # among the kept rows
     out: dict[str, np.ndarray] = {}
     for random in (False, True):
-        for m in dict.fromkeys(["cosine", *(metrics[i] if i >= 0 else None for i in first_seen)]):
-            sel = (is_random == random) & (metric == (metrics.index(m) if m in metrics else -1 if m is None else -3))
+        for m in dict.fromkeys(["cosine", *(metrics[i] for i in first_seen)]):
+            sel = (is_random == random) & (metric == (metrics.index(m) if m in metrics else -1))
             if not sel.any():
                 continue
-            c = np.unique(s_a[sel] * (len(names_b) + 1) + s_b[sel]).size
+            c = np.unique(s_a[sel] * len(names_b) + s_b[sel]).size  # distinct (scaling_a, scaling_b) pairs
             label = (f"{m}, against random D ({c} scaling{'s' * (c != 1)})" if random
                      else f"{m}, between named scalings ({c} comparison{'s' * (c != 1)})")
             values = jac[sel]
