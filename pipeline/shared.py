@@ -51,7 +51,8 @@ from __future__ import annotations
 import sys
 import uuid
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -152,7 +153,9 @@ class OnCluster:
                **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)`` as a task (``pure=False`` unless asked: a fresh key per call), on ``worker``
         while it lives (``near``); its arguments may be futures."""
-        return self.client.submit(fn, *args, pure=pure, **near(worker), **kwargs)
+        at_once = _SENT_AT_ONCE.get() if worker is None else None
+        placed = {"workers": at_once, "allow_other_workers": True} if at_once else near(worker)
+        return self.client.submit(fn, *args, pure=pure, **placed, **kwargs)
 
     def share(self, value: Any, name: str = "value") -> Any:
         """``share(client, value, name)``."""
@@ -197,6 +200,60 @@ def planned_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         _PLANNED_THREADS = saved
+
+
+#: Workers that tasks submitted from this thread without a worker are sent to at once (``task_priority``); None: the
+#: scheduler's choice of when.
+_SENT_AT_ONCE: ContextVar[list[str] | None] = ContextVar("mfsim_sent_at_once", default=None)
+
+
+@contextmanager
+def task_priority(priority: int, workers: list[str] | None = None) -> Iterator[None]:
+    """Tasks submitted to a client from this thread inside get Dask's ``priority`` (of the tasks ready on a worker
+    the higher runs first; 0 by default); nested, the innermost wins. Order only: results do not change.
+
+    ``workers`` (the client's, ``worker_addresses``): the tasks (those ``OnCluster.submit`` places nowhere) go to a
+    worker at once, chosen by the scheduler among them as for any task (where their inputs are). Without it the
+    scheduler holds back a task it takes for a graph's root (one of a group of many tasks with few inputs, such as
+    each list's rescaled factors) while every worker has tasks queued, and such a task waits behind all of them,
+    whatever its priority; on a worker's queue it runs next."""
+    import dask
+
+    token = _SENT_AT_ONCE.set(list(workers) if workers else _SENT_AT_ONCE.get())
+    try:
+        with dask.annotate(priority=int(priority)):
+            yield
+    finally:
+        _SENT_AT_ONCE.reset(token)
+
+
+def worker_addresses(*args: Any) -> list[str] | None:
+    """The addresses of the workers of the client of the first future among ``args`` (one round trip), None when
+    none is a future."""
+    future = next((a for a in args if is_future(a)), None)
+    return None if future is None else sorted(future.client.scheduler_info()["workers"])
+
+
+#: The priority of the top-N range tasks submitted from this thread (``range_priority``); None: their caller's.
+_RANGE_PRIORITY: ContextVar[int | None] = ContextVar("mfsim_range_priority", default=None)
+
+
+@contextmanager
+def range_priority(priority: int) -> Iterator[None]:
+    """Inside, the top-N range tasks ``lists.neighbours.run_topn`` submits from this thread get ``priority``, over any
+    ``task_priority`` around them: a caller running several lists side by side (the audit) runs their ranges in the
+    order it takes the lists and its other, short tasks (each list's inputs) before any range."""
+    token = _RANGE_PRIORITY.set(int(priority))
+    try:
+        yield
+    finally:
+        _RANGE_PRIORITY.reset(token)
+
+
+def ranges_prioritized():
+    """The context a range task is submitted in: ``task_priority`` of ``range_priority``'s value, if one is set."""
+    priority = _RANGE_PRIORITY.get()
+    return nullcontext() if priority is None else task_priority(priority)
 
 
 def where_of(client: Any) -> str:

@@ -46,6 +46,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from itertools import combinations, islice
 from typing import Any, Callable, Iterator
 
@@ -58,7 +59,7 @@ from mfsim.pipeline.lists.jaccard import check_int, near_cut, score_bound, tie_a
 from mfsim.pipeline.lists.neighbours import cosine_floor, gram_factor, max_row_norm, projected
 from mfsim.pipeline.progress import Progress
 from mfsim.pipeline.registry import AUDIT_METRICS, INVARIANT_METRICS, LISTS
-from mfsim.pipeline.shared import beside, value
+from mfsim.pipeline.shared import beside, range_priority, task_priority, value, worker_addresses
 
 ItemListsFn = Callable[..., TopN]  # (queries, candidates, n, metric, exclude_self=..., cosine_min_norm=...) -> TopN
 
@@ -294,22 +295,37 @@ def _lists(fn: ItemListsFn, queries: np.ndarray, candidates: np.ndarray, n: int,
     return fn(queries, candidates, n, metric, exclude_self=exclude_self, cosine_min_norm=floors)
 
 
-def in_order(jobs: list[Callable[[], Any]], at_once: int) -> "InOrder":
-    """Each job's result, in the jobs' order (``InOrder``): with ``at_once`` > 1 the jobs run on that many threads,
-    the first ``2 x at_once`` started now and each later one when a result is taken (so at most that many results
-    wait), else one after another here as they are taken."""
-    return InOrder(jobs, at_once)
+def in_order(jobs: list[Callable[[], Any]], ahead: int) -> "InOrder":
+    """Each job's result, in the jobs' order (``InOrder``): with ``ahead`` > 1 the first ``ahead`` jobs start now, each
+    on its own thread, and each later one when a result is taken (so at most ``ahead`` jobs run or wait to be taken,
+    and a job's own serial steps overlap the others' work), else one after another here as they are taken."""
+    return InOrder(jobs, ahead)
+
+
+def ranked(jobs: list[Callable[[], Any]], workers: list[str] | None) -> tuple[list[Callable[[], Any]], int]:
+    """``(jobs, first)``: each job run with its tasks ranked on a cluster (``shared.task_priority``; no change in
+    this process): its list's ranges in the jobs' order (``range_priority``), so that lists side by side finish in
+    the order they are taken, and every other task of a job (its list's inputs: rescaled factors, norms, sampled
+    rows) at ``first``, before any range, and sent to one of ``workers`` at once, so that the next lists' inputs are
+    made while the cluster computes ranges. The same results in any order."""
+    first = len(jobs) + 1
+
+    def run(j: int, job: Callable[[], Any]) -> Any:
+        with task_priority(first, workers), range_priority(len(jobs) - j):
+            return job()
+
+    return [partial(run, j, job) for j, job in enumerate(jobs)], first
 
 
 class InOrder(Iterator[Any]):
     """``in_order``'s iterator; ``close()`` (also on leaving a ``with`` block, on the last result and on a job's
     error) cancels the jobs not yet running and waits for the running ones."""
 
-    def __init__(self, jobs: list[Callable[[], Any]], at_once: int):
+    def __init__(self, jobs: list[Callable[[], Any]], ahead: int):
         self._waiting = iter(jobs)
         self._closed = False
-        self._pool = ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="audit-lists") if at_once > 1 else None
-        self._started = deque(self._pool.submit(job) for job in islice(self._waiting, 2 * at_once)) if self._pool \
+        self._pool = ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="audit-lists") if ahead > 1 else None
+        self._started = deque(self._pool.submit(job) for job in islice(self._waiting, ahead)) if self._pool \
             else deque()
 
     def __next__(self) -> Any:
@@ -572,10 +588,11 @@ def audit_item_lists(
         metric ``"dot"`` or ``"cosine"`` and absolute norm floors; default ``default_item_lists``
         (in process). The pipeline passes a Dask-backed one.
     lists_at_once : int, default 1
-        Lists computed side by side (each by ``item_lists_fn`` on a thread of this process; for a Dask-backed
-        function, so that the cluster has more than one list's tasks to run), started in the order they are
-        compared and at most ``2 x lists_at_once`` ahead of the comparison; 1: one after another. The same
-        result either way.
+        Lists whose tasks run side by side (for a Dask-backed function, so that the cluster has more than one
+        list's tasks to run): ``2 x lists_at_once`` lists are started ahead of the comparison, in the order it
+        takes them, each by ``item_lists_fn`` on its own thread of this process (a list's serial steps, its
+        matrices' preparation and round trips, then overlap the other lists' tasks), and a later one each time a
+        list is taken; 1: one after another. The same result either way.
 
     Returns
     -------
@@ -669,7 +686,10 @@ def audit_item_lists(
             continue
         jobs += [lambda s=s, metric=metric: lists(lambda: factors[s], metric) for s in names]
         jobs += [lambda s=s, d=d, metric=metric: lists(lambda: rescaled(s, d), metric) for s in names for d in diags]
-    computed = in_order(jobs, int(lists_at_once))  # the first lists start now, beside the product check below
+    workers = worker_addresses(*(x for pair in factors.values() for x in pair))  # None in this process
+    jobs, first = ranked(jobs, workers)
+    # the first lists start now, beside the product check below
+    computed = in_order(jobs, 2 * int(lists_at_once) if lists_at_once > 1 else 1)
 
     def taken() -> tuple[TopN, Any]:
         """The next list of ``jobs``; one step of the progress."""
@@ -682,7 +702,8 @@ def audit_item_lists(
     tied: dict[str, int] = {}
     no_list: dict[str, int] = {}  # audited items without a cosine list (norm below the floor, or zero), per list
     with bar, computed:  # leaving it (an error too) cancels the lists not yet started
-        pair_dev, draw_dev = _product_deviations(factors, names, diags, int(seed))
+        with task_priority(first, workers):  # its samples before the lists' ranges
+            pair_dev, draw_dev = _product_deviations(factors, names, diags, int(seed))
         deviation = max([*pair_dev.values(), *draw_dev.values()], default=0.0)
         if deviation > _FAMILY_TOL:
             raise MfsimError(

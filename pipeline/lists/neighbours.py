@@ -57,7 +57,7 @@ from mfsim.pipeline import outputs
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks
 from mfsim.pipeline.errors import MfsimError
 from mfsim.pipeline.registry import INVARIANT, LISTS, list_defined
-from mfsim.pipeline.shared import cluster_threads, is_future, runner, stack, value
+from mfsim.pipeline.shared import cluster_threads, is_future, ranges_prioritized, runner, stack, value
 
 
 @dataclass(frozen=True)
@@ -270,7 +270,8 @@ def run_topn(client, queries: QuerySet, candidates: Any, n: int, metrics: tuple[
                       cosine_min_norm=queries.cosine_min_norm)
         if pool is not None:
             return pool.submit(task, queries.parts[r.part], r, candidates, **kwargs)
-        return run.submit(task, queries.parts[r.part], r, candidates, pure=False, **kwargs)
+        with ranges_prioritized():
+            return run.submit(task, queries.parts[r.part], r, candidates, pure=False, **kwargs)
 
     # a bounded window of ranges in flight: results wait on the workers only until this loop takes them
     window = max(2, 2 * cluster_threads(client)) if client is not None else 2 * local_threads()

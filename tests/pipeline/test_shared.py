@@ -7,6 +7,7 @@ drops it, as long as a task computed from it is wanted.
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import numpy as np
@@ -135,3 +136,42 @@ def test_thread_policies_restore_what_they_change(client):
     assert on_worker(numba.get_num_threads) == before  # outside a worker: the call as it is
     inside, restored = client.submit(_numba_threads_on_worker, pure=False).result()
     assert inside == 1 and restored  # the test workers have one thread each
+
+
+def _busy(x, seconds):
+    time.sleep(seconds)
+    return time.time()
+
+
+def _stamp(x, i):
+    return time.time()
+
+
+def test_task_priority_sends_a_short_task_ahead_of_work_queued_on_the_workers(client1):
+    """On one worker with 12 long tasks queued, a group of many short tasks on one small input (tasks the scheduler
+    takes for roots of a graph and holds back while the worker is busy) runs after the long ones by default;
+    inside ``task_priority(p, workers)`` each runs next, before most of them (the scheduler's documented queuing:
+    a restricted task is never held back, and the worker runs its ready tasks by priority)."""
+    from mfsim.pipeline.shared import OnCluster, task_priority, worker_addresses
+
+    run = OnCluster(client1)
+    seed = client1.submit(np.ones, 3, pure=False)
+    seed.result()
+
+    def ends(*, ranked: bool) -> tuple[list[float], list[float]]:
+        inputs = [run.submit(np.zeros, i) for i in range(12)]
+        wait(inputs)  # a group of 12 inputs: their long tasks are not held back, but sent to the worker at once
+        long = [run.submit(_busy, x, 0.05) for x in inputs]
+        time.sleep(0.05)  # the long tasks are on the worker
+        if ranked:
+            with task_priority(10, worker_addresses(seed)):
+                short = [run.submit(_stamp, seed, i) for i in range(8)]
+        else:
+            short = [run.submit(_stamp, seed, i) for i in range(8)]
+        return client1.gather(long), client1.gather(short)
+
+    long, short = ends(ranked=False)
+    # the group's first 2 (up to twice the worker's threads) are sent at once, the rest held back to the end
+    assert sorted(short)[2] > sorted(long)[-2]
+    long, short = ends(ranked=True)
+    assert max(short) < sorted(long)[3]  # each ran as soon as the running long task ended
