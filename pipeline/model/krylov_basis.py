@@ -553,8 +553,23 @@ class ChunkedBasis(KrylovBasis):
         """The float64 sum, in chunk order, of the futures' results."""
         return _total(self.run.gather(futures))
 
+    @property
+    def chunk_workers(self) -> list[str | None]:
+        """The worker of each chunk's tasks, in chunk order (``_submit``'s)."""
+        return [self.workers[c % len(self.workers)] for c in range(self.n_chunks)]
+
+    def _rows_args(self, y, c: int) -> tuple:
+        """``(y, lo, hi)`` for chunk c's rows of y: a whole y sliced by the task, or y's own chunk c (a list of
+        chunks, ``_BlockTasks.product_rows``) whole."""
+        if isinstance(y, list):
+            return y[c], 0, self.rows[c][1] - self.rows[c][0]
+        return (y, *self.rows[c])
+
     def _chunks(self, y) -> list:
-        """The row chunks of y: a future (a product's result) or a driver-side array."""
+        """The row chunks of y: a future (a product's result), a driver-side array, or y's chunks already (a list,
+        ``_BlockTasks.product_rows``)."""
+        if isinstance(y, list):
+            return y
         if not is_future(y):
             y = self.run.share(np.ascontiguousarray(y, np.float64), "svd-y")
         return [self._submit(c, rows_of, y, *self.rows[c])
@@ -581,8 +596,6 @@ class ChunkedBasis(KrylovBasis):
         (``extend_later``, its H read at once)."""
         if room > 0:
             return self.extend_later(y, seed, step, room)()
-        if not is_future(y):
-            y = self.run.share(np.ascontiguousarray(y, np.float64), "svd-y")
         return self._sum(self._each(gs_coefficients, self._chunks(y)))
 
     def extend_later(self, y, seed: int, step: int, room: int) -> Callable[[], np.ndarray]:
@@ -600,12 +613,12 @@ class ChunkedBasis(KrylovBasis):
         rounding). Without room for a block: ``extend`` now."""
         if room <= 0:
             return super().extend_later(y, seed, step, room)
-        if not is_future(y):
+        if not (is_future(y) or isinstance(y, list)):
             y = self.run.share(np.ascontiguousarray(y, np.float64), "svd-y")
         w, width = self.width, min(room, self.widths[-1])  # y has the newest block's width
         f1 = self._submit(0, pip_factor_task, w, None, None, PIP_MIN_RATIO, *self._map(
-            pip_first, lambda c: (y, *self.rows[c], *self.blocks[c])))
-        pairs = self._map(pip_second_after, lambda c: (y, *self.rows[c], f1, *self.blocks[c]))
+            pip_first, lambda c: (*self._rows_args(y, c), *self.blocks[c])))
+        pairs = self._map(pip_second_after, lambda c: (*self._rows_args(y, c), f1, *self.blocks[c]))
         ys1, parts = self._items(pairs, 0), self._items(pairs, 1)
         f2 = self._submit(0, pip_factor_task, w, 1.0, PIP_MAX_DEVIATION, PIP_MIN_RATIO, *parts)
         self._store(self._map(pip_block_after, lambda c: (ys1[c], f2, width, *self.blocks[c])), width)

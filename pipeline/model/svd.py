@@ -243,7 +243,8 @@ class _BlockTasks:
     Where the calls run is ``pipeline.shared.runner(blocks.client)``'s: in this process the blocks are
     ``CSRBlock``s and one group, one call over all of them with the kernels parallel over threads; on a Dask
     client they are futures, grouped by the worker that held them when the SVD started, one task per block or
-    row range (``PRODUCT_TASK_NNZ``), their partials added on that worker, and the workers' sums by one task.
+    row range (``PRODUCT_TASK_NNZ``), their partials added on that worker, and the workers' sums by one task
+    (``product``) or, for a basis in row chunks, chunk by chunk on the chunks' workers (``product_rows``).
     The groups are fixed for the whole SVD: a group's tasks are pinned to its worker only loosely
     (``allow_other_workers``), so when that worker is lost the same group runs elsewhere, after the scheduler
     has recomputed the lost blocks from their lineage. The sums are therefore grouped and ordered the same
@@ -318,6 +319,26 @@ class _BlockTasks:
         cq = None if c is None or qf is None else self.run.submit(offset_product, c,
                                                                    qf[0] if isinstance(qf, list) else qf)
         return self.run.submit(centered_sum, c, *self._sums(qf, cq, l, seed))
+
+    def product_rows(self, k, c, l, seed, rows: list[tuple[int, int]], workers: list) -> list:
+        """``product``'s value in the row chunks ``rows`` (``(lo, hi)`` each), chunk i a future on ``workers[i]``:
+        each worker's sum stays where it is, and one task cuts from it the rows of each other worker's chunks
+        (``rows_for``); each chunk's rows of the sums are added, with the offset term, on the chunk's worker
+        (``centered_rows``: the same values as ``centered_sum``'s rows, bit for bit). A reduce-scatter: no p x l array
+        crosses between workers and no one task adds them all."""
+        qf = k if k is None or is_future(k) or isinstance(k, list) else self._share(k)
+        cq = None if c is None or qf is None else self.run.submit(offset_product, c,
+                                                                   qf[0] if isinstance(qf, list) else qf)
+        sums = self._sums(qf, cq, l, seed)
+        spans: dict[Any, list[tuple[int, int]]] = {}  # per worker, the rows of its chunks
+        for worker, span in zip(workers, rows):
+            spans.setdefault(worker, []).append(span)
+        cut = {(g, d): self.run.submit(rows_for, sums[g], spans[d], worker=w)
+               for g, (w, _) in enumerate(self.groups) for d in spans if d != w}
+        return [self.run.submit(centered_rows, c, lo, hi,
+                                *[sums[g] if w == d else cut[(g, d)] for g, (w, _) in enumerate(self.groups)],
+                                worker=d)
+                for d, (lo, hi) in zip(workers, rows)]
 
     def tsqr(self, q32, cq64):
         """The R factor of ``X_eff Q``: one R per group's blocks, then the R of their stack."""
@@ -592,19 +613,24 @@ def _krylov(tasks: _BlockTasks, blocks: RowBlocks, rank: int, *, block_size: int
     t0 = time.perf_counter()
     c_task = None if c is None else tasks.run.share(c, "svd-offset")  # the offset where the products run
 
-    def product(k32, width: int):
+    def product(k32, width: int, into=None):
         """``X_eff^T X_eff K`` (p x w float64) for K rounded to float32, as in every product (K None: Omega):
-        an array in this process, a future on the workers on a client (``_BlockTasks.product``)."""
+        an array in this process, a future on the workers on a client (``_BlockTasks.product``), or with ``into``
+        (a basis in row chunks on a client) a future per chunk of its rows, on the chunk's worker
+        (``_BlockTasks.product_rows``)."""
         nonlocal columns
         columns += width if k32 is None else 2 * width
+        if into is not None and tasks.client is not None and into.kind == "chunked":
+            return tasks.product_rows(k32, c_task, width, seed, into.rows, into.chunk_workers)
         return tasks.product(k32, c_task, width, seed)
 
     def drop(y, width: int) -> None:
-        """Forget a product submitted ahead (a future) and its columns in the count of passes; None, the
-        ``ahead`` after."""
+        """Forget a product submitted ahead (a future, or its chunks' futures) and its columns in the count of
+        passes; None, the ``ahead`` after."""
         nonlocal columns
         columns -= 2 * width
-        y.release()
+        for f in y if isinstance(y, list) else [y]:
+            f.release()
 
     if start is None:
         y = product(None, b)  # X_eff^T Omega
@@ -629,7 +655,7 @@ def _krylov(tasks: _BlockTasks, blocks: RowBlocks, rank: int, *, block_size: int
     ahead = None
     explicit_before = 0
     for step in progress(range(1, max_blocks + 1), max_blocks, "svd krylov blocks"):  # stops early when converged
-        y, ahead = (product(basis.last32(), basis.widths[-1]) if ahead is None else ahead), None  # A K_{j-1}
+        y, ahead = (product(basis.last32(), basis.widths[-1], basis) if ahead is None else ahead), None  # A K_{j-1}
         steps += 1
         width = basis.width
         room = cap - width if step < max_blocks else 0
@@ -638,7 +664,7 @@ def _krylov(tasks: _BlockTasks, blocks: RowBlocks, rank: int, *, block_size: int
         del y
         if tasks.client is not None and room > 0:  # a ChunkedBasis: the block is stored, H not read yet
             explicit_before = basis.explicit_steps
-            ahead = product(basis.last32(), basis.widths[-1])
+            ahead = product(basis.last32(), basis.widths[-1], basis)
         t_cols.append(coefficients())
         if ahead is not None and basis.explicit_steps != explicit_before:  # the block was made again
             ahead = drop(ahead, basis.widths[-1])
@@ -707,6 +733,22 @@ def centered_sum(c: np.ndarray | None, *parts: tuple) -> np.ndarray:
     once)."""
     y, zsum = _add_pairs(*parts) if len(parts) > 1 else parts[0]
     return y - np.outer(c, zsum) if c is not None else y
+
+
+def rows_for(pair: tuple, spans: list[tuple[int, int]]) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """The rows of a worker's sum ``(X^T Z, 1^T Z)`` that another worker's chunks take: ``{lo: rows lo:hi}`` for each
+    ``(lo, hi)`` of ``spans`` (copies, so that the whole sum can go), with ``1^T Z``."""
+    y, zsum = pair
+    return {lo: np.array(y[lo:hi]) for lo, hi in spans}, zsum
+
+
+def centered_rows(c: np.ndarray | None, lo: int, hi: int, *parts: tuple) -> np.ndarray:
+    """Rows ``lo:hi`` of ``centered_sum(c, *sums)`` from the workers' sums, in order: each whole (on this worker) or
+    its rows for this worker's chunks (``rows_for``); added as ``centered_sum`` adds them: the same values bit for
+    bit."""
+    rows = [(y[lo] if isinstance(y, dict) else y[lo:hi], zsum) for y, zsum in parts]
+    y, zsum = _add_pairs(*rows) if len(rows) > 1 else (np.array(rows[0][0]), rows[0][1])
+    return y - np.outer(c[lo:hi], zsum) if c is not None else y
 
 
 def offset_product(c: np.ndarray | None, k32: np.ndarray) -> np.ndarray | None:

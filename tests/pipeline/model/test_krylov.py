@@ -332,3 +332,35 @@ def test_products_in_row_ranges_on_the_workers(power_law, client, monkeypatch):
     np.testing.assert_allclose(cut.sigma, s_ref, rtol=1e-6)
     np.testing.assert_allclose(cut.sigma, whole.sigma, rtol=1e-6)
     np.testing.assert_allclose(np.abs(np.sum(cut.V * whole.V, axis=0)), 1.0, atol=1e-5)
+
+
+def test_products_summed_chunk_by_chunk_give_the_same_svd(power_law, client, monkeypatch):
+    """On a client each Krylov step's product reaches the basis chunk by chunk (``_BlockTasks.product_rows``: each
+    worker's sum cut where it lives, each chunk's rows added on its worker with the offset term): the same values as
+    the whole product of ``centered_sum`` cut into chunks, so the same sigma and V bit for bit, with a column offset,
+    blocks on both workers and 8 chunks."""
+    from mfsim.pipeline.model import krylov_basis
+    from mfsim.pipeline.model.svd import _BlockTasks, centered_rows, centered_sum, rows_for
+    rng = np.random.default_rng(3)
+    parts = [(rng.standard_normal((40, 5)), rng.standard_normal(5)) for _ in range(3)]
+    c = rng.standard_normal(40)
+    whole = centered_sum(c, *parts)
+    spans = [(0, 7), (20, 40)]  # one worker's chunks: the second sum whole there, the others' rows cut for it
+    for lo, hi in spans:
+        mixed = [rows_for(parts[0], spans), parts[1], rows_for(parts[2], spans)]
+        np.testing.assert_array_equal(centered_rows(c, lo, hi, *mixed), whole[lo:hi])
+    np.testing.assert_array_equal(centered_rows(None, 3, 9, parts[0]), parts[0][0][3:9])
+
+    monkeypatch.setattr(krylov_basis, "MIN_CHUNK_ROWS", 1)  # 1000 items: 8 chunks of 125 rows
+    kw = dict(block_size=8, tol=1e-6, seed=2, col_offset=np.asarray(power_law.mean(axis=0)).ravel())
+    blocks = RowBlocks.from_scipy(power_law, 250, client)
+    assert len({w for w in client.who_has(blocks.parts).values() for w in w}) == 2
+    split = krylov_svd(blocks, 20, **kw)
+    monkeypatch.setattr(_BlockTasks, "product_rows", lambda self, k, c, l, seed, rows, workers:
+                        self.product(k, c, l, seed))  # the whole product, cut by the basis
+    joined = krylov_svd(blocks, 20, **kw)
+    np.testing.assert_array_equal(split.sigma, joined.sigma)
+    np.testing.assert_array_equal(split.V, joined.V)
+    assert split.diagnostics["passes"] == joined.diagnostics["passes"]
+    here = krylov_svd(RowBlocks.from_scipy(power_law, 250), 20, **kw)  # in this process: the sums in another order
+    np.testing.assert_allclose(split.sigma, here.sigma, rtol=1e-6)
