@@ -212,7 +212,7 @@ def task_priority(priority: int, workers: list[str] | None = None) -> Iterator[N
     """Tasks submitted to a client from this thread inside get Dask's ``priority`` (of the tasks ready on a worker
     the higher runs first; 0 by default); nested, the innermost wins. Order only: results do not change.
 
-    ``workers`` (the client's, ``worker_addresses``): the tasks (those ``OnCluster.submit`` places nowhere) go to a
+    ``workers`` (the client's: ``worker_addresses``): the tasks (those ``OnCluster.submit`` places nowhere) go to a
     worker at once, chosen by the scheduler among them as for any task (where their inputs are). Without it the
     scheduler holds back a task it takes for a graph's root (one of a group of many tasks with few inputs, such as
     each list's rescaled factors) while every worker has tasks queued, and such a task waits behind all of them,
@@ -227,11 +227,9 @@ def task_priority(priority: int, workers: list[str] | None = None) -> Iterator[N
         _SENT_AT_ONCE.reset(token)
 
 
-def worker_addresses(*args: Any) -> list[str] | None:
-    """The addresses of the workers of the client of the first future among ``args`` (one round trip), None when
-    none is a future."""
-    future = next((a for a in args if is_future(a)), None)
-    return None if future is None else sorted(future.client.scheduler_info()["workers"])
+def worker_addresses(client: Any) -> list[str] | None:
+    """The addresses of ``client``'s workers (one round trip), None without a client."""
+    return None if client is None else sorted(client.scheduler_info()["workers"])
 
 
 #: The priority of the top-N range tasks submitted from this thread (``range_priority``); None: their caller's.

@@ -686,7 +686,7 @@ def audit_item_lists(
             continue
         jobs += [lambda s=s, metric=metric: lists(lambda: factors[s], metric) for s in names]
         jobs += [lambda s=s, d=d, metric=metric: lists(lambda: rescaled(s, d), metric) for s in names for d in diags]
-    workers = worker_addresses(*(x for pair in factors.values() for x in pair))  # None in this process
+    workers = worker_addresses(getattr(factors, "client", None))  # factors built on a client's workers, or None
     jobs, first = ranked(jobs, workers)
     # the first lists start now, beside the product check below
     computed = in_order(jobs, 2 * int(lists_at_once) if lists_at_once > 1 else 1)

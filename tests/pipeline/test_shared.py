@@ -164,7 +164,7 @@ def test_task_priority_sends_a_short_task_ahead_of_work_queued_on_the_workers(cl
         long = [run.submit(_busy, x, 0.05) for x in inputs]
         time.sleep(0.05)  # the long tasks are on the worker
         if ranked:
-            with task_priority(10, worker_addresses(seed)):
+            with task_priority(10, worker_addresses(client1)):
                 short = [run.submit(_stamp, seed, i) for i in range(8)]
         else:
             short = [run.submit(_stamp, seed, i) for i in range(8)]
