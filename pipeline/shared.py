@@ -248,10 +248,23 @@ def range_priority(priority: int) -> Iterator[None]:
         _RANGE_PRIORITY.reset(token)
 
 
+@contextmanager
+def _as_range(priority: int) -> Iterator[None]:
+    import dask
+
+    token = _SENT_AT_ONCE.set(None)  # placed and sent as any task: they are many, with large inputs
+    try:
+        with dask.annotate(priority=priority):
+            yield
+    finally:
+        _SENT_AT_ONCE.reset(token)
+
+
 def ranges_prioritized():
-    """The context a range task is submitted in: ``task_priority`` of ``range_priority``'s value, if one is set."""
+    """The context a range task is submitted in: ``range_priority``'s value as its priority, if one is set (and not
+    sent at once: ``task_priority``'s ``workers`` are for the short tasks around the ranges)."""
     priority = _RANGE_PRIORITY.get()
-    return nullcontext() if priority is None else task_priority(priority)
+    return nullcontext() if priority is None else _as_range(priority)
 
 
 def where_of(client: Any) -> str:

@@ -46,6 +46,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from functools import partial
 from itertools import combinations, islice
 from typing import Any, Callable, Iterator
@@ -295,11 +296,19 @@ def _lists(fn: ItemListsFn, queries: np.ndarray, candidates: np.ndarray, n: int,
     return fn(queries, candidates, n, metric, exclude_self=exclude_self, cosine_min_norm=floors)
 
 
-def in_order(jobs: list[Callable[[], Any]], ahead: int) -> "InOrder":
-    """Each job's result, in the jobs' order (``InOrder``): with ``ahead`` > 1 the first ``ahead`` jobs start now, each
-    on its own thread, and each later one when a result is taken (so at most ``ahead`` jobs run or wait to be taken,
-    and a job's own serial steps overlap the others' work), else one after another here as they are taken."""
-    return InOrder(jobs, ahead)
+def in_order(jobs: list[Callable[[], Any]], at_once: int) -> "InOrder":
+    """Each job's result, in the jobs' order (``InOrder``): with ``at_once`` > 1 the jobs run on that many threads,
+    the first ``2 x at_once`` started now and each later one when a result is taken (so at most that many results
+    wait), else one after another here as they are taken."""
+    return InOrder(jobs, at_once)
+
+
+#: Lists side by side from which the audit ranks their tasks (``ranked``): from 3, the count a cluster of more threads
+#: than two lists' tasks gets (``jobs.stages.groups_in_flight``). Measured at 200k x 50k (10 tasks a list): planned
+#: for 32 threads (4 lists side by side), the audit's predicted time at 32 workers 3.0 -> 2.7 s (one round instead
+#: of 12-17, its serial part 0.9 -> 0.5 s); on 2 workers (2 lists side by side, the workers never short of tasks)
+#: ranked lists ran one after another with a worker idle at each list's end: audit 35.3 -> 40.3 s, so not there.
+RANKED_FROM = 3
 
 
 def ranked(jobs: list[Callable[[], Any]], workers: list[str] | None) -> tuple[list[Callable[[], Any]], int]:
@@ -321,11 +330,11 @@ class InOrder(Iterator[Any]):
     """``in_order``'s iterator; ``close()`` (also on leaving a ``with`` block, on the last result and on a job's
     error) cancels the jobs not yet running and waits for the running ones."""
 
-    def __init__(self, jobs: list[Callable[[], Any]], ahead: int):
+    def __init__(self, jobs: list[Callable[[], Any]], at_once: int):
         self._waiting = iter(jobs)
         self._closed = False
-        self._pool = ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="audit-lists") if ahead > 1 else None
-        self._started = deque(self._pool.submit(job) for job in islice(self._waiting, ahead)) if self._pool \
+        self._pool = ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="audit-lists") if at_once > 1 else None
+        self._started = deque(self._pool.submit(job) for job in islice(self._waiting, 2 * at_once)) if self._pool \
             else deque()
 
     def __next__(self) -> Any:
@@ -588,11 +597,10 @@ def audit_item_lists(
         metric ``"dot"`` or ``"cosine"`` and absolute norm floors; default ``default_item_lists``
         (in process). The pipeline passes a Dask-backed one.
     lists_at_once : int, default 1
-        Lists whose tasks run side by side (for a Dask-backed function, so that the cluster has more than one
-        list's tasks to run): ``2 x lists_at_once`` lists are started ahead of the comparison, in the order it
-        takes them, each by ``item_lists_fn`` on its own thread of this process (a list's serial steps, its
-        matrices' preparation and round trips, then overlap the other lists' tasks), and a later one each time a
-        list is taken; 1: one after another. The same result either way.
+        Lists computed side by side (each by ``item_lists_fn`` on a thread of this process; for a Dask-backed
+        function, so that the cluster has more than one list's tasks to run), started in the order they are
+        compared and at most ``2 x lists_at_once`` ahead of the comparison; 1: one after another. On a cluster
+        their tasks are ranked (``ranked``): the lists finish in that order. The same result either way.
 
     Returns
     -------
@@ -686,10 +694,14 @@ def audit_item_lists(
             continue
         jobs += [lambda s=s, metric=metric: lists(lambda: factors[s], metric) for s in names]
         jobs += [lambda s=s, d=d, metric=metric: lists(lambda: rescaled(s, d), metric) for s in names for d in diags]
-    workers = worker_addresses(getattr(factors, "client", None))  # factors built on a client's workers, or None
-    jobs, first = ranked(jobs, workers)
-    # the first lists start now, beside the product check below
-    computed = in_order(jobs, 2 * int(lists_at_once) if lists_at_once > 1 else 1)
+    # ranked where two lists' tasks cannot keep the cluster busy (``RANKED_FROM``): without a rank, lists side by
+    # side finish together and the next ones' inputs are made while the cluster has nothing to run
+    client = getattr(factors, "client", None)  # factors built on a client's workers, or None
+    first, workers = 0, None
+    if client is not None and lists_at_once >= RANKED_FROM:
+        workers = worker_addresses(client)
+        jobs, first = ranked(jobs, workers)
+    computed = in_order(jobs, int(lists_at_once))  # the first lists start now, beside the product check below
 
     def taken() -> tuple[TopN, Any]:
         """The next list of ``jobs``; one step of the progress."""
@@ -702,7 +714,7 @@ def audit_item_lists(
     tied: dict[str, int] = {}
     no_list: dict[str, int] = {}  # audited items without a cosine list (norm below the floor, or zero), per list
     with bar, computed:  # leaving it (an error too) cancels the lists not yet started
-        with task_priority(first, workers):  # its samples before the lists' ranges
+        with task_priority(first, workers) if workers else nullcontext():  # its samples before the lists' ranges
             pair_dev, draw_dev = _product_deviations(factors, names, diags, int(seed))
         deviation = max([*pair_dev.values(), *draw_dev.values()], default=0.0)
         if deviation > _FAMILY_TOL:

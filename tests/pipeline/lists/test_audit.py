@@ -865,7 +865,7 @@ def test_audit_of_factors_built_on_the_workers_equals_the_in_process_audit(eq1, 
 
 
 def test_in_order_runs_jobs_side_by_side_and_gives_them_in_order():
-    """``in_order`` with 6 ahead: results in the jobs' order, 6 jobs running at once at some moment, never more,
+    """``in_order`` with 3 threads: results in the jobs' order, 3 jobs running at once at some moment, never more,
     and never more than 6 started ahead of the one taken."""
     import threading
     import time
@@ -887,17 +887,34 @@ def test_in_order_runs_jobs_side_by_side_and_gives_them_in_order():
         return run
 
     taken = []
-    for i, out in enumerate(in_order([job(i) for i in range(12)], 6)):
+    for i, out in enumerate(in_order([job(i) for i in range(12)], 3)):
         assert started[0] <= i + 1 + 6
         taken.append(out)
-    assert taken == list(range(12)) and most[0] == 6
+    assert taken == list(range(12)) and most[0] == 3
     assert list(in_order([job(i) for i in range(4)], 1)) == [0, 1, 2, 3]
     # started when made (the audit's product check runs beside the first lists); close() cancels the rest
     started[0] = 0
-    early = in_order([job(i) for i in range(10)], 4)
+    early = in_order([job(i) for i in range(10)], 2)
     deadline = time.monotonic() + 10
     while started[0] < 4 and time.monotonic() < deadline:
         time.sleep(0.005)
-    assert started[0] == 4  # 4 started ahead, none taken
+    assert started[0] == 4  # 2 x 2 started ahead, none taken
     early.close()
     assert started[0] == 4 and list(early) == []
+
+
+def test_ranked_lists_run_their_ranges_in_order_after_their_inputs():
+    """``ranked``: job j submits its list's ranges at priority ``len(jobs) - j`` (earlier lists first) and every
+    other task at ``first``, above every range, sent to the given workers at once; the jobs' own results are kept."""
+    import dask
+
+    from mfsim.pipeline.lists.audit import ranked
+    from mfsim.pipeline.shared import _RANGE_PRIORITY, _SENT_AT_ONCE
+
+    def job(i):
+        return lambda: (i, dask.get_annotations().get("priority"), _RANGE_PRIORITY.get(), _SENT_AT_ONCE.get())
+
+    jobs, first = ranked([job(i) for i in range(3)], ["tcp://127.0.0.1:1"])
+    assert first == 4
+    assert [j() for j in jobs] == [(i, 4, 3 - i, ["tcp://127.0.0.1:1"]) for i in range(3)]
+    assert dask.get_annotations().get("priority") is None and _RANGE_PRIORITY.get() is None  # restored after each
