@@ -338,7 +338,7 @@ def test_products_summed_chunk_by_chunk_give_the_same_svd(power_law, client, mon
     """On a client each Krylov step's product reaches the basis chunk by chunk (``_BlockTasks.product_rows``: each
     worker's sum cut where it lives, each chunk's rows added on its worker with the offset term): the same values as
     the whole product of ``centered_sum`` cut into chunks, so the same sigma and V bit for bit, with a column offset,
-    blocks on both workers and 8 chunks."""
+    blocks on both workers and 4 chunks."""
     from mfsim.pipeline.model import krylov_basis
     from mfsim.pipeline.model.svd import _BlockTasks, centered_rows, centered_sum, rows_for
     rng = np.random.default_rng(3)
@@ -351,7 +351,7 @@ def test_products_summed_chunk_by_chunk_give_the_same_svd(power_law, client, mon
         np.testing.assert_array_equal(centered_rows(c, lo, hi, *mixed), whole[lo:hi])
     np.testing.assert_array_equal(centered_rows(None, 3, 9, parts[0]), parts[0][0][3:9])
 
-    monkeypatch.setattr(krylov_basis, "MIN_CHUNK_ROWS", 1)  # 1000 items: 8 chunks of 125 rows
+    monkeypatch.setattr(krylov_basis, "MIN_CHUNK_ROWS", 250)  # 1000 items: 4 chunks, 2 on each worker
     kw = dict(block_size=8, tol=1e-6, seed=2, col_offset=np.asarray(power_law.mean(axis=0)).ravel())
     blocks = RowBlocks.from_scipy(power_law, 250, client)
     assert len({w for w in client.who_has(blocks.parts).values() for w in w}) == 2
