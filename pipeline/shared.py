@@ -213,13 +213,13 @@ def task_priority(priority: int, workers: list[str] | None = None) -> Iterator[N
     the higher runs first; 0 by default); nested, the innermost wins. Order only: results do not change.
 
     ``workers`` (the client's: ``worker_addresses``): the tasks (those ``OnCluster.submit`` places nowhere) go to a
-    worker at once, chosen by the scheduler among them as for any task (where their inputs are). Without it the
-    scheduler holds back a task it takes for a graph's root (one of a group of many tasks with few inputs, such as
-    each list's rescaled factors) while every worker has tasks queued, and such a task waits behind all of them,
-    whatever its priority; on a worker's queue it runs next."""
+    worker at once, chosen by the scheduler among them as for any task (where their inputs are); None: when the
+    scheduler chooses. The scheduler holds back a task it takes for a graph's root (one of a group of many tasks
+    with few inputs, such as each list's rescaled factors) while every worker has tasks queued, and such a task
+    waits behind all of them, whatever its priority; on a worker's queue it runs next."""
     import dask
 
-    token = _SENT_AT_ONCE.set(list(workers) if workers else _SENT_AT_ONCE.get())
+    token = _SENT_AT_ONCE.set(list(workers) if workers else None)
     try:
         with dask.annotate(priority=int(priority)):
             yield
@@ -248,23 +248,11 @@ def range_priority(priority: int) -> Iterator[None]:
         _RANGE_PRIORITY.reset(token)
 
 
-@contextmanager
-def _as_range(priority: int) -> Iterator[None]:
-    import dask
-
-    token = _SENT_AT_ONCE.set(None)  # placed and sent as any task: they are many, with large inputs
-    try:
-        with dask.annotate(priority=priority):
-            yield
-    finally:
-        _SENT_AT_ONCE.reset(token)
-
-
 def ranges_prioritized():
     """The context a range task is submitted in: ``range_priority``'s value as its priority, if one is set (and not
     sent at once: ``task_priority``'s ``workers`` are for the short tasks around the ranges)."""
     priority = _RANGE_PRIORITY.get()
-    return nullcontext() if priority is None else _as_range(priority)
+    return nullcontext() if priority is None else task_priority(priority)  # placed and sent as any task
 
 
 def where_of(client: Any) -> str:

@@ -315,10 +315,15 @@ class _BlockTasks:
         ``ChunkedBasis.last32``'s futures, one per group; None: Omega) and
         ``c``, the column offset (``run.share``d) or None: an array here, a future on a worker on a client (nothing
         p-sized comes to this process). The task that adds the workers' sums adds the offset term (``centered_sum``)."""
+        return self.run.submit(centered_sum, c, *self._sums(*self._k_where(k, c), l, seed))
+
+    def _k_where(self, k, c) -> tuple[Any, Any]:
+        """``(K where the products read it, its offset row c^T K or None)`` for ``product`` and ``product_rows``: K
+        as given when it is None (Omega), a future or per-group futures, else shared; the offset row a task."""
         qf = k if k is None or is_future(k) or isinstance(k, list) else self._share(k)
         cq = None if c is None or qf is None else self.run.submit(offset_product, c,
                                                                    qf[0] if isinstance(qf, list) else qf)
-        return self.run.submit(centered_sum, c, *self._sums(qf, cq, l, seed))
+        return qf, cq
 
     def product_rows(self, k, c, l, seed, rows: list[tuple[int, int]], workers: list) -> list:
         """``product``'s value in the row chunks ``rows`` (``(lo, hi)`` each), chunk i a future on ``workers[i]``:
@@ -326,10 +331,7 @@ class _BlockTasks:
         (``rows_for``); each chunk's rows of the sums are added, with the offset term, on the chunk's worker
         (``centered_rows``: the same values as ``centered_sum``'s rows, bit for bit). A reduce-scatter: no p x l array
         crosses between workers and no one task adds them all."""
-        qf = k if k is None or is_future(k) or isinstance(k, list) else self._share(k)
-        cq = None if c is None or qf is None else self.run.submit(offset_product, c,
-                                                                   qf[0] if isinstance(qf, list) else qf)
-        sums = self._sums(qf, cq, l, seed)
+        sums = self._sums(*self._k_where(k, c), l, seed)
         spans: dict[Any, list[tuple[int, int]]] = {}  # per worker, the rows of its chunks
         for worker, span in zip(workers, rows):
             spans.setdefault(worker, []).append(span)
