@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mfsim.jobs.logs import tee_to_file
-from mfsim.jobs.stages import STAGES, StageContext
+from mfsim.jobs.stages import STAGES, Beside, StageContext
 from mfsim.pipeline import blocks
 from mfsim.pipeline.cluster import ClusterOnDemand
 from mfsim.pipeline.config import Config
@@ -44,6 +44,7 @@ def run_stages(ctx: StageContext) -> dict[str, Any]:
     started = time.perf_counter()
     # a terminal whose log level hides the stage lines (--log-level WARNING) keeps one live line of them
     live = sys.stderr.isatty() and not log.isEnabledFor(logging.INFO)
+    waiting = None
     for k, stage in enumerate(planned, 1):
         place = f"{k}/{len(planned)}"
         if live:
@@ -60,9 +61,18 @@ def run_stages(ctx: StageContext) -> dict[str, Any]:
         t0 = time.perf_counter()
         with ctx.run.stage(stage.name) if stage.timed else nullcontext():
             ctx.results[stage.name] = stage.fn(ctx)
+            if waiting is not None:  # the previous stage's last wait (``StageResult.wait_later``)
+                waiting()
+        waiting = ctx.results[stage.name].wait_later
         peaks[stage.name] = driver_peak_rss_mib()
+        for later in planned[k:]:  # the parts of later stages that can begin now (``Stage.early``)
+            work = later.early(ctx) if later.early is not None and later.early_after == stage.name else None
+            if work is not None:
+                ctx.early[later.name] = Beside(work, later.name)
         log.info("stage %s: done in %.2fs (%s, %.1fs since the first); driver peak RSS so far %d MiB", stage.name,
                  time.perf_counter() - t0, place, time.perf_counter() - started, peaks[stage.name])
+    if waiting is not None:  # the last stage's (none of today's stages leaves one)
+        waiting()
     if live:
         sys.stderr.write(f"\r[{len(planned)}/{len(planned)}] done in {time.perf_counter() - started:.1f}s\x1b[K\n")
         sys.stderr.flush()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -53,6 +54,9 @@ class StageResult:
     manifest: dict[str, Any] = field(default_factory=dict)
     tables: dict[str, pa.Table] = field(default_factory=dict)
     detail: Any = None
+    #: the stage's last wait, for tasks it submitted that need not hold up the next stage: the runner calls it at
+    #: the end of the next stage (inside its timing), so those tasks run beside that stage's
+    wait_later: Callable[[], None] | None = None
 
 
 @dataclass
@@ -71,6 +75,7 @@ class StageContext:
     train: tuple | None = None  # (train, test, Spectrum) of the held-out split (``holdout_split``): sweep, evaluation
     results: dict[str, StageResult] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    early: dict[str, Beside] = field(default_factory=dict)  # stage name -> its part begun early (``Stage.early``)
 
     @property
     def client(self) -> Any:
@@ -81,14 +86,42 @@ class StageContext:
 
 @dataclass(frozen=True)
 class Stage:
-    """A named stage, when it runs, whether the runner times it (``fit`` times its own parts), and the modules it
-    imports when it runs (``imports``: the runner imports them beside the earlier stages, ``main_job.run_stages``)."""
+    """A named stage, when it runs, whether the runner times it (``fit`` times its own parts), the modules it
+    imports when it runs (``imports``: the runner imports them beside the earlier stages, ``main_job.run_stages``),
+    and the part of it that can begin early: ``early(ctx)``, called right after the stage ``early_after``, returns
+    that work as a call (or None: nothing to begin), which runs in a thread beside the stages in between
+    (``Beside``, in ``ctx.early[name]``, whose ``result()`` the stage reads)."""
 
     name: str
     fn: Callable[[StageContext], StageResult]
     when: Callable[[StageContext], bool] = lambda ctx: True
     timed: bool = True
     imports: tuple[str, ...] = ()
+    early: Callable[[StageContext], Callable[[], Any] | None] | None = None
+    early_after: str = ""
+
+
+class Beside:
+    """``work()`` in a thread of its own (a daemon: a run that fails before reading it does not wait for it);
+    ``result()`` waits for it and returns its value, or raises its error."""
+
+    def __init__(self, work: Callable[[], Any], name: str):
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(work,), name=f"mfsim-early-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self, work: Callable[[], Any]) -> None:
+        try:
+            self._value = work()
+        except BaseException as exc:  # handed to the reader
+            self._error = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,7 +340,8 @@ def warm_start(ctx: StageContext) -> tuple[np.ndarray | None, dict[str, Any] | N
 def factors_stage(ctx: StageContext) -> StageResult:
     """``item_embeddings/objective=<o>/scaling=<s>/part-*.parquet`` (B) and ``user_embeddings/...`` (P = X A),
     each part written by the worker that holds it (P's row blocks; B built on a worker from the shared V,
-    ``ITEM_PART_ROWS`` rows a part)."""
+    ``ITEM_PART_ROWS`` rows a part). On a client the stage submits the parts and leaves: they are written beside the
+    next stage's lists, which do not read them, and recorded at its end (``StageResult.wait_later``)."""
     data, fit, loc = ctx.data, ctx.fit, ctx.run.location
     client = None if fit.X.client is None else ctx.client  # X (hence P) here when the fit ran here (``fit_spectrum``)
     run = runner(client)
@@ -325,9 +359,14 @@ def factors_stage(ctx: StageContext) -> StageResult:
             ids = outputs.id_rows(data.user_ids, int(offsets[b]), int(offsets[b + 1] - offsets[b]))
             pending.append(run.submit(write_embeddings, loc, outputs.part_file(users_dir, b), outputs.USER_ID,
                                       ids, fut, pure=False))
-    for w in progress(_results_in_order(pending), len(pending), "factors parts"):
-        ctx.run.written(w)
-    return StageResult({"embeddings": {"ran_on": where_of(client)}})
+
+    def record() -> None:
+        for w in progress(_results_in_order(pending), len(pending), "factors parts"):
+            ctx.run.written(w)
+
+    if client is None:  # written already
+        record()
+    return StageResult({"embeddings": {"ran_on": where_of(client)}}, wait_later=None if client is None else record)
 
 
 def _results_in_order(futures: list) -> Iterator[Any]:
@@ -550,21 +589,44 @@ def audit_stage(ctx: StageContext) -> StageResult:
     return StageResult({"audit": result.summary}, {"audit": result.stability}, detail=result)
 
 
+def report_client(ctx: StageContext) -> Any:
+    """Where the report's figures are drawn: as tasks on the run's workers when X is held there (``blocks``'
+    placement: a run too small for that draws here, and its fresh workers do not import matplotlib for ~2 s of
+    figures), else here (None)."""
+    return ctx.client if ctx.clients.started and ctx.fit.X.client is not None else None
+
+
+def report_figures_early(ctx: StageContext) -> Callable[[], Any] | None:
+    """The report's figures that need no audit (``start_figures``: all but the audit's histograms), sampled and
+    submitted right after the factors so that the workers draw them beside the lists; None where the report draws
+    here (the drawing would only take this process's time from the stages in between)."""
+    client = report_client(ctx)
+    if client is None:
+        return None
+    from mfsim.pipeline.report.build import start_figures
+
+    tables = {name: t for r in ctx.results.values() for name, t in r.tables.items()}
+    return partial(start_figures, ctx.cfg, ctx.fit, ctx.data, truth=ctx.truth,
+                   labels=ctx.scorer.labels if ctx.scorer is not None else None, sweep=tables.get("lambda_sweep"),
+                   client=client)
+
+
 def report_stage(ctx: StageContext) -> StageResult:
     """``report.html``, one self-contained file (figures inline; ``build_report``): the headline, figures that
     show the arbitrary scaling of Eq. 1 at a glance, the spectrum and the lambda sweep, the tables, what was
     skipped and why, and the run's input, configuration, versions and stage timings. The figures are drawn as tasks
-    on the workers when X is held there (``blocks``' placement: a run too small for that draws here, and its fresh
-    workers do not import matplotlib for ~2 s of figures), else here."""
+    on the workers where ``report_client`` says so, those that need no audit begun after the factors
+    (``report_figures_early``), else here."""
     from mfsim.pipeline.report.build import build_report  # matplotlib: imported by the runs that draw a report
 
+    early = ctx.early.pop("report", None)
     audit = ctx.results["audit"].detail if "audit" in ctx.results else None
     page = build_report(ctx.cfg, ctx.fit, ctx.data, title=f"mfsim run {ctx.run.run_id}", truth=ctx.truth,
                         labels=ctx.scorer.labels if ctx.scorer is not None else None, audit=audit,
                         tables={name: t for r in ctx.results.values() for name, t in r.tables.items()},
                         manifest={key: v for r in ctx.results.values() for key, v in r.manifest.items()},
                         timings=dict(ctx.run.timings), versions=package_versions(), warnings=ctx.warnings,
-                        client=ctx.client if ctx.clients.started and ctx.fit.X.client is not None else None)
+                        client=report_client(ctx), started=early.result() if early is not None else None)
     ctx.run.write_bytes(outputs.REPORT, page)
     return StageResult()
 
@@ -577,5 +639,6 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluation", evaluation_stage, lambda ctx: ctx.cfg.evaluation.holdout != "none"),
     Stage("cluster_precision", cluster_precision_stage, lambda ctx: ctx.truth is not None),  # the scorer's source
     Stage("audit", audit_stage, lambda ctx: ctx.cfg.audit.enabled and ctx.cfg.objectives.eq1 is not None),
-    Stage("report", report_stage, lambda ctx: ctx.cfg.report.enabled, imports=("mfsim.pipeline.report.build",)),
+    Stage("report", report_stage, lambda ctx: ctx.cfg.report.enabled, imports=("mfsim.pipeline.report.build",),
+          early=report_figures_early, early_after="factors"),
 )

@@ -133,49 +133,92 @@ def list_guide(pairs: list[tuple[str, str]], cfg: Config, audit_summary: Mapping
     return sorted(rows.values(), key=lambda r: order[r["verdict"]])
 
 
+@dataclass
+class Figures:
+    """The report's figures as they are drawn: ``inputs`` (what they read, and what one hands on to the next),
+    ``drawn`` (name -> PNG bytes, or a future of them on a client), ``captions`` (name -> text)."""
+
+    inputs: FigureInputs
+    run: Any  # where the drawing runs (``pipeline.shared.runner``)
+    drawn: dict[str, Any] = field(default_factory=dict)
+    captions: dict[str, str] = field(default_factory=dict)
+
+    def draw(self, figures: list[tuple[str, Drawing]]) -> None:
+        """Sample and submit each figure of ``figures`` not drawn yet (``DRAWN_FIRST`` first): on a client each is
+        drawn on a worker while the next one's data is sampled here; here one after another."""
+        for name, draw in sorted(figures, key=lambda f: DRAWN_FIRST.get(f[0], len(DRAWN_FIRST))):
+            if name in self.drawn:
+                continue
+            png, self.captions[name] = draw()  # its data, sampled here
+            self.drawn[name] = self.run.submit(draw_png, png)
+            del png
+
+
+def new_figures(cfg: Config, fit: Fit, client: Any = None) -> Figures:
+    """The ``Figures`` of a run, none drawn yet (``client``: drawn as tasks on its workers, else here)."""
+    p, k = fit.V.shape
+    inputs = FigureInputs(fit, fit.factors.of("eq1"), rcfg=cfg.report, spread=cfg.audit.spread,
+                          d=random_diagonals(k, 1, cfg.audit.spread, cfg.audit.seed)[0],  # the audit's first random D
+                          top_n=list_length(cfg.audit.top_n or cfg.neighbours.top_n, p - 1))
+    return Figures(inputs, runner(client))
+
+
+def _planned(figures: Figures, cfg: Config, data: IngestResult, *, truth: ItemTruth | None, labels: np.ndarray | None,
+             audit: AuditResult | None, sweep: pa.Table | None) -> tuple[list[tuple[str, Drawing]], dict[str, str]]:
+    """``plan_figures`` of a run: the figures that apply in the page's order, and the ones left out."""
+    inputs = figures.inputs
+    meta = inputs.fit.manifest_meta()
+    heatmap = partial(heatmaps_figure, inputs, labels=labels, item_counts=data.item_counts,
+                      popularity=partial(truth_popularity, truth, cfg, data.item_ids))
+    return plan_figures(inputs, audit=audit, audit_summary=dict(getattr(audit, "summary", None) or {}),
+                        heatmap=heatmap, lambdas={o: meta[o]["lambda"] for o in ("eq1", "eq2") if o in meta},
+                        sweep=sweep, select_metric=cfg.evaluation.select_metric)
+
+
+def start_figures(cfg: Config, fit: Fit, data: IngestResult, *, truth: ItemTruth | None, labels: np.ndarray | None,
+                  sweep: pa.Table | None, client: Any) -> Figures:
+    """The figures that need no audit (all but the audit's histograms) sampled here and submitted to ``client``'s
+    workers now, so that they are drawn beside the stages that run before the report (``build_report`` adds the
+    rest and gathers them all)."""
+    figures = new_figures(cfg, fit, client)
+    figures.draw(_planned(figures, cfg, data, truth=truth, labels=labels, audit=None, sweep=sweep)[0])
+    return figures
+
+
 def build_report(cfg: Config, fit: Fit, data: IngestResult, *, title: str, truth: ItemTruth | None,
                  labels: np.ndarray | None, audit: AuditResult | None, tables: Mapping[str, pa.Table],
                  manifest: Mapping[str, Any], timings: Mapping[str, float], versions: Mapping[str, str],
-                 warnings: list[str] | None = None, client: Any = None) -> bytes:
+                 warnings: list[str] | None = None, client: Any = None, started: Figures | None = None) -> bytes:
     """The run's ``report.html`` as UTF-8 bytes (``render_report``).
 
     ``labels``: the true cluster of each item (-1: none) when the item truth is known; ``audit``: the audit's
     result, None when it did not run; ``tables``: the published tables by name (``lambda_sweep``,
     ``evaluation``, ``cluster_precision``, ``audit``); ``manifest``: the manifest entries of the stages so far
     (``input``, ``evaluation``); ``timings``: seconds per stage; ``versions``: package -> version; ``client``: the
-    figures are drawn as tasks on its workers (matplotlib's drawing is most of a report's time), else here.
+    figures are drawn as tasks on its workers (matplotlib's drawing is most of a report's time), else here;
+    ``started``: figures already submitted (``start_figures``), of the same fit: only the others are drawn now.
     """
-    p, k = fit.V.shape
     audit_summary = dict(getattr(audit, "summary", None) or {})
-    inputs = FigureInputs(fit, fit.factors.of("eq1"), rcfg=cfg.report, spread=cfg.audit.spread,
-                          d=random_diagonals(k, 1, cfg.audit.spread, cfg.audit.seed)[0],  # the audit's first random D
-                          top_n=list_length(cfg.audit.top_n or cfg.neighbours.top_n, p - 1))
-    meta = fit.manifest_meta()
-    lambdas = {o: meta[o]["lambda"] for o in ("eq1", "eq2") if o in meta}
     sweep = tables.get("lambda_sweep")
-    heatmap = partial(heatmaps_figure, inputs, labels=labels, item_counts=data.item_counts,
-                      popularity=partial(truth_popularity, truth, cfg, data.item_ids))
-    figures, skipped = plan_figures(inputs, audit=audit, audit_summary=audit_summary, heatmap=heatmap,
-                                    lambdas=lambdas, sweep=sweep, select_metric=cfg.evaluation.select_metric)
-    run = runner(client)  # the drawing: a task per figure on the workers, side by side; one after another here
-    drawn: dict[str, Any] = {}
-    captions: dict[str, str] = {}
-    for name, draw in sorted(figures, key=lambda f: DRAWN_FIRST.get(f[0], len(DRAWN_FIRST))):
-        png, captions[name] = draw()  # its data, sampled here
-        drawn[name] = run.submit(draw_png, png)  # on a client drawn while the next figure's data is sampled
-        del png
-    names = [name for name, _ in figures]  # the page's order
-    images = dict(zip(names, list(progress(_in_order(run, [drawn[n] for n in names]), len(names), "report figures"))))
+    figures = started if started is not None else new_figures(cfg, fit, client)
+    inputs = figures.inputs
+    planned, skipped = _planned(figures, cfg, data, truth=truth, labels=labels, audit=audit, sweep=sweep)
+    figures.draw(planned)
+    names = [name for name, _ in planned]  # the page's order
+    images = dict(zip(names, list(progress(_in_order(figures.run, [figures.drawn[n] for n in names]), len(names),
+                                           "report figures"))))
     skipped.update(skipped_parts(cfg, truth=truth, audit=audit))
     skipped.update(manifest.get("skipped", {}))  # what the job left out (``jobs.stages.cosine_within_size``)
     page_tables: dict[str, Any] = {t: tables[key] for key, t in TABLE_TITLES if key in tables}
     if sweep is not None:
         page_tables[SWEEP_TITLE] = sweep
     resolved = cfg.resolved()
+    meta = fit.manifest_meta()
+    lambdas = {o: meta[o]["lambda"] for o in ("eq1", "eq2") if o in meta}
     return render_report(title=title, headline=headline(audit_summary) or rescaling_finding(inputs),
                          intro=PAPER, guide=list_guide(list(fit.factors), cfg, audit_summary),
                          warnings=list(warnings or []),
-                         tables=page_tables, images=images, captions=captions,
+                         tables=page_tables, images=images, captions=figures.captions,
                          summary_lines=summary_lines(data.counts, len(fit.sigma), manifest.get("evaluation"),
                                                      audit_summary if audit is not None else None),
                          skipped=skipped, config=resolved,

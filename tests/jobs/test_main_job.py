@@ -73,15 +73,30 @@ def test_one_worker_gives_the_same_run(small_run, client1):
     assert len(files) > 40
 
 
-def test_work_held_to_the_workers_gives_the_same_run(small_run, client):
+def test_work_held_to_the_workers_gives_the_same_run(small_run, client, monkeypatch):
     """This log is small: its ingest, SVD, fit, embeddings and lists run in this process
     (``blocks.INGEST_HERE_MAX_ROWS``, ``rounds_where``, ``lists_here``), and the manifest says so. Held to tasks on
     the workers (``cluster.small_data_here: false``), every published table is the same (ids, ranks and counts
     exactly; floats to rounding: the SVD's per-worker partial sums group X's 3 blocks otherwise than one sum here,
-    as with one worker against two)."""
+    as with one worker against two). There the report's figures are drawn on the workers, all but the audit's
+    submitted by a thread of their own right after the factors (``report_figures_early``), the audit's by the
+    report stage; here all of them by the report stage."""
+    import threading
+
     import mfsim.pipeline.blocks as blocks_module
+    from mfsim.pipeline.report.build import Figures
 
     run_dir, manifest, sim_dir = small_run
+    submitted: list[tuple[str, str, bool]] = []  # (thread, figure, on a client)
+    draw = Figures.draw
+
+    def recorded(self, figures):
+        for name, _ in figures:
+            if name not in self.drawn:
+                submitted.append((threading.current_thread().name, name, self.run.client is not None))
+        return draw(self, figures)
+
+    monkeypatch.setattr(Figures, "draw", recorded)
     places = ("input", "svd", "embeddings", "evaluation", "audit")
     assert [manifest[key]["ran_on"] for key in places] == ["driver"] * 5
     assert manifest["neighbours"]["ran_on"] == {"driver": 18}  # list groups
@@ -96,6 +111,10 @@ def test_work_held_to_the_workers_gives_the_same_run(small_run, client):
     figures = [re.findall(r'<figure id="([^"]+)">\s*<img src="data:image/png;base64,', (d / "report.html").read_text())
                for d in (run_dir, workers_dir)]
     assert figures[0] == figures[1] and len(figures[0]) >= 5
+    early = [name for thread, name, _ in submitted if thread == "mfsim-early-report"]
+    assert sorted(early) == sorted(set(figures[1]) - {"audit_jaccard"})
+    assert [(name, on_client) for thread, name, on_client in submitted if thread != "mfsim-early-report"] == [
+        ("audit_jaccard", True)]
 
 
 def test_list_groups_on_the_workers_overlap_and_give_the_same_lists(small_run, client, monkeypatch):
@@ -427,3 +446,27 @@ def test_audit_command_refuses_ambiguous_pairs_and_explains_the_cosine_model(sma
         shutil.copytree(run_dir / f"{side[:-1]}_embeddings" / one, fake / side)
     r = audit(fake / "users", fake / "items")
     assert r.returncode == 0 and "its cosine lists are its own scores" in r.stdout and "jaccard" not in r.stdout
+
+
+def test_work_begun_early_hands_back_its_value_or_its_error():
+    """``Beside``: a stage's early part runs in a thread of its own; ``result()`` waits for it, returns its value,
+    or raises its error in the stage that reads it (the run fails there, as if the stage had done the work)."""
+    import threading
+
+    from mfsim.jobs.stages import Beside
+
+    go = threading.Event()
+
+    def work():
+        go.wait(5)
+        return threading.current_thread().name
+
+    started = Beside(work, "report")
+    go.set()
+    assert started.result() == "mfsim-early-report"
+
+    def fails():
+        raise ValueError("the report's data")
+
+    with pytest.raises(ValueError, match="the report's data"):
+        Beside(fails, "report").result()
