@@ -16,7 +16,7 @@ import resource
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +59,17 @@ def run_stages(ctx: StageContext) -> dict[str, Any]:
         if k == 2:  # after ingest, whose work is mostly Python (the fit's is mostly numba and BLAS, without the GIL)
             import_beside([module for later in planned[k:] for module in later.imports])
         t0 = time.perf_counter()
-        with ctx.run.stage(stage.name) if stage.timed else nullcontext():
-            ctx.results[stage.name] = stage.fn(ctx)
-            if waiting is not None:  # the previous stage's last wait (``StageResult.wait_later``)
-                waiting()
+        try:
+            with ctx.run.stage(stage.name) if stage.timed else nullcontext():
+                ctx.results[stage.name] = stage.fn(ctx)
+                if waiting is not None:  # the previous stage's last wait (``StageResult.wait_later``)
+                    waiting, wait = None, waiting
+                    wait()
+        except BaseException:
+            if waiting is not None:  # its tasks end before the error is raised: none writes into an aborted run
+                with suppress(Exception):  # the stage's error is the one to report
+                    waiting()
+            raise
         waiting = ctx.results[stage.name].wait_later
         peaks[stage.name] = driver_peak_rss_mib()
         for later in planned[k:]:  # the parts of later stages that can begin now (``Stage.early``)

@@ -470,3 +470,43 @@ def test_work_begun_early_hands_back_its_value_or_its_error():
 
     with pytest.raises(ValueError, match="the report's data"):
         Beside(fails, "report").result()
+
+
+def test_a_stage_that_fails_waits_for_the_factors_parts_still_being_written(small_run, client, monkeypatch, tmp_path):
+    """On a client the factors' parts are written beside the next stage (``StageResult.wait_later``). When that stage
+    fails, they finish before its error is raised, so no worker writes into the run after it is aborted: the error is
+    the stage's, no part ends after it, and nothing of the run is left in the output root, visible or hidden."""
+    import dataclasses
+    import time
+    import uuid
+
+    import mfsim.jobs.main_job as main_job
+    import mfsim.jobs.stages as stages
+    from mfsim.pipeline.errors import MfsimError
+    from mfsim.pipeline.parts import write_embeddings
+
+    _, _, sim_dir = small_run
+    ended = tmp_path / "ended"
+    ended.mkdir()
+
+    def slow_write(*args, **kwargs):  # runs on the workers (pickled by value): each part takes 0.3 s more
+        time.sleep(0.3)
+        out = write_embeddings(*args, **kwargs)
+        (ended / uuid.uuid4().hex).touch()
+        return out
+
+    def failing(ctx):
+        raise MfsimError("the neighbours stage failed")
+
+    monkeypatch.setattr(stages, "write_embeddings", slow_write)
+    monkeypatch.setattr(main_job, "STAGES", tuple(dataclasses.replace(s, fn=failing) if s.name == "neighbours" else s
+                                                  for s in stages.STAGES))
+    cfg = _small_config(sim_dir.parent, client, "fails-after-factors")
+    cfg.cluster.small_data_here = False
+    with pytest.raises(MfsimError, match="the neighbours stage failed"):
+        run_job(cfg)
+    n_ended = len(list(ended.iterdir()))
+    assert n_ended >= 8  # 4 solutions x (1 item part + 3 user blocks) here; at 0.3 s each, still running without the wait
+    time.sleep(1.0)
+    assert len(list(ended.iterdir())) == n_ended
+    assert not [p.name for p in (sim_dir.parent / "runs").iterdir() if "fails-after-factors" in p.name]
