@@ -260,8 +260,8 @@ class FigureInputs:
     def b_rows(self, name: str, items: np.ndarray) -> np.ndarray:
         """Rows ``items`` of B of a named Eq. 1 scaling, or of ``B D^-1`` for ``rescaled``."""
         if name == self.rescaled:
-            return self.fit.factors.b(("eq1", self.names[0]))[items] / self.d
-        return self.fit.factors.b(("eq1", name))[items]
+            return self.fit.factors.b_rows(("eq1", self.names[0]), items) / self.d
+        return self.fit.factors.b_rows(("eq1", name), items)
 
 
 def plan_figures(inputs: FigureInputs, *, audit: AuditResult | None, audit_summary: Mapping[str, Any],
@@ -299,10 +299,13 @@ def pairs_figure(inputs: FigureInputs) -> tuple[Png, str]:
     scalings and the first one as ``(A D, B D^-1)``) whose cosines differ most; records them in ``found["pair"]``."""
     p, rcfg, d = inputs.fit.V.shape[0], inputs.rcfg, inputs.d
     i, j = pair_sample(p, rcfg.pairs, rcfg.seed)
-    cos, model = pair_scores(inputs.eq1, i, j)  # each named solution built when read, one at a time
-    A, B = inputs.eq1[inputs.names[0]]
+    items, at = np.unique(np.concatenate([i, j]), return_inverse=True)  # only the pairs' rows of each solution
+    i, j = at[: len(i)], at[len(i):]
+    solutions = {name: inputs.fit.factors.rows(("eq1", name), items) for name in inputs.names}
+    cos, model = pair_scores(solutions, i, j)
+    A, B = solutions[inputs.names[0]]
     more = pair_scores({inputs.rescaled: (scaled_columns(A, d), scaled_columns(B, 1 / d))}, i, j)
-    del A, B
+    del A, B, solutions
     cos.update(more[0])
     model.update(more[1])
     a, b = most_different(cos)
@@ -372,7 +375,7 @@ def heatmaps_figure(inputs: FigureInputs, *, labels: np.ndarray | None, item_cou
         ordering = (f"the {len(items)} most popular items grouped by k-means (lines) on their SVD coordinates "
                     "V_k diag(sigma), the same for every solution")
     keys = list(fit.factors)
-    panels = [(_panel_title(key), fit.factors.b(key)[items]) for key in keys]
+    panels = [(_panel_title(key), fit.factors.b_rows(key, items)) for key in keys]
     limits = quantile_limits(np.concatenate([off_diagonal(cosine_matrix(B)) for _, B in panels]), center=0.0)
     pair = inputs.found.get("pair") or ((inputs.names[0], inputs.rescaled) if inputs.names else ())
     diff = (f"eq1: {pair[0]} minus {pair[1]}", inputs.b_rows(pair[0], items), inputs.b_rows(pair[1], items)) \

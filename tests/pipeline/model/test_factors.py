@@ -417,3 +417,10 @@ def test_factors_are_built_from_v_on_access_equal_to_the_closed_forms(svd, monke
     extra = np.ones_like(V32)
     f.add(("cos", "unique"), extra, extra)
     assert f[("cos", "unique")][0] is extra and ("cos", "unique") in f and len(f) == 4
+    # some rows alone (the report's samples): the whole solution's rows, bit for bit, for scaled and added solutions
+    items = np.array([6, 0, 6, 3])
+    for key in f:
+        A, B = f[key]
+        rows = f.rows(key, items)
+        assert np.array_equal(rows[0], A[items]) and np.array_equal(rows[1], B[items]) and rows[1].dtype == B.dtype
+        assert np.array_equal(f.b_rows(key, items), B[items])
