@@ -406,7 +406,7 @@ def in_memory_data(X: Any, cfg, user_ids: Any = None, item_ids: Any = None) -> I
         raise MfsimError("X has NaN, inf or negative weights; clean them (mfsim reads weights >= 0)")
     check_float32_range(float(np.max(m.data)) if m.nnz else 0.0, m.nnz, icfg.weight_col, "X")
     blocks = RowBlocks.from_scipy(m, cfg.ingest.block_rows)
-    blocks, user_ids, item_ids, user_counts, item_counts, support = _minimum_support(
+    blocks, user_ids, item_ids, user_counts, item_counts, support, _ = _minimum_support(
         None, blocks, user_ids, item_ids, cfg.ingest.min_user_interactions, cfg.ingest.min_item_interactions)
     nnz = int(user_counts.sum())
     if nnz == 0:

@@ -857,9 +857,10 @@ def block_of(state: RunningBlocks, block: int) -> CSRBlock:
     return state.final[state.blocks.index(block)]
 
 
-def block_counts(block: CSRBlock) -> tuple[np.ndarray, np.ndarray]:
-    """(non-zeros per row, non-zeros per column) of a block."""
-    return np.diff(block.indptr), np.bincount(block.indices, minlength=block.n_cols).astype(np.int64)
+def block_counts(block: CSRBlock) -> tuple[np.ndarray, np.ndarray, float]:
+    """(non-zeros per row, non-zeros per column, largest |value|: ``block_max_abs``) of a block."""
+    return (np.diff(block.indptr), np.bincount(block.indices, minlength=block.n_cols).astype(np.int64),
+            block_max_abs(block))
 
 
 def filter_block(block: CSRBlock, keep_rows: np.ndarray, col_map: np.ndarray, n_cols: int) -> CSRBlock:
@@ -1126,13 +1127,13 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
     X = RowBlocks(blocks, offsets, n_items, client)
     _wait_for(blocks)
     clock.lap("blocks")
-    X, user_ids, item_ids, user_counts, item_counts, support = _minimum_support(
+    X, user_ids, item_ids, user_counts, item_counts, support, largest = _minimum_support(
         client, X, user_ids, item_ids, cfg.min_user_interactions, cfg.min_item_interactions)
     clock.lap("minimum support")
     counts.update(support)
     nnz = int(user_counts.sum())
     X.nnz = nnz
-    check_float32_range(max(run.gather(X.map(block_max_abs)), default=0.0), nnz, input_cfg.weight_col, url)
+    check_float32_range(largest, nnz, input_cfg.weight_col, url)
     counts.update(n_users=len(user_ids), n_items=len(item_ids), nnz=nnz,
                   duplicates_merged=int(n_kept - support["nnz_before_support"]))
     if nnz == 0:
@@ -1174,7 +1175,9 @@ def check_float32_range(largest: float, nnz: int, weight_col: str | None, url: s
 def _minimum_support(client, X: RowBlocks, user_ids, item_ids, min_user: int, min_item: int):
     """Drop users and items below the minimum support, repeatedly, until stable; re-index contiguously.
 
-    Users and items left with no interactions (all weights zero) are dropped in any case.
+    Users and items left with no interactions (all weights zero) are dropped in any case. Returns X, the ids, the
+    counts per user and per item, the support's entries of the manifest's counts, and the largest |value| of the
+    returned X (read in the same round as its counts, for ``check_float32_range``).
     """
     run = runner(client)
     keep_u = np.ones(X.n_rows, dtype=bool)
@@ -1184,8 +1187,9 @@ def _minimum_support(client, X: RowBlocks, user_ids, item_ids, min_user: int, mi
     nnz_before = None
     while True:
         per_block = run.gather(current.map(block_counts))
-        row_nnz = np.concatenate([r for r, _ in per_block]) if per_block else np.zeros(0, np.int64)
-        col_nnz = np.sum([c for _, c in per_block], axis=0) if per_block else np.zeros(X.n_cols, np.int64)
+        row_nnz = np.concatenate([r for r, _, _ in per_block]) if per_block else np.zeros(0, np.int64)
+        col_nnz = np.sum([c for _, c, _ in per_block], axis=0) if per_block else np.zeros(X.n_cols, np.int64)
+        largest = max((m for _, _, m in per_block), default=0.0)
         if nnz_before is None:
             nnz_before = int(row_nnz.sum())
         ok_u = row_nnz >= min_user
@@ -1215,4 +1219,4 @@ def _minimum_support(client, X: RowBlocks, user_ids, item_ids, min_user: int, mi
         "users_removed_by_support": int((~keep_u).sum()),
         "items_removed_by_support": int((~keep_i).sum()),
     }
-    return current, user_ids, item_ids, row_nnz.astype(np.int64), col_nnz.astype(np.int64), support
+    return current, user_ids, item_ids, row_nnz.astype(np.int64), col_nnz.astype(np.int64), support, largest
