@@ -382,10 +382,8 @@ class Factors(Mapping):
         return scaled_columns(V, a), scaled_columns(V, b)
 
     def b_rows(self, key: tuple[str, str], items: np.ndarray) -> np.ndarray:
-        """Rows ``items`` of B of one solution (``b(key)[items]``, bit for bit), in O(len(items) k)."""
-        if key in self._arrays:
-            return self._arrays[key][1][items]
-        return scaled_columns(self.V[items], self._scales[key][1])
+        """Rows ``items`` of B of one solution (``b(key)[items]``, bit for bit): ``rows``' B."""
+        return self.rows(key, items)[1]
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(self._order)

@@ -167,12 +167,17 @@ def _planned(figures: Figures, cfg: Config, data: IngestResult, *, truth: ItemTr
              audit: AuditResult | None, sweep: pa.Table | None) -> tuple[list[tuple[str, Drawing]], dict[str, str]]:
     """``plan_figures`` of a run: the figures that apply in the page's order, and the ones left out."""
     inputs = figures.inputs
-    meta = inputs.fit.manifest_meta()
     heatmap = partial(heatmaps_figure, inputs, labels=labels, item_counts=data.item_counts,
                       popularity=partial(truth_popularity, truth, cfg, data.item_ids))
     return plan_figures(inputs, audit=audit, audit_summary=dict(getattr(audit, "summary", None) or {}),
-                        heatmap=heatmap, lambdas={o: meta[o]["lambda"] for o in ("eq1", "eq2") if o in meta},
-                        sweep=sweep, select_metric=cfg.evaluation.select_metric)
+                        heatmap=heatmap, lambdas=objective_lambdas(inputs.fit), sweep=sweep,
+                        select_metric=cfg.evaluation.select_metric)
+
+
+def objective_lambdas(fit: Fit) -> dict[str, float]:
+    """``{"eq1": lambda_1, "eq2": lambda_2}`` of the fit's closed-form objectives (either left out when skipped)."""
+    meta = fit.manifest_meta()
+    return {o: meta[o]["lambda"] for o in ("eq1", "eq2") if o in meta}
 
 
 def start_figures(cfg: Config, fit: Fit, data: IngestResult, *, truth: ItemTruth | None, labels: np.ndarray | None,
@@ -213,8 +218,7 @@ def build_report(cfg: Config, fit: Fit, data: IngestResult, *, title: str, truth
     if sweep is not None:
         page_tables[SWEEP_TITLE] = sweep
     resolved = cfg.resolved()
-    meta = fit.manifest_meta()
-    lambdas = {o: meta[o]["lambda"] for o in ("eq1", "eq2") if o in meta}
+    lambdas = objective_lambdas(fit)
     return render_report(title=title, headline=headline(audit_summary) or rescaling_finding(inputs),
                          intro=PAPER, guide=list_guide(list(fit.factors), cfg, audit_summary),
                          warnings=list(warnings or []),
