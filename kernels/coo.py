@@ -36,21 +36,38 @@ def bucket_order(rows, block_rows, n_blocks):
 
 
 @njit(cache=True, nogil=True)
-def bucket_entries(rows, cols, vals, ts, block_rows, slot_of_block):
-    """COO entries sorted by the slot of their row block (stably: input order within a block).
+def _unit_of(r, block_rows, first_unit, unit_offsets):
+    """The unit of row ``r``: its block ``r // block_rows`` holds units ``first_unit[b]:first_unit[b + 1]``, unit
+    ``u`` rows ``unit_offsets[u]:unit_offsets[u + 1]`` (a binary search among the block's units)."""
+    b = r // block_rows
+    lo = first_unit[b]
+    hi = first_unit[b + 1] - 1
+    while lo < hi:  # the last unit of the block whose first row is <= r
+        mid = (lo + hi + 1) // 2
+        if unit_offsets[mid] <= r:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
-    Row ``r`` lies in block ``r // block_rows``, which goes to slot ``slot_of_block[block]`` (a
-    permutation of the blocks: e.g. grouped by worker). Returns (rows local to their block as
-    int32, cols as int32, vals as float32, ts as int64, bounds): slot ``s`` holds entries
-    ``bounds[s]:bounds[s+1]``; ``ts`` is carried when it holds one value per entry, else the
-    result's is empty. Two passes, O(nnz + blocks), no index array.
+
+@njit(cache=True, nogil=True)
+def bucket_entries(rows, cols, vals, ts, block_rows, first_unit, unit_offsets, slot_of_unit):
+    """COO entries sorted by the slot of their row's unit (stably: input order within a unit).
+
+    Row ``r`` lies in block ``r // block_rows``; a block is cut into one or more units of consecutive rows (block
+    ``b``'s are ``first_unit[b]:first_unit[b + 1]``, unit ``u`` holds rows ``unit_offsets[u]:unit_offsets[u + 1]``),
+    and unit ``u`` goes to slot ``slot_of_unit[u]`` (a permutation of the units: e.g. grouped by worker). Returns
+    (rows local to their unit as int32, cols as int32, vals as float32, ts as int64, bounds): slot ``s`` holds
+    entries ``bounds[s]:bounds[s+1]``; ``ts`` is carried when it holds one value per entry, else the result's is
+    empty. Two passes, O(nnz log(units per block) + units), no index array.
     """
     nnz = rows.shape[0]
-    n_slots = slot_of_block.shape[0]
+    n_slots = slot_of_unit.shape[0]
     has_ts = ts.shape[0] == nnz and nnz > 0
     counts = np.zeros(n_slots + 1, dtype=np.int64)
     for k in range(nnz):
-        counts[slot_of_block[rows[k] // block_rows] + 1] += 1
+        counts[slot_of_unit[_unit_of(rows[k], block_rows, first_unit, unit_offsets)] + 1] += 1
     for s in range(n_slots):
         counts[s + 1] += counts[s]
     bounds = counts.copy()
@@ -59,10 +76,10 @@ def bucket_entries(rows, cols, vals, ts, block_rows, slot_of_block):
     out_vals = np.empty(nnz, dtype=np.float32)
     out_ts = np.empty(nnz if has_ts else 0, dtype=np.int64)
     for k in range(nnz):
-        b = rows[k] // block_rows
-        s = slot_of_block[b]
+        u = _unit_of(rows[k], block_rows, first_unit, unit_offsets)
+        s = slot_of_unit[u]
         p = counts[s]
-        out_rows[p] = rows[k] - b * block_rows
+        out_rows[p] = rows[k] - unit_offsets[u]
         out_cols[p] = cols[k]
         out_vals[p] = vals[k]
         if has_ts:

@@ -12,11 +12,13 @@ invalid rows (null ids, null/NaN/inf/negative weight, null timestamp) counted by
    sorted id maps (index = position in the sorted ids) and every piece's counts, which the client
    checks (invalid rows, nothing left) before pass 2.
 2. Pass 2, ``encode_piece``: read the piece again, map ids to indices (``IdIndex``) and bucket the
-   entries by row block (``row // ingest.block_rows``), the blocks grouped by worker thread
+   entries by unit: a row block (``row // ingest.block_rows``), or a part of one for a block of more
+   than a fold group's share of the log (``fold_units``); the units grouped by worker thread
    (``assign_groups``: about as many of the log's rows per group, by pass 1's rows per user).
-   ``fold_piece`` folds a piece's bucket into its group's running blocks, piece after piece in
+   ``fold_piece`` folds a piece's bucket into its group's running units, piece after piece in
    piece order, on the group's worker: the buckets are kept until a few pieces' worth are
-   pending, then merged into each block's CSR (``csr_add_coo``).
+   pending, then merged into each unit's CSR (``csr_add_coo``); a block of several units is
+   joined at the end (``joined_rows``).
    Each (user, item) is summed one entry at a time in log order, in float32, whenever the merges
    happen, so the blocks are the same bits on any number of workers, and the same as one
    ``coo_to_csr_sum`` of all the log's entries. The client keeps at most ``fold_window`` pieces
@@ -704,16 +706,20 @@ def id_index(scanned: dict[str, Any], key: str) -> IdIndex:
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """X's row blocks and how pass 2 groups them: block ``b`` holds rows ``offsets[b]:offsets[b + 1]`` and
-    belongs to group ``group_of[b]`` (one group of running blocks per worker thread)."""
+    """X's row blocks, the units pass 2 folds them in, and how it groups the units: block ``b`` holds rows
+    ``offsets[b]:offsets[b + 1]`` and units ``first_unit[b]:first_unit[b + 1]`` (``fold_units``: one, or several
+    for a block of more than a fold group's share of the log), unit ``u`` holds rows ``units[u]:units[u + 1]``
+    and belongs to group ``group_of[u]`` (one group of running units per worker thread)."""
 
     offsets: np.ndarray  # int64 (n_blocks + 1,)
+    units: np.ndarray  # int64 (n_units + 1,): the units' first rows, every block's first row among them
+    first_unit: np.ndarray  # int64 (n_blocks + 1,)
     block_rows: int
     n_cols: int
-    group_of: np.ndarray  # int64 (n_blocks,), each in [0, n_groups)
+    group_of: np.ndarray  # int64 (n_units,), each in [0, n_groups)
     n_groups: int
-    pending_min: np.ndarray  # int64 (n_groups,): a group merges its unmerged entries into its blocks once it holds
-    pending_max: np.ndarray  # more than pending_limit(its blocks' entries, group) of them: see there
+    pending_min: np.ndarray  # int64 (n_groups,): a group merges its unmerged entries into its units once it holds
+    pending_max: np.ndarray  # more than pending_limit(its units' entries, group) of them: see there
     keep_ts: bool
 
     @property
@@ -721,32 +727,79 @@ class BlockLayout:
         """Number of row blocks."""
         return len(self.offsets) - 1
 
+    @property
+    def n_units(self) -> int:
+        """Number of units."""
+        return len(self.units) - 1
+
     def pending_limit(self, nnz: int, group: int) -> int:
-        """How many unmerged entries ``group``, with ``nnz`` entries in its blocks, may hold: a quarter of ``nnz``
-        (each merge copies the blocks, so merges come no more often than every quarter of them), but at
-        least ``pending_min`` (its share of a piece: few merges of small blocks) and at most ``pending_max``."""
+        """How many unmerged entries ``group``, with ``nnz`` entries in its units, may hold: a quarter of ``nnz``
+        (each merge copies the units, so merges come no more often than every quarter of them), but at
+        least ``pending_min`` (its share of a piece: few merges of small units) and at most ``pending_max``."""
         return min(int(self.pending_max[group]), max(int(self.pending_min[group]), nnz // 4))
 
-    def blocks_of(self, group: int) -> list[int]:
-        """The blocks of ``group``, in order."""
+    def units_of(self, group: int) -> list[int]:
+        """The units of ``group``, in order."""
         return np.flatnonzero(self.group_of == group).tolist()
 
     def slots(self) -> tuple[np.ndarray, np.ndarray]:
-        """(slot of each block, first slot of each group + the end): the blocks ordered group by group."""
-        slot_of_block = np.empty(self.n_blocks, np.int64)
-        slot_of_block[np.argsort(self.group_of, kind="stable")] = np.arange(self.n_blocks)
+        """(slot of each unit, first slot of each group + the end): the units ordered group by group."""
+        slot_of_unit = np.empty(self.n_units, np.int64)
+        slot_of_unit[np.argsort(self.group_of, kind="stable")] = np.arange(self.n_units)
         starts = np.zeros(self.n_groups + 1, np.int64)
         np.cumsum(np.bincount(self.group_of, minlength=self.n_groups), out=starts[1:])
-        return slot_of_block, starts
+        return slot_of_unit, starts
+
+
+def fold_units(user_rows: np.ndarray, offsets: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pass 2's units of X's blocks (``offsets``) for ``n_groups`` fold groups: ``(units, first_unit)`` as
+    ``BlockLayout`` has them. A unit is folded by one chain of tasks, so a block of the most active users, folded
+    whole, is the ingest's critical path (at 1M users x 200k items x 50M the first block holds 26% of the log, at
+    200k x 50k x 5M 57%). Each block whose users' rows in the log (``user_rows``, pass 1's count per user) are more
+    than a group's share (``1 / n_groups`` of the log) is cut, at users, into units of about equal rows, each at
+    most half a share where its users allow (a user is never cut); every other block is one unit. The cut is kept
+    only where it makes the heaviest group (``assign_groups``) at most ``CUT_GAIN`` of the heaviest with whole
+    blocks: a block of several units is joined at the end, one more copy of its entries."""
+    user_rows = np.asarray(user_rows, np.int64)
+    offsets = np.asarray(offsets, np.int64)
+    n_blocks = len(offsets) - 1
+    whole = offsets.copy(), np.arange(n_blocks + 1, dtype=np.int64)
+    cum = np.concatenate([[0], np.cumsum(user_rows)])
+    total = float(cum[-1])
+    if n_groups < 2 or not total > 0:
+        return whole
+    units, first_unit = [int(offsets[0])], [0]
+    for b in range(n_blocks):
+        lo, hi = int(offsets[b]), int(offsets[b + 1])
+        weight = float(cum[hi] - cum[lo])
+        if weight > total / n_groups:
+            pieces = int(np.ceil(weight / (total / (2 * n_groups))))
+            # the unit ending at user i takes users up to the first whose running rows reach its part of the block
+            ends = np.searchsorted(cum[lo + 1 : hi + 1] - cum[lo], weight * np.arange(1, pieces) / pieces) + lo + 1
+            units += sorted({int(e) for e in ends if lo < e < hi})
+        units.append(hi)
+        first_unit.append(len(units) - 1)
+    cut = np.asarray(units, np.int64), np.asarray(first_unit, np.int64)
+
+    def heaviest(bounds: np.ndarray) -> float:
+        weights = cum[bounds[1:]] - cum[bounds[:-1]]
+        return float(np.bincount(assign_groups(weights, n_groups), weights=weights, minlength=n_groups).max())
+
+    return cut if heaviest(cut[0]) <= CUT_GAIN * heaviest(whole[0]) else whole
+
+
+#: ``fold_units`` cuts blocks into units only where that makes the heaviest fold group at most this fraction of
+#: the heaviest with whole blocks (2 groups and a first block of 57% of the log: 56% after a cut, kept whole).
+CUT_GAIN = 0.8
 
 
 def encode_piece(piece: Piece, spec: ScanSpec, user_index: IdIndex, item_index: IdIndex,
                  layout: BlockLayout) -> list[tuple[np.ndarray, ...]]:
-    """Pass 2 on one piece: read and validate it again (``read_clean``), map ids to indices, bucket by block.
+    """Pass 2 on one piece: read and validate it again (``read_clean``), map ids to indices, bucket by unit.
 
-    Returns one bucket per group: ``(rows, cols, vals, ts, bounds)``, its entries sorted by block
-    (the group's blocks in order, stably: the piece's order within a block), ``rows`` local to
-    their block (int32), ``ts`` empty when not kept, and the entries of the group's ``j``-th block
+    Returns one bucket per group: ``(rows, cols, vals, ts, bounds)``, its entries sorted by unit
+    (the group's units in order, stably: the piece's order within a unit), ``rows`` local to
+    their unit (int32), ``ts`` empty when not kept, and the entries of the group's ``j``-th unit
     at ``bounds[j]:bounds[j + 1]``. An id not seen by pass 1 (the file changed in between) is an
     ``MfsimError``.
     """
@@ -758,8 +811,9 @@ def encode_piece(piece: Piece, spec: ScanSpec, user_index: IdIndex, item_index: 
                          "ingest a log whose files do not change")
     weights, ts = rows.weights, rows.ts if layout.keep_ts and rows.ts is not None else np.zeros(0, np.int64)
     del rows  # the piece's id columns, before the buckets are allocated
-    slot_of_block, starts = layout.slots()
-    *entries, bounds = bucket_entries(users, items, weights, ts, layout.block_rows, slot_of_block)
+    slot_of_unit, starts = layout.slots()
+    *entries, bounds = bucket_entries(users, items, weights, ts, layout.block_rows, layout.first_unit, layout.units,
+                                      slot_of_unit)
     del users, items
     out = []
     for g in range(layout.n_groups):
@@ -775,25 +829,25 @@ def group_bucket(encoded: list[tuple[np.ndarray, ...]], group: int) -> tuple[np.
 
 
 class RunningBlocks:
-    """The running blocks of one group in pass 2: each a CSR of the entries folded so far (duplicates
-    summed, in piece order), plus the buckets not merged into them yet.
+    """The running units of one group in pass 2 (``BlockLayout``: a block, or part of one): each a CSR of the
+    entries folded so far (duplicates summed, in piece order), plus the buckets not merged into them yet.
 
     It lives on one worker and is folded in place: ``fold_piece`` hands on the object it was given
-    (its previous key has no other reader), so a worker holds each of its blocks once, plus at most
-    ``pending_limit`` unmerged entries, plus one block being merged.
+    (its previous key has no other reader), so a worker holds each of its units once, plus at most
+    ``pending_limit`` unmerged entries, plus one unit being merged.
     """
 
     def __init__(self, layout: BlockLayout, group: int):
         self.layout = layout
         self.group = group
-        self.blocks = list(layout.blocks_of(group))
-        n_rows = np.diff(layout.offsets)
+        self.blocks = list(layout.units_of(group))  # its units
+        n_rows = np.diff(layout.units)
         ts0 = np.zeros(0, np.int64)
         self.csr = [(np.zeros(n_rows[b] + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32), ts0)
                     for b in self.blocks]
         self.pending: list[tuple[np.ndarray, ...]] = []
         self.n_pending = 0
-        self.nnz = 0  # entries in the blocks (merged)
+        self.nnz = 0  # entries in the units (merged)
         self.last_piece = -1
         self.final: list[CSRBlock] | None = None
 
@@ -803,8 +857,8 @@ class RunningBlocks:
         return 200 + sum(a.nbytes for a in arrays)
 
     def merge(self, final: bool) -> None:
-        """Merge the pending buckets into the blocks, one block at a time; ``final``: drop the entries that sum
-        to zero and size every block's arrays to its entries (a running block may keep some slack)."""
+        """Merge the pending buckets into the units, one unit at a time; ``final``: drop the entries that sum
+        to zero and size every unit's arrays to its entries (a running unit may keep some slack)."""
         for j in range(len(self.blocks)):
             parts = [[p[i][p[4][j] : p[4][j + 1]] for p in self.pending] for i in range(4)]
             new = [np.concatenate(a) if len(a) > 1 else a[0] for a in parts] if self.pending else None
@@ -819,10 +873,10 @@ class RunningBlocks:
 
 def fold_piece(state: RunningBlocks | None, bucket: tuple[np.ndarray, ...], piece_index: int, layout: BlockLayout,
                group: int) -> RunningBlocks:
-    """Fold piece ``piece_index``'s bucket into a group's running blocks (``None``: a new group, for piece 0).
+    """Fold piece ``piece_index``'s bucket into a group's running units (``None``: a new group, for piece 0).
 
     The bucket is kept pending; once the group holds more than ``layout.pending_limit`` pending
-    entries, they are merged into its blocks (``csr_add_coo``). When they are merged does not change
+    entries, they are merged into its units (``csr_add_coo``). When they are merged does not change
     a bit of the result: every position is summed one entry at a time in piece order. Pieces must
     come in order; a piece already folded (a task run twice) leaves the state as it is.
     """
@@ -841,7 +895,7 @@ def fold_piece(state: RunningBlocks | None, bucket: tuple[np.ndarray, ...], piec
 
 
 def finish_blocks(state: RunningBlocks) -> RunningBlocks:
-    """The group's final blocks: pending entries merged, entries that sum to zero dropped, as ``CSRBlock``."""
+    """The group's final units: pending entries merged, entries that sum to zero dropped, as ``CSRBlock``."""
     if state.final is None:
         state.merge(final=True)
         keep_ts = state.layout.keep_ts
@@ -852,9 +906,21 @@ def finish_blocks(state: RunningBlocks) -> RunningBlocks:
     return state
 
 
-def block_of(state: RunningBlocks, block: int) -> CSRBlock:
-    """Block ``block`` of a finished group (the same arrays: nothing is copied)."""
-    return state.final[state.blocks.index(block)]
+def unit_block(state: RunningBlocks, unit: int) -> CSRBlock:
+    """Unit ``unit`` of a finished group (the same arrays: nothing is copied): X's block, or a part of one."""
+    return state.final[state.blocks.index(unit)]
+
+
+def joined_rows(keep_ts: bool, *parts: CSRBlock) -> CSRBlock:
+    """One block of ``parts``' rows, one part after another (a block folded in several units): the same arrays as
+    the block folded whole (each row's entries, and its timestamps when ``keep_ts``, as its unit has them)."""
+    nnz = np.cumsum([0] + [part.nnz for part in parts])
+    indptr = np.concatenate([parts[0].indptr[:1]] + [part.indptr[1:] + nnz[i] for i, part in enumerate(parts)])
+    ts = None  # as ``finish_blocks`` has it: one timestamp per entry, or none
+    if keep_ts and nnz[-1] and all(part.ts is not None for part in parts if part.nnz):
+        ts = np.concatenate([part.ts if part.ts is not None else np.zeros(0, np.int64) for part in parts])
+    return CSRBlock(indptr, np.concatenate([part.indices for part in parts]),
+                    np.concatenate([part.data for part in parts]), parts[0].n_cols, ts)
 
 
 def block_counts(block: CSRBlock) -> tuple[np.ndarray, np.ndarray, float]:
@@ -997,28 +1063,37 @@ def fold_window(n_slots: int) -> int:
 
 
 def _fold_pass(client, pieces: list[Piece], spec: ScanSpec, *, uidx, iidx, offsets: np.ndarray, n_cols: int,
-               block_weights: np.ndarray, cfg: IngestSection) -> list[Any]:
-    """Pass 2: ``encode_piece`` of every piece, folded piece by piece into running blocks; X's block futures.
+               user_rows: np.ndarray, cfg: IngestSection) -> list[Any]:
+    """Pass 2: ``encode_piece`` of every piece, folded piece by piece into running units; X's block futures.
 
-    One group of blocks per worker thread, and no more groups than blocks (``assign_groups`` by ``block_weights``, the
-    blocks' rows in the log), each a chain of ``fold_piece`` tasks in piece order on its worker, so the blocks
-    are spread over the workers and a worker folds only its own; ``finish_blocks`` and
-    ``block_of`` end each chain. Before
+    One group per worker thread, and no more groups than blocks; X's blocks are folded in units (``fold_units``: a
+    block of more than a group's share of the log in several, by ``user_rows``, pass 1's rows per user), the units
+    spread over the groups (``assign_groups`` by their rows in the log), each group a chain of ``fold_piece`` tasks in
+    piece order on
+    its worker, so the units are spread over the workers and a worker folds only its own; ``finish_blocks`` and
+    ``unit_block`` end each chain, and ``joined_rows`` makes a block of several units, on the worker of its
+    largest. Before
     submitting piece ``k`` the client waits until piece ``k - fold_window`` is folded into every
     group, so at most that many pieces' buckets are on the workers unfolded, and each group holds
     at most ``PENDING_PIECES`` pieces' share of entries unmerged, and no more than a quarter of its
-    blocks' entries once that is more than a piece's share (``BlockLayout.pending_limit``): a
-    worker's memory is its blocks plus what ``ingest.partition_rows`` bounds, whatever the length
-    of the log. The chains keep the lineage: a block lost with its worker is rebuilt by rerunning
-    its group's chain from the Parquet pieces.
+    units' entries once that is more than a piece's share (``BlockLayout.pending_limit``): a
+    worker's memory is its units plus what ``ingest.partition_rows`` bounds, whatever the length
+    of the log (and a block of several units once more while it is joined). The chains keep the lineage: a block
+    lost with its worker is rebuilt by rerunning its groups' chains from the Parquet pieces.
     """
     run = runner(client)
-    slots = _worker_slots(client)[: max(1, len(offsets) - 1)]  # no more groups than blocks: a group per block at most
+    # no more groups than blocks (each group's tasks cost a task a piece, whatever its size); a block of more than a
+    # group's share of the log in several units, spread over the groups
+    slots = _worker_slots(client)[: max(1, len(offsets) - 1)]
     n_groups = len(slots)
-    group_of = assign_groups(block_weights, n_groups)
-    share = piece_shares(block_weights, group_of, n_groups, cfg.partition_rows)
-    layout = BlockLayout(offsets=offsets, block_rows=cfg.block_rows, n_cols=n_cols, group_of=group_of,
-                         n_groups=n_groups, pending_min=share, pending_max=PENDING_PIECES * share, keep_ts=spec.keep_ts)
+    units, first_unit = fold_units(user_rows, offsets, n_groups)
+    cum = np.concatenate([[0], np.cumsum(np.asarray(user_rows, np.int64))])
+    unit_weights = cum[units[1:]] - cum[units[:-1]]
+    group_of = assign_groups(unit_weights, n_groups)
+    share = piece_shares(unit_weights, group_of, n_groups, cfg.partition_rows)
+    layout = BlockLayout(offsets=offsets, units=units, first_unit=first_unit, block_rows=cfg.block_rows, n_cols=n_cols,
+                         group_of=group_of, n_groups=n_groups, pending_min=share, pending_max=PENDING_PIECES * share,
+                         keep_ts=spec.keep_ts)
     window = fold_window(n_groups)
     states: list[Any] = [None] * n_groups
     in_flight: deque = deque()  # per piece not yet waited for: its fold futures (the states, folded in place)
@@ -1032,8 +1107,18 @@ def _fold_pass(client, pieces: list[Piece], spec: ScanSpec, *, uidx, iidx, offse
         in_flight.append(list(states))
     in_flight.clear()
     finished = [run.submit(finish_blocks, s, pure=False, worker=slots[g]) for g, s in enumerate(states)]
-    return [run.submit(block_of, finished[g], b, pure=True, worker=slots[g])
-            for b, g in enumerate(layout.group_of.tolist())]
+    parts = [run.submit(unit_block, finished[g], u, pure=True, worker=slots[g])
+             for u, g in enumerate(layout.group_of.tolist())]
+    blocks = []
+    for b in range(layout.n_blocks):
+        lo, hi = int(first_unit[b]), int(first_unit[b + 1])
+        if hi - lo == 1:
+            blocks.append(parts[lo])
+            continue
+        largest = lo + int(np.argmax(unit_weights[lo:hi]))
+        blocks.append(run.submit(joined_rows, spec.keep_ts, *parts[lo:hi], pure=True,
+                                 worker=slots[int(group_of[largest])]))
+    return blocks
 
 
 def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None = None, *,
@@ -1116,14 +1201,14 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
     n_users, n_items = len(user_ids), len(item_ids)
     n_blocks = max(1, -(-n_users // cfg.block_rows))
     offsets = np.minimum(np.arange(n_blocks + 1, dtype=np.int64) * cfg.block_rows, n_users)
-    block_weights = np.add.reduceat(scanned["user_rows"], offsets[:-1])
+    user_rows = scanned["user_rows"]
     del scanned
     clock.lap("scan and id maps")
     # the id maps as tasks on the root, not scattered: X's blocks keep their lineage back to the
     # Parquet pieces, so a block lost with its worker is rebuilt (pipeline.shared)
     uidx, iidx = (run.submit(id_index, root, key, pure=False) for key in ("user_ids", "item_ids"))
     blocks = _fold_pass(client, pieces, spec, uidx=uidx, iidx=iidx, offsets=offsets, n_cols=n_items,
-                        block_weights=block_weights, cfg=cfg)
+                        user_rows=user_rows, cfg=cfg)
     X = RowBlocks(blocks, offsets, n_items, client)
     _wait_for(blocks)
     clock.lap("blocks")

@@ -86,7 +86,7 @@ def _warm_up() -> None:
     one, one32, no_ts = np.zeros(1, np.int64), np.zeros(1, np.int32), np.zeros(0, np.int64)
     bucket_order(one, 1, 1)
     coo_to_csr_sum(one, one32, np.ones(1, np.float32), 1, no_ts)
-    bucket_entries(one32, one32, np.ones(1, np.float32), no_ts, 1, one)
+    bucket_entries(one32, one32, np.ones(1, np.float32), no_ts, 1, np.arange(2), np.arange(2), one)
     lookup(one, one[0], one32)
     count_ids(one, one[0], 1, np.zeros(0, np.int32))
     count_ids(one, one[0], 1, one)

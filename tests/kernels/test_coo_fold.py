@@ -74,25 +74,31 @@ def test_sum_continues_from_the_block_value_in_float32():
     assert out[2].tolist() == whole[2].tolist() == []
 
 
-@pytest.mark.parametrize("block_rows, n_blocks", [(1, 30), (7, 5), (30, 1), (4, 8), (3, 10)])
-def test_bucket_entries_sorts_stably_by_slot(block_rows, n_blocks):
-    rng = np.random.default_rng(block_rows * n_blocks)
-    rows = rng.integers(0, min(30, block_rows * n_blocks), 500).astype(np.int64)
+@pytest.mark.parametrize("block_rows, n_blocks, cuts", [(1, 30, ()), (7, 5, ()), (30, 1, ()), (4, 8, ()),
+                                                       (3, 10, ()), (30, 1, (1, 2, 17)), (7, 5, (3, 8, 9, 13))])
+def test_bucket_entries_sorts_stably_by_slot(block_rows, n_blocks, cuts):
+    """Against a stable NumPy sort by each row's unit's slot: a block a unit, or cut into units at ``cuts``."""
+    rng = np.random.default_rng(block_rows * n_blocks + len(cuts))
+    n_rows = min(30, block_rows * n_blocks)
+    rows = rng.integers(0, n_rows, 500).astype(np.int64)
     cols = rng.integers(0, 99, 500).astype(np.int32)
     vals = rng.random(500).astype(np.float32)
     ts = rng.integers(0, 9, 500).astype(np.int64)
-    slot_of_block = rng.permutation(n_blocks).astype(np.int64)
-    out_rows, out_cols, out_vals, out_ts, bounds = bucket_entries(rows, cols, vals, ts, block_rows, slot_of_block)
-    block = rows // block_rows
-    slot = slot_of_block[block]
+    units = np.unique(np.concatenate([np.arange(n_blocks) * block_rows, cuts, [n_rows]])).astype(np.int64)
+    first_unit = np.searchsorted(units, np.minimum(np.arange(n_blocks + 1) * block_rows, n_rows)).astype(np.int64)
+    slot_of_unit = rng.permutation(len(units) - 1).astype(np.int64)
+    out_rows, out_cols, out_vals, out_ts, bounds = bucket_entries(rows, cols, vals, ts, block_rows, first_unit, units,
+                                                                  slot_of_unit)
+    unit = np.searchsorted(units, rows, side="right") - 1  # the unit whose first row is the last at or below the row
+    slot = slot_of_unit[unit]
     order = np.argsort(slot, kind="stable")
-    np.testing.assert_array_equal(out_rows, rows[order] - block[order] * block_rows)
+    np.testing.assert_array_equal(out_rows, rows[order] - units[unit[order]])
     np.testing.assert_array_equal(out_cols, cols[order])
     np.testing.assert_array_equal(out_vals, vals[order])
     np.testing.assert_array_equal(out_ts, ts[order])
-    np.testing.assert_array_equal(bounds, np.searchsorted(slot[order], np.arange(n_blocks + 1)))
+    np.testing.assert_array_equal(bounds, np.searchsorted(slot[order], np.arange(len(units))))
     assert out_rows.dtype == out_cols.dtype == np.int32
-    assert len(bucket_entries(rows, cols, vals, NO_TS, block_rows, slot_of_block)[3]) == 0
+    assert len(bucket_entries(rows, cols, vals, NO_TS, block_rows, first_unit, units, slot_of_unit)[3]) == 0
 
 
 def test_lookup_and_count_ids_against_numpy():

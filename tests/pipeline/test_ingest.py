@@ -447,6 +447,42 @@ def test_blocks_are_the_log_order_sums_bit_for_bit_on_one_and_two_workers(tmp_pa
     assert len({w for ws in client.who_has(res2.X.parts).values() for w in ws}) == 2
 
 
+def test_a_block_of_the_most_active_users_is_folded_in_units_to_the_same_bits(tmp_path, client, client1):
+    """A log whose first block holds most rows, planned for 8 worker threads (``bench scaling --plan-for``): that
+    block is folded in several units over the groups (``fold_units``) and joined; its arrays, timestamps included,
+    are those of one worker's fold (the block whole) and of this process's."""
+    from mfsim.pipeline.ingest import _worker_slots, fold_units
+    from mfsim.pipeline.shared import planned_threads
+
+    rng = np.random.default_rng(12)
+    (tmp_path / "log").mkdir()
+    for f in range(4):
+        n = 700
+        u = np.floor(40 * rng.random(n) ** 3).astype(np.int64)  # half the rows are the first 5 users'
+        w = (rng.random(n) * 10.0 ** rng.integers(-3, 7, n)).astype(np.float32)
+        ts = pa.array(rng.integers(1_700_000_000_000_000, 1_700_000_900_000_000, n), pa.timestamp("us"))
+        pq.write_table(pa.table({"user_id": u, "item_id": rng.integers(0, 30, n), "weight": w, "ts": ts}),
+                       tmp_path / "log" / f"part-{f}.parquet", row_group_size=50)
+
+    def run(c):
+        return ingest(c, InputSection(path=str(tmp_path / "log")), IngestSection(partition_rows=100, block_rows=5),
+                      keep_ts=True)
+
+    one, here = run(client1), run(None)
+    with planned_threads(8):
+        groups = min(len(_worker_slots(client)), one.X.n_blocks)
+        cut = run(client)
+    _, per_user = np.unique(np.concatenate([pq.read_table(tmp_path / "log" / f"part-{f}.parquet")["user_id"]
+                                            .to_numpy() for f in range(4)]), return_counts=True)
+    units, first = fold_units(per_user, one.X.row_offsets, groups)
+    assert groups == 8 and first[1] > 1  # the first block in several units
+    for other in (one, here):
+        for a, b in zip(cut.X.local_parts(), other.X.local_parts()):
+            for name in ("indptr", "indices", "data", "ts"):
+                x, y = getattr(a, name), getattr(b, name)
+                assert x.dtype == y.dtype and np.array_equal(x, y), name
+
+
 def test_a_log_repeated_has_the_same_pattern_and_the_log_order_sums(tmp_path, client):
     rows = _write_float_log(tmp_path / "base", np.random.default_rng(12), n_files=2, rows=300)
     rep = tmp_path / "rep"
@@ -538,6 +574,31 @@ def test_id_counts_and_the_groups_of_blocks():
     loads = np.bincount(group_of, weights=weights)
     assert group_of[0] == 0 and abs(loads[0] - loads[1]) <= 5
     assert assign_groups(weights, 1).tolist() == [0] * 8
+
+
+def test_fold_units_cut_the_blocks_of_more_than_a_groups_share():
+    """Hand-computed: 10 users in blocks of 4 (rows 0-3, 4-7, 8-9: 60, 20 and 20 of the log's 100 rows)."""
+    from mfsim.pipeline.ingest import fold_units
+
+    user_rows = np.array([30, 10, 10, 10, 5, 5, 5, 5, 10, 10])
+    offsets = np.array([0, 4, 8, 10])
+    units, first = fold_units(user_rows, offsets, 1)  # one group: one unit a block
+    assert units.tolist() == [0, 4, 8, 10] and first.tolist() == [0, 1, 2, 3]
+    # 3 groups, shares of 33.3: block 0 in ceil(60 / 16.7) = 4 parts of 15 rows: user 0 (30 rows) reaches the first
+    # two, user 2 (running 50) the third: units [0], [1, 2], [3] of 30, 20 and 10 rows; assign_groups makes groups of
+    # 30 | 20 + 20 | 20 + 10 rows, the heaviest 40 against 60 with whole blocks
+    units, first = fold_units(user_rows, offsets, 3)
+    assert units.tolist() == [0, 1, 3, 4, 8, 10] and first.tolist() == [0, 3, 4, 5]
+    # 2 groups, shares of 50: block 0 in 3 parts (units of 30, 10, 20 rows), the heaviest group 50 against 60 whole:
+    # not a fifth less, so the blocks stay whole
+    units, first = fold_units(user_rows, offsets, 2)
+    assert units.tolist() == [0, 4, 8, 10] and first.tolist() == [0, 1, 2, 3]
+    # a user is never cut: block 1's 8 rows are one user's 7 and another's 1 (7 against 8: whole)
+    units, first = fold_units(np.array([0, 0, 7, 1]), np.array([0, 2, 4]), 4)
+    assert units.tolist() == [0, 2, 4] and first.tolist() == [0, 1, 2]
+    # an empty block stays one unit; block 1 (6 of 8 rows) in users of 3 and 3: heaviest group 3 against 6
+    units, first = fold_units(np.array([0, 0, 3, 3, 1, 1]), np.array([0, 2, 4, 6]), 3)
+    assert units.tolist() == [0, 2, 3, 4, 6] and first.tolist() == [0, 1, 3, 4]
 
 
 def test_piece_shares_follow_the_groups_rows():
