@@ -911,6 +911,12 @@ def unit_block(state: RunningBlocks, unit: int) -> CSRBlock:
     return state.final[state.blocks.index(unit)]
 
 
+def joined_counts(*parts: tuple[np.ndarray, np.ndarray, float]) -> tuple[np.ndarray, np.ndarray, float]:
+    """``block_counts`` of a block from those of its units (``joined_rows``), in order: the same counts."""
+    return (np.concatenate([rows for rows, _, _ in parts]), np.sum([cols for _, cols, _ in parts], axis=0),
+            max(largest for _, _, largest in parts))
+
+
 def joined_rows(keep_ts: bool, *parts: CSRBlock) -> CSRBlock:
     """One block of ``parts``' rows, one part after another (a block folded in several units): the same arrays as
     the block folded whole (each row's entries, and its timestamps when ``keep_ts``, as its unit has them)."""
@@ -1063,8 +1069,10 @@ def fold_window(n_slots: int) -> int:
 
 
 def _fold_pass(client, pieces: list[Piece], spec: ScanSpec, *, uidx, iidx, offsets: np.ndarray, n_cols: int,
-               user_rows: np.ndarray, cfg: IngestSection) -> list[Any]:
-    """Pass 2: ``encode_piece`` of every piece, folded piece by piece into running units; X's block futures.
+               user_rows: np.ndarray, cfg: IngestSection) -> tuple[list[Any], list[Any]]:
+    """Pass 2: ``encode_piece`` of every piece, folded piece by piece into running units; X's block futures, and
+    each block's ``block_counts`` (a block of several units: its units' counts, joined by ``joined_counts``, so the
+    first minimum-support round need not wait for the block's join and count it whole).
 
     One group per worker thread, and no more groups than blocks; X's blocks are folded in units (``fold_units``: a
     block of more than a group's share of the log in several, by ``user_rows``, pass 1's rows per user), the units
@@ -1109,16 +1117,19 @@ def _fold_pass(client, pieces: list[Piece], spec: ScanSpec, *, uidx, iidx, offse
     finished = [run.submit(finish_blocks, s, pure=False, worker=slots[g]) for g, s in enumerate(states)]
     parts = [run.submit(unit_block, finished[g], u, pure=True, worker=slots[g])
              for u, g in enumerate(layout.group_of.tolist())]
-    blocks = []
+    counts = [run.submit(block_counts, part, pure=True, worker=slots[g])
+              for part, g in zip(parts, layout.group_of.tolist())]
+    blocks, per_block = [], []
     for b in range(layout.n_blocks):
         lo, hi = int(first_unit[b]), int(first_unit[b + 1])
         if hi - lo == 1:
             blocks.append(parts[lo])
+            per_block.append(counts[lo])
             continue
-        largest = lo + int(np.argmax(unit_weights[lo:hi]))
-        blocks.append(run.submit(joined_rows, spec.keep_ts, *parts[lo:hi], pure=True,
-                                 worker=slots[int(group_of[largest])]))
-    return blocks
+        where = slots[int(group_of[lo + int(np.argmax(unit_weights[lo:hi]))])]  # its largest unit's worker
+        blocks.append(run.submit(joined_rows, spec.keep_ts, *parts[lo:hi], pure=True, worker=where))
+        per_block.append(run.submit(joined_counts, *counts[lo:hi], pure=True, worker=where))
+    return blocks, per_block
 
 
 def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None = None, *,
@@ -1207,13 +1218,13 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
     # the id maps as tasks on the root, not scattered: X's blocks keep their lineage back to the
     # Parquet pieces, so a block lost with its worker is rebuilt (pipeline.shared)
     uidx, iidx = (run.submit(id_index, root, key, pure=False) for key in ("user_ids", "item_ids"))
-    blocks = _fold_pass(client, pieces, spec, uidx=uidx, iidx=iidx, offsets=offsets, n_cols=n_items,
-                        user_rows=user_rows, cfg=cfg)
+    blocks, per_block = _fold_pass(client, pieces, spec, uidx=uidx, iidx=iidx, offsets=offsets, n_cols=n_items,
+                                   user_rows=user_rows, cfg=cfg)
     X = RowBlocks(blocks, offsets, n_items, client)
     _wait_for(blocks)
     clock.lap("blocks")
     X, user_ids, item_ids, user_counts, item_counts, support, largest = _minimum_support(
-        client, X, user_ids, item_ids, cfg.min_user_interactions, cfg.min_item_interactions)
+        client, X, user_ids, item_ids, cfg.min_user_interactions, cfg.min_item_interactions, per_block=per_block)
     clock.lap("minimum support")
     counts.update(support)
     nnz = int(user_counts.sum())
@@ -1257,12 +1268,13 @@ def check_float32_range(largest: float, nnz: int, weight_col: str | None, url: s
                          f"above {bound:.3g}; rescale the weights (divide by a constant, or take log1p) before the run")
 
 
-def _minimum_support(client, X: RowBlocks, user_ids, item_ids, min_user: int, min_item: int):
+def _minimum_support(client, X: RowBlocks, user_ids, item_ids, min_user: int, min_item: int, per_block=None):
     """Drop users and items below the minimum support, repeatedly, until stable; re-index contiguously.
 
     Users and items left with no interactions (all weights zero) are dropped in any case. Returns X, the ids, the
     counts per user and per item, the support's entries of the manifest's counts, and the largest |value| of the
-    returned X (read in the same round as its counts, for ``check_float32_range``).
+    returned X (read in the same round as its counts, for ``check_float32_range``). ``per_block``: X's blocks'
+    ``block_counts`` (futures or values) where they are known already (``_fold_pass``), for the first round.
     """
     run = runner(client)
     keep_u = np.ones(X.n_rows, dtype=bool)
@@ -1270,8 +1282,9 @@ def _minimum_support(client, X: RowBlocks, user_ids, item_ids, min_user: int, mi
     rounds = 0
     current = X
     nnz_before = None
+    known = per_block
     while True:
-        per_block = run.gather(current.map(block_counts))
+        per_block = run.gather(known if known is not None and current is X else current.map(block_counts))
         row_nnz = np.concatenate([r for r, _, _ in per_block]) if per_block else np.zeros(0, np.int64)
         col_nnz = np.sum([c for _, c, _ in per_block], axis=0) if per_block else np.zeros(X.n_cols, np.int64)
         largest = max((m for _, _, m in per_block), default=0.0)

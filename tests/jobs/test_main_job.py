@@ -80,7 +80,7 @@ def test_work_held_to_the_workers_gives_the_same_run(small_run, client, monkeypa
     exactly; floats to rounding: the SVD's per-worker partial sums group X's 3 blocks otherwise than one sum here,
     as with one worker against two). There the report's figures are drawn on the workers, all but the audit's
     submitted by a thread of their own right after the factors (``report_figures_early``), the audit's by the
-    report stage; here all of them by the report stage."""
+    report stage; here all of them by the report stage; and the id tables are written beside the fit there."""
     import threading
 
     import mfsim.pipeline.blocks as blocks_module
@@ -97,6 +97,12 @@ def test_work_held_to_the_workers_gives_the_same_run(small_run, client, monkeypa
         return draw(self, figures)
 
     monkeypatch.setattr(Figures, "draw", recorded)
+    import mfsim.jobs.stages as stages
+
+    id_writers: list[str] = []  # the thread that writes the id tables (beside the fit, for a log read on the workers)
+    write_ids = stages.write_id_tables
+    monkeypatch.setattr(stages, "write_id_tables",
+                        lambda *a: (id_writers.append(threading.current_thread().name), write_ids(*a))[1])
     places = ("input", "svd", "embeddings", "evaluation", "audit")
     assert [manifest[key]["ran_on"] for key in places] == ["driver"] * 5
     assert manifest["neighbours"]["ran_on"] == {"driver": 18}  # list groups
@@ -107,6 +113,7 @@ def test_work_held_to_the_workers_gives_the_same_run(small_run, client, monkeypa
     assert [on_workers[key]["ran_on"] for key in places] == ["workers"] * 5
     assert on_workers["neighbours"]["ran_on"] == {"workers": 18}
     assert len(assert_same_run_tables(run_dir, workers_dir)) > 40
+    assert id_writers == ["mfsim-early-ids"]
     # the report's figures, drawn as tasks on the workers there and here in the other run: the same figures, each a PNG
     figures = [re.findall(r'<figure id="([^"]+)">\s*<img src="data:image/png;base64,', (d / "report.html").read_text())
                for d in (run_dir, workers_dir)]

@@ -464,14 +464,22 @@ def test_a_block_of_the_most_active_users_is_folded_in_units_to_the_same_bits(tm
         pq.write_table(pa.table({"user_id": u, "item_id": rng.integers(0, 30, n), "weight": w, "ts": ts}),
                        tmp_path / "log" / f"part-{f}.parquet", row_group_size=50)
 
-    def run(c):
-        return ingest(c, InputSection(path=str(tmp_path / "log")), IngestSection(partition_rows=100, block_rows=5),
-                      keep_ts=True)
+    def run(c, **support):
+        return ingest(c, InputSection(path=str(tmp_path / "log")),
+                      IngestSection(partition_rows=100, block_rows=5, **support), keep_ts=True)
 
     one, here = run(client1), run(None)
+    support = dict(min_user_interactions=16, min_item_interactions=24)  # its first round drops users and items
+    one_supported = run(client1, **support)
     with planned_threads(8):
         groups = min(len(_worker_slots(client)), one.X.n_blocks)
         cut = run(client)
+        cut_supported = run(client, **support)  # its first round from the units' counts (``joined_counts``)
+    for a, b in ((cut, one), (cut_supported, one_supported)):
+        assert a.counts == b.counts and a.user_ids.equals(b.user_ids) and a.item_ids.equals(b.item_ids)
+        assert np.array_equal(a.user_counts, b.user_counts) and np.array_equal(a.item_counts, b.item_counts)
+        _same_blocks(a, b)
+    assert 0 < cut_supported.counts["users_removed_by_support"] and 0 < cut_supported.counts["items_removed_by_support"]
     _, per_user = np.unique(np.concatenate([pq.read_table(tmp_path / "log" / f"part-{f}.parquet")["user_id"]
                                             .to_numpy() for f in range(4)]), return_counts=True)
     units, first = fold_units(per_user, one.X.row_offsets, groups)
