@@ -224,22 +224,61 @@ def stage_row(stage: Stage, tasks: Sequence[Task], workers: Sequence[int] = WORK
 def stage_table(tasks: Sequence[Task], stages: Sequence[Stage], workers: Sequence[int] = WORKER_COUNTS
                 ) -> dict[str, Any]:
     """``stage_row`` per stage (each task counted in the stage during which it started; tasks outside every stage
-    are left out) and the whole job: the sums, and ``predicted_speedup[P] = predicted[1] / predicted[P]``."""
+    are left out) and the whole job: the sums, and ``predicted_speedup[P] = predicted[1] / predicted[P]``.
+
+    A stage timed in several parts (the fit's ``factors`` inside it, then the stage of that name) is one row, the
+    sum of its parts' (``max_ready`` their largest). The job's time outside every stage (the driver between two
+    stages: the SVD's tables written after its timed part, say) is a row of its own, ``BETWEEN``, all serial: the
+    job's T is its wall time from the first stage's start to the last one's end."""
     ordered = sorted(stages, key=lambda s: s.start)
-    members: dict[str, list[Task]] = {s.name: [] for s in ordered}
+    members: list[list[Task]] = [[] for _ in ordered]
     for t in tasks:
-        for s in ordered:
+        for k, s in enumerate(ordered):
             if s.start <= t.start < s.stop:
-                members[s.name].append(t)
+                members[k].append(t)
                 break
     counts = tuple(workers) if 1 in workers else (1, *workers)
-    full = {s.name: stage_row(s, members[s.name], counts) for s in ordered}
+    full: dict[str, dict[str, Any]] = {}
+    for s, m in zip(ordered, members):
+        row = stage_row(s, m, counts)
+        if s.name in full:
+            row = _summed(full[s.name], row)
+        full[s.name] = row
+    outside = stage_seconds(ordered).get(BETWEEN)
+    if outside:
+        full[BETWEEN] = {"T": outside, "W": 0.0, "I": outside, "S": 0.0, "tasks": 0, "rounds": 0, "max_ready": 0,
+                         "predicted": {p: outside for p in counts}}
     rows = {name: {**r, "predicted": {p: r["predicted"][p] for p in workers}} for name, r in full.items()}
     predicted = {p: sum(r["predicted"][p] for r in full.values()) for p in counts}
     job = {key: sum(r[key] for r in rows.values()) for key in ("T", "W", "I", "S", "tasks")}
     job["predicted"] = {p: predicted[p] for p in workers}
     job["predicted_speedup"] = {p: (predicted[1] / predicted[p] if predicted[p] > 0 else 1.0) for p in workers}
     return {"stages": rows, "job": job}
+
+
+#: ``stage_table``'s row of the job's time outside every stage.
+BETWEEN = "(between stages)"
+
+
+def stage_seconds(stages: Sequence[Stage]) -> dict[str, float]:
+    """Wall seconds per stage name, as ``stage_table``'s T: a stage's parts summed, the time outside every stage
+    under ``BETWEEN`` (when there is any)."""
+    out: dict[str, float] = {}
+    for s in stages:
+        out[s.name] = out.get(s.name, 0.0) + (s.stop - s.start)
+    if stages:
+        outside = max(0.0, max(s.stop for s in stages) - min(s.start for s in stages)
+                      - covered_seconds([(s.start, s.stop) for s in stages]))
+        if outside > 0:
+            out[BETWEEN] = outside
+    return out
+
+
+def _summed(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two parts of one stage as one row."""
+    return {**{key: a[key] + b[key] for key in ("T", "W", "I", "S", "tasks", "rounds")},
+            "max_ready": max(a["max_ready"], b["max_ready"]),
+            "predicted": {p: a["predicted"][p] + b["predicted"][p] for p in a["predicted"]}}
 
 
 #: The neighbours stage's tasks by the lists they make, from their keys (``client.submit``'s key is the function's

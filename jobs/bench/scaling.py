@@ -25,7 +25,7 @@ from mfsim.jobs.bench.ingest import ready_log
 from mfsim.jobs.bench.pipeline import BENCH_DEFAULTS
 from mfsim.pipeline.config import load_config
 from mfsim.pipeline.shared import planned_threads
-from mfsim.pipeline.trace import WORKER_COUNTS, StageClock, kind_rows, recorded_tasks, stage_table
+from mfsim.pipeline.trace import WORKER_COUNTS, StageClock, kind_rows, recorded_tasks, stage_seconds, stage_table
 
 #: The warm-up job before each recorded run (rows, users, items of its synthetic log), on the same cluster.
 WARM_UP = (50_000, 5_000, 1_000)
@@ -156,7 +156,7 @@ def run_bench_scaling(users: int = 200_000, items: int = 50_000, nnz: int = 5_00
         checks = {}
         for n in check_workers:
             _, _, measured_stages = _recorded_run(config_for(n), warm(n))
-            measured = {s.name: s.stop - s.start for s in measured_stages}
+            measured = stage_seconds(measured_stages)
             rows = {name: {"measured": measured.get(name, 0.0), "predicted": r["predicted"][n]}
                     for name, r in table["stages"].items()}
             total_m = sum(v["measured"] for v in rows.values())

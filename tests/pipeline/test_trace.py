@@ -16,6 +16,7 @@ from mfsim.pipeline.trace import (
     max_ready,
     recorded_tasks,
     rounds,
+    stage_seconds,
     stage_table,
 )
 
@@ -64,6 +65,22 @@ def test_a_pause_is_a_barrier_only_when_the_driver_submitted_after_it():
         barrier = table(late)
         assert barrier["rounds"] == 2 and barrier["S"] == pytest.approx(3.98), late
         assert barrier["predicted"][2] == pytest.approx(0.02 + 3.0 + 0.98)
+
+
+def test_a_stage_in_parts_is_one_row_and_the_time_between_stages_is_serial():
+    """Stage "a" timed twice, [0, 4) and [7, 8) (a: 1 s of work at [0, 1), b: [7, 8)), stage "b" [5, 7) (c: [5, 6)):
+    "a" is one row, T 5, W 2, I 3; [4, 5) is in no stage: a row of its own, all serial; the job's T is 8."""
+    tasks = [Task("a", 0, 1), Task("c", 5, 6), Task("b", 7, 8)]
+    table = stage_table(tasks, [Stage("a", 0, 4), Stage("b", 5, 7), Stage("a", 7, 8)], workers=(1, 2))
+    a, between = table["stages"]["a"], table["stages"]["(between stages)"]
+    assert (a["T"], a["W"], a["I"], a["S"], a["tasks"], a["rounds"]) == (5, 2, 3, 2, 2, 2)
+    assert a["predicted"] == {1: 3 + 1 + 1, 2: 3 + 1 + 1}
+    assert between["T"] == between["I"] == 1 and between["W"] == 0 and between["predicted"] == {1: 1, 2: 1}
+    job = table["job"]
+    assert job["T"] == 8 and job["I"] == 3 + 1 + 1 and job["predicted"] == {1: 5 + 2 + 1, 2: 5 + 2 + 1}
+    assert stage_seconds([Stage("a", 0, 4), Stage("b", 5, 7), Stage("a", 7, 8)]) == {
+        "a": 5, "b": 2, "(between stages)": 1}
+    assert stage_seconds([Stage("a", 0, 4), Stage("b", 4, 6)]) == {"a": 4, "b": 2}
 
 
 def test_a_speedup_always_has_its_one_worker_reference():
