@@ -1076,18 +1076,15 @@ def _fold_pass(client, pieces: list[Piece], spec: ScanSpec, *, uidx, iidx, offse
 
     One group per worker thread, and no more groups than blocks; X's blocks are folded in units (``fold_units``: a
     block of more than a group's share of the log in several, by ``user_rows``, pass 1's rows per user), the units
-    spread over the groups (``assign_groups`` by their rows in the log), each group a chain of ``fold_piece`` tasks in
-    piece order on
-    its worker, so the units are spread over the workers and a worker folds only its own; ``finish_blocks`` and
-    ``unit_block`` end each chain, and ``joined_rows`` makes a block of several units, on the worker of its
-    largest. Before
-    submitting piece ``k`` the client waits until piece ``k - fold_window`` is folded into every
-    group, so at most that many pieces' buckets are on the workers unfolded, and each group holds
-    at most ``PENDING_PIECES`` pieces' share of entries unmerged, and no more than a quarter of its
-    units' entries once that is more than a piece's share (``BlockLayout.pending_limit``): a
-    worker's memory is its units plus what ``ingest.partition_rows`` bounds, whatever the length
-    of the log (and a block of several units once more while it is joined). The chains keep the lineage: a block
-    lost with its worker is rebuilt by rerunning its groups' chains from the Parquet pieces.
+    spread over the groups (``assign_groups`` by their rows in the log), each group a chain of ``fold_piece`` tasks
+    in piece order on its worker, so a worker folds only its own units; ``finish_blocks`` and ``unit_block`` end
+    each chain, and ``joined_rows`` makes a block of several units, on the worker of its largest. Before submitting
+    piece ``k`` the client waits until piece ``k - fold_window`` is folded into every group, so at most that many
+    pieces' buckets are on the workers unfolded, and each group holds at most ``PENDING_PIECES`` pieces' share of
+    entries unmerged, and no more than a quarter of its units' entries once that is more than a piece's share
+    (``BlockLayout.pending_limit``): a worker's memory is its units plus what ``ingest.partition_rows`` bounds,
+    whatever the length of the log (and a block of several units once more while it is joined). The chains keep
+    the lineage: a block lost with its worker is rebuilt by rerunning its groups' chains from the Parquet pieces.
     """
     run = runner(client)
     # no more groups than blocks (each group's tasks cost a task a piece, whatever its size); a block of more than a

@@ -228,8 +228,8 @@ def stage_table(tasks: Sequence[Task], stages: Sequence[Stage], workers: Sequenc
 
     A stage timed in several parts (the fit's ``factors`` inside it, then the stage of that name) is one row, the
     sum of its parts' (``max_ready`` their largest). The job's time outside every stage (the driver between two
-    stages: the SVD's tables written after its timed part, say) is a row of its own, ``BETWEEN``, all serial: the
-    job's T is its wall time from the first stage's start to the last one's end."""
+    stages) is a row of its own, ``BETWEEN``, all serial: the job's T is its wall time from the first stage's start
+    to the last one's end."""
     ordered = sorted(stages, key=lambda s: s.start)
     members: list[list[Task]] = [[] for _ in ordered]
     for t in tasks:
