@@ -76,6 +76,9 @@ class StageContext:
     results: dict[str, StageResult] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     early: dict[str, Beside] = field(default_factory=dict)  # stage name -> its part begun early (``Stage.early``)
+    #: set once the lists' first tasks have run (their first range recorded) or their stage has ended: work begun
+    #: early waits for it, so that it does not hold this process's GIL while the lists' first tasks are submitted
+    lists_running: threading.Event = field(default_factory=threading.Event)
 
     @property
     def client(self) -> Any:
@@ -468,6 +471,7 @@ def neighbours_stage(ctx: StageContext) -> StageResult:
                 if item.error is not None:
                     raise item.error
                 continue
+            ctx.lists_running.set()
             parts, sums = item
             for w in parts:
                 ctx.run.written(w)
@@ -501,6 +505,7 @@ def neighbours_stage(ctx: StageContext) -> StageResult:
             running += 1
         record(running)
     finally:  # on an error, the groups still running finish before it is raised
+        ctx.lists_running.set()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     log.info("neighbours: %d lists written", len(written))
@@ -610,7 +615,8 @@ def report_client(ctx: StageContext) -> Any:
 
 def report_figures_early(ctx: StageContext) -> Callable[[], Any] | None:
     """The report's figures that need no audit (``start_figures``: all but the audit's histograms), sampled and
-    submitted right after the factors so that the workers draw them beside the lists; None where the report draws
+    submitted by a thread begun right after the factors, once the lists' first tasks have run
+    (``StageContext.lists_running``), so that the workers draw them beside the lists; None where the report draws
     here (the drawing would only take this process's time from the stages in between)."""
     client = report_client(ctx)
     if client is None:
@@ -618,9 +624,15 @@ def report_figures_early(ctx: StageContext) -> Callable[[], Any] | None:
     from mfsim.pipeline.report.build import start_figures
 
     tables = {name: t for r in ctx.results.values() for name, t in r.tables.items()}
-    return partial(start_figures, ctx.cfg, ctx.fit, ctx.data, truth=ctx.truth,
-                   labels=ctx.scorer.labels if ctx.scorer is not None else None, sweep=tables.get("lambda_sweep"),
-                   client=client)
+    start = partial(start_figures, ctx.cfg, ctx.fit, ctx.data, truth=ctx.truth,
+                    labels=ctx.scorer.labels if ctx.scorer is not None else None, sweep=tables.get("lambda_sweep"),
+                    client=client)
+
+    def once_lists_run() -> Any:
+        ctx.lists_running.wait()  # the lists' first tasks before the figures' sampling (1 s of this process at 200k)
+        return start()
+
+    return once_lists_run
 
 
 def report_stage(ctx: StageContext) -> StageResult:

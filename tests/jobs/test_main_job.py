@@ -79,23 +79,34 @@ def test_work_held_to_the_workers_gives_the_same_run(small_run, client, monkeypa
     the workers (``cluster.small_data_here: false``), every published table is the same (ids, ranks and counts
     exactly; floats to rounding: the SVD's per-worker partial sums group X's 3 blocks otherwise than one sum here,
     as with one worker against two). There the report's figures are drawn on the workers, all but the audit's
-    submitted by a thread of their own right after the factors (``report_figures_early``), the audit's by the
-    report stage; here all of them by the report stage; and the id tables are written beside the fit there."""
+    submitted by a thread of their own begun after the factors, once the lists run (``report_figures_early``), the
+    audit's by the report stage; here all of them by the report stage; and the id tables are written beside the fit
+    there."""
     import threading
 
     import mfsim.pipeline.blocks as blocks_module
     from mfsim.pipeline.report.build import Figures
 
+    import time
+
+    from mfsim.pipeline.runs.writer import RunWriter
+
     run_dir, manifest, sim_dir = small_run
     submitted: list[tuple[str, str, bool]] = []  # (thread, figure, on a client)
     draw = Figures.draw
+    times: dict[str, list[float]] = {"early figures": [], "parts recorded": []}
 
     def recorded(self, figures):
         for name, _ in figures:
             if name not in self.drawn:
                 submitted.append((threading.current_thread().name, name, self.run.client is not None))
+        if threading.current_thread().name == "mfsim-early-report":
+            times["early figures"].append(time.perf_counter())
         return draw(self, figures)
 
+    written = RunWriter.written
+    monkeypatch.setattr(RunWriter, "written", lambda self, w: (times["parts recorded"].append(time.perf_counter()),
+                                                              written(self, w))[1])
     monkeypatch.setattr(Figures, "draw", recorded)
     import mfsim.jobs.stages as stages
 
@@ -118,6 +129,8 @@ def test_work_held_to_the_workers_gives_the_same_run(small_run, client, monkeypa
     figures = [re.findall(r'<figure id="([^"]+)">\s*<img src="data:image/png;base64,', (d / "report.html").read_text())
                for d in (run_dir, workers_dir)]
     assert figures[0] == figures[1] and len(figures[0]) >= 5
+    # the early figures were sampled once the lists had run their first tasks (``lists_running``: a part recorded)
+    assert times["early figures"] and min(times["early figures"]) > min(times["parts recorded"])
     early = [name for thread, name, _ in submitted if thread == "mfsim-early-report"]
     assert sorted(early) == sorted(set(figures[1]) - {"audit_jaccard"})
     assert [(name, on_client) for thread, name, on_client in submitted if thread != "mfsim-early-report"] == [
