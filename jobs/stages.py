@@ -140,12 +140,12 @@ def ingest_stage(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
     data = ctx.data = ingest(lambda: ctx.client, cfg.input, cfg.ingest, keep_ts=cfg.evaluation.holdout == "temporal",
                              here_max_rows=blocks.INGEST_HERE_MAX_ROWS)
-    # a log read on the workers: its id tables (0.13 s of Parquet for 1M users) written in a thread beside the fit,
-    # waited for at its end (``wait_later``: a failed write fails the run there)
-    ids = partial(write_id_tables, ctx.run, data)
-    writing = Beside(ids, "ids") if data.ran_on == "workers" else None
-    if writing is None:
-        ids()
+    writing = None
+    if data.ran_on == "workers":  # its id tables (0.13 s of Parquet for 1M users) written in a thread beside the fit,
+        # waited for at its end (``wait_later``: a failed write fails the run there)
+        writing = Beside(partial(write_id_tables, ctx.run, data), "ids")
+    else:
+        write_id_tables(ctx.run, data)
     c = data.counts
     log.info("ingest: %d users x %d items, %d non-zeros", c["n_users"], c["n_items"], c["nnz"])
     ctx.run.set_counts({k: c[k] for k in ("n_users", "n_items", "nnz")})

@@ -1221,7 +1221,7 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
     _wait_for(blocks)
     clock.lap("blocks")
     X, user_ids, item_ids, user_counts, item_counts, support, largest = _minimum_support(
-        client, X, user_ids, item_ids, cfg.min_user_interactions, cfg.min_item_interactions, per_block=per_block)
+        client, X, user_ids, item_ids, cfg.min_user_interactions, cfg.min_item_interactions, first_counts=per_block)
     clock.lap("minimum support")
     counts.update(support)
     nnz = int(user_counts.sum())
@@ -1265,12 +1265,12 @@ def check_float32_range(largest: float, nnz: int, weight_col: str | None, url: s
                          f"above {bound:.3g}; rescale the weights (divide by a constant, or take log1p) before the run")
 
 
-def _minimum_support(client, X: RowBlocks, user_ids, item_ids, min_user: int, min_item: int, per_block=None):
+def _minimum_support(client, X: RowBlocks, user_ids, item_ids, min_user: int, min_item: int, first_counts=None):
     """Drop users and items below the minimum support, repeatedly, until stable; re-index contiguously.
 
     Users and items left with no interactions (all weights zero) are dropped in any case. Returns X, the ids, the
     counts per user and per item, the support's entries of the manifest's counts, and the largest |value| of the
-    returned X (read in the same round as its counts, for ``check_float32_range``). ``per_block``: X's blocks'
+    returned X (read in the same round as its counts, for ``check_float32_range``). ``first_counts``: X's blocks'
     ``block_counts`` (futures or values) where they are known already (``_fold_pass``), for the first round.
     """
     run = runner(client)
@@ -1279,9 +1279,9 @@ def _minimum_support(client, X: RowBlocks, user_ids, item_ids, min_user: int, mi
     rounds = 0
     current = X
     nnz_before = None
-    known = per_block
     while True:
-        per_block = run.gather(known if known is not None and current is X else current.map(block_counts))
+        first = first_counts is not None and current is X
+        per_block = run.gather(first_counts if first else current.map(block_counts))
         row_nnz = np.concatenate([r for r, _, _ in per_block]) if per_block else np.zeros(0, np.int64)
         col_nnz = np.sum([c for _, c, _ in per_block], axis=0) if per_block else np.zeros(X.n_cols, np.int64)
         largest = max((m for _, _, m in per_block), default=0.0)
