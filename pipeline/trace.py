@@ -208,9 +208,14 @@ def max_ready(tasks: Sequence[Task]) -> int:
     return best
 
 
-def stage_row(stage: Stage, tasks: Sequence[Task], workers: Sequence[int] = WORKER_COUNTS) -> dict[str, Any]:
-    """T, W, I, S, max_ready and the predicted seconds on each count of ``workers`` for one stage."""
-    clipped = [(max(t.start, stage.start), min(t.stop, stage.stop)) for t in tasks]
+def stage_row(stage: Stage, tasks: Sequence[Task], workers: Sequence[int] = WORKER_COUNTS,
+              running: Sequence[Task] | None = None) -> dict[str, Any]:
+    """T, W, I, S, max_ready and the predicted seconds on each count of ``workers`` for one stage's ``tasks``.
+
+    ``running``: every task of the job (default: ``tasks``): I is the part of T when none of them runs, so that a
+    task begun in an earlier stage and still running in this one (counted in that stage's W and S) is not counted
+    again as this stage's serial time."""
+    clipped = [(max(t.start, stage.start), min(t.stop, stage.stop)) for t in (tasks if running is None else running)]
     T = stage.stop - stage.start
     W = sum(t.seconds for t in tasks)
     I = max(0.0, T - covered_seconds([c for c in clipped if c[1] > c[0]]))
@@ -223,8 +228,9 @@ def stage_row(stage: Stage, tasks: Sequence[Task], workers: Sequence[int] = WORK
 
 def stage_table(tasks: Sequence[Task], stages: Sequence[Stage], workers: Sequence[int] = WORKER_COUNTS
                 ) -> dict[str, Any]:
-    """``stage_row`` per stage (each task counted in the stage during which it started; tasks outside every stage
-    are left out) and the whole job: the sums, and ``predicted_speedup[P] = predicted[1] / predicted[P]``.
+    """``stage_row`` per stage (each task counted in the stage during which it started, tasks outside every stage
+    left out; a stage's serial time is its time when no task of the job runs) and the whole job: the sums, and
+    ``predicted_speedup[P] = predicted[1] / predicted[P]``.
 
     A stage timed in several parts (the fit's ``factors`` inside it, then the stage of that name) is one row, the
     sum of its parts' (``max_ready`` their largest). The job's time outside every stage (the driver between two
@@ -240,7 +246,7 @@ def stage_table(tasks: Sequence[Task], stages: Sequence[Stage], workers: Sequenc
     counts = tuple(workers) if 1 in workers else (1, *workers)
     full: dict[str, dict[str, Any]] = {}
     for s, m in zip(ordered, members):
-        row = stage_row(s, m, counts)
+        row = stage_row(s, m, counts, running=tasks)
         if s.name in full:
             row = _summed(full[s.name], row)
         full[s.name] = row

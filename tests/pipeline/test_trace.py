@@ -83,6 +83,18 @@ def test_a_stage_in_parts_is_one_row_and_the_time_between_stages_is_serial():
     assert stage_seconds([Stage("a", 0, 4), Stage("b", 4, 6)]) == {"a": 4, "b": 2}
 
 
+def test_a_task_still_running_from_an_earlier_stage_is_not_the_next_stages_serial_time():
+    """Stage "audit" [0, 4): a [0, 3), then the figure f [3.5, 5) submitted at its end, still running when "report"
+    [4, 6) begins, whose driver waits for it, then works alone until 6. f is the audit's (it started there: W 4.5,
+    S 3 + 1.5 in two rounds); the report's serial time is [5, 6) only, not [4, 5) again; the audit's [3, 3.5)."""
+    tasks = [Task("a", 0, 3, submitted=0.0), Task("f", 3.5, 5, submitted=3.4)]
+    table = stage_table(tasks, [Stage("audit", 0, 4), Stage("report", 4, 6)], workers=(1, 2))
+    audit, report = table["stages"]["audit"], table["stages"]["report"]
+    assert (audit["W"], audit["S"], audit["I"], audit["rounds"]) == (4.5, 4.5, 0.5, 2)
+    assert (report["W"], report["I"], report["tasks"]) == (0, 1, 0)
+    assert table["job"]["predicted"] == {1: 0.5 + 4.5 + 1, 2: 0.5 + 4.5 + 1}  # the job's 6 s, each second once
+
+
 def test_a_speedup_always_has_its_one_worker_reference():
     tasks, stages = _graph()
     table = stage_table(tasks, stages, workers=(4,))
