@@ -696,9 +696,10 @@ class IdIndex:
         return None if pos.null_count else pos.to_numpy().astype(self.dtype, copy=False)
 
 
-def id_index(scanned: dict[str, Any], key: str) -> IdIndex:
-    """The ``IdIndex`` of the ids ``scanned[key]`` (the root of pass 1, ``"user_ids"`` or ``"item_ids"``)."""
-    return IdIndex(scanned[key])
+def id_index(scanned: dict[str, Any], key: str) -> IdIndex | None:
+    """The ``IdIndex`` of the ids ``scanned[key]`` (the root of pass 1, ``"user_ids"`` or ``"item_ids"``); None where
+    no piece could be read (the run then stops at the scan's errors)."""
+    return IdIndex(scanned[key]) if scanned[key] is not None else None
 
 
 # pass 2: each piece's entries, bucketed by row block, folded into running blocks, piece after piece
@@ -1179,6 +1180,11 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
 
     clock = _PhaseClock()
     root = _scan_pass(client, pieces, spec)
+    # the id maps as tasks on the root, not scattered: X's blocks keep their lineage back to the Parquet pieces, so a
+    # block lost with its worker is rebuilt (pipeline.shared); submitted before the root comes here, so that they are
+    # made while this process reads the scan's summaries and plans the fold
+    uidx, iidx = ((run.submit(id_index, root, key, pure=False) for key in ("user_ids", "item_ids"))
+                  if root is not None else (None, None))
     scanned = run.gather(root) if root is not None else {"summaries": [], "user_ids": None, "item_ids": None}
     hold_between_passes()
     summaries = [s for _, s in sorted(scanned["summaries"], key=operator.itemgetter(0))]
@@ -1212,9 +1218,6 @@ def ingest(client, input_cfg: InputSection, cfg: IngestSection, path: str | None
     user_rows = scanned["user_rows"]
     del scanned
     clock.lap("scan and id maps")
-    # the id maps as tasks on the root, not scattered: X's blocks keep their lineage back to the
-    # Parquet pieces, so a block lost with its worker is rebuilt (pipeline.shared)
-    uidx, iidx = (run.submit(id_index, root, key, pure=False) for key in ("user_ids", "item_ids"))
     blocks, per_block = _fold_pass(client, pieces, spec, uidx=uidx, iidx=iidx, offsets=offsets, n_cols=n_items,
                                    user_rows=user_rows, cfg=cfg)
     X = RowBlocks(blocks, offsets, n_items, client)
