@@ -120,11 +120,6 @@ class Beside:
         except BaseException as exc:  # handed to the reader
             self._error = exc
 
-    def succeeded(self) -> bool:
-        """Whether ``work()`` returned (waits for it); its error, if any, is left for ``result()`` to raise."""
-        self._thread.join()
-        return self._error is None
-
     def result(self) -> Any:
         self._thread.join()
         if self._error is not None:
@@ -605,11 +600,6 @@ def audit_stage(ctx: StageContext) -> StageResult:
                                                               candidate_block=ncfg.candidate_block),
                               lists_at_once=groups_in_flight(client, -(-min(acfg.max_items, p) // ncfg.query_chunk)))
     result.summary["ran_on"] = "driver" if client is None else "workers"
-    if "report" in ctx.early and ctx.early["report"].succeeded():  # the report's figures drawn on the workers:
-        # the audit's begun before its tables are written, so that a worker draws it meanwhile
-        from mfsim.pipeline.report.build import start_audit_figure
-
-        start_audit_figure(ctx.early["report"].result(), result)
     ctx.run.write_table(outputs.AUDIT_STABILITY, result.stability)
     ctx.run.write_table(outputs.AUDIT_ITEMS, outputs.keyed_by_item(result.detail, ctx.data.item_ids))
     ctx.run.write_table(outputs.AUDIT_LEAST_STABLE, outputs.keyed_by_item(result.least_stable, ctx.data.item_ids))

@@ -281,9 +281,8 @@ def plan_figures(inputs: FigureInputs, *, audit: AuditResult | None, audit_summa
     else:
         skipped["pair scatter and rank displacement"] = ("one item only: no pairs" if inputs.names
                                                          else "no Eq. 1 solution (objectives.eq1 is null)")
-    audit_drawing = audit_histograms(inputs, audit)
-    if audit_drawing is not None:
-        figures.append(audit_drawing)
+    if audit is not None and audit.detail.num_rows and "cosine" in (audit_summary.get("metrics") or {}):
+        figures.append(("audit_jaccard", partial(audit_figure, audit.detail, audit_summary.get("top_n", inputs.top_n))))
     elif audit is not None:
         skipped["audit histograms"] = audit_summary.get("verdict") or "the audit compared nothing"
     if list(inputs.fit.factors):
@@ -297,23 +296,6 @@ def plan_figures(inputs: FigureInputs, *, audit: AuditResult | None, audit_summa
     else:
         skipped["lambda sweep"] = "every lambda was given as a number (no objectives.*.lambda: auto)"
     return figures, skipped
-
-
-def audit_histograms(inputs: FigureInputs, audit: AuditResult | None) -> tuple[str, Drawing] | None:
-    """The audit's figure (``audit_figure``) as ``(name, drawing)``, or None without an audit or one that compared
-    no cosine lists."""
-    summary = dict(getattr(audit, "summary", None) or {})
-    if audit is None or not audit.detail.num_rows or "cosine" not in (summary.get("metrics") or {}):
-        return None
-    return "audit_jaccard", partial(audit_figure, audit.detail, summary.get("top_n", inputs.top_n))
-
-
-def start_audit_figure(figures: Figures, audit: AuditResult) -> None:
-    """The audit's figure sampled here and submitted now, as soon as the audit has its result: drawn on a worker
-    while the audit's tables are written (``build_report`` gathers it with the others)."""
-    drawing = audit_histograms(figures.inputs, audit)
-    if drawing is not None:
-        figures.draw([drawing])
 
 
 def pairs_figure(inputs: FigureInputs) -> tuple[Png, str]:

@@ -80,8 +80,8 @@ def test_work_held_to_the_workers_gives_the_same_run(small_run, client, monkeypa
     exactly; floats to rounding: the SVD's per-worker partial sums group X's 3 blocks otherwise than one sum here,
     as with one worker against two). There the report's figures are drawn on the workers, all but the audit's
     submitted by a thread of their own begun after the factors, once the lists run (``report_figures_early``), the
-    audit's by the audit stage before it writes its tables; here all of them by the report stage; and the id tables
-    are written beside the fit there."""
+    audit's by the report stage; here all of them by the report stage; and the id tables are written beside the fit
+    there."""
     import threading
 
     import mfsim.pipeline.blocks as blocks_module
@@ -94,15 +94,12 @@ def test_work_held_to_the_workers_gives_the_same_run(small_run, client, monkeypa
     run_dir, manifest, sim_dir = small_run
     submitted: list[tuple[str, str, bool]] = []  # (thread, figure, on a client)
     draw = Figures.draw
-    times: dict[str, list[float]] = {"early figures": [], "parts recorded": [], "audit figure": [],
-                                     "audit tables": []}
+    times: dict[str, list[float]] = {"early figures": [], "parts recorded": []}
 
     def recorded(self, figures):
         for name, _ in figures:
             if name not in self.drawn:
                 submitted.append((threading.current_thread().name, name, self.run.client is not None))
-                if name == "audit_jaccard":
-                    times["audit figure"].append(time.perf_counter())
         if threading.current_thread().name == "mfsim-early-report":
             times["early figures"].append(time.perf_counter())
         return draw(self, figures)
@@ -111,10 +108,6 @@ def test_work_held_to_the_workers_gives_the_same_run(small_run, client, monkeypa
     monkeypatch.setattr(RunWriter, "written", lambda self, w: (times["parts recorded"].append(time.perf_counter()),
                                                               written(self, w))[1])
     monkeypatch.setattr(Figures, "draw", recorded)
-    write_table = RunWriter.write_table
-    monkeypatch.setattr(RunWriter, "write_table", lambda self, rel, t: (
-        times["audit tables"].append(time.perf_counter()) if rel.startswith("audit/") else None,
-        write_table(self, rel, t))[1])
     import mfsim.jobs.stages as stages
 
     id_writers: list[str] = []  # the thread that writes the id tables (beside the fit, for a log read on the workers)
@@ -142,9 +135,6 @@ def test_work_held_to_the_workers_gives_the_same_run(small_run, client, monkeypa
     assert sorted(early) == sorted(set(figures[1]) - {"audit_jaccard"})
     assert [(name, on_client) for thread, name, on_client in submitted if thread != "mfsim-early-report"] == [
         ("audit_jaccard", True)]
-    # the audit's figure submitted by the audit stage before it wrote its tables, so that a worker draws it meanwhile
-    assert len(times["audit figure"]) == 1 and len(times["audit tables"]) == 3
-    assert times["audit figure"][0] < min(times["audit tables"])
 
 
 def test_list_groups_on_the_workers_overlap_and_give_the_same_lists(small_run, client, monkeypatch):
