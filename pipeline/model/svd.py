@@ -54,12 +54,12 @@ from mfsim.pipeline.shared import is_future, runner
 OMEGA_CHUNK_ROWS = 4096
 
 #: Stored entries per product task on a worker: each block a task, a block above this many cut into row ranges of
-#: about equal entries (``row_ranges``); each task's p x l float64 partial of ``X^T Z`` is added on its worker, then
-#: the workers' sums by one task with the offset term, so a partial travels between workers once per worker and
-#: product. Measured at 1M users x 200k items x 50M (b = 16, 16 blocks of 65,536 users): a block's product ~80 ms,
+#: about equal entries (``row_ranges``); each task's p x l float64 partial of ``X^T Z`` is added on its worker
+#: (for the basis' chunks: only the rows each chunk takes, ``product_rows``), so no partial travels between workers. Measured at 1M users x 200k items x 50M (b = 16, 16 blocks of 65,536 users): a block's product ~80 ms,
 #: the most active users' block 0 ~330 ms (the step's critical path) until cut in 4; per-block partials summed in a
 #: tree instead moved 25.6 MB partials several times per step (~0.1 s each over the embedded cluster's TLS):
-#: SVD 21 -> 27-32 s; one task per worker (before): a step's critical path all of that worker's blocks.
+#: SVD 21 -> 27-32 s; one task per worker (before): a step's critical path all of that worker's blocks. Ranges of 1M
+#: entries: the step's largest task 4x shorter, but each range's partial allocated and added (SVD work +31%).
 PRODUCT_TASK_NNZ = 1 << 22
 
 #: The solvers' defaults are the configuration's (``svd.oversample``, ``svd.power_iterations`` in
@@ -291,6 +291,12 @@ class _BlockTasks:
         if self.client is None:
             return [self._task(gram_partial, None, idx, [self.starts[i] for i in idx], q32=qf, cq=cq, l=l, seed=seed,
                                out=self._scratch(l)) for _, idx in self.groups]
+        return [parts[0] if len(parts) == 1 else self.run.submit(_add_pairs, *parts, worker=w)
+                for (w, _), parts in zip(self.groups, self._partials(qf, cq, l, seed))]
+
+    def _partials(self, qf, cq, l: int, seed: int) -> list[list]:
+        """On a client, per worker, the futures of its blocks' partials of ``X^T Z`` (``range_partial``: one task per
+        block or row range of one, ``PRODUCT_TASK_NNZ``), in order; ``qf`` as ``_sums``'."""
         if self._ranges is None:  # one round, at the first product: rows per task from each block's entries
             self._ranges = self.run.gather([self.run.submit(row_ranges, self.blocks.parts[i], PRODUCT_TASK_NNZ,
                                                             worker=w) for w, idx in self.groups for i in idx])
@@ -302,7 +308,7 @@ class _BlockTasks:
                 parts += [self.run.submit(on_worker, range_partial, self.blocks.parts[i], lo, hi, self.starts[i], q,
                                           cq, l, seed, worker=w) for lo, hi in self._ranges[at]]
                 at += 1
-            out.append(parts[0] if len(parts) == 1 else self.run.submit(_add_pairs, *parts, worker=w))
+            out.append(parts)
         return out
 
     def gram(self, q32, cq, l, seed):
@@ -327,18 +333,19 @@ class _BlockTasks:
 
     def product_rows(self, k, c, l, seed, rows: list[tuple[int, int]], workers: list) -> list:
         """``product``'s value in the row chunks ``rows`` (``(lo, hi)`` each), chunk i a future on ``workers[i]``:
-        each worker's sum stays where it is, and one task cuts from it the rows of each other worker's chunks
-        (``rows_for``); each chunk's rows of the sums are added, with the offset term, on the chunk's worker
-        (``centered_rows``: the same values as ``centered_sum``'s rows, bit for bit). A reduce-scatter: no p x l array
-        crosses between workers and no one task adds them all."""
-        sums = self._sums(*self._k_where(k, c), l, seed)
+        the partials stay where they were made; one task per worker adds, from its partials, the rows of each other
+        worker's chunks (``rows_for``), and each chunk's rows are added, from its worker's partials and the other
+        workers' cut rows, with the offset term, on the chunk's worker (``centered_rows``: the same values as
+        ``centered_sum``'s rows, bit for bit). A reduce-scatter: no p x l array crosses between workers, no task adds
+        whole partials, and the chunks' tasks start when the products end, with no add of a worker's sum between."""
+        partials = self._partials(*self._k_where(k, c), l, seed)
         spans: dict[Any, list[tuple[int, int]]] = {}  # per worker, the rows of its chunks
         for worker, span in zip(workers, rows):
             spans.setdefault(worker, []).append(span)
-        cut = {(g, d): self.run.submit(rows_for, sums[g], spans[d], worker=w)
+        cut = {(g, d): self.run.submit(rows_for, spans[d], *partials[g], worker=w)
                for g, (w, _) in enumerate(self.groups) for d in spans if d != w}
         return [self.run.submit(centered_rows, c, lo, hi,
-                                *[sums[g] if w == d else cut[(g, d)] for g, (w, _) in enumerate(self.groups)],
+                                *[partials[g] if w == d else cut[(g, d)] for g, (w, _) in enumerate(self.groups)],
                                 worker=d)
                 for d, (lo, hi) in zip(workers, rows)]
 
@@ -737,18 +744,31 @@ def centered_sum(c: np.ndarray | None, *parts: tuple) -> np.ndarray:
     return y - np.outer(c, zsum) if c is not None else y
 
 
-def rows_for(pair: tuple, spans: list[tuple[int, int]]) -> tuple[dict[int, np.ndarray], np.ndarray]:
-    """The rows of a worker's sum ``(X^T Z, 1^T Z)`` that another worker's chunks take: ``{lo: rows lo:hi}`` for each
-    ``(lo, hi)`` of ``spans`` (copies, so that the whole sum can go), with ``1^T Z``."""
-    y, zsum = pair
-    return {lo: np.array(y[lo:hi]) for lo, hi in spans}, zsum
+def summed_rows(partials: list | tuple, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``lo:hi`` of a worker's sum ``(X^T Z, 1^T Z)``, from its partials (a list, added in order as
+    ``_add_pairs`` adds them, row by row: the same values bit for bit) or from the sum itself (a pair)."""
+    if isinstance(partials, tuple):
+        return partials[0][lo:hi], partials[1]
+    y, zsum = np.array(partials[0][0][lo:hi]), partials[0][1].copy()
+    for a, b in partials[1:]:
+        y += a[lo:hi]
+        zsum += b
+    return y, zsum
 
 
-def centered_rows(c: np.ndarray | None, lo: int, hi: int, *parts: tuple) -> np.ndarray:
-    """Rows ``lo:hi`` of ``centered_sum(c, *sums)`` from the workers' sums, in order: each whole (on this worker) or
-    its rows for this worker's chunks (``rows_for``); added as ``centered_sum`` adds them: the same values bit for
-    bit."""
-    rows = [(y[lo] if isinstance(y, dict) else y[lo:hi], zsum) for y, zsum in parts]
+def rows_for(spans: list[tuple[int, int]], *partials: tuple) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """The rows of a worker's sum ``(X^T Z, 1^T Z)`` that another worker's chunks take, added from the worker's
+    partials (``summed_rows``): ``{lo: rows lo:hi}`` for each ``(lo, hi)`` of ``spans``, with ``1^T Z``."""
+    cut = {lo: summed_rows(list(partials), lo, hi)[0] for lo, hi in spans}
+    return cut, summed_rows(list(partials), 0, 0)[1]
+
+
+def centered_rows(c: np.ndarray | None, lo: int, hi: int, *parts: Any) -> np.ndarray:
+    """Rows ``lo:hi`` of ``centered_sum(c, *sums)`` from the workers' sums, in order: each from its partials (a list:
+    the worker of this chunk), as a whole sum (a pair), or as the rows cut for this worker's chunks (``rows_for``);
+    added as ``centered_sum`` adds them: the same values bit for bit."""
+    rows = [(part[0][lo], part[1]) if isinstance(part, tuple) and isinstance(part[0], dict)
+            else summed_rows(part, lo, hi) for part in parts]
     y, zsum = _add_pairs(*rows) if len(rows) > 1 else (np.array(rows[0][0]), rows[0][1])
     return y - np.outer(c[lo:hi], zsum) if c is not None else y
 

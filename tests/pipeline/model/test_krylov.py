@@ -335,21 +335,26 @@ def test_products_in_row_ranges_on_the_workers(power_law, client, monkeypatch):
 
 
 def test_products_summed_chunk_by_chunk_give_the_same_svd(power_law, client, monkeypatch):
-    """On a client each Krylov step's product reaches the basis chunk by chunk (``_BlockTasks.product_rows``: each
-    worker's sum cut where it lives, each chunk's rows added on its worker with the offset term): the same values as
+    """On a client each Krylov step's product reaches the basis chunk by chunk (``_BlockTasks.product_rows``: the rows
+    of each worker's partials cut and added where they live, each chunk's rows added on its worker with the offset
+    term): the same values as
     the whole product of ``centered_sum`` cut into chunks, so the same sigma and V bit for bit, with a column offset,
     blocks on both workers and 4 chunks."""
     from mfsim.pipeline.model import krylov_basis
-    from mfsim.pipeline.model.svd import _BlockTasks, centered_rows, centered_sum, rows_for
+    from mfsim.pipeline.model.svd import _add_pairs, _BlockTasks, centered_rows, centered_sum, rows_for
     rng = np.random.default_rng(3)
-    parts = [(rng.standard_normal((40, 5)), rng.standard_normal(5)) for _ in range(3)]
+    partials = [[(rng.standard_normal((40, 5)), rng.standard_normal(5)) for _ in range(n)] for n in (3, 1, 2)]
+    parts = [_add_pairs(*p) for p in partials]  # each worker's sum of its partials
     c = rng.standard_normal(40)
     whole = centered_sum(c, *parts)
-    spans = [(0, 7), (20, 40)]  # one worker's chunks: the second sum whole there, the others' rows cut for it
+    spans = [(0, 7), (20, 40)]  # one worker's chunks: the second worker's partials there, the others' rows cut
     for lo, hi in spans:
-        mixed = [rows_for(parts[0], spans), parts[1], rows_for(parts[2], spans)]
+        mixed = [rows_for(spans, *partials[0]), partials[1], rows_for(spans, *partials[2])]
         np.testing.assert_array_equal(centered_rows(c, lo, hi, *mixed), whole[lo:hi])
+        summed = [rows_for(spans, parts[0]), parts[1], rows_for(spans, parts[2])]  # from the workers' sums
+        np.testing.assert_array_equal(centered_rows(c, lo, hi, *summed), whole[lo:hi])
     np.testing.assert_array_equal(centered_rows(None, 3, 9, parts[0]), parts[0][0][3:9])
+    np.testing.assert_array_equal(centered_rows(None, 3, 9, partials[0]), parts[0][0][3:9])
 
     monkeypatch.setattr(krylov_basis, "MIN_CHUNK_ROWS", 250)  # 1000 items: 4 chunks, 2 on each worker
     kw = dict(block_size=8, tol=1e-6, seed=2, col_offset=np.asarray(power_law.mean(axis=0)).ravel())
