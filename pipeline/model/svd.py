@@ -55,7 +55,8 @@ OMEGA_CHUNK_ROWS = 4096
 
 #: Stored entries per product task on a worker: each block a task, a block above this many cut into row ranges of
 #: about equal entries (``row_ranges``); each task's p x l float64 partial of ``X^T Z`` is added on its worker
-#: (for the basis' chunks: only the rows each chunk takes, ``product_rows``), so no partial travels between workers. Measured at 1M users x 200k items x 50M (b = 16, 16 blocks of 65,536 users): a block's product ~80 ms,
+#: (for the basis' chunks: only the rows each chunk takes, ``product_rows``), so no partial travels between
+#: workers. Measured at 1M users x 200k items x 50M (b = 16, 16 blocks of 65,536 users): a block's product ~80 ms,
 #: the most active users' block 0 ~330 ms (the step's critical path) until cut in 4; per-block partials summed in a
 #: tree instead moved 25.6 MB partials several times per step (~0.1 s each over the embedded cluster's TLS):
 #: SVD 21 -> 27-32 s; one task per worker (before): a step's critical path all of that worker's blocks. Ranges of 1M
