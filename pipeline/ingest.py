@@ -913,7 +913,8 @@ def unit_block(state: RunningBlocks, unit: int) -> CSRBlock:
 
 
 def joined_counts(*parts: tuple[np.ndarray, np.ndarray, float]) -> tuple[np.ndarray, np.ndarray, float]:
-    """``block_counts`` of a block from those of its units (``joined_rows``), in order: the same counts."""
+    """``block_counts`` of consecutive rows from those of their parts, in order: a block's from its units'
+    (``joined_rows``), X's from its blocks'."""
     return (np.concatenate([rows for rows, _, _ in parts]), np.sum([cols for _, cols, _ in parts], axis=0),
             max(largest for _, _, largest in parts))
 
@@ -1285,9 +1286,8 @@ def _minimum_support(client, X: RowBlocks, user_ids, item_ids, min_user: int, mi
     while True:
         first = first_counts is not None and current is X
         per_block = run.gather(first_counts if first else current.map(block_counts))
-        row_nnz = np.concatenate([r for r, _, _ in per_block]) if per_block else np.zeros(0, np.int64)
-        col_nnz = np.sum([c for _, c, _ in per_block], axis=0) if per_block else np.zeros(X.n_cols, np.int64)
-        largest = max((m for _, _, m in per_block), default=0.0)
+        row_nnz, col_nnz, largest = (joined_counts(*per_block) if per_block
+                                     else (np.zeros(0, np.int64), np.zeros(X.n_cols, np.int64), 0.0))
         if nnz_before is None:
             nnz_before = int(row_nnz.sum())
         ok_u = row_nnz >= min_user

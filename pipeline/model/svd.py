@@ -745,11 +745,9 @@ def centered_sum(c: np.ndarray | None, *parts: tuple) -> np.ndarray:
     return y - np.outer(c, zsum) if c is not None else y
 
 
-def summed_rows(partials: list | tuple, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows ``lo:hi`` of a worker's sum ``(X^T Z, 1^T Z)``, from its partials (a list, added in order as
-    ``_add_pairs`` adds them, row by row: the same values bit for bit) or from the sum itself (a pair)."""
-    if isinstance(partials, tuple):
-        return partials[0][lo:hi], partials[1]
+def summed_rows(partials: list, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``lo:hi`` of a worker's sum ``(X^T Z, 1^T Z)`` from its partials, added in order as ``_add_pairs`` adds
+    them, row by row: the same values bit for bit."""
     y, zsum = np.array(partials[0][0][lo:hi]), partials[0][1].copy()
     for a, b in partials[1:]:
         y += a[lo:hi]
@@ -760,17 +758,22 @@ def summed_rows(partials: list | tuple, lo: int, hi: int) -> tuple[np.ndarray, n
 def rows_for(spans: list[tuple[int, int]], *partials: tuple) -> tuple[dict[int, np.ndarray], np.ndarray]:
     """The rows of a worker's sum ``(X^T Z, 1^T Z)`` that another worker's chunks take, added from the worker's
     partials (``summed_rows``): ``{lo: rows lo:hi}`` for each ``(lo, hi)`` of ``spans``, with ``1^T Z``."""
-    cut = {lo: summed_rows(list(partials), lo, hi)[0] for lo, hi in spans}
-    return cut, summed_rows(list(partials), 0, 0)[1]
+    cut = {lo: summed_rows(list(partials), lo, hi) for lo, hi in spans}
+    return {lo: y for lo, (y, _) in cut.items()}, cut[spans[0][0]][1]
 
 
 def centered_rows(c: np.ndarray | None, lo: int, hi: int, *parts: Any) -> np.ndarray:
     """Rows ``lo:hi`` of ``centered_sum(c, *sums)`` from the workers' sums, in order: each from its partials (a list:
     the worker of this chunk), as a whole sum (a pair), or as the rows cut for this worker's chunks (``rows_for``);
     added as ``centered_sum`` adds them: the same values bit for bit."""
-    rows = [(part[0][lo], part[1]) if isinstance(part, tuple) and isinstance(part[0], dict)
-            else summed_rows(part, lo, hi) for part in parts]
-    y, zsum = _add_pairs(*rows) if len(rows) > 1 else (np.array(rows[0][0]), rows[0][1])
+    def rows(part) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(part, list):
+            return summed_rows(part, lo, hi)
+        y, zsum = part
+        return (y[lo] if isinstance(y, dict) else y[lo:hi]), zsum
+
+    summed = [rows(part) for part in parts]
+    y, zsum = _add_pairs(*summed) if len(summed) > 1 else (np.array(summed[0][0]), summed[0][1])
     return y - np.outer(c[lo:hi], zsum) if c is not None else y
 
 
