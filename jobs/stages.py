@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from mfsim.jobs.progress import progress
+from mfsim.kernels import sparse
 from mfsim.pipeline import outputs
 from mfsim.pipeline import blocks
 from mfsim.pipeline.blocks import RowBlocks, lists_here, rounds_where
@@ -138,6 +139,9 @@ def ingest_stage(ctx: StageContext) -> StageResult:
     the heavy stages.
     """
     cfg = ctx.cfg
+    # the SVD's kernels loaded while the driver waits on the workers (an SVD of a small X runs in the driver, and the
+    # first kernel a process calls sets numba up: ~0.2 s); not waited for (a later call waits on numba's own lock)
+    threading.Thread(target=sparse.load, name="mfsim-kernel-load", daemon=True).start()
     data = ctx.data = ingest(lambda: ctx.client, cfg.input, cfg.ingest, keep_ts=cfg.evaluation.holdout == "temporal",
                              here_max_rows=blocks.INGEST_HERE_MAX_ROWS)
     writing = None

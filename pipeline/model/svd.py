@@ -40,7 +40,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mfsim.kernels.threads import blas_limit, on_worker
-from mfsim.kernels.sparse import csr_matmat, csr_t_matmat
+from mfsim.kernels.sparse import csc_t_matmat, csr_matmat, csr_transpose
 from mfsim.pipeline.blocks import CSRBlock, RowBlocks
 from mfsim.pipeline.config import SvdSection
 from mfsim.pipeline.errors import MfsimError
@@ -143,9 +143,10 @@ def _product_z(block: CSRBlock, q32: np.ndarray | None, cq: np.ndarray | None, r
 
 
 def gram_partial(
-    blocks: list, row_starts: list, q32, cq, l: int, seed: int, out: np.ndarray | None = None
+    blocks: list, transposes: list, row_starts: list, q32, cq, l: int, seed: int, out: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sum over ``blocks`` of ``(X_b^T Z_b, 1^T Z_b)`` with ``Z_b = X_eff_b Q`` (or Omega_b).
+    """Sum over ``blocks`` of ``(X_b^T Z_b, 1^T Z_b)`` with ``Z_b = X_eff_b Q`` (or Omega_b); ``transposes``: each
+    block's ``transposed`` (X_b^T in CSR form, made once for the SVD's many products).
 
     Returns the p x l float64 partial of ``X^T Z`` (in ``out`` when given) and the l float64
     column sums of Z; the caller adds the offset term ``- c (1^T Z)`` once after summing
@@ -155,23 +156,32 @@ def gram_partial(
     out = np.zeros((p, l), np.float64) if out is None else out
     out.fill(0.0)
     zsum = np.zeros(l, dtype=np.float64)
-    for block, start in zip(blocks, row_starts):
+    for block, t, start in zip(blocks, transposes, row_starts):
         z = _product_z(block, q32, cq, start, l, seed)
         zsum += z.sum(axis=0, dtype=np.float64)
-        csr_t_matmat(block.indptr, block.indices, block.data, z, out, accumulate=True,  # out += X_b^T Z_b
-                     column_cumsum=block.column_cumsum())
+        csc_t_matmat(t.indptr, t.indices, t.data, z, out, accumulate=True)  # out += X_b^T Z_b
     return out, zsum
 
 
-def range_partial(block: CSRBlock, lo: int, hi: int, row_start: int, q32, cq, l: int, seed: int
+def range_partial(block: CSRBlock, t: CSRBlock, lo: int, hi: int, row_start: int, q32, cq, l: int, seed: int
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """``gram_partial`` of rows ``lo:hi`` of one block (its first row ``row_start`` in X)."""
+    """``gram_partial`` of rows ``lo:hi`` of one block (its first row ``row_start`` in X); ``t``: those rows'
+    ``transposed``."""
     rows = block_rows(block, lo, hi)
     out = np.zeros((block.n_cols, l), np.float64)
     z = _product_z(rows, q32, cq, row_start + lo, l, seed)
-    csr_t_matmat(rows.indptr, rows.indices, rows.data, z, out, accumulate=True,  # out = X_s^T Z_s
-                 column_cumsum=block.column_cumsum(lo, hi))
+    csc_t_matmat(t.indptr, t.indices, t.data, z, out, accumulate=True)  # out = X_s^T Z_s
     return out, z.sum(axis=0, dtype=np.float64)
+
+
+def transposed(block: CSRBlock, lo: int = 0, hi: int | None = None) -> CSRBlock:
+    """Rows ``lo:hi`` of ``block`` (all by default) transposed: X_s^T in CSR form (``csr_transpose``: one row per
+    column of X, its entries' positions among the rows ascending), the operand of ``csc_t_matmat``. The Krylov
+    SVD multiplies by the same X^T at every step: made once per SVD (a copy of X's entries, released with it),
+    each step's ``X^T Z`` then reads a column's entries in order instead of scattering into ``out`` (the same
+    bits: ``kernels.sparse``)."""
+    rows = block_rows(block, lo, block.n_rows if hi is None else hi)
+    return CSRBlock(*csr_transpose(rows.indptr, rows.indices, rows.data, rows.n_cols), rows.n_rows)
 
 
 def block_rows(block: CSRBlock, lo: int, hi: int) -> CSRBlock:
@@ -268,6 +278,8 @@ class _BlockTasks:
         self.n_workers = len(self.groups)
         self._out = None
         self._ranges: list | None = None  # per block (in group order), the row ranges of its product tasks
+        self._transposes: list | None = None  # per block (in group order), its ranges' ``transposed`` (futures)
+        self._here_transposes: list | None = None  # in this process: each block's ``transposed``
 
     def _task(self, fn: Callable, worker, idx: list[int], *args, **kwargs):
         """``fn(blocks idx, *args, **kwargs)`` for one group, on its worker."""
@@ -290,8 +302,11 @@ class _BlockTasks:
         (``ranges``, in order), added on that worker; one task over every block in this process. ``qf``: Q (a
         future, None for Omega), or a list of futures of it, one per group (on its worker)."""
         if self.client is None:
-            return [self._task(gram_partial, None, idx, [self.starts[i] for i in idx], q32=qf, cq=cq, l=l, seed=seed,
-                               out=self._scratch(l)) for _, idx in self.groups]
+            if self._here_transposes is None:
+                self._here_transposes = [transposed(part) for part in self.blocks.parts]
+            return [gram_partial([self.blocks.parts[i] for i in idx], [self._here_transposes[i] for i in idx],
+                                 [self.starts[i] for i in idx], q32=qf, cq=cq, l=l, seed=seed, out=self._scratch(l))
+                    for _, idx in self.groups]
         return [parts[0] if len(parts) == 1 else self.run.submit(_add_pairs, *parts, worker=w)
                 for (w, _), parts in zip(self.groups, self._partials(qf, cq, l, seed))]
 
@@ -301,13 +316,17 @@ class _BlockTasks:
         if self._ranges is None:  # one round, at the first product: rows per task from each block's entries
             self._ranges = self.run.gather([self.run.submit(row_ranges, self.blocks.parts[i], PRODUCT_TASK_NNZ,
                                                             worker=w) for w, idx in self.groups for i in idx])
+            ranges = iter(self._ranges)  # each range transposed once, where its block lives (released with self)
+            self._transposes = [[self.run.submit(transposed, self.blocks.parts[i], lo, hi, worker=w)
+                                 for lo, hi in next(ranges)] for w, idx in self.groups for i in idx]
         out, at = [], 0
         for g, (w, idx) in enumerate(self.groups):
             q = qf[g] if isinstance(qf, list) else qf
             parts = []
             for i in idx:
-                parts += [self.run.submit(on_worker, range_partial, self.blocks.parts[i], lo, hi, self.starts[i], q,
-                                          cq, l, seed, worker=w) for lo, hi in self._ranges[at]]
+                parts += [self.run.submit(on_worker, range_partial, self.blocks.parts[i], t, lo, hi, self.starts[i],
+                                          q, cq, l, seed, worker=w)
+                          for (lo, hi), t in zip(self._ranges[at], self._transposes[at])]
                 at += 1
             out.append(parts)
         return out

@@ -8,7 +8,8 @@ import pytest
 import scipy.sparse as sp
 
 import mfsim.kernels.sparse as ks
-from mfsim.kernels.sparse import csr_matmat, csr_matmat_reference, csr_t_matmat, csr_t_matmat_reference
+from mfsim.kernels.sparse import (csc_t_matmat, csr_matmat, csr_matmat_reference, csr_t_matmat,
+                                  csr_t_matmat_reference, csr_transpose)
 
 
 def _csr(rng, n, p, density, *, empty_row=True, empty_col=True, zero=False):
@@ -67,15 +68,19 @@ def test_csr_matmat_matches_scipy(n, p, l, density, zero, m_dtype, out_dtype):
 @pytest.mark.parametrize("n, p, l, density, zero", CASES)
 @pytest.mark.parametrize("m_dtype, out_dtype", [(np.float32, np.float32), (np.float32, np.float64), (np.float64, np.float64)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_csr_t_matmat_matches_scipy(n, p, l, density, zero, m_dtype, out_dtype, threads):
+def test_csr_t_matmat_and_csc_t_matmat_match_scipy(n, p, l, density, zero, m_dtype, out_dtype, threads):
     rng = np.random.default_rng(n * 1000 + p + 1)
     indptr, indices, data, X = _csr(rng, n, p, density, zero=zero)
     M = rng.normal(size=(n, l)).astype(m_dtype)
     out = np.full((p, l), np.nan, dtype=out_dtype)
     before = numba.get_num_threads()
+    t_indptr, t_indices, t_data = csr_transpose(indptr, indices, data, p)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
         got = csr_t_matmat(indptr, indices, data, M, out)
+        from_t = csc_t_matmat(t_indptr, t_indices, t_data, M, np.full((p, l), np.nan, dtype=out_dtype))
+        added = (csr_t_matmat(indptr, indices, data, M, np.full((p, l), 0.5, out_dtype), accumulate=True),
+                 csc_t_matmat(t_indptr, t_indices, t_data, M, np.full((p, l), 0.5, out_dtype), accumulate=True))
     finally:
         numba.set_num_threads(before)
     ref = csr_t_matmat_reference(indptr, indices, data, M, p)
@@ -85,6 +90,14 @@ def test_csr_t_matmat_matches_scipy(n, p, l, density, zero, m_dtype, out_dtype, 
     assert np.all(np.abs(got - ref) <= bound)
     if p > 2:
         assert np.all(got[2] == 0)  # the empty column
+    # from X's transpose (its CSC arrays, as SciPy makes them): each column's rows summed in the same order, the
+    # same bits, with and without accumulate
+    csc = X.tocsc()
+    csc.sort_indices()
+    for made, want in zip((t_indptr, t_indices, t_data), (csc.indptr, csc.indices, csc.data)):
+        np.testing.assert_array_equal(made, want)
+    np.testing.assert_array_equal(from_t, got)
+    np.testing.assert_array_equal(added[1], added[0])
 
 
 def test_accumulate_sums_row_blocks():
@@ -137,3 +150,17 @@ def test_bad_arguments_raise():
         csr_matmat(indptr, indices, data, np.zeros((3, 8), np.float32).T, np.zeros((10, 3), np.float32))
     with pytest.raises(ValueError, match="float32 or float64"):
         csr_t_matmat(indptr, indices, data, np.zeros((10, 3), np.int64), np.zeros((8, 3), np.float32))
+
+
+def test_csr_transpose_of_rows_inside_a_larger_block():
+    # rows lo:hi of a block's arrays (indptr starting above 0): their own transpose, rows counted from lo
+    rng = np.random.default_rng(11)
+    indptr, indices, data, X = _csr(rng, 40, 12, 0.3)
+    lo, hi = 9, 30
+    t = csr_transpose(indptr[lo : hi + 1], indices, data, 12)
+    sub = X[lo:hi].tocsc()
+    sub.sort_indices()
+    for got, want in zip(t, (sub.indptr, sub.indices, sub.data)):
+        np.testing.assert_array_equal(got, want)
+    empty = csr_transpose(np.zeros(1, np.int64), indices[:0], data[:0], 5)
+    assert empty[0].tolist() == [0] * 6 and len(empty[1]) == len(empty[2]) == 0

@@ -288,10 +288,14 @@ def test_steps_ahead_on_the_workers_give_the_same_svd(power_law, client, monkeyp
     np.testing.assert_allclose(ahead.sigma, _svds(power_law, 20)[0], rtol=1e-6)
 
 
-def test_one_reduction_pass_by_hand():
+@pytest.mark.parametrize("tile_rows", [2048, 7], ids=["one-tile", "tiles-of-7"])
+def test_one_reduction_pass_by_hand(monkeypatch, tile_rows):
     """``pip_first`` / ``pip_second`` / ``pip_block`` over two chunks against dense Gram-Schmidt: K is orthonormal,
-    orthogonal to the basis, spans Y's part outside it, and ``Y = Q H + K R2 R1``."""
+    orthogonal to the basis, spans Y's part outside it, and ``Y = Q H + K R2 R1``; ``pip_second`` in one tile or in
+    tiles of 7 rows (the last one short)."""
+    from mfsim.pipeline.model import krylov_basis
     from mfsim.pipeline.model.krylov_basis import pip_block, pip_factor, pip_first, pip_second
+    monkeypatch.setattr(krylov_basis, "GS_TILE_ROWS", tile_rows)
     rng = np.random.default_rng(0)
     q = np.linalg.qr(rng.standard_normal((50, 6)))[0]
     y = q @ rng.standard_normal((6, 3)) + 0.1 * rng.standard_normal((50, 3))
