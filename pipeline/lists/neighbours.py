@@ -549,7 +549,8 @@ def group_inputs(client, g: GemmGroup, A: Any, B: Any, user_parts: list, X: RowB
     ``user_parts``: P per row block of X (futures); ``subset``: the user rows of
     ``neighbours.users`` (None: all users). Item-item groups query every item against every item.
     ``cosine_norm_floor``: ``neighbours.cosine_norm_floor``, set in ``queries.cosine_min_norm``
-    (``group_cosine_min_norms``).
+    (``group_cosine_min_norms``), except for a Gram group (item-item, the same embedding both sides), which
+    ``run_symmetric`` lists with the floor its own first task finds.
     """
     p = len(item_ids)
     run = runner(client)
@@ -564,7 +565,10 @@ def group_inputs(client, g: GemmGroup, A: Any, B: Any, user_parts: list, X: RowB
         emb = {"A": lambda: A, "B": lambda: B, "A_proj": lambda: run.submit(projected, A, B),
                "G": lambda: run.submit(gram_factor, A, B)}  # on the workers, from A and B
         cand = emb[g.candidates]()
-        q = cand if g.queries == g.candidates else emb[g.queries]()
+        if g.queries == g.candidates:  # a Gram group runs ``run_symmetric``, whose first task takes the cosine floor
+            # from the embedding itself (``_prepare_task``): no round trip for it here, and no floor in its queries
+            return GroupInputs(QuerySet.whole(cand, p, exclude_self=True), cand, item_ids, [item_ids])
+        q = emb[g.queries]()
         floors = group_cosine_min_norms(client, g, cand, [], None, cosine_norm_floor)
         return GroupInputs(QuerySet.whole(q, p, exclude_self=True, cosine_min_norm=floors), cand, item_ids, [item_ids])
     scale = value(run.submit(column_norms, B)) if g.queries == "P_proj" else None
