@@ -617,8 +617,9 @@ def krylov_svd(
     Memory: the basis, 12 p W bytes (float64 and a float32 copy; W = b x blocks, which
     ``max_blocks`` bounds; at p = 1M and W = 272, 3.3 GB): in this process without a client, in
     row chunks over the workers on one (``krylov_basis.ChunkedBasis``), where the driver holds
-    only W x b coefficients and finally V; per worker one p x b partial of each product. Cost in passes of a (k + 10)-wide product over X: ``(b + 2 b j) / (k + 10)`` for j
-    products with ``A`` (``diagnostics["passes"]``), plus ``k / (k + 10)`` for U.
+    only W x b coefficients and finally V; per worker one p x b partial of each product, and for the SVD's time a
+    transpose of its share of X (``transposed``). Cost in passes of a (k + 10)-wide product over X:
+    ``(b + 2 b j) / (k + 10)`` for j products with ``A`` (``diagnostics["passes"]``), plus ``k / (k + 10)`` for U.
     """
     c = _check(blocks, rank, 0, 0, col_offset)
     n, p = blocks.shape
