@@ -141,7 +141,7 @@ def ingest_stage(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
     # the SVD's kernels loaded while the driver waits on the workers (an SVD of a small X runs in the driver, and the
     # first kernel a process calls sets numba up: ~0.2 s); not waited for (a later call waits on numba's own lock)
-    threading.Thread(target=sparse.load, name="mfsim-kernel-load", daemon=True).start()
+    threading.Thread(target=_load_kernels, name="mfsim-kernel-load", daemon=True).start()
     data = ctx.data = ingest(lambda: ctx.client, cfg.input, cfg.ingest, keep_ts=cfg.evaluation.holdout == "temporal",
                              here_max_rows=blocks.INGEST_HERE_MAX_ROWS)
     writing = None
@@ -160,6 +160,15 @@ def ingest_stage(ctx: StageContext) -> StageResult:
     return StageResult({"input": {"path": cfg.input.path, "files": data.files, "ran_on": data.ran_on}, "counts": c,
                         **{k: c[k] for k in ("n_users", "n_items", "nnz")}},
                        wait_later=writing.result if writing is not None else None)
+
+
+def _load_kernels() -> None:
+    """``kernels.sparse.load`` for a thread of its own: an error there (a kernel that does not load) is left to the
+    kernel's first call in the SVD, which raises it where it matters."""
+    try:
+        sparse.load()
+    except Exception:  # noqa: BLE001 - raised again by the SVD's own call
+        pass
 
 
 def write_id_tables(run: RunWriter, data: IngestResult) -> None:

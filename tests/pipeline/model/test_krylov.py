@@ -373,3 +373,16 @@ def test_products_summed_chunk_by_chunk_give_the_same_svd(power_law, client, mon
     assert split.diagnostics["passes"] == joined.diagnostics["passes"]
     here = krylov_svd(RowBlocks.from_scipy(power_law, 250), 20, **kw)  # in this process: the sums in another order
     np.testing.assert_allclose(split.sigma, here.sigma, rtol=1e-6)
+
+
+def test_kernel_load_covers_the_types_the_svd_passes(power_law):
+    """``kernels.sparse.load`` (run by the job while the workers ingest) loads the SVD's kernels for the argument
+    types the SVD passes: an SVD in this process afterwards adds no signature to them (a new one would be loaded at
+    its first product, the cost ``load`` is there to take out of the SVD)."""
+    import mfsim.kernels.sparse as ks
+    ks.load()
+    kernels = (ks._transpose, ks._matmat, ks._csc_t_matmat)
+    before = [set(k.signatures) for k in kernels]
+    res = krylov_svd(RowBlocks.from_scipy(power_law, 500), 8, block_size=8, tol=1e-6, seed=1, chunked_basis=True)
+    assert res.diagnostics["converged"]
+    assert [set(k.signatures) for k in kernels] == before
