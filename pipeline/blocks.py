@@ -44,19 +44,16 @@ class CSRBlock:
         """``(n_rows, n_cols)``."""
         return (self.n_rows, self.n_cols)
 
-    def column_cumsum(self, lo: int = 0, hi: int | None = None) -> np.ndarray:
-        """int64 (n_cols + 1,): cumulative stored entries per column of rows ``lo:hi`` (all rows by default;
-        ``csr_t_matmat``'s panel split), computed once per range and kept with the block (a block's arrays never
-        change; the SVD's product tasks read the same ranges at every step)."""
-        hi = self.n_rows if hi is None else hi
-        kept = self.__dict__.setdefault("_column_cumsum", {})
-        cum = kept.get((lo, hi))
+    def column_cumsum(self) -> np.ndarray:
+        """int64 (n_cols + 1,): cumulative stored entries per column (``csr_t_matmat``'s panel split), computed once
+        and kept with the block (a block's arrays never change; the cosine model's products read it at every
+        evaluation)."""
+        cum = self.__dict__.get("_column_cumsum")
         if cum is None:
             cum = np.zeros(self.n_cols + 1, dtype=np.int64)
-            a, b = int(self.indptr[lo]), int(self.indptr[hi])
-            if self.n_cols and b > a:
-                np.cumsum(np.bincount(self.indices[a:b], minlength=self.n_cols), out=cum[1:])
-            kept[(lo, hi)] = cum
+            if self.n_cols and self.nnz:
+                np.cumsum(np.bincount(self.indices[: self.nnz], minlength=self.n_cols), out=cum[1:])
+            object.__setattr__(self, "_column_cumsum", cum)
         return cum
 
     def row_norms(self) -> np.ndarray:
