@@ -154,6 +154,17 @@ def _check_dense(name: str, a: np.ndarray, shape: tuple) -> None:
         )
 
 
+def _column_panels(cum: np.ndarray, panels: int) -> np.ndarray:
+    """int64 bounds of ``panels`` column panels of about equal entries, from the columns' cumulative entries ``cum``
+    (p + 1,): panel t starts at the first column whose cumulative count reaches t / panels of the total."""
+    p = len(cum) - 1
+    nnz = int(cum[-1]) if p else 0
+    bounds = np.searchsorted(cum[1:], (np.arange(panels + 1, dtype=np.int64) * nnz) // panels, side="left")
+    bounds = np.minimum(bounds, p).astype(np.int64)
+    bounds[0], bounds[-1] = 0, p
+    return bounds
+
+
 def _n_panels(n_cols: int, width: int, itemsize: int, at_least: int = 1) -> int:
     """Panels so that one panel's rows of a dense (n_cols x width) matrix fit in PANEL_BYTES."""
     need = -(-n_cols * width * itemsize // PANEL_BYTES)
@@ -244,11 +255,7 @@ def csr_t_matmat(indptr, indices, data, M, out, accumulate=False, column_cumsum=
         cum = np.zeros(p + 1, dtype=np.int64)
         if p:
             np.cumsum(np.bincount(indices[:nnz], minlength=p), out=cum[1:])
-    # panel t starts at the first column whose cumulative nnz reaches t/panels of the total
-    bounds = np.searchsorted(cum[1:], (np.arange(panels + 1, dtype=np.int64) * nnz) // panels, side="left")
-    bounds = np.minimum(bounds, p).astype(np.int64)
-    bounds[0], bounds[-1] = 0, p
-    _t_matmat(indptr, indices, data, M, out, bounds, bool(accumulate))
+    _t_matmat(indptr, indices, data, M, out, _column_panels(cum, panels), bool(accumulate))
     return out
 
 
@@ -282,11 +289,7 @@ def csc_t_matmat(t_indptr, t_indices, t_data, M, out, accumulate=False):
     _check_dense("M", M, M.shape)
     _check_dense("out", out, (p, M.shape[1]))
     panels = max(1, min(numba.get_num_threads(), p))
-    nnz = int(t_indptr[-1]) if p else 0
-    bounds = np.searchsorted(t_indptr[1:], (np.arange(panels + 1, dtype=np.int64) * nnz) // panels, side="left")
-    bounds = np.minimum(bounds, p).astype(np.int64)
-    bounds[0], bounds[-1] = 0, p
-    _csc_t_matmat(t_indptr, t_indices, t_data, M, out, bounds, bool(accumulate))
+    _csc_t_matmat(t_indptr, t_indices, t_data, M, out, _column_panels(t_indptr, panels), bool(accumulate))
     return out
 
 
